@@ -1,0 +1,1 @@
+"""gpufleet.infra: the fleet declaration, the catalog, the compiled plan and its backends."""

@@ -1,0 +1,40 @@
+"""Helpers shared by the CLI modules: turning domain errors into one clear line."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A mistake of the user's (bad file, bad flag): shown as one line, exit code 1."""
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]) -> Iterator[None]:
+    """Show `UserError` (and the given domain error types) as a clean message and exit 1.
+
+    With GPUFLEET_DEBUG=1 the original exception propagates with its traceback.
+    """
+    try:
+        yield
+    except (UserError, *types) as exc:  # type: ignore[misc]
+        if os.environ.get("GPUFLEET_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def debug_enabled() -> bool:
+    return bool(os.environ.get("GPUFLEET_DEBUG"))
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

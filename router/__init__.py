@@ -1,0 +1,1 @@
+"""gpufleet.router: the KV-cache-aware OpenAI-compatible router and its policies."""
