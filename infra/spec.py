@@ -1,0 +1,448 @@
+"""The fleet declaration: pydantic models, a line-aware YAML loader and whole-file validation.
+
+`load_file(path)` and `load_dict(data, origin)` return a `Fleet` whose cross-references
+and catalog facts have been checked, or raise `FleetError` listing every problem of the
+declaration at once, each with the file, the line and the field:
+
+    fleet.yaml:23: nodepools[1].max_nodes: 2 is below min_nodes 3
+
+Checks that need the catalog or the placement (weights fit the GPUs, min_replicas fit the
+pools) run in `infra.plan.compile`, which reports through the same `FleetError`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpufleet.router.config import RouterSettings
+
+__all__ = [
+    "AwsCloud",
+    "Clouds",
+    "Deployment",
+    "Fleet",
+    "FleetError",
+    "FleetIssue",
+    "GcpCloud",
+    "KubernetesCloud",
+    "LocalCloud",
+    "Nodepool",
+    "SourceMap",
+    "Taint",
+    "load_dict",
+    "load_file",
+    "load_text",
+]
+
+CloudName = Literal["aws", "gcp", "kubernetes", "local"]
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_HINT = "lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+
+DEFAULT_IMAGES = {
+    "vllm": "vllm/vllm-openai:v0.11.0",
+    "sglang": "lmsysorg/sglang:v0.5.4",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class FleetIssue:
+    """One problem in a declaration, located by file, line and field path."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class FleetError(Exception):
+    """The declaration is invalid; `issues` lists every problem found."""
+
+    def __init__(self, issues: Sequence[FleetIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        n = len(self.issues)
+        head = f"{n} problem{'s' if n != 1 else ''} in the fleet declaration:"
+        return "\n".join([head, *(f"  {i}" for i in self.issues)])
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """('nodepools', 1, 'max_nodes') -> 'nodepools[1].max_nodes'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+@dataclass
+class SourceMap:
+    """Where each value of a declaration stands: field path (tuple) -> 1-based line."""
+
+    file: str
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    def line(self, loc: Sequence[Any]) -> int | None:
+        loc = tuple(loc)
+        while True:
+            if loc in self.lines:
+                return self.lines[loc]
+            if not loc:
+                return None
+            loc = loc[:-1]
+
+    def issue(self, loc: Sequence[Any], message: str) -> FleetIssue:
+        return FleetIssue(self.file, self.line(loc), field_path(loc), message)
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AwsCloud(_Strict):
+    region: str
+    cluster: str = Field(description="EKS cluster name (existing, or created when create_cluster)")
+    create_cluster: bool = False
+    subnet_ids: list[str] = []
+    node_role_arn: str | None = Field(None, description="IAM role for node groups; created when omitted")
+    kubernetes_version: str | None = None
+
+
+class GcpCloud(_Strict):
+    project: str
+    region: str
+    cluster: str = Field(description="GKE cluster name (existing, or created when create_cluster)")
+    create_cluster: bool = False
+    network: str | None = None
+    service_account: str | None = None
+
+
+class KubernetesCloud(_Strict):
+    context: str | None = Field(None, description="kubeconfig context of the existing cluster")
+    kubeconfig: str | None = Field(None, description="path to a kubeconfig; default: the usual lookup")
+
+
+class LocalCloud(_Strict):
+    host: Literal["127.0.0.1", "localhost", "::1"] = "127.0.0.1"
+    base_port: int = Field(0, ge=0, le=65535, description="first port for replicas; 0 picks free ports")
+
+
+class Clouds(_Strict):
+    aws: AwsCloud | None = None
+    gcp: GcpCloud | None = None
+    kubernetes: KubernetesCloud | None = None
+    local: LocalCloud | None = None
+
+
+class Taint(_Strict):
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+def _dns_label(value: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a valid name: use {_DNS_HINT}")
+    return value
+
+
+class Nodepool(_Strict):
+    name: str
+    cloud: CloudName
+    region: str | None = Field(None, description="default: the cloud's region")
+    zones: list[str] = []
+    instance_type: str = Field(description="AWS instance type, GCP machine type, or for local a catalog machine")
+    gpus_per_node: int | None = Field(None, ge=1, description="default: from the catalog")
+    gpu: str | None = Field(None, description="GPU model; default: from the catalog")
+    capacity_type: Literal["on_demand", "spot"] = "on_demand"
+    priority: int = 0
+    min_nodes: int = Field(0, ge=0)
+    max_nodes: int = Field(ge=1)
+    warm_nodes: int = Field(0, ge=0)
+    usd_per_node_hour: float | None = Field(None, ge=0, description="override the catalog price")
+    labels: dict[str, str] = {}
+    taints: list[Taint] = []
+    engine_command: list[str] | None = Field(
+        None, description="local only: run this engine command instead of a simulated replica"
+    )
+
+    _name = field_validator("name")(_dns_label)
+
+
+class Deployment(_Strict):
+    name: str
+    model: str
+    engine: Literal["vllm", "sglang"] = "vllm"
+    image: str | None = Field(None, description="default: the engine's pinned image")
+    gpus_per_replica: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(ge=1)
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's context, within KV capacity")
+    nodepools: list[str] | None = Field(None, description="default: every pool a replica fits, by priority")
+    engine_args: list[str] = []
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_concurrent_requests: int = Field(256, ge=1, description="engine's --max-num-seqs / --max-running-requests")
+    port: int = Field(8000, ge=1, le=65535)
+
+    _name = field_validator("name")(_dns_label)
+
+    @property
+    def resolved_image(self) -> str:
+        return self.image or DEFAULT_IMAGES[self.engine]
+
+
+class Fleet(_Strict):
+    fleet: str
+    namespace: str = Field("gpufleet", description="Kubernetes namespace for the fleet's workloads")
+    catalog: list[str] = Field([], description="user catalog files, relative to the declaration")
+    clouds: Clouds = Clouds()
+    nodepools: list[Nodepool] = Field(min_length=1)
+    deployments: list[Deployment] = Field(min_length=1)
+    router: RouterSettings = RouterSettings()
+
+    _fleet = field_validator("fleet", "namespace")(_dns_label)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _compose_lines(text: str, origin: str) -> tuple[Any, SourceMap, list[FleetIssue]]:
+    """Parse YAML keeping, for every value, the line it stands on."""
+    smap = SourceMap(origin)
+    issues: list[FleetIssue] = []
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise FleetError([FleetIssue(origin, line, "", f"not valid YAML: {problem}")]) from None
+
+    def walk(node: yaml.Node, loc: tuple[Any, ...]) -> None:
+        smap.lines.setdefault(loc, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key == "<<":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    issues.append(
+                        FleetIssue(origin, line, field_path(loc + (key,)), f"duplicate key (first at line {seen[key]})")
+                    )
+                seen[key] = line
+                smap.lines.setdefault(loc + (key,), line)
+                walk(value_node, loc + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, loc + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return data, smap, issues
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed_fields(loc: Sequence[Any]) -> list[str] | None:
+    """The field names allowed at the mapping that contains `loc`'s last part."""
+    model: Any = Fleet
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return None
+        ann = info.annotation
+        model = None
+        for candidate in (ann, *getattr(ann, "__args__", ())):
+            for inner in (candidate, *getattr(candidate, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+        if model is None:
+            return None
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _pydantic_issue(err: Mapping[str, Any], smap: SourceMap) -> FleetIssue:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind = err["type"]
+    found = err.get("input")
+    if kind == "missing":
+        msg = "is required but missing"
+    elif kind == "extra_forbidden":
+        allowed = _allowed_fields(loc)
+        msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    elif kind == "literal_error":
+        msg = f"{_describe(found)} is not allowed; expected {err['ctx']['expected']}"
+    elif kind in ("value_error", "assertion_error"):
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+    else:
+        msg = f"{err['msg'][0].lower()}{err['msg'][1:]} (found {_describe(found)})"
+    return smap.issue(loc, msg)
+
+
+def load_text(text: str, origin: str = "fleet.yaml", base_dir: Path | None = None) -> tuple[Fleet, SourceMap]:
+    """Parse and validate a declaration given as YAML text."""
+    data, smap, issues = _compose_lines(text, origin)
+    return _validate(data, smap, issues, base_dir)
+
+
+def load_file(path: str | Path) -> tuple[Fleet, SourceMap]:
+    """Parse and validate a declaration file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FleetError([FleetIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise FleetError([FleetIssue(str(path), None, "", "not a UTF-8 text file")]) from None
+    return load_text(text, str(path), path.parent)
+
+
+def load_dict(data: Any, origin: str = "<config>", base_dir: Path | None = None) -> tuple[Fleet, SourceMap]:
+    """Validate a declaration given as plain data (e.g. Pulumi stack config `gpufleet:fleet`)."""
+    return _validate(data, SourceMap(origin), [], base_dir)
+
+
+def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Path | None) -> tuple[Fleet, SourceMap]:
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise FleetError([*issues, FleetIssue(smap.file, smap.line(()) or 1, "", f"expected a mapping with `fleet`, `nodepools`, `deployments`; found {kind}")])
+    try:
+        fleet = Fleet.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(_pydantic_issue(e, smap) for e in exc.errors(include_url=False))
+        # Report the cross-field problems of the parts that did parse too: all at once.
+        raw_pools = data.get("nodepools")
+        names = {p.get("name") for p in raw_pools if isinstance(p, dict)} if isinstance(raw_pools, list) else set()
+        issues.extend(_cross_check(*_parse_parts(data), smap, {n for n in names if isinstance(n, str)}))
+        raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field))) from None
+    issues.extend(_cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap))
+    if issues:
+        raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field)))
+    if base_dir is not None and fleet.catalog:
+        fleet = fleet.model_copy(update={"catalog": [str((base_dir / p).resolve()) for p in fleet.catalog]})
+    return fleet, smap
+
+
+def _parse_parts(data: dict[str, Any]) -> tuple[list[tuple[int, Nodepool]], list[tuple[int, Deployment]], Clouds | None]:
+    """The pools, deployments and clouds that validate on their own, with their indexes."""
+
+    def parts(key: str, model: type[BaseModel]) -> list[tuple[int, Any]]:
+        items = data.get(key)
+        out = []
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if not isinstance(item, dict):
+                continue
+            # The fields that fail are reported already: drop them and check the rest.
+            item = {k: v for k, v in item.items() if k in model.model_fields}
+            for _ in range(len(item) + 1):
+                try:
+                    out.append((i, model.model_validate(item)))
+                    break
+                except ValidationError as exc:
+                    bad = {e["loc"][0] for e in exc.errors() if e["loc"] and e["loc"][0] in item}
+                    if not bad:
+                        break
+                    item = {k: v for k, v in item.items() if k not in bad}
+        return out
+
+    try:
+        clouds: Clouds | None = Clouds.model_validate(data.get("clouds") or {})
+    except ValidationError:
+        clouds = None
+    return parts("nodepools", Nodepool), parts("deployments", Deployment), clouds
+
+
+def _cross_check(
+    pools: list[tuple[int, Nodepool]],
+    deployments: list[tuple[int, Deployment]],
+    clouds: Clouds | None,
+    smap: SourceMap,
+    declared_pools: set[str] | None = None,
+) -> list[FleetIssue]:
+    """Checks that need more than one field but no catalog: names, references, bounds.
+
+    Works on the parts that parsed (with their indexes), so that a declaration with a type
+    error still gets its other problems reported in the same run. `clouds` is None when the
+    clouds section itself is invalid (its errors are reported already).
+    """
+    issues: list[FleetIssue] = []
+    if declared_pools is None:
+        declared_pools = {p.name for _, p in pools}
+    seen: dict[str, int] = {}
+    for i, pool in pools:
+        loc = ("nodepools", i)
+        if pool.name in seen:
+            issues.append(smap.issue(loc + ("name",), f"{pool.name!r} is already the name of nodepools[{seen[pool.name]}]"))
+        seen.setdefault(pool.name, i)
+        if pool.max_nodes < pool.min_nodes:
+            issues.append(smap.issue(loc + ("max_nodes",), f"{pool.max_nodes} is below min_nodes {pool.min_nodes}"))
+        elif pool.warm_nodes > pool.max_nodes - pool.min_nodes:
+            issues.append(
+                smap.issue(
+                    loc + ("warm_nodes",),
+                    f"{pool.warm_nodes} does not fit: at most max_nodes - min_nodes = {pool.max_nodes - pool.min_nodes}",
+                )
+            )
+        if pool.cloud in ("aws", "gcp"):
+            if clouds is None:
+                continue
+            cloud_cfg = getattr(clouds, pool.cloud)
+            if cloud_cfg is None:
+                issues.append(smap.issue(loc + ("cloud",), f"{pool.cloud!r} is not configured under `clouds:`"))
+            region = pool.region or (cloud_cfg.region if cloud_cfg else None)
+            for z, zone in enumerate(pool.zones):
+                if region and not zone.startswith(region):
+                    issues.append(smap.issue(loc + ("zones", z), f"zone {zone!r} is not in region {region!r}"))
+        elif pool.cloud == "kubernetes" and clouds is not None and clouds.kubernetes is None:
+            issues.append(smap.issue(loc + ("cloud",), "'kubernetes' is not configured under `clouds:`"))
+        if pool.engine_command is not None and pool.cloud != "local":
+            issues.append(smap.issue(loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"))
+    seen_d: dict[str, int] = {}
+    for i, dep in deployments:
+        loc = ("deployments", i)
+        if dep.name in seen_d:
+            issues.append(smap.issue(loc + ("name",), f"{dep.name!r} is already the name of deployments[{seen_d[dep.name]}]"))
+        seen_d.setdefault(dep.name, i)
+        if dep.max_replicas < dep.min_replicas:
+            issues.append(smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}"))
+        for j, ref in enumerate(dep.nodepools or []):
+            if ref not in declared_pools:
+                issues.append(
+                    smap.issue(
+                        loc + ("nodepools", j),
+                        f"{ref!r} is not a declared nodepool; declared: {', '.join(sorted(declared_pools)) or 'none'}",
+                    )
+                )
+        if dep.nodepools is not None and len(set(dep.nodepools)) != len(dep.nodepools):
+            issues.append(smap.issue(loc + ("nodepools",), "lists a pool more than once"))
+    return issues
