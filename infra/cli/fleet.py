@@ -1,8 +1,123 @@
-"""`gpufleet` commands for: fleet. (Commands are added by the issue that owns this noun.)"""
+"""`gpufleet validate` and `gpufleet plan`: the declaration checked, compiled and priced."""
 from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from gpufleet.infra.cli._common import UserError, console, err_console, user_errors
+
+EXIT_OVER_BUDGET = 3
+
+
+class PlanFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
+FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml).", show_default=False)]
+CatalogOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable)."),
+]
+
+
+def _compile(file: Path, catalogs: list[Path] | None):
+    from gpufleet.infra import catalog, plan, spec
+
+    fleet, smap = spec.load_file(file)
+    return plan.compile(fleet, smap, catalog.load([*fleet.catalog, *(catalogs or [])]))
+
+
+def _domain_errors() -> tuple[type[BaseException], ...]:
+    from gpufleet.infra import catalog, report, spec
+
+    return (spec.FleetError, catalog.CatalogError, report.PlanFormatError)
+
+
+def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
+    """Check a fleet declaration: exit 0 when valid, 1 with every problem listed."""
+    with user_errors(*_domain_errors()):
+        p = _compile(file, catalog)
+    console.print(
+        f"[green]ok[/] {file}: fleet {p.fleet}, {len(p.pools)} pools, {len(p.deployments)} deployments, "
+        f"{len(p.warnings)} warning(s)",
+        highlight=False,
+    )
+
+
+def plan(
+    file: FileArg,
+    format: Annotated[PlanFormat, typer.Option("--format", "-f", help="table for people, json for tools, markdown for a PR comment.")] = PlanFormat.table,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="An earlier `plan --format json` to diff against.")] = None,
+    max_monthly_usd: Annotated[
+        Optional[float], typer.Option("--max-monthly-usd", help="CI gate: exit 3 when baseline + warm per month exceeds this.")
+    ] = None,
+    catalog: CatalogOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")] = None,
+) -> None:
+    """Compile the declaration into a plan: placement, KV capacity, failover, cost."""
+    from gpufleet.infra import report
+
+    with user_errors(*_domain_errors()):
+        p = _compile(file, catalog)
+        change = None
+        if compare is not None:
+            try:
+                old = json.loads(compare.read_text())
+            except OSError as exc:
+                raise UserError(f"{compare}: cannot read: {exc.strerror}") from None
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{compare}:{exc.lineno}: not JSON: {exc.msg}") from None
+            change = report.diff(old, p)
+
+    if format is PlanFormat.json:
+        data = p.to_json_dict()
+        if change is not None:
+            data["compare"] = {
+                "old_usd_per_month": change.old_usd_per_month,
+                "new_usd_per_month": change.new_usd_per_month,
+                "delta_usd_per_month": change.delta_usd_per_month,
+                "pools": [
+                    {"name": d.name, "status": d.status, "delta_usd_per_month": d.delta_usd_per_month}
+                    for d in change.pools
+                ],
+            }
+        text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+        _emit(text, out)
+    elif format is PlanFormat.markdown:
+        _emit(report.markdown(p, change), out)
+    else:
+        if out is not None:
+            from rich.console import Console
+
+            with out.open("w") as fh:
+                Console(file=fh, width=160).print(report.tables(p, change))
+        else:
+            console.print(report.tables(p, change))
+
+    if max_monthly_usd is not None:
+        committed = report.monthly_committed(p)
+        if committed > max_monthly_usd:
+            err_console.print(
+                f"[bold red]over budget:[/] baseline + warm is ${committed:,.2f}/month, above --max-monthly-usd ${max_monthly_usd:,.2f}",
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _emit(text: str, out: Path | None) -> None:
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this noun's commands to the root app."""
+    """Add `validate` and `plan`."""
+    app.command("validate")(validate)
+    app.command("plan")(plan)

@@ -1,0 +1,45 @@
+"""The plan rendered for the router: `RouterConfig` with every replica and the policy settings.
+
+"Configured from the same declarations" is literal: the router reads only what this module
+renders from the compiled Plan. Replica URLs depend on where the replicas run (loopback
+ports for the local runtime, in-cluster DNS names on Kubernetes), so the caller passes them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from gpufleet.infra.plan import Plan, ReplicaPlan
+from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+
+__all__ = ["router_config"]
+
+
+def router_config(
+    plan: Plan,
+    urls: Mapping[str, str] | Callable[[ReplicaPlan], str],
+    settings: RouterSettings | None = None,
+) -> RouterConfig:
+    """Render the router's config from the plan.
+
+    `urls` maps a replica id to its base URL (or is a function of the replica). `settings`
+    overrides the declared router settings (e.g. the demo flips the policy).
+    """
+    url_of = urls if callable(urls) else (lambda r: urls[r.id])  # type: ignore[index]
+    replicas = []
+    for dep in plan.deployments:
+        kv = {p.pool: p.kv_cache_tokens_per_replica for p in dep.pools}
+        for r in dep.replicas:
+            replicas.append(
+                ReplicaConfig(
+                    id=r.id,
+                    url=url_of(r).rstrip("/"),
+                    deployment=dep.name,
+                    model=dep.model,
+                    pool=r.pool,
+                    priority=r.priority,
+                    kv_capacity_tokens=kv[r.pool],
+                    max_model_len=dep.max_model_len,
+                    max_concurrent_requests=dep.max_concurrent_requests,
+                )
+            )
+    return RouterConfig(fleet=plan.fleet, settings=settings or RouterSettings.model_validate(plan.router), replicas=replicas)

@@ -1,0 +1,229 @@
+"""Plans for people and for CI: rich tables, a pull-request comment, and plan-to-plan diffs.
+
+`diff(old, new)` compares a plan against an earlier `gpufleet plan --format json` output,
+the way Infracost's `diff` compares Terraform plans: per pool, what changes in node counts
+and in money, and the total monthly change.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from gpufleet.infra.plan import HOURS_PER_MONTH, PLAN_SCHEMA, Plan
+
+__all__ = ["PlanDiff", "PoolDiff", "diff", "markdown", "monthly_committed", "tables"]
+
+
+class PlanFormatError(ValueError):
+    """An earlier plan given to --compare is not a gpufleet JSON plan."""
+
+
+@dataclass(frozen=True)
+class PoolDiff:
+    name: str
+    status: str  # added | removed | changed | unchanged
+    old_nodes: tuple[int, int, int] | None  # baseline, warm, max
+    new_nodes: tuple[int, int, int] | None
+    old_usd_per_month: float  # baseline + warm
+    new_usd_per_month: float
+
+    @property
+    def delta_usd_per_month(self) -> float:
+        return round(self.new_usd_per_month - self.old_usd_per_month, 2)
+
+
+@dataclass(frozen=True)
+class PlanDiff:
+    old_usd_per_month: float
+    new_usd_per_month: float
+    pools: list[PoolDiff] = field(default_factory=list)
+    deployments: list[tuple[str, str]] = field(default_factory=list)  # (name, what changed)
+
+    @property
+    def delta_usd_per_month(self) -> float:
+        return round(self.new_usd_per_month - self.old_usd_per_month, 2)
+
+    @property
+    def delta_percent(self) -> float | None:
+        if self.old_usd_per_month == 0:
+            return None
+        return 100.0 * self.delta_usd_per_month / self.old_usd_per_month
+
+
+def monthly_committed(plan: Plan) -> float:
+    """Baseline plus warm capacity per month: what the fleet costs while idle."""
+    return round(plan.cost.baseline_usd_per_month + plan.cost.warm_usd_per_month, 2)
+
+
+def _pool_nodes(p: Mapping[str, Any]) -> tuple[int, int, int]:
+    return (int(p.get("baseline_nodes", p["min_nodes"])), int(p["warm_nodes"]), int(p["max_nodes"]))
+
+
+def _pool_month(p: Mapping[str, Any]) -> float:
+    base, warm, _ = _pool_nodes(p)
+    return round((base + warm) * float(p["usd_per_node_hour"]) * HOURS_PER_MONTH, 2)
+
+
+def diff(old: Mapping[str, Any], new: Plan) -> PlanDiff:
+    """Compare `new` with an earlier plan's JSON form."""
+    if not isinstance(old, Mapping) or old.get("schema") != PLAN_SCHEMA:
+        found = old.get("schema") if isinstance(old, Mapping) else type(old).__name__
+        raise PlanFormatError(f"not a gpufleet plan: expected schema {PLAN_SCHEMA!r}, found {found!r}")
+    try:
+        old_pools = {p["name"]: p for p in old["pools"]}
+        old_deps = {d["name"]: d for d in old["deployments"]}
+        old_total = round(float(old["cost"]["baseline_usd_per_month"]) + float(old["cost"]["warm_usd_per_month"]), 2)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanFormatError(f"malformed plan JSON: missing or bad field {exc}") from None
+    new_json = new.to_json_dict()
+    pools: list[PoolDiff] = []
+    for p in new_json["pools"]:
+        o = old_pools.get(p["name"])
+        if o is None:
+            pools.append(PoolDiff(p["name"], "added", None, _pool_nodes(p), 0.0, _pool_month(p)))
+            continue
+        same = _pool_nodes(o) == _pool_nodes(p) and float(o["usd_per_node_hour"]) == float(p["usd_per_node_hour"])
+        pools.append(PoolDiff(p["name"], "unchanged" if same else "changed", _pool_nodes(o), _pool_nodes(p), _pool_month(o), _pool_month(p)))
+    for name, o in old_pools.items():
+        if name not in {p["name"] for p in new_json["pools"]}:
+            pools.append(PoolDiff(name, "removed", _pool_nodes(o), None, _pool_month(o), 0.0))
+    deps: list[tuple[str, str]] = []
+    for d in new_json["deployments"]:
+        o = old_deps.get(d["name"])
+        if o is None:
+            deps.append((d["name"], "added"))
+            continue
+        changes = []
+        for key in ("min_replicas", "max_replicas", "kv_cache_tokens_per_replica", "model"):
+            if o.get(key) != d.get(key):
+                changes.append(f"{key} {o.get(key)} -> {d.get(key)}")
+        if o.get("placement") != d.get("placement"):
+            fmt = lambda pl: ", ".join(f"{x['pool']}:{x['replicas']}" for x in pl or [])  # noqa: E731
+            changes.append(f"placement {fmt(o.get('placement'))} -> {fmt(d.get('placement'))}")
+        if changes:
+            deps.append((d["name"], "; ".join(changes)))
+    for name in old_deps:
+        if name not in {d["name"] for d in new_json["deployments"]}:
+            deps.append((name, "removed"))
+    return PlanDiff(old_total, monthly_committed(new), pools, deps)
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}"
+
+
+def _signed_usd(x: float) -> str:
+    return ("+" if x > 0 else "-" if x < 0 else "±") + f"${abs(x):,.2f}"
+
+
+def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
+    """The plan as rich tables: pools, deployments, cost, warnings."""
+    pools = Table(title=f"Fleet {plan.fleet}: nodepools", title_justify="left")
+    for col, just in [
+        ("pool", "left"), ("cloud", "left"), ("region", "left"), ("machine", "left"), ("GPUs/node", "right"),
+        ("prio", "right"), ("nodes min/base/warm/max", "right"), ("$/node-h", "right"),
+        ("baseline $/mo", "right"), ("warm $/mo", "right"), ("peak $/mo", "right"),
+    ]:
+        pools.add_column(col, justify=just)  # type: ignore[arg-type]
+    if change:
+        pools.add_column("change $/mo", justify="right")
+    by_name = {d.name: d for d in change.pools} if change else {}
+    for p in sorted(plan.pools, key=lambda p: -p.priority):
+        row = [
+            p.name, p.cloud, p.region or "-", p.instance_type + (" (spot)" if p.capacity_type == "spot" else ""),
+            f"{p.gpus_per_node}x {p.gpu}", str(p.priority),
+            f"{p.min_nodes}/{p.baseline_nodes}/{p.warm_nodes}/{p.max_nodes}", f"{p.usd_per_node_hour:,.2f}",
+            _usd(p.baseline_usd_per_hour * HOURS_PER_MONTH), _usd(p.warm_usd_per_hour * HOURS_PER_MONTH),
+            _usd(p.peak_usd_per_hour * HOURS_PER_MONTH),
+        ]
+        if change:
+            d = by_name.get(p.name)
+            row.append("new" if d and d.status == "added" else _signed_usd(d.delta_usd_per_month) if d else "")
+        pools.add_row(*row)
+    if change:
+        for d in change.pools:
+            if d.status == "removed":
+                pools.add_row(Text(d.name, style="strike"), *[""] * 10, _signed_usd(d.delta_usd_per_month))
+
+    deps = Table(title="deployments", title_justify="left")
+    for col in ("deployment", "model", "engine", "GPUs/replica", "replicas min/max", "baseline placement",
+                "failover order", "KV tokens/replica", "if top pool lost"):
+        deps.add_column(col)
+    for d in plan.deployments:
+        deps.add_row(
+            d.name, d.model, d.engine, str(d.gpus_per_replica), f"{d.min_replicas}/{d.max_replicas}",
+            ", ".join(f"{x.pool}: {x.replicas}" for x in d.placement) or "-",
+            " > ".join(d.failover), f"{d.kv_cache_tokens_per_replica:,}", str(d.replicas_if_top_pool_lost),
+        )
+
+    cost = Table(title="cost", title_justify="left")
+    cost.add_column("")
+    cost.add_column("per hour", justify="right")
+    cost.add_column(f"per month ({HOURS_PER_MONTH} h)", justify="right")
+    c = plan.cost
+    cost.add_row("baseline (min nodes)", _usd(c.baseline_usd_per_hour), _usd(c.baseline_usd_per_month))
+    cost.add_row("warm (held ready)", _usd(c.warm_usd_per_hour), _usd(c.warm_usd_per_month))
+    cost.add_row("baseline + warm", _usd(c.baseline_usd_per_hour + c.warm_usd_per_hour), Text(_usd(monthly_committed(plan)), style="bold"))
+    cost.add_row("peak (max nodes)", _usd(c.peak_usd_per_hour), _usd(c.peak_usd_per_month))
+
+    parts: list[Any] = [pools, deps, cost]
+    if change:
+        pct = change.delta_percent
+        parts.append(
+            Text(
+                f"Monthly baseline + warm: {_usd(change.old_usd_per_month)} -> {_usd(change.new_usd_per_month)} "
+                f"({_signed_usd(change.delta_usd_per_month)}{f', {pct:+.1f}%' if pct is not None else ''})",
+                style="bold",
+            )
+        )
+        for name, what in change.deployments:
+            parts.append(Text(f"  deployment {name}: {what}"))
+    if plan.warnings:
+        parts.append(Text("warnings:", style="bold yellow"))
+        parts.extend(Text(f"  - {w.subject}: {w.message} [{w.code}]", style="yellow") for w in plan.warnings)
+    return Group(*parts)
+
+
+def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
+    """A pull-request comment: the monthly total and its change, then per pool."""
+    total = monthly_committed(plan)
+    lines = [f"### gpufleet plan: `{plan.fleet}`", ""]
+    if change:
+        pct = change.delta_percent
+        verb = "increase" if change.delta_usd_per_month > 0 else "decrease" if change.delta_usd_per_month < 0 else "not change"
+        amount = "" if verb == "not change" else f" by **{_usd(abs(change.delta_usd_per_month))}" + (f" ({pct:+.1f}%)" if pct is not None else "") + "**"
+        lines.append(f"Monthly cost (baseline + warm) will {verb}{amount}: {_usd(change.old_usd_per_month)} -> **{_usd(total)}**.")
+    else:
+        lines.append(f"Monthly cost (baseline + warm): **{_usd(total)}** (peak at max nodes: {_usd(plan.cost.peak_usd_per_month)}).")
+    lines += ["", "| Pool | Cloud | Machine | Priority | Nodes base/warm/max | $/node-h | Baseline + warm $/mo | Peak $/mo |" + (" Change $/mo |" if change else ""),
+              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if change else "")]
+    by_name = {d.name: d for d in change.pools} if change else {}
+    for p in sorted(plan.pools, key=lambda p: -p.priority):
+        month = (p.baseline_usd_per_hour + p.warm_usd_per_hour) * HOURS_PER_MONTH
+        row = f"| {p.name} | {p.cloud} {p.region or ''} | {p.instance_type}{' (spot)' if p.capacity_type == 'spot' else ''} | {p.priority} | {p.baseline_nodes}/{p.warm_nodes}/{p.max_nodes} | {p.usd_per_node_hour:,.2f} | {_usd(month)} | {_usd(p.peak_usd_per_hour * HOURS_PER_MONTH)} |"
+        if change:
+            d = by_name.get(p.name)
+            row += f" {'new' if d and d.status == 'added' else _signed_usd(d.delta_usd_per_month) if d else ''} |"
+        lines.append(row)
+    if change:
+        for d in change.pools:
+            if d.status == "removed":
+                lines.append(f"| ~~{d.name}~~ | | | | removed | | | | {_signed_usd(d.delta_usd_per_month)} |")
+    lines += ["", "| Deployment | Model | Replicas min/max | Placement | Failover | KV tokens/replica |", "|---|---|---:|---|---|---:|"]
+    for d in plan.deployments:
+        lines.append(
+            f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
+        )
+    if change and change.deployments:
+        lines += ["", "**Deployment changes**", ""] + [f"- `{n}`: {w}" for n, w in change.deployments]
+    if plan.warnings:
+        lines += ["", "<details><summary>Warnings (" + str(len(plan.warnings)) + ")</summary>", ""]
+        lines += [f"- **{w.subject}**: {w.message} (`{w.code}`)" for w in plan.warnings]
+        lines += ["", "</details>"]
+    lines += ["", f"<sub>Prices: gpufleet catalog as of {plan.catalog_as_of}, {HOURS_PER_MONTH} h/month.</sub>", ""]
+    return "\n".join(lines)
