@@ -51,6 +51,11 @@ class CacheAwareSettings(_Strict):
     min_match_blocks: int = Field(
         1, ge=0, description="below this many matched blocks a request is routed by load alone"
     )
+    in_flight_cost_tokens: int = Field(
+        64,
+        ge=0,
+        description="prefill-token equivalent of each in-flight request (its share of decode time) in the load term",
+    )
 
 
 class SessionSettings(_Strict):

@@ -1,8 +1,72 @@
-"""`gpufleet` commands for: router. (Commands are added by the issue that owns this noun.)"""
+"""`gpufleet router ...`: run the KV-cache-aware router from a rendered router config."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from gpufleet.infra.cli._common import UserError, console, user_errors
+
+router_app = typer.Typer(help="The KV-cache-aware OpenAI-compatible router.", no_args_is_help=True)
+
+
+@router_app.command("serve")
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="router config (gpufleet render router-config)")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 inside a container)")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="port to listen on [default: settings.port of the config]")] = None,
+) -> None:
+    """Serve the OpenAI-compatible router described by a router config file."""
+    # Import inside the command: the router image has only the `router` extra, and
+    # `gpufleet --help` must not pay for aiohttp.
+    from gpufleet.router import errors, loader
+
+    with user_errors(errors.ConfigError):
+        cfg = loader.load_router_config(config)
+        if not cfg.replicas:
+            raise UserError(f"{config}: replicas: the config lists no replica to route to")
+        listen_port = port if port is not None else cfg.settings.port
+        if not 0 <= listen_port <= 65535:
+            raise UserError(f"--port {listen_port}: must be between 0 and 65535")
+        _run(cfg, host, listen_port)
+
+
+def _run(cfg, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import logging
+    import signal
+
+    from gpufleet.router import server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        app = server.create_app(cfg)
+        try:
+            runner, bound = await server.start(app, host, port)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        router = app[server.ROUTER_KEY]
+        console.print(
+            f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, "
+            f"{len(router.replicas)} replicas, {len(router.by_model)} models, listening on http://{host}:{bound}",
+            highlight=False,
+        )
+        if router.admin_token is None:
+            console.print("admin endpoints disabled (no admin token configured)", style="yellow")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
 
 
 def register(app: typer.Typer) -> None:
     """Add this noun's commands to the root app."""
+    app.add_typer(router_app, name="router")

@@ -1,0 +1,130 @@
+"""Every error the router raises, and how each becomes an OpenAI-style JSON response.
+
+    RouterError                       base; `status`, `type`, `code`, `to_body()`
+    ├── ConfigError                   router config unreadable/invalid (CLI: one line, exit 1)
+    ├── RequestError                  the client's mistake (4xx)
+    │   ├── MalformedRequest    400   body is not a JSON object, or a field has the wrong type
+    │   ├── PromptTooLong       400   the prompt alone does not fit max_model_len
+    │   ├── Unauthorized        401   admin endpoint without a bearer token
+    │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
+    │   ├── UnknownModel        404   no replica serves the requested model
+    │   └── BodyTooLarge        413   body over settings.max_body_bytes
+    ├── CapacityError                 the fleet cannot take the request now
+    │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
+    │   └── NoHealthyReplica    503   no healthy replica of the model
+    └── UpstreamError                 a replica failed
+        ├── UpstreamFailed      502   every attempt failed before the first byte (retries exhausted)
+        └── UpstreamTimeout     504   the replica did not answer within request_timeout_s
+
+Messages never contain secrets: not tokens, not Authorization values, not request bodies.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = [
+    "AllSaturated",
+    "BodyTooLarge",
+    "CapacityError",
+    "ConfigError",
+    "Forbidden",
+    "MalformedRequest",
+    "NoHealthyReplica",
+    "PromptTooLong",
+    "RequestError",
+    "RouterError",
+    "Unauthorized",
+    "UnknownModel",
+    "UpstreamError",
+    "UpstreamFailed",
+    "UpstreamTimeout",
+]
+
+
+class RouterError(Exception):
+    """Base of the router's errors; carries its HTTP status and OpenAI error type."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def to_body(self) -> bytes:
+        """The OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
+        err: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": err}).encode()
+
+
+class ConfigError(RouterError):
+    """The router configuration cannot be loaded."""
+
+
+class RequestError(RouterError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class MalformedRequest(RequestError):
+    code = "malformed_request"
+
+
+class PromptTooLong(RequestError):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    type = "authentication_error"
+    code = "missing_token"
+
+
+class Forbidden(RequestError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class UnknownModel(RequestError):
+    status = 404
+    code = "model_not_found"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class CapacityError(RouterError):
+    status = 503
+    type = "server_error"
+
+
+class AllSaturated(CapacityError):
+    status = 429
+    type = "rate_limit_error"
+    code = "replicas_saturated"
+
+
+class NoHealthyReplica(CapacityError):
+    status = 503
+    code = "no_healthy_replica"
+
+
+class UpstreamError(RouterError):
+    status = 502
+    type = "server_error"
+
+
+class UpstreamFailed(UpstreamError):
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"

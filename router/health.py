@@ -1,0 +1,137 @@
+"""Replica health: passive ejection on failures, active checks, backoff and re-admission.
+
+A replica is *ejected* (its `ReplicaState.healthy` set False) after
+`health.eject_after_failures` consecutive failures, counted both from proxied requests
+(connection errors, 5xx) and from active `GET /health` checks. An ejected replica is not
+re-admitted before its backoff has passed and an active check succeeds; each ejection that
+follows a re-admission without an intervening successful request doubles the backoff, up to
+`health.backoff_max_s`. The bookkeeping here is pure (time is passed in), so it is unit-tested
+without a network; `HealthChecker.run` is the one loop that does I/O.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gpufleet.router.config import HealthSettings
+from gpufleet.router.types import ReplicaState
+
+__all__ = ["HealthChecker", "HealthTracker"]
+
+log = logging.getLogger("gpufleet.router.health")
+
+
+@dataclass(slots=True)
+class _Record:
+    failures: int = 0
+    ejected_until: float = 0.0
+    backoff_s: float = 0.0
+
+
+class HealthTracker:
+    """Failure counting, ejection and re-admission for a set of replicas."""
+
+    def __init__(
+        self,
+        settings: HealthSettings,
+        replicas: Sequence[ReplicaState],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_eject: Callable[[ReplicaState], None] | None = None,
+        on_readmit: Callable[[ReplicaState], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.on_eject = on_eject
+        self.on_readmit = on_readmit
+        self._records = {r.id: _Record(backoff_s=settings.backoff_initial_s) for r in replicas}
+
+    def record(self, replica_id: str) -> tuple[int, float, float]:
+        """(consecutive failures, seconds until re-admission is allowed, current backoff) for views."""
+        rec = self._records[replica_id]
+        return rec.failures, max(0.0, rec.ejected_until - self.clock()), rec.backoff_s
+
+    def success(self, replica: ReplicaState) -> None:
+        """A proxied request succeeded: failures are forgiven and the backoff resets."""
+        rec = self._records[replica.id]
+        rec.failures = 0
+        if replica.healthy:
+            rec.backoff_s = self.settings.backoff_initial_s
+
+    def failure(self, replica: ReplicaState) -> bool:
+        """A request or check failed; returns True when this failure ejected the replica."""
+        rec = self._records[replica.id]
+        rec.failures += 1
+        now = self.clock()
+        if not replica.healthy:
+            # Still failing while ejected: push re-admission further out.
+            rec.ejected_until = max(rec.ejected_until, now + rec.backoff_s)
+            return False
+        if rec.failures < self.settings.eject_after_failures:
+            return False
+        replica.healthy = False
+        rec.ejected_until = now + rec.backoff_s
+        rec.backoff_s = min(rec.backoff_s * 2, self.settings.backoff_max_s)
+        if self.on_eject is not None:
+            self.on_eject(replica)
+        return True
+
+    def check_passed(self, replica: ReplicaState) -> bool:
+        """An active check succeeded; returns True when this re-admitted the replica."""
+        rec = self._records[replica.id]
+        if replica.healthy:
+            rec.failures = 0
+            return False
+        if self.clock() < rec.ejected_until:
+            return False
+        rec.failures = 0
+        replica.healthy = True
+        if self.on_readmit is not None:
+            self.on_readmit(replica)
+        return True
+
+
+class HealthChecker:
+    """Runs `GET {url}/health` on every replica every `interval_s` (the only I/O of this module)."""
+
+    def __init__(self, tracker: HealthTracker, replicas: Sequence[ReplicaState], session) -> None:  # type: ignore[no-untyped-def]
+        self.tracker = tracker
+        self.replicas = list(replicas)
+        self.session = session
+
+    async def check(self, replica: ReplicaState) -> bool:
+        """One check of one replica; updates the tracker. True when the replica answered 2xx."""
+        import aiohttp
+
+        s = self.tracker.settings
+        try:
+            async with self.session.get(
+                replica.url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=s.timeout_s)
+            ) as resp:
+                ok = 200 <= resp.status < 300
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if ok:
+            self.tracker.check_passed(replica)
+        else:
+            self.tracker.failure(replica)
+        return ok
+
+    async def check_all(self) -> None:
+        """Check every replica concurrently."""
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    async def run(self) -> None:
+        """Check forever, every `interval_s`; cancelled by the app's cleanup."""
+        interval = self.tracker.settings.interval_s
+        while True:
+            try:
+                await self.check_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop health checking for good
+                log.exception("health check round failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,70 @@
+"""The router's Prometheus metrics, on a registry of its own (no global state).
+
+Names are prefixed `gpufleet_router_`. Replica-labelled children are created once per replica
+at start-up so the request path does not pay for label lookups.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["RouterMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class RouterMetrics:
+    """All metrics of one router instance."""
+
+    def __init__(self, replicas: Iterable[tuple[str, str]], policy: str) -> None:
+        """`replicas`: (replica id, model) pairs; `policy`: the active policy's name."""
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "gpufleet_router_"
+        self.requests = Counter(p + "requests", "Proxied requests by replica and HTTP status", ["replica", "status"], registry=r)
+        self.latency = Histogram(
+            p + "request_duration_seconds", "Time from routing to the last byte, per replica", ["replica"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            p + "first_byte_seconds", "Time from routing to the replica's first byte, per replica", ["replica"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.decisions = Counter(p + "policy_decisions", "Routing decisions by policy and reason", ["policy", "reason"], registry=r)
+        self.predicted_hit_tokens = Counter(
+            p + "predicted_prefix_hit_tokens", "Prompt tokens the router predicted a replica holds", ["replica"], registry=r
+        )
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Estimated prompt tokens routed, per replica", ["replica"], registry=r)
+        self.reported_cached_tokens = Counter(
+            p + "replica_cached_tokens",
+            "Prompt tokens replicas reported as cached (usage.prompt_tokens_details.cached_tokens)", ["replica"], registry=r,
+        )
+        self.reported_prompt_tokens = Counter(
+            p + "replica_prompt_tokens", "Prompt tokens replicas reported (usage.prompt_tokens)", ["replica"], registry=r
+        )
+        self.cache = Counter(p + "prediction_cache", "Prediction cache lookups by result", ["result"], registry=r)
+        self.spills = Counter(p + "spills", "Requests routed below the model's top-priority pool", ["model", "pool"], registry=r)
+        self.ejections = Counter(p + "ejections", "Replicas ejected after failures", ["replica"], registry=r)
+        self.readmissions = Counter(p + "readmissions", "Ejected replicas re-admitted by health checks", ["replica"], registry=r)
+        self.retries = Counter(p + "retries", "Attempts retried on another replica before the first byte", ["replica"], registry=r)
+        self.rejections = Counter(p + "rejected", "Requests answered with an error by the router itself", ["status"], registry=r)
+        self.in_flight = Gauge(p + "in_flight", "Requests in flight per replica", ["replica"], registry=r)
+        self.healthy = Gauge(p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r)
+        self.policy = policy
+        for rid, _model in replicas:
+            # Pre-create children so every replica shows up at once and lookups are cached.
+            self.latency.labels(rid)
+            self.ttft.labels(rid)
+            self.in_flight.labels(rid)
+            self.healthy.labels(rid).set(1)
+            self.predicted_hit_tokens.labels(rid)
+            self.prompt_tokens.labels(rid)
+            self.reported_cached_tokens.labels(rid)
+            self.reported_prompt_tokens.labels(rid)
+            self.ejections.labels(rid)
+        for result in ("hit", "miss", "bypass"):
+            self.cache.labels(result)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,110 @@
+"""The small value types every routing policy speaks: request features, replica states, decisions.
+
+They are plain `__slots__` dataclasses with no I/O and no dependency beyond the standard
+library, so the live server and the discrete-event simulator build them the same way and
+cheaply. A `ReplicaState` is long-lived and mutated in place (one per replica); a
+`RequestFeatures` is built once per request; a `Decision` is returned by `Policy.choose`.
+
+Load accounting is part of the state so that the server and the simulator account for work
+identically: call `begin(prefill)` when a request is sent to a replica, `prefill_done(prefill)`
+when its first byte comes back, and `end()` when it finishes (whatever the outcome).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import xxhash
+
+__all__ = ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (unlike `hash()`), for rendezvous ties."""
+    return xxhash.xxh3_64_intdigest(text.encode())
+
+
+@dataclass(slots=True)
+class RequestFeatures:
+    """What a policy may know about one request. Built once, never mutated by policies."""
+
+    model: str
+    block_hashes: tuple[int, ...] = ()
+    """Chained hashes of the prompt's full blocks: equal hash at index i means equal prefix up to i."""
+    prompt_tokens: int = 0
+    """Estimated prompt length in tokens."""
+    session_id: str | None = None
+    affinity_key: int = 0
+    """Deterministic key for rendezvous tie-breaks (first block hash, else a hash of the prompt)."""
+
+
+@dataclass(slots=True, eq=False)
+class ReplicaState:
+    """The router's live view of one replica. Policies read it; the server or simulator updates it."""
+
+    id: str
+    model: str
+    pool: str = "default"
+    priority: int = 0
+    kv_capacity_tokens: int = 0
+    max_model_len: int = 1 << 30
+    max_concurrent_requests: int = 1 << 30
+    url: str = ""
+    healthy: bool = True
+    in_flight: int = 0
+    queued_prefill_tokens: int = 0
+    """Uncached prompt tokens of in-flight requests that have not produced their first token yet."""
+    id_hash: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.id_hash:
+            self.id_hash = stable_hash(self.id)
+
+    @property
+    def saturated(self) -> bool:
+        """True when the replica already runs as many requests as it declared it can."""
+        return self.in_flight >= self.max_concurrent_requests
+
+    @property
+    def available(self) -> bool:
+        """Healthy and not saturated: a request may be sent here now."""
+        return self.healthy and self.in_flight < self.max_concurrent_requests
+
+    def begin(self, prefill_tokens: int) -> None:
+        """A request was sent here with `prefill_tokens` of (estimated) uncached prompt."""
+        self.in_flight += 1
+        self.queued_prefill_tokens += prefill_tokens
+
+    def prefill_done(self, prefill_tokens: int) -> None:
+        """The request's first byte arrived: its prefill no longer queues ahead of others."""
+        self.queued_prefill_tokens = max(0, self.queued_prefill_tokens - prefill_tokens)
+
+    def end(self) -> None:
+        """The request finished (success, failure or cancellation)."""
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+class Outcome(str, Enum):
+    """Why a `Decision` has no replica, or that it has one."""
+
+    ROUTED = "routed"
+    SATURATED = "saturated"
+    """Every healthy replica of the model is at max_concurrent_requests (HTTP 429)."""
+    UNAVAILABLE = "unavailable"
+    """No healthy replica of the model (HTTP 503)."""
+
+
+@dataclass(slots=True)
+class Decision:
+    """A policy's answer. `replica` is None unless `outcome` is ROUTED."""
+
+    replica: ReplicaState | None
+    outcome: Outcome = Outcome.ROUTED
+    reason: str = ""
+    """Short label for metrics: e.g. prefix, load, session, new_session, round_robin."""
+    matched_blocks: int = 0
+    """Blocks of the prompt the chosen replica is predicted to hold."""
+    prefill_tokens: int = 0
+    """Estimated uncached prompt tokens the chosen replica must prefill."""
+    spilled: bool = False
+    """True when the chosen replica is not in the highest-priority pool that serves the model."""

@@ -1,0 +1,60 @@
+"""Fixtures for router tests: fake replicas and routers over real loopback HTTP (helpers in router_fakes)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from router_fakes import FakeReplica, LoopThread, RunningRouter
+
+from gpufleet.router import server
+from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def replicas(loop_thread: LoopThread) -> Iterator[Callable[..., list[FakeReplica]]]:
+    """Factory: `replicas(3, ttft_s=...)` starts that many fake replicas (stopped at teardown)."""
+    started: list[FakeReplica] = []
+
+    def make(n: int, **kw: Any) -> list[FakeReplica]:
+        out = []
+        for _ in range(n):
+            rep = FakeReplica(name=f"r{len(started)}", **kw)
+            loop_thread.run(rep.start())
+            started.append(rep)
+            out.append(rep)
+        return out
+
+    yield make
+    for rep in started:
+        loop_thread.run(rep.stop())
+
+
+@pytest.fixture
+def make_router(loop_thread: LoopThread) -> Iterator[Callable[..., RunningRouter]]:
+    """Factory: `make_router(replica_configs, settings=..., admin_token=...)` starts a router."""
+    started: list[RunningRouter] = []
+
+    def make(replicas: list[ReplicaConfig], settings: RouterSettings | dict | None = None, **kw: Any) -> RunningRouter:
+        if isinstance(settings, dict):
+            settings = RouterSettings.model_validate(settings)
+        cfg = RouterConfig(fleet="test", settings=settings or RouterSettings(), replicas=replicas)
+        app = server.create_app(cfg, **kw)
+        runner, port = loop_thread.run(server.start(app, "127.0.0.1", 0))
+        rr = RunningRouter(url=f"http://127.0.0.1:{port}", router=app[server.ROUTER_KEY], app=app, runner=runner)
+        started.append(rr)
+        return rr
+
+    yield make
+    for rr in started:
+        loop_thread.run(rr.runner.cleanup())
+
+
