@@ -1,0 +1,95 @@
+"""`gpufleet replica-sim`: serve one simulated vLLM-like replica (see gpufleet.router.replica_sim).
+
+Registered by `gpufleet.infra.cli.router.register` calling `register_replica_sim(app)`, so the
+router noun owns its command list while this module owns the replica's flags.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpufleet.infra.cli._common import UserError, console, user_errors
+
+__all__ = ["register_replica_sim"]
+
+
+def register_replica_sim(app: typer.Typer) -> None:
+    """Add the top-level `replica-sim` command to `app`."""
+
+    @app.command("replica-sim")
+    def replica_sim_cmd(
+        model: Annotated[str, typer.Option(help="model name served (requests for another model get 404)")] = "sim-model",
+        host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to bind (0: any free port, see --port-file)")] = 8000,
+        replica_id: Annotated[str, typer.Option(help="name shown in logs and /server_info")] = "replica-sim",
+        kv_capacity_tokens: Annotated[int, typer.Option(help="KV-cache capacity in tokens (from the plan)")] = 65_536,
+        prefill_tokens_per_s: Annotated[float, typer.Option(help="prompt tokens prefilled per second")] = 20_000.0,
+        decode_tokens_per_s: Annotated[float, typer.Option(help="tokens per second one sequence decodes alone")] = 80.0,
+        max_running: Annotated[int, typer.Option(help="requests running at once; the rest wait")] = 64,
+        max_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step")] = 8192,
+        max_model_len: Annotated[int, typer.Option(help="longest prompt + output, in tokens")] = 32_768,
+        block_size_tokens: Annotated[int, typer.Option(help="KV block size in tokens (match the router's)")] = 16,
+        chars_per_token: Annotated[float, typer.Option(help="characters per token (match the router's)")] = 4.0,
+        admin_token_env: Annotated[
+            str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
+        ] = "GPUFLEET_SIM_ADMIN_TOKEN",
+        port_file: Annotated[
+            Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
+        ] = None,
+    ) -> None:
+        """Serve a simulated vLLM replica: OpenAI API, prefix cache, continuous batching, vLLM metrics."""
+        import asyncio
+
+        from gpufleet.router import kvmodel
+        from gpufleet.router.replica_sim import SimSettings, serve
+
+        with user_errors(kvmodel.AdmissionError, ValueError, OSError):
+            settings = SimSettings(
+                model=model,
+                replica_id=replica_id,
+                kv_capacity_tokens=kv_capacity_tokens,
+                prefill_tokens_per_s=prefill_tokens_per_s,
+                decode_tokens_per_s=decode_tokens_per_s,
+                max_running=max_running,
+                max_batched_tokens=max_batched_tokens,
+                max_model_len=max_model_len,
+                block_size_tokens=block_size_tokens,
+                chars_per_token=chars_per_token,
+                admin_token=os.environ.get(admin_token_env) or None,
+                exit_on_die=True,
+            )
+            try:
+                settings.engine_params()
+            except ValueError as exc:
+                raise UserError(f"replica-sim: {exc}") from None
+
+            def ready(bound: int) -> None:
+                if port_file is not None:
+                    tmp = port_file.with_suffix(port_file.suffix + ".tmp")
+                    tmp.write_text(str(bound))
+                    tmp.replace(port_file)  # atomic: a reader never sees a partial number
+                console.print(f"replica-sim {replica_id} ({model}) listening on http://{host}:{bound}", highlight=False)
+
+            try:
+                asyncio.run(serve(settings, host, port, ready))
+            except KeyboardInterrupt:
+                pass
+
+
+def _standalone() -> typer.Typer:
+    """An app holding only `replica-sim`, so `python -m gpufleet.infra.cli.replica_sim` works on its own."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        """gpufleet replica-sim (standalone)."""
+
+    register_replica_sim(app)
+    return app
+
+
+if __name__ == "__main__":  # `gpufleet up` starts replicas this way: no dependency on CLI wiring
+    _standalone()()
