@@ -14,7 +14,8 @@ run a whole fleet on one CPU machine:
   `vllm:prefix_cache_hits_total`, `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
   `vllm:request_success_total`, `vllm:time_to_first_token_seconds`,
   `vllm:e2e_request_latency_seconds`, `vllm:time_per_output_token_seconds`, ...);
-- admin failure injection (`POST /admin/fail`, `POST /admin/die`) behind a bearer token.
+- admin failure injection (`POST /admin/fail`, `POST /admin/die`) and warm-standby promotion
+  (`POST /admin/promote`) behind a bearer token.
 
 Tokens. There is no tokenizer: a prompt is rendered exactly as the router renders it
 (`gpufleet.router.prefix.render_prompt`), it counts `ceil(chars / chars_per_token)` tokens, and
@@ -86,6 +87,9 @@ class SimSettings:
     decode_batch_penalty: float = 0.01
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token for /admin/*; None disables the admin endpoints."""
+    standby: bool = False
+    """Start as a warm standby: loaded and listening, but /health and requests answer 503 until
+    `POST /admin/promote` (how the local runtime holds warm replicas the router skips)."""
     exit_on_die: bool = False
     """`POST /admin/die` ends the process (CLI) instead of closing the listener (in-process use)."""
 
@@ -211,6 +215,7 @@ class ReplicaSim:
         self.settings = settings
         self.engine = kvmodel.ReplicaEngine(settings.engine_params())
         self.failure = FailureMode()
+        self.standby = settings.standby
         self.finished_by_reason: dict[str, int] = {}
         self._clock = clock
         self._t0 = clock()
@@ -443,7 +448,12 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
 
+    def standby_response() -> web.Response:
+        return _error(503, "replica is a warm standby (not promoted)", "ServiceUnavailable")
+
     async def completions(request: web.Request, kind: str) -> web.StreamResponse:
+        if sim.standby:
+            return standby_response()
         failed = await _apply_failure(sim, request)
         if failed is not None:
             return failed
@@ -556,6 +566,8 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
         return await completions(request, "completion")
 
     async def health(request: web.Request) -> web.StreamResponse:
+        if sim.standby:
+            return standby_response()
         failed = await _apply_failure(sim, request, consume=False)
         return failed if failed is not None else web.Response(status=200)
 
@@ -631,6 +643,13 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
         sim.failure = FailureMode(mode=mode, status=status, remaining=count)
         return web.json_response({"mode": mode, "status": status, "count": count})
 
+    async def admin_promote(request: web.Request) -> web.Response:
+        denied = _check_admin(sim, request)
+        if denied is not None:
+            return denied
+        was, sim.standby = sim.standby, False
+        return web.json_response({"promoted": was, "standby": False})
+
     async def admin_die(request: web.Request) -> web.Response:
         denied = _check_admin(sim, request)
         if denied is not None:
@@ -658,6 +677,7 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/fail", admin_fail)
     app.router.add_post("/admin/die", admin_die)
+    app.router.add_post("/admin/promote", admin_promote)
     return app
 
 

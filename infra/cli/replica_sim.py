@@ -36,6 +36,9 @@ def register_replica_sim(app: typer.Typer) -> None:
         admin_token_env: Annotated[
             str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
         ] = "GPUFLEET_SIM_ADMIN_TOKEN",
+        standby: Annotated[
+            bool, typer.Option(help="start as a warm standby: 503 until POST /admin/promote")
+        ] = False,
         port_file: Annotated[
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
         ] = None,
@@ -59,6 +62,7 @@ def register_replica_sim(app: typer.Typer) -> None:
                 block_size_tokens=block_size_tokens,
                 chars_per_token=chars_per_token,
                 admin_token=os.environ.get(admin_token_env) or None,
+                standby=standby,
                 exit_on_die=True,
             )
             try:

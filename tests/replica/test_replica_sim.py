@@ -235,3 +235,14 @@ def test_concurrent_requests_queue_beyond_max_running():
             assert _wait(lambda: r.call(lambda s: s.engine.num_waiting) > 0)
             assert r.call(lambda s: s.engine.num_running) <= 2
             assert all(f.result().status_code == 200 for f in futs)
+
+
+def test_standby_replica_refuses_work_until_promoted():
+    with serve_in_thread(_settings(standby=True)) as r, httpx.Client(base_url=r.url, timeout=5) as c:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 1}
+        assert c.get("/health").status_code == 503
+        assert c.post("/v1/completions", json=body).status_code == 503
+        assert c.post("/admin/promote").status_code == 401
+        assert c.post("/admin/promote", headers={"Authorization": f"Bearer {TOKEN}"}).json()["promoted"] is True
+        assert c.get("/health").status_code == 200
+        assert c.post("/v1/completions", json=body).status_code == 200
