@@ -76,7 +76,7 @@ class ModelInfo(_Frozen):
 
     @property
     def weight_bytes(self) -> int:
-        return int(self.params_b * 1e9 * self.weight_bytes_per_param)
+        return round(self.params_b * 1e9 * self.weight_bytes_per_param)
 
     @property
     def kv_bytes_per_token(self) -> int:

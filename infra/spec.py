@@ -342,7 +342,7 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
         issues.extend(_pydantic_issue(e, smap) for e in exc.errors(include_url=False))
         # Report the cross-field problems of the parts that did parse too: all at once.
         raw_pools = data.get("nodepools")
-        names = {p.get("name") for p in raw_pools if isinstance(p, dict)} if isinstance(raw_pools, list) else set()
+        names = [p.get("name") for p in raw_pools if isinstance(p, dict)] if isinstance(raw_pools, list) else []
         issues.extend(_cross_check(*_parse_parts(data), smap, {n for n in names if isinstance(n, str)}))
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field))) from None
     issues.extend(_cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap))
