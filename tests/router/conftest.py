@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from router_fakes import FakeReplica, LoopThread, RunningRouter
+from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter
 
 from gpufleet.router import server
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
