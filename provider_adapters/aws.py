@@ -249,8 +249,9 @@ class AwsAdapter(ProviderAdapter):
     def scale_pool(self, request: ScaleRequest) -> ScaleResult:
         ref = request.ref
         current = self.pool_state(ref)
-        lo = current.min_nodes if request.min_nodes is None else request.min_nodes
-        hi = current.max_nodes if request.max_nodes is None else request.max_nodes
+        # EKS always reports both bounds, so the `or 0` only satisfies the type checker.
+        lo = (current.min_nodes or 0) if request.min_nodes is None else request.min_nodes
+        hi = (current.max_nodes or 0) if request.max_nodes is None else request.max_nodes
         if not lo <= request.desired_nodes <= hi:
             raise base.InvalidRequest(f"desired {request.desired_nodes} outside [{lo}, {hi}] for node group "
                                       f"{ref.target!r}", cloud="aws", code="InvalidParameterException",

@@ -152,8 +152,8 @@ class PoolState(_Frozen):
     ref: PoolRef
     desired_nodes: int = Field(ge=0)
     ready_nodes: int | None = Field(None, ge=0, description="None where the provider cannot tell")
-    min_nodes: int = Field(ge=0)
-    max_nodes: int = Field(ge=0)
+    min_nodes: int | None = Field(None, ge=0, description="None where the provider holds no bounds (GCE MIG)")
+    max_nodes: int | None = Field(None, ge=0)
     warm_pool_nodes: int | None = Field(None, description="AWS ASG warm pool min size, if the pool uses one")
     status: str = ""
     observed_at_s: float = Field(default_factory=time.time)
