@@ -52,6 +52,7 @@ def _run(cfg, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
             f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, "
             f"{len(router.replicas)} replicas, {len(router.by_model)} models, listening on http://{host}:{bound}",
             highlight=False,
+            soft_wrap=True,  # never wrap: scripts read the URL from this line
         )
         if router.admin_token is None:
             console.print("admin endpoints disabled (no admin token configured)", style="yellow")

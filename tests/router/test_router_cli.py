@@ -1,0 +1,56 @@
+"""`gpufleet router serve`: clean errors for bad configs, and a real serving process."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from typer.testing import CliRunner
+
+from gpufleet.infra.cli import app
+from tests.router.test_router_units import CONFIG
+
+
+def test_serve_with_invalid_config_prints_one_line_and_exits_1(tmp_path) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text(CONFIG.replace("policy: cache_aware", "policy: fastest"))
+    result = CliRunner().invoke(app, ["router", "serve", "--config", str(f)])
+    assert result.exit_code == 1
+    assert "router.yaml:3: settings.policy: must be one of" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_with_missing_config_exits_1(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["router", "serve", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 1 and "cannot read" in result.output
+
+
+def test_serve_runs_the_router_until_interrupted(tmp_path) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text(CONFIG)
+    env = {**os.environ, "GPUFLEET_ADMIN_TOKEN": "cli-token"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve",
+                       "--config", str(f), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "listening on" not in line:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line and proc.poll() is not None:
+                break
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        url = m.group(1)
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "m"
+        assert httpx.get(url + "/admin/replicas", headers={"Authorization": "Bearer cli-token"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
