@@ -1,0 +1,167 @@
+"""Kubernetes adapter over the kubernetes client: per-pool GPU use and placeholder scaling.
+
+A pool's nodes carry the label `gpufleet.io/pool=<pool>`. Its placeholders are pods labelled
+`gpufleet.io/role=placeholder` and `gpufleet.io/pool=<pool>`, owned by the Deployment
+`gpufleet-placeholder-<pool>` in the fleet's namespace; each requests a whole node's GPUs, so
+one placeholder holds one warm node. These names are the contract with the manifests and
+Pulumi components that create the placeholders (`placeholder_deployment_name`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters.base import PoolRef, PoolState, PoolUtilisation, ProviderAdapter
+
+__all__ = [
+    "GPU_RESOURCE",
+    "PLACEHOLDER_ROLE",
+    "POOL_LABEL",
+    "ROLE_LABEL",
+    "KubernetesAdapter",
+    "placeholder_deployment_name",
+]
+
+POOL_LABEL = "gpufleet.io/pool"
+ROLE_LABEL = "gpufleet.io/role"
+PLACEHOLDER_ROLE = "placeholder"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def placeholder_deployment_name(pool: str) -> str:
+    """Name of the Deployment holding `pool`'s placeholder pods."""
+    return f"gpufleet-placeholder-{pool}"
+
+
+def _gpus(pod: Any) -> int:
+    """GPUs a pod asks for: requests, else limits (the device plugin sets requests = limits)."""
+    total = 0
+    for container in pod.spec.containers or []:
+        res = container.resources
+        if res is None:
+            continue
+        value = (res.requests or {}).get(GPU_RESOURCE) or (res.limits or {}).get(GPU_RESOURCE) or 0
+        total += int(value)
+    return total
+
+
+def _is_ready(node: Any) -> bool:
+    conditions = node.status.conditions or [] if node.status else []
+    ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
+    return ready and not (node.spec and node.spec.unschedulable)
+
+
+class KubernetesAdapter(ProviderAdapter):
+    """kubernetes-client facade for one cluster.
+
+    Pass an `api_client` (tests do); otherwise the in-cluster config is tried first (the
+    controller runs as a pod) and then the kubeconfig (`kubeconfig`, `context`).
+    """
+
+    cloud: ClassVar[base.CloudName] = "kubernetes"
+
+    def __init__(self, api_client: Any = None, *, namespace: str = "gpufleet-system",
+                 kubeconfig: str | None = None, context: str | None = None) -> None:
+        k8s = base.lazy_import("kubernetes", cloud="kubernetes")
+        if api_client is None:
+            try:
+                k8s.config.load_incluster_config()
+                api_client = k8s.client.ApiClient()
+            except k8s.config.ConfigException:
+                api_client = k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
+        self._core = k8s.client.CoreV1Api(api_client)
+        self._apps = k8s.client.AppsV1Api(api_client)
+        self._api_exception = k8s.client.exceptions.ApiException
+        self.namespace = namespace
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map ApiException (status + Status.reason) and connection failures to typed errors."""
+        import json
+
+        try:
+            yield
+        except self._api_exception as exc:
+            reason, message = str(exc.reason or ""), str(exc.reason or "")
+            with contextlib.suppress(ValueError, TypeError):
+                body = json.loads(exc.body or "{}")
+                reason, message = body.get("reason") or reason, body.get("message") or message
+            raise base.map_error("kubernetes", reason, message, http_status=exc.status) from None
+        except OSError as exc:  # urllib3 connection errors derive from OSError
+            raise base.AdapterError(f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes",
+                                    code="Unreachable", blocks="cloud") from None
+        except Exception as exc:
+            urllib3 = base.lazy_import("urllib3", cloud="kubernetes")
+            if isinstance(exc, urllib3.exceptions.HTTPError):
+                raise base.AdapterError(f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes",
+                                        code="Unreachable", blocks="cloud") from None
+            raise
+
+    # ------------------------------------------------------------------ reads
+
+    def utilisation(self, pool: str) -> PoolUtilisation:
+        """Nodes, GPUs (allocatable / used by serving pods / held by placeholders), pending GPU pods."""
+        now = time.time()
+        with self._errors():
+            nodes = self._core.list_node(label_selector=f"{POOL_LABEL}={pool}").items
+            pods = self._core.list_pod_for_all_namespaces(
+                field_selector="status.phase!=Succeeded,status.phase!=Failed").items
+        names = {n.metadata.name for n in nodes}
+        ready = [n for n in nodes if _is_ready(n)]
+        allocatable = sum(int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) for n in ready)
+        used = held = pending_pods = pending_gpus = placeholders = 0
+        for pod in pods:
+            labels = pod.metadata.labels or {}
+            gpus = _gpus(pod)
+            is_placeholder = labels.get(ROLE_LABEL) == PLACEHOLDER_ROLE and labels.get(POOL_LABEL) == pool
+            on_pool = pod.spec.node_name in names
+            # A pending pod belongs to the pool when it can only land there (nodeSelector).
+            wants_pool = (pod.spec.node_selector or {}).get(POOL_LABEL) == pool
+            if is_placeholder:
+                if on_pool and pod.status.phase == "Running":
+                    placeholders += 1
+                    held += gpus
+            elif on_pool and gpus:
+                used += gpus
+            elif not pod.spec.node_name and wants_pool and gpus:
+                pending_pods += 1
+                pending_gpus += gpus
+        return PoolUtilisation(
+            pool=pool, nodes=len(nodes), ready_nodes=len(ready), gpus_allocatable=allocatable,
+            gpus_requested=used, gpus_placeholder=held, pending_gpu_pods=pending_pods, pending_gpus=pending_gpus,
+            placeholders_running=placeholders, placeholders_desired=self.placeholder_count(pool), observed_at_s=now,
+        )
+
+    def placeholder_count(self, pool: str) -> int | None:
+        """Replicas of the pool's placeholder Deployment, or None when it does not exist."""
+        try:
+            with self._errors():
+                scale = self._apps.read_namespaced_deployment_scale(placeholder_deployment_name(pool), self.namespace)
+        except base.NotFound:
+            return None
+        return int(scale.spec.replicas or 0)
+
+    def pool_state(self, ref: PoolRef) -> PoolState:
+        """Node counts as the cluster sees them; bounds belong to the cluster's autoscaler (None)."""
+        with self._errors():
+            nodes = self._core.list_node(label_selector=f"{POOL_LABEL}={ref.name}").items
+        return PoolState(ref=ref, desired_nodes=len(nodes), ready_nodes=sum(1 for n in nodes if _is_ready(n)))
+
+    # ------------------------------------------------------------------ acts
+
+    def scale_placeholders(self, pool: str, replicas: int) -> int:
+        """Set the placeholder Deployment's replicas; returns the previous count."""
+        if replicas < 0:
+            raise base.InvalidRequest("placeholder replicas must be >= 0", cloud="kubernetes", code="Invalid")
+        previous = self.placeholder_count(pool)
+        if previous is None:
+            raise base.NotFound(
+                f"placeholder Deployment {self.namespace}/{placeholder_deployment_name(pool)} does not exist",
+                cloud="kubernetes", code="NotFound")
+        with self._errors():
+            self._apps.patch_namespaced_deployment_scale(
+                placeholder_deployment_name(pool), self.namespace, {"spec": {"replicas": replicas}})
+        return previous

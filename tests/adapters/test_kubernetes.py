@@ -1,0 +1,118 @@
+"""Kubernetes adapter: the REAL kubernetes client against the stateful fake API server."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import kubernetes as kube_adapter
+from tests.fakes.k8s_server import FakeKubernetes, label_selector_matches
+
+NS = "gpufleet-system"
+POOL = {"gpufleet.io/pool": "aws-h100"}
+PLACEHOLDER = {"gpufleet.io/role": "placeholder", **POOL}
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKubernetes]:
+    server = FakeKubernetes()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def adapter(kube: FakeKubernetes) -> kube_adapter.KubernetesAdapter:
+    return kube_adapter.KubernetesAdapter(kube.api_client(), namespace=NS)
+
+
+def two_node_pool(kube: FakeKubernetes, placeholders: int = 1) -> None:
+    kube.add_node("h100-a", labels=POOL, gpus=8)
+    kube.add_node("h100-b", labels=POOL, gpus=8)
+    kube.add_node("other", labels={"gpufleet.io/pool": "gcp-h100"}, gpus=8)
+    kube.add_pod("vllm-0", namespace="serving", labels={"app": "vllm"}, gpus=4, node_selector=POOL)
+    kube.add_deployment(kube_adapter.placeholder_deployment_name("aws-h100"), namespace=NS, replicas=placeholders,
+                        labels=PLACEHOLDER, gpus_per_pod=8, node_selector=POOL)
+
+
+def test_utilisation_counts_serving_placeholder_and_pending_gpus(kube: FakeKubernetes,
+                                                                 adapter: kube_adapter.KubernetesAdapter) -> None:
+    two_node_pool(kube)
+    # A 4-GPU pod that cannot fit next to the 4 used on one node and the placeholder on the other
+    # preempts the placeholder; the recreated placeholder then waits Pending.
+    kube.add_pod("vllm-1", namespace="serving", labels={"app": "vllm"}, gpus=8, node_selector=POOL)
+    kube.add_pod("vllm-2", namespace="serving", labels={"app": "vllm"}, gpus=8, node_selector=POOL)
+    u = adapter.utilisation("aws-h100")
+    assert (u.nodes, u.ready_nodes, u.gpus_allocatable) == (2, 2, 16)
+    assert (u.gpus_requested, u.gpus_placeholder, u.placeholders_running, u.placeholders_desired) == (12, 0, 0, 1)
+    assert (u.pending_gpu_pods, u.pending_gpus) == (1, 8)
+
+
+def test_placeholders_hold_gpus_separately_from_serving(kube: FakeKubernetes,
+                                                        adapter: kube_adapter.KubernetesAdapter) -> None:
+    two_node_pool(kube)
+    u = adapter.utilisation("aws-h100")
+    assert (u.gpus_requested, u.gpus_placeholder, u.placeholders_running, u.pending_gpus) == (4, 8, 1, 0)
+
+
+def test_not_ready_node_has_no_allocatable_gpus(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
+    two_node_pool(kube, placeholders=0)
+    kube.set_node_ready("h100-b", False)
+    u = adapter.utilisation("aws-h100")
+    assert (u.nodes, u.ready_nodes, u.gpus_allocatable) == (2, 1, 8)
+    state = adapter.pool_state(base.PoolRef(cloud="kubernetes", name="aws-h100"))
+    assert (state.desired_nodes, state.ready_nodes, state.max_nodes) == (2, 1, None)
+
+
+def test_scale_placeholders_changes_running_count(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
+    two_node_pool(kube)
+    assert adapter.scale_placeholders("aws-h100", 2) == 1
+    u = adapter.utilisation("aws-h100")
+    # Only one node has 8 free GPUs: the second placeholder pends (it is what asks for a node).
+    assert (u.placeholders_desired, u.placeholders_running) == (2, 1)
+    kube.add_node("h100-c", labels=POOL, gpus=8)
+    assert adapter.utilisation("aws-h100").placeholders_running == 2
+    assert adapter.scale_placeholders("aws-h100", 0) == 2
+    assert adapter.utilisation("aws-h100").placeholders_running == 0
+
+
+def test_missing_placeholder_deployment(adapter: kube_adapter.KubernetesAdapter) -> None:
+    assert adapter.placeholder_count("nope") is None
+    with pytest.raises(base.NotFound, match="gpufleet-placeholder-nope"):
+        adapter.scale_placeholders("nope", 1)
+
+
+def test_forbidden_maps_to_permission_denied(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
+    kube.forbidden.add("/api/v1/nodes")
+    with pytest.raises(base.PermissionDenied) as info:
+        adapter.utilisation("aws-h100")
+    assert (info.value.code, info.value.blocks) == ("Forbidden", "cloud")
+
+
+def test_unreachable_api_is_a_typed_error() -> None:
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = "http://127.0.0.1:9"  # discard port: nothing listens
+    config.retries = 0
+    adapter = kube_adapter.KubernetesAdapter(client.ApiClient(config))
+    with pytest.raises(base.AdapterError) as info:
+        adapter.utilisation("aws-h100")
+    assert info.value.code == "Unreachable"
+
+
+def test_cannot_scale_nodes_of_an_existing_cluster(adapter: kube_adapter.KubernetesAdapter) -> None:
+    ref = base.PoolRef(cloud="kubernetes", name="aws-h100")
+    with pytest.raises(base.Unsupported, match="autoscaler"):
+        adapter.scale_pool(base.ScaleRequest(ref=ref, desired_nodes=3))
+
+
+@pytest.mark.parametrize(("selector", "expected"), [
+    ("a=1", True), ("a==1,b", True), ("a!=1", False), ("!c", True), ("c", False),
+    ("a in (1,2),b notin (x)", True), ("b in (x, y)", False),
+])
+def test_fake_label_selectors(selector: str, expected: bool) -> None:
+    assert label_selector_matches(selector, {"a": "1", "b": "2"}) is expected
