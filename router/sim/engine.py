@@ -1,0 +1,220 @@
+"""The discrete-event simulator: a policy routes a workload over kvmodel replicas on virtual time.
+
+One event heap holds each replica's next step end (lazily invalidated); arrivals are merged in
+time order, engine events first at equal times. Per request the simulator does what the live
+server does around a policy (`router.server`): `choose`, `on_routed`, `ReplicaState.begin` with
+the decision's estimated prefill, `prefill_done` at the first token, `end` and `on_completed`
+(with the output length) at the end. A request no replica can take (every replica saturated or
+unhealthy) is *rejected*, as the server answers 429/503; one the engine refuses (longer than
+`max_model_len` or the KV capacity) *fails*, as the engine answers 400.
+
+Everything is deterministic for a given workload, fleet, policy and seed: no wall clock, no
+unseeded randomness, ties broken by sequence numbers.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gpufleet.router import kvmodel
+from gpufleet.router.policy import Policy
+from gpufleet.router.sim.fleet import SimFleet
+from gpufleet.router.sim.policies import OraclePolicy, make_sim_policy
+from gpufleet.router.sim.workloads import SimRequest, Workload
+from gpufleet.router.types import Decision, RequestFeatures
+
+__all__ = ["RequestRecord", "ReplicaRecord", "SimResult", "simulate"]
+
+_FIRST = kvmodel.EventKind.FIRST_TOKEN
+_FINISHED = kvmodel.EventKind.FINISHED
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request."""
+
+    id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    replica: str | None = None
+    outcome: str = "pending"
+    """ok, rejected (no replica could take it), failed (the engine refused it)."""
+    cached_tokens: int = 0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finish_s is None else self.finish_s - self.arrival_s
+
+
+@dataclass(slots=True)
+class ReplicaRecord:
+    """Per-replica totals."""
+
+    id: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens actually computed (not served from the cache)."""
+    max_used_blocks: int = 0
+    num_blocks: int = 0
+    evicted_blocks: int = 0
+
+
+@dataclass
+class SimResult:
+    """The outcome of one policy on one workload and fleet."""
+
+    policy: str
+    workload: str
+    fleet: SimFleet
+    records: list[RequestRecord]
+    replicas: list[ReplicaRecord]
+    end_s: float
+    decisions: list[tuple[str, str, Decision]] = field(default_factory=list)
+    """(request id, replica id, decision) when recording was asked for (tests)."""
+
+
+@dataclass(slots=True)
+class _Live:
+    rec: RequestRecord
+    features: RequestFeatures
+    state_i: int
+    prefill: int
+
+
+def simulate(
+    workload: Workload,
+    fleet: SimFleet,
+    policy: str | Policy,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    record_decisions: bool = False,
+    on_decision: Callable[[Policy, SimRequest, Decision], None] | None = None,
+) -> SimResult:
+    """Run `workload` through `fleet` with `policy` (a name from `SIM_POLICIES` or an object).
+
+    `progress(n)` is called with the number of requests routed so far, every 256 requests.
+    `on_decision` sees each decision before it is applied (tests check the oracle with it).
+    """
+    now = 0.0
+    engines = [kvmodel.ReplicaEngine(spec.engine) for spec in fleet.replicas]
+    states = [spec.state() for spec in fleet.replicas]
+    by_id = {spec.id: e for spec, e in zip(fleet.replicas, engines)}
+    index = {spec.id: i for i, spec in enumerate(fleet.replicas)}
+
+    def clock() -> float:
+        return now
+
+    if isinstance(policy, str):
+        pol = make_sim_policy(policy, fleet.settings, seed=seed, clock=clock, engines=by_id)
+    else:
+        pol = policy
+        pol.clock = clock
+        if isinstance(pol, OraclePolicy):
+            pol.attach(by_id)
+    reps = [ReplicaRecord(spec.id, num_blocks=e.cache.num_blocks) for spec, e in zip(fleet.replicas, engines)]
+    records: list[RequestRecord] = []
+    decisions: list[tuple[str, str, Decision]] = []
+    live: dict[str, _Live] = {}
+    heap: list[tuple[float, int, int]] = []
+    due: list[float | None] = [None] * len(engines)
+    seq = 0
+
+    def schedule(i: int) -> None:
+        nonlocal seq
+        t = engines[i].next_event_time()
+        if t is not None and t != due[i]:
+            due[i] = t
+            seq += 1
+            heapq.heappush(heap, (t, seq, i))
+
+    def finish(lv: _Live, outcome: str, output_tokens: int) -> None:
+        st = states[lv.state_i]
+        if lv.rec.first_token_s is None:
+            st.prefill_done(lv.prefill)
+        st.end()
+        pol.on_completed(lv.features, st, ok=outcome == "ok", output_tokens=output_tokens)
+
+    def run_engine(i: int, t: float) -> None:
+        e = engines[i]
+        for ev in e.step(t):
+            kind = ev.kind
+            if kind is _FIRST:
+                lv = live[ev.request_id]
+                lv.rec.first_token_s = ev.time
+                lv.rec.cached_tokens = ev.cached_tokens
+                states[lv.state_i].prefill_done(lv.prefill)
+            elif kind is _FINISHED:
+                lv = live.pop(ev.request_id)
+                lv.rec.finish_s = ev.time
+                lv.rec.outcome = "ok"
+                finish(lv, "ok", ev.output_tokens)
+        rep = reps[i]
+        used = e.cache.used_blocks
+        if used > rep.max_used_blocks:
+            rep.max_used_blocks = used
+
+    def advance(until: float) -> None:
+        nonlocal now
+        while heap and heap[0][0] <= until:
+            t, _, i = heapq.heappop(heap)
+            if due[i] != t:
+                continue  # superseded
+            due[i] = None
+            now = t
+            run_engine(i, t)
+            schedule(i)
+
+    for n, req in enumerate(workload.requests):
+        advance(req.arrival_s)
+        now = max(now, req.arrival_s)
+        f = req.features
+        rec = RequestRecord(req.id, req.arrival_s, f.prompt_tokens, req.output_tokens)
+        records.append(rec)
+        d = pol.choose(f, states)
+        if on_decision is not None:
+            on_decision(pol, req, d)
+        r = d.replica
+        if r is None:
+            rec.outcome = "rejected"
+            continue
+        i = index[r.id]
+        rec.replica = r.id
+        if record_decisions:
+            decisions.append((req.id, r.id, d))
+        pol.on_routed(f, d)
+        r.begin(d.prefill_tokens)
+        lv = _Live(rec, f, i, d.prefill_tokens)
+        try:
+            engines[i].admit(
+                kvmodel.EngineRequest(req.id, f.prompt_tokens, req.output_tokens, f.block_hashes), now
+            )
+        except kvmodel.AdmissionError:
+            rec.outcome = "failed"
+            finish(lv, "failed", 0)
+            continue
+        live[req.id] = lv
+        rep = reps[i]
+        rep.requests += 1
+        rep.prompt_tokens += f.prompt_tokens
+        schedule(i)
+        if progress is not None and n % 256 == 255:
+            progress(n + 1)
+    advance(float("inf"))
+    if progress is not None:
+        progress(len(workload.requests))
+    for rec in records:
+        if rec.outcome == "ok" and rec.replica is not None:
+            reps[index[rec.replica]].prefill_tokens += rec.prompt_tokens - rec.cached_tokens
+    for rep, e in zip(reps, engines):
+        rep.evicted_blocks = e.cache.evicted
+    return SimResult(pol.name, workload.name, fleet, records, reps, now, decisions)

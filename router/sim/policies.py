@@ -1,0 +1,300 @@
+"""Policies the shipped ones are measured against: consistent hashing, SGLang's cache_aware, the oracle.
+
+They subclass the router's own `Policy` (same signature, same pool-priority rule, same load
+accounting), so the simulator drives every policy the same way. The shipped policies
+(`random`, `round_robin`, `least_load`, `session`, `cache_aware`) are taken from
+`gpufleet.router.policy.POLICIES` unchanged.
+
+consistent_hash
+    A hash ring (160 virtual nodes per replica) keyed by the chained hash of the prompt's first
+    `prefix_blocks` blocks: the usual "hash the system prompt" affinity. No load signal.
+
+sglang_cache_aware
+    A model of SGLang router 0.3.x's `cache_aware` (sgl-model-gateway `policies/cache_aware.rs`
+    and `tree.rs`), at block rather than character granularity:
+      * load = in-flight requests per worker; the system is *imbalanced* when
+        `max - min > balance_abs_threshold` and `max > min * balance_rel_threshold`; then the
+        least-loaded worker is chosen (and the request still inserted into its tree);
+      * otherwise the longest prefix match over the union of all workers' approximate trees gives
+        `match_rate = matched / prompt length`; above `cache_threshold` the request goes to the
+        worker owning the deepest matched node (the first one that inserted it), else to the
+        least-loaded worker (ties to the first in the list, as observed against 0.3.2);
+      * the trees grow with every routed request and are trimmed only every
+        `eviction_interval_s`, per worker, to `max_tree_size` characters (LRU), independent of
+        any replica's real KV capacity. Defaults are the 0.3.x CLI's: 0.3, 64, 1.5, 120 s, 2^26.
+
+oracle
+    Knows every replica's exact cache (the kvmodel engine's block pool) and queue (prompt tokens
+    still to prefill, running and waiting), and picks the replica with the earliest estimated
+    first token: (queued prefill + this request's uncached prompt) / prefill rate, plus one decode
+    step per prefill chunk while the replica decodes. Ties go to the longer exact prefix.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.router import kvmodel
+from gpufleet.router.config import RouterSettings
+from gpufleet.router.policy import POLICIES, Policy, rendezvous
+from gpufleet.router.types import Decision, ReplicaState, RequestFeatures, stable_hash
+
+__all__ = [
+    "SIM_POLICIES",
+    "ConsistentHashPolicy",
+    "OracleChoice",
+    "OraclePolicy",
+    "SGLangCacheAwareModel",
+    "make_sim_policy",
+]
+
+
+class ConsistentHashPolicy(Policy):
+    """Hash ring on the prompt's first blocks (see the module docs)."""
+
+    name = "consistent_hash"
+
+    def __init__(self, *args: Any, prefix_blocks: int = 8, vnodes: int = 160, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prefix_blocks = prefix_blocks
+        self.vnodes = vnodes
+        self._rings: dict[tuple[str, ...], tuple[list[int], list[ReplicaState]]] = {}
+
+    def _ring(self, tier: Sequence[ReplicaState]) -> tuple[list[int], list[ReplicaState]]:
+        key = tuple(r.id for r in tier)
+        ring = self._rings.get(key)
+        if ring is None:
+            points = sorted((stable_hash(f"{r.id}#{v}"), i) for i, r in enumerate(tier) for v in range(self.vnodes))
+            ring = self._rings[key] = ([p for p, _ in points], [tier[i] for _, i in points])
+        return ring
+
+    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+        hashes = features.block_hashes
+        key = hashes[min(self.prefix_blocks, len(hashes)) - 1] if hashes else features.affinity_key
+        points, owners = self._ring(tier)
+        i = bisect.bisect_left(points, key) % len(points)
+        return Decision(owners[i], reason="hash")
+
+
+class SGLangCacheAwareModel(Policy):
+    """A block-granular model of SGLang router 0.3.x `cache_aware` (see the module docs)."""
+
+    name = "sglang_cache_aware"
+
+    def __init__(
+        self,
+        *args: Any,
+        cache_threshold: float = 0.3,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
+        eviction_interval_s: float = 120.0,
+        max_tree_size_chars: int = 2**26,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.eviction_interval_s = eviction_interval_s
+        self.max_tree_size_chars = max_tree_size_chars
+        s = self.settings
+        self._block_chars = max(1, int(s.block_size_tokens * s.chars_per_token))
+        # The union tree: block -> workers holding it, in insertion order (the first is "the" owner).
+        self._owners: dict[int, dict[str, None]] = {}
+        # Per worker: its blocks, least recently used first (what its eviction pass trims).
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._next_eviction: float | None = None
+
+    def tree_chars(self, replica_id: str) -> int:
+        """Characters the model's tree attributes to a worker (SGLang's `tenant_char_count`)."""
+        return len(self._lru.get(replica_id, ())) * self._block_chars
+
+    def _maybe_evict(self) -> None:
+        now = self.clock()
+        if self._next_eviction is None:
+            self._next_eviction = now + self.eviction_interval_s
+            return
+        if now < self._next_eviction:
+            return
+        self._next_eviction = now + self.eviction_interval_s
+        limit = self.max_tree_size_chars // self._block_chars
+        for rid, lru in self._lru.items():
+            while len(lru) > limit:
+                h, _ = lru.popitem(last=False)
+                owners = self._owners.get(h)
+                if owners is not None:
+                    owners.pop(rid, None)
+                    if not owners:
+                        del self._owners[h]
+
+    def _insert(self, hashes: Sequence[int], rid: str) -> None:
+        lru = self._lru.setdefault(rid, OrderedDict())
+        owners_map = self._owners
+        # Tail first so that the head of the prompt is the most recently used.
+        for h in reversed(hashes):
+            owners = owners_map.get(h)
+            if owners is None:
+                owners_map[h] = {rid: None}
+            elif rid not in owners:
+                owners[rid] = None
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+
+    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+        self._maybe_evict()
+        loads = [r.in_flight for r in tier]
+        hi, lo = max(loads), min(loads)
+        least = tier[loads.index(lo)]  # ties to the first in the list
+        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+            return Decision(least, reason="imbalanced")
+        hashes = features.block_hashes
+        depth = 0
+        owner: str | None = None
+        for h in hashes:
+            owners = self._owners.get(h)
+            if not owners:
+                break
+            depth += 1
+            owner = next(iter(owners))
+        text_chars = max(1, int(features.prompt_tokens * self.settings.chars_per_token))
+        rate = depth * self._block_chars / text_chars
+        if rate > self.cache_threshold and owner is not None:
+            for r in tier:
+                if r.id == owner:
+                    return Decision(r, reason="prefix", matched_blocks=depth)
+            return Decision(tier[0], reason="owner_unavailable")  # SGLang falls back to the first healthy
+        return Decision(least, reason="load")
+
+    def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
+        if decision.replica is not None and features.block_hashes:
+            self._insert(features.block_hashes, decision.replica.id)
+
+    def on_replica_reset(self, replica_id: str) -> None:
+        lru = self._lru.pop(replica_id, None)
+        for h in lru or ():
+            owners = self._owners.get(h)
+            if owners is not None:
+                owners.pop(replica_id, None)
+                if not owners:
+                    del self._owners[h]
+
+    def cached_blocks(self, replica_id: str) -> int:
+        return len(self._lru.get(replica_id, ()))
+
+
+@dataclass(frozen=True, slots=True)
+class OracleChoice:
+    """The oracle's view of one eligible replica for one request."""
+
+    replica_id: str
+    matched_blocks: int
+    """Leading prompt blocks the replica's KV cache holds right now (exact)."""
+    pending_prefill_tokens: int
+    """Prompt tokens queued ahead on the replica (running and waiting requests)."""
+    decoding: bool
+    est_ttft_s: float
+
+
+def pending_prefill_tokens(engine: kvmodel.ReplicaEngine) -> int:
+    """Prompt tokens the engine must still prefill for requests it already holds.
+
+    Reads the engine's queues (kvmodel keeps them private; the oracle is allowed to know them).
+    Waiting requests are counted without the prefix they would reuse if they started now.
+    """
+    bt = engine.params.block_size_tokens
+    cache = engine.cache
+    total = 0
+    for run in engine._running.values():  # noqa: SLF001 - the oracle sees the exact queue
+        total += run.req.prompt_tokens - run.computed
+    for run in engine._waiting:  # noqa: SLF001
+        req = run.req
+        hit = min(cache.match(req.block_hashes[: req.prompt_tokens // bt]), (req.prompt_tokens - 1) // bt)
+        total += req.prompt_tokens - hit * bt
+    return total
+
+
+class OraclePolicy(Policy):
+    """Exact cache and queue knowledge; earliest estimated first token (see the module docs)."""
+
+    name = "oracle"
+
+    def __init__(self, *args: Any, engines: Mapping[str, kvmodel.ReplicaEngine] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engines: Mapping[str, kvmodel.ReplicaEngine] = engines or {}
+
+    def attach(self, engines: Mapping[str, kvmodel.ReplicaEngine]) -> None:
+        """Give the oracle the simulator's engines (by replica id)."""
+        self.engines = engines
+
+    def explain(self, features: RequestFeatures, tier: Sequence[ReplicaState]) -> list[OracleChoice]:
+        """The oracle's estimate for every replica of `tier`."""
+        out = []
+        prompt = features.prompt_tokens
+        for r in tier:
+            e = self.engines[r.id]
+            p = e.params
+            bt = p.block_size_tokens
+            m = e.cache.match(features.block_hashes[: prompt // bt])
+            m = min(m, (prompt - 1) // bt) if prompt > 0 else 0
+            pending = pending_prefill_tokens(e)
+            work = pending + max(0, prompt - m * bt)
+            decoding = e.num_running > 0
+            est = work / p.prefill_tokens_per_s
+            if decoding:
+                steps = math.ceil(work / p.max_batched_tokens) if work else 1
+                est += steps * (1.0 + p.decode_batch_penalty * (e.num_running - 1)) / p.decode_tokens_per_s
+            out.append(OracleChoice(r.id, m, pending, decoding, est))
+        return out
+
+    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+        choices = self.explain(features, tier)
+        key = features.affinity_key
+        best_i = min(
+            range(len(tier)),
+            key=lambda i: (choices[i].est_ttft_s, -choices[i].matched_blocks, -rendezvous(key, tier[i].id_hash)),
+        )
+        return Decision(tier[best_i], reason="oracle", matched_blocks=choices[best_i].matched_blocks)
+
+
+SIM_POLICIES: dict[str, type[Policy]] = {
+    **POLICIES,
+    ConsistentHashPolicy.name: ConsistentHashPolicy,
+    SGLangCacheAwareModel.name: SGLangCacheAwareModel,
+    OraclePolicy.name: OraclePolicy,
+}
+"""Every policy the simulator can run: the router's registry plus the baselines above."""
+
+DEFAULT_ORDER = (
+    "random",
+    "round_robin",
+    "least_load",
+    "session",
+    "consistent_hash",
+    "sglang_cache_aware",
+    "cache_aware",
+    "oracle",
+)
+
+
+def make_sim_policy(
+    name: str,
+    settings: RouterSettings | None = None,
+    *,
+    seed: int | None = None,
+    clock: Callable[[], float],
+    engines: Mapping[str, kvmodel.ReplicaEngine] | None = None,
+) -> Policy:
+    """Build a policy by name; the oracle gets the simulator's engines."""
+    try:
+        cls = SIM_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(DEFAULT_ORDER)}") from None
+    if cls is OraclePolicy:
+        return OraclePolicy(settings, seed=seed, clock=clock, engines=engines)
+    return cls(settings, seed=seed, clock=clock)

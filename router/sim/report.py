@@ -1,0 +1,178 @@
+"""Run several policies on one workload and fleet; show the results as a table, JSON and a plot."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from gpufleet.router.sim import engine, metrics
+from gpufleet.router.sim.fleet import SimFleet
+from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
+from gpufleet.router.sim.workloads import Workload, infinite_cache_hit_ratio
+
+__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "run_policies", "to_json", "write_json"]
+
+
+@dataclass
+class BenchRun:
+    """Every policy's result on one workload at one load."""
+
+    workload: str
+    fleet: str
+    requests: int
+    load: float
+    """Offered load actually simulated (after scaling), see `metrics.offered_load`."""
+    natural_load: float
+    """Offered load of the workload as generated or replayed, before `--load` scaling."""
+    infinite_cache_hit_ratio: float
+    summaries: dict[str, metrics.PolicySummary]
+    goals: list[metrics.Goal]
+    ttfts: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+
+def parse_policies(text: str | None) -> list[str]:
+    """`a,b,c` -> names, checked against the simulator's registry (all, in order, when empty)."""
+    if not text:
+        return list(DEFAULT_ORDER)
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in SIM_POLICIES]
+    if bad:
+        raise ValueError(f"unknown policy {', '.join(bad)}; choose from {', '.join(DEFAULT_ORDER)}")
+    return names
+
+
+def run_policies(
+    workload: Workload,
+    fleet: SimFleet,
+    policies: Sequence[str],
+    *,
+    load: float | None = None,
+    seed: int = 0,
+    progress: Callable[[str, int], None] | None = None,
+) -> BenchRun:
+    """Scale `workload` to `load` (if given) and simulate every policy on it."""
+    natural = metrics.offered_load(workload, fleet)
+    if load is not None:
+        if load <= 0:
+            raise ValueError("--load must be positive")
+        if natural > 0:
+            workload = workload.scaled(natural / load)
+    summaries: dict[str, metrics.PolicySummary] = {}
+    ttfts: dict[str, list[float]] = {}
+    for name in policies:
+        cb = (lambda n, _name=name: progress(_name, n)) if progress else None
+        res = engine.simulate(workload, fleet, name, seed=seed, progress=cb)
+        summaries[name] = metrics.summarize(res)
+        ttfts[name] = sorted(r.ttft_s for r in res.records if r.outcome == "ok")  # type: ignore[type-var]
+    return BenchRun(
+        workload=workload.name,
+        fleet=fleet.name,
+        requests=len(workload),
+        load=metrics.offered_load(workload, fleet),
+        natural_load=natural,
+        infinite_cache_hit_ratio=infinite_cache_hit_ratio(workload.requests, fleet.settings.block_size_tokens),
+        summaries=summaries,
+        goals=metrics.evaluate_goals(summaries),
+        ttfts=ttfts,
+    )
+
+
+def _ms(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 1000:,.0f}"
+
+
+def results_table(run: BenchRun) -> Table:
+    """One row per policy, with the infinite-cache ceiling in the title."""
+    t = Table(
+        title=(
+            f"{run.workload} on {run.fleet}: {run.requests} requests, load {run.load:.2f}, "
+            f"infinite-cache hit ratio {run.infinite_cache_hit_ratio:.3f}"
+        ),
+        title_justify="left",
+    )
+    for col in ("policy", "hit", "TTFT p50 ms", "p90 ms", "p99 ms", "e2e p50 ms", "e2e p99 ms", "req/s",
+                "imbalance", "prefill GPU-s", "prefill $", "rejected", "failed"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for s in run.summaries.values():
+        t.add_row(
+            s.policy, f"{s.hit_ratio:.3f}", _ms(s.ttft_p50_s), _ms(s.ttft_p90_s), _ms(s.ttft_p99_s),
+            _ms(s.latency_p50_s), _ms(s.latency_p99_s), f"{s.throughput_rps:.2f}", f"{s.imbalance:.2f}",
+            f"{s.prefill_gpu_s:,.0f}", f"{s.prefill_usd:.2f}", str(s.rejected), str(s.failed),
+        )
+    return t
+
+
+def goals_lines(run: BenchRun) -> list[str]:
+    """Plain lines saying which goals `cache_aware` meets on this run."""
+    out = []
+    for g in run.goals:
+        mark = "n/a" if g.met is None else ("MET" if g.met else "NOT MET")
+        out.append(f"{mark:8s} {g.name}: {g.detail}")
+    return out
+
+
+def to_json(runs: Sequence[BenchRun]) -> dict[str, Any]:
+    """JSON form: per run the load, ceiling, per-policy metrics and goals."""
+    return {
+        "schema": "gpufleet.bench-sim/v1",
+        "runs": [
+            {
+                "workload": r.workload,
+                "fleet": r.fleet,
+                "requests": r.requests,
+                "load": round(r.load, 4),
+                "natural_load": round(r.natural_load, 4),
+                "infinite_cache_hit_ratio": round(r.infinite_cache_hit_ratio, 4),
+                "policies": {k: _clean(s.to_dict()) for k, s in r.summaries.items()},
+                "goals": [{"name": g.name, "met": g.met, "detail": g.detail} for g in r.goals],
+            }
+            for r in runs
+        ],
+    }
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else (round(v, 6) if isinstance(v, float) else v)) for k, v in d.items()}
+
+
+def write_json(runs: Sequence[BenchRun], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_json(runs), indent=2) + "\n")
+
+
+def plot_runs(runs: Sequence[BenchRun], path: str | Path) -> None:
+    """TTFT CDFs (log scale) and hit ratios per policy, one row of two panels per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs):
+        ax_cdf, ax_hit = row
+        for name, vals in run.ttfts.items():
+            if not vals:
+                continue
+            n = len(vals)
+            ax_cdf.plot([max(v, 1e-4) for v in vals], [(i + 1) / n for i in range(n)], label=name, linewidth=1.2)
+        ax_cdf.set_xscale("log")
+        ax_cdf.set_xlabel("TTFT (s)")
+        ax_cdf.set_ylabel("fraction of requests")
+        ax_cdf.set_title(f"{run.workload}, load {run.load:.2f}: TTFT CDF", fontsize=9)
+        ax_cdf.grid(True, which="both", alpha=0.3)
+        ax_cdf.legend(fontsize=7, loc="lower right")
+        names = list(run.summaries)
+        ax_hit.barh(names, [run.summaries[n].hit_ratio for n in names], color="tab:blue")
+        ax_hit.axvline(run.infinite_cache_hit_ratio, color="black", linestyle="--", linewidth=1, label="infinite cache")
+        ax_hit.set_xlim(0, 1)
+        ax_hit.set_xlabel("prefix-hit ratio")
+        ax_hit.set_title(f"{run.workload}, load {run.load:.2f}: hit ratio", fontsize=9)
+        ax_hit.tick_params(axis="y", labelsize=7)
+        ax_hit.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
