@@ -1,0 +1,56 @@
+"""Reading a stack's `gpufleet:*` config and secrets into `FleetArgs` (for the stacks' `__main__.py`).
+
+Keys (namespace `gpufleet`):
+
+| key                  | meaning                                                               |
+|----------------------|-----------------------------------------------------------------------|
+| fleet                | the declaration inline (an object, same shape as fleet.yaml)          |
+| fleetFile            | or a path to a fleet.yaml, relative to the stack directory            |
+| adminToken (secret)  | the router's admin bearer token; becomes a Kubernetes Secret          |
+| hfToken (secret)     | optional Hugging Face token for gated models (HF_TOKEN in replicas)   |
+| routerImage          | image with `gpufleet[router]` installed                               |
+| routerReplicas       | router pods (default 1: each keeps its own prefix index)              |
+| routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
+| autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
+| placeholderImage     | the pause image of warm-capacity placeholders                         |
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pulumi
+
+from gpufleet.infra import manifests
+from gpufleet.infra.pulumi.fleet import FleetArgs
+
+__all__ = ["NAMESPACE", "SERVICE_TYPES", "read"]
+
+NAMESPACE = "gpufleet"
+SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
+
+
+def read(base_dir: str | Path | None = None) -> FleetArgs:
+    """The `FleetArgs` of the current stack's config; a config mistake is a `pulumi.RunError`."""
+    cfg = pulumi.Config(NAMESPACE)
+    defaults = manifests.ManifestOptions()
+    service_type = cfg.get("routerServiceType") or defaults.router_service_type
+    if service_type not in SERVICE_TYPES:
+        raise pulumi.RunError(f"gpufleet:routerServiceType: {service_type!r} is not allowed; expected one of {', '.join(SERVICE_TYPES)}")
+    replicas = cfg.get_int("routerReplicas")
+    if replicas is not None and replicas < 1:
+        raise pulumi.RunError(f"gpufleet:routerReplicas: {replicas} must be at least 1")
+    options = manifests.ManifestOptions(
+        router_image=cfg.get("routerImage") or defaults.router_image,
+        router_replicas=replicas or defaults.router_replicas,
+        router_service_type=service_type,
+        autoscaler_namespace=cfg.get("autoscalerNamespace") or defaults.autoscaler_namespace,
+        placeholder_image=cfg.get("placeholderImage") or defaults.placeholder_image,
+    )
+    return FleetArgs(
+        admin_token=cfg.require_secret("adminToken"),
+        fleet=cfg.get_object("fleet"),
+        fleet_file=cfg.get("fleetFile"),
+        hf_token=cfg.get_secret("hfToken"),
+        options=options,
+        base_dir=Path(base_dir) if base_dir is not None else Path.cwd(),
+    )
