@@ -1,0 +1,351 @@
+"""Seeded LLM-serving workloads and a driver that replays them against an OpenAI-compatible endpoint.
+
+Generators (pure, deterministic for a seed) build the traffic patterns where prefix-aware
+routing matters:
+
+- *system*: a handful of long shared system prompts (chosen with Zipf popularity), each
+  followed by a short user question; a small question pool makes some requests exact repeats,
+  which deterministic ones (`temperature: 0`) let the prediction cache answer;
+- *rag*: retrieval-augmented questions over a small document set: each request quotes
+  `docs_per_request` documents drawn by Zipf popularity (popular documents recur);
+- *chat*: multi-turn conversations with a session id (`x-session-id`); every turn resends the
+  whole history, so each turn's prompt extends the previous one. Turns of one conversation
+  run in order (`chain`), interleaved with everything else.
+
+`drive` replays a list of `WorkRequest` with bounded concurrency over streaming requests and
+records, per request, the replica that served it (`x-gpufleet-replica`), the prediction-cache
+outcome (`x-gpufleet-cache`), the prompt and cached tokens the replica reported
+(`usage.prompt_tokens_details.cached_tokens`), time to first token and latency. `summarize`
+turns results into the numbers the demo and benchmarks print. Used by `gpufleet demo` and
+the benchmarks, so every number is about the same traffic.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Result", "Summary", "WorkRequest", "WorkloadSpec", "drive", "generate", "percentile", "summarize"]
+
+_WORDS = (
+    "system data model cache router replica token prefix block memory latency request batch stream "
+    "cluster node pool priority failover region zone price budget tenant session policy document "
+    "question answer context summary detail report metric signal queue worker engine kernel tensor "
+    "layer weight vector search index score rank query result value table field record schema "
+    "network storage compute service client server config plan deploy update release version"
+).split()
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What to generate. Every field has a default that gives a small, mixed, cache-friendly load."""
+
+    models: tuple[str, ...]
+    n_requests: int = 200
+    seed: int = 0
+    mix: tuple[float, float, float] = (0.4, 0.35, 0.25)
+    """Fractions of system-prompt, RAG and multi-turn chat requests."""
+    model_weights: tuple[float, ...] | None = None
+    """Relative traffic per model (default: equal)."""
+    n_system_prompts: int = 5
+    system_prompt_chars: int = 2000
+    questions_per_prompt: int = 12
+    """Question pool per system prompt: small pools make exact repeats (prediction-cache hits)."""
+    n_docs: int = 40
+    doc_chars: int = 1200
+    docs_per_request: int = 2
+    zipf_s: float = 1.1
+    turns_per_conversation: int = 4
+    turn_chars: int = 300
+    max_tokens: int = 16
+    deterministic_fraction: float = 0.5
+    """Share of requests sent with temperature 0 (cacheable by the prediction cache)."""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("give at least one model")
+        if self.n_requests < 0 or any(x < 0 for x in self.mix) or sum(self.mix) <= 0:
+            raise ValueError("n_requests and mix must be non-negative, mix not all zero")
+        if self.model_weights is not None and len(self.model_weights) != len(self.models):
+            raise ValueError("model_weights needs one weight per model")
+
+
+@dataclass(frozen=True)
+class WorkRequest:
+    """One request to send: the path, the JSON body and how it must be ordered."""
+
+    index: int
+    kind: str
+    """system | rag | chat"""
+    model: str
+    body: dict[str, Any]
+    path: str = "/v1/chat/completions"
+    session_id: str | None = None
+    chain: str | None = None
+    """Requests with the same chain are sent one after the other, in index order."""
+
+
+@dataclass
+class Result:
+    """What happened to one request."""
+
+    index: int
+    kind: str
+    model: str
+    status: int = 0
+    replica: str | None = None
+    cache: str | None = None
+    """The router's prediction-cache outcome: hit, miss, bypass (None when not reported)."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and self.error is None
+
+
+@dataclass
+class Summary:
+    """Aggregate numbers over results (replica-served requests only for prefix hits and TTFT)."""
+
+    requests: int
+    ok: int
+    errors: int
+    prefix_hit_ratio: float
+    """Cached prompt tokens / prompt tokens, over requests a replica served."""
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    per_replica: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    wall_s: float = 0.0
+    status_counts: dict[int, int] = field(default_factory=dict)
+
+
+def _zipf_weights(n: int, s: float) -> list[float]:
+    return [1.0 / (k + 1) ** s for k in range(n)]
+
+
+def _text(rng: random.Random, chars: int, title: str) -> str:
+    """Deterministic filler prose of about `chars` characters."""
+    words = [title + ":"]
+    length = len(title) + 1
+    while length < chars:
+        w = rng.choice(_WORDS)
+        words.append(w)
+        length += len(w) + 1
+    return " ".join(words)
+
+
+def generate(spec: WorkloadSpec) -> list[WorkRequest]:
+    """The workload for `spec`: same spec, same list."""
+    rng = random.Random(spec.seed)
+    prompts = {
+        m: [_text(random.Random(f"{spec.seed}:sys:{m}:{i}"), spec.system_prompt_chars, f"System prompt {i} for {m}")
+            for i in range(spec.n_system_prompts)]
+        for m in spec.models
+    }
+    docs = [_text(random.Random(f"{spec.seed}:doc:{i}"), spec.doc_chars, f"Document {i}") for i in range(spec.n_docs)]
+    questions = [
+        [_text(random.Random(f"{spec.seed}:q:{p}:{j}"), 80, f"Question {j}") for j in range(spec.questions_per_prompt)]
+        for p in range(spec.n_system_prompts)
+    ]
+    prompt_w = _zipf_weights(spec.n_system_prompts, spec.zipf_s)
+    doc_w = _zipf_weights(spec.n_docs, spec.zipf_s)
+    model_w = list(spec.model_weights or [1.0] * len(spec.models))
+    total = sum(spec.mix)
+    n_sys = round(spec.n_requests * spec.mix[0] / total)
+    n_rag = round(spec.n_requests * spec.mix[1] / total)
+    n_chat = max(0, spec.n_requests - n_sys - n_rag)
+
+    def sampling(body: dict[str, Any]) -> dict[str, Any]:
+        body["max_tokens"] = spec.max_tokens
+        if rng.random() < spec.deterministic_fraction:
+            body["temperature"] = 0
+        else:
+            body["temperature"] = 0.7
+        return body
+
+    # Build the independent requests and the conversations, then interleave them by a seeded shuffle
+    # that keeps each conversation's turns in order.
+    units: list[list[tuple[str, str, dict[str, Any], str | None]]] = []
+    for _ in range(n_sys):
+        m = rng.choices(spec.models, model_w)[0]
+        p = rng.choices(range(spec.n_system_prompts), prompt_w)[0]
+        q = rng.randrange(spec.questions_per_prompt)
+        body = {"model": m, "messages": [
+            {"role": "system", "content": prompts[m][p]}, {"role": "user", "content": questions[p][q]},
+        ]}
+        units.append([("system", m, sampling(body), None)])
+    for _ in range(n_rag):
+        m = rng.choices(spec.models, model_w)[0]
+        k = min(spec.docs_per_request, spec.n_docs)
+        picked: list[int] = []
+        while len(picked) < k:
+            d = rng.choices(range(spec.n_docs), doc_w)[0]
+            if d not in picked:
+                picked.append(d)
+        # most popular first, so requests sharing the top document share a prefix
+        context = "\n\n".join(docs[d] for d in sorted(picked))
+        q = _text(rng, 100, "Question")
+        body = {"model": m, "messages": [
+            {"role": "system", "content": "Answer from the context only."},
+            {"role": "user", "content": f"Context:\n{context}\n\n{q}"},
+        ]}
+        units.append([("rag", m, sampling(body), None)])
+    turns = max(1, spec.turns_per_conversation)
+    n_conv = math.ceil(n_chat / turns) if n_chat else 0
+    left = n_chat
+    for c in range(n_conv):
+        m = rng.choices(spec.models, model_w)[0]
+        sid = f"conv-{spec.seed}-{c}"
+        history: list[dict[str, str]] = [{"role": "system", "content": prompts[m][0]}]
+        chain = []
+        for t in range(min(turns, left)):
+            history = [*history, {"role": "user", "content": _text(rng, spec.turn_chars, f"Turn {t}")}]
+            body = {"model": m, "messages": list(history), "user": sid}
+            chain.append(("chat", m, sampling(body), sid))
+            # a stand-in for the assistant's answer keeps later turns extending this prompt
+            history = [*history, {"role": "assistant", "content": _text(rng, spec.turn_chars // 2, "Answer")}]
+        left -= len(chain)
+        units.append(chain)
+    rng.shuffle(units)
+    # interleave: take units round-robin-ish so chains spread over the run
+    out: list[WorkRequest] = []
+    cursors = [0] * len(units)
+    active = list(range(len(units)))
+    while active:
+        nxt = []
+        for u in active:
+            kind, m, body, sid = units[u][cursors[u]]
+            chain_id = f"chain-{u}" if len(units[u]) > 1 or kind == "chat" else None
+            out.append(WorkRequest(index=len(out), kind=kind, model=m, body=body, session_id=sid, chain=chain_id))
+            cursors[u] += 1
+            if cursors[u] < len(units[u]):
+                nxt.append(u)
+        active = nxt
+    return out
+
+
+async def _one(client: Any, base_url: str, req: WorkRequest, headers: Mapping[str, str], timeout_s: float) -> Result:
+    import httpx
+
+    res = Result(index=req.index, kind=req.kind, model=req.model)
+    body = dict(req.body, stream=True, stream_options={"include_usage": True})
+    hdrs = dict(headers)
+    if req.session_id:
+        hdrs["x-session-id"] = req.session_id
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", base_url + req.path, json=body, headers=hdrs, timeout=timeout_s) as resp:
+            res.status = resp.status_code
+            res.replica = resp.headers.get("x-gpufleet-replica")
+            res.cache = resp.headers.get("x-gpufleet-cache")
+            if resp.status_code >= 400:
+                raw = await resp.aread()
+                res.error = raw[:200].decode(errors="replace")
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    try:
+                        chunk = json.loads(line[6:])
+                    except json.JSONDecodeError:
+                        continue
+                    if res.ttft_s is None and _has_content(chunk):
+                        res.ttft_s = time.perf_counter() - t0
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        details = usage.get("prompt_tokens_details") or {}
+                        res.cached_tokens = int(details.get("cached_tokens") or 0)
+    except httpx.HTTPError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    res.latency_s = time.perf_counter() - t0
+    return res
+
+
+def _has_content(chunk: Mapping[str, Any]) -> bool:
+    for ch in chunk.get("choices") or ():
+        delta = ch.get("delta") or {}
+        if delta.get("content") or ch.get("text"):
+            return True
+    return False
+
+
+async def drive(
+    base_url: str,
+    requests: Sequence[WorkRequest],
+    *,
+    concurrency: int = 16,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Send `requests` (streaming) with at most `concurrency` in flight; chains run in order."""
+    import httpx
+
+    base_url = base_url.rstrip("/")
+    sem = asyncio.Semaphore(max(1, concurrency))
+    hdrs = dict(headers or {})
+    units: dict[str, list[WorkRequest]] = {}
+    singles: list[WorkRequest] = []
+    for r in requests:
+        if r.chain:
+            units.setdefault(r.chain, []).append(r)
+        else:
+            singles.append(r)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+
+        async def run(chain: Sequence[WorkRequest]) -> None:
+            for r in chain:
+                async with sem:
+                    res = await _one(client, base_url, r, hdrs, timeout_s)
+                results.append(res)
+                if on_result is not None:
+                    on_result(res)
+
+        # start units in the order of their first request, so the replay follows the generated order
+        ordered = sorted([[r] for r in singles] + list(units.values()), key=lambda u: u[0].index)
+        await asyncio.gather(*(run(u) for u in ordered))
+    results.sort(key=lambda r: r.index)
+    return results
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = max(0, min(len(xs) - 1, math.ceil(q / 100 * len(xs)) - 1))
+    return xs[k]
+
+
+def summarize(results: Sequence[Result], wall_s: float = 0.0) -> Summary:
+    """Aggregate results. Prediction-cache hits are counted apart: no replica served them."""
+    served = [r for r in results if r.ok and r.cache != "hit"]
+    prompt = sum(r.prompt_tokens for r in served)
+    cached = sum(r.cached_tokens for r in served)
+    ttfts = [r.ttft_s for r in served if r.ttft_s is not None]
+    return Summary(
+        requests=len(results),
+        ok=sum(r.ok for r in results),
+        errors=sum(not r.ok for r in results),
+        prefix_hit_ratio=cached / prompt if prompt else 0.0,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        per_replica=dict(sorted(Counter(r.replica for r in served if r.replica).items())),
+        cache_hits=sum(1 for r in results if r.ok and r.cache == "hit"),
+        wall_s=wall_s,
+        status_counts=dict(sorted(Counter(r.status for r in results).items())),
+    )
