@@ -1,0 +1,246 @@
+"""The controller's reconcile loop: observe pools, `decide`, act, log, export metrics.
+
+Observation goes through the provider adapters only (Kubernetes for GPU use and placeholders,
+AWS/GCP for node counts) plus, optionally, the router's Prometheus endpoint for how full the
+replicas' request slots are. A pool whose observation fails gets no sample this round, and
+`decide` takes no action on it. One failed action is logged and counted; the others still run.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpufleet.infra.controller.decision import (
+    Action,
+    ControllerSettings,
+    Decision,
+    FleetFacts,
+    PoolMemory,
+    PoolSample,
+    decide,
+)
+
+__all__ = ["Controller", "ControllerMetrics", "NodeBinding", "Observer", "replica_slots_from_plan"]
+
+log = logging.getLogger("gpufleet.controller")
+
+
+class _KubeLike(Protocol):
+    def utilisation(self, pool: str) -> Any: ...
+    def scale_placeholders(self, pool: str, replicas: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class NodeBinding:
+    """The provider adapter and pool reference that own a pool's node count."""
+
+    adapter: Any  # base.ProviderAdapter
+    ref: Any  # base.PoolRef
+
+
+def replica_slots_from_plan(plan: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
+    """replica id -> (pool, request slots), from a plan JSON: what the router's in-flight gauge divides by."""
+    out: dict[str, tuple[str, int]] = {}
+    for dep in plan.get("deployments", []):
+        for replica in dep.get("replicas", []):
+            out[replica["id"]] = (replica["pool"], int(dep.get("max_concurrent_requests") or 1))
+    return out
+
+
+def _router_in_flight(url: str, timeout_s: float) -> dict[str, float]:
+    """`gpufleet_router_in_flight` per replica from the router's /metrics (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - a configured URL
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "gpufleet_router_in_flight":
+            for s in family.samples:
+                out[s.labels.get("replica", "")] = s.value
+    return out
+
+
+class Observer:
+    """Builds one `PoolSample` per pool from the adapters (and the router, when configured)."""
+
+    def __init__(
+        self,
+        facts: FleetFacts,
+        kube: Mapping[str, _KubeLike],
+        nodes: Mapping[str, NodeBinding] | None = None,
+        *,
+        router_metrics_url: str | None = None,
+        replica_slots: Mapping[str, tuple[str, int]] | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout_s: float = 5.0,
+    ) -> None:
+        """`kube` maps a pool name to the Kubernetes adapter of the cluster it lives in."""
+        self.facts = facts
+        self.kube = dict(kube)
+        self.nodes = dict(nodes or {})
+        self.router_metrics_url = router_metrics_url
+        self.replica_slots = dict(replica_slots or {})
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.errors: list[tuple[str, str]] = []
+
+    def _replica_load(self) -> dict[str, float]:
+        if not self.router_metrics_url:
+            return {}
+        try:
+            in_flight = _router_in_flight(self.router_metrics_url, self.timeout_s)
+        except (OSError, ValueError) as exc:
+            # Without the router's view GPU pressure still works; say so rather than guess.
+            self.errors.append(("router", f"cannot read router metrics: {exc}"))
+            log.warning("cannot read router metrics at %s: %s", self.router_metrics_url, exc)
+            return {}
+        used: dict[str, float] = {}
+        slots: dict[str, int] = {}
+        for replica, (pool, n) in self.replica_slots.items():
+            slots[pool] = slots.get(pool, 0) + n
+            used[pool] = used.get(pool, 0.0) + in_flight.get(replica, 0.0)
+        return {pool: used[pool] / slots[pool] for pool in slots if slots[pool] > 0}
+
+    def observe(self) -> dict[str, PoolSample]:
+        from gpufleet.provider_adapters import base
+
+        self.errors = []
+        load = self._replica_load()
+        samples: dict[str, PoolSample] = {}
+        for name in self.facts.pools:
+            kube = self.kube.get(name)
+            if kube is None:
+                self.errors.append((name, "no Kubernetes adapter for this pool"))
+                continue
+            try:
+                u = kube.utilisation(name)
+                desired = None
+                binding = self.nodes.get(name)
+                if binding is not None:
+                    desired = binding.adapter.pool_state(binding.ref).desired_nodes
+            except base.AdapterError as exc:
+                self.errors.append((name, str(exc)))
+                log.warning("pool %s: not observed this round: %s", name, exc)
+                continue
+            samples[name] = PoolSample(
+                pool=name, observed_at_s=u.observed_at_s, ready_nodes=u.ready_nodes,
+                gpus_allocatable=u.gpus_allocatable, gpus_busy=u.gpus_requested, pending_gpus=u.pending_gpus,
+                placeholders_desired=u.placeholders_desired, desired_nodes=desired, replica_load=load.get(name),
+            )
+        return samples
+
+
+class ControllerMetrics:
+    """Prometheus metrics of the controller, on a registry of its own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "gpufleet_controller_"
+        self.actions = Counter(p + "actions", "Actions decided, by pool, kind and outcome (applied, dry_run, failed)",
+                               ["pool", "kind", "outcome"], registry=r)
+        self.skipped = Counter(p + "skipped", "Pools left alone in a reconcile, by reason", ["pool", "reason"],
+                               registry=r)
+        self.reconciles = Counter(p + "reconciles", "Reconcile rounds", registry=r)
+        self.pressure = Gauge(p + "pool_pressure", "Busy share of a pool's GPUs or request slots", ["pool"], registry=r)
+        self.warm_target = Gauge(p + "warm_target_nodes", "Warm nodes the controller wants held", ["pool"], registry=r)
+        self.extra_warm = Gauge(p + "extra_warm_nodes", "Warm nodes above the declared warm_nodes", ["pool"],
+                                registry=r)
+        self.last_reconcile = Gauge(p + "last_reconcile_timestamp_seconds", "Unix time of the last reconcile",
+                                    registry=r)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Controller:
+    """Reconciles a fleet: observe, decide (pure), act unless dry-run, log and count everything."""
+
+    def __init__(
+        self,
+        facts: FleetFacts,
+        settings: ControllerSettings,
+        observer: Observer,
+        *,
+        dry_run: bool = False,
+        metrics: ControllerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.facts = facts
+        self.settings = settings
+        self.observer = observer
+        self.dry_run = dry_run
+        self.metrics = metrics or ControllerMetrics()
+        self.clock = clock
+        self.state: dict[str, PoolMemory] = {}
+        self.applied: list[tuple[Action, str]] = []  # (action, outcome) of the last reconcile
+
+    def _apply(self, action: Action) -> None:
+        from gpufleet.provider_adapters import base
+
+        if action.kind == "set_placeholders":
+            self.observer.kube[action.pool].scale_placeholders(action.pool, action.target)
+        else:
+            binding = self.observer.nodes[action.pool]
+            pool = self.facts.pools[action.pool]
+            binding.adapter.scale_pool(base.ScaleRequest(ref=binding.ref, desired_nodes=action.target,
+                                                         max_nodes=pool.max_nodes if pool.cloud == "aws" else None))
+
+    def reconcile(self) -> Decision:
+        """One round. Returns the decision; `applied` lists each action with its outcome."""
+        from gpufleet.provider_adapters import base
+
+        samples = self.observer.observe()
+        now = self.clock()
+        decision = decide(self.facts, samples, self.state, now, self.settings)
+        m = self.metrics
+        m.reconciles.inc()
+        m.last_reconcile.set(now)
+        for pool, pressure in decision.pressure.items():
+            m.pressure.labels(pool).set(pressure)
+        for pool, target in decision.warm_targets.items():
+            m.warm_target.labels(pool).set(target)
+            m.extra_warm.labels(pool).set(decision.state[pool].extra_warm)
+        for pool, why in decision.notes:
+            m.skipped.labels(pool, why.split(" (")[0]).inc()
+            log.info("pool %s: no action: %s", pool, why)
+        self.applied = []
+        for action in decision.actions:
+            outcome = "dry_run" if self.dry_run else "applied"
+            if not self.dry_run:
+                try:
+                    self._apply(action)
+                except base.AdapterError as exc:
+                    outcome = "failed"
+                    log.error("%s pool=%s %d -> %d failed: %s", action.kind, action.pool, action.current,
+                              action.target, exc)
+            m.actions.labels(action.pool, action.kind, outcome).inc()
+            self.applied.append((action, outcome))
+            log.info("%s pool=%s %d -> %d (%s)%s", action.kind, action.pool, action.current, action.target,
+                     action.reason, " [dry-run]" if self.dry_run else "")
+        # Only remember what happened: in dry-run nothing changed, so the next round starts afresh.
+        if not self.dry_run:
+            self.state = decision.state
+        return decision
+
+    def run(self, stop: threading.Event, *, once: bool = False,
+            on_round: Callable[[Decision], None] | None = None) -> None:
+        """Reconcile every `interval_s` until `stop` is set (or once)."""
+        while not stop.is_set():
+            started = time.monotonic()
+            decision = self.reconcile()
+            if on_round is not None:
+                on_round(decision)
+            if once:
+                return
+            stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
+
