@@ -67,15 +67,26 @@ class KubernetesAdapter(ProviderAdapter):
                  kubeconfig: str | None = None, context: str | None = None) -> None:
         k8s = base.lazy_import("kubernetes", cloud="kubernetes")
         if api_client is None:
-            try:
-                k8s.config.load_incluster_config()
-                api_client = k8s.client.ApiClient()
-            except k8s.config.ConfigException:
-                api_client = k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
+            api_client = self._connect(k8s, kubeconfig, context)
         self._core = k8s.client.CoreV1Api(api_client)
         self._apps = k8s.client.AppsV1Api(api_client)
         self._api_exception = k8s.client.exceptions.ApiException
         self.namespace = namespace
+
+    @staticmethod
+    def _connect(k8s: Any, kubeconfig: str | None, context: str | None) -> Any:
+        """In-cluster config when running as a pod (and no kubeconfig/context was asked for), else kubeconfig."""
+        if kubeconfig is None and context is None:
+            try:
+                k8s.config.load_incluster_config()
+                return k8s.client.ApiClient()
+            except k8s.config.ConfigException:
+                pass
+        try:
+            return k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
+        except (k8s.config.ConfigException, OSError) as exc:
+            raise base.AdapterError(f"no usable Kubernetes config: {exc}", cloud="kubernetes",
+                                    code="NoKubeconfig", blocks="cloud") from None
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
