@@ -672,6 +672,18 @@ def all_objects(plan: Plan, options: ManifestOptions = ManifestOptions()) -> dic
     return {f"{c.cloud}-{c.name}": cluster_objects(plan, c, options) for c in clusters(plan)}
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the router config, the expander priorities) as literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump_yaml(objs: Iterable[Mapping[str, Any]]) -> str:
     """A multi-document YAML stream of the objects."""
-    return yaml.safe_dump_all([json.loads(json.dumps(o)) for o in objs], sort_keys=False)
+    return yaml.dump_all([json.loads(json.dumps(o)) for o in objs], Dumper=_Dumper, sort_keys=False)

@@ -61,6 +61,7 @@ class PreviewResource:
     parent: str | None
     inputs: dict[str, Any]
     custom: bool
+    provider: str | None = None  # the provider reference `urn::id`, for custom resources
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "name": self.name, "parent": self.parent, "inputs": self.inputs}
@@ -226,12 +227,12 @@ def _computed_state(typ: str, name: str, inputs: dict[str, Any]) -> dict[str, An
     return state
 
 
-def _mocks_and_monitor() -> tuple[Any, Any, list[tuple[str, str, str, bool, dict[str, Any]]]]:
+def _mocks_and_monitor() -> tuple[Any, Any, list[tuple[str, str, str, bool, dict[str, Any], str]]]:
     import pulumi
     from pulumi.runtime import mocks as mocks_mod
     from pulumi.runtime import rpc
 
-    records: list[tuple[str, str, str, bool, dict[str, Any]]] = []
+    records: list[tuple[str, str, str, bool, dict[str, Any], str]] = []
 
     class PreviewMocks(pulumi.runtime.Mocks):
         """Echo inputs as state; answer the data sources the components read."""
@@ -262,7 +263,7 @@ def _mocks_and_monitor() -> tuple[Any, Any, list[tuple[str, str, str, bool, dict
             response = super().RegisterResource(request)
             if request.type != "pulumi:pulumi:Stack":
                 inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
-                records.append((request.type, request.name, request.parent, bool(request.custom), inputs))
+                records.append((request.type, request.name, request.parent, bool(request.custom), inputs, request.provider))
             return response
 
     mocks = PreviewMocks()
@@ -330,8 +331,11 @@ def _run(program: Callable[[], Any], project: str, stack: str, config: dict[str,
 
     _sync_await(run_pulumi_func(body))
     resources = [
-        PreviewResource(type=t, name=n, parent=_parent_name(p), inputs=_sanitize(i), custom=c) for t, n, p, c, i in records
+        PreviewResource(type=t, name=n, parent=_parent_name(p), inputs=_sanitize(i), custom=c, provider=prov or None)
+        for t, n, p, c, i, prov in records
     ]
+    # Registration order depends on task scheduling; sort for a stable listing.
+    resources.sort(key=lambda r: (r.name, r.type))
     return PreviewResult(project, stack, resources, outputs)
 
 
