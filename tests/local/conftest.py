@@ -1,0 +1,44 @@
+"""Shared helpers for the local runtime tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SMALL_FLEET = """\
+fleet: t-local
+clouds:
+  local: {host: 127.0.0.1}
+nodepools:
+  - {name: top, cloud: local, instance_type: g6.xlarge, priority: 10, min_nodes: 1, max_nodes: 1}
+  - {name: next, cloud: local, instance_type: g5.xlarge, priority: 5, min_nodes: 1, max_nodes: 3, warm_nodes: 1%(engine)s}
+deployments:
+  - {name: qwen, model: Qwen/Qwen3-0.6B, min_replicas: 2, max_replicas: 3, max_model_len: 4096, max_concurrent_requests: %(mcr)d}
+router:
+  health: {interval_s: 0.2, timeout_s: 1.0, backoff_initial_s: 0.2, backoff_max_s: 0.5}
+"""
+
+
+def write_fleet(tmp_path: Path, engine: str = "", mcr: int = 16) -> Path:
+    p = tmp_path / "fleet.yaml"
+    p.write_text(SMALL_FLEET % {"engine": engine, "mcr": mcr})
+    return p
+
+
+def alive(pid: int) -> bool:
+    """A live, non-zombie process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # loopback only, whatever the environment says
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert os.environ["NO_PROXY"]

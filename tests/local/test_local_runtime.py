@@ -1,0 +1,126 @@
+"""The local runtime (gpufleet.infra.local): the plan run as processes on this machine."""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpufleet.infra import local, plan
+from gpufleet.infra.local import LocalRuntime, LocalRuntimeError
+
+from .conftest import alive, write_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _chat(text: str, **kw) -> dict:
+    return {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": text}], "max_tokens": 4, **kw}
+
+
+def test_public_api_is_pinned():
+    assert set(local.__all__) == {"LocalReplica", "LocalRuntime", "LocalRuntimeError", "check_local"}
+
+
+def test_a_fleet_with_cloud_pools_is_refused():
+    p = plan.compile_file(str(ROOT / "stacks/multicloud/fleet.yaml"))
+    with pytest.raises(LocalRuntimeError, match="aws-h100 \\(aws\\)"):
+        local.check_local(p)
+
+
+def test_layout_has_planned_replicas_and_one_standby_per_warm_node(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    got = [(r.id, r.pool, r.role) for r in rt.replicas]
+    assert got == [("qwen-top-0", "top", "active"), ("qwen-next-0", "next", "active"), ("qwen-next-warm0", "next", "warm")]
+
+
+def test_router_config_lists_standbys_under_their_pool(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    for i, r in enumerate(rt.replicas):
+        r.url = f"http://127.0.0.1:{9000 + i}"
+    cfg = rt.router_config_for_run()
+    rows = {r.id: (r.pool, r.priority, r.url, r.kv_capacity_tokens) for r in cfg.replicas}
+    assert rows["qwen-next-warm0"][:3] == ("next", 5, "http://127.0.0.1:9002")
+    next_kv = next(x.kv_cache_tokens_per_replica for x in p.deployment("qwen").pools if x.pool == "next")
+    assert rows["qwen-next-warm0"][3] == next_kv
+    assert cfg.settings.health.interval_s == 0.2  # the declared router settings are carried over
+
+
+def test_unknown_engine_command_placeholder_is_a_clear_error(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path, engine=', engine_command: ["x", "--p={prot}"]')))
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    with pytest.raises(LocalRuntimeError, match=r"unknown placeholder \{prot\}; allowed: \{model\}"):
+        rt.start()
+    assert all(not alive(pid) for pid in rt.pids())
+
+
+@pytest.mark.slow
+def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    rt = LocalRuntime(p, router_port=0, workdir=tmp_path / "w")
+    with rt:
+        pids = rt.pids()
+        assert len(pids) == 4 and all(alive(x) for x in pids)
+        # standby is known to the router but not routed to
+        assert rt.router_view() == {"qwen-top-0": True, "qwen-next-0": True, "qwen-next-warm0": False}
+        served = {httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"q{i}"), timeout=10).headers["x-gpufleet-replica"] for i in range(6)}
+        assert served == {"qwen-top-0"}  # the top pool takes the traffic while it is healthy
+        assert rt.kill_pool("top") == ["qwen-top-0"]
+        events = rt.check(load=False)
+        assert any("qwen-top-0" in e and "exited" in e for e in events)
+        assert any("promoted warm replica qwen-next-warm0" in e and "pool top failed" in e for e in events)
+        # spill-over: the next pool serves at once (retries move off the dead replica)
+        r = httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat("after"), timeout=10)
+        assert r.status_code == 200 and r.headers["x-gpufleet-replica"].startswith("qwen-next-")
+        assert rt.wait_routable(["qwen-next-0", "qwen-next-warm0"], timeout_s=15)
+        served = {
+            httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"after {i} " * 50), timeout=10).headers["x-gpufleet-replica"]
+            for i in range(12)
+        }
+        assert "qwen-next-warm0" in served
+    assert not any(alive(x) for x in pids)
+
+
+@pytest.mark.slow
+def test_queueing_promotes_a_standby(tmp_path):
+    # one request at a time per replica, so concurrent requests queue and the deployment must grow
+    p = plan.compile_file(str(write_fleet(tmp_path, mcr=1)))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w", scale_up_waiting_per_replica=0.5) as rt:
+        live = [r for r in rt.replicas if r.state == "active"]
+        body = {"model": "Qwen/Qwen3-0.6B", "prompt": "load " * 20, "max_tokens": 100, "ignore_eos": True}
+        threads = []
+        for rep in live:  # straight at the replicas: the router would answer 429 when they are saturated
+            for _ in range(3):
+                t = threading.Thread(target=lambda u=rep.url: httpx.post(u + "/v1/completions", json=body, timeout=30))
+                t.start()
+                threads.append(t)
+        promoted = []
+        for _ in range(50):
+            promoted = [e for e in rt.check() if "promoted" in e]
+            if promoted:
+                break
+            threading.Event().wait(0.1)
+        assert promoted and "requests waiting" in promoted[0]
+        for t in threads:
+            t.join()
+
+
+@pytest.mark.slow
+def test_engine_command_pool_runs_the_given_command(tmp_path):
+    cmd = (
+        f', engine_command: ["{sys.executable}", "-m", "gpufleet.infra.cli.replica_sim", "replica-sim", '
+        '"--port", "{port}", "--host", "{host}", "--model", "{model}", "--max-model-len", "{max_model_len}"]'
+    )
+    p = plan.compile_file(str(write_fleet(tmp_path, engine=cmd)))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w", on_event=lambda m: None) as rt:
+        kinds = {r.id: r.kind for r in rt.replicas}
+        assert kinds == {"qwen-top-0": "sim", "qwen-next-0": "engine"}  # no standby on an engine pool
+        assert any("warm node(s) not held" in e for e in rt.events)
+        rep = next(r for r in rt.replicas if r.kind == "engine")
+        assert httpx.get(rep.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"] == 4096
+        pids = rt.pids()
+    assert not any(alive(x) for x in pids)

@@ -1,0 +1,122 @@
+"""`gpufleet up` and `gpufleet demo` end to end: real processes, real loopback HTTP, clean teardown."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from gpufleet.infra.cli import app
+
+from .conftest import alive, write_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-c", "from gpufleet.infra.cli import main; main()"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_up_refuses_a_fleet_with_cloud_pools_in_one_line():
+    r = CliRunner().invoke(app, ["up", str(ROOT / "stacks/multicloud/fleet.yaml")])
+    assert r.exit_code == 1
+    assert "all `cloud: local`" in r.output and "Traceback" not in r.output
+
+
+def test_up_reports_a_bad_declaration_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_fleet(tmp_path).read_text().replace("max_nodes: 3", "max_nodes: -1"))
+    r = CliRunner().invoke(app, ["up", str(bad)])
+    assert r.exit_code == 1 and "bad.yaml:" in r.output and "max_nodes" in r.output
+
+
+@pytest.mark.slow
+def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
+    fleet = write_fleet(tmp_path)
+    env = dict(os.environ, COLUMNS="300", NO_PROXY="127.0.0.1")
+    proc = subprocess.Popen(
+        [*CLI, "up", str(fleet), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )
+    try:
+        endpoint = None
+        seen = []
+        deadline = time.monotonic() + 60
+        while endpoint is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                endpoint = m.group(1)
+        assert endpoint, "".join(seen)
+        kids = _children(proc.pid)
+        assert len(kids) == 4  # three replicas (one standby) and the router
+        body = {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi " * 30}], "max_tokens": 3}
+        for _ in range(3):
+            r = httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert httpx.get(endpoint + "/v1/models", timeout=5).json()["data"][0]["id"] == "Qwen/Qwen3-0.6B"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "stopped 4 processes" in out
+        assert not [k for k in kids if alive(k)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
+    fleet = write_fleet(tmp_path)
+    proc = subprocess.Popen(
+        [*CLI, "up", str(fleet), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, COLUMNS="300"), text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "listening on" not in proc.stdout.readline():
+            pass
+        kids = _children(proc.pid)
+        assert len(kids) == 4
+        proc.kill()  # no chance to clean up: the children's parent-death signal must do it
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
+            time.sleep(0.1)
+        assert not [k for k in kids if alive(k)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
+    fleet = write_fleet(tmp_path)
+    r = CliRunner().invoke(app, ["demo", str(fleet), "--requests", "24", "--concurrency", "4", "--max-tokens", "2"])
+    out = r.output
+    assert r.exit_code == 0, out
+    assert "round_robin" in out and "cache_aware" in out and "prefix-hit ratio" in out
+    assert "killed pool top: qwen-top-0" in out
+    assert "promoted warm replica qwen-next-warm0" in out
+    assert re.search(r"tore down \d+ processes, 0 left", out)
