@@ -1,0 +1,140 @@
+"""The plan as Kubernetes objects: valid against the Kubernetes schemas, identical on the Pulumi
+and GitOps paths, and addressable by the router exactly as the router config says."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from gpufleet.infra import manifests, render
+from gpufleet.infra import plan as plan_mod
+from gpufleet.infra import spec
+from gpufleet.infra.cli.render_manifests import register_manifests
+from gpufleet.infra.preview import _sanitize, run_program
+from gpufleet.infra.pulumi import Fleet, FleetArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+STACKS = ROOT / "stacks"
+K8S_VERSION = "1.31"
+
+
+def _inline(stack: str) -> plan_mod.Plan:
+    data = yaml.safe_load((STACKS / stack / f"Pulumi.{stack}.yaml").read_text())["config"]["gpufleet:fleet"]
+    fleet, smap = spec.load_dict(data, stack)
+    return plan_mod.compile(fleet, smap)
+
+
+PLANS = {
+    "multicloud": lambda: plan_mod.compile_file(str(STACKS / "multicloud" / "fleet.yaml")),
+    "aws-eks": lambda: _inline("aws-eks"),
+    "gcp-gke": lambda: _inline("gcp-gke"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def plan(request) -> plan_mod.Plan:
+    return PLANS[request.param]()
+
+
+def test_every_object_validates_against_the_kubernetes_schema(plan):
+    objs = [o for group in manifests.all_objects(plan).values() for o in group]
+    assert objs
+    for obj in objs:
+        # strict: unknown fields are errors, so a typo'd field cannot pass.
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_catches_a_wrong_field(plan):
+    sts = next(o for g in manifests.all_objects(plan).values() for o in g if o["kind"] == "StatefulSet")
+    sts["spec"]["template"]["spec"]["containers"][0]["startupProb"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, K8S_VERSION, strict=True)
+
+
+def test_replica_pods_are_the_plan_replica_ids_at_the_router_config_urls(plan):
+    """StatefulSet `<dep>-<pool>` with serviceName `<dep>` names its pods `<dep>-<pool>-<k>`,
+    resolvable as `<pod>.<dep>.<ns>.svc.cluster.local`: exactly the router config's replicas."""
+    objs = [o for g in manifests.all_objects(plan).values() for o in g]
+    pods = {}
+    for sts in (o for o in objs if o["kind"] == "StatefulSet"):
+        for k in range(sts["spec"]["replicas"]):
+            pods[f"{sts['metadata']['name']}-{k}"] = sts
+    cfg = manifests.router_config(plan)
+    assert sorted(pods) == sorted(r.id for r in cfg.replicas)
+    home = manifests.router_cluster(plan)
+    for r in cfg.replicas:
+        sts = pods[r.id]
+        svc = sts["spec"]["serviceName"]
+        host = re.match(r"http://([^:]+):(\d+)$", r.url)
+        assert host is not None
+        local = f"{r.id}.{svc}.{plan.namespace}.svc.cluster.local"
+        assert host.group(1) == local or (host.group(1).endswith(".svc.clusterset.local") and home is not None)
+        assert int(host.group(2)) == sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        # The headless Service selects the pod.
+        service = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == svc and o["metadata"]["namespace"] == sts["metadata"]["namespace"])
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_router_configmap_holds_the_rendered_router_config(plan):
+    cm = next(o for g in manifests.all_objects(plan).values() for o in g if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router"))
+    expected = render.router_config(plan, lambda r: manifests.replica_url(plan, r))
+    assert yaml.safe_load(cm["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
+
+
+def test_pulumi_registers_exactly_the_rendered_objects():
+    """The Fleet component and `render manifests` share the builders: same objects, field for field."""
+    plan = PLANS["multicloud"]()
+    result = run_program(lambda: Fleet("f", FleetArgs(admin_token="t", plan=plan)))
+    registered = {}
+    for r in result.resources:
+        if r.type.startswith("kubernetes:") and r.type != "kubernetes:core/v1:Secret":
+            cluster = "aws" if "::f-aws-k8s::" in (r.provider or "") else "gcp"
+            registered[(cluster, r.inputs["kind"], r.inputs["metadata"].get("namespace"), r.inputs["metadata"]["name"])] = r.inputs
+    rendered = {}
+    for key, objs in manifests.all_objects(plan).items():
+        for o in objs:
+            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = _sanitize(o)
+    assert registered.keys() == rendered.keys()
+    for k in rendered:
+        assert registered[k] == rendered[k], k
+
+
+def test_secondary_cluster_replicas_use_multi_cluster_dns():
+    plan = PLANS["multicloud"]()
+    gcp_replica = plan_mod.ReplicaPlan(id="llama-8b-gcp-h100-0", deployment="llama-8b", pool="gcp-h100", priority=50, index=0)
+    assert manifests.replica_url(plan, gcp_replica) == "http://llama-8b-gcp-h100-0.prod-gke.llama-8b.gpufleet.svc.clusterset.local:8000"
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    sub = typer.Typer()
+    register_manifests(sub)
+    app.add_typer(sub, name="render")
+    return app
+
+
+def test_render_manifests_writes_one_file_per_cluster_with_the_objects(tmp_path):
+    res = CliRunner().invoke(_cli(), ["render", "manifests", str(STACKS / "multicloud" / "fleet.yaml"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    plan = PLANS["multicloud"]()
+    expected = manifests.all_objects(plan)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{k}.yaml" for k in expected)
+    for key, objs in expected.items():
+        docs = list(yaml.safe_load_all((tmp_path / "out" / f"{key}.yaml").read_text()))
+        assert docs == objs
+    assert "create secret generic llm-prod-router-admin" in res.output
+
+
+def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text((STACKS / "multicloud" / "fleet.yaml").read_text().replace("max_nodes: 4\n    warm_nodes: 1\n  - name: gcp", "max_nodes: 0\n    warm_nodes: 1\n  - name: gcp"))
+    res = CliRunner().invoke(_cli(), ["render", "manifests", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "nodepools[0].max_nodes" in res.output and "fleet.yaml:" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
