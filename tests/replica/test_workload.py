@@ -71,3 +71,9 @@ def test_drive_reports_http_errors_per_request():
         results = asyncio.run(workload.drive(r.url, reqs, concurrency=2))
     assert [x.status for x in results] == [404, 404, 404]
     assert workload.summarize(results).errors == 3
+
+
+def test_public_api_is_pinned():
+    assert set(workload.__all__) == {
+        "Result", "Summary", "WorkRequest", "WorkloadSpec", "drive", "generate", "percentile", "summarize",
+    }
