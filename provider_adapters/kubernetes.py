@@ -1,10 +1,14 @@
 """Kubernetes adapter over the kubernetes client: per-pool GPU use and placeholder scaling.
 
 A pool's nodes carry the label `gpufleet.io/pool=<pool>`. Its placeholders are pods labelled
-`gpufleet.io/role=placeholder` and `gpufleet.io/pool=<pool>`, owned by the Deployment
-`gpufleet-placeholder-<pool>` in the fleet's namespace; each requests a whole node's GPUs, so
-one placeholder holds one warm node. These names are the contract with the manifests and
-Pulumi components that create the placeholders (`placeholder_deployment_name`).
+`app.kubernetes.io/component=placeholder` and `gpufleet.io/pool=<pool>`, owned by the
+Deployment `warm-<pool>` in the fleet's namespace; each requests a whole node's GPUs, so one
+placeholder holds one warm node. These names are the contract with `gpufleet.infra.manifests`
+(which renders the placeholders for manifests and the Pulumi components); a test pins them.
+
+A serving pod that is Pending counts against the pool it was planned on: its
+`gpufleet.io/pool` label (the plan's pool), else its nodeSelector, else the first pool of its
+required node affinity.
 """
 from __future__ import annotations
 
@@ -26,14 +30,14 @@ __all__ = [
 ]
 
 POOL_LABEL = "gpufleet.io/pool"
-ROLE_LABEL = "gpufleet.io/role"
+ROLE_LABEL = "app.kubernetes.io/component"
 PLACEHOLDER_ROLE = "placeholder"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def placeholder_deployment_name(pool: str) -> str:
     """Name of the Deployment holding `pool`'s placeholder pods."""
-    return f"gpufleet-placeholder-{pool}"
+    return f"warm-{pool}"
 
 
 def _gpus(pod: Any) -> int:
@@ -46,6 +50,23 @@ def _gpus(pod: Any) -> int:
         value = (res.requests or {}).get(GPU_RESOURCE) or (res.limits or {}).get(GPU_RESOURCE) or 0
         total += int(value)
     return total
+
+
+def _planned_pool(pod: Any) -> str | None:
+    """The pool a pod was planned on (see module docstring)."""
+    label = (pod.metadata.labels or {}).get(POOL_LABEL)
+    if label:
+        return str(label)
+    selector = (pod.spec.node_selector or {}).get(POOL_LABEL)
+    if selector:
+        return str(selector)
+    affinity = pod.spec.affinity.node_affinity if pod.spec.affinity else None
+    required = affinity.required_during_scheduling_ignored_during_execution if affinity else None
+    for term in (required.node_selector_terms or []) if required else []:
+        for expr in term.match_expressions or []:
+            if expr.key == POOL_LABEL and expr.operator == "In" and expr.values:
+                return str(expr.values[0])
+    return None
 
 
 def _is_ready(node: Any) -> bool:
@@ -129,8 +150,7 @@ class KubernetesAdapter(ProviderAdapter):
             gpus = _gpus(pod)
             is_placeholder = labels.get(ROLE_LABEL) == PLACEHOLDER_ROLE and labels.get(POOL_LABEL) == pool
             on_pool = pod.spec.node_name in names
-            # A pending pod belongs to the pool when it can only land there (nodeSelector).
-            wants_pool = (pod.spec.node_selector or {}).get(POOL_LABEL) == pool
+            wants_pool = _planned_pool(pod) == pool
             if is_placeholder:
                 if on_pool and pod.status.phase == "Running":
                     placeholders += 1

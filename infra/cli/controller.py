@@ -50,6 +50,11 @@ def load_plan(path: Path) -> dict[str, Any]:
     return data
 
 
+def node_group_name(plan: dict[str, Any], pool: str) -> str:
+    """The EKS node group the stacks create for a pool: `<fleet>-<pool>` (as gpufleet.infra.manifests names it)."""
+    return f"{plan.get('fleet', '')}-{pool}"[:63].rstrip("-")
+
+
 def build_controller(plan: dict[str, Any], *, settings: Any, dry_run: bool, kubeconfig: str | None,
                      kube_contexts: dict[str, str], provider_names: dict[str, str], node_scaling: bool,
                      router_metrics: str | None) -> Any:
@@ -85,7 +90,8 @@ def build_controller(plan: dict[str, Any], *, settings: Any, dry_run: bool, kube
                 from gpufleet.provider_adapters import aws
 
                 ref = base.PoolRef(cloud="aws", name=name, region=p.get("region") or clouds["aws"]["region"],
-                                   cluster=clouds["aws"]["cluster"], provider_name=provider_names.get(name))
+                                   cluster=clouds["aws"]["cluster"],
+                                   provider_name=provider_names.get(name) or node_group_name(plan, name))
                 nodes[name] = runtime.NodeBinding(aws.AwsAdapter(default_region=ref.region), ref)
             elif p["cloud"] == "gcp" and clouds.get("gcp") and name in provider_names:
                 # GKE names a node pool's instance group gke-<cluster>-<pool>-<hash>-grp: it must be given.

@@ -11,7 +11,7 @@ from tests.fakes.k8s_server import FakeKubernetes, label_selector_matches
 
 NS = "gpufleet-system"
 POOL = {"gpufleet.io/pool": "aws-h100"}
-PLACEHOLDER = {"gpufleet.io/role": "placeholder", **POOL}
+PLACEHOLDER = {"app.kubernetes.io/component": "placeholder", **POOL}
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_scale_placeholders_changes_running_count(kube: FakeKubernetes, adapter:
 
 def test_missing_placeholder_deployment(adapter: kube_adapter.KubernetesAdapter) -> None:
     assert adapter.placeholder_count("nope") is None
-    with pytest.raises(base.NotFound, match="gpufleet-placeholder-nope"):
+    with pytest.raises(base.NotFound, match="warm-nope"):
         adapter.scale_placeholders("nope", 1)
 
 
@@ -116,3 +116,32 @@ def test_cannot_scale_nodes_of_an_existing_cluster(adapter: kube_adapter.Kuberne
 ])
 def test_fake_label_selectors(selector: str, expected: bool) -> None:
     assert label_selector_matches(selector, {"a": "1", "b": "2"}) is expected
+
+
+def test_pending_replica_counts_against_its_planned_pool(kube: FakeKubernetes,
+                                                         adapter: kube_adapter.KubernetesAdapter) -> None:
+    # Like the rendered StatefulSets: pool label = planned pool, required affinity over the failover pools.
+    kube.add_node("h100-a", labels=POOL, gpus=8)
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpufleet.io/pool", "operator": "In", "values": ["aws-h100", "gcp-h100"]}]}]}}}
+    for i in range(3):
+        kube.add_pod(f"llama-{i}", namespace="serving", labels=dict(POOL), gpus=4, affinity=affinity)
+    u = adapter.utilisation("aws-h100")
+    assert (u.gpus_requested, u.pending_gpu_pods, u.pending_gpus) == (8, 1, 4)
+    assert adapter.utilisation("gcp-h100").pending_gpus == 0
+
+
+def test_names_match_the_rendered_manifests() -> None:
+    from pathlib import Path
+
+    from gpufleet.infra import manifests, plan
+
+    fleet = Path(__file__).resolve().parents[2] / "stacks" / "multicloud" / "fleet.yaml"
+    compiled = plan.compile_file(str(fleet))
+    pool = compiled.pools[0]
+    obj = manifests.placeholder_deployment(compiled, pool)
+    assert obj["metadata"]["name"] == kube_adapter.placeholder_deployment_name(pool.name)
+    template_labels = obj["spec"]["template"]["metadata"]["labels"]
+    assert template_labels[kube_adapter.ROLE_LABEL] == kube_adapter.PLACEHOLDER_ROLE
+    assert template_labels[kube_adapter.POOL_LABEL] == manifests.pool_labels(pool)[kube_adapter.POOL_LABEL] == pool.name
+    assert manifests.LABEL_POOL == kube_adapter.POOL_LABEL

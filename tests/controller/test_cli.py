@@ -32,8 +32,8 @@ def kube(tmp_path: Path) -> Iterator[tuple[FakeKubernetes, Path, Path]]:
     server.start()
     server.add_node("a1", labels=POOL_A, gpus=8)
     server.add_node("b1", labels=POOL_B, gpus=8)
-    server.add_deployment("gpufleet-placeholder-b", namespace="gpufleet", replicas=1, gpus_per_pod=8,
-                          labels={"gpufleet.io/role": "placeholder", **POOL_B}, node_selector=POOL_B)
+    server.add_deployment("warm-b", namespace="gpufleet", replicas=1, gpus_per_pod=8,
+                          labels={"app.kubernetes.io/component": "placeholder", **POOL_B}, node_selector=POOL_B)
     for i in range(7):
         server.add_pod(f"vllm-{i}", namespace="serving", gpus=1, node_selector=POOL_A)
     kubeconfig = tmp_path / "kubeconfig"
@@ -57,14 +57,14 @@ def test_dry_run_once_prints_the_action_and_changes_nothing(kube: tuple[FakeKube
                                       "--once", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "(would)" in result.output and "set_placeholders" in result.output and "1 -> 2" in result.output
-    assert server.deployments[("gpufleet", "gpufleet-placeholder-b")]["spec"]["replicas"] == 1
+    assert server.deployments[("gpufleet", "warm-b")]["spec"]["replicas"] == 1
 
 
 def test_once_applies_the_action(kube: tuple[FakeKubernetes, Path, Path]) -> None:
     server, kubeconfig, plan = kube
     result = CliRunner().invoke(app, ["controller", "run", "-c", str(plan), "--kubeconfig", str(kubeconfig), "--once"])
     assert result.exit_code == 0, result.output
-    assert server.deployments[("gpufleet", "gpufleet-placeholder-b")]["spec"]["replicas"] == 2
+    assert server.deployments[("gpufleet", "warm-b")]["spec"]["replicas"] == 2
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -83,3 +83,13 @@ def test_not_a_plan_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('{"schema": "other"}')
     result = CliRunner().invoke(app, ["controller", "run", "-c", str(bad), "--once"])
     assert result.exit_code == 1 and "gpufleet.plan/v1" in result.output
+
+
+def test_default_node_group_name_matches_the_stacks() -> None:
+    from gpufleet.infra import manifests, plan
+    from gpufleet.infra.cli import controller as cli_controller
+
+    fleet = Path(__file__).resolve().parents[2] / "stacks" / "multicloud" / "fleet.yaml"
+    compiled = plan.compile_file(str(fleet))
+    pool = compiled.pools[0]
+    assert cli_controller.node_group_name(compiled.to_json_dict(), pool.name) == manifests.node_group_name(compiled, pool)

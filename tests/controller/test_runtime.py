@@ -47,8 +47,8 @@ def world() -> Iterator[dict[str, Any]]:
             for name in ("a1", "a2"):
                 kube.add_node(name, labels=AWS_POOL, gpus=8)
             kube.add_node("g1", labels=GCP_POOL, gpus=8)
-            kube.add_deployment("gpufleet-placeholder-gcp-h100", namespace=NS, replicas=1, gpus_per_pod=8,
-                                labels={"gpufleet.io/role": "placeholder", **GCP_POOL}, node_selector=GCP_POOL)
+            kube.add_deployment("warm-gcp-h100", namespace=NS, replicas=1, gpus_per_pod=8,
+                                labels={"app.kubernetes.io/component": "placeholder", **GCP_POOL}, node_selector=GCP_POOL)
             adapter = kube_adapter.KubernetesAdapter(kube.api_client(), namespace=NS)
             nodes = {
                 "aws-h100": runtime.NodeBinding(aws.AwsAdapter(), base.PoolRef(

@@ -8,7 +8,7 @@ deployments (list/get) and their scale subresource (get/patch/put), with label s
 A tiny scheduler and deployment controller keep the state honest: a pod lands on a Ready,
 schedulable node whose labels match its nodeSelector and which has enough free
 `nvidia.com/gpu`; otherwise it stays Pending with an Unschedulable condition. A pod that does
-not fit may preempt placeholder pods (label `gpufleet.io/role=placeholder`), as a negative
+not fit may preempt placeholder pods (label `app.kubernetes.io/component=placeholder`), as a negative
 PriorityClass would let it. Scaling a Deployment creates or deletes its pods.
 
     with FakeKubernetes() as kube:
@@ -27,7 +27,7 @@ from tests.fakes._http import HttpError, JsonServer, Request
 __all__ = ["GPU", "FakeKubernetes", "field_selector_matches", "label_selector_matches"]
 
 GPU = "nvidia.com/gpu"
-PLACEHOLDER_SELECTOR = {"gpufleet.io/role": "placeholder"}
+PLACEHOLDER_SELECTOR = {"app.kubernetes.io/component": "placeholder"}
 
 _NS = r"/api/v1/namespaces/(?P<ns>[^/]+)"
 _APPS_NS = r"/apis/apps/v1/namespaces/(?P<ns>[^/]+)"
@@ -159,7 +159,7 @@ class FakeKubernetes(JsonServer):
 
     def add_pod(self, name: str, *, namespace: str = "default", labels: dict[str, str] | None = None,
                 gpus: int = 0, node_selector: dict[str, str] | None = None, phase: str | None = None,
-                owner: str | None = None) -> dict[str, Any]:
+                owner: str | None = None, affinity: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create a pod and schedule it (unless `phase` forces a state)."""
         with self.lock:
             pod = {
@@ -168,13 +168,14 @@ class FakeKubernetes(JsonServer):
                              "resourceVersion": str(next(self._rv)),
                              **({"ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": owner,
                                                       "uid": owner, "controller": True}]} if owner else {})},
-                "spec": {"nodeSelector": dict(node_selector or {}), "containers": [
+                "spec": {"nodeSelector": dict(node_selector or {}), **({"affinity": affinity} if affinity else {}),
+                         "containers": [
                     {"name": "main", "image": "registry.k8s.io/pause:3.9",
                      "resources": {"requests": {GPU: str(gpus)}, "limits": {GPU: str(gpus)}} if gpus else {}}]},
                 "status": {"phase": phase or "Pending"},
             }
-            if PLACEHOLDER_SELECTOR.items() <= pod["metadata"]["labels"].items():
-                pod["spec"]["priorityClassName"] = "gpufleet-placeholder"
+            if _is_placeholder(pod):
+                pod["spec"]["priorityClassName"] = "placeholder"
             self.pods[(namespace, name)] = pod
             if phase is None:
                 self._schedule(pod)
@@ -215,8 +216,10 @@ class FakeKubernetes(JsonServer):
 
     def _fits(self, pod: dict[str, Any], node: dict[str, Any]) -> bool:
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+        labels = node["metadata"]["labels"]
         selector = pod["spec"].get("nodeSelector") or {}
-        return ready and not node["spec"].get("unschedulable") and selector.items() <= node["metadata"]["labels"].items()
+        return (ready and not node["spec"].get("unschedulable") and selector.items() <= labels.items()
+                and _affinity_allows(pod, labels))
 
     def _schedule(self, pod: dict[str, Any]) -> bool:
         need = pod_gpus(pod)
@@ -382,6 +385,22 @@ class FakeKubernetes(JsonServer):
 def _owner(pod: dict[str, Any]) -> str | None:
     refs = pod["metadata"].get("ownerReferences") or []
     return refs[0]["name"] if refs else None
+
+
+def _affinity_allows(pod: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Required node affinity: any term matches when all its expressions do."""
+    required = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = required.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+
+    def holds(expr: dict[str, Any]) -> bool:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        return {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+
+    return any(all(holds(e) for e in term.get("matchExpressions") or []) for term in terms)
 
 
 def _is_placeholder(pod: dict[str, Any]) -> bool:
