@@ -8,7 +8,7 @@ import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
 
-_WORKLOADS = "shared_prompts, rag, multiturn, mix"
+_WORKLOADS = "shared_prompts, rag, multiturn, mix, demo"
 
 
 def register(app: typer.Typer) -> None:

@@ -199,6 +199,8 @@ class OracleChoice:
     """Prompt tokens queued ahead on the replica (running and waiting requests)."""
     decoding: bool
     est_ttft_s: float
+    queue_s: float = 0.0
+    """Estimated wait before this request's own prefill begins (memory, slots, work ahead)."""
 
 
 def pending_prefill_tokens(engine: kvmodel.ReplicaEngine) -> int:
@@ -207,16 +209,51 @@ def pending_prefill_tokens(engine: kvmodel.ReplicaEngine) -> int:
     Reads the engine's queues (kvmodel keeps them private; the oracle is allowed to know them).
     Waiting requests are counted without the prefix they would reuse if they started now.
     """
+    running, waiting, _ = _queue(engine)
+    return running + waiting
+
+
+def _queue(engine: kvmodel.ReplicaEngine) -> tuple[int, int, int]:
+    """(prefill left of running requests, uncached prefill of waiting ones, blocks waiting ones need)."""
     bt = engine.params.block_size_tokens
     cache = engine.cache
-    total = 0
+    run_left = 0
     for run in engine._running.values():  # noqa: SLF001 - the oracle sees the exact queue
-        total += run.req.prompt_tokens - run.computed
+        run_left += run.req.prompt_tokens - run.computed
+    wait_left = wait_blocks = 0
     for run in engine._waiting:  # noqa: SLF001
         req = run.req
         hit = min(cache.match(req.block_hashes[: req.prompt_tokens // bt]), (req.prompt_tokens - 1) // bt)
-        total += req.prompt_tokens - hit * bt
-    return total
+        wait_left += req.prompt_tokens - hit * bt
+        wait_blocks += math.ceil((req.prompt_tokens + req.output_tokens) / bt) - hit
+    return run_left, wait_left, wait_blocks
+
+
+def _start_delay(engine: kvmodel.ReplicaEngine, need_blocks: int, step_s: float) -> float:
+    """When requests queued ahead plus `need_blocks` more would fit (memory and running slots).
+
+    Running requests are assumed to finish in order of their remaining work (prefill left at the
+    prefill rate, then one decode step per token left); each frees the blocks it holds.
+    """
+    p = engine.params
+    cache = engine.cache
+    free = cache.num_blocks - cache.used_blocks + len(cache.lru_order())
+    slots = p.max_running - engine.num_running - engine.num_waiting - 1
+    if need_blocks <= free and slots >= 0:
+        return 0.0
+    ends = []
+    for run in engine._running.values():  # noqa: SLF001
+        left = max(0, run.req.prompt_tokens - run.computed) / p.prefill_tokens_per_s
+        left += max(0, run.req.output_tokens - run.generated) * step_s
+        ends.append((left, len(run.pinned) + run.private))
+    ends.sort()
+    t = 0.0
+    for t, blocks in ends:
+        free += blocks
+        slots += 1
+        if need_blocks <= free and slots >= 0:
+            return t
+    return t
 
 
 class OraclePolicy(Policy):
@@ -242,14 +279,20 @@ class OraclePolicy(Policy):
             bt = p.block_size_tokens
             m = e.cache.match(features.block_hashes[: prompt // bt])
             m = min(m, (prompt - 1) // bt) if prompt > 0 else 0
-            pending = pending_prefill_tokens(e)
-            work = pending + max(0, prompt - m * bt)
+            own = max(0, prompt - m * bt)
+            run_left, wait_left, wait_blocks = _queue(e)
+            n_dec = max(1, e.num_running)
+            step_s = (1.0 + p.decode_batch_penalty * (n_dec - 1)) / p.decode_tokens_per_s
+            # The router does not know the output length; the prompt's blocks are the floor.
+            start = _start_delay(e, wait_blocks + math.ceil(prompt / bt) - m, step_s)
+            # Running prefill still left when this request can start, then everything waiting.
+            ahead = max(0.0, run_left - start * p.prefill_tokens_per_s) + wait_left
+            work = ahead + own
+            est = start + work / p.prefill_tokens_per_s
             decoding = e.num_running > 0
-            est = work / p.prefill_tokens_per_s
             if decoding:
-                steps = math.ceil(work / p.max_batched_tokens) if work else 1
-                est += steps * (1.0 + p.decode_batch_penalty * (e.num_running - 1)) / p.decode_tokens_per_s
-            out.append(OracleChoice(r.id, m, pending, decoding, est))
+                est += max(1, math.ceil(work / p.max_batched_tokens)) * step_s
+            out.append(OracleChoice(r.id, m, run_left + wait_left, decoding, est, start + ahead / p.prefill_tokens_per_s))
         return out
 
     def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]

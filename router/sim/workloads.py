@@ -37,6 +37,7 @@ __all__ = [
     "SimRequest",
     "TextPool",
     "Workload",
+    "demo",
     "infinite_cache_hit_ratio",
     "make_workload",
     "mix",
@@ -168,7 +169,7 @@ def shared_prompts(
     *,
     seed: int = 0,
     rate_rps: float = 10.0,
-    n_apps: int = 8,
+    n_apps: int = 32,
     system_tokens: tuple[int, int] = (1500, 3000),
     question_tokens: tuple[int, int] = (40, 400),
     output_tokens: tuple[int, int] = (20, 200),
@@ -205,7 +206,7 @@ def rag(
     doc_zipf_s: float = 1.1,
     system_tokens: int = 300,
     question_tokens: tuple[int, int] = (20, 120),
-    output_tokens: tuple[int, int] = (50, 250),
+    output_tokens: tuple[int, int] = (30, 200),
     settings: RouterSettings | None = None,
     keep_bodies: bool = False,
 ) -> Workload:
@@ -242,7 +243,7 @@ def multiturn(
     n_system: int = 4,
     system_tokens: int = 600,
     user_tokens: tuple[int, int] = (20, 300),
-    output_tokens: tuple[int, int] = (50, 400),
+    output_tokens: tuple[int, int] = (30, 200),
     settings: RouterSettings | None = None,
     keep_bodies: bool = False,
 ) -> Workload:
@@ -299,11 +300,41 @@ def mix(
     return Workload("mix", reqs, {"parts": [w.name for w in parts]})
 
 
+def demo(
+    n_requests: int = 2000,
+    *,
+    seed: int = 0,
+    rate_rps: float = 10.0,
+    settings: RouterSettings | None = None,
+    keep_bodies: bool = False,
+) -> Workload:
+    """The traffic of `gpufleet demo` (`gpufleet.router.workload.generate`), with Poisson arrivals.
+
+    That generator gives bodies and ordering but no arrival times; here requests arrive in its
+    order at `rate_rps`, and each generates its body's `max_tokens`.
+    """
+    from gpufleet.router import workload as demo_workload
+
+    s = settings or RouterSettings()
+    rng = random.Random(seed)
+    spec = demo_workload.WorkloadSpec(models=(MODEL,), n_requests=n_requests, seed=seed)
+    t = 0.0
+    reqs: list[SimRequest] = []
+    for wr in demo_workload.generate(spec):
+        t += rng.expovariate(rate_rps)
+        body = dict(wr.body, model=MODEL)
+        feats = _features(body, s, wr.session_id)
+        out = int(body.get("max_tokens") or 16)
+        reqs.append(SimRequest(f"demo-{wr.index}", t, feats, out, body if keep_bodies else None))
+    return Workload("demo", reqs, {"spec": "router.workload.WorkloadSpec defaults"})
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "shared_prompts": shared_prompts,
     "rag": rag,
     "multiturn": multiturn,
     "mix": mix,
+    "demo": demo,
 }
 
 
