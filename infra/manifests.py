@@ -556,9 +556,9 @@ def router_deployment(plan: Plan, options: ManifestOptions = ManifestOptions(), 
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}}]
     token = settings.admin_token
     if token.file is not None:
-        directory, _, filename = token.file.rpartition("/")
-        mounts.append({"name": "admin-token", "mountPath": directory or "/", "readOnly": True})
-        volumes.append({"name": "admin-token", "secret": {"secretName": secret, "items": [{"key": ADMIN_TOKEN_KEY, "path": filename}]}})
+        # subPath mounts just the one file: a directory mount would hide what else is there.
+        mounts.append({"name": "admin-token", "mountPath": token.file, "subPath": ADMIN_TOKEN_KEY, "readOnly": True})
+        volumes.append({"name": "admin-token", "secret": {"secretName": secret}})
     else:
         # `env` names the variable; a `secret` reference is read from GPUFLEET_ADMIN_TOKEN.
         env.append({"name": token.env or ADMIN_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}}})

@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {type, name, parent, inputs}.")] = False,
     ) -> None:
         """Preview the resources `pulumi up` would create, offline: the stack's program runs under
-        Pulumi's mocks, without the Pulumi CLI or credentials. Secrets show as [secret]."""
+        Pulumi's mocks, without the Pulumi CLI or credentials; secret values are masked."""
         import json
 
         from gpufleet.infra import preview

@@ -94,9 +94,9 @@ class _ClusterHandle:
         self.depends_on: list[pulumi.Resource] = []
 
 
-def _eks_kubeconfig(cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
-    """A kubeconfig that authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
-    return pulumi.Output.all(endpoint, ca).apply(
+def _kubeconfig(cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]) -> pulumi.Output[str]:
+    """A one-cluster kubeconfig whose user authenticates through an exec credential plugin."""
+    return pulumi.Output.all(server, ca).apply(
         lambda a: json.dumps(
             {
                 "apiVersion": "v1",
@@ -104,49 +104,22 @@ def _eks_kubeconfig(cluster: str, region: str, endpoint: pulumi.Input[str], ca: 
                 "clusters": [{"name": cluster, "cluster": {"server": a[0], "certificate-authority-data": a[1]}}],
                 "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
                 "current-context": cluster,
-                "users": [
-                    {
-                        "name": cluster,
-                        "user": {
-                            "exec": {
-                                "apiVersion": "client.authentication.k8s.io/v1beta1",
-                                "command": "aws",
-                                "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region],
-                            }
-                        },
-                    }
-                ],
+                "users": [{"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}],
             }
         )
     )
+
+
+def _eks_kubeconfig(cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
+    """Authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
+    return _kubeconfig(cluster, endpoint, ca, {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]})
 
 
 def _gke_kubeconfig(cluster: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
-    """A kubeconfig that authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials)."""
-    return pulumi.Output.all(endpoint, ca).apply(
-        lambda a: json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": cluster, "cluster": {"server": f"https://{a[0]}", "certificate-authority-data": a[1]}}],
-                "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
-                "current-context": cluster,
-                "users": [
-                    {
-                        "name": cluster,
-                        "user": {
-                            "exec": {
-                                "apiVersion": "client.authentication.k8s.io/v1beta1",
-                                "command": "gke-gcloud-auth-plugin",
-                                "provideClusterInfo": True,
-                                "installHint": "gcloud components install gke-gcloud-auth-plugin",
-                            }
-                        },
-                    }
-                ],
-            }
-        )
-    )
+    """Authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials); GKE gives a bare IP."""
+    server = pulumi.Output.from_input(endpoint).apply(lambda e: f"https://{e}")
+    exec_ = {"command": "gke-gcloud-auth-plugin", "provideClusterInfo": True, "installHint": "gcloud components install gke-gcloud-auth-plugin"}
+    return _kubeconfig(cluster, server, ca, exec_)
 
 
 class Fleet(pulumi.ComponentResource):

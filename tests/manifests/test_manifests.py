@@ -138,3 +138,23 @@ def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
     assert res.exit_code == 1
     assert "nodepools[0].max_nodes" in res.output and "fleet.yaml:" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("token", "env_name", "mount"),
+    [({"env": "ROUTER_ADMIN"}, "ROUTER_ADMIN", None), ({"secret": "my-admin"}, "GPUFLEET_ADMIN_TOKEN", None), ({"file": "/run/admin/token"}, None, "/run/admin/token")],
+)
+def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mount):
+    data = yaml.safe_load((STACKS / "multicloud" / "fleet.yaml").read_text())
+    data["router"]["admin_token"] = token
+    fleet, smap = spec.load_dict(data)
+    plan = plan_mod.compile(fleet, smap)
+    dep = manifests.router_deployment(plan)
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    secret_name = token.get("secret", "llm-prod-router-admin")
+    if env_name:
+        assert c["env"] == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
+    else:
+        assert {"name": "admin-token", "mountPath": mount, "subPath": "token", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"]["volumes"]
