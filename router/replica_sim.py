@@ -224,27 +224,17 @@ class ReplicaSim:
         self._driver: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StatsCollector(self))
-        lbl = ["model_name"]
-        self._h_ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token in seconds.", lbl,
-            buckets=_TTFT_BUCKETS, registry=self.registry,
-        )
-        self._h_e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", lbl,
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._h_tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Time per output token in seconds.", lbl,
-            buckets=_TTFT_BUCKETS, registry=self.registry,
-        )
-        self._h_prompt = Histogram(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", lbl,
-            buckets=_TOKENS_BUCKETS, registry=self.registry,
-        )
-        self._h_gen = Histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
-            buckets=_TOKENS_BUCKETS, registry=self.registry,
-        )
+        model = settings.model
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            # one child per replica: the model label is fixed, so bind it once
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model)
+
+        self._h_ttft = hist("vllm:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT_BUCKETS)
+        self._h_e2e = hist("vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", _LATENCY_BUCKETS)
+        self._h_tpot = hist("vllm:time_per_output_token_seconds", "Time per output token in seconds.", _TTFT_BUCKETS)
+        self._h_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", _TOKENS_BUCKETS)
+        self._h_gen = hist("vllm:request_generation_tokens", "Number of generation tokens processed.", _TOKENS_BUCKETS)
 
     # -- clock and driver ----------------------------------------------------------------
     def now(self) -> float:
@@ -391,15 +381,14 @@ class ReplicaSim:
         ]
 
     def _record(self, job: _Job, arrival: float, first: float | None, end: float, generated: int) -> None:
-        m = self.settings.model
         self.finished_by_reason[job.finish_reason] = self.finished_by_reason.get(job.finish_reason, 0) + 1
-        self._h_e2e.labels(m).observe(end - arrival)
-        self._h_prompt.labels(m).observe(job.prompt.tokens)
-        self._h_gen.labels(m).observe(generated)
+        self._h_e2e.observe(end - arrival)
+        self._h_prompt.observe(job.prompt.tokens)
+        self._h_gen.observe(generated)
         if first is not None:
-            self._h_ttft.labels(m).observe(first - arrival)
+            self._h_ttft.observe(first - arrival)
             if generated > 1:
-                self._h_tpot.labels(m).observe((end - first) / (generated - 1))
+                self._h_tpot.observe((end - first) / (generated - 1))
 
     def usage(self, job: _Job, cached: int, generated: int) -> dict[str, Any]:
         return {

@@ -47,27 +47,42 @@ def test_up_reports_a_bad_declaration_with_file_and_line(tmp_path):
     assert r.exit_code == 1 and "bad.yaml:" in r.output and "max_nodes" in r.output
 
 
-@pytest.mark.slow
-def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
-    fleet = write_fleet(tmp_path)
+def _start_up(fleet: Path) -> tuple[subprocess.Popen[str], str]:
+    """Run `gpufleet up FLEET --port 0` and read its output until it prints the router endpoint."""
     env = dict(os.environ, COLUMNS="300", NO_PROXY="127.0.0.1")
     proc = subprocess.Popen(
         [*CLI, "up", str(fleet), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
     )
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("gpufleet up did not print its endpoint:\n" + "".join(seen))
+
+
+def _reap(proc: subprocess.Popen[str], kids: list[int]) -> None:
+    """Whatever a failed test left running: `up` itself and the children it had started."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for k in kids:
+        if alive(k):
+            os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
+    proc, endpoint = _start_up(write_fleet(tmp_path))
+    kids = _children(proc.pid)
     try:
-        endpoint = None
-        seen = []
-        deadline = time.monotonic() + 60
-        while endpoint is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                endpoint = m.group(1)
-        assert endpoint, "".join(seen)
-        kids = _children(proc.pid)
         assert len(kids) == 4  # three replicas (one standby) and the router
         body = {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi " * 30}], "max_tokens": 3}
         for _ in range(3):
@@ -80,23 +95,14 @@ def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
         assert "stopped 4 processes" in out
         assert not [k for k in kids if alive(k)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc, kids)
 
 
 @pytest.mark.slow
 def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
-    fleet = write_fleet(tmp_path)
-    proc = subprocess.Popen(
-        [*CLI, "up", str(fleet), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=dict(os.environ, COLUMNS="300"), text=True,
-    )
+    proc, _endpoint = _start_up(write_fleet(tmp_path))
+    kids = _children(proc.pid)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "listening on" not in proc.stdout.readline():
-            pass
-        kids = _children(proc.pid)
         assert len(kids) == 4
         proc.kill()  # no chance to clean up: the children's parent-death signal must do it
         proc.wait()
@@ -105,9 +111,7 @@ def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
             time.sleep(0.1)
         assert not [k for k in kids if alive(k)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc, kids)
 
 
 @pytest.mark.slow
