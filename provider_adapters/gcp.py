@@ -24,7 +24,7 @@ from gpufleet.provider_adapters.base import (
     ScaleResult,
 )
 
-__all__ = ["GPU_MEMORY_GIB", "AcceleratorOffering", "GcpAdapter", "quota_gpu_model"]
+__all__ = ["GPU_MEMORY_GIB", "AcceleratorOffering", "GcpAdapter", "emulator_factory", "quota_gpu_model"]
 
 # Compute Engine does not report GPU memory; these are the published sizes per accelerator type.
 GPU_MEMORY_GIB: dict[str, float] = {
@@ -52,6 +52,26 @@ def quota_gpu_model(metric: str) -> str | None:
         return None
     raw = match.group(1).replace("_", "-")
     return "A100-40GB" if raw == "A100" else base.normalise_gpu_name(raw)
+
+
+def emulator_factory(endpoint: str) -> Callable[[Any], Any]:
+    """Client factory for a Compute Engine emulator at `endpoint` (`http://host:port`): REST
+    transport, anonymous credentials. Real endpoints use the default factory instead."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise base.InvalidRequest(f"GCP endpoint {endpoint!r}: expected http://host:port", cloud="gcp",
+                                  code="BadEndpoint")
+
+    def build(client_class: Any) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+
+        transport = client_class.get_transport_class("rest")(
+            host=parts.netloc, credentials=AnonymousCredentials(), url_scheme=parts.scheme)
+        return client_class(transport=transport)
+
+    return build
 
 
 def _gpu_memory(accelerator_type: str) -> float:
