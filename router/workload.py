@@ -235,8 +235,8 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
     return out
 
 
-async def _one(client: Any, base_url: str, req: WorkRequest, headers: Mapping[str, str], timeout_s: float) -> Result:
-    import httpx
+async def _one(session: Any, base_url: str, req: WorkRequest, headers: Mapping[str, str], timeout_s: float) -> Result:
+    import aiohttp
 
     res = Result(index=req.index, kind=req.kind, model=req.model)
     body = dict(req.body, stream=True, stream_options={"include_usage": True})
@@ -245,16 +245,19 @@ async def _one(client: Any, base_url: str, req: WorkRequest, headers: Mapping[st
         hdrs["x-session-id"] = req.session_id
     t0 = time.perf_counter()
     try:
-        async with client.stream("POST", base_url + req.path, json=body, headers=hdrs, timeout=timeout_s) as resp:
-            res.status = resp.status_code
+        async with session.post(
+            base_url + req.path, json=body, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            res.status = resp.status
             res.replica = resp.headers.get("x-gpufleet-replica")
             res.cache = resp.headers.get("x-gpufleet-cache")
-            if resp.status_code >= 400:
-                raw = await resp.aread()
+            if resp.status >= 400:
+                raw = await resp.read()
                 res.error = raw[:200].decode(errors="replace")
             else:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                async for raw_line in resp.content:
+                    line = raw_line.strip()
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
                         continue
                     try:
                         chunk = json.loads(line[6:])
@@ -267,7 +270,7 @@ async def _one(client: Any, base_url: str, req: WorkRequest, headers: Mapping[st
                         res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                         details = usage.get("prompt_tokens_details") or {}
                         res.cached_tokens = int(details.get("cached_tokens") or 0)
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.latency_s = time.perf_counter() - t0
     return res
@@ -291,7 +294,7 @@ async def drive(
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Send `requests` (streaming) with at most `concurrency` in flight; chains run in order."""
-    import httpx
+    import aiohttp
 
     base_url = base_url.rstrip("/")
     sem = asyncio.Semaphore(max(1, concurrency))
@@ -304,8 +307,9 @@ async def drive(
         else:
             singles.append(r)
     results: list[Result] = []
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+    # aiohttp rather than httpx: the driver must not be the bottleneck of what it measures
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as client:
 
         async def run(chain: Sequence[WorkRequest]) -> None:
             for r in chain:
