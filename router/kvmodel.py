@@ -54,6 +54,7 @@ __all__ = [
     "EventKind",
     "PrefixCache",
     "ReplicaEngine",
+    "RequestView",
 ]
 
 
@@ -241,6 +242,24 @@ class PrefixCache:
             self.evicted += 1
 
 
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """Read-only progress of one request inside the engine (for schedulers and oracles)."""
+
+    request: EngineRequest
+    arrival: float
+    running: bool
+    cached_tokens: int
+    computed_tokens: int
+    """Prompt tokens whose KV exists (cached + prefilled so far); 0 while waiting."""
+    generated_tokens: int
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens still to prefill; for a waiting request the whole prompt (its reuse is decided at start)."""
+        return self.request.prompt_tokens - self.computed_tokens
+
+
 @dataclass(slots=True)
 class _Running:
     req: EngineRequest
@@ -294,6 +313,14 @@ class ReplicaEngine:
     def next_event_time(self) -> float | None:
         """When the step in progress ends, or None when the engine is idle."""
         return self._step.end if self._step else None
+
+    def requests(self) -> list[RequestView]:
+        """Every request the engine holds: running ones in admission order, then the waiting queue."""
+        out = [
+            RequestView(r.req, r.arrival, True, r.cached_tokens, r.computed, r.generated) for r in self._running.values()
+        ]
+        out.extend(RequestView(w.req, w.arrival, False, 0, 0, 0) for w in self._waiting)
+        return out
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._running or any(r.req.id == request_id for r in self._waiting)

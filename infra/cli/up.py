@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--port {port}: must be between 0 and 65535")
         _install_sigterm()
         rt = None
+        failed = False
         try:
             rt = _start(
                 plan, f"starting {plan.fleet}", router_port=port, ready_timeout_s=ready_timeout_s,
@@ -128,6 +129,10 @@ def register(app: typer.Typer) -> None:
             stop = threading.Event()
             while not stop.wait(supervise_interval_s):
                 rt.check()
+                if rt.router_proc is not None and rt.router_proc.poll() is not None:
+                    # without its router the fleet serves nobody: stop it all rather than linger
+                    failed = True
+                    break
         except KeyboardInterrupt:
             pass
         finally:
@@ -135,6 +140,9 @@ def register(app: typer.Typer) -> None:
                 n = len(rt.pids())
                 rt.stop()
                 console.print(f"stopped {n} processes", highlight=False)
+        if failed:
+            with user_errors():
+                raise UserError("the router exited; the fleet was stopped")
 
     @app.command("demo")
     def demo(

@@ -124,3 +124,19 @@ def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     assert "killed pool top: qwen-top-0" in out
     assert "promoted warm replica qwen-next-warm0" in out
     assert re.search(r"tore down \d+ processes, 0 left", out)
+
+
+@pytest.mark.slow
+def test_up_stops_the_fleet_and_fails_when_its_router_dies(tmp_path):
+    proc, _endpoint = _start_up(write_fleet(tmp_path))
+    kids = _children(proc.pid)
+    try:
+        router = [k for k in kids if b"router\x00serve" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert len(router) == 1
+        os.kill(router[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 1
+        assert "the router exited; the fleet was stopped" in out
+        assert not [k for k in kids if alive(k)]
+    finally:
+        _reap(proc, kids)

@@ -37,7 +37,7 @@ def _first_token(events, rid):
 def test_public_api_is_pinned():
     assert set(kvmodel.__all__) == {
         "AdmissionError", "EngineParams", "EngineRequest", "EngineStats", "Event", "EventKind",
-        "PrefixCache", "ReplicaEngine",
+        "PrefixCache", "ReplicaEngine", "RequestView",
     }
 
 
@@ -218,3 +218,14 @@ def test_same_inputs_give_identical_events():
             eng.admit(_req(f"r{i}", i % 3, 5 + i, out=3 + i % 4), i * 0.01)
         return eng.run_until_idle(), eng.stats
     assert run() == run()
+
+
+def test_requests_view_shows_running_progress_then_the_waiting_queue():
+    eng = ReplicaEngine(_params(max_running=1, max_batched_tokens=4 * BS))
+    eng.admit(_req("a", 1, 8, out=3), 0.0)
+    eng.admit(_req("b", 2, 2, out=3), 0.0)
+    eng.step(eng.next_event_time())
+    views = eng.requests()
+    assert [(v.request.id, v.running) for v in views] == [("a", True), ("b", False)]
+    assert views[0].computed_tokens == 4 * BS and views[0].prefill_left == 4 * BS
+    assert views[1].computed_tokens == 0 and views[1].generated_tokens == 0

@@ -246,3 +246,27 @@ def test_standby_replica_refuses_work_until_promoted():
         assert c.post("/admin/promote", headers={"Authorization": f"Bearer {TOKEN}"}).json()["promoted"] is True
         assert c.get("/health").status_code == 200
         assert c.post("/v1/completions", json=body).status_code == 200
+
+
+def test_hang_mode_never_answers_until_cleared():
+    with serve_in_thread(_settings()) as r, httpx.Client(base_url=r.url, timeout=5) as c:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        c.post("/admin/fail", json={"mode": "hang"}, headers=auth)
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1}, timeout=0.3)
+        with pytest.raises(httpx.ReadTimeout):
+            c.get("/health", timeout=0.3)
+        c.post("/admin/fail", json={"mode": "ok"}, headers=auth)
+        assert c.get("/health").status_code == 200
+
+
+def test_admin_fail_rejects_bad_settings(client):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/admin/fail", json={"mode": "explode"}, headers=auth).status_code == 400
+    assert client.post("/admin/fail", json={"mode": "status", "status": 200}, headers=auth).status_code == 400
+    assert client.post("/admin/fail", json={"mode": "status", "count": 0}, headers=auth).status_code == 400
+
+
+def test_token_id_prompts_count_as_given(client):
+    r = client.post("/v1/completions", json={"model": "m", "prompt": list(range(100)), "max_tokens": 1}).json()
+    assert r["usage"]["prompt_tokens"] == 100
