@@ -3,8 +3,9 @@
     decide(fleet, samples, state, now_s, settings) -> Decision(actions, state, notes, pressure)
 
 Per deployment, its failover chain (pools in the order traffic uses them) is walked pair by
-pair. When a pool's *pressure* reaches `high_water` (share of its GPUs busy or pending, or the
-share of its replicas' request slots in use, whichever is higher), the NEXT pool of the chain
+pair. When a pool's *pressure* reaches `high_water` (share of its GPUs busy or pending — now,
+or `lead_s` ahead along the demand's smoothed rise — or the share of its replicas' request
+slots in use, whichever is highest), the NEXT pool of the chain
 gets extra warm nodes on top of its declared `warm_nodes` before traffic spills there: one
 `step_nodes` ahead, plus room for GPU demand the source already cannot place (pending). Extra
 warmth only grows while the source is hot; it decays one step per `cool_down_s` once the source
@@ -56,6 +57,11 @@ class ControllerSettings(BaseModel):
     step_nodes: int = Field(1, ge=1, description="extra warm nodes added on crossing high_water / removed per decay")
     max_extra_warm_nodes: int | None = Field(None, ge=0, description="cap on extra warmth per pool; None: max_nodes")
     interval_s: float = Field(15.0, gt=0, description="reconcile period of `controller run`")
+    lead_s: float = Field(
+        300.0, ge=0,
+        description="look-ahead: GPU demand is extrapolated this far along its smoothed rise (about one node's "
+                    "provisioning time), so a fast ramp warms the next pool before it crosses high_water; 0: off",
+    )
 
     @model_validator(mode="after")
     def _band(self) -> ControllerSettings:
@@ -157,6 +163,19 @@ class PoolMemory:
     extra_warm: int = 0
     hot_since_s: float | None = None
     cool_since_s: float | None = None
+    demand_gpus: float | None = None  # busy + pending at the last fresh sample
+    demand_at_s: float | None = None
+    slope_gpus_per_s: float = 0.0  # exponentially smoothed rise of demand (time constant lead_s)
+
+
+def _smoothed_slope(memory: PoolMemory, demand: float, now_s: float, lead_s: float) -> float:
+    """EWMA of d(demand)/dt with time constant `lead_s`: one replica added moves the forecast by
+    about one replica; a sustained ramp converges to its rate."""
+    if memory.demand_gpus is None or memory.demand_at_s is None or now_s <= memory.demand_at_s or lead_s <= 0:
+        return memory.slope_gpus_per_s
+    dt = now_s - memory.demand_at_s
+    raw = (demand - memory.demand_gpus) / dt
+    return memory.slope_gpus_per_s + (raw - memory.slope_gpus_per_s) * (1 - math.exp(-dt / lead_s))
 
 
 ControllerState = Mapping[str, PoolMemory]
@@ -209,7 +228,18 @@ def decide(
             notes.append((name, f"stale sample ({now_s - sample.observed_at_s:.0f}s old)"))
         else:
             fresh[name] = sample
-    pressure = {name: s.pressure for name, s in fresh.items()}
+    # Demand trend per fresh pool: pressure looks `lead_s` ahead along the smoothed rise.
+    new_state: dict[str, PoolMemory] = dict(state)
+    forecast: dict[str, float] = {}
+    pressure: dict[str, float] = {}
+    for name, s in fresh.items():
+        memory = state.get(name, PoolMemory())
+        demand = float(s.gpus_busy + s.pending_gpus)
+        slope = _smoothed_slope(memory, demand, now_s, settings.lead_s)
+        new_state[name] = replace(memory, demand_gpus=demand, demand_at_s=now_s, slope_gpus_per_s=slope)
+        forecast[name] = demand + max(0.0, slope) * settings.lead_s
+        ahead = forecast[name] / s.gpus_allocatable if s.gpus_allocatable > 0 else (1.0 if forecast[name] > 0 else 0.0)
+        pressure[name] = max(s.pressure, ahead)
 
     # Votes on each pool that is the next hop of some deployment's chain.
     votes: dict[str, list[Vote]] = {}
@@ -225,16 +255,15 @@ def decide(
             votes.setdefault(dst, []).append(vote)
             if vote == "raise":
                 s, d = fresh[src], fleet.pools[dst]
-                # One step ahead of the spill, plus room for demand the source already cannot place.
-                unmet_gpus = max(0, s.gpus_busy + s.pending_gpus - s.gpus_allocatable)
+                # One step ahead of the spill, plus room for the (forecast) demand the source cannot place.
+                unmet_gpus = max(0.0, forecast[src] - s.gpus_allocatable)
                 want = settings.step_nodes + math.ceil(unmet_gpus / max(1, d.gpus_per_node))
                 wanted_extra[dst] = max(wanted_extra.get(dst, 0), want)
 
-    new_state: dict[str, PoolMemory] = dict(state)
     actions: list[Action] = []
     targets: dict[str, int] = {}
     for name, pool in fleet.pools.items():
-        memory = state.get(name, PoolMemory())
+        memory = new_state.get(name, PoolMemory())
         if name in frozen:
             continue
         cap = pool.warm_ceiling - pool.warm_nodes
@@ -244,7 +273,7 @@ def decide(
         reason = ""
         if "raise" in pool_votes:
             extra = min(cap, max(memory.extra_warm, wanted_extra.get(name, settings.step_nodes)))
-            memory = PoolMemory(extra, memory.hot_since_s or now_s, None)
+            memory = replace(memory, extra_warm=extra, hot_since_s=memory.hot_since_s or now_s, cool_since_s=None)
             reason = "previous pool above high water"
         elif "hold" in pool_votes or not pool_votes:
             memory = replace(memory, cool_since_s=None, extra_warm=min(memory.extra_warm, cap))
@@ -255,7 +284,7 @@ def decide(
                 extra = max(0, extra - settings.step_nodes)
                 cool_since = now_s  # the next step waits another cool-down
                 reason = f"previous pool at or below low water for {settings.cool_down_s:.0f}s"
-            memory = PoolMemory(extra, None, cool_since)
+            memory = replace(memory, extra_warm=extra, hot_since_s=None, cool_since_s=cool_since)
         new_state[name] = memory
         target = pool.warm_nodes + memory.extra_warm
         targets[name] = target

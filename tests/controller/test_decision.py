@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from gpufleet.infra.controller import decision as d
 
-S = d.ControllerSettings(high_water=0.8, low_water=0.5, cool_down_s=300, stale_after_s=60)
+# lead_s=0: these scripts test the thresholds themselves; the look-ahead has its own tests.
+S = d.ControllerSettings(high_water=0.8, low_water=0.5, cool_down_s=300, stale_after_s=60, lead_s=0)
 
 FLEET = d.FleetFacts(
     pools={
@@ -30,7 +31,8 @@ def sample(pool: str, t: float, busy: int, *, alloc: int = 16, pending: int = 0,
 class Loop:
     """Feeds decide() a script and applies its actions to the observed counts, like the real loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: d.ControllerSettings = S) -> None:
+        self.settings = settings
         self.state: dict[str, d.PoolMemory] = {}
         self.placeholders = {"aws": 0, "gcp": 1, "onprem": 0}
         self.nodes = {"aws": 2, "gcp": 1, "onprem": 0}
@@ -44,7 +46,7 @@ class Loop:
         }
         for name in stale:
             samples[name] = d.PoolSample(**{**samples[name].__dict__, "observed_at_s": t - 1000})
-        decision = d.decide(FLEET, samples, self.state, t, S)
+        decision = d.decide(FLEET, samples, self.state, t, self.settings)
         self.state = decision.state
         for action in decision.actions:
             (self.placeholders if action.kind == "set_placeholders" else self.nodes)[action.pool] = action.target
@@ -171,3 +173,33 @@ def test_facts_from_plan_follow_failover_order() -> None:
     assert facts.deployments[0].chain == ("a", "b") and facts.pools["b"].warm_ceiling == 4
     with pytest.raises(ValueError, match="schema"):
         d.FleetFacts.from_plan({"schema": "x"})
+
+
+LOOK_AHEAD = d.ControllerSettings(high_water=0.8, low_water=0.5, cool_down_s=300, stale_after_s=60, lead_s=300)
+
+
+def test_fast_ramp_warms_before_crossing_high_water() -> None:
+    loop, without = Loop(LOOK_AHEAD), Loop()
+    warmed_at = {}
+    for t, busy in zip(range(0, 300, 15), [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16, 16, 16, 16, 16]):
+        for name, lp in (("ahead", loop), ("threshold", without)):
+            lp.step(t, busy)
+            if lp.placeholders["gcp"] > 1 and name not in warmed_at:
+                warmed_at[name] = (t, busy)
+    # One GPU every 15 s: the look-ahead warms gcp while aws is still below 80 % (12.8 of 16).
+    assert warmed_at["ahead"][1] < 12.8 <= warmed_at["threshold"][1]
+
+
+def test_one_replica_step_does_not_trigger_the_look_ahead() -> None:
+    loop = Loop(LOOK_AHEAD)
+    for t in range(0, 600, 15):
+        loop.step(t, 10)
+    decision = loop.step(600, 11)  # +1 GPU once: 69 %, the forecast moves by about one GPU
+    assert decision.actions == () and decision.pressure["aws"] < 0.8
+
+
+def test_falling_demand_never_forecasts_a_spill() -> None:
+    loop = Loop(LOOK_AHEAD)
+    for t, busy in zip(range(0, 150, 15), [16, 15, 14, 13, 12, 11, 10, 9, 8, 7]):
+        decision = loop.step(t, busy)
+    assert decision.pressure["aws"] == pytest.approx(7 / 16)
