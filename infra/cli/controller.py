@@ -8,20 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.controller.decision import ControllerSettings
+
+# Help text shows the settings model's defaults: one source of truth for them.
+_D = {name: f.default for name, f in ControllerSettings.model_fields.items()}
 
 controller_app = typer.Typer(help="Keep the next pool warm before traffic spills over.", no_args_is_help=True)
-
-_DEFAULTS: dict[str, Any] = {}
-
-
-def _default(field: str) -> Any:
-    """CLI defaults come from the settings model, so there is one source of truth."""
-    if not _DEFAULTS:
-        from gpufleet.infra.controller.decision import ControllerSettings
-
-        _DEFAULTS.update(ControllerSettings().model_dump())
-    return _DEFAULTS[field]
-
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -133,10 +125,11 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="plan JSON (gpufleet plan FILE --format json) or fleet YAML")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be done; change nothing")] = False,
     once: Annotated[bool, typer.Option("--once", help="one reconcile round, then exit")] = False,
-    interval_s: Annotated[float | None, typer.Option(help="seconds between rounds [default: settings]")] = None,
-    high_water: Annotated[float | None, typer.Option(help="pressure that warms the next pool [0.8]")] = None,
-    low_water: Annotated[float | None, typer.Option(help="pressure at which extra warmth decays [0.5]")] = None,
-    cool_down_s: Annotated[float | None, typer.Option(help="seconds below low water per decay step [300]")] = None,
+    interval_s: Annotated[float | None, typer.Option(help=f"seconds between rounds [{_D['interval_s']:g}]")] = None,
+    high_water: Annotated[float | None, typer.Option(help=f"pressure that warms the next pool [{_D['high_water']:g}]")] = None,
+    low_water: Annotated[float | None, typer.Option(help=f"pressure at which extra warmth decays [{_D['low_water']:g}]")] = None,
+    cool_down_s: Annotated[float | None, typer.Option(help=f"seconds below low water per decay step [{_D['cool_down_s']:g}]")] = None,
+    lead_s: Annotated[float | None, typer.Option(help=f"look-ahead along the demand's rise, seconds; 0: off [{_D['lead_s']:g}]")] = None,
     kubeconfig: Annotated[str | None, typer.Option(help="kubeconfig path (default: in-cluster, then ~/.kube/config)")] = None,
     kube_context: Annotated[list[str] | None, typer.Option(help="CLOUD=CONTEXT: the cluster holding a cloud's pools (repeatable)")] = None,
     provider_name: Annotated[list[str] | None, typer.Option(help="POOL=NAME: EKS node group / GCE instance group behind a pool (repeatable)")] = None,
@@ -152,12 +145,11 @@ def run(
 
     from pydantic import ValidationError
 
-    from gpufleet.infra.controller.decision import ControllerSettings
     from gpufleet.provider_adapters import base
 
     with user_errors(base.AdapterError):
         overrides = {k: v for k, v in {"interval_s": interval_s, "high_water": high_water, "low_water": low_water,
-                                       "cool_down_s": cool_down_s}.items() if v is not None}
+                                       "cool_down_s": cool_down_s, "lead_s": lead_s}.items() if v is not None}
         try:
             settings = ControllerSettings(**overrides)
         except ValidationError as exc:
