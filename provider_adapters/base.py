@@ -278,7 +278,7 @@ ERROR_CODES: dict[tuple[str, str], tuple[type[AdapterError], Blocks]] = {
     ("aws", "OptInRequired"): (PermissionDenied, "region"),
     ("aws", "ResourceNotFoundException"): (NotFound, "request"),
     ("aws", "NoSuchResourceException"): (NotFound, "request"),
-    ("aws", "ValidationError"): (NotFound, "request"),  # Auto Scaling: "group not found"
+    ("aws", "ValidationError"): (InvalidRequest, "request"),  # Auto Scaling uses it for unknown groups too
     ("aws", "InvalidParameterException"): (InvalidRequest, "request"),
     ("aws", "InvalidParameterValue"): (InvalidRequest, "request"),
     ("aws", "InvalidParameterCombination"): (InvalidRequest, "request"),
@@ -313,7 +313,6 @@ ERROR_CODES: dict[tuple[str, str], tuple[type[AdapterError], Blocks]] = {
     ("kubernetes", "BadRequest"): (InvalidRequest, "request"),
     ("kubernetes", "Conflict"): (InvalidRequest, "request"),
     ("kubernetes", "TooManyRequests"): (Throttled, "request"),
-    ("kubernetes", "FailedScheduling"): (CapacityError, "cloud"),
 }
 
 # HTTP statuses, for errors that carry no better code.
@@ -469,10 +468,12 @@ def normalise_gpu_name(raw: str, memory_gib: float | None = None) -> str:
 
 
 def gpu_matches(wanted: str | None, model: str) -> bool:
-    """True when the user's `--gpu` filter names this model (case-insensitive, prefix match)."""
+    """True when the user's `--gpu` filter names this model, case-insensitively: `A100` matches
+    `A100-40GB` and `A100-80GB`, but `L4` does not match `L40S`."""
     if not wanted:
         return True
-    return model.lower().startswith(wanted.lower()) or normalise_gpu_name(wanted).lower() == model.lower()
+    model = model.lower()
+    return any(model == w or model.startswith(w + "-") for w in {wanted.lower(), normalise_gpu_name(wanted).lower()})
 
 
 def unknown_error(cloud: str, exc: BaseException, **where: Any) -> AdapterError:
