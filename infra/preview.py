@@ -18,6 +18,7 @@ global settings, config and root stack never leak from one run into the next.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
@@ -300,7 +301,17 @@ def run_program(
 
     Exceptions from the program propagate (after the runtime has settled).
     """
-    return contextvars.copy_context().run(_run, program, project, stack, dict(config or {}), list(secret_keys or []))
+    # Pulumi's runtime asks asyncio for the thread's current loop; give each run its own
+    # (another library may have left none set, e.g. after asyncio.run) and restore after.
+    policy = asyncio.get_event_loop_policy()
+    previous = policy._local._loop if hasattr(policy, "_local") else None  # type: ignore[attr-defined]
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return contextvars.copy_context().run(_run, program, project, stack, dict(config or {}), list(secret_keys or []))
+    finally:
+        asyncio.set_event_loop(previous)
+        loop.close()
 
 
 def _run(program: Callable[[], Any], project: str, stack: str, config: dict[str, str], secret_keys: list[str]) -> PreviewResult:
