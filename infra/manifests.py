@@ -67,6 +67,7 @@ __all__ = [
     "model_statefulset",
     "namespace",
     "node_group_name",
+    "nvidia_device_plugin",
     "placeholder_deployment",
     "placeholder_priority_class",
     "pool_labels",
@@ -110,6 +111,9 @@ class ManifestOptions:
     autoscaler_namespace: str = "kube-system"
     hf_token_secret: str | None = None
     shm_size: str = "16Gi"
+    # EKS (unlike GKE) does not run NVIDIA's device plugin; without it no node offers nvidia.com/gpu.
+    install_device_plugin: bool = True
+    device_plugin_image: str = "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,42 @@ def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions 
                             "securityContext": _restricted_security(),
                         }
                     ],
+                },
+            },
+        },
+    }
+
+
+def nvidia_device_plugin(plan: Plan, cluster: Cluster, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
+    """NVIDIA's device plugin on the cluster's GPU pools (EKS: the NVIDIA AMI has the drivers, not the plugin)."""
+    name = f"{plan.fleet}-nvidia-device-plugin"
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "device-plugin"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {**_meta(plan, name, labels, namespaced=False), "namespace": "kube-system"},
+        "spec": {
+            "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, "app.kubernetes.io/name": name}},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": {LABEL_FLEET: plan.fleet, **labels}},
+                "spec": {
+                    "priorityClassName": "system-node-critical",
+                    "automountServiceAccountToken": False,
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": cluster.pool_names}]}]}}},  # fmt: skip
+                    "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *_tolerations(cluster.pools)],
+                    "containers": [
+                        {
+                            "name": "nvidia-device-plugin",
+                            "image": options.device_plugin_image,
+                            "env": [{"name": "FAIL_ON_INIT_ERROR", "value": "false"}],
+                            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [{"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"}],
+                        }
+                    ],
+                    "volumes": [{"name": "device-plugin", "hostPath": {"path": "/var/lib/kubelet/device-plugins"}}],
                 },
             },
         },
@@ -654,6 +694,8 @@ def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = Man
     objs = [namespace(plan), placeholder_priority_class(plan), serving_priority_class(plan)]
     if cluster.cloud != "gcp":
         objs.append(expander_configmap(plan, cluster, options))
+    if cluster.cloud == "aws" and options.install_device_plugin:
+        objs.append(nvidia_device_plugin(plan, cluster, options))
     objs += [placeholder_deployment(plan, p, options) for p in cluster.pools if p.warm_nodes > 0]
     for dep in plan.deployments:
         pools = [plan.pool(n) for n in dep.failover if n in cluster.pool_names]

@@ -179,6 +179,8 @@ class Fleet(pulumi.ComponentResource):
                     }
                 )
             ns = apply_object(f"{key}-namespace", manifests.namespace(plan), k8s_opts)
+            if c.cloud == "aws" and options.install_device_plugin:
+                apply_object(f"{key}-device-plugin", manifests.nvidia_device_plugin(plan, c, options), k8s_opts)
             after_ns = pulumi.ResourceOptions.merge(k8s_opts, pulumi.ResourceOptions(depends_on=[ns, *node_pools]))
             if options.hf_token_secret and args.hf_token is not None:
                 apply_object(

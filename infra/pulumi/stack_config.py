@@ -13,6 +13,7 @@ Keys (namespace `gpufleet`):
 | routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
+| installDevicePlugin  | EKS: run NVIDIA's device plugin DaemonSet (default true)              |
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
         router_service_type=service_type,
         autoscaler_namespace=cfg.get("autoscalerNamespace") or defaults.autoscaler_namespace,
         placeholder_image=cfg.get("placeholderImage") or defaults.placeholder_image,
+        install_device_plugin=defaults.install_device_plugin if cfg.get_bool("installDevicePlugin") is None else bool(cfg.get_bool("installDevicePlugin")),
     )
     return FleetArgs(
         admin_token=cfg.require_secret("adminToken"),

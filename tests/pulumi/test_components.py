@@ -300,3 +300,30 @@ def test_hf_token_becomes_a_secret_referenced_by_replicas(run, eks_plan):
     env = reg.one(STS, "llama-70b-h100-ondemand").inputs["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "eks-llm-hf-token", "key": "token"}}} in env
     assert "hf_xyz" not in json.dumps([r.to_json() for r in reg.resources])
+
+
+def test_eks_cluster_gets_nvidia_device_plugin_on_its_gpu_pools_and_gke_does_not(run, multicloud_plan):
+    reg = run(lambda: Fleet("f", FleetArgs(admin_token="t", plan=multicloud_plan)))
+    ds = reg.one("kubernetes:apps/v1:DaemonSet")
+    assert "::f-aws-k8s::" in ds.provider and ds.inputs["metadata"]["namespace"] == "kube-system"
+    pod = ds.inputs["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["aws-h100"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["volumes"][0]["hostPath"]["path"] == "/var/lib/kubelet/device-plugins"
+
+
+def test_stack_config_can_turn_the_device_plugin_off(run, eks_plan):
+    import pulumi
+
+    from gpufleet.infra.pulumi import stack_config
+
+    def program():
+        args = stack_config.read()
+        pulumi.export("install", args.options.install_device_plugin)
+        Fleet("f", FleetArgs(admin_token=args.admin_token, plan=eks_plan, options=args.options))
+
+    config = {"gpufleet:adminToken": "t", "gpufleet:installDevicePlugin": "false", "gpufleet:fleetFile": "unused.yaml"}
+    reg = run(program, config=config, secret_keys=["gpufleet:adminToken"])
+    assert reg.result.outputs["install"] is False
+    assert not reg.of_type("kubernetes:apps/v1:DaemonSet")
