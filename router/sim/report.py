@@ -144,35 +144,72 @@ def write_json(runs: Sequence[BenchRun], path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_json(runs), indent=2) + "\n")
 
 
-def plot_runs(runs: Sequence[BenchRun], path: str | Path) -> None:
-    """TTFT CDFs (log scale) and hit ratios per policy, one row of two panels per run."""
+_COLORS = {
+    "random": "#9e9e9e",
+    "round_robin": "#ff7f0e",
+    "least_load": "#2ca02c",
+    "session": "#9467bd",
+    "consistent_hash": "#8c564b",
+    "sglang_cache_aware": "#d62728",
+    "cache_aware": "#1f77b4",
+    "oracle": "#000000",
+}
+
+
+def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> None:
+    """TTFT CDFs per run (a grid, log scale) above a heat map of hit ratios (policy x run).
+
+    Saved as a palette PNG so that a dozen runs stay small enough to commit with the docs.
+    """
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
-    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
-    for row, run in zip(axes, runs):
-        ax_cdf, ax_hit = row
+    ncols = min(4, max(1, len(runs)))
+    nrows = math.ceil(len(runs) / ncols)
+    policies = list(dict.fromkeys(p for r in runs for p in r.summaries))
+    fig = plt.figure(figsize=(3.4 * ncols, 2.6 * nrows + 0.35 * len(policies) + 1.5))
+    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[2.6] * nrows + [0.35 * len(policies) + 1.0])
+    colors = {p: _COLORS.get(p, plt.cm.tab10(i % 10)) for i, p in enumerate(policies)}
+    for k, run in enumerate(runs):
+        ax = fig.add_subplot(grid[k // ncols, k % ncols])
         for name, vals in run.ttfts.items():
             if not vals:
                 continue
-            n = len(vals)
-            ax_cdf.plot([max(v, 1e-4) for v in vals], [(i + 1) / n for i in range(n)], label=name, linewidth=1.2)
-        ax_cdf.set_xscale("log")
-        ax_cdf.set_xlabel("TTFT (s)")
-        ax_cdf.set_ylabel("fraction of requests")
-        ax_cdf.set_title(f"{run.workload}, load {run.load:.2f}: TTFT CDF", fontsize=9)
-        ax_cdf.grid(True, which="both", alpha=0.3)
-        ax_cdf.legend(fontsize=7, loc="lower right")
-        names = list(run.summaries)
-        ax_hit.barh(names, [run.summaries[n].hit_ratio for n in names], color="tab:blue")
-        ax_hit.axvline(run.infinite_cache_hit_ratio, color="black", linestyle="--", linewidth=1, label="infinite cache")
-        ax_hit.set_xlim(0, 1)
-        ax_hit.set_xlabel("prefix-hit ratio")
-        ax_hit.set_title(f"{run.workload}, load {run.load:.2f}: hit ratio", fontsize=9)
-        ax_hit.tick_params(axis="y", labelsize=7)
-        ax_hit.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+            step = max(1, len(vals) // 300)  # a CDF needs no more points than pixels
+            pts = vals[::step]
+            n = len(pts)
+            ax.plot([max(v, 1e-3) for v in pts], [(i + 1) / n for i in range(n)], color=colors[name],
+                    linewidth=1.8 if name == "cache_aware" else 1, linestyle="--" if name == "oracle" else "-", label=name)
+        ax.set_xscale("log")
+        ax.set_title(f"{run.workload} @ load {run.load:.1f}", fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.grid(True, which="major", alpha=0.3)
+        if k % ncols == 0:
+            ax.set_ylabel("fraction", fontsize=7)
+        if k // ncols == nrows - 1:
+            ax.set_xlabel("TTFT (s)", fontsize=7)
+    handles = [
+        plt.Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(policies), 8), fontsize=7, frameon=False)
+    hm = fig.add_subplot(grid[nrows, :])
+    data = [[r.summaries[p].hit_ratio if p in r.summaries else float("nan") for r in runs] for p in policies]
+    hm.imshow(data, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    hm.set_yticks(range(len(policies)), policies, fontsize=7)
+    hm.set_xticks(range(len(runs)), [f"{r.workload}\n@{r.load:.1f} (inf {r.infinite_cache_hit_ratio:.2f})" for r in runs], fontsize=6)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                hm.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.6 else "black")
+    hm.set_title("prefix-hit ratio (inf = infinite-cache ceiling)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=128).save(path, format="PNG", optimize=True)
