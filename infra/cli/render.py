@@ -8,6 +8,7 @@ import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
 from gpufleet.infra.cli.fleet import CatalogOpt, _compile, _domain_errors
+from gpufleet.infra.cli.render_manifests import register_manifests
 
 render_app = typer.Typer(help="Render the compiled plan for a backend.", no_args_is_help=True)
 
@@ -45,6 +46,9 @@ def router_config(
         cfg = render.router_config(p, url)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     console.print(f"wrote {out}: {len(cfg.replicas)} replicas, policy {cfg.settings.policy}", highlight=False)
+
+
+register_manifests(render_app)
 
 
 def register(app: typer.Typer) -> None:
