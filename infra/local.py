@@ -17,8 +17,9 @@ From the Plan alone it starts:
 `check()` supervises: a replica whose process exited is marked dead, and a deployment left with
 fewer live replicas than `min_replicas` (a replica died, or its whole top pool failed) gets
 standby replicas promoted at once, in failover order. A deployment whose replicas queue more
-than `scale_up_waiting_per_replica` requests each (vLLM's `vllm:num_requests_waiting`) grows
-by one promoted standby, up to `max_replicas`.
+than `scale_up_waiting_per_replica` requests each (vLLM's `vllm:num_requests_waiting`), or
+whose request slots are `scale_up_utilization` full by the router's in-flight count, grows by
+one promoted standby per round, up to `max_replicas`.
 
 Every child runs in its own process group and gets SIGTERM if this process dies (Linux
 `PR_SET_PDEATHSIG`); `stop()` sends SIGTERM to each group, then SIGKILL after a grace period,
@@ -125,6 +126,7 @@ class LocalRuntime:
         ready_timeout_s: float = 60.0,
         engine_ready_timeout_s: float = 900.0,
         scale_up_waiting_per_replica: float = 4.0,
+        scale_up_utilization: float = 0.9,
         python: str = sys.executable,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
@@ -138,6 +140,7 @@ class LocalRuntime:
         self.ready_timeout_s = ready_timeout_s
         self.engine_ready_timeout_s = engine_ready_timeout_s
         self.scale_up_waiting_per_replica = scale_up_waiting_per_replica
+        self.scale_up_utilization = scale_up_utilization
         self.python = python
         self.on_event = on_event
         self._own_workdir = workdir is None
@@ -366,12 +369,24 @@ class LocalRuntime:
             time.sleep(0.05)
         raise LocalRuntimeError(f"router did not start listening in time{self._tail(log)}")
 
-    def router_view(self) -> dict[str, bool]:
-        """Replica id -> healthy, as the router sees it (its admin endpoint)."""
+    def router_rows(self) -> list[dict[str, object]]:
+        """The router's view of every replica (its `/admin/replicas` rows: health, in-flight, ...)."""
         headers = {"Authorization": f"Bearer {self.router_admin_token}"} if self.router_admin_token else {}
         r = httpx.get(self.router_url + "/admin/replicas", headers=headers, timeout=2.0, trust_env=False)
         r.raise_for_status()
-        return {row["id"]: bool(row["healthy"]) for row in r.json()["replicas"]}
+        return list(r.json()["replicas"])
+
+    def router_view(self) -> dict[str, bool]:
+        """Replica id -> healthy, as the router sees it."""
+        return {str(row["id"]): bool(row["healthy"]) for row in self.router_rows()}
+
+    def _router_utilization(self, ids: set[str]) -> float:
+        """In-flight requests over concurrency limits of these replicas, as the router counts them."""
+        with contextlib.suppress(httpx.HTTPError, KeyError, ValueError, TypeError):
+            rows = [row for row in self.router_rows() if row["id"] in ids]
+            cap = sum(int(row["max_concurrent_requests"]) for row in rows)  # type: ignore[call-overload]
+            return sum(int(row["in_flight"]) for row in rows) / cap if cap else 0.0  # type: ignore[call-overload]
+        return 0.0
 
     def _wait_router_view(self, deadline: float) -> None:
         """Wait until the router routes to exactly the live active replicas (standbys ejected)."""
@@ -473,9 +488,14 @@ class LocalRuntime:
                 if load and live and len(live) < dep.max_replicas and any(
                     r.deployment == dep.name and r.state == "warm" for r in self.replicas
                 ):
+                    # Two signals: requests queued inside the replicas, and, since the router holds
+                    # requests back at each replica's concurrency limit, the router's own in-flight count.
                     waiting = self._waiting([r for r in live if r.kind == "sim"])
+                    busy = self._router_utilization({r.id for r in live}) if self.router_url else 0.0
                     if waiting > self.scale_up_waiting_per_replica * len(live):
                         self.promote(dep.name, f"{waiting:.0f} requests waiting on {len(live)} replicas")
+                    elif busy >= self.scale_up_utilization:
+                        self.promote(dep.name, f"router has {busy:.0%} of its replicas' request slots in flight")
         return self.events[before:]
 
     def kill_pool(self, pool: str, sig: int = signal.SIGKILL) -> list[str]:

@@ -124,3 +124,26 @@ def test_engine_command_pool_runs_the_given_command(tmp_path):
         assert httpx.get(rep.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"] == 4096
         pids = rt.pids()
     assert not any(alive(x) for x in pids)
+
+
+@pytest.mark.slow
+def test_router_saturation_promotes_a_standby(tmp_path):
+    # one request slot per replica: two long requests through the router fill every slot
+    p = plan.compile_file(str(write_fleet(tmp_path, mcr=1)))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w") as rt:
+        body = {"model": "Qwen/Qwen3-0.6B", "prompt": "busy " * 20, "max_tokens": 150, "ignore_eos": True}
+        threads = [
+            threading.Thread(target=lambda i=i: httpx.post(rt.endpoint + "/v1/completions", json={**body, "prompt": f"{i} " * 30}, timeout=30))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        promoted = []
+        for _ in range(50):
+            promoted = [e for e in rt.check() if "promoted" in e]
+            if promoted:
+                break
+            threading.Event().wait(0.05)
+        assert promoted and "request slots in flight" in promoted[0]
+        for t in threads:
+            t.join()
