@@ -45,30 +45,26 @@ def _as_dict(plan: Any) -> Mapping[str, Any]:
 
 
 class _Cache:
-    """Per-(cloud, region) answers, so pools sharing a region ask once."""
+    """Per-(cloud, region) answers, so pools sharing a region ask once; errors are kept as answers."""
 
     def __init__(self, adapters: Mapping[str, base.ProviderAdapter]) -> None:
         self.adapters = adapters
-        self._offerings: dict[tuple[str, str], list[base.GpuOffering] | base.AdapterError] = {}
-        self._quotas: dict[tuple[str, str], list[base.QuotaInfo] | base.AdapterError] = {}
+        self._answers: dict[tuple[str, str, str], Any] = {}
+
+    def _ask(self, verb: str, cloud: str, region: str) -> Any:
+        key = (verb, cloud, region)
+        if key not in self._answers:
+            try:
+                self._answers[key] = getattr(self.adapters[cloud], verb)(region)
+            except base.AdapterError as exc:
+                self._answers[key] = exc
+        return self._answers[key]
 
     def offerings(self, cloud: str, region: str) -> list[base.GpuOffering] | base.AdapterError:
-        key = (cloud, region)
-        if key not in self._offerings:
-            try:
-                self._offerings[key] = self.adapters[cloud].offerings(region)
-            except base.AdapterError as exc:
-                self._offerings[key] = exc
-        return self._offerings[key]
+        return self._ask("offerings", cloud, region)  # type: ignore[no-any-return]
 
     def quotas(self, cloud: str, region: str) -> list[base.QuotaInfo] | base.AdapterError:
-        key = (cloud, region)
-        if key not in self._quotas:
-            try:
-                self._quotas[key] = self.adapters[cloud].quotas(region)
-            except base.AdapterError as exc:
-                self._quotas[key] = exc
-        return self._quotas[key]
+        return self._ask("quotas", cloud, region)  # type: ignore[no-any-return]
 
 
 def _quota_for(pool: Mapping[str, Any], offering: base.GpuOffering, quotas: list[base.QuotaInfo]) -> tuple[base.QuotaInfo | None, float]:

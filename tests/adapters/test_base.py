@@ -53,3 +53,12 @@ def test_docs_list_every_error_code_and_cannot_do_entry() -> None:
     missing = [code for (_, code) in base.ERROR_CODES if f"`{code}`" not in text]
     missing += [f"{cloud}/{cap}" for (cloud, cap) in base.CANNOT_DO if f"| {cloud} | `{cap}` |" not in text]
     assert not missing, f"docs/adapters.md does not mention: {missing}"
+
+
+def test_public_api_is_pinned() -> None:
+    import importlib
+
+    for name in ("base", "aws", "gcp", "kubernetes", "live", "failover", "discovery"):
+        module = importlib.import_module(f"gpufleet.provider_adapters.{name}")
+        assert module.__all__ and all(hasattr(module, attr) for attr in module.__all__), name
+    assert {"check_plan", "LiveFinding"} <= set(importlib.import_module("gpufleet.provider_adapters.live").__all__)

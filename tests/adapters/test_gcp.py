@@ -11,12 +11,8 @@ from tests.fakes.gcp_server import FakeGcpServer
 
 @pytest.fixture
 def fake() -> Iterator[FakeGcpServer]:
-    server = FakeGcpServer.with_defaults()
-    server.start()
-    try:
+    with FakeGcpServer.with_defaults() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -16,12 +16,8 @@ PLACEHOLDER = {"app.kubernetes.io/component": "placeholder", **POOL}
 
 @pytest.fixture
 def kube() -> Iterator[FakeKubernetes]:
-    server = FakeKubernetes()
-    server.start()
-    try:
+    with FakeKubernetes() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
