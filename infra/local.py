@@ -53,7 +53,7 @@ from gpufleet.infra import render
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPerf, ReplicaPlan
 from gpufleet.router.config import RouterConfig, RouterSettings
 
-__all__ = ["LocalReplica", "LocalRuntime", "LocalRuntimeError", "check_local"]
+__all__ = ["LocalReplica", "LocalRuntime", "LocalRuntimeError", "check_local", "pid_alive"]
 
 SIM_ADMIN_ENV = "GPUFLEET_SIM_ADMIN_TOKEN"
 _LISTEN_RE = re.compile(r"listening on (http://[^\s:]+:(\d+))")
@@ -95,6 +95,15 @@ def check_local(plan: Plan) -> None:
             f"gpufleet up runs fleets whose pools are all `cloud: local`; not local: {', '.join(other)} "
             "(deploy those with the Pulumi stacks in stacks/)"
         )
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a live process (a zombie awaiting its parent's wait counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -225,7 +225,9 @@ def register(app: typer.Typer) -> None:
             pids = [p for rt in runtimes for p in rt.pids()]
             for rt in runtimes:
                 rt.stop()
-            left = [p for p in pids if _alive(p)]
+            from gpufleet.infra.local import pid_alive
+
+            left = [p for p in pids if pid_alive(p)]
             console.print(
                 f"tore down {len(pids)} processes, {len(left)} left; demo took {time.monotonic() - t_start:.1f} s",
                 highlight=False,
@@ -238,12 +240,3 @@ def _plan_settings(plan: Plan) -> Any:
     from gpufleet.router.config import RouterSettings
 
     return RouterSettings.model_validate(plan.router)
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` is a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

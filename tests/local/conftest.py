@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.infra.local import pid_alive as alive  # noqa: F401 - shared by the tests
+
 SMALL_FLEET = """\
 fleet: t-local
 clouds:
@@ -23,15 +25,6 @@ def write_fleet(tmp_path: Path, engine: str = "", mcr: int = 16) -> Path:
     p = tmp_path / "fleet.yaml"
     p.write_text(SMALL_FLEET % {"engine": engine, "mcr": mcr})
     return p
-
-
-def alive(pid: int) -> bool:
-    """A live, non-zombie process."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,17 @@ def _chat(text: str, **kw) -> dict:
 
 
 def test_public_api_is_pinned():
-    assert set(local.__all__) == {"LocalReplica", "LocalRuntime", "LocalRuntimeError", "check_local"}
+    assert set(local.__all__) == {"LocalReplica", "LocalRuntime", "LocalRuntimeError", "check_local", "pid_alive"}
+
+
+def _promotions(rt: LocalRuntime, rounds: int = 50) -> list[str]:
+    """Run supervision rounds until one promotes a standby; its promotion events."""
+    for _ in range(rounds):
+        promoted = [e for e in rt.check() if "promoted" in e]
+        if promoted:
+            return promoted
+        threading.Event().wait(0.05)
+    return []
 
 
 def test_a_fleet_with_cloud_pools_is_refused():
@@ -98,12 +108,7 @@ def test_queueing_promotes_a_standby(tmp_path):
                 t = threading.Thread(target=lambda u=rep.url: httpx.post(u + "/v1/completions", json=body, timeout=30))
                 t.start()
                 threads.append(t)
-        promoted = []
-        for _ in range(50):
-            promoted = [e for e in rt.check() if "promoted" in e]
-            if promoted:
-                break
-            threading.Event().wait(0.1)
+        promoted = _promotions(rt)
         assert promoted and "requests waiting" in promoted[0]
         for t in threads:
             t.join()
@@ -138,12 +143,7 @@ def test_router_saturation_promotes_a_standby(tmp_path):
         ]
         for t in threads:
             t.start()
-        promoted = []
-        for _ in range(50):
-            promoted = [e for e in rt.check() if "promoted" in e]
-            if promoted:
-                break
-            threading.Event().wait(0.05)
+        promoted = _promotions(rt)
         assert promoted and "request slots in flight" in promoted[0]
         for t in threads:
             t.join()
