@@ -65,7 +65,7 @@ class AwsAdapter(ProviderAdapter):
         self._session = session or boto3.session.Session(profile_name=profile)
         self._default_region = default_region
         self._clients: dict[tuple[str, str], Any] = {}
-        self._type_facts: dict[str, dict[str, Any]] = {}
+        self._type_facts: dict[str, dict[str, dict[str, Any]]] = {}  # region -> type -> facts
 
     # ------------------------------------------------------------------ plumbing
 
@@ -101,8 +101,9 @@ class AwsAdapter(ProviderAdapter):
         return sorted(r["RegionName"] for r in out["Regions"])
 
     def _gpu_types(self, region: str) -> dict[str, dict[str, Any]]:
-        """Every instance type with GPUs, keyed by name (the facts do not vary by region)."""
-        if not self._type_facts:
+        """Every instance type with GPUs that `region` knows, keyed by name (cached per region:
+        newer types exist only in some regions)."""
+        if region not in self._type_facts:
             facts: dict[str, dict[str, Any]] = {}
             with self._errors(region):
                 # Every NVIDIA GPU family is p*, g* or vt*; the filter saves paging ~900 types.
@@ -112,8 +113,8 @@ class AwsAdapter(ProviderAdapter):
                     for item in page["InstanceTypes"]:
                         if item.get("GpuInfo", {}).get("Gpus"):
                             facts[item["InstanceType"]] = item
-            self._type_facts = facts
-        return self._type_facts
+            self._type_facts[region] = facts
+        return self._type_facts[region]
 
     def _offering(self, region: str, item: dict[str, Any], zones: tuple[str, ...]) -> GpuOffering:
         gpu = item["GpuInfo"]["Gpus"][0]

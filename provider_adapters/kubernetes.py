@@ -136,35 +136,42 @@ class KubernetesAdapter(ProviderAdapter):
 
     def utilisation(self, pool: str) -> PoolUtilisation:
         """Nodes, GPUs (allocatable / used by serving pods / held by placeholders), pending GPU pods."""
+        return self.utilisations([pool])[pool]
+
+    def utilisations(self, pools: list[str]) -> dict[str, PoolUtilisation]:
+        """`utilisation` of several pools from ONE node list and ONE pod list (a controller round)."""
         now = time.time()
         with self._errors():
-            nodes = self._core.list_node(label_selector=f"{POOL_LABEL}={pool}").items
+            selector = f"{POOL_LABEL} in ({','.join(pools)})"
+            nodes = self._core.list_node(label_selector=selector).items
             pods = self._core.list_pod_for_all_namespaces(
                 field_selector="status.phase!=Succeeded,status.phase!=Failed").items
-        names = {n.metadata.name for n in nodes}
-        ready = [n for n in nodes if _is_ready(n)]
-        allocatable = sum(int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) for n in ready)
-        used = held = pending_pods = pending_gpus = placeholders = 0
+        pool_of_node = {n.metadata.name: (n.metadata.labels or {}).get(POOL_LABEL) for n in nodes}
+        out = {}
+        for pool in pools:
+            mine = [n for n in nodes if pool_of_node[n.metadata.name] == pool]
+            ready = [n for n in mine if _is_ready(n)]
+            out[pool] = {"nodes": len(mine), "ready_nodes": len(ready),
+                         "gpus_allocatable": sum(int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) for n in ready),
+                         "gpus_requested": 0, "gpus_placeholder": 0, "pending_gpu_pods": 0, "pending_gpus": 0,
+                         "placeholders_running": 0}
         for pod in pods:
-            labels = pod.metadata.labels or {}
             gpus = _gpus(pod)
-            is_placeholder = labels.get(ROLE_LABEL) == PLACEHOLDER_ROLE and labels.get(POOL_LABEL) == pool
-            on_pool = pod.spec.node_name in names
-            wants_pool = _planned_pool(pod) == pool
-            if is_placeholder:
-                if on_pool and pod.status.phase == "Running":
-                    placeholders += 1
-                    held += gpus
-            elif on_pool and gpus:
-                used += gpus
-            elif not pod.spec.node_name and wants_pool and gpus:
-                pending_pods += 1
-                pending_gpus += gpus
-        return PoolUtilisation(
-            pool=pool, nodes=len(nodes), ready_nodes=len(ready), gpus_allocatable=allocatable,
-            gpus_requested=used, gpus_placeholder=held, pending_gpu_pods=pending_pods, pending_gpus=pending_gpus,
-            placeholders_running=placeholders, placeholders_desired=self.placeholder_count(pool), observed_at_s=now,
-        )
+            labels = pod.metadata.labels or {}
+            on = pool_of_node.get(pod.spec.node_name or "")
+            if labels.get(ROLE_LABEL) == PLACEHOLDER_ROLE:
+                if on in out and labels.get(POOL_LABEL) == on and pod.status.phase == "Running":
+                    out[on]["placeholders_running"] += 1
+                    out[on]["gpus_placeholder"] += gpus
+            elif on in out and gpus:
+                out[on]["gpus_requested"] += gpus
+            elif not pod.spec.node_name and gpus and _planned_pool(pod) in out:
+                counts = out[_planned_pool(pod)]  # type: ignore[index]
+                counts["pending_gpu_pods"] += 1
+                counts["pending_gpus"] += gpus
+        return {pool: PoolUtilisation(pool=pool, placeholders_desired=self.placeholder_count(pool),
+                                      observed_at_s=now, **counts)
+                for pool, counts in out.items()}
 
     def placeholder_count(self, pool: str) -> int | None:
         """Replicas of the pool's placeholder Deployment, or None when it does not exist."""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from gpufleet.provider_adapters import base
 
-__all__ = ["SPOT_PRICE_TOLERANCE", "LiveFinding", "check_plan"]
+__all__ = ["SPOT_PRICE_TOLERANCE", "LiveFinding", "adapters_for_plan", "check_plan"]
 
 # Spot prices move; a live price outside [catalog / 1.5, catalog * 1.5] is worth a warning.
 SPOT_PRICE_TOLERANCE = 0.5
@@ -162,3 +162,19 @@ def check_plan(plan: Any, adapters: Mapping[str, base.ProviderAdapter], catalog:
         if pool["cloud"] in adapters:
             findings.extend(_check_pool(pool, cache, catalog, spot_tolerance))
     return findings
+
+
+def adapters_for_plan(plan: Any) -> dict[str, base.ProviderAdapter]:
+    """Adapters for the clouds the plan's pools use (`aws`, and `gcp` with the plan's project),
+    with the environment's credentials. Raises `base.AdapterError` (e.g. `SdkMissing`)."""
+    from gpufleet.provider_adapters import discovery
+
+    data = _as_dict(plan)
+    used = {p["cloud"] for p in data["pools"]}
+    clouds = data.get("clouds") or {}
+    out: dict[str, base.ProviderAdapter] = {}
+    if "aws" in used:
+        out["aws"] = discovery.connect("aws")
+    if "gcp" in used:
+        out["gcp"] = discovery.connect("gcp", project=(clouds.get("gcp") or {}).get("project"))
+    return out

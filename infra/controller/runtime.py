@@ -113,13 +113,29 @@ class Observer:
         self.errors = []
         load = self._replica_load()
         samples: dict[str, PoolSample] = {}
+        # One read per cluster for all its pools, where the adapter offers it.
+        by_cluster: dict[int, list[str]] = {}
+        for name in self.facts.pools:
+            if name in self.kube:
+                by_cluster.setdefault(id(self.kube[name]), []).append(name)
+        seen: dict[str, Any] = {}
+        for names in by_cluster.values():
+            kube = self.kube[names[0]]
+            if hasattr(kube, "utilisations"):
+                try:
+                    seen.update(kube.utilisations(names))
+                except base.AdapterError as exc:
+                    self.errors.extend((n, str(exc)) for n in names)
+                    log.warning("pools %s: not observed this round: %s", ", ".join(names), exc)
         for name in self.facts.pools:
             kube = self.kube.get(name)
             if kube is None:
                 self.errors.append((name, "no Kubernetes adapter for this pool"))
                 continue
+            if name not in seen and hasattr(kube, "utilisations"):
+                continue  # its cluster read failed above
             try:
-                u = kube.utilisation(name)
+                u = seen[name] if name in seen else kube.utilisation(name)
                 desired = None
                 binding = self.nodes.get(name)
                 if binding is not None:

@@ -141,3 +141,16 @@ def test_names_match_the_rendered_manifests() -> None:
     assert template_labels[kube_adapter.ROLE_LABEL] == kube_adapter.PLACEHOLDER_ROLE
     assert template_labels[kube_adapter.POOL_LABEL] == manifests.pool_labels(pool)[kube_adapter.POOL_LABEL] == pool.name
     assert manifests.LABEL_POOL == kube_adapter.POOL_LABEL
+
+
+def test_many_pools_are_read_with_one_node_and_one_pod_list(kube: FakeKubernetes,
+                                                            adapter: kube_adapter.KubernetesAdapter) -> None:
+    two_node_pool(kube)
+    kube.add_pod("g-0", namespace="serving", gpus=8, node_selector={"gpufleet.io/pool": "gcp-h100"})
+    kube.log.clear()
+    both = adapter.utilisations(["aws-h100", "gcp-h100"])
+    assert (both["aws-h100"].gpus_requested, both["gcp-h100"].gpus_requested) == (4, 8)
+    assert both["aws-h100"] == adapter.utilisation("aws-h100").model_copy(
+        update={"observed_at_s": both["aws-h100"].observed_at_s})
+    lists = [path for method, path in kube.log[:4] if path in ("/api/v1/nodes", "/api/v1/pods")]
+    assert lists == ["/api/v1/nodes", "/api/v1/pods"]

@@ -88,3 +88,17 @@ def test_compiled_plan_object_is_checked(adapters: dict[str, Any]) -> None:
     gcp_pool = next(p for p in compiled.pools if p.cloud == "gcp")
     assert any(f.pool == gcp_pool.name and f.check == "quota" and f.severity == "error" for f in findings)
     assert all(str(f).startswith(f.severity) for f in findings)
+
+
+def test_adapters_for_plan_builds_what_the_pools_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpufleet.infra import plan as plan_mod
+    from gpufleet.provider_adapters import discovery
+
+    compiled = plan_mod.compile_file(str(Path(__file__).resolve().parents[2] / "stacks" / "multicloud" / "fleet.yaml"))
+    with FakeGcpServer.with_defaults() as fake, mock_aws():
+        monkeypatch.setenv(discovery.GCP_ENDPOINT_ENV, fake.url)
+        adapters = live.adapters_for_plan(compiled)
+        assert set(adapters) == {"aws", "gcp"} and adapters["gcp"].project == "acme-ml"
+        # The fake serves one project: the plan's project is someone else's -> a finding, not a crash.
+        findings = live.check_plan(compiled, {"gcp": adapters["gcp"]})
+    assert findings and all(f.check == "unchecked" for f in findings) and "forbidden" in findings[0].message
