@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gpufleet plan stacks/multicloud/fleet.yaml
+	$(VENV)/bin/gpufleet demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from gpufleet.infra.cli import bench, catalog, controller, discover, fleet, preview, render, router, up
+from gpufleet.infra.cli import bench, catalog, controller, discover, fleet, preview, render, replica_sim, router, up
 
 app = typer.Typer(
     name="gpufleet",
@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (fleet, render, preview, up, router, discover, catalog, controller, bench):
+for _module in (fleet, render, preview, up, router, replica_sim, discover, catalog, controller, bench):
     _module.register(app)
 
 

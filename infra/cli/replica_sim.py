@@ -1,7 +1,6 @@
 """`gpufleet replica-sim`: serve one simulated vLLM-like replica (see gpufleet.router.replica_sim).
 
-Registered by `gpufleet.infra.cli.router.register` calling `register_replica_sim(app)`, so the
-router noun owns its command list while this module owns the replica's flags.
+Assembled with the other nouns in `gpufleet.infra.cli` (`register`).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
 
-__all__ = ["register_replica_sim"]
+__all__ = ["register", "register_replica_sim"]
 
 
 def register_replica_sim(app: typer.Typer) -> None:
@@ -81,6 +80,9 @@ def register_replica_sim(app: typer.Typer) -> None:
                 asyncio.run(serve(settings, host, port, ready))
             except KeyboardInterrupt:
                 pass
+
+
+register = register_replica_sim
 
 
 def _standalone() -> typer.Typer:
