@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     @app.command("discover")
     def discover(
         cloud: Annotated[Cloud, typer.Option(help="cloud to ask")],
-        region: Annotated[list[str], typer.Option(help="region to walk (repeatable)")],
+        region: Annotated[list[str], typer.Option(help="region to walk (repeatable); `all`: every region of the account")],
         gpu: Annotated[str | None, typer.Option(help="only this GPU model, e.g. H100, L4, A100-80GB")] = None,
         format: Annotated[Format, typer.Option("--format", "-f", help="table for people, json for tools")] = Format.table,
         project: Annotated[str | None, typer.Option(help="GCP project [default: GOOGLE_CLOUD_PROJECT]")] = None,
@@ -54,14 +54,15 @@ def register(app: typer.Typer) -> None:
 
         with user_errors(base.AdapterError):
             adapter = discovery.connect(cloud.value, project=project)
+            regions = adapter.regions() if region == ["all"] else region
             notes: list[str] = []
-            found = walk(adapter, region, gpu, notes)
+            found = walk(adapter, regions, gpu, notes)
             if format is Format.json:
                 typer.echo(json.dumps({"cloud": cloud.value, "machines": [m.as_json() for m in found],
                                        "notes": notes}, indent=2))
                 return
             if not found:
-                raise UserError(f"no GPU machine{' with ' + gpu if gpu else ''} offered in {', '.join(region)}")
+                raise UserError(f"no GPU machine{' with ' + gpu if gpu else ''} offered in {', '.join(regions)}")
             _table(cloud.value, found, catalog_mod.load())
             for note in notes:
                 console.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -82,3 +82,11 @@ def test_catalog_refresh_aws_takes_live_spot_prices(tmp_path: Path) -> None:
     assert p5 is not None and p5.spot_usd_per_hour == pytest.approx(0.00001)  # moto's spot price
     assert p5.usd_per_hour == catalog.bundled().machine("aws", "p5.48xlarge").usd_per_hour  # type: ignore[union-attr]
     assert "no on-demand price in the bundled catalog" in result.output  # e.g. g4dn types are not priced
+
+
+def test_discover_all_regions_walks_every_zone_region(gce: FakeGcpServer) -> None:
+    result = runner.invoke(app, ["discover", "--cloud", "gcp", "--project", gce.project, "--region", "all",
+                                 "--gpu", "A100", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    machines = json.loads(result.stdout)["machines"]
+    assert [(m["region"], m["machine_type"]) for m in machines] == [("europe-west4", "a2-highgpu-8g")]
