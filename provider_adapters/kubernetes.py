@@ -13,6 +13,7 @@ required node affinity.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -92,6 +93,8 @@ class KubernetesAdapter(ProviderAdapter):
         self._core = k8s.client.CoreV1Api(api_client)
         self._apps = k8s.client.AppsV1Api(api_client)
         self._api_exception = k8s.client.exceptions.ApiException
+        urllib3 = base.lazy_import("urllib3", cloud="kubernetes")  # the kubernetes client's transport
+        self._connection_errors = (OSError, urllib3.exceptions.HTTPError)
         self.namespace = namespace
 
     @staticmethod
@@ -112,25 +115,17 @@ class KubernetesAdapter(ProviderAdapter):
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Map ApiException (status + Status.reason) and connection failures to typed errors."""
-        import json
-
         try:
             yield
         except self._api_exception as exc:
             reason, message = str(exc.reason or ""), str(exc.reason or "")
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
                 body = json.loads(exc.body or "{}")
                 reason, message = body.get("reason") or reason, body.get("message") or message
             raise base.map_error("kubernetes", reason, message, http_status=exc.status) from None
-        except OSError as exc:  # urllib3 connection errors derive from OSError
+        except self._connection_errors as exc:
             raise base.AdapterError(f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes",
                                     code="Unreachable", blocks="cloud") from None
-        except Exception as exc:
-            urllib3 = base.lazy_import("urllib3", cloud="kubernetes")
-            if isinstance(exc, urllib3.exceptions.HTTPError):
-                raise base.AdapterError(f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes",
-                                        code="Unreachable", blocks="cloud") from None
-            raise
 
     # ------------------------------------------------------------------ reads
 
