@@ -165,6 +165,8 @@ class ControllerMetrics:
         self.skipped = Counter(p + "skipped", "Pools left alone in a reconcile, by reason", ["pool", "reason"],
                                registry=r)
         self.reconciles = Counter(p + "reconciles", "Reconcile rounds", registry=r)
+        self.errors = Counter(p + "reconcile_errors", "Rounds that failed unexpectedly (logged with traceback)",
+                              registry=r)
         self.pressure = Gauge(p + "pool_pressure", "Busy share of a pool's GPUs or request slots", ["pool"], registry=r)
         self.warm_target = Gauge(p + "warm_target_nodes", "Warm nodes the controller wants held", ["pool"], registry=r)
         self.extra_warm = Gauge(p + "extra_warm_nodes", "Warm nodes above the declared warm_nodes", ["pool"],
@@ -253,9 +255,18 @@ class Controller:
         """Reconcile every `interval_s` until `stop` is set (or once)."""
         while not stop.is_set():
             started = time.monotonic()
-            decision = self.reconcile()
-            if on_round is not None:
-                on_round(decision)
+            try:
+                decision = self.reconcile()
+            except Exception:
+                # A long-running controller must survive a bad round (an SDK bug, a malformed
+                # answer): log it loudly, count it, try again next round. `--once` re-raises.
+                self.metrics.errors.inc()
+                log.exception("reconcile failed")
+                if once:
+                    raise
+            else:
+                if on_round is not None:
+                    on_round(decision)
             if once:
                 return
             stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started)))

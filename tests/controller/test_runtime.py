@@ -136,3 +136,22 @@ def test_run_once_stops_after_one_round(world: dict[str, Any]) -> None:
     controller = runtime.Controller(FACTS, SETTINGS, world["observer"], dry_run=True)
     controller.run(threading.Event(), once=True, on_round=rounds.append)
     assert len(rounds) == 1
+
+
+def test_a_failing_round_is_counted_and_the_loop_goes_on(world: dict[str, Any]) -> None:
+    controller = runtime.Controller(FACTS, SETTINGS, world["observer"], dry_run=True)
+    calls = []
+
+    def broken() -> dict[str, d.PoolSample]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("malformed answer")
+        stop.set()
+        return {}
+
+    stop = threading.Event()
+    controller.observer.observe = broken  # type: ignore[method-assign]
+    controller.settings = d.ControllerSettings(interval_s=0.01)
+    controller.run(stop)
+    assert len(calls) == 2
+    assert "gpufleet_controller_reconcile_errors_total 1.0" in controller.metrics.render().decode()
