@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write every run's results here")
     ap.add_argument("--plot", default=None, help="write TTFT CDFs and hit ratios of every run here (PNG)")
+    ap.add_argument("--markdown", default=None, help="write the result tables as Markdown here (for docs)")
     args = ap.parse_args(argv)
 
     console = Console(width=None if sys.stdout.isatty() else 170)
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report.write_json(runs, args.json)
         console.print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(report.markdown_tables(report.to_json(runs)))
+        console.print(f"wrote {args.markdown}")
     if args.plot:
         report.plot_runs(runs, args.plot)
         console.print(f"wrote {args.plot}")

@@ -15,7 +15,7 @@ from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
 from gpufleet.router.sim.workloads import Workload, infinite_cache_hit_ratio
 
-__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "run_policies", "to_json", "write_json"]
+__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "markdown_tables", "run_policies", "to_json", "write_json"]
 
 
 @dataclass
@@ -213,3 +213,32 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
     plt.close(fig)
     buf.seek(0)
     Image.open(buf).convert("RGB").quantize(colors=128).save(path, format="PNG", optimize=True)
+
+
+def markdown_tables(data: dict[str, Any]) -> str:
+    """The results of `to_json` as Markdown: one table per run plus its goals (for docs)."""
+    out: list[str] = []
+    for r in data["runs"]:
+        out.append(
+            f"#### {r['workload']} at load {r['load']:.2f} ({r['requests']} requests, "
+            f"infinite-cache hit ratio {r['infinite_cache_hit_ratio']:.3f})\n"
+        )
+        out.append("| policy | hit | TTFT p50 s | p90 s | p99 s | e2e p99 s | req/s | imbalance | prefill GPU-s | rejected |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, s in r["policies"].items():
+            def f(x: Any, fmt: str) -> str:
+                return "-" if x is None else format(x, fmt)
+
+            bold = "**" if name == "cache_aware" else ""
+            out.append(
+                f"| {bold}{name}{bold} | {f(s['hit_ratio'], '.3f')} | {f(s['ttft_p50_s'], '.3f')} | "
+                f"{f(s['ttft_p90_s'], '.3f')} | {f(s['ttft_p99_s'], '.3f')} | {f(s['latency_p99_s'], '.2f')} | "
+                f"{f(s['throughput_rps'], '.2f')} | {f(s['imbalance'], '.2f')} | {f(s['prefill_gpu_s'], ',.0f')} | "
+                f"{s['rejected']} |"
+            )
+        goals = "; ".join(
+            f"{'n/a' if g['met'] is None else ('met' if g['met'] else '**not met**')}: {g['name']} ({g['detail']})"
+            for g in r["goals"]
+        )
+        out.append(f"\nGoals for cache_aware: {goals}\n")
+    return "\n".join(out)

@@ -1,6 +1,8 @@
 """The baselines: SGLang cache_aware model, consistent hashing; and how goals are judged."""
 from __future__ import annotations
 
+import pytest
+
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.sim import metrics
@@ -103,3 +105,23 @@ def test_goals_are_met_or_not_by_the_stated_margins() -> None:
 def test_percentile_is_nearest_rank() -> None:
     vals = list(range(1, 101))
     assert metrics.percentile(vals, 50) == 50 and metrics.percentile(vals, 99) == 99 and metrics.percentile(vals, 100) == 100
+
+
+@pytest.mark.slow
+def test_capacity_counts_kv_reuse_and_prices_the_difference() -> None:
+    from gpufleet.router.sim import capacity, fleet, workloads
+
+    f = fleet.uniform_fleet(1, kv_capacity_tokens=12_000, prefill_tokens_per_s=20_000, usd_per_gpu_hour=2.0)
+    wl = workloads.shared_prompts(300, seed=1, rate_rps=30.0, n_apps=12)
+    res = capacity.compare(wl, f, ttft_p99_s=1.0, max_replicas=16)
+    rr, ca = res.replicas["round_robin"], res.replicas["cache_aware"]
+    assert rr is not None and ca is not None and ca <= rr
+    assert res.usd_per_replica_month == 2.0 * 730
+    assert res.monthly_saving_usd == (rr - ca) * 2.0 * 730
+    # the answer is the smallest count that meets the target
+    for pol, n in res.replicas.items():
+        ok, _ = capacity._meets(wl, f, pol, n, 1.0, 0)  # noqa: SLF001
+        assert ok
+        if n > 1:
+            assert not capacity._meets(wl, f, pol, n - 1, 1.0, 0)[0]  # noqa: SLF001
+    assert capacity.replicas_needed(wl, f, "round_robin", 1e-6, max_replicas=2) is None

@@ -1,0 +1,68 @@
+"""Sweep cache_aware's `load_weight` and `in_flight_cost_tokens` where the goals are hardest.
+
+    .venv/bin/python bench/cache_aware_sweep.py
+
+Each row is gpufleet's own `cache_aware` with other settings (the fleet's `router.cache_aware`
+section), on the synthetic workloads of bench/routing.py; the SGLang model is shown for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from gpufleet.router.config import CacheAwareSettings
+from gpufleet.router.sim import engine, metrics, workloads
+from gpufleet.router.sim import fleet as fleet_mod
+
+HERE = Path(__file__).resolve().parent
+CASES = (("shared_prompts", 0.8), ("shared_prompts", 2.0), ("rag", 0.8), ("multiturn", 2.0), ("mix", 0.8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fleet", default=str(HERE / "fleet.yaml"))
+    ap.add_argument("--deployment", default="qwen-32b")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--load-weights", default="1.0,0.5,0.25")
+    ap.add_argument("--in-flight-costs", default="64,0")
+    args = ap.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    base = fleet_mod.fleet_from_file(args.fleet, args.deployment)
+    weights = [float(x) for x in args.load_weights.split(",")]
+    costs = [int(x) for x in args.in_flight_costs.split(",")]
+    variants = [(lw, c) for lw in weights for c in costs]
+    table = Table(title="cache_aware settings: TTFT p99 s (hit ratio); SGLang model for reference", title_justify="left")
+    table.add_column("settings")
+    for w, load in CASES:
+        table.add_column(f"{w} @ {load}", justify="right")
+    rows: dict[str, list[str]] = {"sglang_cache_aware": []}
+    for lw, c in variants:
+        rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"] = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("simulating", total=len(CASES) * (len(variants) + 1))
+        for w, load in CASES:
+            wl = workloads.make_workload(w, args.requests, settings=base.settings)
+            wl = wl.scaled(metrics.offered_load(wl, base) / load)
+            s = metrics.summarize(engine.simulate(wl, base, "sglang_cache_aware"))
+            rows["sglang_cache_aware"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")
+            bar.advance(task)
+            for lw, c in variants:
+                ca = base.settings.cache_aware.model_copy(update={"load_weight": lw, "in_flight_cost_tokens": c})
+                settings = base.settings.model_copy(update={"cache_aware": CacheAwareSettings.model_validate(ca.model_dump())})
+                fl = fleet_mod.SimFleet(base.name, base.replicas, settings)
+                s = metrics.summarize(engine.simulate(wl, fl, "cache_aware"))
+                rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")
+                bar.advance(task)
+    for name, cells in rows.items():
+        table.add_row(name, *cells)
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
