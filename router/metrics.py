@@ -9,9 +9,25 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["RouterMetrics"]
+__all__ = ["ReplicaMetrics", "RouterMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class ReplicaMetrics:
+    """The label children of one replica, resolved once (label lookups cost on the hot path)."""
+
+    __slots__ = ("in_flight", "latency", "predicted_hit_tokens", "prompt_tokens", "reported_cached_tokens",
+                 "reported_prompt_tokens", "ttft")
+
+    def __init__(self, m: RouterMetrics, rid: str) -> None:
+        self.latency = m.latency.labels(rid)
+        self.ttft = m.ttft.labels(rid)
+        self.in_flight = m.in_flight.labels(rid)
+        self.predicted_hit_tokens = m.predicted_hit_tokens.labels(rid)
+        self.prompt_tokens = m.prompt_tokens.labels(rid)
+        self.reported_cached_tokens = m.reported_cached_tokens.labels(rid)
+        self.reported_prompt_tokens = m.reported_prompt_tokens.labels(rid)
 
 
 class RouterMetrics:
@@ -51,16 +67,11 @@ class RouterMetrics:
         self.in_flight = Gauge(p + "in_flight", "Requests in flight per replica", ["replica"], registry=r)
         self.healthy = Gauge(p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r)
         self.policy = policy
+        self.replica: dict[str, ReplicaMetrics] = {}
         for rid, _model in replicas:
             # Pre-create children so every replica shows up at once and lookups are cached.
-            self.latency.labels(rid)
-            self.ttft.labels(rid)
-            self.in_flight.labels(rid)
+            self.replica[rid] = ReplicaMetrics(self, rid)
             self.healthy.labels(rid).set(1)
-            self.predicted_hit_tokens.labels(rid)
-            self.prompt_tokens.labels(rid)
-            self.reported_cached_tokens.labels(rid)
-            self.reported_prompt_tokens.labels(rid)
             self.ejections.labels(rid)
         for result in ("hit", "miss", "bypass"):
             self.cache.labels(result)

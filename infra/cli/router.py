@@ -65,7 +65,12 @@ def _run(cfg, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    try:
+        import uvloop  # the router extra installs it: about twice the proxy throughput per core
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,368 @@
+"""Latency the gpufleet router adds, and the throughput it sustains, against calling a replica directly.
+
+    .venv/bin/python bench/router_overhead.py [--rate 500] [--seconds 10] [--concurrency 64]
+
+Processes (all on 127.0.0.1, all stopped at the end):
+  - N instant replicas: a minimal OpenAI-compatible aiohttp server answering a fixed chat
+    completion at once, so every millisecond measured is transport and proxy work;
+  - the router: `gpufleet router serve` (cache_aware) in front of them;
+  - optionally the SGLang router (cache_aware) in front of the same replicas, when
+    /tmp/peers-venv/bin/python can import sglang_router (see ../shared/peers/README.md; it is
+    never a project dependency). Skipped with a note otherwise.
+
+Two measurements per target:
+  1. open loop at --rate req/s for --seconds: latency p50/p99 (client side), and the added
+     latency against the direct path;
+  2. closed loop with --concurrency clients for --seconds: requests/s, and requests per second of
+     the router process's own CPU time (req/s per core), read from /proc.
+
+The request is a chat completion with a 2,000-character system prompt (shared by 8 groups) and
+a short user turn, so prefix hashing and the index do real work.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_PY = Path(os.environ.get("GPUFLEET_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
+LOOPBACK_ENV = {
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost", "HF_HUB_OFFLINE": "1",
+}
+
+ANSWER = json.dumps({
+    "id": "cmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * 16}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 520, "completion_tokens": 16, "total_tokens": 536,
+              "prompt_tokens_details": {"cached_tokens": 512}},
+}).encode()
+
+
+def _serve_replica(port_file: str) -> None:
+    """Child process: an instant OpenAI-compatible replica (chat completions, health, models)."""
+    import logging
+
+    from aiohttp import web
+
+    logging.getLogger("aiohttp").setLevel(logging.CRITICAL)  # SGLang's gRPC probe is not HTTP/1
+
+    async def completions(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=ANSWER, content_type="application/json")
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        app.router.add_post("/generate", completions)
+        for path in ("/health", "/v1/models", "/health_generate"):
+            app.router.add_get(path, ok)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        Path(port_file).write_text(str(port))
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # the bench stops its children with SIGINT
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready within {timeout:.0f}s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(k) for k in kids]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int | None  # process whose CPU we charge (None for direct)
+
+
+def _body(i: int) -> bytes:
+    system = f"You are support agent {i % 8}. Follow the handbook carefully. " * 36
+    return json.dumps({
+        "model": "m", "max_tokens": 16,
+        "messages": [{"role": "system", "content": system[:2000]}, {"role": "user", "content": f"question {i}"}],
+    }).encode()
+
+
+async def _open_loop(url: str, rate: float, seconds: float, progress, task) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    lat: list[float] = []
+    errors = 0
+    n = int(rate * seconds)
+    bodies = [_body(i) for i in range(64)]
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, trust_env=False) as s:
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            t0 = loop.time()
+            try:
+                async with s.post(url + "/v1/chat/completions", data=bodies[i % 64],
+                                  headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        return
+            except aiohttp.ClientError:
+                errors += 1
+                return
+            lat.append(loop.time() - t0)
+            progress.advance(task)
+
+        start = loop.time()
+        pending = []
+        for i in range(n):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*pending)
+    return lat, errors
+
+
+async def _closed_loop(url: str, concurrency: int, seconds: float, progress, task) -> tuple[int, float, int]:  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    done = 0
+    errors = 0
+    bodies = [_body(i) for i in range(64)]
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, trust_env=False) as s:
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal done, errors
+            i = w
+            while loop.time() < stop_at:
+                try:
+                    async with s.post(url + "/v1/chat/completions", data=bodies[i % 64],
+                                      headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+                        if r.status == 200:
+                            done += 1
+                            progress.advance(task)
+                        else:
+                            errors += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                i += concurrency
+
+        t0 = loop.time()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = loop.time() - t0
+    return done, elapsed, errors
+
+
+def _stop(p: subprocess.Popen) -> None:
+    """Interrupt a child's process group, then kill it if it does not exit in time."""
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(10)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Target | None:
+    if not PEERS_PY.exists():
+        return None
+    if subprocess.run([str(PEERS_PY), "-c", "import sglang_router"], capture_output=True).returncode != 0:
+        return None
+    port, mport = _free_port(), _free_port()
+    p = subprocess.Popen(
+        [str(PEERS_PY), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+         "--worker-urls", *replica_urls, "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",
+         "--prometheus-port", str(mport), "--shutdown-grace-period-secs", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **LOOPBACK_ENV},
+        start_new_session=True,
+    )
+    procs.append(p)
+    _wait_http(f"http://127.0.0.1:{port}/health", 60)
+    return Target("sglang-router", f"http://127.0.0.1:{port}", p.pid)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rate", type=float, default=500.0, help="open-loop request rate (req/s)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
+    ap.add_argument("--concurrency", type=int, default=64, help="clients in the closed-loop throughput run")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--no-peers", action="store_true", help="skip the SGLang router even if installed")
+    ap.add_argument("--serve-replica", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_replica:
+        _serve_replica(args.serve_replica)
+        return
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="gpufleet-bench-"))
+    try:
+        urls = []
+        for i in range(args.replicas):
+            pf = tmp / f"replica{i}.port"
+            procs.append(subprocess.Popen([sys.executable, __file__, "--serve-replica", str(pf)], start_new_session=True))
+            deadline = time.monotonic() + 20
+            while not pf.exists() or not pf.read_text():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("replica did not start")
+                time.sleep(0.05)
+            urls.append(f"http://127.0.0.1:{pf.read_text()}")
+        for u in urls:
+            _wait_http(u + "/health")
+
+        import yaml
+
+        cfg = {
+            "fleet": "bench", "settings": {"policy": "cache_aware", "health": {"interval_s": 30}},
+            "replicas": [
+                {"id": f"r{i}", "url": u, "deployment": "d", "model": "m", "pool": "p", "priority": 0,
+                 "kv_capacity_tokens": 200_000, "max_model_len": 32768, "max_concurrent_requests": 4096}
+                for i, u in enumerate(urls)
+            ],
+        }
+        (tmp / "router.yaml").write_text(yaml.safe_dump(cfg))
+
+        def start_gpufleet() -> Target:
+            gport = _free_port()
+            gp = subprocess.Popen(
+                [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve",
+                 "--config", str(tmp / "router.yaml"), "--port", str(gport)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            procs.append(gp)
+            _wait_http(f"http://127.0.0.1:{gport}/ready")
+            return Target("gpufleet router", f"http://127.0.0.1:{gport}", gp.pid)
+
+        def start_sglang() -> Target | None:
+            return _start_sglang(urls, procs)
+
+        # Each router runs alone while it is measured, so one never steals the other's CPU.
+        starters = [lambda: Target("direct (replica)", urls[0], None), start_gpufleet]
+        if not args.no_peers:
+            starters.append(start_sglang)
+        note = ""
+        results = []
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            for start in starters:
+                n_procs = len(procs)
+                try:
+                    t = start()
+                except RuntimeError as exc:
+                    note = f"SGLang router did not start: {exc}"
+                    continue
+                if t is None:
+                    note = f"SGLang router not installed at {PEERS_PY}: skipped (see ../shared/peers/README.md)"
+                    continue
+                w = progress.add_task(f"{t.name}: warm-up", total=None)
+                asyncio.run(_closed_loop(t.url, 8, 1.0, progress, w))
+                task = progress.add_task(f"{t.name}: {args.rate:.0f} req/s open loop", total=int(args.rate * args.seconds))
+                lat, err1 = asyncio.run(_open_loop(t.url, args.rate, args.seconds, progress, task))
+                task2 = progress.add_task(f"{t.name}: closed loop x{args.concurrency}", total=None)
+                cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
+                done, elapsed, err2 = asyncio.run(_closed_loop(t.url, args.concurrency, args.seconds, progress, task2))
+                cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
+                results.append((t, lat, err1 + err2, done / elapsed, (done / cpu) if cpu else None))
+                for p in procs[n_procs:]:
+                    _stop(p)
+
+        base = results[0][1]
+        b50, b99 = _pct(base, 0.5), _pct(base, 0.99)
+        table = Table(title=f"Router overhead: {args.replicas} instant replicas, {args.rate:.0f} req/s open loop for "
+                            f"{args.seconds:g}s, then {args.concurrency} concurrent clients")
+        for col in ("target", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "max req/s", "req/s per CPU-s", "errors"):
+            table.add_column(col, justify="left" if col == "target" else "right")
+        for t, lat, errs, rps, per_cpu in results:
+            p50, p99 = _pct(lat, 0.5), _pct(lat, 0.99)
+            direct = t.pid is None
+            table.add_row(
+                t.name, f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}",
+                "-" if direct else f"{(p50 - b50) * 1e3:+.2f}", "-" if direct else f"{(p99 - b99) * 1e3:+.2f}",
+                f"{rps:,.0f}", "-" if per_cpu is None else f"{per_cpu:,.0f}", str(errs),
+            )
+        console.print(table)
+        console.print(f"machine: {os.cpu_count()} CPUs; load generator, replicas and router share them.")
+        if note:
+            console.print(note, style="yellow")
+    finally:
+        for p in procs:
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
