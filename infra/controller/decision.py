@@ -290,7 +290,8 @@ def decide(
         targets[name] = target
         sample = fresh[name]
         if sample.placeholders_desired is None:
-            notes.append((name, "no placeholder Deployment"))
+            if target > 0:  # warmth is wanted but nothing holds it: say so (manifests render it)
+                notes.append((name, f"no placeholder Deployment to hold {target} warm node(s)"))
         elif sample.placeholders_desired != target:
             why = reason or ("restore declared warm_nodes" if memory.extra_warm == 0 else "hold extra warmth")
             actions.append(Action("set_placeholders", name, sample.placeholders_desired, target, why))
