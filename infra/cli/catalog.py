@@ -35,6 +35,8 @@ def refresh(
     with user_errors(base.AdapterError, catalog_mod.CatalogError):
         reference = catalog_mod.bundled()
         target = out or Path(f"catalog-{cloud.value}.yaml")
+        if not target.parent.is_dir():
+            raise UserError(f"--out {target}: directory {target.parent} does not exist")
         regions = list(region or discovery.regions_of(reference, cloud.value))
         adapter = discovery.connect(cloud.value, project=project)
         notes: list[str] = []
@@ -47,8 +49,7 @@ def refresh(
             raise UserError(f"no priced GPU machine found in {', '.join(regions)}; {target} left unchanged")
         text = discovery.dump(document)
         # Validate with the catalog's own loader before replacing the user's file.
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=target.parent if target.parent.exists() else None,
-                                         delete=False) as tmp:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=target.parent, delete=False) as tmp:
             tmp.write(text)
         try:
             catalog_mod.load([tmp.name])

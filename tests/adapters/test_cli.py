@@ -90,3 +90,8 @@ def test_discover_all_regions_walks_every_zone_region(gce: FakeGcpServer) -> Non
     assert result.exit_code == 0, result.output
     machines = json.loads(result.stdout)["machines"]
     assert [(m["region"], m["machine_type"]) for m in machines] == [("europe-west4", "a2-highgpu-8g")]
+
+
+def test_catalog_refresh_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["catalog", "refresh", "--cloud", "aws", "--out", str(tmp_path / "no" / "x.yaml")])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
