@@ -207,8 +207,8 @@ class GcpAdapter(ProviderAdapter):
 
     def pool_state(self, ref: PoolRef) -> PoolState:
         zone = self._zone_of(ref)
-        igm = self._client("InstanceGroupManagersClient")
         with self._errors(ref.region, zone):
+            igm = self._client("InstanceGroupManagersClient")
             group = igm.get(project=self.project, zone=zone, instance_group_manager=ref.target)
             members = list(igm.list_managed_instances(project=self.project, zone=zone,
                                                       instance_group_manager=ref.target))
