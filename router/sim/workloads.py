@@ -146,6 +146,12 @@ class _Sampler:
         return min(bisect.bisect_left(self._cum, self._rng.random() * self._cum[-1]), len(self._cum) - 1)
 
 
+def _setup(seed: int, settings: RouterSettings | None) -> tuple[RouterSettings, random.Random, TextPool]:
+    """The settings, RNG and text pool every generator starts from."""
+    s = settings or RouterSettings()
+    return s, random.Random(seed), TextPool(seed, chars_per_token=s.chars_per_token)
+
+
 def _features(body: dict[str, Any], settings: RouterSettings, session_id: str | None = None) -> RequestFeatures:
     return features_from_body(
         body,
@@ -178,9 +184,7 @@ def shared_prompts(
     keep_bodies: bool = False,
 ) -> Workload:
     """Several applications, each with its own long system prompt, many users (Zipf app popularity)."""
-    s = settings or RouterSettings()
-    rng = random.Random(seed)
-    pool = TextPool(seed, chars_per_token=s.chars_per_token)
+    s, rng, pool = _setup(seed, settings)
     system = [pool.segment(f"app{a}", rng.randint(*system_tokens)) for a in range(n_apps)]
     apps = _Sampler(zipf_weights(n_apps, app_zipf_s), rng)
     t = 0.0
@@ -211,9 +215,7 @@ def rag(
     keep_bodies: bool = False,
 ) -> Workload:
     """Queries carrying `docs_per_query` retrieved documents (Zipf popularity, most popular first)."""
-    s = settings or RouterSettings()
-    rng = random.Random(seed)
-    pool = TextPool(seed, chars_per_token=s.chars_per_token)
+    s, rng, pool = _setup(seed, settings)
     system = pool.segment("rag-system", system_tokens)
     docs = [pool.segment(f"doc{d}", rng.randint(*doc_tokens)) for d in range(n_docs)]
     sampler = _Sampler(zipf_weights(n_docs, doc_zipf_s), rng)
@@ -253,9 +255,7 @@ def multiturn(
     `rate_rps`; turn k+1 arrives `think_time_s` (exponential mean) after turn k. The assistant's
     reply in the history is the text the model generated (its output length).
     """
-    s = settings or RouterSettings()
-    rng = random.Random(seed)
-    pool = TextPool(seed, chars_per_token=s.chars_per_token)
+    s, rng, pool = _setup(seed, settings)
     systems = [pool.segment(f"mt-system{k}", system_tokens) for k in range(n_system)]
     mean_turns = (turns[0] + turns[1]) / 2
     pending: list[tuple[float, str, dict[str, Any], int, str]] = []
