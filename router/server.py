@@ -260,7 +260,10 @@ class Router:
             out["x-gpufleet-cache"] = cache
         return out
 
-    def _timeout_error(self, r: ReplicaState) -> errors.UpstreamTimeout:
+    def _timed_out(self, r: ReplicaState) -> errors.UpstreamTimeout:
+        """Count a timeout against the replica and build the 504 to raise."""
+        self.health.failure(r)
+        self._count(r.id, 504)
         return errors.UpstreamTimeout(f"replica {r.id} did not answer within {self.settings.request_timeout_s:g}s")
 
     def _count(self, replica: str, status: int) -> None:
@@ -428,9 +431,7 @@ class Router:
                     self._urls[r.id, path], data=raw, headers=headers, timeout=self._timeout
                 )
             except asyncio.TimeoutError:
-                self.health.failure(r)
-                self._count(r.id, 504)
-                raise self._timeout_error(r) from None
+                raise self._timed_out(r) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise _Retryable(type(exc).__name__) from None
             try:
@@ -444,9 +445,7 @@ class Router:
                     # here nothing has reached the client, so a failure can still be retried.
                     data = await (resp.content.readany() if is_sse else resp.read())
                 except asyncio.TimeoutError:
-                    self.health.failure(r)
-                    self._count(r.id, 504)
-                    raise self._timeout_error(r) from None
+                    raise self._timed_out(r) from None
                 except (aiohttp.ClientError, OSError) as exc:
                     raise _Retryable(f"{type(exc).__name__} before the first byte") from None
                 if is_sse and not data:

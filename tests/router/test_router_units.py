@@ -197,3 +197,24 @@ def test_every_error_in_the_tree_is_drawn_in_the_errors_docstring_with_its_statu
 def test_error_bodies_are_openai_shaped_and_never_echo_secrets() -> None:
     body = json.loads(errors.AllSaturated("busy", headers={"Retry-After": "1"}).to_body())
     assert body == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "replicas_saturated"}}
+
+
+def test_every_router_setting_is_documented() -> None:
+    from pathlib import Path
+
+    from gpufleet.router.config import RouterSettings
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "router.md"
+    if not doc.exists():
+        pytest.skip("docs/router.md not present in this checkout")
+    text = doc.read_text()
+
+    def fields(model, prefix: str = ""):  # type: ignore[no-untyped-def]
+        for name, f in model.model_fields.items():
+            if hasattr(f.annotation, "model_fields"):
+                yield from fields(f.annotation, prefix + name + ".")
+            else:
+                yield prefix + name
+
+    missing = [f for f in fields(RouterSettings) if f"`{f}`" not in text]
+    assert not missing, f"undocumented settings: {missing}"
