@@ -204,9 +204,10 @@ class Router:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes")
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        try:
+            raw = await request.read()  # the app's client_max_size is the same limit
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -618,8 +619,8 @@ def create_app(
 ) -> web.Application:
     """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`."""
     router = Router(config, policy=policy, admin_token=admin_token, environ=environ)
-    # client_max_size bounds what aiohttp itself buffers; the proxy reads with its own bound.
-    app = web.Application(client_max_size=config.settings.max_body_bytes + 1)
+    # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
+    app = web.Application(client_max_size=config.settings.max_body_bytes)
     app[ROUTER_KEY] = router
     app.cleanup_ctx.append(router.lifespan)
 

@@ -421,3 +421,29 @@ def test_admin_token_is_read_from_the_named_env_var_and_file(replicas, make_rout
     f.write_text("from-file\n")
     rr2 = make_router(replica_configs(reps), settings={"admin_token": {"file": str(f)}})
     assert httpx.get(rr2.url + "/admin/replicas", headers={"Authorization": "Bearer from-file"}).status_code == 200
+
+
+def test_large_body_arriving_in_many_segments_is_read_whole(replicas, make_router) -> None:
+    reps = replicas(1)
+    rr = make_router(replica_configs(reps, max_model_len=1_000_000))
+    big = "word " * 200_000  # 1 MB: many TCP segments
+
+    def chunks():  # type: ignore[no-untyped-def]
+        data = json.dumps(chat(big)).encode()
+        for i in range(0, len(data), 65_536):
+            yield data[i : i + 65_536]
+
+    r = httpx.post(rr.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200
+    assert reps[0].requests[-1]["body"]["messages"][1]["content"] == big
+
+
+def test_chunked_body_over_limit_is_413(replicas, make_router) -> None:
+    rr = make_router(replica_configs(replicas(1)), settings={"max_body_bytes": 4096})
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = httpx.post(rr.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
