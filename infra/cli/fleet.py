@@ -59,6 +59,14 @@ def plan(
     ] = None,
     catalog: CatalogOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Check the plan against the clouds (offered types and zones, GPU quota, spot price) "
+            "with the environment's credentials; exit 1 on an error finding.",
+        ),
+    ] = False,
 ) -> None:
     """Compile the declaration into a plan: placement, KV capacity, failover, cost."""
     from gpufleet.infra import report
@@ -75,8 +83,14 @@ def plan(
                 raise UserError(f"{compare}:{exc.lineno}: not JSON: {exc.msg}") from None
             change = report.diff(old, p)
 
+    findings = _live_findings(p, catalog) if live else None
+
     if format is PlanFormat.json:
         data = p.to_json_dict()
+        if findings is not None:
+            data["live"] = [
+                {"severity": f.severity, "pool": f.pool, "check": f.check, "message": f.message} for f in findings
+            ]
         if change is not None:
             data["compare"] = {
                 "old_usd_per_month": change.old_usd_per_month,
@@ -100,6 +114,11 @@ def plan(
         else:
             console.print(report.tables(p, change))
 
+    if findings is not None and format is not PlanFormat.json:
+        _print_findings(findings, markdown=format is PlanFormat.markdown, out=out)
+    if findings and any(f.severity == "error" for f in findings):
+        raise typer.Exit(1)
+
     if max_monthly_usd is not None:
         committed = report.monthly_committed(p)
         if committed > max_monthly_usd:
@@ -108,6 +127,35 @@ def plan(
                 highlight=False,
             )
             raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _live_findings(p, catalogs: list[Path] | None):
+    """Run the live checks of every pool whose cloud has an adapter (AWS, GCP)."""
+    from gpufleet.infra import catalog as catalog_mod
+    from gpufleet.provider_adapters import base, live
+
+    with user_errors(base.AdapterError, *_domain_errors()):
+        adapters = live.adapters_for_plan(p)
+        cat = catalog_mod.load([*(catalogs or [])])
+        return live.check_plan(p, adapters, cat)
+
+
+def _print_findings(findings, *, markdown: bool, out: Path | None) -> None:
+    if markdown:
+        lines = ["", "**Live checks**", ""] + [f"- {f.severity}: `{f.pool}` ({f.check}): {f.message}" for f in findings]
+        if not findings:
+            lines.append("- every pool passed")
+        text = "\n".join(lines) + "\n"
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            with out.open("a") as fh:
+                fh.write(text)
+        return
+    style = {"error": "bold red", "warning": "yellow", "info": "dim"}
+    console.print("[bold]live checks:[/]" + (" every pool passed" if not findings else ""))
+    for f in findings:
+        console.print(f"  [{style.get(f.severity, '')}]{f.severity}[/]: {f.pool} ({f.check}): {f.message}", highlight=False)
 
 
 def _emit(text: str, out: Path | None) -> None:

@@ -110,3 +110,42 @@ def test_render_router_config_lists_every_replica_with_its_pool_and_kv(write_fle
     assert cfg.replicas[0].url == "http://127.0.0.1:8000/llama-8b-aws-h100-0"
     assert cfg.replicas[0].kv_capacity_tokens == 467295 and cfg.replicas[0].priority == 100
     assert cfg.settings.prediction_cache.enabled is False
+
+
+AWS_ONLY = """\
+fleet: live-check
+clouds:
+  aws: {region: us-west-2, cluster: prod-eks}
+nodepools:
+  - name: h100
+    cloud: aws
+    zones: [us-west-2a]
+    instance_type: p5.48xlarge
+    priority: 100
+    max_nodes: 4
+deployments:
+  - name: llama-8b
+    model: meta-llama/Llama-3.1-8B-Instruct
+    min_replicas: 1
+    max_replicas: 8
+"""
+
+
+def test_plan_live_checks_quota_against_moto_and_exits_1_on_an_error(write_fleet, monkeypatch):
+    from moto import mock_aws
+
+    from tests.fakes.aws_quotas import ec2_gpu_quotas
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}.items():
+        monkeypatch.setenv(key, value)
+    path = str(write_fleet(AWS_ONLY))
+    # p5.48xlarge has 192 vCPUs: 4 nodes need 768 vCPUs of the P-instance quota (L-417A185B).
+    with mock_aws(), ec2_gpu_quotas({"us-west-2": {"L-417A185B": 384, "L-7212CCBC": 0}}):
+        short = runner.invoke(app, ["plan", path, "--live", "-f", "json"])
+    assert short.exit_code == 1, short.output
+    findings = json.loads(short.output)["live"]
+    assert [(f["severity"], f["pool"], f["check"]) for f in findings] == [("error", "h100", "quota")]
+    with mock_aws(), ec2_gpu_quotas({"us-west-2": {"L-417A185B": 2000, "L-7212CCBC": 0}}):
+        ok = runner.invoke(app, ["plan", path, "--live"])
+    assert ok.exit_code == 0, ok.output
+    assert "live checks: every pool passed" in ok.output
