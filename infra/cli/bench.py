@@ -79,4 +79,71 @@ def register(app: typer.Typer) -> None:
                 report.plot_runs([run], plot)
                 console.print(f"wrote {plot}")
 
+    @bench.command("live")
+    def live_cmd(
+        fleet: Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")],
+        deployment: Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")],
+        workload: Annotated[Optional[str], typer.Option("--workload", help=f"one of: {_WORKLOADS}")] = None,
+        trace: Annotated[Optional[Path], typer.Option("--trace", help="Mooncake-format trace (JSON lines)")] = None,
+        load: Annotated[float, typer.Option("--load", help="offered load before the speed-up (see bench sim)")] = 0.8,
+        requests: Annotated[int, typer.Option("--requests", help="requests to send (scaled down from bench sim)")] = 200,
+        speedup: Annotated[float, typer.Option("--speedup", help="replicas run this many times faster than the plan's hardware; arrivals too")] = 4.0,
+        routers: Annotated[str, typer.Option("--routers", help="comma-separated: gpufleet, sglang, vllm")] = "gpufleet,sglang,vllm",
+        peers_venv: Annotated[Optional[Path], typer.Option("--peers-venv", envvar="GPUFLEET_PEERS_VENV", help="virtualenv with sglang-router and vllm-router (outside the project)")] = None,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
+    ) -> None:
+        """Send one scaled-down workload over loopback HTTP through gpufleet's router and the peer routers."""
+        import json
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from gpufleet.infra import catalog as catalog_mod
+        from gpufleet.infra import spec as spec_mod
+        from gpufleet.router.sim import fleet as fleet_mod
+        from gpufleet.router.sim import live, metrics, trace as trace_mod, workloads
+
+        with user_errors(ValueError, trace_mod.TraceError, spec_mod.FleetError, catalog_mod.CatalogError):
+            if (workload is None) == (trace is None):
+                raise UserError("give exactly one of --workload NAME or --trace FILE")
+            names = tuple(r.strip() for r in routers.split(",") if r.strip())
+            bad = [r for r in names if r not in live.ROUTERS]
+            if bad or not names:
+                raise UserError(f"unknown router {', '.join(bad) or '(none)'}; choose from {', '.join(live.ROUTERS)}")
+            if requests < 1 or speedup <= 0 or load <= 0:
+                raise UserError("--requests, --speedup and --load must be positive")
+            sim_fleet = fleet_mod.fleet_from_file(fleet, deployment)
+            if trace is not None:
+                wl = trace_mod.trace_workload(trace_mod.load_trace(trace), name=trace.stem, seed=seed,
+                                              settings=sim_fleet.settings, limit=requests, keep_bodies=True)
+            else:
+                wl = workloads.make_workload(workload, requests, seed=seed, settings=sim_fleet.settings,  # type: ignore[arg-type]
+                                             keep_bodies=True)
+            natural = metrics.offered_load(wl, sim_fleet)
+            wl = wl.scaled(natural / load)
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=True) as bar:
+                tasks = {r: bar.add_task(f"{r:10s}", total=len(wl)) for r in names}
+                results = live.run_live(wl, sim_fleet, names, speedup=speedup, peers_venv=peers_venv,
+                                        progress=lambda r, n: bar.update(tasks[r], completed=n))
+            t = Table(title=(f"{wl.name} over HTTP: {len(wl)} requests, load {load:.2f}, replicas {speedup:g}x "
+                             f"the plan's speed (times are wall seconds of the sped-up run)"), title_justify="left")
+            for col in ("router", "ok", "errors", "hit", "TTFT p50 ms", "TTFT p99 ms", "req/s", "note"):
+                t.add_column(col, justify="left" if col in ("router", "note") else "right")
+            for r in results:
+                if r.skipped:
+                    t.add_row(r.router, "-", "-", "-", "-", "-", "-", f"skipped: {r.skipped}")
+                    continue
+                note = "; ".join(r.error_samples)
+                t.add_row(r.router, str(r.ok), str(r.errors), f"{r.hit_ratio:.3f}", f"{r.ttft_p50_s * 1000:,.0f}",
+                          f"{r.ttft_p99_s * 1000:,.0f}", f"{r.throughput_rps:.1f}", note)
+            console.print(t)
+            if json_out is not None:
+                json_out.write_text(json.dumps({
+                    "schema": "gpufleet.bench-live/v1", "workload": wl.name, "requests": len(wl), "load": load,
+                    "speedup": speedup, "routers": [r.to_dict() for r in results],
+                }, indent=2) + "\n")
+                console.print(f"wrote {json_out}")
+
     app.add_typer(bench, name="bench")

@@ -1,0 +1,312 @@
+"""`gpufleet bench live`: the same workload over real loopback HTTP, gpufleet's router against the peers.
+
+For each router, fresh simulated replicas (`gpufleet replica-sim` processes, with the plan's KV
+capacity and rates multiplied by `speedup` so that a scaled-down run takes seconds) are started,
+then the router in front of them:
+
+    gpufleet  `gpufleet router serve` with a router config listing the replicas (cache_aware)
+    sglang    `python -m sglang_router.launch_router --policy cache_aware` (SGLang router 0.3.x)
+    vllm      `vllm-router --policy cache_aware` (it calls each replica's `/tokenize`)
+
+The peers are installed outside the project (see ../shared/peers/README.md); give their virtual
+environment with `--peers-venv` and a router whose executable is missing is skipped with a reason.
+Everything binds 127.0.0.1; the peers get proxy variables pointing nowhere and HF_HUB_OFFLINE=1.
+
+Requests are sent open-loop at their (scaled) arrival times as streaming chat or completions calls;
+TTFT is the first streamed token, the prefix-hit ratio comes from each answer's
+`usage.prompt_tokens_details.cached_tokens` as the replica reports it. Times in the table are
+wall-clock seconds of the sped-up run (multiply by `speedup` for the plan's hardware).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet.router.sim import metrics
+from gpufleet.router.sim.fleet import SimFleet
+from gpufleet.router.sim.workloads import MODEL, Workload
+
+__all__ = ["ROUTERS", "LiveResult", "find_peer", "run_live"]
+
+ROUTERS = ("gpufleet", "sglang", "vllm")
+
+_CLI = [sys.executable, "-c", "from gpufleet.infra.cli import main; main()"]
+_PEER_ENV = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass
+class LiveResult:
+    """One router's run."""
+
+    router: str
+    skipped: str | None = None
+    """Why the router did not run (missing executable, failed to start), else None."""
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    hit_ratio: float = float("nan")
+    ttft_p50_s: float = float("nan")
+    ttft_p99_s: float = float("nan")
+    throughput_rps: float = float("nan")
+    error_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in self.__dict__.items()}
+
+
+def free_port() -> int:
+    """A port the OS says is free on 127.0.0.1 now (the child binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_peer(router: str, peers_venv: Path | None) -> tuple[list[str] | None, str]:
+    """The command prefix to start a peer router, or None and the reason it is unavailable."""
+    if peers_venv is None:
+        return None, "no --peers-venv given"
+    bin_dir = peers_venv / "bin"
+    if router == "sglang":
+        py = bin_dir / "python"
+        probe = subprocess.run([str(py), "-c", "import sglang_router"], capture_output=True) if py.exists() else None
+        if probe is None or probe.returncode != 0:
+            return None, f"sglang_router is not installed in {peers_venv}"
+        return [str(py), "-m", "sglang_router.launch_router"], ""
+    if router == "vllm":
+        exe = bin_dir / "vllm-router"
+        if not exe.exists():
+            return None, f"vllm-router is not installed in {peers_venv}"
+        return [str(exe)], ""
+    return None, f"unknown router {router!r}"
+
+
+class _Procs:
+    """Child processes started for one run; all are stopped on exit, whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        fh = log.open("wb")
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        fh.close()
+        self.procs.append(p)
+        self.logs.append(log)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before {url} answered")
+        try:
+            r = httpx.get(url, timeout=1.0, trust_env=False)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s ({last})")
+
+
+def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -> list[str]:
+    urls = []
+    s = fleet.settings
+    pending = []
+    for spec in fleet.replicas:
+        e = spec.engine
+        port_file = tmp / f"{spec.id}.port"
+        cmd = [
+            *_CLI, "replica-sim", "--model", MODEL, "--replica-id", spec.id, "--port", "0", "--port-file", str(port_file),
+            "--kv-capacity-tokens", str(e.kv_capacity_tokens),
+            "--prefill-tokens-per-s", str(e.prefill_tokens_per_s * speedup),
+            "--decode-tokens-per-s", str(e.decode_tokens_per_s * speedup),
+            "--max-running", str(e.max_running), "--max-batched-tokens", str(e.max_batched_tokens),
+            "--max-model-len", str(e.max_model_len), "--block-size-tokens", str(s.block_size_tokens),
+            "--chars-per-token", str(s.chars_per_token),
+        ]
+        pending.append((procs.start(cmd, tmp / f"{spec.id}.log"), port_file))
+    for proc, port_file in pending:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"replica-sim did not start (see {port_file.with_suffix('.log')})")
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{int(port_file.read_text().strip())}"
+        _wait_http(url + "/health", 30, proc)
+        urls.append(url)
+    return urls
+
+
+def _start_router(router: str, procs: _Procs, fleet: SimFleet, urls: list[str], tmp: Path, peer: list[str] | None) -> str:
+    port = free_port()
+    log = tmp / f"router-{router}.log"
+    if router == "gpufleet":
+        from gpufleet.router.config import ReplicaConfig, RouterConfig
+
+        settings = fleet.settings.model_copy(update={"policy": "cache_aware"})
+        cfg = RouterConfig(
+            fleet=fleet.name,
+            settings=settings,
+            replicas=[
+                ReplicaConfig(
+                    id=spec.id, url=url, deployment=fleet.name, model=MODEL, pool=spec.pool, priority=spec.priority,
+                    kv_capacity_tokens=spec.engine.kv_capacity_tokens, max_model_len=spec.engine.max_model_len,
+                    max_concurrent_requests=spec.max_concurrent_requests,
+                )
+                for spec, url in zip(fleet.replicas, urls)
+            ],
+        )
+        path = tmp / "router.json"
+        path.write_text(json.dumps(cfg.model_dump(mode="json", by_alias=True)))
+        proc = procs.start([*_CLI, "router", "serve", "--config", str(path), "--port", str(port)], log)
+        _wait_http(f"http://127.0.0.1:{port}/health", 30, proc)
+        return f"http://127.0.0.1:{port}"
+    assert peer is not None
+    metrics_port = free_port()
+    common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", "cache_aware",
+              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    if router == "sglang":
+        cmd = [*peer, *common, "--shutdown-grace-period-secs", "1"]
+    else:
+        cmd = [*peer, *common]
+    proc = procs.start(cmd, log, env=_PEER_ENV)
+    _wait_http(f"http://127.0.0.1:{port}/readiness", 60, proc)
+    return f"http://127.0.0.1:{port}"
+
+
+async def _drive(base: str, workload: Workload, speedup: float, on_done: Callable[[int], None] | None) -> list[dict]:
+    import httpx
+
+    t0 = workload.requests[0].arrival_s if workload.requests else 0.0
+    out: list[dict] = []
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits, trust_env=False) as client:
+        start = time.perf_counter()
+
+        async def one(req) -> None:  # type: ignore[no-untyped-def]
+            delay = (req.arrival_s - t0) / speedup - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = dict(req.body, stream=True, stream_options={"include_usage": True})
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            headers = {"x-session-id": req.features.session_id} if req.features.session_id else {}
+            rec: dict = {"ok": False, "ttft": None, "prompt": 0, "cached": 0, "err": None}
+            sent = time.perf_counter()
+            try:
+                async with client.stream("POST", base + path, json=body, headers=headers) as resp:
+                    if resp.status_code != 200:
+                        rec["err"] = f"HTTP {resp.status_code}: {(await resp.aread())[:120]!r}"
+                    else:
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if rec["ttft"] is None and chunk.get("choices"):
+                                rec["ttft"] = time.perf_counter() - sent
+                            usage = chunk.get("usage")
+                            if usage:
+                                rec["prompt"] = usage.get("prompt_tokens") or 0
+                                rec["cached"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                        rec["ok"] = rec["ttft"] is not None
+                        rec["end"] = time.perf_counter() - start
+            except (httpx.HTTPError, ValueError) as exc:
+                rec["err"] = f"{type(exc).__name__}: {exc}"[:160]
+            out.append(rec)
+            if on_done is not None:
+                on_done(len(out))
+
+        await asyncio.gather(*(one(r) for r in workload.requests))
+    return out
+
+
+def run_live(
+    workload: Workload,
+    fleet: SimFleet,
+    routers: tuple[str, ...] = ROUTERS,
+    *,
+    speedup: float = 4.0,
+    peers_venv: Path | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> list[LiveResult]:
+    """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas."""
+    if any(r.body is None for r in workload.requests):
+        raise ValueError("live runs need request bodies: build the workload with keep_bodies=True")
+    results = []
+    for router in routers:
+        peer, why = (None, "") if router == "gpufleet" else find_peer(router, peers_venv)
+        if router != "gpufleet" and peer is None:
+            results.append(LiveResult(router, skipped=why))
+            continue
+        procs = _Procs()
+        with tempfile.TemporaryDirectory(prefix=f"gpufleet-live-{router}-") as d:
+            tmp = Path(d)
+            try:
+                urls = _start_replicas(procs, fleet, speedup, tmp)
+                base = _start_router(router, procs, fleet, urls, tmp, peer)
+                cb = (lambda n, _r=router: progress(_r, n)) if progress else None
+                recs = asyncio.run(_drive(base, workload, speedup, cb))
+            except RuntimeError as exc:
+                tail = ""
+                with contextlib.suppress(OSError):
+                    tail = (tmp / f"router-{router}.log").read_text(errors="replace")[-300:]
+                results.append(LiveResult(router, skipped=f"{exc}; log tail: {tail.strip()}" if tail else str(exc)))
+                continue
+            finally:
+                procs.stop()
+        results.append(_summarize(router, recs))
+    return results
+
+
+def _summarize(router: str, recs: list[dict]) -> LiveResult:
+    ok = [r for r in recs if r["ok"]]
+    ttft = sorted(r["ttft"] for r in ok)
+    prompt = sum(r["prompt"] for r in ok)
+    span = max((r["end"] for r in ok), default=0.0)
+    return LiveResult(
+        router,
+        requests=len(recs),
+        ok=len(ok),
+        errors=len(recs) - len(ok),
+        hit_ratio=sum(r["cached"] for r in ok) / prompt if prompt else float("nan"),
+        ttft_p50_s=metrics.percentile(ttft, 50),
+        ttft_p99_s=metrics.percentile(ttft, 99),
+        throughput_rps=len(ok) / span if span > 0 else float("nan"),
+        error_samples=[r["err"] for r in recs if r["err"]][:3],
+    )
+

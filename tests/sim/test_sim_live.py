@@ -1,0 +1,61 @@
+"""`bench live`: real loopback HTTP through gpufleet's router (and the peers when installed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpufleet.infra.cli import app
+from gpufleet.router.sim import fleet, live, metrics, workloads
+
+FLEET = Path(__file__).resolve().parents[2] / "bench" / "fleet.yaml"
+PEERS = os.environ.get("GPUFLEET_PEERS_VENV")
+
+
+def _workload(n: int) -> tuple[workloads.Workload, fleet.SimFleet]:
+    f = fleet.fleet_from_file(FLEET, "qwen-32b").with_replicas(2)
+    wl = workloads.shared_prompts(n, seed=2, n_apps=3, settings=f.settings, keep_bodies=True)
+    return wl.scaled(metrics.offered_load(wl, f) / 0.5), f
+
+
+@pytest.mark.slow
+def test_gpufleet_router_serves_the_workload_over_http_and_reuses_prefixes() -> None:
+    wl, f = _workload(30)
+    done: list[int] = []
+    (res,) = live.run_live(wl, f, ("gpufleet",), speedup=8.0, progress=lambda r, n: done.append(n))
+    assert res.skipped is None and res.ok == 30 and res.errors == 0
+    assert res.hit_ratio > 0.3  # 3 system prompts over 2 replicas: most prompt tokens are reused
+    assert 0 < res.ttft_p50_s <= res.ttft_p99_s
+    assert done[-1] == 30
+
+
+def test_missing_peers_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    wl, f = _workload(3)
+    res = live.run_live(wl, f, ("sglang", "vllm"), peers_venv=tmp_path)
+    assert [r.router for r in res] == ["sglang", "vllm"]
+    assert all(r.skipped and "not installed" in r.skipped for r in res)
+    assert live.run_live(wl, f, ("vllm",))[0].skipped == "no --peers-venv given"
+
+
+def test_live_needs_request_bodies() -> None:
+    f = fleet.uniform_fleet(1)
+    with pytest.raises(ValueError, match="keep_bodies"):
+        live.run_live(workloads.rag(3), f, ("gpufleet",))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PEERS, reason="set GPUFLEET_PEERS_VENV to a virtualenv with sglang-router and vllm-router")
+def test_peer_routers_serve_the_same_workload() -> None:
+    wl, f = _workload(30)
+    res = live.run_live(wl, f, ("sglang", "vllm"), speedup=8.0, peers_venv=Path(PEERS))  # type: ignore[arg-type]
+    for r in res:
+        assert r.skipped is None, r.skipped
+        assert r.ok == 30 and r.hit_ratio > 0.3
+
+
+def test_bench_live_cli_rejects_unknown_routers() -> None:
+    res = CliRunner().invoke(app, ["bench", "live", "--fleet", str(FLEET), "--deployment", "qwen-32b",
+                                   "--workload", "rag", "--routers", "gpufleet,envoy"])
+    assert res.exit_code == 1 and "unknown router envoy" in res.output and "Traceback" not in res.output
