@@ -36,7 +36,7 @@ from gpufleet.router.sim import metrics
 from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.workloads import MODEL, Workload
 
-__all__ = ["ROUTERS", "LiveResult", "find_peer", "run_live"]
+__all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live"]
 
 ROUTERS = ("gpufleet", "sglang", "vllm")
 

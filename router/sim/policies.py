@@ -44,12 +44,14 @@ from gpufleet.router.policy import POLICIES, Policy, rendezvous
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures, stable_hash
 
 __all__ = [
+    "DEFAULT_ORDER",
     "SIM_POLICIES",
     "ConsistentHashPolicy",
     "OracleChoice",
     "OraclePolicy",
     "SGLangCacheAwareModel",
     "make_sim_policy",
+    "pending_prefill_tokens",
 ]
 
 

@@ -24,7 +24,7 @@ from gpufleet.router.config import RouterSettings
 from gpufleet.router.sim.workloads import MODEL, SimRequest, TextPool, Workload
 from gpufleet.router.types import RequestFeatures
 
-__all__ = ["TraceError", "TraceRecord", "load_trace", "parse_trace", "trace_text", "trace_workload"]
+__all__ = ["TRACE_BLOCK_TOKENS", "TraceError", "TraceRecord", "load_trace", "parse_trace", "trace_text", "trace_workload"]
 
 TRACE_BLOCK_TOKENS = 512
 

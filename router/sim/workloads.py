@@ -32,6 +32,7 @@ from gpufleet.router.prefix import features_from_body
 from gpufleet.router.types import RequestFeatures, stable_hash
 
 __all__ = [
+    "MODEL",
     "WORKLOADS",
     "expected_shared_fraction",
     "SimRequest",
