@@ -232,6 +232,39 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> float:
+    """CPU microseconds this process spends per proxied-style request with an HTTP client library."""
+    body = _body(1)
+    headers = {"Content-Type": "application/json"}
+    per = n // workers
+    if lib == "aiohttp":
+        import aiohttp
+
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+                                         auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent")) as s:
+            async def one_worker() -> None:
+                for _ in range(per):
+                    async with s.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                        await r.read()
+
+            await one_worker()  # warm the pool
+            c0 = time.process_time()
+            await asyncio.gather(*(one_worker() for _ in range(workers)))
+            return (time.process_time() - c0) / (per * workers) * 1e6
+    import httpx
+
+    async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=64)) as c:
+        async def one_worker_httpx() -> None:
+            for _ in range(per):
+                r = await c.post(url + "/v1/chat/completions", content=body, headers=headers)
+                r.read()
+
+        await one_worker_httpx()
+        c0 = time.process_time()
+        await asyncio.gather(*(one_worker_httpx() for _ in range(workers)))
+        return (time.process_time() - c0) / (per * workers) * 1e6
+
+
 def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Target | None:
     if not PEERS_PY.exists():
         return None
@@ -356,6 +389,13 @@ def main() -> None:
             )
         console.print(table)
         console.print(f"machine: {os.cpu_count()} CPUs; load generator, replicas and router share them.")
+        # Why the router proxies with aiohttp: what each client library costs per request.
+        libs = Table(title="Upstream HTTP client cost (8 concurrent workers against one instant replica)")
+        libs.add_column("client library")
+        libs.add_column("CPU µs per request", justify="right")
+        for lib in ("aiohttp", "httpx"):
+            libs.add_row(lib, f"{asyncio.run(_client_cost(urls[0], lib)):.0f}")
+        console.print(libs)
         if note:
             console.print(note, style="yellow")
     finally:
