@@ -326,6 +326,13 @@ class Router:
             self.metrics.rejections.labels(str(exc.status)).inc()
             extra = {"x-gpufleet-cache": cache_state} if cache_state else None
             return _error_response(exc, extra)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise  # the client went away mid-answer: nothing left to tell it
+        except Exception:
+            # A bug of ours must still answer in the API's shape, and must not leak details.
+            log.exception("unexpected error while proxying %s", path)
+            self.metrics.rejections.labels("500").inc()
+            return _error_response(errors.RouterError("internal router error"))
 
     async def _answer_from_cache(
         self, request: web.Request, answer: bytes, body: Mapping[str, Any], stream: bool

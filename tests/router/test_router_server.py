@@ -447,3 +447,18 @@ def test_chunked_body_over_limit_is_413(replicas, make_router) -> None:
 
     r = httpx.post(rr.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
+
+
+def test_an_internal_bug_answers_500_in_the_api_shape_without_details(replicas, make_router) -> None:
+    from gpufleet.router.policy import LeastLoadPolicy
+
+    class Broken(LeastLoadPolicy):
+        name = "least_load"
+
+        def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+            raise RuntimeError("secret internal detail")
+
+    rr = make_router(replica_configs(replicas(1)), policy=Broken())
+    r = post(rr.url, chat("x"))
+    assert r.status_code == 500
+    assert error_of(r)["type"] == "server_error" and "secret" not in r.text
