@@ -45,8 +45,10 @@ class PredictionCacheSettings(_Strict):
 class CacheAwareSettings(_Strict):
     """How `cache_aware` weighs prefill work saved against queued work."""
 
+    # 0.5 from bench/cache_aware_sweep.py (docs/routing.md): 1.0 sent turns away from their cache
+    # on memory-bound fleets; 0.25 starts piling a hot prefix onto one replica.
     load_weight: float = Field(
-        1.0, ge=0, description="weight of a replica's queued prefill tokens against matched prefix tokens"
+        0.5, ge=0, description="weight of a replica's queued prefill tokens against matched prefix tokens"
     )
     min_match_blocks: int = Field(
         1, ge=0, description="below this many matched blocks a request is routed by load alone"
