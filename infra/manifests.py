@@ -59,6 +59,18 @@ __all__ = [
     "cluster_objects",
     "dump_yaml",
     "clusters",
+    "check_controller_options",
+    "controller_args",
+    "controller_cluster_role",
+    "controller_cluster_role_binding",
+    "controller_configmap",
+    "controller_deployment",
+    "controller_name",
+    "controller_node_scaling",
+    "controller_objects",
+    "controller_role",
+    "controller_role_binding",
+    "controller_service_account",
     "engine_command",
     "expander_configmap",
     "expander_group_pattern",
@@ -69,6 +81,7 @@ __all__ = [
     "node_group_name",
     "nvidia_device_plugin",
     "placeholder_deployment",
+    "placeholder_pools",
     "placeholder_priority_class",
     "pool_labels",
     "pool_taints",
@@ -98,6 +111,13 @@ ROUTER_CONFIG_DIR = "/etc/gpufleet"
 ADMIN_TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
 ADMIN_TOKEN_KEY = "token"
 ENGINE_HEALTH_PATH = "/health"  # both vLLM and SGLang serve GET /health
+PLAN_KEY = "plan.json"
+CONTROLLER_METRICS_PORT = 9102
+CONTROLLER_KUBECONFIG_DIR = "/etc/gpufleet/kube"
+CONTROLLER_KUBECONFIG_KEY = "config"
+# Cloud credentials of the controller's pod, bound to its ServiceAccount.
+AWS_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"  # EKS IAM Roles for Service Accounts
+GCP_SA_ANNOTATION = "iam.gke.io/gcp-service-account"  # GKE Workload Identity
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,20 @@ class ManifestOptions:
     # EKS (unlike GKE) does not run NVIDIA's device plugin; without it no node offers nvidia.com/gpu.
     install_device_plugin: bool = True
     device_plugin_image: str = "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"
+    # The warm-capacity / failover controller (`gpufleet controller run`), in the router's cluster.
+    controller: bool = True
+    # An image with `gpufleet[router,kubernetes]` and the cloud extras (`aws`, `gcp`) installed.
+    controller_image: str = "ghcr.io/gpufleet/gpufleet-controller:0.1.0"
+    # IAM role for IRSA (controller on EKS): lets it resize EKS node groups.
+    controller_aws_role_arn: str | None = None
+    # Google service account for Workload Identity (controller on GKE): lets it resize instance groups.
+    controller_gcp_service_account: str | None = None
+    # POOL -> EKS node group / GCE instance group behind it (`--provider-name`); GKE pools need it.
+    controller_provider_names: Mapping[str, str] = field(default_factory=dict)
+    # Multi-cluster fleets: a Secret (key `config`) holding a kubeconfig with a context per
+    # cluster, and CLOUD -> context. Without it the controller sees its own cluster only.
+    controller_kubeconfig_secret: str | None = None
+    controller_kube_contexts: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -300,6 +334,21 @@ def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions 
             },
         },
     }
+
+
+def placeholder_pools(plan: Plan, pools: Iterable[PoolPlan]) -> list[PoolPlan]:
+    """The pools among `pools` that get a placeholder Deployment `warm-<pool>`.
+
+    Those with declared warm nodes, and every pool that follows the first one in some
+    deployment's failover chain (with `warm_nodes` replicas, possibly 0): the controller can
+    only warm a pool ahead of spill-over by scaling a placeholder Deployment that exists.
+    """
+    later: set[str] = set()
+    for dep in plan.deployments:
+        # The controller's chain: the failover order, then any placed pool not in it.
+        chain = list(dep.failover) + [p.pool for p in dep.placement if p.pool not in dep.failover]
+        later.update(chain[1:])
+    return [p for p in pools if p.warm_nodes > 0 or p.name in later]
 
 
 def nvidia_device_plugin(plan: Plan, cluster: Cluster, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
@@ -686,6 +735,281 @@ def router_objects(plan: Plan, options: ManifestOptions = ManifestOptions()) -> 
 
 
 # ---------------------------------------------------------------------------------------
+# The warm-capacity / failover controller
+
+
+def controller_name(plan: Plan) -> str:
+    """Name of the controller's ConfigMap, ServiceAccount, RBAC objects and Deployment."""
+    return f"{plan.fleet}-controller"
+
+
+def _controller_labels(plan: Plan) -> dict[str, str]:
+    return {"app.kubernetes.io/name": controller_name(plan), "app.kubernetes.io/component": "controller"}
+
+
+def _plan_text(plan: Plan) -> str:
+    return json.dumps(plan.to_json_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def controller_configmap(plan: Plan) -> dict[str, Any]:
+    """The compiled plan (`gpufleet plan --format json`) the controller reads with `--config`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan)),
+        "data": {PLAN_KEY: _plan_text(plan)},
+    }
+
+
+def _controller_credentials(plan: Plan, options: ManifestOptions) -> dict[str, str]:
+    """ServiceAccount annotations giving the controller's pod cloud credentials.
+
+    IRSA works only for a pod on EKS and Workload Identity only on GKE: the controller runs in
+    the router's cluster, so only that cloud's setting applies (`check_controller_options`).
+    """
+    home = router_cluster(plan)
+    out: dict[str, str] = {}
+    if home is not None and home.cloud == "aws" and options.controller_aws_role_arn:
+        out[AWS_ROLE_ANNOTATION] = options.controller_aws_role_arn
+    if home is not None and home.cloud == "gcp" and options.controller_gcp_service_account:
+        out[GCP_SA_ANNOTATION] = options.controller_gcp_service_account
+    return out
+
+
+def check_controller_options(plan: Plan, options: ManifestOptions) -> list[str]:
+    """Controller settings that cannot work for this plan, one message each (empty: fine)."""
+    if not options.controller:
+        return []
+    home = router_cluster(plan)
+    where = home.cloud if home is not None else "no"
+    problems = []
+    if options.controller_aws_role_arn and where != "aws":
+        problems.append(f"controllerAwsRoleArn: the controller runs in the {where} cluster; IRSA works only on EKS")
+    if options.controller_gcp_service_account and where != "gcp":
+        problems.append(f"controllerGcpServiceAccount: the controller runs in the {where} cluster; Workload Identity works only on GKE")
+    names = {p.name for p in plan.pools}
+    unknown = sorted(set(options.controller_provider_names) - names)
+    if unknown:
+        problems.append(f"controllerProviderNames: no pool named {', '.join(unknown)}; pools: {', '.join(sorted(names))}")
+    clouds = {c.cloud for c in clusters(plan)}
+    if options.controller_kube_contexts and not options.controller_kubeconfig_secret:
+        problems.append("controllerKubeContexts: needs controllerKubeconfigSecret (the kubeconfig holding those contexts)")
+    wrong = sorted(set(options.controller_kube_contexts) - clouds)
+    if wrong:
+        problems.append(f"controllerKubeContexts: {', '.join(wrong)} holds no pool of this fleet; clouds: {', '.join(sorted(clouds))}")
+    return problems
+
+
+def _scaled_provider_names(plan: Plan, options: ManifestOptions) -> dict[str, str]:
+    """`--provider-name` entries for the pools whose cloud the controller has credentials for."""
+    creds = _controller_credentials(plan, options)
+    ok = {"aws"} if AWS_ROLE_ANNOTATION in creds else {"gcp"} if GCP_SA_ANNOTATION in creds else set()
+    clouds = {p.name: p.cloud for p in plan.pools}
+    return {k: v for k, v in sorted(options.controller_provider_names.items()) if clouds.get(k) in ok}
+
+
+def controller_node_scaling(plan: Plan, options: ManifestOptions) -> bool:
+    """Whether the controller may raise node counts, i.e. has the cloud credentials to.
+
+    With node scaling on, `gpufleet controller run` reads every EKS pool's node group: without
+    AWS credentials none of those pools would be observed at all (no sample, no action), so
+    node scaling stays off and the controller manages placeholders only. GKE pools are read
+    only when their instance group is named (`controller_provider_names`).
+    """
+    creds = _controller_credentials(plan, options)
+    has_aws_pools = any(p.cloud == "aws" for p in plan.pools)
+    if has_aws_pools and AWS_ROLE_ANNOTATION not in creds:
+        return False
+    if AWS_ROLE_ANNOTATION in creds:
+        return True
+    return GCP_SA_ANNOTATION in creds and any(plan.pool(n).cloud == "gcp" for n in _scaled_provider_names(plan, options))
+
+
+def controller_args(plan: Plan, options: ManifestOptions = ManifestOptions()) -> list[str]:
+    """Arguments of `gpufleet` in the controller's container (flags of `gpufleet controller run`)."""
+    args = [
+        "controller", "run",
+        "--config", f"{ROUTER_CONFIG_DIR}/{PLAN_KEY}",
+        "--metrics-port", str(CONTROLLER_METRICS_PORT),
+        "--metrics-host", "0.0.0.0",
+    ]  # fmt: skip
+    home = router_cluster(plan)
+    # Each router pod gauges only its own in-flight requests and the Service reaches one pod
+    # per scrape: with several routers the saturation would be understated, so GPU pressure
+    # alone drives the controller then.
+    if options.router_replicas == 1 and home is not None:
+        url = f"http://{_router_name(plan)}.{plan.namespace}.svc.cluster.local:{_settings(plan).port}/metrics"
+        args += ["--router-metrics", url]
+    if controller_node_scaling(plan, options):
+        for pool, name in _scaled_provider_names(plan, options).items():
+            args += ["--provider-name", f"{pool}={name}"]
+    else:
+        args.append("--no-node-scaling")
+    if options.controller_kubeconfig_secret:
+        args += ["--kubeconfig", f"{CONTROLLER_KUBECONFIG_DIR}/{CONTROLLER_KUBECONFIG_KEY}"]
+        for cloud, context in sorted(options.controller_kube_contexts.items()):
+            args += ["--kube-context", f"{cloud}={context}"]
+    return args
+
+
+def controller_service_account(plan: Plan, options: ManifestOptions = ManifestOptions(), *, home: bool = True) -> dict[str, Any]:
+    """The controller's identity; in its own cluster it carries the cloud-credential annotations.
+
+    The API token is mounted by the pod spec only (the account itself does not automount).
+    """
+    meta = _meta(plan, controller_name(plan), _controller_labels(plan))
+    creds = _controller_credentials(plan, options) if home else {}
+    if creds:
+        meta["annotations"] = creds
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
+
+
+def controller_cluster_role(plan: Plan) -> dict[str, Any]:
+    """Cluster-wide, read-only: exactly the two lists `KubernetesAdapter.utilisations` makes
+    (`list_node` by pool label, `list_pod_for_all_namespaces`) and nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan), namespaced=False),
+        "rules": [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        ],
+    }
+
+
+def controller_cluster_role_binding(plan: Plan) -> dict[str, Any]:
+    name = controller_name(plan)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": _meta(plan, name, _controller_labels(plan), namespaced=False),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": plan.namespace}],
+    }
+
+
+def controller_role(plan: Plan) -> dict[str, Any]:
+    """In the fleet namespace: read and patch the scale of the placeholder Deployments only.
+
+    `KubernetesAdapter` reads `deployments/scale` (`read_namespaced_deployment_scale`) and
+    patches it (`patch_namespaced_deployment_scale`); it never reads or changes the
+    Deployments themselves. The names cover every pool of the plan, placeholder or not: the
+    controller asks about each pool it observes, and a missing one must answer 404 (no
+    placeholder, noted) rather than 403 (which fails the whole cluster's observation).
+    """
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan)),
+        "rules": [
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments/scale"],
+                "resourceNames": [f"warm-{p.name}" for p in plan.pools],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def controller_role_binding(plan: Plan) -> dict[str, Any]:
+    name = controller_name(plan)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(plan, name, _controller_labels(plan)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": plan.namespace}],
+    }
+
+
+def controller_deployment(plan: Plan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
+    """One `gpufleet controller run` pod reading the plan ConfigMap, metrics on :9102."""
+    name = controller_name(plan)
+    labels = _controller_labels(plan)
+    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": name}}]
+    if options.controller_kubeconfig_secret:
+        mounts.append({"name": "kubeconfig", "mountPath": CONTROLLER_KUBECONFIG_DIR, "readOnly": True})
+        volumes.append({"name": "kubeconfig", "secret": {"secretName": options.controller_kubeconfig_secret}})
+
+    def probe(period: int, failures: int) -> dict[str, Any]:
+        # The metrics server is the controller's only HTTP surface; it starts before the first round.
+        return {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
+
+    placement: dict[str, Any] = {}
+    if router_cluster(plan) is not None:
+        placement = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": LABEL_POOL, "operator": "DoesNotExist"}]}]}}}}  # fmt: skip
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(plan, name, labels),
+        "spec": {
+            # One controller: two would act on the same placeholders with separate memories.
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, **labels}},
+            "template": {
+                "metadata": {
+                    "labels": {LABEL_FLEET: plan.fleet, **labels},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(CONTROLLER_METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                        # A changed plan rolls the controller.
+                        "gpufleet.io/config-sha256": hashlib.sha256(_plan_text(plan).encode()).hexdigest()[:16],
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    # The controller talks to the Kubernetes API: it needs its token.
+                    "automountServiceAccountToken": True,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    **placement,
+                    "containers": [
+                        {
+                            "name": "controller",
+                            "image": options.controller_image,
+                            "command": ["gpufleet"],
+                            "args": controller_args(plan, options),
+                            "ports": [{"name": "metrics", "containerPort": CONTROLLER_METRICS_PORT, "protocol": "TCP"}],
+                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+                            "startupProbe": probe(2, 60),
+                            "readinessProbe": probe(10, 3),
+                            "livenessProbe": probe(20, 3),
+                            "securityContext": _restricted_security(),
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def controller_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = ManifestOptions()) -> list[dict[str, Any]]:
+    """The controller's objects in `cluster`.
+
+    In the router's cluster: the plan ConfigMap, ServiceAccount, ClusterRole + binding, Role +
+    binding and the Deployment. In the fleet's other clusters, only when a kubeconfig Secret is
+    configured (the controller then reaches them with that ServiceAccount's token): the
+    ServiceAccount and its RBAC. Nothing when the controller is turned off.
+    """
+    home = router_cluster(plan)
+    if not options.controller or home is None:
+        return []
+    rbac = [controller_cluster_role(plan), controller_cluster_role_binding(plan), controller_role(plan), controller_role_binding(plan)]
+    if home.cloud == cluster.cloud:
+        return [controller_configmap(plan), controller_service_account(plan, options), *rbac, controller_deployment(plan, options)]
+    if options.controller_kubeconfig_secret:
+        return [controller_service_account(plan, options, home=False), *rbac]
+    return []
+
+
+# ---------------------------------------------------------------------------------------
 # Everything
 
 
@@ -696,7 +1020,7 @@ def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = Man
         objs.append(expander_configmap(plan, cluster, options))
     if cluster.cloud == "aws" and options.install_device_plugin:
         objs.append(nvidia_device_plugin(plan, cluster, options))
-    objs += [placeholder_deployment(plan, p, options) for p in cluster.pools if p.warm_nodes > 0]
+    objs += [placeholder_deployment(plan, p, options) for p in placeholder_pools(plan, cluster.pools)]
     for dep in plan.deployments:
         pools = [plan.pool(n) for n in dep.failover if n in cluster.pool_names]
         if not pools:
@@ -706,6 +1030,7 @@ def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = Man
     home = router_cluster(plan)
     if home is not None and home.cloud == cluster.cloud:
         objs += router_objects(plan, options)
+    objs += controller_objects(plan, cluster, options)
     return objs
 
 

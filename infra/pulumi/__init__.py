@@ -6,6 +6,7 @@ uses. Importing this package needs the `pulumi` extra.
 """
 from __future__ import annotations
 
+from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
 from gpufleet.infra.pulumi.fleet import Fleet, FleetArgs, InvalidFleet, compile_declaration
 from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
@@ -17,6 +18,8 @@ from gpufleet.infra.pulumi import stack_config
 __all__ = [
     "CacheAwareRouter",
     "CacheAwareRouterArgs",
+    "FailoverController",
+    "FailoverControllerArgs",
     "FailoverPriorities",
     "FailoverPrioritiesArgs",
     "Fleet",

@@ -1,5 +1,6 @@
 """`Fleet`: the top component. Declaration -> plan -> providers, node pools, warm capacity,
-failover priorities, model deployments and the router, across every cluster of the fleet.
+failover priorities, model deployments, the router and the warm-capacity / failover
+controller, across every cluster of the fleet.
 
 The declaration is compiled before anything is registered: an invalid declaration raises
 `InvalidFleet` (a `pulumi.RunError`, shown by Pulumi as one message without a traceback)
@@ -20,6 +21,7 @@ from gpufleet.infra import manifests, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.plan import Plan
 from gpufleet.infra.pulumi._kube import apply_object
+from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
 from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
 from gpufleet.infra.pulumi.nodepool import GpuNodepool, GpuNodepoolArgs
@@ -133,6 +135,9 @@ class Fleet(pulumi.ComponentResource):
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         # Compile first: an invalid declaration registers nothing, not even this component.
         plan = args.plan or compile_declaration(args.fleet, args.fleet_file, base_dir=args.base_dir)
+        problems = manifests.check_controller_options(plan, args.options)
+        if problems:
+            raise pulumi.RunError("; ".join(problems))
         super().__init__("gpufleet:fleet:Fleet", name, None, opts)
         self.plan = plan
         options = args.options
@@ -206,6 +211,8 @@ class Fleet(pulumi.ComponentResource):
                     )
             if home is not None and c.cloud == home.cloud:
                 router = CacheAwareRouter(f"{key}-router", CacheAwareRouterArgs(plan, args.admin_token, options), after_ns)
+            if manifests.controller_objects(plan, c, options):
+                FailoverController(f"{key}-controller", FailoverControllerArgs(plan, c, options), after_ns)
 
         self.router_endpoint = router.endpoint if router is not None else pulumi.Output.from_input("")
         self.pools = pulumi.Output.from_input(pool_rows)

@@ -14,9 +14,17 @@ Keys (namespace `gpufleet`):
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
 | installDevicePlugin  | EKS: run NVIDIA's device plugin DaemonSet (default true)              |
+| controller           | install the warm-capacity / failover controller (default true)        |
+| controllerImage      | image with `gpufleet[router,kubernetes,aws,gcp]` installed            |
+| controllerAwsRoleArn | IAM role for IRSA (controller on EKS): node-group scaling             |
+| controllerGcpServiceAccount | Google SA for Workload Identity (controller on GKE)            |
+| controllerProviderNames | object POOL -> node group / instance group name                    |
+| controllerKubeconfigSecret | Secret (key `config`) with a kubeconfig for every cluster       |
+| controllerKubeContexts | object CLOUD -> context in that kubeconfig                          |
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pulumi
@@ -28,6 +36,16 @@ __all__ = ["NAMESPACE", "SERVICE_TYPES", "read"]
 
 NAMESPACE = "gpufleet"
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
+
+
+def _str_map(cfg: pulumi.Config, key: str) -> dict[str, str]:
+    """An optional config object of string -> string (e.g. POOL -> node group name)."""
+    value = cfg.get_object(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+        raise pulumi.RunError(f"gpufleet:{key}: expected an object of names to non-empty strings, got {value!r}")
+    return dict(value)
 
 
 def read(base_dir: str | Path | None = None) -> FleetArgs:
@@ -47,6 +65,17 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
         autoscaler_namespace=cfg.get("autoscalerNamespace") or defaults.autoscaler_namespace,
         placeholder_image=cfg.get("placeholderImage") or defaults.placeholder_image,
         install_device_plugin=defaults.install_device_plugin if cfg.get_bool("installDevicePlugin") is None else bool(cfg.get_bool("installDevicePlugin")),
+    )
+    controller = cfg.get_bool("controller")
+    options = dataclasses.replace(
+        options,
+        controller=defaults.controller if controller is None else bool(controller),
+        controller_image=cfg.get("controllerImage") or defaults.controller_image,
+        controller_aws_role_arn=cfg.get("controllerAwsRoleArn") or None,
+        controller_gcp_service_account=cfg.get("controllerGcpServiceAccount") or None,
+        controller_provider_names=_str_map(cfg, "controllerProviderNames"),
+        controller_kubeconfig_secret=cfg.get("controllerKubeconfigSecret") or None,
+        controller_kube_contexts=_str_map(cfg, "controllerKubeContexts"),
     )
     return FleetArgs(
         admin_token=cfg.require_secret("adminToken"),

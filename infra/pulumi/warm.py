@@ -1,5 +1,5 @@
-"""`WarmCapacity`: the placeholder and serving PriorityClasses and, per pool with warm nodes,
-a Deployment of pause pods that each hold one whole node's GPUs."""
+"""`WarmCapacity`: the placeholder and serving PriorityClasses and, per pool with warm nodes or
+later in a failover chain, a Deployment of pause pods that each hold one whole node's GPUs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,7 +27,9 @@ class WarmCapacity(pulumi.ComponentResource):
     The placeholder PriorityClass has value -10 and never preempts (the cluster-autoscaler
     overprovisioning convention); model replicas run under the higher serving class, so the
     scheduler evicts a placeholder when a replica needs its GPUs and the autoscaler adds a
-    new node for the evicted placeholder.
+    new node for the evicted placeholder. Pools that follow another in a deployment's
+    failover chain get their placeholder Deployment even with no warm nodes declared (0
+    replicas): it is what the controller scales to warm them ahead of spill-over.
     """
 
     placeholder_priority_class: pulumi.Output[str]
@@ -42,9 +44,7 @@ class WarmCapacity(pulumi.ComponentResource):
         low_res = apply_object(f"{name}-placeholder-priority", low, child)
         apply_object(f"{name}-serving-priority", high, child)
         counts: dict[str, int] = {}
-        for pool in args.pools:
-            if pool.warm_nodes <= 0:
-                continue
+        for pool in manifests.placeholder_pools(args.plan, args.pools):
             obj = manifests.placeholder_deployment(args.plan, pool, args.options)
             apply_object(
                 f"{name}-{pool.name}",

@@ -113,9 +113,25 @@ def test_warm_capacity_holds_whole_nodes_with_lowest_non_preempting_priority(run
         assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod["tolerations"]
 
 
-def test_warm_capacity_skips_pools_without_warm_nodes(run, eks_plan):
+def test_warm_capacity_renders_placeholders_for_warm_pools_and_later_failover_pools(run, eks_plan):
+    """h100-spot declares no warm nodes but follows h100-ondemand in llama-70b's failover chain:
+    it gets an empty placeholder Deployment, which the controller scales to warm it."""
+    assert eks_plan.deployment("llama-70b").failover == ["h100-ondemand", "h100-spot"]
     reg = run(lambda: WarmCapacity("warm", WarmCapacityArgs(eks_plan, list(eks_plan.pools))))
-    assert [r.inputs["metadata"]["name"] for r in reg.of_type(DEPLOY)] == ["warm-h100-ondemand"]
+    replicas = {r.inputs["metadata"]["name"]: r.inputs["spec"]["replicas"] for r in reg.of_type(DEPLOY)}
+    assert replicas == {"warm-h100-ondemand": 1, "warm-h100-spot": 0}
+
+
+def test_warm_capacity_skips_pools_neither_warm_nor_in_a_failover_chain(run):
+    spare = {**LAB_FLEET["nodepools"][0], "name": "lab-spare", "priority": 5, "warm_nodes": 0, "min_nodes": 0}
+    fleet_ = {**LAB_FLEET, "nodepools": [{**LAB_FLEET["nodepools"][0], "warm_nodes": 0}, spare],
+              "deployments": [{**LAB_FLEET["deployments"][0], "nodepools": ["lab-a100"]}]}
+    fleet, smap = spec.load_dict(fleet_)
+    plan = plan_mod.compile(fleet, smap)
+    assert plan.deployment("small").failover == ["lab-a100"]
+    reg = run(lambda: WarmCapacity("warm", WarmCapacityArgs(plan, list(plan.pools))))
+    assert not reg.of_type(DEPLOY)
+    assert manifests.placeholder_pools(plan, plan.pools) == []
 
 
 def test_failover_priorities_map_pool_priorities_to_node_group_patterns(run, eks_plan):
