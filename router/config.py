@@ -40,6 +40,15 @@ class PredictionCacheSettings(_Strict):
     ttl_s: float = Field(300.0, gt=0, description="seconds an answer stays servable")
     max_entries: int = Field(10_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bound on cached body bytes")
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: per router process; redis: shared by every router instance"
+    )
+    redis_url_env: str = Field(
+        "GPUFLEET_PREDICTION_CACHE_REDIS_URL",
+        min_length=1,
+        description="environment variable holding the redis URL (it may carry a password, so never the URL itself)",
+    )
+    key_prefix: str = Field("gpufleet:pc:", description="prefix of the redis keys")
 
 
 class CacheAwareSettings(_Strict):

@@ -13,13 +13,24 @@ filter applied afterwards. Answers are stored as the replica's complete (non-str
 body; a streaming request that hits is answered by replaying it as SSE (`replay_sse`), and a
 streaming miss is assembled back into a complete body (`SSEAssembler`) so it can be stored.
 
-Bounded by TTL, entry count and total bytes (LRU). In-process memory only: each router instance
-has its own cache.
+Two backends share one async interface (`lookup`, `store`, `close`):
+
+- `PredictionCache` (memory): bounded by TTL, entry count and total bytes (LRU); each router
+  instance has its own.
+- `RedisPredictionCache`: shared by every router instance. Entries expire after the TTL (`SET
+  ... PX`); an answer over `max_bytes` is not stored; the total is bounded by the Redis server's
+  own `maxmemory` with an LRU policy (`allkeys-lru`), which is where a shared bound belongs.
+  Redis being down never fails a request: a lookup that errors is a miss, a store that errors is
+  skipped, both counted in `errors`.
+
+`make_prediction_cache(settings, environ)` builds the configured one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -28,7 +39,18 @@ from typing import Any
 
 from gpufleet.router.config import PredictionCacheSettings
 
-__all__ = ["ANONYMOUS_TENANT", "PredictionCache", "SSEAssembler", "is_cacheable", "replay_sse", "tenant_of"]
+log = logging.getLogger("gpufleet.router.prediction_cache")
+
+__all__ = [
+    "ANONYMOUS_TENANT",
+    "PredictionCache",
+    "RedisPredictionCache",
+    "SSEAssembler",
+    "is_cacheable",
+    "make_prediction_cache",
+    "replay_sse",
+    "tenant_of",
+]
 
 ANONYMOUS_TENANT = "anonymous"
 _TRANSPORT_FIELDS = ("stream", "stream_options")
@@ -111,6 +133,74 @@ class PredictionCache:
     def _drop(self, key: str) -> None:
         e = self._entries.pop(key)
         self.bytes -= len(e.body)
+
+    async def lookup(self, key: str) -> bytes | None:
+        """Async face of `get`, shared with the redis backend."""
+        return self.get(key)
+
+    async def store(self, key: str, body: bytes) -> None:
+        """Async face of `put`, shared with the redis backend."""
+        self.put(key, body)
+
+    async def close(self) -> None:
+        """Nothing to release for the memory backend."""
+
+
+class RedisPredictionCache:
+    """The prediction cache in Redis, shared by router instances (see the module docstring)."""
+
+    def __init__(self, settings: PredictionCacheSettings, url: str) -> None:
+        import redis.asyncio as aioredis  # the router extra installs it; imported only when used
+
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.errors = 0
+        self._ttl_ms = max(1, int(settings.ttl_s * 1000))
+        # Short timeouts: a slow Redis must cost a request milliseconds, not seconds.
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self.errors == 1 or self.errors % 1000 == 0:
+            # The URL may hold a password: log the error type only.
+            log.warning("prediction cache: redis %s failed (%s); serving without the cache", op, type(exc).__name__)
+
+    async def lookup(self, key: str) -> bytes | None:
+        """The cached answer, or None (also when Redis cannot be reached)."""
+        try:
+            return await self._redis.get(self.prefix + key)
+        except Exception as exc:  # any Redis trouble is a miss, never a failed request
+            self._failed("get", exc)
+            return None
+
+    async def store(self, key: str, body: bytes) -> None:
+        """Store an answer with the TTL; answers over max_bytes are not stored."""
+        if len(body) > self.settings.max_bytes:
+            return
+        try:
+            await self._redis.set(self.prefix + key, body, px=self._ttl_ms)
+        except Exception as exc:
+            self._failed("set", exc)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+
+def make_prediction_cache(
+    settings: PredictionCacheSettings, environ: Mapping[str, str] | None = None
+) -> PredictionCache | RedisPredictionCache:
+    """The backend named in `settings`. Raises ValueError when redis is chosen without a URL."""
+    if settings.backend == "memory":
+        return PredictionCache(settings)
+    env = os.environ if environ is None else environ
+    url = env.get(settings.redis_url_env, "").strip()
+    if not url:
+        raise ValueError(
+            f"prediction_cache.backend is redis but the environment variable {settings.redis_url_env} "
+            "(prediction_cache.redis_url_env) holding its URL is not set"
+        )
+    return RedisPredictionCache(settings, url)
 
 
 def _sse(obj: Any) -> bytes:

@@ -34,7 +34,14 @@ from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policy import Policy, make_policy
-from gpufleet.router.prediction_cache import PredictionCache, SSEAssembler, cache_key, is_cacheable, replay_sse, tenant_of
+from gpufleet.router.prediction_cache import (
+    SSEAssembler,
+    cache_key,
+    is_cacheable,
+    make_prediction_cache,
+    replay_sse,
+    tenant_of,
+)
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
 
@@ -148,7 +155,10 @@ class Router:
         self.top_priority = {m: g[0].priority for m, g in self.by_model.items()}
         self.policy = policy or make_policy(s.policy, s)
         self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
-        self.cache = PredictionCache(s.prediction_cache) if s.prediction_cache.enabled else None
+        try:
+            self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None
+        except ValueError as exc:
+            raise errors.ConfigError(str(exc)) from None
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
         self.health = HealthTracker(s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted)
         self.session: aiohttp.ClientSession | None = None
@@ -198,6 +208,8 @@ class Router:
             except asyncio.CancelledError:
                 pass
             await self.session.close()
+            if self.cache is not None:
+                await self.cache.close()
 
     # -- request helpers ------------------------------------------------------------------
     async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
@@ -315,7 +327,7 @@ class Router:
                     cache_state = "bypass"
                 else:
                     key = cache_key(tenant_of(request.headers.get("Authorization")), model, body)
-                    hit = self.cache.get(key)
+                    hit = await self.cache.lookup(key)
                     if hit is not None:
                         self.metrics.cache.labels("hit").inc()
                         return await self._answer_from_cache(request, hit, body, stream)
@@ -478,7 +490,7 @@ class Router:
                         except (ValueError, AttributeError):
                             pass
                     if plain and key is not None and self.cache is not None:
-                        self.cache.put(key, data)
+                        await self.cache.store(key, data)
                 self._count(r.id, resp.status)
                 rm.latency.observe(loop.time() - t0)
                 return web.Response(
@@ -543,7 +555,7 @@ class Router:
             usage = assembler.usage
             answer = assembler.result()
             if ok and answer is not None and self.cache is not None and key is not None:
-                self.cache.put(key, answer)
+                await self.cache.store(key, answer)
         output_tokens = self._record_usage(r, features, usage) if usage else 0
         await out.write_eof()
         self._count(r.id, resp.status if ok else 502)

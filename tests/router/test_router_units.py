@@ -173,7 +173,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
     assert sorted(prediction_cache.__all__) == sorted(
-        ["ANONYMOUS_TENANT", "PredictionCache", "SSEAssembler", "is_cacheable", "replay_sse", "tenant_of"]
+        ["ANONYMOUS_TENANT", "PredictionCache", "RedisPredictionCache", "SSEAssembler", "is_cacheable",
+         "make_prediction_cache", "replay_sse", "tenant_of"]
     )
     assert sorted(errors.__all__) == sorted(
         ["AllSaturated", "BodyTooLarge", "CapacityError", "ConfigError", "Forbidden", "MalformedRequest",
