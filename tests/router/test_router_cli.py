@@ -54,3 +54,17 @@ def test_serve_runs_the_router_until_interrupted(tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+
+
+def test_router_and_its_cli_import_no_cloud_sdk_or_pulumi() -> None:
+    # The router image installs only the `router` extra: a fresh interpreter proves the imports.
+    code = (
+        "import sys\n"
+        "from gpufleet.infra.cli import app\n"
+        "from gpufleet.router import server, loader, policy, prediction_cache\n"
+        "heavy = {'pulumi', 'boto3', 'botocore', 'google', 'kubernetes', 'moto'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
