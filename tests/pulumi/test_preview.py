@@ -17,10 +17,17 @@ from .conftest import STACKS, compile_inline
 
 runner = CliRunner()
 
+# One controller per fleet (in the router's cluster), with its cluster-wide read-only role.
+_CONTROLLER = {"gpufleet:controller:FailoverController": 1, "kubernetes:rbac.authorization.k8s.io/v1:ClusterRole": 1}
 EXPECTED = {
-    "aws-eks": {"aws:eks/nodeGroup:NodeGroup": 2, "kubernetes:apps/v1:StatefulSet": 2, "pulumi:providers:aws": 1},
-    "gcp-gke": {"gcp:container/nodePool:NodePool": 2, "gcp:container/cluster:Cluster": 1, "kubernetes:apps/v1:StatefulSet": 2},
-    "multicloud": {"aws:eks/nodeGroup:NodeGroup": 1, "gcp:container/nodePool:NodePool": 1, "pulumi:providers:kubernetes": 2},
+    # Deployments: router, controller, warm-h100-ondemand (1 warm) and warm-h100-spot (0: the failover pool).
+    "aws-eks": {"aws:eks/nodeGroup:NodeGroup": 2, "kubernetes:apps/v1:StatefulSet": 2, "pulumi:providers:aws": 1,
+                "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
+    "gcp-gke": {"gcp:container/nodePool:NodePool": 2, "gcp:container/cluster:Cluster": 1, "kubernetes:apps/v1:StatefulSet": 2,
+                "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
+    # Deployments: router, controller, warm-aws-h100, warm-gcp-h100.
+    "multicloud": {"aws:eks/nodeGroup:NodeGroup": 1, "gcp:container/nodePool:NodePool": 1, "pulumi:providers:kubernetes": 2,
+                   "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
 }
 
 
@@ -55,6 +62,14 @@ def test_preview_cli_json_lists_type_name_parent_inputs():
     assert all(set(i) == {"type", "name", "parent", "inputs"} for i in items)
     ng = [i for i in items if i["name"] == "gpufleet-h100-ondemand-nodegroup"][0]
     assert ng["parent"] == "gpufleet-h100-ondemand" and ng["inputs"]["amiType"] == "AL2023_x86_64_NVIDIA"
+
+
+def test_preview_cli_tree_shows_the_controller_under_the_fleet():
+    res = runner.invoke(app, ["preview", str(STACKS / "multicloud")])
+    assert res.exit_code == 0, res.output
+    assert "gpufleet:controller:FailoverController gpufleet-aws-controller" in res.output
+    for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "ConfigMap", "Deployment"):
+        assert f"{kind} gpufleet-aws-controller-{kind.lower()}" in res.output
 
 
 def test_preview_cli_tree_shows_resources_and_cost():
