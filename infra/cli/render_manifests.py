@@ -27,9 +27,14 @@ def register_manifests(render_app: typer.Typer) -> None:
         router_image: Annotated[Optional[str], typer.Option(help="Router image (with gpufleet[router]).")] = None,
         autoscaler_namespace: Annotated[Optional[str], typer.Option(help="Namespace of cluster-autoscaler [kube-system].")] = None,
         router_service_type: Annotated[Optional[str], typer.Option(help="ClusterIP, LoadBalancer or NodePort.")] = None,
+        controller: Annotated[bool, typer.Option(help="Include the warm-capacity / failover controller and its RBAC.")] = True,
+        controller_image: Annotated[
+            Optional[str], typer.Option(help="Controller image (with gpufleet[router,kubernetes,aws,gcp]).")
+        ] = None,
     ) -> None:
         """Write the Kubernetes objects of the plan (priority classes, placeholders, expander
-        ConfigMap, model StatefulSets and Services, the router), one multi-document YAML per cluster.
+        ConfigMap, model StatefulSets and Services, the router, the controller and its RBAC), one
+        multi-document YAML per cluster.
 
         The router's admin-token Secret is not written (its value never lands in files): create
         it with `kubectl create secret generic <fleet>-router-admin --from-literal=token=...`.
@@ -49,6 +54,8 @@ def register_manifests(render_app: typer.Typer) -> None:
                 router_image=router_image or defaults.router_image,
                 autoscaler_namespace=autoscaler_namespace or defaults.autoscaler_namespace,
                 router_service_type=router_service_type or defaults.router_service_type,
+                controller=controller,
+                controller_image=controller_image or defaults.controller_image,
             )
             per_cluster = manifests.all_objects(p, options)
             if not per_cluster:

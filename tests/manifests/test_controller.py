@@ -269,3 +269,49 @@ def test_render_manifests_writes_the_controller_and_its_rbac(tmp_path):
     gcp = list(yaml.safe_load_all((tmp_path / "gcp-prod-gke.yaml").read_text()))
     assert [d["metadata"]["name"] for d in gcp if d["kind"] == "Deployment"] == ["warm-gcp-h100"]
     assert not [d for d in gcp if "controller" in d["metadata"]["name"]]
+
+
+def test_render_manifests_can_leave_the_controller_out_or_change_its_image(tmp_path):
+    fleet = str(STACKS / "multicloud" / "fleet.yaml")
+    res = CliRunner().invoke(app, ["render", "manifests", fleet, "--out", str(tmp_path / "a"), "--controller-image", "reg.example/ctl:2"])
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all((tmp_path / "a" / "aws-prod-eks.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "llm-prod-controller")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.example/ctl:2"
+    res = CliRunner().invoke(app, ["render", "manifests", fleet, "--out", str(tmp_path / "b"), "--no-controller"])
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all((tmp_path / "b" / "aws-prod-eks.yaml").read_text()))
+    assert not [d for d in docs if "controller" in d["metadata"]["name"]]
+
+
+def test_in_cluster_controller_leaves_another_clusters_pool_alone_without_being_denied(tmp_path):
+    """The multicloud fleet without a kubeconfig Secret: the controller in the EKS cluster asks
+    about gcp-h100's placeholder there too. The Role names every pool, so the answer is 404
+    (noted, no action) and not 403, which would fail the whole cluster's observation."""
+    plan = _multicloud()
+    objs = manifests.all_objects(plan)["aws-prod-eks"]
+    kube = RbacKubernetes(next(o for o in objs if o["kind"] == "ClusterRole"), next(o for o in objs if o["kind"] == "Role"))
+    kube.start()
+    try:
+        pool = {manifests.LABEL_POOL: "aws-h100"}
+        for name in ("a1", "a2"):
+            kube.add_node(name, labels=pool, gpus=8)
+        kube.add_deployment("warm-aws-h100", namespace=plan.namespace, replicas=1, gpus_per_pod=8, node_selector=pool,
+                            labels={"app.kubernetes.io/component": "placeholder", **pool})
+        for k in range(14):
+            kube.add_pod(f"llama-8b-aws-h100-{k}", namespace=plan.namespace, gpus=1, labels=pool, node_selector=pool)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "f",
+            "clusters": [{"name": "f", "cluster": {"server": kube.url}}],
+            "contexts": [{"name": "f", "context": {"cluster": "f", "user": "u"}}], "users": [{"name": "u", "user": {"token": "x"}}],
+        }))  # fmt: skip
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(manifests.controller_configmap(plan)["data"]["plan.json"])
+        res = CliRunner().invoke(app, _local_args(_container_argv(objs, plan), plan_file, kubeconfig))
+    finally:
+        kube.stop()
+    assert res.exit_code == 0, res.output
+    assert kube.denied == []
+    assert "aws-h100" in res.output and "88%" in res.output  # observed: 14 of 16 GPUs busy
+    assert "gcp-h100: no action: no placeholder Deployment" in res.output
