@@ -11,7 +11,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -89,6 +88,18 @@ class RbacKubernetes(FakeKubernetes):
         return guarded
 
 
+def _kubeconfig(directory: Path, server: str) -> Path:
+    """A kubeconfig whose one context is the fake API server, with a bearer token user."""
+    path = directory / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "controller"}}],
+        "users": [{"name": "controller", "user": {"token": "controller-token"}}],
+    }))  # fmt: skip
+    return path
+
+
 @pytest.fixture
 def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, Any]], RbacKubernetes, Path]]:
     """The aws-eks stack's cluster: its nodes, the rendered placeholders, and serving load on
@@ -112,14 +123,7 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
         for k in range(4):
             kube.add_pod(f"llama-70b-h100-ondemand-{k}", namespace=plan.namespace, gpus=4,
                          labels={manifests.LABEL_POOL: "h100-ondemand"}, node_selector={manifests.LABEL_POOL: "h100-ondemand"})
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "controller"}}],
-            "users": [{"name": "controller", "user": {"token": "controller-token"}}],
-        }))  # fmt: skip
-        yield plan, objs, kube, kubeconfig
+        yield plan, objs, kube, _kubeconfig(tmp_path, kube.url)
     finally:
         kube.stop()
 
@@ -300,12 +304,7 @@ def test_in_cluster_controller_leaves_another_clusters_pool_alone_without_being_
                             labels={"app.kubernetes.io/component": "placeholder", **pool})
         for k in range(14):
             kube.add_pod(f"llama-8b-aws-h100-{k}", namespace=plan.namespace, gpus=1, labels=pool, node_selector=pool)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "f",
-            "clusters": [{"name": "f", "cluster": {"server": kube.url}}],
-            "contexts": [{"name": "f", "context": {"cluster": "f", "user": "u"}}], "users": [{"name": "u", "user": {"token": "x"}}],
-        }))  # fmt: skip
+        kubeconfig = _kubeconfig(tmp_path, kube.url)
         plan_file = tmp_path / "plan.json"
         plan_file.write_text(manifests.controller_configmap(plan)["data"]["plan.json"])
         res = CliRunner().invoke(app, _local_args(_container_argv(objs, plan), plan_file, kubeconfig))

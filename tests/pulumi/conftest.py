@@ -56,6 +56,23 @@ def run() -> Callable[..., Registered]:
     return _run
 
 
+@pytest.fixture
+def registrations(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """What each program run registered, even when the run raised: one list per run."""
+    from gpufleet.infra import preview
+
+    seen: list[list[Any]] = []
+    real = preview._mocks_and_monitor
+
+    def spy() -> Any:
+        mocks, monitor, records = real()
+        seen.append(records)
+        return mocks, monitor, records
+
+    monkeypatch.setattr(preview, "_mocks_and_monitor", spy)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def eks_plan() -> plan_mod.Plan:
     return compile_inline("aws-eks")

@@ -238,22 +238,13 @@ def test_invalid_declaration_fails_before_any_resource_is_registered(run):
     assert info.value.issues and info.value.issues[0].field == "nodepools[0].max_nodes"
 
 
-def test_invalid_declaration_registers_nothing_even_the_component(monkeypatch):
+def test_invalid_declaration_registers_nothing_even_the_component(registrations):
     from gpufleet.infra import preview
 
-    seen: list[Any] = []
-    real = preview._mocks_and_monitor
-
-    def spy():
-        mocks, monitor, records = real()
-        seen.append(records)
-        return mocks, monitor, records
-
-    monkeypatch.setattr(preview, "_mocks_and_monitor", spy)
     bad = {**LAB_FLEET, "deployments": [{**LAB_FLEET["deployments"][0], "model": "no/such-model"}]}
     with pytest.raises(InvalidFleet):
         preview.run_program(lambda: Fleet("f", FleetArgs(admin_token="t", fleet=bad)))
-    assert seen == [[]]
+    assert registrations == [[]]
 
 
 def test_fleet_makes_a_provider_per_cloud_and_cluster_and_uses_them(run, multicloud_plan):

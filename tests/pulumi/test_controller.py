@@ -214,17 +214,7 @@ def test_stack_config_reads_controller_credentials_and_names(run, eks_plan):
         ({"gpufleet:controllerKubeContexts": json.dumps({"aws": "eks"})}, "needs controllerKubeconfigSecret"),
     ],
 )
-def test_controller_settings_that_cannot_work_fail_before_anything_is_registered(monkeypatch, eks_plan, config, message):
-    seen: list[Any] = []
-    real = preview._mocks_and_monitor
-
-    def spy():
-        mocks, monitor, records = real()
-        seen.append(records)
-        return mocks, monitor, records
-
-    monkeypatch.setattr(preview, "_mocks_and_monitor", spy)
-
+def test_controller_settings_that_cannot_work_fail_before_anything_is_registered(registrations, eks_plan, config, message):
     def program():
         args = stack_config.read()
         Fleet("f", FleetArgs(admin_token=args.admin_token, plan=eks_plan, options=args.options))
@@ -232,4 +222,4 @@ def test_controller_settings_that_cannot_work_fail_before_anything_is_registered
     full = {"gpufleet:adminToken": "t", "gpufleet:fleetFile": "unused.yaml", **config}
     with pytest.raises(pulumi.RunError, match=message):
         preview.run_program(program, config=full, secret_keys=["gpufleet:adminToken"])
-    assert seen == [[]]  # not even the Fleet component
+    assert registrations == [[]]  # not even the Fleet component
