@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,7 +287,8 @@ def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Tar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=500.0, help="open-loop request rate (req/s)")
-    ap.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
+    ap.add_argument("--seconds", type=float, default=12.0, help="total duration of each kind of measurement per target")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds the duration is split into")
     ap.add_argument("--concurrency", type=int, default=64, help="clients in the closed-loop throughput run")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--no-peers", action="store_true", help="skip the SGLang router even if installed")
@@ -343,49 +345,68 @@ def main() -> None:
         def start_sglang() -> Target | None:
             return _start_sglang(urls, procs)
 
-        # Each router runs alone while it is measured, so one never steals the other's CPU.
-        starters = [lambda: Target("direct (replica)", urls[0], None), start_gpufleet]
-        if not args.no_peers:
-            starters.append(start_sglang)
+        # All targets run side by side (idle ones cost nothing) and are measured in interleaved
+        # rounds, so a burst of background load hits every target alike; each figure is the
+        # median over rounds.
         note = ""
-        results = []
+        targets = [Target("direct (replica)", urls[0], None), start_gpufleet()]
+        if not args.no_peers:
+            try:
+                sg = start_sglang()
+            except RuntimeError as exc:
+                sg, note = None, f"SGLang router did not start: {exc}"
+            if sg is None and not note:
+                note = f"SGLang router not installed at {PEERS_PY}: skipped (see ../shared/peers/README.md)"
+            if sg is not None:
+                targets.append(sg)
+        per_round = args.seconds / args.rounds
+        lat: dict[str, list[list[float]]] = {t.name: [] for t in targets}
+        rps: dict[str, list[float]] = {t.name: [] for t in targets}
+        per_cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+        errs: dict[str, int] = {t.name: 0 for t in targets}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
-            for start in starters:
-                n_procs = len(procs)
-                try:
-                    t = start()
-                except RuntimeError as exc:
-                    note = f"SGLang router did not start: {exc}"
-                    continue
-                if t is None:
-                    note = f"SGLang router not installed at {PEERS_PY}: skipped (see ../shared/peers/README.md)"
-                    continue
+            for t in targets:
                 w = progress.add_task(f"{t.name}: warm-up", total=None)
                 asyncio.run(_closed_loop(t.url, 8, 1.0, progress, w))
-                task = progress.add_task(f"{t.name}: {args.rate:.0f} req/s open loop", total=int(args.rate * args.seconds))
-                lat, err1 = asyncio.run(_open_loop(t.url, args.rate, args.seconds, progress, task))
-                task2 = progress.add_task(f"{t.name}: closed loop x{args.concurrency}", total=None)
-                cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
-                done, elapsed, err2 = asyncio.run(_closed_loop(t.url, args.concurrency, args.seconds, progress, task2))
-                cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
-                results.append((t, lat, err1 + err2, done / elapsed, (done / cpu) if cpu else None))
-                for p in procs[n_procs:]:
-                    _stop(p)
+            rounds = progress.add_task("rounds", total=args.rounds * len(targets))
+            for r in range(args.rounds):
+                for t in targets:
+                    progress.update(rounds, description=f"round {r + 1}/{args.rounds}: {t.name}")
+                    task = progress.add_task(f"  {args.rate:.0f} req/s open loop", total=int(args.rate * per_round))
+                    got, e1 = asyncio.run(_open_loop(t.url, args.rate, per_round, progress, task))
+                    progress.remove_task(task)
+                    task2 = progress.add_task(f"  closed loop x{args.concurrency}", total=None)
+                    cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
+                    done, elapsed, e2 = asyncio.run(_closed_loop(t.url, args.concurrency, per_round, progress, task2))
+                    cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
+                    progress.remove_task(task2)
+                    lat[t.name].append(got)
+                    rps[t.name].append(done / elapsed)
+                    if cpu:
+                        per_cpu[t.name].append(done / cpu)
+                    errs[t.name] += e1 + e2
+                    progress.advance(rounds)
 
-        base = results[0][1]
-        b50, b99 = _pct(base, 0.5), _pct(base, 0.99)
-        table = Table(title=f"Router overhead: {args.replicas} instant replicas, {args.rate:.0f} req/s open loop for "
-                            f"{args.seconds:g}s, then {args.concurrency} concurrent clients")
+        def med(xs: list[float]) -> float:
+            return statistics.median(xs) if xs else float("nan")
+
+        base = targets[0].name
+        table = Table(title=f"Router overhead: {args.replicas} instant replicas; {args.rate:.0f} req/s open loop, then "
+                            f"{args.concurrency} concurrent clients; {args.rounds} interleaved rounds of "
+                            f"{per_round:g}s each, medians over rounds")
         for col in ("target", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "max req/s", "req/s per CPU-s", "errors"):
             table.add_column(col, justify="left" if col == "target" else "right")
-        for t, lat, errs, rps, per_cpu in results:
-            p50, p99 = _pct(lat, 0.5), _pct(lat, 0.99)
+        for t in targets:
+            p50 = [_pct(x, 0.5) for x in lat[t.name]]
+            p99 = [_pct(x, 0.99) for x in lat[t.name]]
             direct = t.pid is None
+            add50 = [a - _pct(b, 0.5) for a, b in zip(p50, lat[base])]
+            add99 = [a - _pct(b, 0.99) for a, b in zip(p99, lat[base])]
             table.add_row(
-                t.name, f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}",
-                "-" if direct else f"{(p50 - b50) * 1e3:+.2f}", "-" if direct else f"{(p99 - b99) * 1e3:+.2f}",
-                f"{rps:,.0f}", "-" if per_cpu is None else f"{per_cpu:,.0f}", str(errs),
+                t.name, f"{med(p50) * 1e3:.2f}", f"{med(p99) * 1e3:.2f}",
+                "-" if direct else f"{med(add50) * 1e3:+.2f}", "-" if direct else f"{med(add99) * 1e3:+.2f}",
+                f"{med(rps[t.name]):,.0f}", "-" if direct else f"{med(per_cpu[t.name]):,.0f}", str(errs[t.name]),
             )
         console.print(table)
         console.print(f"machine: {os.cpu_count()} CPUs; load generator, replicas and router share them.")
