@@ -12,12 +12,16 @@ routing matters:
   whole history, so each turn's prompt extends the previous one. Turns of one conversation
   run in order (`chain`), interleaved with everything else.
 
-`drive` replays a list of `WorkRequest` with bounded concurrency over streaming requests and
-records, per request, the replica that served it (`x-gpufleet-replica`), the prediction-cache
+`drive` replays a list of `WorkRequest` over streaming requests, either as a closed loop (a fixed
+number in flight) or open loop (Poisson arrivals at `rate_per_s`, the way users arrive, with the
+concurrency as a cap only), and records, per request, the replica that served it (`x-gpufleet-replica`), the prediction-cache
 outcome (`x-gpufleet-cache`), the prompt and cached tokens the replica reported
 (`usage.prompt_tokens_details.cached_tokens`), time to first token and latency. `summarize`
-turns results into the numbers the demo and benchmarks print. Used by `gpufleet demo` and
-the benchmarks, so every number is about the same traffic.
+turns results into the numbers the demo and benchmarks print (`summarize_by_model` per
+deployment). `ceiling_hit_ratio` is the prefix-hit ratio an infinite cache per model would reach
+on the same requests, counted with the router's own block hashing: the best any policy can do.
+`demo_spec` is the shape `gpufleet demo` replays. Used by `gpufleet demo` and the benchmarks, so
+every number is about the same traffic.
 """
 from __future__ import annotations
 
@@ -31,7 +35,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Result", "Summary", "WorkRequest", "WorkloadSpec", "drive", "generate", "percentile", "summarize"]
+__all__ = [
+    "Result",
+    "Summary",
+    "WorkRequest",
+    "WorkloadSpec",
+    "arrival_times",
+    "ceiling_hit_ratio",
+    "demo_spec",
+    "drive",
+    "generate",
+    "percentile",
+    "summarize",
+    "summarize_by_model",
+]
 
 _WORDS = (
     "system data model cache router replica token prefix block memory latency request batch stream "
@@ -66,6 +83,9 @@ class WorkloadSpec:
     max_tokens: int = 16
     deterministic_fraction: float = 0.5
     """Share of requests sent with temperature 0 (cacheable by the prediction cache)."""
+    conversation_span: float | None = None
+    """Spread each conversation's turns over this fraction of the request order (users come back
+    after a while, and conversations overlap); None keeps the compact round-by-round interleave."""
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -74,6 +94,8 @@ class WorkloadSpec:
             raise ValueError("n_requests and mix must be non-negative, mix not all zero")
         if self.model_weights is not None and len(self.model_weights) != len(self.models):
             raise ValueError("model_weights needs one weight per model")
+        if self.conversation_span is not None and not 0 < self.conversation_span <= 1:
+            raise ValueError("conversation_span must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -218,6 +240,8 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
         left -= len(chain)
         units.append(chain)
     rng.shuffle(units)
+    if spec.conversation_span is not None:
+        return _spread(units, spec.conversation_span, random.Random(f"{spec.seed}:order"))
     # interleave: take units round-robin-ish so chains spread over the run
     out: list[WorkRequest] = []
     cursors = [0] * len(units)
@@ -232,6 +256,101 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
             if cursors[u] < len(units[u]):
                 nxt.append(u)
         active = nxt
+    return out
+
+
+def _spread(units: list[list[tuple[str, str, dict[str, Any], str | None]]], span: float, rng: random.Random) -> list[WorkRequest]:
+    """Order units by seeded positions in [0, 1): a single request anywhere, a conversation's turns
+    evenly over `span` from a random start (so conversations overlap and turns come back later)."""
+    keyed: list[tuple[float, int, int]] = []
+    for u, unit in enumerate(units):
+        if len(unit) == 1 and unit[0][0] != "chat":
+            keyed.append((rng.random(), u, 0))
+            continue
+        start = rng.random() * (1.0 - span)
+        step = span / max(1, len(unit) - 1)
+        keyed.extend((start + k * step, u, k) for k in range(len(unit)))
+    out: list[WorkRequest] = []
+    for _pos, u, k in sorted(keyed):
+        kind, m, body, sid = units[u][k]
+        out.append(WorkRequest(index=len(out), kind=kind, model=m, body=body, session_id=sid, chain=f"chain-{u}" if kind == "chat" else None))
+    return out
+
+
+def demo_spec(
+    models: Sequence[str],
+    n_requests: int,
+    *,
+    seed: int = 0,
+    max_tokens: int = 16,
+    model_weights: Sequence[float] | None = None,
+) -> WorkloadSpec:
+    """The mixed workload `gpufleet demo` replays (docs/local.md describes it).
+
+    About 30 % shared system prompts (12 prompts of ~1,000 tokens, Zipf popularity), 35 % RAG
+    (3 passages of ~500 tokens each from 120, Zipf popularity, most popular first, then a
+    question), 35 % multi-turn chat (6 turns; every turn resends the history, which grows to
+    ~2,000 tokens; turns of one conversation spread over half the run). Half the requests are
+    deterministic (`temperature: 0`). Prompts average ~1,700 tokens, so a replica's KV cache of
+    tens of thousands of tokens holds a fraction of what round-robin sends it.
+    """
+    return WorkloadSpec(
+        models=tuple(models), n_requests=n_requests, seed=seed, mix=(0.3, 0.35, 0.35),
+        model_weights=tuple(model_weights) if model_weights is not None else None,
+        n_system_prompts=12, system_prompt_chars=4000, questions_per_prompt=20,
+        n_docs=120, doc_chars=2000, docs_per_request=3, zipf_s=1.1,
+        turns_per_conversation=6, turn_chars=600, max_tokens=max_tokens, deterministic_fraction=0.5,
+        conversation_span=0.5,
+    )
+
+
+def ceiling_hit_ratio(
+    requests: Sequence[WorkRequest],
+    *,
+    block_size_tokens: int = 16,
+    chars_per_token: float = 4.0,
+    model: str | None = None,
+) -> float:
+    """Prefix-hit ratio of an infinite KV cache per model over `requests` in order: the ceiling.
+
+    Uses the router's block hashing (`gpufleet.router.prefix`) and counts the way the engine does:
+    the longest run of leading full blocks seen in an earlier prompt of the same model, at most all
+    but the last prompt token (one token is always computed). `model` limits it to one model.
+    """
+    from gpufleet.router.prefix import block_hashes, render_prompt
+
+    block_chars = max(1, int(block_size_tokens * chars_per_token))
+    seen: dict[str, set[int]] = {}
+    hit = total = 0
+    for r in requests:
+        if model is not None and r.model != model:
+            continue
+        text = render_prompt(r.body)
+        tokens = math.ceil(len(text) / chars_per_token)
+        hashes = block_hashes(text, block_chars)[: tokens // block_size_tokens]
+        known = seen.setdefault(r.model, set())
+        n = 0
+        for h in hashes:
+            if h not in known:
+                break
+            n += 1
+        if tokens > 0:
+            hit += min(n, (tokens - 1) // block_size_tokens) * block_size_tokens
+        total += tokens
+        known.update(hashes)
+    return hit / total if total else 0.0
+
+
+def arrival_times(n: int, rate_per_s: float, seed: int = 0) -> list[float]:
+    """Seconds from the start at which `n` Poisson arrivals at `rate_per_s` happen (seeded)."""
+    if rate_per_s <= 0:
+        raise ValueError("rate_per_s must be positive")
+    rng = random.Random(seed)
+    out: list[float] = []
+    t = 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate_per_s)
+        out.append(t)
     return out
 
 
@@ -292,10 +411,23 @@ async def drive(
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 60.0,
     on_result: Callable[[Result], None] | None = None,
+    rate_per_s: float | None = None,
+    arrival_seed: int = 0,
 ) -> list[Result]:
-    """Send `requests` (streaming) with at most `concurrency` in flight; chains run in order."""
+    """Send `requests` (streaming) with at most `concurrency` in flight; chains run in order.
+
+    Without `rate_per_s` it is a closed loop: the next request goes as soon as one finishes. With
+    it, an open loop: request i is due at the i-th arrival of a Poisson process of that rate
+    (seeded by `arrival_seed`), as users arrive whether or not the fleet keeps up; a chain's next
+    turn goes at its due time or when the previous turn finished, whichever is later (a user
+    reads the answer before replying). `concurrency` then only caps what is in flight.
+    """
     import aiohttp
 
+    due: dict[int, float] = {}
+    if rate_per_s is not None:
+        ordered_idx = sorted(r.index for r in requests)
+        due = dict(zip(ordered_idx, arrival_times(len(ordered_idx), rate_per_s, arrival_seed)))
     base_url = base_url.rstrip("/")
     sem = asyncio.Semaphore(max(1, concurrency))
     hdrs = dict(headers or {})
@@ -311,8 +443,15 @@ async def drive(
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as client:
 
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
         async def run(chain: Sequence[WorkRequest]) -> None:
             for r in chain:
+                if due:
+                    wait = t0 + due[r.index] - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 async with sem:
                     res = await _one(client, base_url, r, hdrs, timeout_s)
                 results.append(res)
@@ -333,6 +472,14 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     xs = sorted(values)
     k = max(0, min(len(xs) - 1, math.ceil(q / 100 * len(xs)) - 1))
     return xs[k]
+
+
+def summarize_by_model(results: Sequence[Result], wall_s: float = 0.0) -> dict[str, Summary]:
+    """`summarize` per model (one deployment serves each model), in first-seen order."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.model, []).append(r)
+    return {m: summarize(rs, wall_s) for m, rs in groups.items()}
 
 
 def summarize(results: Sequence[Result], wall_s: float = 0.0) -> Summary:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -72,26 +73,94 @@ def _install_sigterm() -> None:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.1f}"
+    return "-" if x is None else f"{x * 1000:.0f}"
 
 
-def _summary_table(title: str, rows: list[tuple[str, Summary]], pools: dict[str, str]) -> Any:
+@dataclass
+class _Row:
+    """One row of a demo table: a run (or one deployment's share of it) and what it showed."""
+
+    label: str
+    deployment: str
+    summary: Summary
+    ceiling: float | None = None
+    spills: int = 0
+    replicas: list[tuple[str, str]] = field(default_factory=list)
+    """(replica id, pool) of the deployment, so idle replicas show as 0."""
+
+
+def _per_replica(row: _Row) -> str:
+    """Requests per replica grouped by pool: `local-l4: 31 30 29 31 | local-l40s: 0`."""
+    if not row.replicas:
+        return ""
+    by_pool: dict[str, list[str]] = {}
+    for rid, pool in row.replicas:
+        by_pool.setdefault(pool, []).append(str(row.summary.per_replica.get(rid, 0)))
+    return " | ".join(f"{pool}: {' '.join(ns)}" for pool, ns in by_pool.items())
+
+
+def _summary_table(title: str, rows: list[_Row]) -> Any:
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
     for col, just in (
-        ("policy", "left"), ("requests", "right"), ("errors", "right"), ("prefix-hit ratio", "right"),
-        ("TTFT p50 ms", "right"), ("TTFT p99 ms", "right"), ("prediction-cache hits", "right"),
-        ("requests per replica", "left"),
+        ("run", "left"), ("deployment", "left"), ("requests", "right"), ("errors", "right"),
+        ("prefix hits", "right"), ("ceiling", "right"), ("TTFT p50 ms", "right"), ("TTFT p99 ms", "right"),
+        ("pred. cache hits", "right"), ("spills", "right"), ("requests per replica, by pool", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for name, s in rows:
-        per = "\n".join(f"{rid} ({pools.get(rid, '?')}): {n}" for rid, n in s.per_replica.items())
+    last = None
+    for row in rows:
+        s = row.summary
+        if last is not None and row.label != last:
+            t.add_section()
         t.add_row(
-            name, str(s.requests), str(s.errors), f"{s.prefix_hit_ratio:.1%}", _ms(s.ttft_p50_s), _ms(s.ttft_p99_s),
-            str(s.cache_hits), per,
+            row.label if row.label != last else "", row.deployment, str(s.requests), str(s.errors),
+            f"{s.prefix_hit_ratio:.1%}", "-" if row.ceiling is None else f"{row.ceiling:.1%}",
+            _ms(s.ttft_p50_s), _ms(s.ttft_p99_s), str(s.cache_hits), str(row.spills), _per_replica(row),
+            style="bold" if row.deployment == "all" else None,
         )
+        last = row.label
     return t
+
+
+def _spills(rt: LocalRuntime) -> dict[str, int]:
+    """The router's spill counter per model (`gpufleet_router_spills_total` on /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, int] = {}
+    try:
+        text = httpx.get(rt.endpoint + "/metrics", timeout=5.0, trust_env=False).text
+    except httpx.HTTPError:
+        return out
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "gpufleet_router_spills":
+            for sample in fam.samples:
+                if sample.name.endswith("_total"):
+                    model = sample.labels.get("model", "")
+                    out[model] = out.get(model, 0) + int(sample.value)
+    return out
+
+
+def _preferred_pools(plan: Plan) -> list[str]:
+    """Pools some deployment prefers and could fail over from: the demo's pool failure."""
+    return list(dict.fromkeys(d.failover[0] for d in plan.deployments if len(d.failover) > 1))
+
+
+def _traffic_weights(plan: Plan) -> dict[str, float]:
+    """Traffic share per model: its baseline replicas' prefill capacity in its preferred pool.
+
+    Operators size a model's pool to its traffic, so the demo sends each model the share of
+    load its preferred pool was sized for.
+    """
+    out: dict[str, float] = {}
+    for d in plan.deployments:
+        top = d.failover[0] if d.failover else None
+        perf = {p.pool: p.prefill_tokens_per_s for p in d.pools}
+        cap = sum(perf.get(r.pool, 0.0) for r in d.replicas if r.pool == top)
+        out[d.model] = out.get(d.model, 0.0) + (cap or 1.0)
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -147,77 +216,106 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         file: Annotated[Path, typer.Argument(help="local fleet declaration")] = DEFAULT_LOCAL_FLEET,
-        requests: Annotated[int, typer.Option(help="requests per policy run")] = 240,
-        concurrency: Annotated[int, typer.Option(help="requests in flight")] = 16,
+        requests: Annotated[int, typer.Option(help="requests per policy run")] = 300,
+        load: Annotated[float, typer.Option(
+            help="offered load: prompt tokens per second over the preferred pools' prefill capacity (as if nothing were cached)",
+        )] = 0.8,
+        rate: Annotated[float | None, typer.Option(help="arrivals per second (Poisson) [default: from --load]")] = None,
+        concurrency: Annotated[int, typer.Option(help="cap on requests in flight")] = 64,
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
         max_tokens: Annotated[int, typer.Option(help="tokens generated per request")] = 16,
     ) -> None:
-        """Bring the local fleet up, compare round_robin with cache_aware on a mixed workload, then fail its top pool."""
+        """Bring the local fleet up, compare round_robin with cache_aware on a mixed workload, then fail its preferred pools."""
         import asyncio
         import time
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         from gpufleet.router import workload
+        from gpufleet.router.prefix import render_prompt
 
         if requests < 1 or concurrency < 1:
             with user_errors():
                 raise UserError("--requests and --concurrency must be >= 1")
+        if load <= 0 or (rate is not None and rate <= 0):
+            with user_errors():
+                raise UserError("--load and --rate must be > 0")
         plan = _plan(file)
-        models = tuple(dict.fromkeys(d.model for d in plan.deployments))
-        weights = tuple(3.0 if i == 0 else 1.0 for i in range(len(models)))
-        # Many distinct prefixes for the request count: where a policy sends a prefix decides how
-        # often it is prefilled again, which is what the table compares.
-        shape = dict(n_system_prompts=12, n_docs=100, model_weights=weights, max_tokens=max_tokens)
-        reqs = workload.generate(workload.WorkloadSpec(models=models, n_requests=requests, seed=seed, **shape))
+        settings0 = _plan_settings(plan)
+        weights = _traffic_weights(plan)
+        models = tuple(weights)
+
+        def make(n: int, s: int) -> list[workload.WorkRequest]:
+            spec = workload.demo_spec(models, n, seed=s, max_tokens=max_tokens, model_weights=[weights[m] for m in models])
+            return workload.generate(spec)
+
+        reqs = make(requests, seed)
+        if rate is None:
+            # offered prefill work against the preferred pools' capacity, counting every prompt token
+            mean_tokens = sum(len(render_prompt(r.body)) for r in reqs) / len(reqs) / settings0.chars_per_token
+            rate = round(load * sum(weights.values()) / mean_tokens, 1)
         _install_sigterm()
         runtimes: list[LocalRuntime] = []
-        rows: list[tuple[str, Summary]] = []
-        pools: dict[str, str] = {}
+        rows: list[_Row] = []
         t_start = time.monotonic()
 
-        def run_load(rt: LocalRuntime, batch: list[workload.WorkRequest], label: str) -> Summary:
+        def run_load(rt: LocalRuntime, batch: list[workload.WorkRequest], label: str, arrival_seed: int) -> list[_Row]:
+            before = _spills(rt)
             with Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=console, transient=True,
             ) as progress:
-                task = progress.add_task(label, total=len(batch))
+                task = progress.add_task(f"{label}: {len(batch)} requests at {rate} req/s", total=len(batch))
                 t0 = time.perf_counter()
                 results = asyncio.run(workload.drive(
                     rt.endpoint, batch, concurrency=concurrency, on_result=lambda _r: progress.advance(task),
+                    rate_per_s=rate, arrival_seed=arrival_seed,
                 ))
-            return workload.summarize(results, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            for msg in list(dict.fromkeys(f"{r.status or 'no status'} {r.error}" for r in results if not r.ok))[:3]:
+                console.print(f"  [red]{label}: error[/] {msg}", highlight=False)
+            after = _spills(rt)
+            spilled = {m: after.get(m, 0) - before.get(m, 0) for m in set(after) | set(before)}
+            bt, cpt = settings0.block_size_tokens, settings0.chars_per_token
+            out = [_Row(
+                label, "all", workload.summarize(results, wall), spills=sum(spilled.values()),
+                ceiling=workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt),
+            )]
+            by_model = workload.summarize_by_model(results, wall)
+            for d in plan.deployments:
+                if d.model in by_model:
+                    reps = [(r.id, r.pool) for r in rt.replicas if r.deployment == d.name and r.role == "active"]
+                    out.append(_Row(
+                        label, d.name, by_model[d.model], spills=spilled.get(d.model, 0), replicas=reps,
+                        ceiling=workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt, model=d.model),
+                    ))
+            return out
 
         try:
             for policy in ("round_robin", "cache_aware"):
-                settings = _plan_settings(plan).model_copy(update={"policy": policy})
+                settings = settings0.model_copy(update={"policy": policy})
                 rt = _start(plan, f"starting {plan.fleet} ({policy})", router_port=0, settings=settings)
                 runtimes.append(rt)
-                pools.update({r.id: r.pool for r in rt.replicas})
-                rows.append((policy, run_load(rt, reqs, f"{policy}: {len(reqs)} requests")))
+                rows.extend(run_load(rt, reqs, policy, seed))
                 if policy != "cache_aware":
                     rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
             console.print(_summary_table(
-                f"{len(reqs)} requests (shared system prompts, RAG, multi-turn chat), concurrency {concurrency}, seed {seed}",
-                rows, pools,
+                f"{len(reqs)} requests (shared system prompts, RAG, multi-turn chat with session ids), "
+                f"Poisson arrivals at {rate} req/s (load {load:g}), seed {seed}; ceiling = infinite cache per model",
+                rows,
             ))
             rt = runtimes[-1]
-            top = max(rt.plan.pools, key=lambda p: p.priority)
-            killed = rt.kill_pool(top.name)
-            console.print(f"[bold]killed pool {top.name}[/]: {', '.join(killed) or 'no replicas'}", highlight=False)
+            lost = _preferred_pools(rt.plan)
+            killed = [rid for pool in lost for rid in rt.kill_pool(pool)]
+            console.print(f"[bold]killed pool(s) {', '.join(lost) or '-'}[/]: {', '.join(killed) or 'no replicas'}", highlight=False)
             for ev in rt.check(load=False):
                 console.print(f"  [yellow]{ev}[/]", highlight=False)
-            spill_reqs = workload.generate(workload.WorkloadSpec(
-                models=models, n_requests=max(20, requests // 4), seed=seed + 1, **shape,
-            ))
-            after = run_load(rt, spill_reqs, f"after losing {top.name}")
+            n_spill = max(20, requests // 4)
+            spill_rows = run_load(rt, make(n_spill, seed + 1), "right after", seed + 1)
             rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
-            later = run_load(rt, workload.generate(workload.WorkloadSpec(
-                models=models, n_requests=max(20, requests // 4), seed=seed + 2, **shape,
-            )), "after promotion")
+            spill_rows += run_load(rt, make(n_spill, seed + 2), "after promotion", seed + 2)
             console.print(_summary_table(
-                f"spill-over: pool {top.name} (priority {top.priority}) lost",
-                [("right after", after), ("after warm promotion", later)], pools,
+                f"spill-over: pool(s) {', '.join(lost)} lost; the router's spill counter is per run", spill_rows,
             ))
         except KeyboardInterrupt:
             console.print("interrupted", style="yellow")

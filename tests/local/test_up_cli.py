@@ -114,15 +114,49 @@ def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
         _reap(proc, kids)
 
 
+DEMO_FLEET = """\
+fleet: t-demo
+clouds:
+  local: {host: 127.0.0.1}
+nodepools:
+  - {name: top, cloud: local, instance_type: g6.xlarge, priority: 10, min_nodes: 3, max_nodes: 3}
+  - {name: next, cloud: local, instance_type: g5.xlarge, priority: 5, min_nodes: 1, max_nodes: 3, warm_nodes: 1}
+deployments:
+  - {name: qwen, model: Qwen/Qwen3-0.6B, min_replicas: 4, max_replicas: 5, max_model_len: 8192, max_concurrent_requests: 16}
+router:
+  prediction_cache: {enabled: true}
+  health: {interval_s: 0.2, timeout_s: 1.0, backoff_initial_s: 0.2, backoff_max_s: 0.5}
+  max_retries: 3
+"""
+
+
+def _all_row(out: str, run: str) -> list[str]:
+    """The cells of a run's `all` row in a demo table."""
+    m = re.search(rf"│ {re.escape(run)}\s*│ all\s*│(.*)", out)
+    assert m, f"no row for {run}:\n{out}"
+    return [c.strip() for c in m.group(1).split("│")]
+
+
 @pytest.mark.slow
 def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
-    fleet = write_fleet(tmp_path)
-    r = CliRunner().invoke(app, ["demo", str(fleet), "--requests", "24", "--concurrency", "4", "--max-tokens", "2"])
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(DEMO_FLEET)
+    r = CliRunner().invoke(app, ["demo", str(fleet), "--requests", "60", "--rate", "30", "--max-tokens", "2"])
     out = r.output
     assert r.exit_code == 0, out
-    assert "round_robin" in out and "cache_aware" in out and "prefix-hit ratio" in out
-    assert "killed pool top: qwen-top-0" in out
-    assert "promoted warm replica qwen-next-warm0" in out
+    rr, ca = _all_row(out, "round_robin"), _all_row(out, "cache_aware")
+    # cells: requests, errors, prefix hits, ceiling, TTFT p50, TTFT p99, prediction-cache hits, spills
+    assert rr[:2] == ["60", "0"] and ca[:2] == ["60", "0"]
+    hit = {name: float(row[2].rstrip("%")) for name, row in (("rr", rr), ("ca", ca))}
+    ceiling = float(ca[3].rstrip("%"))
+    assert hit["rr"] < hit["ca"] <= ceiling  # three top replicas: where a prefix lands matters
+    assert "killed pool(s) top: qwen-top-0, qwen-top-1, qwen-top-2" in out
+    assert "promoted warm replica qwen-next-warm0" in out and "pool top failed" in out
+    after = _all_row(out, "right after")
+    assert after[1] == "0"  # the next pool serves at once: no request fails
+    # the router's spill counter saw it (a request that retried past every dead top replica is
+    # not counted: by then its candidates hold no higher pool, so at most all are)
+    assert 0 < int(after[7]) <= int(after[0]) - int(after[6])
     assert re.search(r"tore down \d+ processes, 0 left", out)
 
 

@@ -76,4 +76,5 @@ def test_drive_reports_http_errors_per_request():
 def test_public_api_is_pinned():
     assert set(workload.__all__) == {
         "Result", "Summary", "WorkRequest", "WorkloadSpec", "drive", "generate", "percentile", "summarize",
+        "arrival_times", "ceiling_hit_ratio", "demo_spec", "summarize_by_model",
     }
