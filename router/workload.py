@@ -83,6 +83,9 @@ class WorkloadSpec:
     max_tokens: int = 16
     deterministic_fraction: float = 0.5
     """Share of requests sent with temperature 0 (cacheable by the prediction cache)."""
+    chat_system_prompts: str = "top"
+    """System prompt of each conversation: "top" (every conversation uses the most popular one, as
+    for a single chat app) or "zipf" (drawn like the system-prompt requests: several apps' chats)."""
     conversation_span: float | None = None
     """Spread each conversation's turns over this fraction of the request order (users come back
     after a while, and conversations overlap); None keeps the compact round-by-round interleave."""
@@ -94,6 +97,8 @@ class WorkloadSpec:
             raise ValueError("n_requests and mix must be non-negative, mix not all zero")
         if self.model_weights is not None and len(self.model_weights) != len(self.models):
             raise ValueError("model_weights needs one weight per model")
+        if self.chat_system_prompts not in ("top", "zipf"):
+            raise ValueError('chat_system_prompts must be "top" or "zipf"')
         if self.conversation_span is not None and not 0 < self.conversation_span <= 1:
             raise ValueError("conversation_span must be in (0, 1]")
 
@@ -229,7 +234,8 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
     for c in range(n_conv):
         m = rng.choices(spec.models, model_w)[0]
         sid = f"conv-{spec.seed}-{c}"
-        history: list[dict[str, str]] = [{"role": "system", "content": prompts[m][0]}]
+        p = 0 if spec.chat_system_prompts == "top" else rng.choices(range(spec.n_system_prompts), prompt_w)[0]
+        history: list[dict[str, str]] = [{"role": "system", "content": prompts[m][p]}]
         chain = []
         for t in range(min(turns, left)):
             history = [*history, {"role": "user", "content": _text(rng, spec.turn_chars, f"Turn {t}")}]
@@ -289,8 +295,9 @@ def demo_spec(
 
     About 30 % shared system prompts (12 prompts of ~1,000 tokens, Zipf popularity), 35 % RAG
     (3 passages of ~500 tokens each from 120, Zipf popularity, most popular first, then a
-    question), 35 % multi-turn chat (6 turns; every turn resends the history, which grows to
-    ~2,000 tokens; turns of one conversation spread over half the run). Half the requests are
+    question), 35 % multi-turn chat (6 turns with a session id, each conversation under one of
+    the system prompts drawn by the same Zipf popularity; every turn resends the history, which
+    grows to ~2,000 tokens; turns of one conversation spread over half the run). Half the requests are
     deterministic (`temperature: 0`). Prompts average ~1,700 tokens, so a replica's KV cache of
     tens of thousands of tokens holds a fraction of what round-robin sends it.
     """
@@ -300,7 +307,7 @@ def demo_spec(
         n_system_prompts=12, system_prompt_chars=4000, questions_per_prompt=20,
         n_docs=120, doc_chars=2000, docs_per_request=3, zipf_s=1.1,
         turns_per_conversation=6, turn_chars=600, max_tokens=max_tokens, deterministic_fraction=0.5,
-        conversation_span=0.5,
+        chat_system_prompts="zipf", conversation_span=0.5,
     )
 
 

@@ -149,17 +149,20 @@ def _preferred_pools(plan: Plan) -> list[str]:
 
 
 def _traffic_weights(plan: Plan) -> dict[str, float]:
-    """Traffic share per model: its baseline replicas' prefill capacity in its preferred pool.
+    """Traffic share per model: the prefill tokens/s of the replicas the router sends it to.
 
-    Operators size a model's pool to its traffic, so the demo sends each model the share of
-    load its preferred pool was sized for.
+    That is a deployment's baseline replicas in the highest-priority pool holding any (the tier
+    the router uses while nothing fails). Operators size a model's pool to its traffic, so the
+    demo sends each model the share of load its pool was sized for.
     """
     out: dict[str, float] = {}
     for d in plan.deployments:
-        top = d.failover[0] if d.failover else None
+        if not d.replicas:
+            continue
         perf = {p.pool: p.prefill_tokens_per_s for p in d.pools}
-        cap = sum(perf.get(r.pool, 0.0) for r in d.replicas if r.pool == top)
-        out[d.model] = out.get(d.model, 0.0) + (cap or 1.0)
+        tier = max(r.priority for r in d.replicas)
+        cap = sum(perf.get(r.pool, 0.0) for r in d.replicas if r.priority == tier)
+        out[d.model] = out.get(d.model, 0.0) + cap
     return out
 
 
@@ -219,7 +222,7 @@ def register(app: typer.Typer) -> None:
         requests: Annotated[int, typer.Option(help="requests per policy run")] = 300,
         load: Annotated[float, typer.Option(
             help="offered load: prompt tokens per second over the preferred pools' prefill capacity (as if nothing were cached)",
-        )] = 0.8,
+        )] = 1.0,
         rate: Annotated[float | None, typer.Option(help="arrivals per second (Poisson) [default: from --load]")] = None,
         concurrency: Annotated[int, typer.Option(help="cap on requests in flight")] = 64,
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
@@ -244,12 +247,19 @@ def register(app: typer.Typer) -> None:
         settings0 = _plan_settings(plan)
         weights = _traffic_weights(plan)
         models = tuple(weights)
+        if not models:
+            with user_errors():
+                raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")
 
         def make(n: int, s: int) -> list[workload.WorkRequest]:
             spec = workload.demo_spec(models, n, seed=s, max_tokens=max_tokens, model_weights=[weights[m] for m in models])
             return workload.generate(spec)
 
-        reqs = make(requests, seed)
+        # One workload: the policy runs replay its first `requests`; the spill-over runs continue it
+        # (same documents and system prompts, conversations carry on), as traffic would.
+        n_spill = max(20, requests // 4)
+        everything = make(requests + 2 * n_spill, seed)
+        reqs = everything[:requests]
         if rate is None:
             # offered prefill work against the preferred pools' capacity, counting every prompt token
             mean_tokens = sum(len(render_prompt(r.body)) for r in reqs) / len(reqs) / settings0.chars_per_token
@@ -259,7 +269,9 @@ def register(app: typer.Typer) -> None:
         rows: list[_Row] = []
         t_start = time.monotonic()
 
-        def run_load(rt: LocalRuntime, batch: list[workload.WorkRequest], label: str, arrival_seed: int) -> list[_Row]:
+        def run_load(
+            rt: LocalRuntime, batch: list[workload.WorkRequest], label: str, arrival_seed: int, ceiling: bool = True,
+        ) -> list[_Row]:
             before = _spills(rt)
             with Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -277,17 +289,17 @@ def register(app: typer.Typer) -> None:
             after = _spills(rt)
             spilled = {m: after.get(m, 0) - before.get(m, 0) for m in set(after) | set(before)}
             bt, cpt = settings0.block_size_tokens, settings0.chars_per_token
-            out = [_Row(
-                label, "all", workload.summarize(results, wall), spills=sum(spilled.values()),
-                ceiling=workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt),
-            )]
+
+            def ceil(model: str | None) -> float | None:
+                return workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt, model=model) if ceiling else None
+
+            out = [_Row(label, "all", workload.summarize(results, wall), spills=sum(spilled.values()), ceiling=ceil(None))]
             by_model = workload.summarize_by_model(results, wall)
             for d in plan.deployments:
                 if d.model in by_model:
                     reps = [(r.id, r.pool) for r in rt.replicas if r.deployment == d.name and r.role == "active"]
                     out.append(_Row(
-                        label, d.name, by_model[d.model], spills=spilled.get(d.model, 0), replicas=reps,
-                        ceiling=workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt, model=d.model),
+                        label, d.name, by_model[d.model], spills=spilled.get(d.model, 0), replicas=reps, ceiling=ceil(d.model),
                     ))
             return out
 
@@ -310,12 +322,12 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]killed pool(s) {', '.join(lost) or '-'}[/]: {', '.join(killed) or 'no replicas'}", highlight=False)
             for ev in rt.check(load=False):
                 console.print(f"  [yellow]{ev}[/]", highlight=False)
-            n_spill = max(20, requests // 4)
-            spill_rows = run_load(rt, make(n_spill, seed + 1), "right after", seed + 1)
+            spill_rows = run_load(rt, everything[requests:requests + n_spill], "right after", seed + 1, ceiling=False)
             rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
-            spill_rows += run_load(rt, make(n_spill, seed + 2), "after promotion", seed + 2)
+            spill_rows += run_load(rt, everything[requests + n_spill:], "after promotion", seed + 2, ceiling=False)
             console.print(_summary_table(
-                f"spill-over: pool(s) {', '.join(lost)} lost; the router's spill counter is per run", spill_rows,
+                f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic continues; spills from the router's /metrics",
+                spill_rows,
             ))
         except KeyboardInterrupt:
             console.print("interrupted", style="yellow")
