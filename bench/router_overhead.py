@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,28 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
             c0 = time.process_time()
             await asyncio.gather(*(one_worker() for _ in range(workers)))
             return (time.process_time() - c0) / (per * workers) * 1e6
+    if lib == "gpufleet upstream":
+        from yarl import URL
+
+        from gpufleet.router.upstream import UpstreamPool
+
+        u = URL(url)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+            u.host.encode(), u.port, len(body))
+        pool = UpstreamPool()
+
+        async def one_worker_lean() -> None:
+            for _ in range(per):
+                resp = await pool.post(u.host, u.port, head, body, timeout_s=30)
+                await resp.read()
+                resp.release()
+
+        await one_worker_lean()
+        c0 = time.process_time()
+        await asyncio.gather(*(one_worker_lean() for _ in range(workers)))
+        cost = (time.process_time() - c0) / (per * workers) * 1e6
+        await pool.close()
+        return cost
     import httpx
 
     async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=64)) as c:
@@ -266,10 +289,15 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
         return (time.process_time() - c0) / (per * workers) * 1e6
 
 
-def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Target | None:
+def _peer_available() -> bool:
+    """True when the SGLang router is installed in the peers' virtualenv."""
     if not PEERS_PY.exists():
-        return None
-    if subprocess.run([str(PEERS_PY), "-c", "import sglang_router"], capture_output=True).returncode != 0:
+        return False
+    return subprocess.run([str(PEERS_PY), "-c", "import sglang_router"], capture_output=True).returncode == 0
+
+
+def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Target | None:
+    if not _peer_available():
         return None
     port, mport = _free_port(), _free_port()
     p = subprocess.Popen(
@@ -345,55 +373,69 @@ def main() -> None:
         def start_sglang() -> Target | None:
             return _start_sglang(urls, procs)
 
-        # All targets run side by side (idle ones cost nothing) and are measured in interleaved
-        # rounds, so a burst of background load hits every target alike; each figure is the
-        # median over rounds.
+        # Interleaved rounds, so a burst of background load hits every target alike (each figure
+        # is the median over rounds); within a round each router runs alone, started fresh and
+        # stopped after, because an idle peer is not idle (SGLang's tree eviction, for one).
         note = ""
-        targets = [Target("direct (replica)", urls[0], None), start_gpufleet()]
+        starters: list[tuple[str, Callable[[], Target | None]]] = [
+            ("direct (replica)", lambda: Target("direct (replica)", urls[0], None)),
+            ("gpufleet router", start_gpufleet),
+        ]
         if not args.no_peers:
-            try:
-                sg = start_sglang()
-            except RuntimeError as exc:
-                sg, note = None, f"SGLang router did not start: {exc}"
-            if sg is None and not note:
+            if _peer_available():
+                starters.append(("sglang-router", start_sglang))
+            else:
                 note = f"SGLang router not installed at {PEERS_PY}: skipped (see ../shared/peers/README.md)"
-            if sg is not None:
-                targets.append(sg)
         per_round = args.seconds / args.rounds
-        lat: dict[str, list[list[float]]] = {t.name: [] for t in targets}
-        rps: dict[str, list[float]] = {t.name: [] for t in targets}
-        per_cpu: dict[str, list[float]] = {t.name: [] for t in targets}
-        errs: dict[str, int] = {t.name: 0 for t in targets}
+        names = [n for n, _ in starters]
+        lat: dict[str, list[list[float]]] = {n: [] for n in names}
+        rps: dict[str, list[float]] = {n: [] for n in names}
+        per_cpu: dict[str, list[float]] = {n: [] for n in names}
+        errs: dict[str, int] = {n: 0 for n in names}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
-            for t in targets:
-                w = progress.add_task(f"{t.name}: warm-up", total=None)
-                asyncio.run(_closed_loop(t.url, 8, 1.0, progress, w))
-            rounds = progress.add_task("rounds", total=args.rounds * len(targets))
+            rounds = progress.add_task("rounds", total=args.rounds * len(starters))
             for r in range(args.rounds):
-                for t in targets:
-                    progress.update(rounds, description=f"round {r + 1}/{args.rounds}: {t.name}")
-                    task = progress.add_task(f"  {args.rate:.0f} req/s open loop", total=int(args.rate * per_round))
-                    got, e1 = asyncio.run(_open_loop(t.url, args.rate, per_round, progress, task))
-                    progress.remove_task(task)
-                    task2 = progress.add_task(f"  closed loop x{args.concurrency}", total=None)
-                    cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
-                    done, elapsed, e2 = asyncio.run(_closed_loop(t.url, args.concurrency, per_round, progress, task2))
-                    cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
-                    progress.remove_task(task2)
-                    lat[t.name].append(got)
-                    rps[t.name].append(done / elapsed)
+                for name, start in starters:
+                    progress.update(rounds, description=f"round {r + 1}/{args.rounds}: {name}")
+                    n_procs = len(procs)
+                    try:
+                        t = start()
+                    except RuntimeError as exc:
+                        note = f"{name} did not start: {exc}"
+                        t = None
+                    if t is None:
+                        progress.advance(rounds)
+                        continue
+                    try:
+                        w = progress.add_task("  warm-up", total=None)
+                        asyncio.run(_closed_loop(t.url, 8, 1.0, progress, w))
+                        progress.remove_task(w)
+                        task = progress.add_task(f"  {args.rate:.0f} req/s open loop", total=int(args.rate * per_round))
+                        got, e1 = asyncio.run(_open_loop(t.url, args.rate, per_round, progress, task))
+                        progress.remove_task(task)
+                        task2 = progress.add_task(f"  closed loop x{args.concurrency}", total=None)
+                        cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
+                        done, elapsed, e2 = asyncio.run(_closed_loop(t.url, args.concurrency, per_round, progress, task2))
+                        cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
+                        progress.remove_task(task2)
+                    finally:
+                        for p in procs[n_procs:]:
+                            _stop(p)
+                    lat[name].append(got)
+                    rps[name].append(done / elapsed)
                     if cpu:
-                        per_cpu[t.name].append(done / cpu)
-                    errs[t.name] += e1 + e2
+                        per_cpu[name].append(done / cpu)
+                    errs[name] += e1 + e2
                     progress.advance(rounds)
+        targets = [Target(n, "", None if n.startswith("direct") else 0) for n in names if lat[n]]
 
         def med(xs: list[float]) -> float:
             return statistics.median(xs) if xs else float("nan")
 
         base = targets[0].name
         table = Table(title=f"Router overhead: {args.replicas} instant replicas; {args.rate:.0f} req/s open loop, then "
-                            f"{args.concurrency} concurrent clients; {args.rounds} interleaved rounds of "
+                            f"{args.concurrency} concurrent clients; {args.rounds} interleaved rounds (each router alone) of "
                             f"{per_round:g}s each, medians over rounds")
         for col in ("target", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "max req/s", "req/s per CPU-s", "errors"):
             table.add_column(col, justify="left" if col == "target" else "right")
@@ -410,11 +452,11 @@ def main() -> None:
             )
         console.print(table)
         console.print(f"machine: {os.cpu_count()} CPUs; load generator, replicas and router share them.")
-        # Why the router proxies with aiohttp: what each client library costs per request.
+        # Why the router proxies with its own lean client: what each client costs per request.
         libs = Table(title="Upstream HTTP client cost (8 concurrent workers against one instant replica)")
         libs.add_column("client library")
         libs.add_column("CPU µs per request", justify="right")
-        for lib in ("aiohttp", "httpx"):
+        for lib in ("gpufleet upstream", "aiohttp", "httpx"):
             libs.add_row(lib, f"{asyncio.run(_client_cost(urls[0], lib)):.0f}")
         console.print(libs)
         if note:

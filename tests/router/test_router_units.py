@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gpufleet.router import errors, health, loader, policy, prediction_cache, prefix, server, types
+from gpufleet.router import errors, health, loader, policy, prediction_cache, prefix, server, types, upstream
 from gpufleet.router.config import HealthSettings, PredictionCacheSettings
 from gpufleet.router.prediction_cache import PredictionCache, SSEAssembler, cache_key, is_cacheable, replay_sse, tenant_of
 from gpufleet.router.types import ReplicaState
@@ -181,7 +181,11 @@ def test_public_api_is_pinned() -> None:
          "NoHealthyReplica", "PromptTooLong", "RequestError", "RouterError", "Unauthorized", "UnknownModel",
          "UpstreamError", "UpstreamFailed", "UpstreamTimeout"]
     )
-    for mod in (server, policy, types, prefix, prediction_cache, errors, health, loader):
+    assert sorted(upstream.__all__) == sorted(
+        ["UpstreamClientError", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamPool",
+         "UpstreamProtocolError", "UpstreamResponse"]
+    )
+    for mod in (server, policy, types, prefix, prediction_cache, errors, health, loader, upstream):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
 
