@@ -260,3 +260,48 @@ def test_slow_consumer_pauses_reading_and_still_gets_everything() -> None:
     paused_at, got = run(handler, client)
     assert got == total
     assert paused_at < 4 * 1024 * 1024  # reading paused near the 1 MiB high-water mark
+
+
+def test_https_replica_is_verified_against_the_trusted_cas(tmp_path, monkeypatch) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(reader, writer):  # type: ignore[no-untyped-def]
+        try:
+            await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure")
+        await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            untrusted = UpstreamPool()
+            with pytest.raises(UpstreamConnectError):  # self-signed, not trusted: refused
+                await untrusted.post("localhost", port, HEAD, b"{}", timeout_s=5, tls=True)
+            await untrusted.close()
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the operator trusts this CA
+            trusted = UpstreamPool()
+            resp = await trusted.post("localhost", port, HEAD, b"{}", timeout_s=5, tls=True)
+            assert await resp.read() == b"secure"
+            resp.release()
+            await trusted.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
