@@ -26,6 +26,19 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+def replies(data: bytes, *, close: bool) -> Handler:
+    """A server handler that reads one request, answers with exactly `data`, and maybe hangs up."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(data)
+        await writer.drain()
+        if close:
+            writer.close()
+
+    return handler
+
+
 def run(handler: Handler, client: Callable[[UpstreamPool, int], Awaitable[object]]) -> object:
     """Serve `handler` on a free loopback port and run `client(pool, port)` against it."""
 
@@ -92,11 +105,7 @@ def test_chunked_answer_is_decoded_piece_by_piece_with_trailers_skipped() -> Non
 
 
 def test_body_delimited_by_close_and_interim_100_skipped() -> None:
-    async def handler(reader, writer):  # type: ignore[no-untyped-def]
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\n\r\nuntil the end")
-        await writer.drain()
-        writer.close()
+    handler = replies(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\n\r\nuntil the end", close=True)
 
     async def client(pool, port):  # type: ignore[no-untyped-def]
         resp = await pool.post("127.0.0.1", port, HEAD, b"{}", timeout_s=5)
@@ -136,9 +145,7 @@ def test_reused_connection_closed_before_answering_is_replaced_once_without_an_e
 
 
 def test_connection_lost_before_the_head_is_an_error_on_a_fresh_connection() -> None:
-    async def handler(reader, writer):  # type: ignore[no-untyped-def]
-        await read_request(reader)
-        writer.close()
+    handler = replies(b"", close=True)
 
     async def client(pool, port):  # type: ignore[no-untyped-def]
         with pytest.raises(UpstreamDisconnected):
@@ -148,11 +155,7 @@ def test_connection_lost_before_the_head_is_an_error_on_a_fresh_connection() -> 
 
 
 def test_connection_lost_mid_body_raises_on_read() -> None:
-    async def handler(reader, writer):  # type: ignore[no-untyped-def]
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-        writer.close()
+    handler = replies(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", close=True)
 
     async def client(pool, port):  # type: ignore[no-untyped-def]
         resp = await pool.post("127.0.0.1", port, HEAD, b"{}", timeout_s=5)
@@ -190,10 +193,7 @@ def test_deadline_covers_head_and_body() -> None:
 
 
 def test_not_http_is_a_protocol_error() -> None:
-    async def handler(reader, writer):  # type: ignore[no-untyped-def]
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await writer.drain()
+    handler = replies(b"SSH-2.0-OpenSSH\r\n\r\n", close=False)
 
     async def client(pool, port):  # type: ignore[no-untyped-def]
         with pytest.raises(UpstreamProtocolError):
