@@ -1,4 +1,4 @@
-"""`gpufleet bench`: the routing simulator (`bench sim`) on a workload or a Mooncake trace."""
+"""`gpufleet bench`: routing policies in simulation (`bench sim`) and over loopback HTTP against the peer routers (`bench live`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,54 +10,79 @@ from gpufleet.infra.cli._common import UserError, console, user_errors
 
 _WORKLOADS = "shared_prompts, rag, multiturn, mix, demo"
 
+_Fleet = Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")]
+_Deployment = Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")]
+_Workload = Annotated[Optional[str], typer.Option("--workload", help=f"one of: {_WORKLOADS}")]
+_Trace = Annotated[Optional[Path], typer.Option("--trace", help="Mooncake-format trace (JSON lines)")]
+_Seed = Annotated[int, typer.Option("--seed")]
+_Json = Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")]
+
+
+def _domain_errors() -> tuple[type[BaseException], ...]:
+    from gpufleet.infra import catalog, spec
+    from gpufleet.router.sim import trace
+
+    return (ValueError, trace.TraceError, spec.FleetError, catalog.CatalogError)
+
+
+def _fleet_and_workload(
+    fleet: Path, deployment: str, workload: str | None, trace: Path | None, *, requests: int, seed: int,
+    rate: float = 1.0, replicas: int | None = None, keep_bodies: bool = False,
+) -> tuple[object, object]:
+    """The simulated fleet from the plan and the workload (generated, or replayed from a trace)."""
+    from gpufleet.router.sim import fleet as fleet_mod
+    from gpufleet.router.sim import trace as trace_mod
+    from gpufleet.router.sim import workloads
+
+    if (workload is None) == (trace is None):
+        raise UserError("give exactly one of --workload NAME or --trace FILE")
+    if requests < 0:
+        raise UserError("--requests must be >= 0")
+    if not fleet.is_file():
+        raise UserError(f"fleet file {fleet} not found")
+    sim_fleet = fleet_mod.fleet_from_file(fleet, deployment, replicas=replicas)
+    if trace is not None:
+        wl = trace_mod.trace_workload(
+            trace_mod.load_trace(trace), name=trace.stem, rate_multiplier=rate, seed=seed,
+            settings=sim_fleet.settings, limit=requests or None, keep_bodies=keep_bodies,
+        )
+    else:
+        wl = workloads.make_workload(workload, requests or 2000, seed=seed, settings=sim_fleet.settings,  # type: ignore[arg-type]
+                                     keep_bodies=keep_bodies)
+    if not wl.requests:
+        raise UserError("the workload has no requests")
+    return sim_fleet, wl
+
 
 def register(app: typer.Typer) -> None:
     """Add this noun's commands to the root app."""
-    bench = typer.Typer(help="Benchmarks: routing policies in simulation.", no_args_is_help=True)
+    bench = typer.Typer(help="Benchmarks: routing policies in simulation (sim) and over HTTP against the SGLang and vLLM routers (live).", no_args_is_help=True)
 
     @bench.command("sim")
     def sim(
-        fleet: Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")],
-        deployment: Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")],
-        workload: Annotated[Optional[str], typer.Option("--workload", help=f"one of: {_WORKLOADS}")] = None,
-        trace: Annotated[Optional[Path], typer.Option("--trace", help="Mooncake-format trace (JSON lines)")] = None,
+        fleet: _Fleet,
+        deployment: _Deployment,
+        workload: _Workload = None,
+        trace: _Trace = None,
         load: Annotated[Optional[float], typer.Option("--load", help="scale arrivals to this offered load (no-cache prefill work / fleet prefill capacity)")] = None,
         rate: Annotated[float, typer.Option("--rate", help="trace rate multiplier (ignored with --load)")] = 1.0,
         policies: Annotated[Optional[str], typer.Option("--policies", help="comma-separated policies (default: all)")] = None,
         requests: Annotated[int, typer.Option("--requests", help="requests to generate, or the first N of a trace (0: all)")] = 2000,
         replicas: Annotated[Optional[int], typer.Option("--replicas", help="simulate this many replicas instead of the plan's")] = None,
-        seed: Annotated[int, typer.Option("--seed")] = 0,
-        json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
+        seed: _Seed = 0,
+        json_out: _Json = None,
         plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of TTFT distributions and hit ratios")] = None,
     ) -> None:
         """Simulate routing policies on a workload or trace over a deployment's replicas from the plan."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from gpufleet.infra import catalog as catalog_mod
-        from gpufleet.infra import spec as spec_mod
-        from gpufleet.router.sim import fleet as fleet_mod
-        from gpufleet.router.sim import report, trace as trace_mod, workloads
+        from gpufleet.router.sim import report
 
-        domain_errors = (ValueError, trace_mod.TraceError, spec_mod.FleetError, catalog_mod.CatalogError)
-        with user_errors(*domain_errors):
-            if (workload is None) == (trace is None):
-                raise UserError("give exactly one of --workload NAME or --trace FILE")
-            if requests < 0:
-                raise UserError("--requests must be >= 0")
+        with user_errors(*_domain_errors()):
             names = report.parse_policies(policies)
-            if not fleet.is_file():
-                raise UserError(f"fleet file {fleet} not found")
-            sim_fleet = fleet_mod.fleet_from_file(fleet, deployment, replicas=replicas)
-            if trace is not None:
-                recs = trace_mod.load_trace(trace)
-                wl = trace_mod.trace_workload(
-                    recs, name=trace.stem, rate_multiplier=rate, seed=seed, settings=sim_fleet.settings,
-                    limit=requests or None,
-                )
-            else:
-                wl = workloads.make_workload(workload, requests or 2000, seed=seed, settings=sim_fleet.settings)  # type: ignore[arg-type]
-            if not wl.requests:
-                raise UserError("the workload has no requests")
+            sim_fleet, wl = _fleet_and_workload(
+                fleet, deployment, workload, trace, requests=requests, seed=seed, rate=rate, replicas=replicas
+            )
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=console, transient=True,
@@ -81,17 +106,17 @@ def register(app: typer.Typer) -> None:
 
     @bench.command("live")
     def live_cmd(
-        fleet: Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")],
-        deployment: Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")],
-        workload: Annotated[Optional[str], typer.Option("--workload", help=f"one of: {_WORKLOADS}")] = None,
-        trace: Annotated[Optional[Path], typer.Option("--trace", help="Mooncake-format trace (JSON lines)")] = None,
+        fleet: _Fleet,
+        deployment: _Deployment,
+        workload: _Workload = None,
+        trace: _Trace = None,
         load: Annotated[float, typer.Option("--load", help="offered load before the speed-up (see bench sim)")] = 0.8,
         requests: Annotated[int, typer.Option("--requests", help="requests to send (scaled down from bench sim)")] = 200,
-        speedup: Annotated[float, typer.Option("--speedup", help="replicas run this many times faster than the plan's hardware; arrivals too")] = 4.0,
+        speedup: Annotated[float, typer.Option("--speedup", help="replicas run this many times faster than the plan's hardware; arrivals too (above 1 the Python router competes for CPU on small machines)")] = 1.0,
         routers: Annotated[str, typer.Option("--routers", help="comma-separated: gpufleet, sglang, vllm")] = "gpufleet,sglang,vllm",
         peers_venv: Annotated[Optional[Path], typer.Option("--peers-venv", envvar="GPUFLEET_PEERS_VENV", help="virtualenv with sglang-router and vllm-router (outside the project)")] = None,
-        seed: Annotated[int, typer.Option("--seed")] = 0,
-        json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
+        seed: _Seed = 0,
+        json_out: _Json = None,
     ) -> None:
         """Send one scaled-down workload over loopback HTTP through gpufleet's router and the peer routers."""
         import json
@@ -99,27 +124,18 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from gpufleet.infra import catalog as catalog_mod
-        from gpufleet.infra import spec as spec_mod
-        from gpufleet.router.sim import fleet as fleet_mod
-        from gpufleet.router.sim import live, metrics, trace as trace_mod, workloads
+        from gpufleet.router.sim import live, metrics
 
-        with user_errors(ValueError, trace_mod.TraceError, spec_mod.FleetError, catalog_mod.CatalogError):
-            if (workload is None) == (trace is None):
-                raise UserError("give exactly one of --workload NAME or --trace FILE")
+        with user_errors(*_domain_errors()):
             names = tuple(r.strip() for r in routers.split(",") if r.strip())
             bad = [r for r in names if r not in live.ROUTERS]
             if bad or not names:
                 raise UserError(f"unknown router {', '.join(bad) or '(none)'}; choose from {', '.join(live.ROUTERS)}")
             if requests < 1 or speedup <= 0 or load <= 0:
                 raise UserError("--requests, --speedup and --load must be positive")
-            sim_fleet = fleet_mod.fleet_from_file(fleet, deployment)
-            if trace is not None:
-                wl = trace_mod.trace_workload(trace_mod.load_trace(trace), name=trace.stem, seed=seed,
-                                              settings=sim_fleet.settings, limit=requests, keep_bodies=True)
-            else:
-                wl = workloads.make_workload(workload, requests, seed=seed, settings=sim_fleet.settings,  # type: ignore[arg-type]
-                                             keep_bodies=True)
+            sim_fleet, wl = _fleet_and_workload(
+                fleet, deployment, workload, trace, requests=requests, seed=seed, keep_bodies=True
+            )
             natural = metrics.offered_load(wl, sim_fleet)
             wl = wl.scaled(natural / load)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -260,7 +260,7 @@ def run_live(
     fleet: SimFleet,
     routers: tuple[str, ...] = ROUTERS,
     *,
-    speedup: float = 4.0,
+    speedup: float = 1.0,
     peers_venv: Path | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> list[LiveResult]:
