@@ -643,10 +643,20 @@ class Router:
         return _json_response(200, {"policy": self.policy.name, "replicas": rows})
 
 
+_ROUTES = {
+    "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET",
+    "/ready": "GET", "/metrics": "GET", "/admin/replicas": "GET",
+}
+
+
 async def _not_found(request: web.Request) -> web.Response:
-    exc = errors.RequestError(f"no route for {request.method} {request.path}")
-    exc.status, exc.code = 404, "not_found"
-    return _error_response(exc)
+    """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
+    allowed = _ROUTES.get(request.path)
+    exc = errors.RequestError(
+        f"{request.path} takes {allowed}, not {request.method}" if allowed else f"no route for {request.method} {request.path}"
+    )
+    exc.status, exc.code = (405, "method_not_allowed") if allowed else (404, "not_found")
+    return _error_response(exc, {"Allow": allowed} if allowed else None)
 
 
 def create_app(

@@ -462,3 +462,10 @@ def test_an_internal_bug_answers_500_in_the_api_shape_without_details(replicas, 
     r = post(rr.url, chat("x"))
     assert r.status_code == 500
     assert error_of(r)["type"] == "server_error" and "secret" not in r.text
+
+
+def test_wrong_method_on_a_known_path_is_json_405_with_allow(replicas, make_router) -> None:
+    rr = make_router(replica_configs(replicas(1)))
+    r = httpx.get(rr.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert error_of(r)["code"] == "method_not_allowed"
