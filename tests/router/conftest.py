@@ -5,11 +5,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
-from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter
 
 from gpufleet.router import server
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,14 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from gpufleet.router import server
-from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from gpufleet.router.config import ReplicaConfig
 
 
 class LoopThread:

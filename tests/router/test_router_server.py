@@ -8,7 +8,6 @@ import time
 import httpx
 import pytest
 
-from gpufleet.router.config import HealthSettings, RouterSettings
 from tests.router.router_fakes import chat, replica_configs, wait_for
 
 FAST_HEALTH = {"interval_s": 0.05, "timeout_s": 0.5, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
