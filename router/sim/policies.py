@@ -208,34 +208,40 @@ class OracleChoice:
 def pending_prefill_tokens(engine: kvmodel.ReplicaEngine) -> int:
     """Prompt tokens the engine must still prefill for requests it already holds.
 
-    Reads the engine's queues (kvmodel keeps them private; the oracle is allowed to know them).
     Waiting requests are counted without the prefix they would reuse if they started now.
     """
-    running, waiting, _ = _queue(engine)
+    running, waiting, _, _ = _queue(engine)
     return running + waiting
 
 
-def _queue(engine: kvmodel.ReplicaEngine) -> tuple[int, int, int]:
-    """(prefill left of running requests, uncached prefill of waiting ones, blocks waiting ones need)."""
+def _queue(engine: kvmodel.ReplicaEngine) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """From the engine's request views: (prefill left of running requests, uncached prefill of
+    waiting ones, blocks the waiting ones need, and per running request (prefill left, output
+    left, blocks held))."""
     bt = engine.params.block_size_tokens
     cache = engine.cache
-    run_left = 0
-    for run in engine._running.values():  # noqa: SLF001 - the oracle sees the exact queue
-        run_left += run.req.prompt_tokens - run.computed
-    wait_left = wait_blocks = 0
-    for run in engine._waiting:  # noqa: SLF001
-        req = run.req
-        hit = min(cache.match(req.block_hashes[: req.prompt_tokens // bt]), (req.prompt_tokens - 1) // bt)
-        wait_left += req.prompt_tokens - hit * bt
-        wait_blocks += math.ceil((req.prompt_tokens + req.output_tokens) / bt) - hit
-    return run_left, wait_left, wait_blocks
+    run_left = wait_left = wait_blocks = 0
+    running: list[tuple[int, int, int]] = []
+    for v in engine.requests():
+        req = v.request
+        blocks = math.ceil((req.prompt_tokens + req.output_tokens) / bt)
+        if v.running:
+            run_left += v.prefill_left
+            running.append((v.prefill_left, req.output_tokens - v.generated_tokens, blocks))
+        else:
+            hit = min(cache.match(req.block_hashes[: req.prompt_tokens // bt]), (req.prompt_tokens - 1) // bt)
+            wait_left += req.prompt_tokens - hit * bt
+            wait_blocks += blocks - hit
+    return run_left, wait_left, wait_blocks, running
 
 
-def _start_delay(engine: kvmodel.ReplicaEngine, need_blocks: int, step_s: float) -> float:
+def _start_delay(
+    engine: kvmodel.ReplicaEngine, running: list[tuple[int, int, int]], need_blocks: int, step_s: float
+) -> float:
     """When requests queued ahead plus `need_blocks` more would fit (memory and running slots).
 
     Running requests are assumed to finish in order of their remaining work (prefill left at the
-    prefill rate, then one decode step per token left); each frees the blocks it holds.
+    prefill rate, then one decode step per token left); each frees the blocks it reserved.
     """
     p = engine.params
     cache = engine.cache
@@ -243,12 +249,9 @@ def _start_delay(engine: kvmodel.ReplicaEngine, need_blocks: int, step_s: float)
     slots = p.max_running - engine.num_running - engine.num_waiting - 1
     if need_blocks <= free and slots >= 0:
         return 0.0
-    ends = []
-    for run in engine._running.values():  # noqa: SLF001
-        left = max(0, run.req.prompt_tokens - run.computed) / p.prefill_tokens_per_s
-        left += max(0, run.req.output_tokens - run.generated) * step_s
-        ends.append((left, len(run.pinned) + run.private))
-    ends.sort()
+    ends = sorted(
+        (max(0, prefill) / p.prefill_tokens_per_s + max(0, out) * step_s, blocks) for prefill, out, blocks in running
+    )
     t = 0.0
     for t, blocks in ends:
         free += blocks
@@ -282,11 +285,11 @@ class OraclePolicy(Policy):
             m = e.cache.match(features.block_hashes[: prompt // bt])
             m = min(m, (prompt - 1) // bt) if prompt > 0 else 0
             own = max(0, prompt - m * bt)
-            run_left, wait_left, wait_blocks = _queue(e)
+            run_left, wait_left, wait_blocks, running = _queue(e)
             n_dec = max(1, e.num_running)
             step_s = (1.0 + p.decode_batch_penalty * (n_dec - 1)) / p.decode_tokens_per_s
             # The router does not know the output length; the prompt's blocks are the floor.
-            start = _start_delay(e, wait_blocks + math.ceil(prompt / bt) - m, step_s)
+            start = _start_delay(e, running, wait_blocks + math.ceil(prompt / bt) - m, step_s)
             # Running prefill still left when this request can start, then everything waiting.
             ahead = max(0.0, run_left - start * p.prefill_tokens_per_s) + wait_left
             work = ahead + own
