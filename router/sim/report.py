@@ -15,7 +15,7 @@ from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
 from gpufleet.router.sim.workloads import Workload, infinite_cache_hit_ratio
 
-__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "markdown_tables", "run_policies", "to_json", "write_json"]
+__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "goals_markdown", "markdown_tables", "run_policies", "to_json", "write_json"]
 
 
 @dataclass
@@ -242,3 +242,19 @@ def markdown_tables(data: dict[str, Any]) -> str:
         )
         out.append(f"\nGoals for cache_aware: {goals}\n")
     return "\n".join(out)
+
+
+def goals_markdown(data: dict[str, Any]) -> str:
+    """One Markdown row per run of `to_json` data: which goals cache_aware meets, with the numbers."""
+    runs = data["runs"]
+    if not runs:
+        return ""
+    names = [g["name"] for g in runs[0]["goals"]]
+    out = ["| workload | load | " + " | ".join(names) + " |", "|---|---:|" + "---|" * len(names)]
+    for r in runs:
+        cells = []
+        for g in r["goals"]:
+            mark = "n/a" if g["met"] is None else ("met" if g["met"] else "**not met**")
+            cells.append(f"{mark} ({g['detail']})")
+        out.append(f"| {r['workload']} | {r['load']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"

@@ -125,3 +125,19 @@ def test_capacity_counts_kv_reuse_and_prices_the_difference() -> None:
         if n > 1:
             assert not capacity._meets(wl, f, pol, n - 1, 1.0, 0)[0]  # noqa: SLF001
     assert capacity.replicas_needed(wl, f, "round_robin", 1e-6, max_replicas=2) is None
+
+
+def test_json_and_markdown_carry_every_policy_and_goal() -> None:
+    from gpufleet.router.sim import report
+
+    summaries = {
+        "oracle": _summary("oracle", 0.80, 1.0, 2.0),
+        "cache_aware": _summary("cache_aware", 0.70, 1.0, 2.0),
+    }
+    run = report.BenchRun("rag", "f/d", 10, 0.8, 0.3, 0.9, summaries, metrics.evaluate_goals(summaries))
+    data = report.to_json([run])
+    assert data["runs"][0]["policies"]["cache_aware"]["hit_ratio"] == 0.7
+    md = report.markdown_tables(data)
+    assert "| **cache_aware** | 0.700 |" in md and "| oracle | 0.800 |" in md and "**not met**: hit >= 0.95 x oracle" in md
+    goals = report.goals_markdown(data)
+    assert goals.splitlines()[2].startswith("| rag | 0.8 | **not met** (0.700 vs 0.800")
