@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench preview clean
 
 $(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -24,8 +24,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# Every benchmark prints a table; the peer routers are compared when installed (docs/router.md).
 bench: $(STAMP)
 	$(PY) bench/plan_scale.py
+	$(PY) bench/replica_sim.py
+	$(PY) bench/router_overhead.py
+	$(PY) bench/controller_sim.py
+	$(PY) bench/routing.py
+
+preview: $(STAMP)
+	$(VENV)/bin/gpufleet preview stacks/multicloud
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
