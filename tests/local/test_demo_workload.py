@@ -89,3 +89,14 @@ def test_summarize_by_model_splits_results():
     assert list(by) == ["a", "b"]
     assert (by["a"].requests, by["a"].errors, by["a"].prefix_hit_ratio) == (2, 1, 0.5)
     assert by["b"].per_replica == {"r2": 1}
+
+
+def test_conversations_draw_their_system_prompt_by_popularity_when_asked():
+    def systems(how: str) -> set[str]:
+        spec = WorkloadSpec(models=("m",), n_requests=200, seed=4, mix=(0, 0, 1), turns_per_conversation=2, chat_system_prompts=how)
+        return {r.body["messages"][0]["content"].split(":")[0] for r in workload.generate(spec)}
+
+    assert systems("top") == {"System prompt 0 for m"}  # one chat app
+    assert len(systems("zipf")) > 2  # several apps' conversations
+    with pytest.raises(ValueError, match="chat_system_prompts"):
+        WorkloadSpec(models=("m",), chat_system_prompts="all")

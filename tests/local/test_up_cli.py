@@ -114,22 +114,6 @@ def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
         _reap(proc, kids)
 
 
-DEMO_FLEET = """\
-fleet: t-demo
-clouds:
-  local: {host: 127.0.0.1}
-nodepools:
-  - {name: top, cloud: local, instance_type: g6.xlarge, priority: 10, min_nodes: 3, max_nodes: 3}
-  - {name: next, cloud: local, instance_type: g5.xlarge, priority: 5, min_nodes: 1, max_nodes: 3, warm_nodes: 1}
-deployments:
-  - {name: qwen, model: Qwen/Qwen3-0.6B, min_replicas: 4, max_replicas: 5, max_model_len: 8192, max_concurrent_requests: 16}
-router:
-  prediction_cache: {enabled: true}
-  health: {interval_s: 0.2, timeout_s: 1.0, backoff_initial_s: 0.2, backoff_max_s: 0.5}
-  max_retries: 3
-"""
-
-
 def _all_row(out: str, run: str) -> list[str]:
     """The cells of a run's `all` row in a demo table."""
     m = re.search(rf"│ {re.escape(run)}\s*│ all\s*│(.*)", out)
@@ -139,8 +123,8 @@ def _all_row(out: str, run: str) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
-    fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(DEMO_FLEET)
+    # three replicas in the preferred pool, so where a prefix lands matters; enough retries to pass all three once lost
+    fleet = write_fleet(tmp_path, top=3, router="  max_retries: 3\n")
     r = CliRunner().invoke(app, ["demo", str(fleet), "--requests", "60", "--rate", "30", "--max-tokens", "2"])
     out = r.output
     assert r.exit_code == 0, out
