@@ -73,7 +73,7 @@ def _install_sigterm() -> None:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.0f}"
+    return "-" if x is None else f"{x * 1000:.0f} ms"
 
 
 @dataclass
@@ -90,13 +90,13 @@ class _Row:
 
 
 def _per_replica(row: _Row) -> str:
-    """Requests per replica grouped by pool: `local-l4: 31 30 29 31 | local-l40s: 0`."""
+    """Requests per replica grouped by pool: `local-l4 31/30/29/31, local-l40s 0`."""
     if not row.replicas:
         return ""
     by_pool: dict[str, list[str]] = {}
     for rid, pool in row.replicas:
         by_pool.setdefault(pool, []).append(str(row.summary.per_replica.get(rid, 0)))
-    return " | ".join(f"{pool}: {' '.join(ns)}" for pool, ns in by_pool.items())
+    return ", ".join(f"{pool} {'/'.join(ns)}" for pool, ns in by_pool.items())
 
 
 def _summary_table(title: str, rows: list[_Row]) -> Any:
@@ -105,8 +105,8 @@ def _summary_table(title: str, rows: list[_Row]) -> Any:
     t = Table(title=title, title_justify="left")
     for col, just in (
         ("run", "left"), ("deployment", "left"), ("requests", "right"), ("errors", "right"),
-        ("prefix hits", "right"), ("ceiling", "right"), ("TTFT p50 ms", "right"), ("TTFT p99 ms", "right"),
-        ("pred. cache hits", "right"), ("spills", "right"), ("requests per replica, by pool", "left"),
+        ("prefix hits", "right"), ("ceiling", "right"), ("TTFT p50", "right"), ("TTFT p99", "right"),
+        ("pred. cache", "right"), ("spills", "right"), ("requests per replica", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     last = None
@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
     @app.command("up")
     def up(
         file: Annotated[Path, typer.Argument(help="fleet declaration whose pools are all `cloud: local`")],
-        port: Annotated[int | None, typer.Option(help="router port (0: any free port) [default: router.port]")] = None,
+        port: Annotated[int | None, typer.Option(help="router port, 0 for any free port (default: the fleet's router.port)")] = None,
         ready_timeout_s: Annotated[float, typer.Option(help="seconds a simulated replica or the router may take to start")] = 60.0,
         supervise_interval_s: Annotated[float, typer.Option(help="seconds between supervision rounds")] = 1.0,
     ) -> None:
@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
         load: Annotated[float, typer.Option(
             help="offered load: prompt tokens per second over the preferred pools' prefill capacity (as if nothing were cached)",
         )] = 1.0,
-        rate: Annotated[float | None, typer.Option(help="arrivals per second (Poisson) [default: from --load]")] = None,
+        rate: Annotated[float | None, typer.Option(help="arrivals per second, Poisson (default: from --load)")] = None,
         concurrency: Annotated[int, typer.Option(help="cap on requests in flight")] = 64,
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
         max_tokens: Annotated[int, typer.Option(help="tokens generated per request")] = 16,
@@ -312,8 +312,8 @@ def register(app: typer.Typer) -> None:
                 if policy != "cache_aware":
                     rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
             console.print(_summary_table(
-                f"{len(reqs)} requests (shared system prompts, RAG, multi-turn chat with session ids), "
-                f"Poisson arrivals at {rate} req/s (load {load:g}), seed {seed}; ceiling = infinite cache per model",
+                f"{len(reqs)} requests (system prompts, RAG, multi-turn chat), Poisson {rate} req/s (load {load:g}), "
+                f"seed {seed}; ceiling: an infinite cache per model",
                 rows,
             ))
             rt = runtimes[-1]
@@ -326,7 +326,7 @@ def register(app: typer.Typer) -> None:
             rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
             spill_rows += run_load(rt, everything[requests + n_spill:], "after promotion", seed + 2, ceiling=False)
             console.print(_summary_table(
-                f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic continues; spills from the router's /metrics",
+                f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
                 spill_rows,
             ))
         except KeyboardInterrupt:
