@@ -134,6 +134,8 @@ class Result:
     ttft_s: float | None = None
     latency_s: float = 0.0
     error: str | None = None
+    sent_s: float = 0.0
+    """When it was sent, in seconds since `drive` started (the order replicas can have seen prompts)."""
 
     @property
     def ok(self) -> bool:
@@ -318,7 +320,7 @@ def ceiling_hit_ratio(
     chars_per_token: float = 4.0,
     model: str | None = None,
 ) -> float:
-    """Prefix-hit ratio of an infinite KV cache per model over `requests` in order: the ceiling.
+    """Prefix-hit ratio of an infinite KV cache per model over `requests` in the order given: the ceiling.
 
     Uses the router's block hashing (`gpufleet.router.prefix`) and counts the way the engine does:
     the longest run of leading full blocks seen in an earlier prompt of the same model, at most all
@@ -460,7 +462,9 @@ async def drive(
                     if wait > 0:
                         await asyncio.sleep(wait)
                 async with sem:
+                    sent = loop.time() - t0
                     res = await _one(client, base_url, r, hdrs, timeout_s)
+                    res.sent_s = sent
                 results.append(res)
                 if on_result is not None:
                     on_result(res)

@@ -290,8 +290,13 @@ def register(app: typer.Typer) -> None:
             spilled = {m: after.get(m, 0) - before.get(m, 0) for m in set(after) | set(before)}
             bt, cpt = settings0.block_size_tokens, settings0.chars_per_token
 
+            # The ceiling over what the replicas served, in the order it was sent (a replica can only
+            # hold prompts sent before): requests the prediction cache answered never reached one.
+            sent = {r.index: r.sent_s for r in results if not (r.ok and r.cache == "hit")}
+            served = sorted((r for r in batch if r.index in sent), key=lambda r: (sent[r.index], r.index))
+
             def ceil(model: str | None) -> float | None:
-                return workload.ceiling_hit_ratio(batch, block_size_tokens=bt, chars_per_token=cpt, model=model) if ceiling else None
+                return workload.ceiling_hit_ratio(served, block_size_tokens=bt, chars_per_token=cpt, model=model) if ceiling else None
 
             out = [_Row(label, "all", workload.summarize(results, wall), spills=sum(spilled.values()), ceiling=ceil(None))]
             by_model = workload.summarize_by_model(results, wall)
