@@ -31,6 +31,20 @@ def _fleet_and_workload(
 ) -> tuple[object, object]:
     """The simulated fleet from the plan and the workload (generated, or replayed from a trace)."""
     from gpufleet.router.sim import fleet as fleet_mod
+
+    if (workload is None) == (trace is None):
+        raise UserError("give exactly one of --workload NAME or --trace FILE")
+    if not fleet.is_file():
+        raise UserError(f"fleet file {fleet} not found")
+    sim_fleet = fleet_mod.fleet_from_file(fleet, deployment, replicas=replicas)
+    return sim_fleet, build_workload(sim_fleet, workload, trace, requests=requests, seed=seed, rate=rate, keep_bodies=keep_bodies)
+
+
+def build_workload(
+    sim_fleet: object, workload: str | None, trace: Path | None, *, requests: int, seed: int,
+    rate: float = 1.0, rate_rps: float | None = None, keep_bodies: bool = False,
+) -> object:
+    """A named synthetic workload (at `rate_rps`, default the generator's) or a trace replay."""
     from gpufleet.router.sim import trace as trace_mod
     from gpufleet.router.sim import workloads
 
@@ -38,20 +52,19 @@ def _fleet_and_workload(
         raise UserError("give exactly one of --workload NAME or --trace FILE")
     if requests < 0:
         raise UserError("--requests must be >= 0")
-    if not fleet.is_file():
-        raise UserError(f"fleet file {fleet} not found")
-    sim_fleet = fleet_mod.fleet_from_file(fleet, deployment, replicas=replicas)
+    settings = sim_fleet.settings  # type: ignore[attr-defined]
     if trace is not None:
         wl = trace_mod.trace_workload(
             trace_mod.load_trace(trace), name=trace.stem, rate_multiplier=rate, seed=seed,
-            settings=sim_fleet.settings, limit=requests or None, keep_bodies=keep_bodies,
+            settings=settings, limit=requests or None, keep_bodies=keep_bodies,
         )
     else:
-        wl = workloads.make_workload(workload, requests or 2000, seed=seed, settings=sim_fleet.settings,  # type: ignore[arg-type]
-                                     keep_bodies=keep_bodies)
+        extra = {"rate_rps": rate_rps} if rate_rps is not None else {}
+        wl = workloads.make_workload(workload, requests or 2000, seed=seed, settings=settings,  # type: ignore[arg-type]
+                                     keep_bodies=keep_bodies, **extra)
     if not wl.requests:
         raise UserError("the workload has no requests")
-    return sim_fleet, wl
+    return wl
 
 
 def register(app: typer.Typer) -> None:

@@ -59,6 +59,26 @@ def plan(
     ] = None,
     catalog: CatalogOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")] = None,
+    workload: Annotated[
+        Optional[str],
+        typer.Option("--workload", help="Capacity planning: a simulated workload (shared_prompts, rag, multiturn, mix, demo)."),
+    ] = None,
+    trace: Annotated[
+        Optional[Path], typer.Option("--trace", help="Capacity planning: a request trace in the Mooncake format.")
+    ] = None,
+    ttft_p99_s: Annotated[
+        Optional[float], typer.Option("--ttft-p99-s", help="Capacity planning: the TTFT p99 target in seconds.")
+    ] = None,
+    deployment: Annotated[
+        Optional[str], typer.Option("--deployment", help="Capacity planning: the deployment (default: the first).")
+    ] = None,
+    rps: Annotated[
+        Optional[float], typer.Option("--rps", help="Capacity planning: arrival rate of a --workload, requests/s.")
+    ] = None,
+    rate: Annotated[float, typer.Option("--rate", help="Capacity planning: --trace rate multiplier.")] = 1.0,
+    requests: Annotated[
+        int, typer.Option("--requests", help="Capacity planning: requests to simulate (a trace's first N; 0: all).")
+    ] = 1000,
     live: Annotated[
         bool,
         typer.Option(
@@ -84,9 +104,14 @@ def plan(
             change = report.diff(old, p)
 
     findings = _live_findings(p, catalog) if live else None
+    capacity = None
+    if workload is not None or trace is not None or ttft_p99_s is not None:
+        capacity = _capacity(p, workload, trace, ttft_p99_s, deployment, rps=rps, rate=rate, requests=requests)
 
     if format is PlanFormat.json:
         data = p.to_json_dict()
+        if capacity is not None:
+            data["capacity"] = capacity
         if findings is not None:
             data["live"] = [
                 {"severity": f.severity, "pool": f.pool, "check": f.check, "message": f.message} for f in findings
@@ -114,6 +139,8 @@ def plan(
         else:
             console.print(report.tables(p, change))
 
+    if capacity is not None and format is not PlanFormat.json:
+        _print_capacity(capacity, markdown=format is PlanFormat.markdown, out=out)
     if findings is not None and format is not PlanFormat.json:
         _print_findings(findings, markdown=format is PlanFormat.markdown, out=out)
     if findings and any(f.severity == "error" for f in findings):
@@ -127,6 +154,81 @@ def plan(
                 highlight=False,
             )
             raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _capacity(p, workload: str | None, trace: Path | None, ttft_p99_s: float | None, deployment: str | None, *,
+              rps: float | None, rate: float, requests: int) -> dict:
+    """Replicas a deployment needs for the TTFT p99 target under round_robin and cache_aware (simulated)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from gpufleet.infra.cli.bench import build_workload
+    from gpufleet.router.sim import capacity as capacity_mod
+    from gpufleet.router.sim import fleet as fleet_mod
+    from gpufleet.router.sim import trace as trace_mod
+
+    with user_errors(trace_mod.TraceError, ValueError, *_domain_errors()):
+        if ttft_p99_s is None:
+            raise UserError("capacity planning needs --ttft-p99-s with --workload or --trace")
+        if rps is not None and rps <= 0:
+            raise UserError("--rps must be positive")
+        name = deployment or p.deployments[0].name
+        if name not in {d.name for d in p.deployments}:
+            raise UserError(f"--deployment {name!r} is not in the plan; deployments: {', '.join(d.name for d in p.deployments)}")
+        sim_fleet = fleet_mod.fleet_from_plan(p, name)
+        wl = build_workload(sim_fleet, workload, trace, requests=requests, seed=0, rate=rate, rate_rps=rps)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+            bar.add_task(f"simulating {len(wl.requests)} requests of {wl.name} on {name} for each policy", total=None)
+            result = capacity_mod.compare(wl, sim_fleet, ttft_p99_s)
+    dep = p.deployment(name)
+    return {
+        "deployment": name,
+        "workload": wl.name,
+        "requests": len(wl.requests),
+        "arrival_rps": round(len(wl.requests) / wl.span_s, 3),
+        "ttft_p99_s": ttft_p99_s,
+        "gpus_per_replica": dep.gpus_per_replica,
+        "usd_per_replica_month": round(result.usd_per_replica_month, 2),
+        "replicas": dict(result.replicas),
+        "monthly_saving_usd": None if result.monthly_saving_usd is None else round(result.monthly_saving_usd, 2),
+    }
+
+
+def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
+    def need(policy: str) -> str:
+        n = c["replicas"].get(policy)
+        return "more than 64" if n is None else str(n)
+
+    def cost(policy: str) -> str:
+        n = c["replicas"].get(policy)
+        return "-" if n is None else f"${n * c['usd_per_replica_month']:,.2f}"
+
+    saving = c["monthly_saving_usd"]
+    summary = (
+        f"cache_aware saves ${saving:,.2f}/month against round_robin" if saving is not None
+        else "no saving computed: a policy did not meet the target within 64 replicas"
+    )
+    head = (f"capacity for {c['deployment']}: {c['workload']} ({c['requests']} requests at {c['arrival_rps']} req/s), "
+            f"TTFT p99 <= {c['ttft_p99_s']} s")
+    if markdown:
+        lines = ["", f"**Capacity** ({head})", "", "| policy | replicas needed | $/month |", "|---|---:|---:|"]
+        lines += [f"| {pol} | {need(pol)} | {cost(pol)} |" for pol in c["replicas"]]
+        lines += ["", summary, ""]
+        text = "\n".join(lines)
+        if out is None:
+            typer.echo(text)
+        else:
+            with out.open("a") as fh:
+                fh.write(text + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=head, title_justify="left")
+    for col in ("policy", "replicas needed", "$/month"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for pol in c["replicas"]:
+        table.add_row(pol, need(pol), cost(pol))
+    console.print(table)
+    console.print(summary, highlight=False)
 
 
 def _live_findings(p, catalogs: list[Path] | None):

@@ -149,3 +149,36 @@ def test_plan_live_checks_quota_against_moto_and_exits_1_on_an_error(write_fleet
         ok = runner.invoke(app, ["plan", path, "--live"])
     assert ok.exit_code == 0, ok.output
     assert "live checks: every pool passed" in ok.output
+
+
+def test_plan_capacity_counts_kv_reuse_for_the_ttft_target(write_fleet):
+    path = str(write_fleet())
+    result = runner.invoke(
+        app, ["plan", path, "-f", "json", "--workload", "shared_prompts", "--ttft-p99-s", "0.5", "--requests", "300", "--rps", "40"]
+    )
+    assert result.exit_code == 0, result.output
+    cap = json.loads(result.output)["capacity"]
+    assert cap["deployment"] == "llama-8b" and cap["requests"] == 300
+    rr, ca = cap["replicas"]["round_robin"], cap["replicas"]["cache_aware"]
+    assert rr is not None and ca is not None and rr >= ca >= 1
+    # one H100 of a p5.48xlarge ($55.04/h for 8 GPUs) for 730 h
+    assert cap["usd_per_replica_month"] == round(55.04 / 8 * 730, 2)
+    assert cap["monthly_saving_usd"] == round((rr - ca) * cap["usd_per_replica_month"], 2)
+
+
+def test_plan_capacity_needs_a_target_and_a_known_deployment(write_fleet):
+    path = str(write_fleet())
+    no_target = runner.invoke(app, ["plan", path, "--workload", "rag"])
+    assert no_target.exit_code == 1 and "needs --ttft-p99-s" in no_target.output
+    bad = runner.invoke(app, ["plan", path, "--workload", "rag", "--ttft-p99-s", "1", "--deployment", "nope"])
+    assert bad.exit_code == 1 and "--deployment 'nope' is not in the plan; deployments: llama-8b" in bad.output
+    unknown = runner.invoke(app, ["plan", path, "--workload", "chess", "--ttft-p99-s", "1"])
+    assert unknown.exit_code == 1 and "unknown workload 'chess'" in unknown.output
+
+
+def test_plan_capacity_from_a_malformed_trace_names_the_line(write_fleet, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 1]}\n{"timestamp": 5}\n')
+    result = runner.invoke(app, ["plan", str(write_fleet()), "--trace", str(trace), "--ttft-p99-s", "1"])
+    assert result.exit_code == 1
+    assert f"{trace}:2" in result.output and "Traceback" not in result.output
