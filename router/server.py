@@ -434,6 +434,10 @@ class Router:
             rm.predicted_hit_tokens.inc(
                 min(features.prompt_tokens, d.matched_blocks * self.settings.block_size_tokens)
             )
+        # Relative to the model's top pool, not to the candidates left after failed attempts: a
+        # retry that lands on a lower pool because the top pool's replicas died is a spill too.
+        if r.priority < self.top_priority[features.model]:
+            d.spilled = True
         if d.spilled:
             m.spills.labels(features.model, r.pool).inc()
         self.policy.on_routed(features, d)

@@ -468,3 +468,13 @@ def test_wrong_method_on_a_known_path_is_json_405_with_allow(replicas, make_rout
     r = httpx.get(rr.url + "/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert error_of(r)["code"] == "method_not_allowed"
+
+
+def test_retry_past_a_dead_top_pool_counts_as_a_spill(replicas, make_router) -> None:
+    top = replicas(2, mode="drop")  # still marked healthy: the failures happen on the request path
+    low = replicas(1)
+    cfgs = replica_configs(top + low, pools=[("top", 10), ("top", 10), ("low", 1)])
+    rr = make_router(cfgs, settings={"policy": "round_robin", "max_retries": 2, "health": {"eject_after_failures": 5}})
+    r = post(rr.url, chat("after the top pool died"))
+    assert r.status_code == 200 and r.headers["x-gpufleet-replica"] == low[0].name
+    assert 'gpufleet_router_spills_total{model="m",pool="low"} 1.0' in httpx.get(rr.url + "/metrics").text
