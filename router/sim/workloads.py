@@ -309,7 +309,7 @@ def demo(
     settings: RouterSettings | None = None,
     keep_bodies: bool = False,
 ) -> Workload:
-    """The traffic of `gpufleet demo` (`gpufleet.router.workload.generate`), with Poisson arrivals.
+    """The traffic of `gpufleet demo` (`gpufleet.router.workload.demo_spec`), with Poisson arrivals.
 
     That generator gives bodies and ordering but no arrival times; here requests arrive in its
     order at `rate_rps`, and each generates its body's `max_tokens`.
@@ -318,7 +318,7 @@ def demo(
 
     s = settings or RouterSettings()
     rng = random.Random(seed)
-    spec = demo_workload.WorkloadSpec(models=(MODEL,), n_requests=n_requests, seed=seed)
+    spec = demo_workload.demo_spec((MODEL,), n_requests, seed=seed)
     t = 0.0
     reqs: list[SimRequest] = []
     for wr in demo_workload.generate(spec):
@@ -327,7 +327,7 @@ def demo(
         feats = _features(body, s, wr.session_id)
         out = int(body.get("max_tokens") or 16)
         reqs.append(SimRequest(f"demo-{wr.index}", t, feats, out, body if keep_bodies else None))
-    return Workload("demo", reqs, {"spec": "router.workload.WorkloadSpec defaults"})
+    return Workload("demo", reqs, {"spec": "router.workload.demo_spec"})
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {

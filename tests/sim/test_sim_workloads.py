@@ -101,5 +101,5 @@ def test_demo_workload_reuses_the_demo_generator() -> None:
     from gpufleet.router import workload as demo_workload
 
     wl = workloads.make_workload("demo", 80, seed=3, keep_bodies=True)
-    gen = demo_workload.generate(demo_workload.WorkloadSpec(models=(workloads.MODEL,), n_requests=80, seed=3))
+    gen = demo_workload.generate(demo_workload.demo_spec((workloads.MODEL,), 80, seed=3))
     assert [r.body["messages"] for r in wl.requests] == [g.body["messages"] for g in gen]  # type: ignore[index]
