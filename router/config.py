@@ -82,6 +82,11 @@ class HealthSettings(_Strict):
     eject_after_failures: int = Field(1, ge=1, description="consecutive failures before a replica is ejected")
     backoff_initial_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    scrape_kv_usage: bool = Field(
+        False,
+        description="on every check, also read the replica's KV-cache usage from its /metrics "
+        "(vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc) into the router's view of it",
+    )
 
 
 class AdminToken(_Strict):

@@ -7,6 +7,10 @@ re-admitted before its backoff has passed and an active check succeeds; each eje
 follows a re-admission without an intervening successful request doubles the backoff, up to
 `health.backoff_max_s`. The bookkeeping here is pure (time is passed in), so it is unit-tested
 without a network; `HealthChecker.run` is the one loop that does I/O.
+
+With `health.scrape_kv_usage`, each check that passes also reads the replica's KV-cache usage
+from its Prometheus `/metrics` (`parse_kv_usage`) into `ReplicaState.kv_usage`: a sample per
+interval, stale in between, which is exactly what the simulator gives policies too.
 """
 from __future__ import annotations
 
@@ -19,9 +23,38 @@ from dataclasses import dataclass
 from gpufleet.router.config import HealthSettings
 from gpufleet.router.types import ReplicaState
 
-__all__ = ["HealthChecker", "HealthTracker"]
+__all__ = ["KV_USAGE_METRICS", "HealthChecker", "HealthTracker", "parse_kv_usage"]
 
 log = logging.getLogger("gpufleet.router.health")
+
+
+KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+"""Gauges of the fraction of KV blocks in use, by preference: vLLM v1's name, then v0's."""
+
+
+def parse_kv_usage(text: str) -> float | None:
+    """KV-cache usage (0..1) from a Prometheus text exposition, or None if it has none.
+
+    Takes the first name of `KV_USAGE_METRICS` present; several series of it (one per engine
+    of a data-parallel server) are averaged. Malformed values are skipped.
+    """
+    for name in KV_USAGE_METRICS:
+        values: list[float] = []
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            rest = line[len(name):]
+            if rest[:1] not in ("{", " "):
+                continue  # another metric whose name starts with this one
+            try:
+                value = float(rest.rsplit("}", 1)[-1].split()[0])
+            except (IndexError, ValueError):
+                continue
+            if value == value:  # not NaN
+                values.append(min(1.0, max(0.0, value)))
+        if values:
+            return sum(values) / len(values)
+    return None
 
 
 @dataclass(slots=True)
@@ -116,9 +149,34 @@ class HealthChecker:
             ok = False
         if ok:
             self.tracker.check_passed(replica)
+            if s.scrape_kv_usage:
+                await self.scrape_kv_usage(replica)
         else:
             self.tracker.failure(replica)
         return ok
+
+    async def scrape_kv_usage(self, replica: ReplicaState) -> float | None:
+        """Read the replica's KV usage from `GET {url}/metrics` into its state; None if unavailable.
+
+        A replica without the metric (or a failed scrape) keeps its last sample: this is a
+        routing hint, not a health signal, so it never counts as a failure.
+        """
+        import aiohttp
+
+        try:
+            async with self.session.get(
+                replica.url.rstrip("/") + "/metrics",
+                timeout=aiohttp.ClientTimeout(total=self.tracker.settings.timeout_s),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+            return None
+        usage = parse_kv_usage(text)
+        if usage is not None:
+            replica.report_kv_usage(usage)
+        return usage
 
     async def check_all(self) -> None:
         """Check every replica concurrently."""

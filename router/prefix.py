@@ -129,12 +129,15 @@ class PrefixIndex:
     `match` is O(matched blocks) and `insert` O(blocks of the prompt + evictions).
     """
 
-    __slots__ = ("_blocks", "_phantom", "capacity_blocks", "evictions")
+    __slots__ = ("_blocks", "_phantom", "capacity_blocks", "effective_blocks", "evictions")
 
     def __init__(self, capacity_blocks: int) -> None:
         if capacity_blocks < 0:
             raise ValueError("capacity_blocks must be >= 0")
         self.capacity_blocks = capacity_blocks
+        # What the replica can keep right now (<= capacity_blocks): lowered by `limit` when the
+        # replica reports that running requests hold most of its memory.
+        self.effective_blocks = capacity_blocks
         self._blocks: OrderedDict[int, None] = OrderedDict()
         # Negative counters stand for KV blocks filled by generated tokens, which the router
         # cannot hash but which still push older prefixes out of the replica's cache.
@@ -182,6 +185,16 @@ class PrefixIndex:
             blocks[self._phantom] = None
         self._evict()
 
+    def limit(self, blocks: int) -> None:
+        """Set how many blocks the replica can keep now (clamped to 0..capacity); evict down to it.
+
+        Eviction is for good: an engine short of memory evicts its least recently used blocks,
+        and they do not come back when memory frees up, so raising the limit later only lets new
+        blocks in.
+        """
+        self.effective_blocks = min(self.capacity_blocks, max(0, blocks))
+        self._evict()
+
     def clear(self) -> None:
         """Forget everything (the replica restarted or was ejected: its cache is gone)."""
         self._blocks.clear()
@@ -192,7 +205,7 @@ class PrefixIndex:
 
     def _evict(self) -> None:
         blocks = self._blocks
-        over = len(blocks) - self.capacity_blocks
+        over = len(blocks) - self.effective_blocks
         for _ in range(over):
             blocks.popitem(last=False)
         if over > 0:

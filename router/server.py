@@ -640,6 +640,7 @@ class Router:
                     "max_concurrent_requests": r.max_concurrent_requests,
                     "kv_capacity_tokens": r.kv_capacity_tokens, "max_model_len": r.max_model_len,
                     "estimated_cached_blocks": self.policy.cached_blocks(r.id),
+                    "kv_usage": r.kv_usage,
                     "consecutive_failures": failures, "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,
                 }

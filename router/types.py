@@ -54,6 +54,12 @@ class ReplicaState:
     in_flight: int = 0
     queued_prefill_tokens: int = 0
     """Uncached prompt tokens of in-flight requests that have not produced their first token yet."""
+    kv_usage: float | None = None
+    """Fraction (0..1) of the replica's KV blocks in use by requests, as last reported by the replica
+    (vLLM `vllm:kv_cache_usage_perc`), sampled by the health checker: stale by up to one interval.
+    None until a sample arrives (or when the replica does not export it)."""
+    kv_usage_samples: int = 0
+    """Number of KV-usage samples taken so far: a policy applies each new sample once."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,11 @@ class ReplicaState:
     def prefill_done(self, prefill_tokens: int) -> None:
         """The request's first byte arrived: its prefill no longer queues ahead of others."""
         self.queued_prefill_tokens = max(0, self.queued_prefill_tokens - prefill_tokens)
+
+    def report_kv_usage(self, usage: float) -> None:
+        """Record a KV-usage sample from the replica (clamped to 0..1)."""
+        self.kv_usage = min(1.0, max(0.0, usage))
+        self.kv_usage_samples += 1
 
     def end(self) -> None:
         """The request finished (success, failure or cancellation)."""

@@ -14,6 +14,7 @@ unseeded randomness, ties broken by sequence numbers.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,6 +129,15 @@ def simulate(
     heap: list[tuple[float, int, int]] = []
     due: list[float | None] = [None] * len(engines)
     seq = 0
+    # The live router learns each replica's KV usage only from its health checker's periodic
+    # scrape of /metrics (`health.scrape_kv_usage`), so the policy gets the same: a sample every
+    # health interval, stale in between (taken once every engine event up to then is applied).
+    sample_every = fleet.settings.health.interval_s
+    next_sample = sample_every if fleet.settings.health.scrape_kv_usage else math.inf
+
+    def sample_usage() -> None:
+        for st, e in zip(states, engines):
+            st.report_kv_usage(e.kv_usage)
 
     def schedule(i: int) -> None:
         nonlocal seq
@@ -164,8 +174,17 @@ def simulate(
             rep.max_used_blocks = used
 
     def advance(until: float) -> None:
-        nonlocal now
-        while heap and heap[0][0] <= until:
+        nonlocal now, next_sample
+        while True:
+            if not heap and until == math.inf:
+                break  # nothing left to run: later samples could not change anything
+            t_next = heap[0][0] if heap else math.inf
+            if next_sample <= until and next_sample < t_next:
+                sample_usage()
+                next_sample += sample_every
+                continue
+            if t_next > until:
+                break
             t, _, i = heapq.heappop(heap)
             if due[i] != t:
                 continue  # superseded
