@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gpufleet.router.policy import CacheAwarePolicy
+from gpufleet.router.policy import CacheAwarePolicy, rendezvous
 from gpufleet.router.sim import engine, metrics, trace
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim.policies import OraclePolicy
@@ -116,7 +116,9 @@ class MemoryWait(CacheAwarePolicy):
             if r.kv_usage is not None:
                 free = r.kv_capacity_tokens * (1.0 - r.kv_usage) - self._sent_since.get(r.id, 0)
                 cost += self.pressure_weight * max(0.0, uncached - free)
-            if cost < best_cost:
+            # Ties as cache_aware breaks them: rendezvous on the prompt's first block.
+            if cost < best_cost or (cost == best_cost and best is not None and rendezvous(
+                    features.affinity_key, r.id_hash) > rendezvous(features.affinity_key, best.id_hash)):
                 best, best_cost, best_m = r, cost, m
         if best is d.replica:
             return d
