@@ -273,30 +273,29 @@ def namespace(plan: Plan) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(plan, plan.namespace, namespaced=False)}
 
 
-def placeholder_priority_class(plan: Plan) -> dict[str, Any]:
-    """Lowest priority, never preempting: placeholders yield at once to any replica."""
+def _priority_class(plan: Plan, suffix: str, value: int, preemption: str, description: str) -> dict[str, Any]:
     return {
         "apiVersion": "scheduling.k8s.io/v1",
         "kind": "PriorityClass",
-        "metadata": _meta(plan, f"{plan.fleet}-placeholder", namespaced=False),
-        "value": PLACEHOLDER_PRIORITY,
-        "preemptionPolicy": "Never",
+        "metadata": _meta(plan, f"{plan.fleet}-{suffix}", namespaced=False),
+        "value": value,
+        "preemptionPolicy": preemption,
         "globalDefault": False,
-        "description": "gpufleet warm-capacity placeholders: evicted as soon as a model replica needs the GPUs",
+        "description": description,
     }
+
+
+def placeholder_priority_class(plan: Plan) -> dict[str, Any]:
+    """Lowest priority, never preempting: placeholders yield at once to any replica."""
+    return _priority_class(
+        plan, "placeholder", PLACEHOLDER_PRIORITY, "Never",
+        "gpufleet warm-capacity placeholders: evicted as soon as a model replica needs the GPUs",
+    )
 
 
 def serving_priority_class(plan: Plan) -> dict[str, Any]:
     """Model replicas' priority: above placeholders, so they preempt them."""
-    return {
-        "apiVersion": "scheduling.k8s.io/v1",
-        "kind": "PriorityClass",
-        "metadata": _meta(plan, f"{plan.fleet}-serving", namespaced=False),
-        "value": SERVING_PRIORITY,
-        "preemptionPolicy": "PreemptLowerPriority",
-        "globalDefault": False,
-        "description": "gpufleet model replicas",
-    }
+    return _priority_class(plan, "serving", SERVING_PRIORITY, "PreemptLowerPriority", "gpufleet model replicas")
 
 
 def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -219,7 +220,7 @@ def _round(x: float) -> float:
     return round(x, 4)
 
 
-def compile_file(path: str, extra_catalogs: Iterable[str] = ()) -> Plan:
+def compile_file(path: str, extra_catalogs: Iterable[str | Path] = ()) -> Plan:
     """Load, validate and compile a declaration file."""
     fleet, smap = spec.load_file(path)
     return compile(fleet, smap, catalog_mod.load([*fleet.catalog, *extra_catalogs]))

@@ -382,6 +382,17 @@ def _parse_parts(data: dict[str, Any]) -> tuple[list[tuple[int, Nodepool]], list
     return parts("nodepools", Nodepool), parts("deployments", Deployment), clouds
 
 
+def _duplicate_names(section: str, items: list[tuple[int, Any]], smap: SourceMap) -> list[FleetIssue]:
+    """A name used again in `section` is an error at the later use."""
+    first: dict[str, int] = {}
+    issues = []
+    for i, item in items:
+        if item.name in first:
+            issues.append(smap.issue((section, i, "name"), f"{item.name!r} is already the name of {section}[{first[item.name]}]"))
+        first.setdefault(item.name, i)
+    return issues
+
+
 def _cross_check(
     pools: list[tuple[int, Nodepool]],
     deployments: list[tuple[int, Deployment]],
@@ -398,12 +409,9 @@ def _cross_check(
     issues: list[FleetIssue] = []
     if declared_pools is None:
         declared_pools = {p.name for _, p in pools}
-    seen: dict[str, int] = {}
+    issues.extend(_duplicate_names("nodepools", pools, smap))
     for i, pool in pools:
         loc = ("nodepools", i)
-        if pool.name in seen:
-            issues.append(smap.issue(loc + ("name",), f"{pool.name!r} is already the name of nodepools[{seen[pool.name]}]"))
-        seen.setdefault(pool.name, i)
         if pool.max_nodes < pool.min_nodes:
             issues.append(smap.issue(loc + ("max_nodes",), f"{pool.max_nodes} is below min_nodes {pool.min_nodes}"))
         elif pool.warm_nodes > pool.max_nodes - pool.min_nodes:
@@ -427,12 +435,9 @@ def _cross_check(
             issues.append(smap.issue(loc + ("cloud",), "'kubernetes' is not configured under `clouds:`"))
         if pool.engine_command is not None and pool.cloud != "local":
             issues.append(smap.issue(loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"))
-    seen_d: dict[str, int] = {}
+    issues.extend(_duplicate_names("deployments", deployments, smap))
     for i, dep in deployments:
         loc = ("deployments", i)
-        if dep.name in seen_d:
-            issues.append(smap.issue(loc + ("name",), f"{dep.name!r} is already the name of deployments[{seen_d[dep.name]}]"))
-        seen_d.setdefault(dep.name, i)
         if dep.max_replicas < dep.min_replicas:
             issues.append(smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}"))
         for j, ref in enumerate(dep.nodepools or []):

@@ -5,6 +5,8 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -31,6 +33,27 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+# The declaration option every command that reads a fleet takes.
+CatalogOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable)."),
+]
+
+
+def compile_declaration(file: Path, catalogs: list[Path] | None = None):
+    """Load, validate and compile a fleet file with its own and the given catalog files."""
+    from gpufleet.infra import plan
+
+    return plan.compile_file(str(file), catalogs or ())
+
+
+def declaration_errors() -> tuple[type[BaseException], ...]:
+    """The domain errors of loading a declaration and its catalogs (shown as one line)."""
+    from gpufleet.infra import catalog, report, spec
+
+    return (spec.FleetError, catalog.CatalogError, report.PlanFormatError)
 
 
 def debug_enabled() -> bool:

@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, err_console, user_errors
+from gpufleet.infra.cli._common import (
+    CatalogOpt,
+    UserError,
+    compile_declaration,
+    console,
+    declaration_errors,
+    err_console,
+    user_errors,
+)
 
 EXIT_OVER_BUDGET = 3
 
@@ -20,29 +28,12 @@ class PlanFormat(str, enum.Enum):
 
 
 FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml).", show_default=False)]
-CatalogOpt = Annotated[
-    Optional[list[Path]],
-    typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable)."),
-]
-
-
-def _compile(file: Path, catalogs: list[Path] | None):
-    from gpufleet.infra import catalog, plan, spec
-
-    fleet, smap = spec.load_file(file)
-    return plan.compile(fleet, smap, catalog.load([*fleet.catalog, *(catalogs or [])]))
-
-
-def _domain_errors() -> tuple[type[BaseException], ...]:
-    from gpufleet.infra import catalog, report, spec
-
-    return (spec.FleetError, catalog.CatalogError, report.PlanFormatError)
 
 
 def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
     """Check a fleet declaration: exit 0 when valid, 1 with every problem listed."""
-    with user_errors(*_domain_errors()):
-        p = _compile(file, catalog)
+    with user_errors(*declaration_errors()):
+        p = compile_declaration(file, catalog)
     console.print(
         f"[green]ok[/] {file}: fleet {p.fleet}, {len(p.pools)} pools, {len(p.deployments)} deployments, "
         f"{len(p.warnings)} warning(s)",
@@ -91,8 +82,8 @@ def plan(
     """Compile the declaration into a plan: placement, KV capacity, failover, cost."""
     from gpufleet.infra import report
 
-    with user_errors(*_domain_errors()):
-        p = _compile(file, catalog)
+    with user_errors(*declaration_errors()):
+        p = compile_declaration(file, catalog)
         change = None
         if compare is not None:
             try:
@@ -166,7 +157,7 @@ def _capacity(p, workload: str | None, trace: Path | None, ttft_p99_s: float | N
     from gpufleet.router.sim import fleet as fleet_mod
     from gpufleet.router.sim import trace as trace_mod
 
-    with user_errors(trace_mod.TraceError, ValueError, *_domain_errors()):
+    with user_errors(trace_mod.TraceError, ValueError, *declaration_errors()):
         if ttft_p99_s is None:
             raise UserError("capacity planning needs --ttft-p99-s with --workload or --trace")
         if rps is not None and rps <= 0:
@@ -236,7 +227,7 @@ def _live_findings(p, catalogs: list[Path] | None):
     from gpufleet.infra import catalog as catalog_mod
     from gpufleet.provider_adapters import base, live
 
-    with user_errors(base.AdapterError, *_domain_errors()):
+    with user_errors(base.AdapterError, *declaration_errors()):
         adapters = live.adapters_for_plan(p)
         cat = catalog_mod.load([*(catalogs or [])])
         return live.check_plan(p, adapters, cat)

@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
-from gpufleet.infra.cli.fleet import CatalogOpt, _compile, _domain_errors
+from gpufleet.infra.cli._common import CatalogOpt, UserError, compile_declaration, console, declaration_errors, user_errors
 from gpufleet.infra.cli.render_manifests import register_manifests
 
 render_app = typer.Typer(help="Render the compiled plan for a backend.", no_args_is_help=True)
@@ -31,8 +30,8 @@ def router_config(
 
     from gpufleet.infra import render
 
-    with user_errors(*_domain_errors()):
-        p = _compile(file, catalog)
+    with user_errors(*declaration_errors()):
+        p = compile_declaration(file, catalog)
         ports = {d.name: d.port for d in p.deployments}
 
         def url(r) -> str:

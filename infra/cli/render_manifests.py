@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import CatalogOpt, UserError, compile_declaration, console, declaration_errors, user_errors
 
 __all__ = ["register_manifests"]
 
@@ -21,9 +21,7 @@ def register_manifests(render_app: typer.Typer) -> None:
     def manifests_cmd(
         file: Annotated[Path, typer.Argument(help="The fleet declaration.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write one YAML file per cluster into.")],
-        catalog: Annotated[
-            Optional[list[Path]], typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable).")
-        ] = None,
+        catalog: CatalogOpt = None,
         router_image: Annotated[Optional[str], typer.Option(help="Router image (with gpufleet[router]).")] = None,
         autoscaler_namespace: Annotated[Optional[str], typer.Option(help="Namespace of cluster-autoscaler [kube-system].")] = None,
         router_service_type: Annotated[Optional[str], typer.Option(help="ClusterIP, LoadBalancer or NodePort.")] = None,
@@ -41,12 +39,10 @@ def register_manifests(render_app: typer.Typer) -> None:
         """
         from rich.table import Table
 
-        from gpufleet.infra import catalog as catalog_mod
-        from gpufleet.infra import manifests, plan, spec
+        from gpufleet.infra import manifests
 
-        with user_errors(spec.FleetError, catalog_mod.CatalogError):
-            fleet, smap = spec.load_file(file)
-            p = plan.compile(fleet, smap, catalog_mod.load([*fleet.catalog, *(catalog or [])]))
+        with user_errors(*declaration_errors()):
+            p = compile_declaration(file, catalog)
             defaults = manifests.ManifestOptions()
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
                 raise UserError(f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort")

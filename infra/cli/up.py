@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import UserError, compile_declaration, console, declaration_errors, user_errors
 
 if TYPE_CHECKING:
     from gpufleet.infra.local import LocalRuntime
@@ -20,11 +20,10 @@ DEFAULT_LOCAL_FLEET = Path("stacks/local/fleet.yaml")
 
 
 def _plan(file: Path) -> Plan:
-    from gpufleet.infra.cli.fleet import _compile, _domain_errors
     from gpufleet.infra.local import LocalRuntimeError, check_local
 
-    with user_errors(*_domain_errors(), LocalRuntimeError):
-        plan = _compile(file, None)
+    with user_errors(*declaration_errors(), LocalRuntimeError):
+        plan = compile_declaration(file)
         check_local(plan)
     return plan
 
