@@ -3,6 +3,7 @@
 Everything else lives in pyproject.toml. Subpackages are found by walking each folder,
 so adding one needs no edit here.
 """
+
 import os
 
 from setuptools import setup

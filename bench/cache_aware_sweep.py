@@ -5,6 +5,7 @@
 Each row is gpufleet's own `cache_aware` with other settings (the fleet's `router.cache_aware`
 section), on the synthetic workloads of bench/routing.py; the SGLang model is shown for reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = [float(x) for x in args.load_weights.split(",")]
     costs = [int(x) for x in args.in_flight_costs.split(",")]
     variants = [(lw, c) for lw in weights for c in costs]
-    table = Table(title="cache_aware settings: TTFT p99 s (hit ratio); SGLang model for reference", title_justify="left")
+    table = Table(
+        title="cache_aware settings: TTFT p99 s (hit ratio); SGLang model for reference", title_justify="left"
+    )
     table.add_column("settings")
     for w, load in CASES:
         table.add_column(f"{w} @ {load}", justify="right")
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.advance(task)
             for lw, c in variants:
                 ca = base.settings.cache_aware.model_copy(update={"load_weight": lw, "in_flight_cost_tokens": c})
-                settings = base.settings.model_copy(update={"cache_aware": CacheAwareSettings.model_validate(ca.model_dump())})
+                settings = base.settings.model_copy(
+                    update={"cache_aware": CacheAwareSettings.model_validate(ca.model_dump())}
+                )
                 fl = fleet_mod.SimFleet(base.name, base.replicas, settings)
                 s = metrics.summarize(engine.simulate(wl, fl, "cache_aware"))
                 rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")

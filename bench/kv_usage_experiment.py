@@ -24,6 +24,7 @@ the way the live router would: `health.scrape_kv_usage`, one sample per health i
 The columns are means over the windows of cache_aware's ratio to the oracle (the issue's goals:
 hit >= 0.95, TTFT p50 and p99 <= 1.15), and the worst window. Results are in docs/routing.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,8 +118,11 @@ class MemoryWait(CacheAwarePolicy):
                 free = r.kv_capacity_tokens * (1.0 - r.kv_usage) - self._sent_since.get(r.id, 0)
                 cost += self.pressure_weight * max(0.0, uncached - free)
             # Ties as cache_aware breaks them: rendezvous on the prompt's first block.
-            if cost < best_cost or (cost == best_cost and best is not None and rendezvous(
-                    features.affinity_key, r.id_hash) > rendezvous(features.affinity_key, best.id_hash)):
+            if cost < best_cost or (
+                cost == best_cost
+                and best is not None
+                and rendezvous(features.affinity_key, r.id_hash) > rendezvous(features.affinity_key, best.id_hash)
+            ):
                 best, best_cost, best_m = r, cost, m
         if best is d.replica:
             return d
@@ -195,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=float, default=0.8)
     ap.add_argument("--window", type=int, default=2000, help="requests per window")
     ap.add_argument("--windows", type=int, default=6, help="at most this many windows")
-    ap.add_argument("--interval-s", type=float, default=None, help="KV-usage sample interval (default: health interval)")
+    ap.add_argument(
+        "--interval-s", type=float, default=None, help="KV-usage sample interval (default: health interval)"
+    )
     ap.add_argument("--pressure-weight", type=float, default=MemoryWait.pressure_weight)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args(argv)
@@ -228,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 pol = VARIANTS[n](settings, seed=0)
                 s = metrics.summarize(engine.simulate(wl, fl, pol))  # type: ignore[arg-type]
-                ratios[n].append((s.hit_ratio / oracle.hit_ratio, s.ttft_p50_s / oracle.ttft_p50_s,
-                                  s.ttft_p99_s / oracle.ttft_p99_s))
+                ratios[n].append(
+                    (s.hit_ratio / oracle.hit_ratio, s.ttft_p50_s / oracle.ttft_p50_s, s.ttft_p99_s / oracle.ttft_p99_s)
+                )
                 bar.advance(task)
-    t = Table(title=f"{path.stem} @ {args.load}: ratio to the oracle, mean over {len(wins)} windows of "
-                    f"{args.window} (worst window)", title_justify="left")
+    t = Table(
+        title=f"{path.stem} @ {args.load}: ratio to the oracle, mean over {len(wins)} windows of "
+        f"{args.window} (worst window)",
+        title_justify="left",
+    )
     for col in ("variant", "hit (>= 0.95)", "TTFT p50 (<= 1.15)", "TTFT p99 (<= 1.15)"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for n in names:
@@ -240,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         hit = [r[0] for r in rs]
         p50 = [r[1] for r in rs]
         p99 = [r[2] for r in rs]
-        t.add_row(n, f"{statistics.mean(hit):.3f} ({min(hit):.2f})", f"{statistics.mean(p50):.3f} ({max(p50):.2f})",
-                  f"{statistics.mean(p99):.3f} ({max(p99):.2f})")
+        t.add_row(
+            n,
+            f"{statistics.mean(hit):.3f} ({min(hit):.2f})",
+            f"{statistics.mean(p50):.3f} ({max(p50):.2f})",
+            f"{statistics.mean(p99):.3f} ({max(p99):.2f})",
+        )
     console.print(t)
     return 0
 

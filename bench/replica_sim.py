@@ -8,6 +8,7 @@ high that the engine model adds no time, replays the seeded mixed workload of
 requests per second, TTFT p50/p99 as the client sees it, and the CPU seconds the replica and the
 driver used. Whatever remains is the cost of HTTP, SSE and the KV bookkeeping.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,33 +42,73 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.infra.cli.replica_sim", "replica-sim", "--model", "m", "--port", "0",
-             "--port-file", str(port_file), "--prefill-tokens-per-s", "1e12", "--decode-tokens-per-s", "1e9",
-             "--max-running", "1024"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "gpufleet.infra.cli.replica_sim",
+                "replica-sim",
+                "--model",
+                "m",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--prefill-tokens-per-s",
+                "1e12",
+                "--decode-tokens-per-s",
+                "1e9",
+                "--max-running",
+                "1024",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 30
             while not port_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-            table = Table(title=f"one replica-sim, {args.requests} streamed requests per row (mixed workload, 4 output tokens)")
-            for col in ("concurrency", "req/s", "TTFT p50 ms", "TTFT p99 ms", "errors", "replica CPU s", "driver CPU s"):
+            table = Table(
+                title=f"one replica-sim, {args.requests} streamed requests per row (mixed workload, 4 output tokens)"
+            )
+            for col in (
+                "concurrency",
+                "req/s",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "errors",
+                "replica CPU s",
+                "driver CPU s",
+            ):
                 table.add_column(col, justify="right")
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as progress:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress:
                 for conc in args.concurrency:
-                    reqs = workload.generate(workload.WorkloadSpec(models=("m",), n_requests=args.requests, seed=conc, max_tokens=4))
+                    reqs = workload.generate(
+                        workload.WorkloadSpec(models=("m",), n_requests=args.requests, seed=conc, max_tokens=4)
+                    )
                     task = progress.add_task(f"concurrency {conc}", total=len(reqs))
                     cpu0, drv0 = _cpu_s(proc.pid), resource.getrusage(resource.RUSAGE_SELF).ru_utime
                     t0 = time.perf_counter()
-                    results = asyncio.run(workload.drive(url, reqs, concurrency=conc, on_result=lambda _r, t=task: progress.advance(t)))
+                    results = asyncio.run(
+                        workload.drive(url, reqs, concurrency=conc, on_result=lambda _r, t=task: progress.advance(t))
+                    )
                     wall = time.perf_counter() - t0
                     s = workload.summarize(results, wall)
                     table.add_row(
-                        str(conc), f"{len(results) / wall:.0f}",
-                        f"{(s.ttft_p50_s or 0) * 1000:.2f}", f"{(s.ttft_p99_s or 0) * 1000:.2f}", str(s.errors),
-                        f"{_cpu_s(proc.pid) - cpu0:.2f}", f"{resource.getrusage(resource.RUSAGE_SELF).ru_utime - drv0:.2f}",
+                        str(conc),
+                        f"{len(results) / wall:.0f}",
+                        f"{(s.ttft_p50_s or 0) * 1000:.2f}",
+                        f"{(s.ttft_p99_s or 0) * 1000:.2f}",
+                        str(s.errors),
+                        f"{_cpu_s(proc.pid) - cpu0:.2f}",
+                        f"{resource.getrusage(resource.RUSAGE_SELF).ru_utime - drv0:.2f}",
                     )
             console.print(table)
         finally:

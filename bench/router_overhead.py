@@ -19,6 +19,7 @@ Two measurements per target:
 The request is a chat completion with a 2,000-character system prompt (shared by 8 groups) and
 a short user turn, so prefix hashing and the index do real work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_PY = Path(os.environ.get("GPUFLEET_PEERS_PYTHON", "/tmp/peers-venv/bin/python"))
 LOOPBACK_ENV = {
-    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost", "HF_HUB_OFFLINE": "1",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "HF_HUB_OFFLINE": "1",
 }
 
-ANSWER = json.dumps({
-    "id": "cmpl-1", "object": "chat.completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * 16}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 520, "completion_tokens": 16, "total_tokens": 536,
-              "prompt_tokens_details": {"cached_tokens": 512}},
-}).encode()
+ANSWER = json.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * 16}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 520,
+            "completion_tokens": 16,
+            "total_tokens": 536,
+            "prompt_tokens_details": {"cached_tokens": 512},
+        },
+    }
+).encode()
 
 
 def _serve_replica(port_file: str) -> None:
@@ -135,10 +147,13 @@ class Target:
 
 def _body(i: int) -> bytes:
     system = f"You are support agent {i % 8}. Follow the handbook carefully. " * 36
-    return json.dumps({
-        "model": "m", "max_tokens": 16,
-        "messages": [{"role": "system", "content": system[:2000]}, {"role": "user", "content": f"question {i}"}],
-    }).encode()
+    return json.dumps(
+        {
+            "model": "m",
+            "max_tokens": 16,
+            "messages": [{"role": "system", "content": system[:2000]}, {"role": "user", "content": f"question {i}"}],
+        }
+    ).encode()
 
 
 async def _open_loop(url: str, rate: float, seconds: float, progress, task) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
@@ -156,8 +171,9 @@ async def _open_loop(url: str, rate: float, seconds: float, progress, task) -> t
             nonlocal errors
             t0 = loop.time()
             try:
-                async with s.post(url + "/v1/chat/completions", data=bodies[i % 64],
-                                  headers={"Content-Type": "application/json"}) as r:
+                async with s.post(
+                    url + "/v1/chat/completions", data=bodies[i % 64], headers={"Content-Type": "application/json"}
+                ) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
@@ -195,8 +211,9 @@ async def _closed_loop(url: str, concurrency: int, seconds: float, progress, tas
             i = w
             while loop.time() < stop_at:
                 try:
-                    async with s.post(url + "/v1/chat/completions", data=bodies[i % 64],
-                                      headers={"Content-Type": "application/json"}) as r:
+                    async with s.post(
+                        url + "/v1/chat/completions", data=bodies[i % 64], headers={"Content-Type": "application/json"}
+                    ) as r:
                         await r.read()
                         if r.status == 200:
                             done += 1
@@ -242,8 +259,13 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
     if lib == "aiohttp":
         import aiohttp
 
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                                         auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent")) as s:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        ) as s:
+
             async def one_worker() -> None:
                 for _ in range(per):
                     async with s.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
@@ -259,8 +281,10 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
         from gpufleet.router.upstream import UpstreamPool
 
         u = URL(url)
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
-            u.host.encode(), u.port, len(body))
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (u.host.encode(), u.port, len(body))
+        )
         pool = UpstreamPool()
 
         async def one_worker_lean() -> None:
@@ -278,6 +302,7 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
     import httpx
 
     async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=64)) as c:
+
         async def one_worker_httpx() -> None:
             for _ in range(per):
                 r = await c.post(url + "/v1/chat/completions", content=body, headers=headers)
@@ -301,10 +326,28 @@ def _start_sglang(replica_urls: list[str], procs: list[subprocess.Popen]) -> Tar
         return None
     port, mport = _free_port(), _free_port()
     p = subprocess.Popen(
-        [str(PEERS_PY), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-         "--worker-urls", *replica_urls, "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",
-         "--prometheus-port", str(mport), "--shutdown-grace-period-secs", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **LOOPBACK_ENV},
+        [
+            str(PEERS_PY),
+            "-m",
+            "sglang_router.launch_router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--worker-urls",
+            *replica_urls,
+            "--policy",
+            "cache_aware",
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(mport),
+            "--shutdown-grace-period-secs",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **LOOPBACK_ENV},
         start_new_session=True,
     )
     procs.append(p)
@@ -337,7 +380,9 @@ def main() -> None:
         urls = []
         for i in range(args.replicas):
             pf = tmp / f"replica{i}.port"
-            procs.append(subprocess.Popen([sys.executable, __file__, "--serve-replica", str(pf)], start_new_session=True))
+            procs.append(
+                subprocess.Popen([sys.executable, __file__, "--serve-replica", str(pf)], start_new_session=True)
+            )
             deadline = time.monotonic() + 20
             while not pf.exists() or not pf.read_text():
                 if time.monotonic() > deadline:
@@ -350,10 +395,20 @@ def main() -> None:
         import yaml
 
         cfg = {
-            "fleet": "bench", "settings": {"policy": "cache_aware", "health": {"interval_s": 30}},
+            "fleet": "bench",
+            "settings": {"policy": "cache_aware", "health": {"interval_s": 30}},
             "replicas": [
-                {"id": f"r{i}", "url": u, "deployment": "d", "model": "m", "pool": "p", "priority": 0,
-                 "kv_capacity_tokens": 200_000, "max_model_len": 32768, "max_concurrent_requests": 4096}
+                {
+                    "id": f"r{i}",
+                    "url": u,
+                    "deployment": "d",
+                    "model": "m",
+                    "pool": "p",
+                    "priority": 0,
+                    "kv_capacity_tokens": 200_000,
+                    "max_model_len": 32768,
+                    "max_concurrent_requests": 4096,
+                }
                 for i, u in enumerate(urls)
             ],
         }
@@ -362,9 +417,20 @@ def main() -> None:
         def start_gpufleet() -> Target:
             gport = _free_port()
             gp = subprocess.Popen(
-                [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve",
-                 "--config", str(tmp / "router.yaml"), "--port", str(gport)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                [
+                    sys.executable,
+                    "-c",
+                    "from gpufleet.infra.cli import main; main()",
+                    "router",
+                    "serve",
+                    "--config",
+                    str(tmp / "router.yaml"),
+                    "--port",
+                    str(gport),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
             procs.append(gp)
             _wait_http(f"http://127.0.0.1:{gport}/ready")
@@ -392,8 +458,14 @@ def main() -> None:
         rps: dict[str, list[float]] = {n: [] for n in names}
         per_cpu: dict[str, list[float]] = {n: [] for n in names}
         errs: dict[str, int] = {n: 0 for n in names}
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
             rounds = progress.add_task("rounds", total=args.rounds * len(starters))
             for r in range(args.rounds):
                 for name, start in starters:
@@ -416,7 +488,9 @@ def main() -> None:
                         progress.remove_task(task)
                         task2 = progress.add_task(f"  closed loop x{args.concurrency}", total=None)
                         cpu0 = _cpu_seconds(t.pid) if t.pid else 0.0
-                        done, elapsed, e2 = asyncio.run(_closed_loop(t.url, args.concurrency, per_round, progress, task2))
+                        done, elapsed, e2 = asyncio.run(
+                            _closed_loop(t.url, args.concurrency, per_round, progress, task2)
+                        )
                         cpu = (_cpu_seconds(t.pid) - cpu0) if t.pid else 0.0
                         progress.remove_task(task2)
                     finally:
@@ -434,10 +508,21 @@ def main() -> None:
             return statistics.median(xs) if xs else float("nan")
 
         base = targets[0].name
-        table = Table(title=f"Router overhead: {args.replicas} instant replicas; {args.rate:.0f} req/s open loop, then "
-                            f"{args.concurrency} concurrent clients; {args.rounds} interleaved rounds (each router alone) of "
-                            f"{per_round:g}s each, medians over rounds")
-        for col in ("target", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "max req/s", "req/s per CPU-s", "errors"):
+        table = Table(
+            title=f"Router overhead: {args.replicas} instant replicas; {args.rate:.0f} req/s open loop, then "
+            f"{args.concurrency} concurrent clients; {args.rounds} interleaved rounds (each router alone) of "
+            f"{per_round:g}s each, medians over rounds"
+        )
+        for col in (
+            "target",
+            "p50 ms",
+            "p99 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "max req/s",
+            "req/s per CPU-s",
+            "errors",
+        ):
             table.add_column(col, justify="left" if col == "target" else "right")
         for t in targets:
             p50 = [_pct(x, 0.5) for x in lat[t.name]]
@@ -446,9 +531,14 @@ def main() -> None:
             add50 = [a - _pct(b, 0.5) for a, b in zip(p50, lat[base])]
             add99 = [a - _pct(b, 0.99) for a, b in zip(p99, lat[base])]
             table.add_row(
-                t.name, f"{med(p50) * 1e3:.2f}", f"{med(p99) * 1e3:.2f}",
-                "-" if direct else f"{med(add50) * 1e3:+.2f}", "-" if direct else f"{med(add99) * 1e3:+.2f}",
-                f"{med(rps[t.name]):,.0f}", "-" if direct else f"{med(per_cpu[t.name]):,.0f}", str(errs[t.name]),
+                t.name,
+                f"{med(p50) * 1e3:.2f}",
+                f"{med(p99) * 1e3:.2f}",
+                "-" if direct else f"{med(add50) * 1e3:+.2f}",
+                "-" if direct else f"{med(add99) * 1e3:+.2f}",
+                f"{med(rps[t.name]):,.0f}",
+                "-" if direct else f"{med(per_cpu[t.name]):,.0f}",
+                str(errs[t.name]),
             )
         console.print(table)
         console.print(f"machine: {os.cpu_count()} CPUs; load generator, replicas and router share them.")

@@ -8,6 +8,7 @@ choice of replica decides hits); Mooncake traces (read from ../shared/traces/moo
 skipped with a note otherwise) run on `llama-8b-long` (128k context). The last table says, per
 workload and load, which of the issue's goals gpufleet's cache_aware meets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,19 +59,34 @@ def main(argv: list[str] | None = None) -> int:
             tr_fleet = fleet_mod.fleet_from_file(args.fleet, args.trace_deployment)
             for path in sorted(TRACES.glob("*.jsonl")):
                 recs = trace.load_trace(path)
-                jobs.append((
-                    trace.trace_workload(recs, name=path.stem, seed=args.seed, settings=tr_fleet.settings,
-                                         limit=args.trace_requests or None),
-                    tr_fleet,
-                ))
+                jobs.append(
+                    (
+                        trace.trace_workload(
+                            recs,
+                            name=path.stem,
+                            seed=args.seed,
+                            settings=tr_fleet.settings,
+                            limit=args.trace_requests or None,
+                        ),
+                        tr_fleet,
+                    )
+                )
         else:
-            jobs.append((workloads.make_workload(w, args.requests, seed=args.seed, settings=syn_fleet.settings), syn_fleet))
+            jobs.append(
+                (workloads.make_workload(w, args.requests, seed=args.seed, settings=syn_fleet.settings), syn_fleet)
+            )
 
     runs: list[report.BenchRun] = []
     total = sum(len(wl) for wl, _ in jobs) * len(loads) * len(names)
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         overall = bar.add_task("all runs (requests simulated)", total=total)
         done_before = 0
         for wl, fl in jobs:
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 task = bar.add_task(f"{wl.name} @ {load}", total=len(wl) * len(names))
                 base = names.index  # position of a policy in the run, for the progress offset
 
-                def progress(name: str, n: int, _task=task, _base=base, _n=len(wl), _before=done_before) -> None:
+                def progress(name: str, n: int, _task=task, _base=base, _n=len(wl), _before=done_before) -> None:  # noqa: B008 (binds the loop values)
                     done = _base(name) * _n + n
                     bar.update(_task, completed=done)
                     bar.update(overall, completed=_before + done)

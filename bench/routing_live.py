@@ -8,6 +8,7 @@ everything. Peers missing from the virtualenv are skipped with the reason. One t
 At `--speedup` above 1 the Python router competes for CPU with the replicas and the driver on a
 small machine; keep 1 for comparisons of routing quality.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     peers = Path(args.peers_venv) if args.peers_venv else None
     rows = []
     cases = [(w, float(x)) for w in args.workloads.split(",") if w for x in args.loads.split(",") if x]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         overall = bar.add_task("runs", total=len(cases) * len(routers))
         for w, load in cases:
             wl = workloads.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)
@@ -54,28 +61,50 @@ def main(argv: list[str] | None = None) -> int:
             task = bar.add_task(f"{w} @ {load}", total=len(wl) * len(routers))
             order = list(routers)
 
-            def progress(r: str, n: int, _task=task, _n=len(wl), _order=order) -> None:
+            def progress(r: str, n: int, _task=task, _n=len(wl), _order=order) -> None:  # noqa: B008 (binds the loop values)
                 bar.update(_task, completed=_order.index(r) * _n + n)
 
             for res in live.run_live(wl, fl, routers, speedup=args.speedup, peers_venv=peers, progress=progress):
                 rows.append({"workload": w, "load": load, **res.to_dict()})
                 bar.advance(overall)
             bar.remove_task(task)
-    t = Table(title=f"over loopback HTTP: {args.requests} requests per run, replicas x{args.speedup:g} (wall seconds)",
-              title_justify="left")
+    t = Table(
+        title=f"over loopback HTTP: {args.requests} requests per run, replicas x{args.speedup:g} (wall seconds)",
+        title_justify="left",
+    )
     for col in ("workload", "load", "router", "ok", "hit", "TTFT p50 s", "TTFT p99 s", "req/s", "note"):
         t.add_column(col, justify="left" if col in ("workload", "router", "note") else "right")
     for r in rows:
         if r["skipped"]:
-            t.add_row(r["workload"], f"{r['load']:.1f}", r["router"], "-", "-", "-", "-", "-", f"skipped: {r['skipped']}")
+            t.add_row(
+                r["workload"], f"{r['load']:.1f}", r["router"], "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"
+            )
         else:
-            t.add_row(r["workload"], f"{r['load']:.1f}", r["router"], str(r["ok"]), f"{r['hit_ratio']:.3f}",
-                      f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}", f"{r['throughput_rps']:.1f}",
-                      "; ".join(r["error_samples"]))
+            t.add_row(
+                r["workload"],
+                f"{r['load']:.1f}",
+                r["router"],
+                str(r["ok"]),
+                f"{r['hit_ratio']:.3f}",
+                f"{r['ttft_p50_s']:.3f}",
+                f"{r['ttft_p99_s']:.3f}",
+                f"{r['throughput_rps']:.1f}",
+                "; ".join(r["error_samples"]),
+            )
     console.print(t)
     if args.json:
-        Path(args.json).write_text(json.dumps({"schema": "gpufleet.bench-live-suite/v1", "speedup": args.speedup,
-                                               "requests": args.requests, "runs": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "schema": "gpufleet.bench-live-suite/v1",
+                    "speedup": args.speedup,
+                    "requests": args.requests,
+                    "runs": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         console.print(f"wrote {args.json}")
     return 0
 

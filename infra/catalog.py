@@ -8,6 +8,7 @@ A user catalog file has the same shape as the bundled ones and may hold any of t
 sections `gpus`, `machines` (with `cloud`), `models`; its entries override bundled ones
 with the same key.
 """
+
 from __future__ import annotations
 
 import functools

@@ -26,6 +26,7 @@ Every child runs in its own process group and gets SIGTERM if this process dies 
 so no process outlives the runtime. Warm standby needs the simulated replica: pools with an
 `engine_command` hold no warm replicas (the plan's warm nodes are reported as not held).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -158,7 +159,9 @@ class LocalRuntime:
         (self.workdir / "logs").mkdir(exist_ok=True)
         self.sim_admin_token = secrets.token_urlsafe(24)
         env_name = self.settings.admin_token.env
-        self.router_admin_token: str | None = (os.environ.get(env_name) or secrets.token_urlsafe(24)) if env_name else None
+        self.router_admin_token: str | None = (
+            (os.environ.get(env_name) or secrets.token_urlsafe(24)) if env_name else None
+        )
         self.replicas: list[LocalReplica] = self._layout()
         self.router_proc: subprocess.Popen[bytes] | None = None
         self.router_url = ""
@@ -219,7 +222,7 @@ class LocalRuntime:
         full_env.update(env or {})
         full_env.setdefault("COLUMNS", "400")  # rich must not wrap the lines we parse
         full_env["PYTHONUNBUFFERED"] = "1"
-        fh = open(log, "wb")  # noqa: SIM115 - owned by the child from here on
+        fh = open(log, "wb")
         try:
             return subprocess.Popen(
                 argv,
@@ -245,16 +248,34 @@ class LocalRuntime:
             s = self.settings
             port_file = self.workdir / f"{rep.id}.port"
             argv = [
-                self.python, "-m", "gpufleet.infra.cli.replica_sim", "replica-sim",
-                "--model", dep.model, "--replica-id", rep.id, "--host", self.host, "--port", str(self._port()),
-                "--kv-capacity-tokens", str(perf.kv_cache_tokens_per_replica),
-                "--prefill-tokens-per-s", str(perf.prefill_tokens_per_s),
-                "--decode-tokens-per-s", str(perf.decode_tokens_per_s),
-                "--max-running", str(dep.max_concurrent_requests),
-                "--max-model-len", str(dep.max_model_len),
-                "--block-size-tokens", str(s.block_size_tokens),
-                "--chars-per-token", str(s.chars_per_token),
-                "--port-file", str(port_file),
+                self.python,
+                "-m",
+                "gpufleet.infra.cli.replica_sim",
+                "replica-sim",
+                "--model",
+                dep.model,
+                "--replica-id",
+                rep.id,
+                "--host",
+                self.host,
+                "--port",
+                str(self._port()),
+                "--kv-capacity-tokens",
+                str(perf.kv_cache_tokens_per_replica),
+                "--prefill-tokens-per-s",
+                str(perf.prefill_tokens_per_s),
+                "--decode-tokens-per-s",
+                str(perf.decode_tokens_per_s),
+                "--max-running",
+                str(dep.max_concurrent_requests),
+                "--max-model-len",
+                str(dep.max_model_len),
+                "--block-size-tokens",
+                str(s.block_size_tokens),
+                "--chars-per-token",
+                str(s.chars_per_token),
+                "--port-file",
+                str(port_file),
             ]
             if rep.role == "warm":
                 argv.append("--standby")
@@ -264,7 +285,10 @@ class LocalRuntime:
             assert pool.engine_command is not None
             port = self._port() or _free_port(self.host)
             values = {
-                "model": dep.model, "port": port, "host": self.host, "max_model_len": dep.max_model_len,
+                "model": dep.model,
+                "port": port,
+                "host": self.host,
+                "max_model_len": dep.max_model_len,
                 "max_concurrent_requests": dep.max_concurrent_requests,
                 "gpu_memory_utilization": dep.gpu_memory_utilization,
             }
@@ -299,7 +323,9 @@ class LocalRuntime:
         while time.monotonic() < deadline:
             code = rep.proc.poll()
             if code is not None:
-                raise LocalRuntimeError(f"replica {rep.id} exited with code {code} while starting{self._tail(rep.log_path)}")
+                raise LocalRuntimeError(
+                    f"replica {rep.id} exited with code {code} while starting{self._tail(rep.log_path)}"
+                )
             if rep.kind == "sim":
                 if port_file.exists() and (txt := port_file.read_text().strip()):
                     rep.port = int(txt)
@@ -333,7 +359,9 @@ class LocalRuntime:
             progress(f"replica {rep.id} ({rep.role}) on {rep.url}")
         for pool in self.plan.pools:
             if pool.warm_nodes and pool.engine_command:
-                self._emit(f"pool {pool.name}: {pool.warm_nodes} warm node(s) not held (warm standby needs replica-sim)")
+                self._emit(
+                    f"pool {pool.name}: {pool.warm_nodes} warm node(s) not held (warm standby needs replica-sim)"
+                )
         self._start_router()
         progress(f"router on {self.router_url}")
         self._wait_router_view(time.monotonic() + self.ready_timeout_s)
@@ -345,10 +373,17 @@ class LocalRuntime:
             if rep.role == "warm":
                 idx = len(warm.setdefault(rep.deployment, []))
                 warm[rep.deployment].append(
-                    ReplicaPlan(id=rep.id, deployment=rep.deployment, pool=rep.pool, priority=rep.priority, index=1000 + idx)
+                    ReplicaPlan(
+                        id=rep.id, deployment=rep.deployment, pool=rep.pool, priority=rep.priority, index=1000 + idx
+                    )
                 )
         plan = self.plan.model_copy(
-            update={"deployments": [d.model_copy(update={"replicas": [*d.replicas, *warm.get(d.name, [])]}) for d in self.plan.deployments]}
+            update={
+                "deployments": [
+                    d.model_copy(update={"replicas": [*d.replicas, *warm.get(d.name, [])]})
+                    for d in self.plan.deployments
+                ]
+            }
         )
         urls = {r.id: r.url for r in self.replicas}
         return render.router_config(plan, urls, self.settings)
@@ -364,7 +399,8 @@ class LocalRuntime:
         log = self.workdir / "logs" / "router.log"
         self.router_proc = self._spawn(
             self._cli("router", "serve", "--config", str(path), "--host", self.host, "--port", str(self.router_port)),
-            log, env,
+            log,
+            env,
         )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
@@ -447,7 +483,8 @@ class LocalRuntime:
                     resp = httpx.post(
                         rep.url + "/admin/promote",
                         headers={"Authorization": f"Bearer {self.sim_admin_token}"},
-                        timeout=2.0, trust_env=False,
+                        timeout=2.0,
+                        trust_env=False,
                     )
                     resp.raise_for_status()
                 except httpx.HTTPError as exc:
@@ -487,15 +524,20 @@ class LocalRuntime:
                 live = [r for r in self.replicas if r.deployment == dep.name and r.state == "active"]
                 short = dep.min_replicas - len(live)
                 top = dep.failover[0] if dep.failover else None
-                top_lost = bool(top) and not any(r.pool == top for r in live) and any(
-                    r.pool == top and r.state == "dead" for r in self.replicas if r.deployment == dep.name
+                top_lost = (
+                    bool(top)
+                    and not any(r.pool == top for r in live)
+                    and any(r.pool == top and r.state == "dead" for r in self.replicas if r.deployment == dep.name)
                 )
                 for _ in range(max(0, short)):
                     why = f"pool {top} failed" if top_lost else f"{len(live)} of {dep.min_replicas} replicas live"
                     if self.promote(dep.name, why) is None:
                         break
-                if load and live and len(live) < dep.max_replicas and any(
-                    r.deployment == dep.name and r.state == "warm" for r in self.replicas
+                if (
+                    load
+                    and live
+                    and len(live) < dep.max_replicas
+                    and any(r.deployment == dep.name and r.state == "warm" for r in self.replicas)
                 ):
                     # Two signals: requests queued inside the replicas, and, since the router holds
                     # requests back at each replica's concurrency limit, the router's own in-flight count.

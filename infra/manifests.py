@@ -29,6 +29,7 @@ per pool of its failover order in this cluster (replicas = the plan's placement 
 failover-only pools). The router (ConfigMap, ServiceAccount, Deployment, Service) runs in the
 cluster of the highest-priority pool.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -288,7 +289,10 @@ def _priority_class(plan: Plan, suffix: str, value: int, preemption: str, descri
 def placeholder_priority_class(plan: Plan) -> dict[str, Any]:
     """Lowest priority, never preempting: placeholders yield at once to any replica."""
     return _priority_class(
-        plan, "placeholder", PLACEHOLDER_PRIORITY, "Never",
+        plan,
+        "placeholder",
+        PLACEHOLDER_PRIORITY,
+        "Never",
         "gpufleet warm-capacity placeholders: evicted as soon as a model replica needs the GPUs",
     )
 
@@ -300,7 +304,11 @@ def serving_priority_class(plan: Plan) -> dict[str, Any]:
 
 def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
     """Pause pods holding the pool's warm nodes: one per node, each requesting all its GPUs."""
-    labels = {"app.kubernetes.io/name": f"warm-{pool.name}", "app.kubernetes.io/component": "placeholder", LABEL_POOL: pool.name}
+    labels = {
+        "app.kubernetes.io/name": f"warm-{pool.name}",
+        "app.kubernetes.io/component": "placeholder",
+        LABEL_POOL: pool.name,
+    }
     gpus = str(pool.gpus_per_node)
     return {
         "apiVersion": "apps/v1",
@@ -366,9 +374,23 @@ def nvidia_device_plugin(plan: Plan, cluster: Cluster, options: ManifestOptions 
                 "spec": {
                     "priorityClassName": "system-node-critical",
                     "automountServiceAccountToken": False,
-                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                        {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": cluster.pool_names}]}]}}},  # fmt: skip
-                    "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *_tolerations(cluster.pools)],
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {"key": LABEL_POOL, "operator": "In", "values": cluster.pool_names}
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },  # fmt: skip
+                    "tolerations": [
+                        {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                        *_tolerations(cluster.pools),
+                    ],
                     "containers": [
                         {
                             "name": "nvidia-device-plugin",
@@ -436,22 +458,31 @@ def engine_command(dep: DeploymentPlan) -> list[str]:
     return [*cmd, *dep.engine_args]
 
 
-def _affinity(plan: Plan, dep: DeploymentPlan, pool: PoolPlan, same_cluster: list[PoolPlan]) -> tuple[dict[str, Any], list[PoolPlan]]:
+def _affinity(
+    plan: Plan, dep: DeploymentPlan, pool: PoolPlan, same_cluster: list[PoolPlan]
+) -> tuple[dict[str, Any], list[PoolPlan]]:
     """Node affinity: the planned pool first, then lower-priority pools of the same cluster.
 
     Weights fall with the failover order, so the scheduler spills a replica to the next
     pool only when its own pool has no room; it never moves up past the plan.
     """
-    allowed = [p for p in same_cluster if p.name in dep.failover and (p.name == pool.name or p.priority < pool.priority)]
+    allowed = [
+        p for p in same_cluster if p.name in dep.failover and (p.name == pool.name or p.priority < pool.priority)
+    ]
     allowed.sort(key=lambda p: (p.name != pool.name, dep.failover.index(p.name)))
     preferred = [
-        {"weight": max(1, 100 - 10 * rank), "preference": {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": [p.name]}]}}
+        {
+            "weight": max(1, 100 - 10 * rank),
+            "preference": {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": [p.name]}]},
+        }
         for rank, p in enumerate(allowed)
     ]
     affinity = {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": [p.name for p in allowed]}]}]
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": [p.name for p in allowed]}]}
+                ]
             },
             "preferredDuringSchedulingIgnoredDuringExecution": preferred,
         }
@@ -480,10 +511,17 @@ def model_statefulset(
     gpus = str(dep.gpus_per_replica)
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
     if options.hf_token_secret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}})
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}}
+        )
 
     def probe(period: int, failures: int) -> dict[str, Any]:
-        return {"httpGet": {"path": ENGINE_HEALTH_PATH, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+        return {
+            "httpGet": {"path": ENGINE_HEALTH_PATH, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
 
     return {
         "apiVersion": "apps/v1",
@@ -494,11 +532,17 @@ def model_statefulset(
             "serviceName": dep.name,
             # Replicas are independent: start them all at once, not one after another.
             "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": f"{dep.name}-{pool.name}"}},
+            "selector": {
+                "matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": f"{dep.name}-{pool.name}"}
+            },
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(dep.port), "prometheus.io/path": "/metrics"},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(dep.port),
+                        "prometheus.io/path": "/metrics",
+                    },
                 },
                 "spec": {
                     "priorityClassName": f"{plan.fleet}-serving",
@@ -633,7 +677,9 @@ def _restricted_security() -> dict[str, Any]:
     }
 
 
-def router_deployment(plan: Plan, options: ManifestOptions = ManifestOptions(), cfg: RouterConfig | None = None) -> dict[str, Any]:
+def router_deployment(
+    plan: Plan, options: ManifestOptions = ManifestOptions(), cfg: RouterConfig | None = None
+) -> dict[str, Any]:
     """`gpufleet router serve` with the rendered config and the admin token from a Secret."""
     cfg = cfg or router_config(plan)
     settings = cfg.settings
@@ -649,12 +695,22 @@ def router_deployment(plan: Plan, options: ManifestOptions = ManifestOptions(), 
         volumes.append({"name": "admin-token", "secret": {"secretName": secret}})
     else:
         # `env` names the variable; a `secret` reference is read from GPUFLEET_ADMIN_TOKEN.
-        env.append({"name": token.env or ADMIN_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}}})
+        env.append(
+            {
+                "name": token.env or ADMIN_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}},
+            }
+        )
     port = settings.port
     digest = hashlib.sha256(_router_config_text(cfg).encode()).hexdigest()[:16]
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures}
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": failures,
+        }
 
     home = router_cluster(plan)
     placement: dict[str, Any] = {}
@@ -690,7 +746,16 @@ def router_deployment(plan: Plan, options: ManifestOptions = ManifestOptions(), 
                             "name": "router",
                             "image": options.router_image,
                             "command": ["gpufleet"],
-                            "args": ["router", "serve", "--config", f"{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(port)],
+                            "args": [
+                                "router",
+                                "serve",
+                                "--config",
+                                f"{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}",
+                                "--host",
+                                "0.0.0.0",
+                                "--port",
+                                str(port),
+                            ],
                             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
                             "env": env,
                             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
@@ -785,17 +850,25 @@ def check_controller_options(plan: Plan, options: ManifestOptions) -> list[str]:
     if options.controller_aws_role_arn and where != "aws":
         problems.append(f"controllerAwsRoleArn: the controller runs in the {where} cluster; IRSA works only on EKS")
     if options.controller_gcp_service_account and where != "gcp":
-        problems.append(f"controllerGcpServiceAccount: the controller runs in the {where} cluster; Workload Identity works only on GKE")
+        problems.append(
+            f"controllerGcpServiceAccount: the controller runs in the {where} cluster; Workload Identity works only on GKE"
+        )
     names = {p.name for p in plan.pools}
     unknown = sorted(set(options.controller_provider_names) - names)
     if unknown:
-        problems.append(f"controllerProviderNames: no pool named {', '.join(unknown)}; pools: {', '.join(sorted(names))}")
+        problems.append(
+            f"controllerProviderNames: no pool named {', '.join(unknown)}; pools: {', '.join(sorted(names))}"
+        )
     clouds = {c.cloud for c in clusters(plan)}
     if options.controller_kube_contexts and not options.controller_kubeconfig_secret:
-        problems.append("controllerKubeContexts: needs controllerKubeconfigSecret (the kubeconfig holding those contexts)")
+        problems.append(
+            "controllerKubeContexts: needs controllerKubeconfigSecret (the kubeconfig holding those contexts)"
+        )
     wrong = sorted(set(options.controller_kube_contexts) - clouds)
     if wrong:
-        problems.append(f"controllerKubeContexts: {', '.join(wrong)} holds no pool of this fleet; clouds: {', '.join(sorted(clouds))}")
+        problems.append(
+            f"controllerKubeContexts: {', '.join(wrong)} holds no pool of this fleet; clouds: {', '.join(sorted(clouds))}"
+        )
     return problems
 
 
@@ -821,7 +894,9 @@ def controller_node_scaling(plan: Plan, options: ManifestOptions) -> bool:
         return False
     if AWS_ROLE_ANNOTATION in creds:
         return True
-    return GCP_SA_ANNOTATION in creds and any(plan.pool(n).cloud == "gcp" for n in _scaled_provider_names(plan, options))
+    return GCP_SA_ANNOTATION in creds and any(
+        plan.pool(n).cloud == "gcp" for n in _scaled_provider_names(plan, options)
+    )
 
 
 def controller_args(plan: Plan, options: ManifestOptions = ManifestOptions()) -> list[str]:
@@ -851,7 +926,9 @@ def controller_args(plan: Plan, options: ManifestOptions = ManifestOptions()) ->
     return args
 
 
-def controller_service_account(plan: Plan, options: ManifestOptions = ManifestOptions(), *, home: bool = True) -> dict[str, Any]:
+def controller_service_account(
+    plan: Plan, options: ManifestOptions = ManifestOptions(), *, home: bool = True
+) -> dict[str, Any]:
     """The controller's identity; in its own cluster it carries the cloud-credential annotations.
 
     The API token is mounted by the pod spec only (the account itself does not automount).
@@ -935,7 +1012,12 @@ def controller_deployment(plan: Plan, options: ManifestOptions = ManifestOptions
 
     def probe(period: int, failures: int) -> dict[str, Any]:
         # The metrics server is the controller's only HTTP surface; it starts before the first round.
-        return {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
+        return {
+            "httpGet": {"path": "/metrics", "port": "metrics"},
+            "periodSeconds": period,
+            "timeoutSeconds": 3,
+            "failureThreshold": failures,
+        }
 
     placement: dict[str, Any] = {}
     if router_cluster(plan) is not None:
@@ -974,7 +1056,10 @@ def controller_deployment(plan: Plan, options: ManifestOptions = ManifestOptions
                             "command": ["gpufleet"],
                             "args": controller_args(plan, options),
                             "ports": [{"name": "metrics", "containerPort": CONTROLLER_METRICS_PORT, "protocol": "TCP"}],
-                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "256Mi"},
+                                "limits": {"memory": "512Mi"},
+                            },
                             "startupProbe": probe(2, 60),
                             "readinessProbe": probe(10, 3),
                             "livenessProbe": probe(20, 3),
@@ -989,7 +1074,9 @@ def controller_deployment(plan: Plan, options: ManifestOptions = ManifestOptions
     }
 
 
-def controller_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = ManifestOptions()) -> list[dict[str, Any]]:
+def controller_objects(
+    plan: Plan, cluster: Cluster, options: ManifestOptions = ManifestOptions()
+) -> list[dict[str, Any]]:
     """The controller's objects in `cluster`.
 
     In the router's cluster: the plan ConfigMap, ServiceAccount, ClusterRole + binding, Role +
@@ -1000,9 +1087,19 @@ def controller_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = 
     home = router_cluster(plan)
     if not options.controller or home is None:
         return []
-    rbac = [controller_cluster_role(plan), controller_cluster_role_binding(plan), controller_role(plan), controller_role_binding(plan)]
+    rbac = [
+        controller_cluster_role(plan),
+        controller_cluster_role_binding(plan),
+        controller_role(plan),
+        controller_role_binding(plan),
+    ]
     if home.cloud == cluster.cloud:
-        return [controller_configmap(plan), controller_service_account(plan, options), *rbac, controller_deployment(plan, options)]
+        return [
+            controller_configmap(plan),
+            controller_service_account(plan, options),
+            *rbac,
+            controller_deployment(plan, options),
+        ]
     if options.controller_kubeconfig_secret:
         return [controller_service_account(plan, options, home=False), *rbac]
     return []

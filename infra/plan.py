@@ -15,9 +15,9 @@ Estimates from first principles (documented in docs/plan.md):
 - prefill tokens/s per replica = GPUs x dense bf16 FLOP/s x PREFILL_MFU / (2 x params).
 - decode tokens/s of one sequence = GPUs x memory bandwidth x DECODE_BW_EFFICIENCY / weights.
 """
+
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +131,9 @@ class DeploymentPlan(_Data):
     kv_cache_tokens_per_replica: int = Field(description="in the first pool of the failover order")
     pools: list[PoolPerf]
     replicas: list[ReplicaPlan]
-    capacity_replicas: int = Field(description="replicas that fit all its pools at max_nodes, after the others' baseline")
+    capacity_replicas: int = Field(
+        description="replicas that fit all its pools at max_nodes, after the others' baseline"
+    )
     replicas_if_top_pool_lost: int
 
 
@@ -246,11 +248,24 @@ def compile(
         machine = catalog.machine(pool.cloud, pool.instance_type)
         if machine is None and pool.cloud in ("aws", "gcp", "local"):
             names = catalog.machine_names(pool.cloud)
-            close = [n for n in names if n.split(".")[0].split("-")[0] == pool.instance_type.split(".")[0].split("-")[0]]
+            close = [
+                n for n in names if n.split(".")[0].split("-")[0] == pool.instance_type.split(".")[0].split("-")[0]
+            ]
             hint = f"; known {pool.cloud} types like it: {', '.join(close[:8])}" if close else ""
-            issues.append(smap.issue(loc + ("instance_type",), f"{pool.instance_type!r} is not in the {pool.cloud} catalog{hint} (add it with a user catalog file)"))
+            issues.append(
+                smap.issue(
+                    loc + ("instance_type",),
+                    f"{pool.instance_type!r} is not in the {pool.cloud} catalog{hint} (add it with a user catalog file)",
+                )
+            )
             continue
-        if machine is not None and pool.cloud in ("aws", "gcp") and region and machine.regions and region not in machine.regions:
+        if (
+            machine is not None
+            and pool.cloud in ("aws", "gcp")
+            and region
+            and machine.regions
+            and region not in machine.regions
+        ):
             issues.append(
                 smap.issue(
                     loc + ("region" if pool.region else "instance_type",),
@@ -260,15 +275,25 @@ def compile(
         gpu_name = pool.gpu or (machine.gpu if machine else None)
         gpus = pool.gpus_per_node or (machine.gpus if machine else None)
         if machine is not None and pool.gpus_per_node and pool.gpus_per_node != machine.gpus:
-            issues.append(smap.issue(loc + ("gpus_per_node",), f"{pool.gpus_per_node} does not match {pool.instance_type}, which has {machine.gpus} GPUs"))
+            issues.append(
+                smap.issue(
+                    loc + ("gpus_per_node",),
+                    f"{pool.gpus_per_node} does not match {pool.instance_type}, which has {machine.gpus} GPUs",
+                )
+            )
         if gpu_name is None or gpus is None:
             issues.append(
-                smap.issue(loc + ("instance_type",), f"{pool.instance_type!r} is not in the catalog: declare `gpu` and `gpus_per_node` for this pool")
+                smap.issue(
+                    loc + ("instance_type",),
+                    f"{pool.instance_type!r} is not in the catalog: declare `gpu` and `gpus_per_node` for this pool",
+                )
             )
             continue
         gpu = catalog.gpu(gpu_name)
         if gpu is None:
-            issues.append(smap.issue(loc + ("gpu",), f"{gpu_name!r} is not a known GPU; known: {', '.join(sorted(catalog.gpus))}"))
+            issues.append(
+                smap.issue(loc + ("gpu",), f"{gpu_name!r} is not a known GPU; known: {', '.join(sorted(catalog.gpus))}")
+            )
             continue
         if pool.usd_per_node_hour is not None:
             price, source = pool.usd_per_node_hour, "declared"
@@ -280,17 +305,16 @@ def compile(
             if machine.spot_usd_per_hour is not None:
                 price, source = machine.spot_usd_per_hour, f"catalog {machine.cloud} spot estimate"
             else:
-                price, source = machine.usd_per_hour * DEFAULT_SPOT_FRACTION, f"catalog {machine.cloud} on-demand x {DEFAULT_SPOT_FRACTION}"
+                price, source = (
+                    machine.usd_per_hour * DEFAULT_SPOT_FRACTION,
+                    f"catalog {machine.cloud} on-demand x {DEFAULT_SPOT_FRACTION}",
+                )
         else:
             price, source = machine.usd_per_hour, f"catalog {machine.cloud} on-demand"
         facts[pool.name] = (gpu_name, gpu, gpus, price, source)
 
     pool_index = {p.name: i for i, p in enumerate(fleet.nodepools)}
-    states = {
-        p.name: _PoolState(p, i, facts[p.name][2], [])
-        for i, p in enumerate(fleet.nodepools)
-        if p.name in facts
-    }
+    states = {p.name: _PoolState(p, i, facts[p.name][2], []) for i, p in enumerate(fleet.nodepools) if p.name in facts}
 
     # --- deployments: fit checks, failover order, placement ------------------------------
     dep_rows: list[tuple[int, spec.Deployment, catalog_mod.ModelInfo, list[str], int, dict[str, int]]] = []
@@ -299,11 +323,19 @@ def compile(
         model = catalog.model(dep.model)
         if model is None:
             issues.append(
-                smap.issue(loc + ("model",), f"{dep.model!r} is not in the model catalog; known: {', '.join(sorted(catalog.models))} (add it with a user catalog file)")
+                smap.issue(
+                    loc + ("model",),
+                    f"{dep.model!r} is not in the model catalog; known: {', '.join(sorted(catalog.models))} (add it with a user catalog file)",
+                )
             )
             continue
         if dep.max_model_len is not None and dep.max_model_len > model.max_context:
-            issues.append(smap.issue(loc + ("max_model_len",), f"{dep.max_model_len} exceeds {dep.model}'s context of {model.max_context} tokens"))
+            issues.append(
+                smap.issue(
+                    loc + ("max_model_len",),
+                    f"{dep.max_model_len} exceeds {dep.model}'s context of {model.max_context} tokens",
+                )
+            )
         if dep.nodepools is not None:
             candidates = [p for p in dep.nodepools if p in pool_index]
             explicit = True
@@ -320,7 +352,12 @@ def compile(
             jloc = loc + (("nodepools", dep.nodepools.index(name)) if explicit and dep.nodepools else ("model",))
             if dep.gpus_per_replica > gpn:
                 if explicit:
-                    issues.append(smap.issue(loc + ("gpus_per_replica",), f"{dep.gpus_per_replica} GPUs do not fit a node of pool {name!r}, which has {gpn}"))
+                    issues.append(
+                        smap.issue(
+                            loc + ("gpus_per_replica",),
+                            f"{dep.gpus_per_replica} GPUs do not fit a node of pool {name!r}, which has {gpn}",
+                        )
+                    )
                 continue
             usable_bytes = dep.gpus_per_replica * gpu.memory_bytes * dep.gpu_memory_utilization
             kv_tokens = int((usable_bytes - model.weight_bytes) // model.kv_bytes_per_token)
@@ -338,16 +375,29 @@ def compile(
             if kv_tokens < need:
                 if explicit:
                     issues.append(
-                        smap.issue(loc + ("max_model_len",), f"{need} tokens do not fit the KV cache of a replica in pool {name!r} ({kv_tokens} tokens)")
+                        smap.issue(
+                            loc + ("max_model_len",),
+                            f"{need} tokens do not fit the KV cache of a replica in pool {name!r} ({kv_tokens} tokens)",
+                        )
                     )
                 continue
             usable.append(name)
             kv[name] = kv_tokens
         if not usable:
             if not explicit:
-                issues.append(smap.issue(loc + ("model",), f"no declared pool can hold a replica of {dep.model} with {dep.gpus_per_replica} GPU(s)"))
+                issues.append(
+                    smap.issue(
+                        loc + ("model",),
+                        f"no declared pool can hold a replica of {dep.model} with {dep.gpus_per_replica} GPU(s)",
+                    )
+                )
             continue
-        usable.sort(key=lambda n: (-fleet.nodepools[pool_index[n]].priority, pool_index[n] if explicit is False else dep.nodepools.index(n)))  # type: ignore[union-attr]
+        usable.sort(
+            key=lambda n: (
+                -fleet.nodepools[pool_index[n]].priority,
+                pool_index[n] if explicit is False else dep.nodepools.index(n),
+            )
+        )  # type: ignore[union-attr]
         max_len = dep.max_model_len or min(model.max_context, min(kv.values()))
         dep_rows.append((i, dep, model, usable, max_len, kv))
 
@@ -386,13 +436,37 @@ def compile(
         baseline = max(pool.min_nodes, opened)
         warm = min(pool.warm_nodes, pool.max_nodes - baseline)
         if opened > pool.min_nodes:
-            warnings.append(Warning(code="min_nodes_raised", subject=pool.name, message=f"baseline placement needs {opened} nodes, above min_nodes {pool.min_nodes}; the plan counts {opened}"))
+            warnings.append(
+                Warning(
+                    code="min_nodes_raised",
+                    subject=pool.name,
+                    message=f"baseline placement needs {opened} nodes, above min_nodes {pool.min_nodes}; the plan counts {opened}",
+                )
+            )
         if warm < pool.warm_nodes:
-            warnings.append(Warning(code="warm_reduced", subject=pool.name, message=f"only {warm} of {pool.warm_nodes} warm nodes fit under max_nodes {pool.max_nodes} above {baseline} baseline nodes"))
+            warnings.append(
+                Warning(
+                    code="warm_reduced",
+                    subject=pool.name,
+                    message=f"only {warm} of {pool.warm_nodes} warm nodes fit under max_nodes {pool.max_nodes} above {baseline} baseline nodes",
+                )
+            )
         if pool.capacity_type == "spot" and pool.warm_nodes:
-            warnings.append(Warning(code="warm_on_spot", subject=pool.name, message="warm nodes on spot capacity can be reclaimed when they are needed most"))
+            warnings.append(
+                Warning(
+                    code="warm_on_spot",
+                    subject=pool.name,
+                    message="warm nodes on spot capacity can be reclaimed when they are needed most",
+                )
+            )
         if pool.cloud in ("aws", "gcp") and len(pool.zones) == 1:
-            warnings.append(Warning(code="single_zone", subject=pool.name, message=f"all nodes in one zone ({pool.zones[0]}): a zonal outage or stock-out takes the whole pool"))
+            warnings.append(
+                Warning(
+                    code="single_zone",
+                    subject=pool.name,
+                    message=f"all nodes in one zone ({pool.zones[0]}): a zonal outage or stock-out takes the whole pool",
+                )
+            )
         pools.append(
             PoolPlan(
                 name=pool.name,
@@ -451,22 +525,58 @@ def compile(
                 )
             )
         replicas = [
-            ReplicaPlan(id=f"{dep.name}-{n}-{k}", deployment=dep.name, pool=n, priority=fleet.nodepools[pool_index[n]].priority, index=k)
+            ReplicaPlan(
+                id=f"{dep.name}-{n}-{k}",
+                deployment=dep.name,
+                pool=n,
+                priority=fleet.nodepools[pool_index[n]].priority,
+                index=k,
+            )
             for n, count in rows
             for k in range(count)
         ]
         if len(usable) == 1:
-            warnings.append(Warning(code="no_failover", subject=dep.name, message=f"only pool {usable[0]} can serve it: no failover"))
+            warnings.append(
+                Warning(
+                    code="no_failover", subject=dep.name, message=f"only pool {usable[0]} can serve it: no failover"
+                )
+            )
         if all(fleet.nodepools[pool_index[n]].capacity_type == "spot" for n in usable):
-            warnings.append(Warning(code="spot_only", subject=dep.name, message="every pool it may use is spot capacity"))
+            warnings.append(
+                Warning(code="spot_only", subject=dep.name, message="every pool it may use is spot capacity")
+            )
         if rows and rows[0][0] != usable[0]:
-            warnings.append(Warning(code="baseline_spills", subject=dep.name, message=f"no baseline replica fits its preferred pool {usable[0]}"))
+            warnings.append(
+                Warning(
+                    code="baseline_spills",
+                    subject=dep.name,
+                    message=f"no baseline replica fits its preferred pool {usable[0]}",
+                )
+            )
         elif len(rows) > 1:
-            warnings.append(Warning(code="baseline_spills", subject=dep.name, message=f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline replicas spill past pool {usable[0]}"))
+            warnings.append(
+                Warning(
+                    code="baseline_spills",
+                    subject=dep.name,
+                    message=f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline replicas spill past pool {usable[0]}",
+                )
+            )
         if lost < dep.min_replicas and len(usable) > 1:
-            warnings.append(Warning(code="failover_short", subject=dep.name, message=f"if pool {usable[0]} is lost, only {lost} of {dep.min_replicas} replicas fit the other pools"))
+            warnings.append(
+                Warning(
+                    code="failover_short",
+                    subject=dep.name,
+                    message=f"if pool {usable[0]} is lost, only {lost} of {dep.min_replicas} replicas fit the other pools",
+                )
+            )
         if capacity < dep.max_replicas:
-            warnings.append(Warning(code="max_replicas_unreachable", subject=dep.name, message=f"max_replicas {dep.max_replicas} but its pools hold {capacity} at max_nodes"))
+            warnings.append(
+                Warning(
+                    code="max_replicas_unreachable",
+                    subject=dep.name,
+                    message=f"max_replicas {dep.max_replicas} but its pools hold {capacity} at max_nodes",
+                )
+            )
         deployments.append(
             DeploymentPlan(
                 name=dep.name,

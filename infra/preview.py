@@ -16,6 +16,7 @@ both are given a placeholder value inside the preview, and the result says so.
 Each run happens in a copy of the current `contextvars` context, so the Pulumi runtime's
 global settings, config and root stack never leak from one run into the next.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -141,7 +142,9 @@ def load_stack(directory: str | Path, stack: str | None = None) -> StackSpec:
     if stack is None:
         if len(stacks) != 1:
             found = ", ".join(stacks) or "none"
-            raise PreviewError(f"{d}: give --stack: the directory has {len(stacks)} stack settings files (found: {found})")
+            raise PreviewError(
+                f"{d}: give --stack: the directory has {len(stacks)} stack settings files (found: {found})"
+            )
         stack = stacks[0]
     settings_file = d / f"Pulumi.{stack}.yaml"
     if not settings_file.is_file():
@@ -158,7 +161,9 @@ def load_stack(directory: str | Path, stack: str | None = None) -> StackSpec:
     # (`key: {type:, default:, secret:}`) for the project's own namespace.
     for key, spec in (project.get("config") or {}).items():
         full = _full_key(name, str(key))
-        if isinstance(spec, dict) and ("type" in spec or "default" in spec or "secret" in spec or "description" in spec):
+        if isinstance(spec, dict) and (
+            "type" in spec or "default" in spec or "secret" in spec or "description" in spec
+        ):
             if "default" in spec:
                 config[full] = _wire(spec["default"])
             if spec.get("secret"):
@@ -183,7 +188,9 @@ def load_stack(directory: str | Path, stack: str | None = None) -> StackSpec:
             secret_keys.append(full)
             if full not in config:
                 config[full] = PLACEHOLDER_SECRET
-                notes.append(f"{full} is not set yet (pulumi config set --secret {full.split(':', 1)[1]} ...): previewed with a placeholder")
+                notes.append(
+                    f"{full} is not set yet (pulumi config set --secret {full.split(':', 1)[1]} ...): previewed with a placeholder"
+                )
     return StackSpec(d.resolve(), name, stack, program.resolve(), config, secret_keys, notes)
 
 
@@ -251,20 +258,28 @@ def _mocks_and_monitor() -> tuple[Any, Any, list[tuple[str, str, str, bool, dict
                     "vpcConfig": {"subnetIds": ["subnet-preview-1", "subnet-preview-2"]},
                 }
             if args.token == "aws:ec2/getSubnets:getSubnets":
-                zones = next((f.get("values") for f in a.get("filters") or [] if f.get("name") == "availability-zone"), [])
+                zones = next(
+                    (f.get("values") for f in a.get("filters") or [] if f.get("name") == "availability-zone"), []
+                )
                 return {"ids": [f"subnet-preview-{z}" for z in zones]}
             if args.token == "gcp:container/getCluster:getCluster":
-                return {"name": a.get("name"), "endpoint": "192.0.2.10", "masterAuths": [{"clusterCaCertificate": "cHJldmlldw=="}]}
+                return {
+                    "name": a.get("name"),
+                    "endpoint": "192.0.2.10",
+                    "masterAuths": [{"clusterCaCertificate": "cHJldmlldw=="}],
+                }
             return {}
 
     class RecordingMonitor(mocks_mod.MockMonitor):
         """The mock monitor, also keeping each registration's parent and custom flag."""
 
-        def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - gRPC method name
+        def RegisterResource(self, request: Any) -> Any:
             response = super().RegisterResource(request)
             if request.type != "pulumi:pulumi:Stack":
                 inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
-                records.append((request.type, request.name, request.parent, bool(request.custom), inputs, request.provider))
+                records.append(
+                    (request.type, request.name, request.parent, bool(request.custom), inputs, request.provider)
+                )
             return response
 
     mocks = PreviewMocks()
@@ -308,13 +323,17 @@ def run_program(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return contextvars.copy_context().run(_run, program, project, stack, dict(config or {}), list(secret_keys or []))
+        return contextvars.copy_context().run(
+            _run, program, project, stack, dict(config or {}), list(secret_keys or [])
+        )
     finally:
         asyncio.set_event_loop(previous)
         loop.close()
 
 
-def _run(program: Callable[[], Any], project: str, stack: str, config: dict[str, str], secret_keys: list[str]) -> PreviewResult:
+def _run(
+    program: Callable[[], Any], project: str, stack: str, config: dict[str, str], secret_keys: list[str]
+) -> PreviewResult:
     import pulumi
     from pulumi.runtime import settings as settings_mod
     from pulumi.runtime.stack import run_pulumi_func
@@ -368,7 +387,9 @@ def preview_stack(directory: str | Path, stack: str | None = None) -> PreviewRes
         with _cwd_and_path(spec.directory):
             runpy.run_path(str(spec.program), run_name="__main__")
 
-    result = run_program(program, project=spec.project, stack=spec.stack, config=spec.config, secret_keys=spec.secret_keys)
+    result = run_program(
+        program, project=spec.project, stack=spec.stack, config=spec.config, secret_keys=spec.secret_keys
+    )
     result.notes.extend(spec.notes)
     return result
 
@@ -377,7 +398,14 @@ def preview_stack(directory: str | Path, stack: str | None = None) -> PreviewRes
 # Summaries for people
 
 _KEY_INPUTS: dict[str, tuple[str, ...]] = {
-    "aws:eks/nodeGroup:NodeGroup": ("nodeGroupName", "instanceTypes", "amiType", "capacityType", "scalingConfig", "taints"),
+    "aws:eks/nodeGroup:NodeGroup": (
+        "nodeGroupName",
+        "instanceTypes",
+        "amiType",
+        "capacityType",
+        "scalingConfig",
+        "taints",
+    ),
     "gcp:container/nodePool:NodePool": (
         "name",
         "nodeConfig.machineType",

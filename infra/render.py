@@ -4,6 +4,7 @@
 renders from the compiled Plan. Replica URLs depend on where the replicas run (loopback
 ports for the local runtime, in-cluster DNS names on Kubernetes), so the caller passes them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -42,4 +43,6 @@ def router_config(
                     max_concurrent_requests=dep.max_concurrent_requests,
                 )
             )
-    return RouterConfig(fleet=plan.fleet, settings=settings or RouterSettings.model_validate(plan.router), replicas=replicas)
+    return RouterConfig(
+        fleet=plan.fleet, settings=settings or RouterSettings.model_validate(plan.router), replicas=replicas
+    )

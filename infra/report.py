@@ -4,6 +4,7 @@
 the way Infracost's `diff` compares Terraform plans: per pool, what changes in node counts
 and in money, and the total monthly change.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -88,7 +89,16 @@ def diff(old: Mapping[str, Any], new: Plan) -> PlanDiff:
             pools.append(PoolDiff(p["name"], "added", None, _pool_nodes(p), 0.0, _pool_month(p)))
             continue
         same = _pool_nodes(o) == _pool_nodes(p) and float(o["usd_per_node_hour"]) == float(p["usd_per_node_hour"])
-        pools.append(PoolDiff(p["name"], "unchanged" if same else "changed", _pool_nodes(o), _pool_nodes(p), _pool_month(o), _pool_month(p)))
+        pools.append(
+            PoolDiff(
+                p["name"],
+                "unchanged" if same else "changed",
+                _pool_nodes(o),
+                _pool_nodes(p),
+                _pool_month(o),
+                _pool_month(p),
+            )
+        )
     for name, o in old_pools.items():
         if name not in {p["name"] for p in new_json["pools"]}:
             pools.append(PoolDiff(name, "removed", _pool_nodes(o), None, _pool_month(o), 0.0))
@@ -125,9 +135,17 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     """The plan as rich tables: pools, deployments, cost, warnings."""
     pools = Table(title=f"Fleet {plan.fleet}: nodepools", title_justify="left")
     for col, just in [
-        ("pool", "left"), ("cloud", "left"), ("region", "left"), ("machine", "left"), ("GPUs/node", "right"),
-        ("prio", "right"), ("nodes min/base/warm/max", "right"), ("$/node-h", "right"),
-        ("baseline $/mo", "right"), ("warm $/mo", "right"), ("peak $/mo", "right"),
+        ("pool", "left"),
+        ("cloud", "left"),
+        ("region", "left"),
+        ("machine", "left"),
+        ("GPUs/node", "right"),
+        ("prio", "right"),
+        ("nodes min/base/warm/max", "right"),
+        ("$/node-h", "right"),
+        ("baseline $/mo", "right"),
+        ("warm $/mo", "right"),
+        ("peak $/mo", "right"),
     ]:
         pools.add_column(col, justify=just)  # type: ignore[arg-type]
     if change:
@@ -135,10 +153,16 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     by_name = {d.name: d for d in change.pools} if change else {}
     for p in sorted(plan.pools, key=lambda p: -p.priority):
         row = [
-            p.name, p.cloud, p.region or "-", p.instance_type + (" (spot)" if p.capacity_type == "spot" else ""),
-            f"{p.gpus_per_node}x {p.gpu}", str(p.priority),
-            f"{p.min_nodes}/{p.baseline_nodes}/{p.warm_nodes}/{p.max_nodes}", f"{p.usd_per_node_hour:,.2f}",
-            _usd(p.baseline_usd_per_hour * HOURS_PER_MONTH), _usd(p.warm_usd_per_hour * HOURS_PER_MONTH),
+            p.name,
+            p.cloud,
+            p.region or "-",
+            p.instance_type + (" (spot)" if p.capacity_type == "spot" else ""),
+            f"{p.gpus_per_node}x {p.gpu}",
+            str(p.priority),
+            f"{p.min_nodes}/{p.baseline_nodes}/{p.warm_nodes}/{p.max_nodes}",
+            f"{p.usd_per_node_hour:,.2f}",
+            _usd(p.baseline_usd_per_hour * HOURS_PER_MONTH),
+            _usd(p.warm_usd_per_hour * HOURS_PER_MONTH),
             _usd(p.peak_usd_per_hour * HOURS_PER_MONTH),
         ]
         if change:
@@ -151,14 +175,29 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
                 pools.add_row(Text(d.name, style="strike"), *[""] * 10, _signed_usd(d.delta_usd_per_month))
 
     deps = Table(title="deployments", title_justify="left")
-    for col in ("deployment", "model", "engine", "GPUs/replica", "replicas min/max", "baseline placement",
-                "failover order", "KV tokens/replica", "if top pool lost"):
+    for col in (
+        "deployment",
+        "model",
+        "engine",
+        "GPUs/replica",
+        "replicas min/max",
+        "baseline placement",
+        "failover order",
+        "KV tokens/replica",
+        "if top pool lost",
+    ):
         deps.add_column(col)
     for d in plan.deployments:
         deps.add_row(
-            d.name, d.model, d.engine, str(d.gpus_per_replica), f"{d.min_replicas}/{d.max_replicas}",
+            d.name,
+            d.model,
+            d.engine,
+            str(d.gpus_per_replica),
+            f"{d.min_replicas}/{d.max_replicas}",
             ", ".join(f"{x.pool}: {x.replicas}" for x in d.placement) or "-",
-            " > ".join(d.failover), f"{d.kv_cache_tokens_per_replica:,}", str(d.replicas_if_top_pool_lost),
+            " > ".join(d.failover),
+            f"{d.kv_cache_tokens_per_replica:,}",
+            str(d.replicas_if_top_pool_lost),
         )
 
     cost = Table(title="cost", title_justify="left")
@@ -168,7 +207,11 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     c = plan.cost
     cost.add_row("baseline (min nodes)", _usd(c.baseline_usd_per_hour), _usd(c.baseline_usd_per_month))
     cost.add_row("warm (held ready)", _usd(c.warm_usd_per_hour), _usd(c.warm_usd_per_month))
-    cost.add_row("baseline + warm", _usd(c.baseline_usd_per_hour + c.warm_usd_per_hour), Text(_usd(monthly_committed(plan)), style="bold"))
+    cost.add_row(
+        "baseline + warm",
+        _usd(c.baseline_usd_per_hour + c.warm_usd_per_hour),
+        Text(_usd(monthly_committed(plan)), style="bold"),
+    )
     cost.add_row("peak (max nodes)", _usd(c.peak_usd_per_hour), _usd(c.peak_usd_per_month))
 
     parts: list[Any] = [pools, deps, cost]
@@ -195,13 +238,33 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
     lines = [f"### gpufleet plan: `{plan.fleet}`", ""]
     if change:
         pct = change.delta_percent
-        verb = "increase" if change.delta_usd_per_month > 0 else "decrease" if change.delta_usd_per_month < 0 else "not change"
-        amount = "" if verb == "not change" else f" by **{_usd(abs(change.delta_usd_per_month))}" + (f" ({pct:+.1f}%)" if pct is not None else "") + "**"
-        lines.append(f"Monthly cost (baseline + warm) will {verb}{amount}: {_usd(change.old_usd_per_month)} -> **{_usd(total)}**.")
+        verb = (
+            "increase"
+            if change.delta_usd_per_month > 0
+            else "decrease"
+            if change.delta_usd_per_month < 0
+            else "not change"
+        )
+        amount = (
+            ""
+            if verb == "not change"
+            else f" by **{_usd(abs(change.delta_usd_per_month))}"
+            + (f" ({pct:+.1f}%)" if pct is not None else "")
+            + "**"
+        )
+        lines.append(
+            f"Monthly cost (baseline + warm) will {verb}{amount}: {_usd(change.old_usd_per_month)} -> **{_usd(total)}**."
+        )
     else:
-        lines.append(f"Monthly cost (baseline + warm): **{_usd(total)}** (peak at max nodes: {_usd(plan.cost.peak_usd_per_month)}).")
-    lines += ["", "| Pool | Cloud | Machine | Priority | Nodes base/warm/max | $/node-h | Baseline + warm $/mo | Peak $/mo |" + (" Change $/mo |" if change else ""),
-              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if change else "")]
+        lines.append(
+            f"Monthly cost (baseline + warm): **{_usd(total)}** (peak at max nodes: {_usd(plan.cost.peak_usd_per_month)})."
+        )
+    lines += [
+        "",
+        "| Pool | Cloud | Machine | Priority | Nodes base/warm/max | $/node-h | Baseline + warm $/mo | Peak $/mo |"
+        + (" Change $/mo |" if change else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if change else ""),
+    ]
     by_name = {d.name: d for d in change.pools} if change else {}
     for p in sorted(plan.pools, key=lambda p: -p.priority):
         month = (p.baseline_usd_per_hour + p.warm_usd_per_hour) * HOURS_PER_MONTH
@@ -214,7 +277,11 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
         for d in change.pools:
             if d.status == "removed":
                 lines.append(f"| ~~{d.name}~~ | | | | removed | | | | {_signed_usd(d.delta_usd_per_month)} |")
-    lines += ["", "| Deployment | Model | Replicas min/max | Placement | Failover | KV tokens/replica |", "|---|---|---:|---|---|---:|"]
+    lines += [
+        "",
+        "| Deployment | Model | Replicas min/max | Placement | Failover | KV tokens/replica |",
+        "|---|---|---:|---|---|---:|",
+    ]
     for d in plan.deployments:
         lines.append(
             f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"

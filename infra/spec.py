@@ -9,6 +9,7 @@ declaration at once, each with the file, the line and the field:
 Checks that need the catalog or the placement (weights fit the GPUs, min_replicas fit the
 pools) run in `infra.plan.compile`, which reports through the same `FleetError`.
 """
+
 from __future__ import annotations
 
 import re
@@ -335,7 +336,17 @@ def load_dict(data: Any, origin: str = "<config>", base_dir: Path | None = None)
 def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Path | None) -> tuple[Fleet, SourceMap]:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise FleetError([*issues, FleetIssue(smap.file, smap.line(()) or 1, "", f"expected a mapping with `fleet`, `nodepools`, `deployments`; found {kind}")])
+        raise FleetError(
+            [
+                *issues,
+                FleetIssue(
+                    smap.file,
+                    smap.line(()) or 1,
+                    "",
+                    f"expected a mapping with `fleet`, `nodepools`, `deployments`; found {kind}",
+                ),
+            ]
+        )
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as exc:
@@ -345,7 +356,9 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
         names = [p.get("name") for p in raw_pools if isinstance(p, dict)] if isinstance(raw_pools, list) else []
         issues.extend(_cross_check(*_parse_parts(data), smap, {n for n in names if isinstance(n, str)}))
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field))) from None
-    issues.extend(_cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap))
+    issues.extend(
+        _cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap)
+    )
     if issues:
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field)))
     if base_dir is not None and fleet.catalog:
@@ -353,7 +366,9 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
     return fleet, smap
 
 
-def _parse_parts(data: dict[str, Any]) -> tuple[list[tuple[int, Nodepool]], list[tuple[int, Deployment]], Clouds | None]:
+def _parse_parts(
+    data: dict[str, Any],
+) -> tuple[list[tuple[int, Nodepool]], list[tuple[int, Deployment]], Clouds | None]:
     """The pools, deployments and clouds that validate on their own, with their indexes."""
 
     def parts(key: str, model: type[BaseModel]) -> list[tuple[int, Any]]:
@@ -388,7 +403,9 @@ def _duplicate_names(section: str, items: list[tuple[int, Any]], smap: SourceMap
     issues = []
     for i, item in items:
         if item.name in first:
-            issues.append(smap.issue((section, i, "name"), f"{item.name!r} is already the name of {section}[{first[item.name]}]"))
+            issues.append(
+                smap.issue((section, i, "name"), f"{item.name!r} is already the name of {section}[{first[item.name]}]")
+            )
         first.setdefault(item.name, i)
     return issues
 
@@ -434,12 +451,18 @@ def _cross_check(
         elif pool.cloud == "kubernetes" and clouds is not None and clouds.kubernetes is None:
             issues.append(smap.issue(loc + ("cloud",), "'kubernetes' is not configured under `clouds:`"))
         if pool.engine_command is not None and pool.cloud != "local":
-            issues.append(smap.issue(loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"))
+            issues.append(
+                smap.issue(
+                    loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"
+                )
+            )
     issues.extend(_duplicate_names("deployments", deployments, smap))
     for i, dep in deployments:
         loc = ("deployments", i)
         if dep.max_replicas < dep.min_replicas:
-            issues.append(smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}"))
+            issues.append(
+                smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}")
+            )
         for j, ref in enumerate(dep.nodepools or []):
             if ref not in declared_pools:
                 issues.append(

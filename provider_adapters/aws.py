@@ -5,6 +5,7 @@ On-demand prices are not read here: EC2 has no price call (the Pricing API is a 
 us-east-1-only service not wrapped yet), so `PriceQuote.on_demand_usd_per_h` stays None and
 the bundled catalog's on-demand price stands.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,14 +85,29 @@ class AwsAdapter(ProviderAdapter):
         except botocore_exc.ClientError as exc:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            raise base.map_error("aws", str(err.get("Code", "")), str(err.get("Message", "")),
-                                 http_status=status, region=region, zone=zone) from None
+            raise base.map_error(
+                "aws",
+                str(err.get("Code", "")),
+                str(err.get("Message", "")),
+                http_status=status,
+                region=region,
+                zone=zone,
+            ) from None
         except botocore_exc.NoCredentialsError:
-            raise base.PermissionDenied("no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)",
-                                        cloud="aws", code="NoCredentials", region=region) from None
+            raise base.PermissionDenied(
+                "no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)",
+                cloud="aws",
+                code="NoCredentials",
+                region=region,
+            ) from None
         except botocore_exc.EndpointConnectionError as exc:
-            raise base.AdapterError(f"cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}", cloud="aws",
-                                    code="EndpointConnectionError", blocks="region", region=region) from None
+            raise base.AdapterError(
+                f"cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}",
+                cloud="aws",
+                code="EndpointConnectionError",
+                blocks="region",
+                region=region,
+            ) from None
 
     # ------------------------------------------------------------------ offerings
 
@@ -107,8 +123,11 @@ class AwsAdapter(ProviderAdapter):
             facts: dict[str, dict[str, Any]] = {}
             with self._errors(region):
                 # Every NVIDIA GPU family is p*, g* or vt*; the filter saves paging ~900 types.
-                pages = self._client("ec2", region).get_paginator("describe_instance_types").paginate(
-                    Filters=[{"Name": "instance-type", "Values": list(_GPU_FAMILY_GLOBS)}])
+                pages = (
+                    self._client("ec2", region)
+                    .get_paginator("describe_instance_types")
+                    .paginate(Filters=[{"Name": "instance-type", "Values": list(_GPU_FAMILY_GLOBS)}])
+                )
                 for page in pages:
                     for item in page["InstanceTypes"]:
                         if item.get("GpuInfo", {}).get("Gpus"):
@@ -120,28 +139,31 @@ class AwsAdapter(ProviderAdapter):
         gpu = item["GpuInfo"]["Gpus"][0]
         mem_gib = gpu.get("MemoryInfo", {}).get("SizeInMiB", 0) / 1024
         return GpuOffering(
-            cloud="aws", machine_type=item["InstanceType"],
+            cloud="aws",
+            machine_type=item["InstanceType"],
             gpu_model=base.normalise_gpu_name(gpu.get("Name", "?"), mem_gib),
             gpu_count=sum(g.get("Count", 0) for g in item["GpuInfo"]["Gpus"]),
-            gpu_memory_gib=round(mem_gib, 1), vcpus=item.get("VCpuInfo", {}).get("DefaultVCpus", 0),
+            gpu_memory_gib=round(mem_gib, 1),
+            vcpus=item.get("VCpuInfo", {}).get("DefaultVCpus", 0),
             ram_gib=round(item.get("MemoryInfo", {}).get("SizeInMiB", 0) / 1024, 1),
-            region=region, zones=zones,
+            region=region,
+            zones=zones,
         )
 
     def offerings(self, region: str, *, gpu: str | None = None, progress: Progress | None = None) -> list[GpuOffering]:
         types = self._gpu_types(region)
         wanted = sorted(
-            name for name, item in types.items()
-            if base.gpu_matches(gpu, self._offering(region, item, ()).gpu_model)
+            name for name, item in types.items() if base.gpu_matches(gpu, self._offering(region, item, ()).gpu_model)
         )
         zones: dict[str, set[str]] = {}
         with self._errors(region):
             pages = self._client("ec2", region).get_paginator("describe_instance_type_offerings")
             # The API caps filter values; ask in chunks.
             for start in range(0, len(wanted), 100):
-                chunk = wanted[start:start + 100]
-                for page in pages.paginate(LocationType="availability-zone",
-                                           Filters=[{"Name": "instance-type", "Values": chunk}]):
+                chunk = wanted[start : start + 100]
+                for page in pages.paginate(
+                    LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": chunk}]
+                ):
                     for off in page["InstanceTypeOfferings"]:
                         zones.setdefault(off["InstanceType"], set()).add(off["Location"])
         if progress:
@@ -153,9 +175,12 @@ class AwsAdapter(ProviderAdapter):
         latest: dict[tuple[str, str], tuple[_dt.datetime, float]] = {}
         with self._errors(region):
             pages = self._client("ec2", region).get_paginator("describe_spot_price_history")
-            start = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=6)
-            for page in pages.paginate(InstanceTypes=machine_types, StartTime=start,
-                                       ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"]):
+            start = _dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=6)
+            for page in pages.paginate(
+                InstanceTypes=machine_types,
+                StartTime=start,
+                ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
+            ):
                 for item in page["SpotPriceHistory"]:
                     if not item.get("ProductDescription", "").startswith("Linux/UNIX"):
                         continue
@@ -164,8 +189,14 @@ class AwsAdapter(ProviderAdapter):
                     if key not in latest or stamp > latest[key][0]:
                         latest[key] = (stamp, float(item["SpotPrice"]))
         return [
-            PriceQuote(cloud="aws", machine_type=mt, region=region, zone=zone, spot_usd_per_h=price,
-                       observed_at_s=stamp.timestamp())
+            PriceQuote(
+                cloud="aws",
+                machine_type=mt,
+                region=region,
+                zone=zone,
+                spot_usd_per_h=price,
+                observed_at_s=stamp.timestamp(),
+            )
             for (mt, zone), (stamp, price) in sorted(latest.items())
         ]
 
@@ -176,15 +207,19 @@ class AwsAdapter(ProviderAdapter):
         used: dict[tuple[str, bool], int] = {}
         types = self._gpu_types(region)
         with self._errors(region):
-            pages = self._client("ec2", region).get_paginator("describe_instances").paginate(
-                Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+            pages = (
+                self._client("ec2", region)
+                .get_paginator("describe_instances")
+                .paginate(Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+            )
             for page in pages:
                 for reservation in page["Reservations"]:
                     for inst in reservation["Instances"]:
                         mt = inst["InstanceType"]
                         cpu = inst.get("CpuOptions") or {}
                         vcpus = (cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1)) or (
-                            types.get(mt, {}).get("VCpuInfo", {}).get("DefaultVCpus", 0))
+                            types.get(mt, {}).get("VCpuInfo", {}).get("DefaultVCpus", 0)
+                        )
                         spot = inst.get("InstanceLifecycle") == "spot"
                         code = gpu_quota_code(mt, spot=spot)
                         if code:
@@ -203,9 +238,19 @@ class AwsAdapter(ProviderAdapter):
             except base.NotFound as exc:
                 last_error = exc
                 continue
-            out.append(QuotaInfo(cloud="aws", region=region, name=code, description=desc, unit="vcpu",
-                                 limit=float(q["Quota"]["Value"]), usage=float(used.get((code, spot), 0)),
-                                 spot=spot, applies_to=prefixes))
+            out.append(
+                QuotaInfo(
+                    cloud="aws",
+                    region=region,
+                    name=code,
+                    description=desc,
+                    unit="vcpu",
+                    limit=float(q["Quota"]["Value"]),
+                    usage=float(used.get((code, spot), 0)),
+                    spot=spot,
+                    applies_to=prefixes,
+                )
+            )
         if not out and last_error is not None:
             raise last_error
         return out
@@ -214,11 +259,13 @@ class AwsAdapter(ProviderAdapter):
 
     def _nodegroup(self, ref: PoolRef) -> dict[str, Any]:
         if not ref.cluster:
-            raise base.InvalidRequest(f"pool {ref.name!r} has no EKS cluster name", cloud="aws",
-                                      code="MissingCluster", region=ref.region)
+            raise base.InvalidRequest(
+                f"pool {ref.name!r} has no EKS cluster name", cloud="aws", code="MissingCluster", region=ref.region
+            )
         with self._errors(ref.region):
             return self._client("eks", ref.region).describe_nodegroup(
-                clusterName=ref.cluster, nodegroupName=ref.target)["nodegroup"]
+                clusterName=ref.cluster, nodegroupName=ref.target
+            )["nodegroup"]
 
     def _asg_name(self, ref: PoolRef, nodegroup: dict[str, Any] | None) -> str | None:
         if ref.autoscaling_group:
@@ -243,9 +290,15 @@ class AwsAdapter(ProviderAdapter):
                     else:
                         conf = client.describe_warm_pool(AutoScalingGroupName=asg).get("WarmPoolConfiguration")
                         warm = int(conf.get("MinSize", 0)) if conf else None
-        return PoolState(ref=ref, desired_nodes=int(scaling.get("desiredSize", 0)), ready_nodes=ready,
-                         min_nodes=int(scaling.get("minSize", 0)), max_nodes=int(scaling.get("maxSize", 0)),
-                         warm_pool_nodes=warm, status=str(ng.get("status", "")))
+        return PoolState(
+            ref=ref,
+            desired_nodes=int(scaling.get("desiredSize", 0)),
+            ready_nodes=ready,
+            min_nodes=int(scaling.get("minSize", 0)),
+            max_nodes=int(scaling.get("maxSize", 0)),
+            warm_pool_nodes=warm,
+            status=str(ng.get("status", "")),
+        )
 
     def scale_pool(self, request: ScaleRequest) -> ScaleResult:
         ref = request.ref
@@ -254,23 +307,37 @@ class AwsAdapter(ProviderAdapter):
         lo = (current.min_nodes or 0) if request.min_nodes is None else request.min_nodes
         hi = (current.max_nodes or 0) if request.max_nodes is None else request.max_nodes
         if not lo <= request.desired_nodes <= hi:
-            raise base.InvalidRequest(f"desired {request.desired_nodes} outside [{lo}, {hi}] for node group "
-                                      f"{ref.target!r}", cloud="aws", code="InvalidParameterException",
-                                      region=ref.region)
+            raise base.InvalidRequest(
+                f"desired {request.desired_nodes} outside [{lo}, {hi}] for node group {ref.target!r}",
+                cloud="aws",
+                code="InvalidParameterException",
+                region=ref.region,
+            )
         with self._errors(ref.region):
             update = self._client("eks", ref.region).update_nodegroup_config(
-                clusterName=ref.cluster, nodegroupName=ref.target,
-                scalingConfig={"minSize": lo, "maxSize": hi, "desiredSize": request.desired_nodes})["update"]
-        return ScaleResult(ref=ref, previous_desired=current.desired_nodes, desired_nodes=request.desired_nodes,
-                           operation=str(update.get("id", "")))
+                clusterName=ref.cluster,
+                nodegroupName=ref.target,
+                scalingConfig={"minSize": lo, "maxSize": hi, "desiredSize": request.desired_nodes},
+            )["update"]
+        return ScaleResult(
+            ref=ref,
+            previous_desired=current.desired_nodes,
+            desired_nodes=request.desired_nodes,
+            operation=str(update.get("id", "")),
+        )
 
     def set_warm_pool(self, ref: PoolRef, min_nodes: int) -> PoolState:
         """Put an EC2 Auto Scaling warm pool of `min_nodes` stopped instances beside the node group's ASG."""
         asg = self._asg_name(ref, self._nodegroup(ref))
         if not asg:
-            raise base.NotFound(f"node group {ref.target!r} has no Auto Scaling group", cloud="aws",
-                                code="NoAutoScalingGroup", region=ref.region)
+            raise base.NotFound(
+                f"node group {ref.target!r} has no Auto Scaling group",
+                cloud="aws",
+                code="NoAutoScalingGroup",
+                region=ref.region,
+            )
         with self._errors(ref.region):
             self._client("autoscaling", ref.region).put_warm_pool(
-                AutoScalingGroupName=asg, MinSize=min_nodes, PoolState="Stopped")
+                AutoScalingGroupName=asg, MinSize=min_nodes, PoolState="Stopped"
+            )
         return self.pool_state(ref)

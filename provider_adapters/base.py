@@ -20,6 +20,7 @@ Exception tree (every adapter raises only these)::
 `map_error` is the ONE place that turns a provider's error code into one of these and into
 what it blocks; `ERROR_CODES` is its table, documented in docs/adapters.md.
 """
+
 from __future__ import annotations
 
 import abc
@@ -204,8 +205,14 @@ class AdapterError(Exception):
     default_blocks: ClassVar[Blocks] = "request"
 
     def __init__(
-        self, message: str, *, cloud: str, code: str = "", blocks: Blocks | None = None,
-        region: str | None = None, zone: str | None = None,
+        self,
+        message: str,
+        *,
+        cloud: str,
+        code: str = "",
+        blocks: Blocks | None = None,
+        region: str | None = None,
+        zone: str | None = None,
     ) -> None:
         self.cloud = cloud
         self.code = code
@@ -328,8 +335,13 @@ _HTTP_FALLBACK: dict[int, tuple[type[AdapterError], Blocks]] = {
 
 
 def map_error(
-    cloud: str, code: str, message: str, *, http_status: int | None = None,
-    region: str | None = None, zone: str | None = None,
+    cloud: str,
+    code: str,
+    message: str,
+    *,
+    http_status: int | None = None,
+    region: str | None = None,
+    zone: str | None = None,
 ) -> AdapterError:
     """Turn a provider error code into the typed error and what it blocks.
 
@@ -343,8 +355,14 @@ def map_error(
     if hit is None and http_status is not None:
         hit = _HTTP_FALLBACK.get(http_status)
     error_type, blocks = hit if hit is not None else (AdapterError, "request")
-    return error_type(message, cloud=cloud, code=code or (str(http_status) if http_status else ""),
-                      blocks=blocks, region=region, zone=zone)
+    return error_type(
+        message,
+        cloud=cloud,
+        code=code or (str(http_status) if http_status else ""),
+        blocks=blocks,
+        region=region,
+        zone=zone,
+    )
 
 
 # --------------------------------------------------------------------------- can't-do table
@@ -352,8 +370,7 @@ def map_error(
 # What each cloud cannot do through its adapter, and why. `Unsupported` errors quote it.
 CANNOT_DO: dict[tuple[CloudName, Capability], str] = {
     ("aws", "utilisation"): (
-        "EC2/EKS APIs do not see pods' GPU requests; read utilisation through the kubernetes "
-        "adapter of the EKS cluster"
+        "EC2/EKS APIs do not see pods' GPU requests; read utilisation through the kubernetes adapter of the EKS cluster"
     ),
     ("aws", "scale_placeholders"): "placeholders are Kubernetes Deployments; use the kubernetes adapter",
     ("gcp", "prices"): (
@@ -394,7 +411,8 @@ def lazy_import(module: str, *, cloud: str) -> ModuleType:
         extra = _EXTRA_FOR.get(module, cloud)
         raise SdkMissing(
             f"the {cloud} adapter needs {module.split('.')[0]}: pip install 'gpufleet[{extra}]' ({exc})",
-            cloud=cloud, code="SdkMissing",
+            cloud=cloud,
+            code="SdkMissing",
         ) from None
 
 
@@ -456,10 +474,25 @@ def normalise_gpu_name(raw: str, memory_gib: float | None = None) -> str:
     name = raw.strip()
     lowered = name.lower().removeprefix("nvidia-").removeprefix("nvidia ")
     table = {
-        "h100-80gb": "H100", "h100-mega-80gb": "H100-MEGA", "h100": "H100", "h200": "H200", "h200-141gb": "H200",
-        "a100-80gb": "A100-80GB", "tesla-a100": "A100-40GB", "a100": "A100", "l4": "L4", "l40s": "L40S",
-        "tesla-t4": "T4", "t4": "T4", "tesla-v100": "V100", "v100": "V100", "a10g": "A10G", "b200": "B200",
-        "tesla-p100": "P100", "tesla-p4": "P4", "gb200": "GB200",
+        "h100-80gb": "H100",
+        "h100-mega-80gb": "H100-MEGA",
+        "h100": "H100",
+        "h200": "H200",
+        "h200-141gb": "H200",
+        "a100-80gb": "A100-80GB",
+        "tesla-a100": "A100-40GB",
+        "a100": "A100",
+        "l4": "L4",
+        "l40s": "L40S",
+        "tesla-t4": "T4",
+        "t4": "T4",
+        "tesla-v100": "V100",
+        "v100": "V100",
+        "a10g": "A10G",
+        "b200": "B200",
+        "tesla-p100": "P100",
+        "tesla-p4": "P4",
+        "gb200": "GB200",
     }
     out = table.get(lowered, name.upper())
     if out == "A100" and memory_gib is not None:

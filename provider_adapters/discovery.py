@@ -4,6 +4,7 @@
 zones and joins offerings, live spot prices and quota headroom into `DiscoveredMachine`s;
 `catalog_document(...)` turns those into a user catalog file in the bundled catalog's format.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -32,8 +33,9 @@ def connect(cloud: str, *, project: str | None = None) -> base.ProviderAdapter:
 
         project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
         if not project:
-            raise base.InvalidRequest("GCP needs a project: --project or GOOGLE_CLOUD_PROJECT", cloud="gcp",
-                                      code="MissingProject")
+            raise base.InvalidRequest(
+                "GCP needs a project: --project or GOOGLE_CLOUD_PROJECT", cloud="gcp", code="MissingProject"
+            )
         endpoint = os.environ.get(GCP_ENDPOINT_ENV)
         return gcp.GcpAdapter(project, client_factory=gcp.emulator_factory(endpoint) if endpoint else None)
     raise base.InvalidRequest(f"unknown cloud {cloud!r}; allowed: aws, gcp", cloud=cloud, code="UnknownCloud")
@@ -49,12 +51,17 @@ class DiscoveredMachine:
     quota_headroom_nodes: int | None  # machines the free quota allows; None: unknown
 
     def as_json(self) -> dict[str, Any]:
-        return {**self.offering.model_dump(mode="json"), "spot_usd_per_h": self.spot_usd_per_h,
-                "quota": self.quota_name, "quota_headroom_nodes": self.quota_headroom_nodes}
+        return {
+            **self.offering.model_dump(mode="json"),
+            "spot_usd_per_h": self.spot_usd_per_h,
+            "quota": self.quota_name,
+            "quota_headroom_nodes": self.quota_headroom_nodes,
+        }
 
 
-def _headroom(adapter: base.ProviderAdapter, offering: base.GpuOffering,
-              quotas: list[base.QuotaInfo]) -> tuple[str | None, int | None]:
+def _headroom(
+    adapter: base.ProviderAdapter, offering: base.GpuOffering, quotas: list[base.QuotaInfo]
+) -> tuple[str | None, int | None]:
     if offering.cloud == "aws":
         from gpufleet.provider_adapters import aws
 
@@ -69,9 +76,15 @@ def _headroom(adapter: base.ProviderAdapter, offering: base.GpuOffering,
     return quota.name, int(quota.headroom // per_node)
 
 
-def discover(adapter: base.ProviderAdapter, regions: Iterable[str], *, gpu: str | None = None,
-             on_region: Callable[[str], None] | None = None, on_zone: Callable[[str], None] | None = None,
-             notes: list[str] | None = None) -> list[DiscoveredMachine]:
+def discover(
+    adapter: base.ProviderAdapter,
+    regions: Iterable[str],
+    *,
+    gpu: str | None = None,
+    on_region: Callable[[str], None] | None = None,
+    on_zone: Callable[[str], None] | None = None,
+    notes: list[str] | None = None,
+) -> list[DiscoveredMachine]:
     """Offerings of every region, joined with live spot prices and quota headroom.
 
     Prices and quotas that cannot be read leave None and add a line to `notes`; offerings that
@@ -104,8 +117,9 @@ def discover(adapter: base.ProviderAdapter, regions: Iterable[str], *, gpu: str 
     return out
 
 
-def catalog_document(cloud: str, found: list[DiscoveredMachine], reference: Any, *,
-                     reference_region: str, skipped: list[str]) -> dict[str, Any]:
+def catalog_document(
+    cloud: str, found: list[DiscoveredMachine], reference: Any, *, reference_region: str, skipped: list[str]
+) -> dict[str, Any]:
     """A user catalog (`gpufleet.catalog.machines/v1`) from live facts.
 
     Live APIs give GPU facts, regions and spot prices; on-demand prices have no live source here
@@ -129,8 +143,11 @@ def catalog_document(cloud: str, found: list[DiscoveredMachine], reference: Any,
         machines[name] = {
             # The catalog's own GPU name wins: it keys the GPU facts the planner uses.
             "gpu": known.gpu if reference.gpu(first.gpu_model) is None else first.gpu_model,
-            "gpus": first.gpu_count, "vcpus": first.vcpus, "ram_gib": first.ram_gib,
-            "usd_per_hour": known.usd_per_hour, "spot_usd_per_hour": spot,
+            "gpus": first.gpu_count,
+            "vcpus": first.vcpus,
+            "ram_gib": first.ram_gib,
+            "usd_per_hour": known.usd_per_hour,
+            "spot_usd_per_hour": spot,
             "regions": sorted({i.offering.region for i in items}),
         }
     today = _dt.date.today().isoformat()
@@ -139,8 +156,10 @@ def catalog_document(cloud: str, found: list[DiscoveredMachine], reference: Any,
         "cloud": cloud,
         "as_of": today,
         "reference_region": reference_region,
-        "sources": [f"live {cloud} APIs via gpufleet catalog refresh, {today}",
-                    f"on-demand prices: bundled catalog as of {reference.as_of}"],
+        "sources": [
+            f"live {cloud} APIs via gpufleet catalog refresh, {today}",
+            f"on-demand prices: bundled catalog as of {reference.as_of}",
+        ],
         "machines": machines,
     }
 

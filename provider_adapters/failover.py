@@ -7,6 +7,7 @@ Candidates are tried in order. An adapter error blocks what `base.map_error` say
 skipped without a call. When every candidate fails, `FailoverExhausted` lists every attempt
 with its outcome.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,8 +39,9 @@ class FailoverExhausted(base.AdapterError):
 
     def __init__(self, attempts: list[Attempt]) -> None:
         self.attempts = attempts
-        lines = "; ".join(f"{a.cloud}/{a.region}{'/' + a.zone if a.zone else ''} {a.target}: {a.outcome}"
-                          for a in attempts)
+        lines = "; ".join(
+            f"{a.cloud}/{a.region}{'/' + a.zone if a.zone else ''} {a.target}: {a.outcome}" for a in attempts
+        )
         super().__init__(f"every candidate failed: {lines}", cloud="any", code="FailoverExhausted", blocks="request")
 
 
@@ -65,8 +67,13 @@ def scale_with_failover(candidates: Sequence[Candidate]) -> tuple[base.ScaleResu
                 if key not in offered:
                     offered[key] = {o.machine_type for o in cand.adapter.offerings(region)}
                 if cand.machine_type not in offered[key]:
-                    raise base.NotOffered(f"{cand.machine_type} is not offered in {region}", cloud=cloud,
-                                          code="NotOffered", blocks="region", region=region)
+                    raise base.NotOffered(
+                        f"{cand.machine_type} is not offered in {region}",
+                        cloud=cloud,
+                        code="NotOffered",
+                        blocks="region",
+                        region=region,
+                    )
             result = cand.adapter.scale_pool(cand.request)
         except base.AdapterError as exc:
             attempts.append(Attempt(cloud, region, zone, ref.target, str(exc)))

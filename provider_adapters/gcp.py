@@ -5,6 +5,7 @@ Prices are not read (see `base.CANNOT_DO`). A MIG holds no min/max: those bounds
 GKE node pool's autoscaling settings, so `PoolState.min_nodes/max_nodes` are None here and
 callers enforce the plan's bounds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,17 @@ __all__ = ["GPU_MEMORY_GIB", "AcceleratorOffering", "GcpAdapter", "emulator_fact
 
 # Compute Engine does not report GPU memory; these are the published sizes per accelerator type.
 GPU_MEMORY_GIB: dict[str, float] = {
-    "nvidia-b200": 180, "nvidia-h200-141gb": 141, "nvidia-h100-80gb": 80, "nvidia-h100-mega-80gb": 80,
-    "nvidia-a100-80gb": 80, "nvidia-tesla-a100": 40, "nvidia-l4": 24, "nvidia-tesla-t4": 16,
-    "nvidia-tesla-v100": 16, "nvidia-tesla-p100": 16, "nvidia-tesla-p4": 8,
+    "nvidia-b200": 180,
+    "nvidia-h200-141gb": 141,
+    "nvidia-h100-80gb": 80,
+    "nvidia-h100-mega-80gb": 80,
+    "nvidia-a100-80gb": 80,
+    "nvidia-tesla-a100": 40,
+    "nvidia-l4": 24,
+    "nvidia-tesla-t4": 16,
+    "nvidia-tesla-v100": 16,
+    "nvidia-tesla-p100": 16,
+    "nvidia-tesla-p4": 8,
 }
 
 OPERATION_TIMEOUT_S = 120.0
@@ -61,14 +70,16 @@ def emulator_factory(endpoint: str) -> Callable[[Any], Any]:
 
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise base.InvalidRequest(f"GCP endpoint {endpoint!r}: expected http://host:port", cloud="gcp",
-                                  code="BadEndpoint")
+        raise base.InvalidRequest(
+            f"GCP endpoint {endpoint!r}: expected http://host:port", cloud="gcp", code="BadEndpoint"
+        )
 
     def build(client_class: Any) -> Any:
         from google.auth.credentials import AnonymousCredentials
 
         transport = client_class.get_transport_class("rest")(
-            host=parts.netloc, credentials=AnonymousCredentials(), url_scheme=parts.scheme)
+            host=parts.netloc, credentials=AnonymousCredentials(), url_scheme=parts.scheme
+        )
         return client_class(transport=transport)
 
     return build
@@ -123,12 +134,21 @@ class GcpAdapter(ProviderAdapter):
             yield
         except core.GoogleAPICallError as exc:
             status = getattr(exc, "code", None)
-            raise base.map_error("gcp", _error_code(exc), getattr(exc, "message", str(exc)),
-                                 http_status=status if isinstance(status, int) else None,
-                                 region=region, zone=zone) from None
+            raise base.map_error(
+                "gcp",
+                _error_code(exc),
+                getattr(exc, "message", str(exc)),
+                http_status=status if isinstance(status, int) else None,
+                region=region,
+                zone=zone,
+            ) from None
         except auth.DefaultCredentialsError:
-            raise base.PermissionDenied("no GCP credentials (run `gcloud auth application-default login`)",
-                                        cloud="gcp", code="DefaultCredentialsError", region=region) from None
+            raise base.PermissionDenied(
+                "no GCP credentials (run `gcloud auth application-default login`)",
+                cloud="gcp",
+                code="DefaultCredentialsError",
+                region=region,
+            ) from None
 
     # ------------------------------------------------------------------ offerings
 
@@ -161,12 +181,19 @@ class GcpAdapter(ProviderAdapter):
             model = base.normalise_gpu_name(acc.guest_accelerator_type, memory)
             if not base.gpu_matches(gpu, model):
                 continue
-            out.append(GpuOffering(
-                cloud="gcp", machine_type=name, gpu_model=model,
-                gpu_count=sum(a.guest_accelerator_count for a in mt.accelerators), gpu_memory_gib=memory,
-                vcpus=mt.guest_cpus, ram_gib=round(mt.memory_mb / 1024, 1), region=region,
-                zones=tuple(sorted(zones)),
-            ))
+            out.append(
+                GpuOffering(
+                    cloud="gcp",
+                    machine_type=name,
+                    gpu_model=model,
+                    gpu_count=sum(a.guest_accelerator_count for a in mt.accelerators),
+                    gpu_memory_gib=memory,
+                    vcpus=mt.guest_cpus,
+                    ram_gib=round(mt.memory_mb / 1024, 1),
+                    region=region,
+                    zones=tuple(sorted(zones)),
+                )
+            )
         return out
 
     def accelerators(self, region: str, *, progress: Progress | None = None) -> list[AcceleratorOffering]:
@@ -176,8 +203,12 @@ class GcpAdapter(ProviderAdapter):
             with self._errors(region, zone):
                 items = list(self._client("AcceleratorTypesClient").list(project=self.project, zone=zone))
             out.extend(
-                AcceleratorOffering(zone=zone, accelerator_type=a.name, max_per_instance=a.maximum_cards_per_instance,
-                                    gpu_model=base.normalise_gpu_name(a.name, _gpu_memory(a.name)))
+                AcceleratorOffering(
+                    zone=zone,
+                    accelerator_type=a.name,
+                    max_per_instance=a.maximum_cards_per_instance,
+                    gpu_model=base.normalise_gpu_name(a.name, _gpu_memory(a.name)),
+                )
                 for a in items
             )
             if progress:
@@ -193,16 +224,30 @@ class GcpAdapter(ProviderAdapter):
             model = quota_gpu_model(q.metric)
             if model is None:
                 continue
-            out.append(QuotaInfo(cloud="gcp", region=region, name=q.metric, unit="gpu", limit=q.limit,
-                                 usage=q.usage, spot=q.metric.startswith("PREEMPTIBLE_"), applies_to=(model,)))
+            out.append(
+                QuotaInfo(
+                    cloud="gcp",
+                    region=region,
+                    name=q.metric,
+                    unit="gpu",
+                    limit=q.limit,
+                    usage=q.usage,
+                    spot=q.metric.startswith("PREEMPTIBLE_"),
+                    applies_to=(model,),
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ pools
 
     def _zone_of(self, ref: PoolRef) -> str:
         if not ref.zone:
-            raise base.InvalidRequest(f"pool {ref.name!r}: a GCE managed instance group needs its zone",
-                                      cloud="gcp", code="MissingZone", region=ref.region)
+            raise base.InvalidRequest(
+                f"pool {ref.name!r}: a GCE managed instance group needs its zone",
+                cloud="gcp",
+                code="MissingZone",
+                region=ref.region,
+            )
         return ref.zone
 
     def pool_state(self, ref: PoolRef) -> PoolState:
@@ -210,11 +255,16 @@ class GcpAdapter(ProviderAdapter):
         with self._errors(ref.region, zone):
             igm = self._client("InstanceGroupManagersClient")
             group = igm.get(project=self.project, zone=zone, instance_group_manager=ref.target)
-            members = list(igm.list_managed_instances(project=self.project, zone=zone,
-                                                      instance_group_manager=ref.target))
+            members = list(
+                igm.list_managed_instances(project=self.project, zone=zone, instance_group_manager=ref.target)
+            )
         ready = sum(1 for m in members if m.current_action == "NONE" and m.instance_status == "RUNNING")
-        return PoolState(ref=ref, desired_nodes=group.target_size, ready_nodes=ready,
-                         status="STABLE" if group.status.is_stable else "UPDATING")
+        return PoolState(
+            ref=ref,
+            desired_nodes=group.target_size,
+            ready_nodes=ready,
+            status="STABLE" if group.status.is_stable else "UPDATING",
+        )
 
     def scale_pool(self, request: ScaleRequest) -> ScaleResult:
         """Resize the MIG and wait for the operation; the caller enforces min/max (see module doc)."""
@@ -223,7 +273,9 @@ class GcpAdapter(ProviderAdapter):
         before = self.pool_state(ref)
         with self._errors(ref.region, zone):
             op = self._client("InstanceGroupManagersClient").resize(
-                project=self.project, zone=zone, instance_group_manager=ref.target, size=request.desired_nodes)
+                project=self.project, zone=zone, instance_group_manager=ref.target, size=request.desired_nodes
+            )
             op.result(timeout=OPERATION_TIMEOUT_S)
-        return ScaleResult(ref=ref, previous_desired=before.desired_nodes, desired_nodes=request.desired_nodes,
-                           operation=str(op.name))
+        return ScaleResult(
+            ref=ref, previous_desired=before.desired_nodes, desired_nodes=request.desired_nodes, operation=str(op.name)
+        )

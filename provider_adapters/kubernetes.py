@@ -10,6 +10,7 @@ A serving pod that is Pending counts against the pool it was planned on: its
 `gpufleet.io/pool` label (the plan's pool), else its nodeSelector, else the first pool of its
 required node affinity.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,14 @@ class KubernetesAdapter(ProviderAdapter):
 
     cloud: ClassVar[base.CloudName] = "kubernetes"
 
-    def __init__(self, api_client: Any = None, *, namespace: str = "gpufleet-system",
-                 kubeconfig: str | None = None, context: str | None = None) -> None:
+    def __init__(
+        self,
+        api_client: Any = None,
+        *,
+        namespace: str = "gpufleet-system",
+        kubeconfig: str | None = None,
+        context: str | None = None,
+    ) -> None:
         k8s = base.lazy_import("kubernetes", cloud="kubernetes")
         if api_client is None:
             api_client = self._connect(k8s, kubeconfig, context)
@@ -109,8 +116,9 @@ class KubernetesAdapter(ProviderAdapter):
         try:
             return k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
         except (k8s.config.ConfigException, OSError) as exc:
-            raise base.AdapterError(f"no usable Kubernetes config: {exc}", cloud="kubernetes",
-                                    code="NoKubeconfig", blocks="cloud") from None
+            raise base.AdapterError(
+                f"no usable Kubernetes config: {exc}", cloud="kubernetes", code="NoKubeconfig", blocks="cloud"
+            ) from None
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -124,8 +132,9 @@ class KubernetesAdapter(ProviderAdapter):
                 reason, message = body.get("reason") or reason, body.get("message") or message
             raise base.map_error("kubernetes", reason, message, http_status=exc.status) from None
         except self._connection_errors as exc:
-            raise base.AdapterError(f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes",
-                                    code="Unreachable", blocks="cloud") from None
+            raise base.AdapterError(
+                f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes", code="Unreachable", blocks="cloud"
+            ) from None
 
     # ------------------------------------------------------------------ reads
 
@@ -140,16 +149,23 @@ class KubernetesAdapter(ProviderAdapter):
             selector = f"{POOL_LABEL} in ({','.join(pools)})"
             nodes = self._core.list_node(label_selector=selector).items
             pods = self._core.list_pod_for_all_namespaces(
-                field_selector="status.phase!=Succeeded,status.phase!=Failed").items
+                field_selector="status.phase!=Succeeded,status.phase!=Failed"
+            ).items
         pool_of_node = {n.metadata.name: (n.metadata.labels or {}).get(POOL_LABEL) for n in nodes}
         out = {}
         for pool in pools:
             mine = [n for n in nodes if pool_of_node[n.metadata.name] == pool]
             ready = [n for n in mine if _is_ready(n)]
-            out[pool] = {"nodes": len(mine), "ready_nodes": len(ready),
-                         "gpus_allocatable": sum(int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) for n in ready),
-                         "gpus_requested": 0, "gpus_placeholder": 0, "pending_gpu_pods": 0, "pending_gpus": 0,
-                         "placeholders_running": 0}
+            out[pool] = {
+                "nodes": len(mine),
+                "ready_nodes": len(ready),
+                "gpus_allocatable": sum(int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) for n in ready),
+                "gpus_requested": 0,
+                "gpus_placeholder": 0,
+                "pending_gpu_pods": 0,
+                "pending_gpus": 0,
+                "placeholders_running": 0,
+            }
         for pod in pods:
             gpus = _gpus(pod)
             labels = pod.metadata.labels or {}
@@ -164,9 +180,12 @@ class KubernetesAdapter(ProviderAdapter):
                 counts = out[_planned_pool(pod)]  # type: ignore[index]
                 counts["pending_gpu_pods"] += 1
                 counts["pending_gpus"] += gpus
-        return {pool: PoolUtilisation(pool=pool, placeholders_desired=self.placeholder_count(pool),
-                                      observed_at_s=now, **counts)
-                for pool, counts in out.items()}
+        return {
+            pool: PoolUtilisation(
+                pool=pool, placeholders_desired=self.placeholder_count(pool), observed_at_s=now, **counts
+            )
+            for pool, counts in out.items()
+        }
 
     def placeholder_count(self, pool: str) -> int | None:
         """Replicas of the pool's placeholder Deployment, or None when it does not exist."""
@@ -193,8 +212,11 @@ class KubernetesAdapter(ProviderAdapter):
         if previous is None:
             raise base.NotFound(
                 f"placeholder Deployment {self.namespace}/{placeholder_deployment_name(pool)} does not exist",
-                cloud="kubernetes", code="NotFound")
+                cloud="kubernetes",
+                code="NotFound",
+            )
         with self._errors():
             self._apps.patch_namespaced_deployment_scale(
-                placeholder_deployment_name(pool), self.namespace, {"spec": {"replicas": replicas}})
+                placeholder_deployment_name(pool), self.namespace, {"spec": {"replicas": replicas}}
+            )
         return previous

@@ -8,6 +8,7 @@ much of it free); for spot pools, is the live spot price far from the catalog's.
 cannot run (no credentials, quota API unavailable, prices not offered by the cloud) becomes a
 finding too, never a crash, so the user sees what was and was not verified.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -67,7 +68,9 @@ class _Cache:
         return self._ask("quotas", cloud, region)  # type: ignore[no-any-return]
 
 
-def _quota_for(pool: Mapping[str, Any], offering: base.GpuOffering, quotas: list[base.QuotaInfo]) -> tuple[base.QuotaInfo | None, float]:
+def _quota_for(
+    pool: Mapping[str, Any], offering: base.GpuOffering, quotas: list[base.QuotaInfo]
+) -> tuple[base.QuotaInfo | None, float]:
     """The quota that caps this pool and the units it needs at max_nodes."""
     spot = pool.get("capacity_type") == "spot"
     max_nodes = int(pool["max_nodes"])
@@ -94,8 +97,15 @@ def _check_pool(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
         return [LiveFinding("error", name, "offered", f"{machine} is not offered in {cloud} {region}{hint}")]
     missing = [z for z in pool.get("zones") or [] if z not in offering.zones]
     if missing:
-        out.append(LiveFinding("error", name, "zone", f"{machine} is not offered in zone(s) {', '.join(missing)} "
-                                                       f"(offered in {', '.join(offering.zones) or 'no zone'})"))
+        out.append(
+            LiveFinding(
+                "error",
+                name,
+                "zone",
+                f"{machine} is not offered in zone(s) {', '.join(missing)} "
+                f"(offered in {', '.join(offering.zones) or 'no zone'})",
+            )
+        )
 
     quotas = cache.quotas(cloud, region)
     if isinstance(quotas, base.AdapterError):
@@ -105,13 +115,25 @@ def _check_pool(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
         if quota is None:
             out.append(LiveFinding("warning", name, "unchecked", f"no {cloud} quota found for {machine} in {region}"))
         elif quota.limit < needed:
-            out.append(LiveFinding("error", name, "quota",
-                                   f"quota {quota.name} in {region} is {quota.limit:g} {quota.unit}s; max_nodes "
-                                   f"{pool['max_nodes']} x {machine} needs {needed:g}"))
+            out.append(
+                LiveFinding(
+                    "error",
+                    name,
+                    "quota",
+                    f"quota {quota.name} in {region} is {quota.limit:g} {quota.unit}s; max_nodes "
+                    f"{pool['max_nodes']} x {machine} needs {needed:g}",
+                )
+            )
         elif quota.headroom is not None and quota.headroom < needed:
-            out.append(LiveFinding("warning", name, "quota",
-                                   f"quota {quota.name} in {region}: {quota.headroom:g} of {quota.limit:g} "
-                                   f"{quota.unit}s free; max_nodes needs {needed:g}"))
+            out.append(
+                LiveFinding(
+                    "warning",
+                    name,
+                    "quota",
+                    f"quota {quota.name} in {region}: {quota.headroom:g} of {quota.limit:g} "
+                    f"{quota.unit}s free; max_nodes needs {needed:g}",
+                )
+            )
 
     if pool.get("capacity_type") == "spot":
         out.extend(_check_spot(pool, cache, catalog, tolerance))
@@ -137,15 +159,26 @@ def _check_spot(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
     median = statistics.median(live)
     low, high = reference / (1 + tolerance), reference * (1 + tolerance)
     if not low <= median <= high:
-        return [LiveFinding("warning", name, "spot_price",
-                            f"live spot price of {machine} in {region} is ${median:.4g}/h, catalog says "
-                            f"${reference:.4g}/h: costs in this plan are off (refresh with `gpufleet catalog "
-                            f"refresh --cloud {cloud}`)")]
+        return [
+            LiveFinding(
+                "warning",
+                name,
+                "spot_price",
+                f"live spot price of {machine} in {region} is ${median:.4g}/h, catalog says "
+                f"${reference:.4g}/h: costs in this plan are off (refresh with `gpufleet catalog "
+                f"refresh --cloud {cloud}`)",
+            )
+        ]
     return []
 
 
-def check_plan(plan: Any, adapters: Mapping[str, base.ProviderAdapter], catalog: Any = None, *,
-               spot_tolerance: float = SPOT_PRICE_TOLERANCE) -> list[LiveFinding]:
+def check_plan(
+    plan: Any,
+    adapters: Mapping[str, base.ProviderAdapter],
+    catalog: Any = None,
+    *,
+    spot_tolerance: float = SPOT_PRICE_TOLERANCE,
+) -> list[LiveFinding]:
     """Check every pool of `plan` whose cloud has an adapter in `adapters` ({"aws": ..., "gcp": ...}).
 
     `plan` is a `gpufleet.infra.plan.Plan` or its JSON dict; `catalog` (a

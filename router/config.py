@@ -8,6 +8,7 @@ capacity. The router reads only a `RouterConfig` (`gpufleet render router-config
 Field names carry their units. This module imports nothing heavier than pydantic, so the
 declaration can be validated without the router's extras installed.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -18,6 +18,7 @@
 
 Messages never contain secrets: not tokens, not Authorization values, not request bodies.
 """
+
 from __future__ import annotations
 
 import json

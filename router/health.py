@@ -12,6 +12,7 @@ With `health.scrape_kv_usage`, each check that passes also reads the replica's K
 from its Prometheus `/metrics` (`parse_kv_usage`) into `ReplicaState.kv_usage`: a sample per
 interval, stale in between, which is exactly what the simulator gives policies too.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +44,7 @@ def parse_kv_usage(text: str) -> float | None:
         for line in text.splitlines():
             if not line.startswith(name):
                 continue
-            rest = line[len(name):]
+            rest = line[len(name) :]
             if rest[:1] not in ("{", " "):
                 continue  # another metric whose name starts with this one
             try:
@@ -145,7 +146,7 @@ class HealthChecker:
                 replica.url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=s.timeout_s)
             ) as resp:
                 ok = 200 <= resp.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         if ok:
             self.tracker.check_passed(replica)
@@ -171,7 +172,7 @@ class HealthChecker:
                 if resp.status != 200:
                     return None
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return None
         usage = parse_kv_usage(text)
         if usage is not None:

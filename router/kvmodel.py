@@ -37,6 +37,7 @@ Events
     `next_event_time()` says when to call again. `cancel` frees a request's slot and blocks at
     once (a disconnected client must not keep using the replica).
 """
+
 from __future__ import annotations
 
 import enum
@@ -317,7 +318,8 @@ class ReplicaEngine:
     def requests(self) -> list[RequestView]:
         """Every request the engine holds: running ones in admission order, then the waiting queue."""
         out = [
-            RequestView(r.req, r.arrival, True, r.cached_tokens, r.computed, r.generated) for r in self._running.values()
+            RequestView(r.req, r.arrival, True, r.cached_tokens, r.computed, r.generated)
+            for r in self._running.values()
         ]
         out.extend(RequestView(w.req, w.arrival, False, 0, 0, 0) for w in self._waiting)
         return out

@@ -4,6 +4,7 @@ Every validation error names the file, the line and the field, and what is allow
 
     router.yaml:12: replicas[1].max_concurrent_requests: Input should be greater than or equal to 1
 """
+
 from __future__ import annotations
 
 from pathlib import Path

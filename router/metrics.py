@@ -3,6 +3,7 @@
 Names are prefixed `gpufleet_router_`. Replica-labelled children are created once per replica
 at start-up so the request path does not pay for label lookups.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -17,8 +18,15 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class ReplicaMetrics:
     """The label children of one replica, resolved once (label lookups cost on the hot path)."""
 
-    __slots__ = ("in_flight", "latency", "predicted_hit_tokens", "prompt_tokens", "reported_cached_tokens",
-                 "reported_prompt_tokens", "ttft")
+    __slots__ = (
+        "in_flight",
+        "latency",
+        "predicted_hit_tokens",
+        "prompt_tokens",
+        "reported_cached_tokens",
+        "reported_prompt_tokens",
+        "ttft",
+    )
 
     def __init__(self, m: RouterMetrics, rid: str) -> None:
         self.latency = m.latency.labels(rid)
@@ -37,35 +45,65 @@ class RouterMetrics:
         """`replicas`: (replica id, model) pairs; `policy`: the active policy's name."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "gpufleet_router_"
-        self.requests = Counter(p + "requests", "Proxied requests by replica and HTTP status", ["replica", "status"], registry=r)
+        self.requests = Counter(
+            p + "requests", "Proxied requests by replica and HTTP status", ["replica", "status"], registry=r
+        )
         self.latency = Histogram(
-            p + "request_duration_seconds", "Time from routing to the last byte, per replica", ["replica"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            p + "request_duration_seconds",
+            "Time from routing to the last byte, per replica",
+            ["replica"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            p + "first_byte_seconds", "Time from routing to the replica's first byte, per replica", ["replica"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            p + "first_byte_seconds",
+            "Time from routing to the replica's first byte, per replica",
+            ["replica"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.decisions = Counter(p + "policy_decisions", "Routing decisions by policy and reason", ["policy", "reason"], registry=r)
+        self.decisions = Counter(
+            p + "policy_decisions", "Routing decisions by policy and reason", ["policy", "reason"], registry=r
+        )
         self.predicted_hit_tokens = Counter(
-            p + "predicted_prefix_hit_tokens", "Prompt tokens the router predicted a replica holds", ["replica"], registry=r
+            p + "predicted_prefix_hit_tokens",
+            "Prompt tokens the router predicted a replica holds",
+            ["replica"],
+            registry=r,
         )
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Estimated prompt tokens routed, per replica", ["replica"], registry=r)
+        self.prompt_tokens = Counter(
+            p + "prompt_tokens", "Estimated prompt tokens routed, per replica", ["replica"], registry=r
+        )
         self.reported_cached_tokens = Counter(
             p + "replica_cached_tokens",
-            "Prompt tokens replicas reported as cached (usage.prompt_tokens_details.cached_tokens)", ["replica"], registry=r,
+            "Prompt tokens replicas reported as cached (usage.prompt_tokens_details.cached_tokens)",
+            ["replica"],
+            registry=r,
         )
         self.reported_prompt_tokens = Counter(
-            p + "replica_prompt_tokens", "Prompt tokens replicas reported (usage.prompt_tokens)", ["replica"], registry=r
+            p + "replica_prompt_tokens",
+            "Prompt tokens replicas reported (usage.prompt_tokens)",
+            ["replica"],
+            registry=r,
         )
         self.cache = Counter(p + "prediction_cache", "Prediction cache lookups by result", ["result"], registry=r)
-        self.spills = Counter(p + "spills", "Requests routed below the model's top-priority pool", ["model", "pool"], registry=r)
+        self.spills = Counter(
+            p + "spills", "Requests routed below the model's top-priority pool", ["model", "pool"], registry=r
+        )
         self.ejections = Counter(p + "ejections", "Replicas ejected after failures", ["replica"], registry=r)
-        self.readmissions = Counter(p + "readmissions", "Ejected replicas re-admitted by health checks", ["replica"], registry=r)
-        self.retries = Counter(p + "retries", "Attempts retried on another replica before the first byte", ["replica"], registry=r)
-        self.rejections = Counter(p + "rejected", "Requests answered with an error by the router itself", ["status"], registry=r)
+        self.readmissions = Counter(
+            p + "readmissions", "Ejected replicas re-admitted by health checks", ["replica"], registry=r
+        )
+        self.retries = Counter(
+            p + "retries", "Attempts retried on another replica before the first byte", ["replica"], registry=r
+        )
+        self.rejections = Counter(
+            p + "rejected", "Requests answered with an error by the router itself", ["status"], registry=r
+        )
         self.in_flight = Gauge(p + "in_flight", "Requests in flight per replica", ["replica"], registry=r)
-        self.healthy = Gauge(p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r)
+        self.healthy = Gauge(
+            p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r
+        )
         self.policy = policy
         self.replica: dict[str, ReplicaMetrics] = {}
         for rid, _model in replicas:

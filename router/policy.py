@@ -29,6 +29,7 @@ comes from a `PrefixIndex` bounded by that replica's declared KV capacity, unlik
 tree-size bound. Equal costs break by rendezvous hashing of the prompt's first block, so several
 router instances make the same choice and distinct prefixes spread over replicas.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,9 +131,7 @@ class Policy(ABC):
         return decision
 
     @abstractmethod
-    def _pick(
-        self, features: RequestFeatures, tier: list[ReplicaState], replicas: Sequence[ReplicaState]
-    ) -> Decision:
+    def _pick(self, features: RequestFeatures, tier: list[ReplicaState], replicas: Sequence[ReplicaState]) -> Decision:
         """Choose within `tier` (non-empty, all available, one pool priority)."""
 
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:

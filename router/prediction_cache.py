@@ -25,6 +25,7 @@ Two backends share one async interface (`lookup`, `store`, `close`):
 
 `make_prediction_cache(settings, environ)` builds the configured one.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -12,6 +12,7 @@ than it can hold, the router knows the old prefixes are probably gone. Within on
 blocks are touched tail first, so the head of a prefix is the most recent and the tail is
 evicted first, as in vLLM's block pool; the matched prefix therefore stays contiguous.
 """
+
 from __future__ import annotations
 
 import math

@@ -30,6 +30,7 @@ Output. The text is a deterministic function of the prompt: a natural length bet
 
 A client that disconnects cancels its request at once: its batch slot and KV blocks are freed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -194,14 +195,18 @@ class _StatsCollector(Collector):
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.", st.generation_tokens)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions (never: memory is reserved).", 0)
         ok = CounterMetricFamily(
-            "vllm:request_success", "Count of successfully processed requests.", labels=["model_name", "finished_reason"]
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels=["model_name", "finished_reason"],
         )
         for reason, n in sorted(sim.finished_by_reason.items()):
             ok.add_metric([sim.settings.model, reason], n)
         yield ok
         yield counter("gpufleet_sim:cancelled_requests", "Requests cancelled by client disconnect.", st.cancelled)
         yield counter("gpufleet_sim:evicted_blocks", "KV blocks evicted from the prefix cache.", st.evicted_blocks)
-        yield gauge("gpufleet_sim:cached_blocks", "Hashed KV blocks held (pinned or evictable).", eng.cache.cached_blocks)
+        yield gauge(
+            "gpufleet_sim:cached_blocks", "Hashed KV blocks held (pinned or evictable).", eng.cache.cached_blocks
+        )
 
 
 class ReplicaSim:
@@ -231,7 +236,9 @@ class ReplicaSim:
             return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model)
 
         self._h_ttft = hist("vllm:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT_BUCKETS)
-        self._h_e2e = hist("vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", _LATENCY_BUCKETS)
+        self._h_e2e = hist(
+            "vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", _LATENCY_BUCKETS
+        )
         self._h_tpot = hist("vllm:time_per_output_token_seconds", "Time per output token in seconds.", _TTFT_BUCKETS)
         self._h_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", _TOKENS_BUCKETS)
         self._h_gen = hist("vllm:request_generation_tokens", "Number of generation tokens processed.", _TOKENS_BUCKETS)
@@ -539,7 +546,11 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
         await resp.write(chunk("", job.finish_reason))
         if job.include_usage:
             data = {
-                "id": job.request_id, "object": obj, "created": created, "model": job.model, "choices": [],
+                "id": job.request_id,
+                "object": obj,
+                "created": created,
+                "model": job.model,
+                "choices": [],
                 "usage": sim.usage(job, ev.cached_tokens, ev.output_tokens),
             }
             await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
@@ -561,13 +572,22 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
         return failed if failed is not None else web.Response(status=200)
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({
-            "object": "list",
-            "data": [{
-                "id": s.model, "object": "model", "created": int(time.time()), "owned_by": "gpufleet-replica-sim",
-                "root": s.model, "parent": None, "max_model_len": s.max_model_len,
-            }],
-        })
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": s.model,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "gpufleet-replica-sim",
+                        "root": s.model,
+                        "parent": None,
+                        "max_model_len": s.max_model_len,
+                    }
+                ],
+            }
+        )
 
     async def tokenize(request: web.Request) -> web.Response:
         try:
@@ -579,7 +599,9 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
         if body.get("model", s.model) != s.model:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         tokens = sim.tokenize_text(render_prompt(body))
-        return web.json_response({"count": len(tokens), "max_model_len": s.max_model_len, "tokens": tokens, "token_strs": None})
+        return web.json_response(
+            {"count": len(tokens), "max_model_len": s.max_model_len, "tokens": tokens, "token_strs": None}
+        )
 
     async def detokenize(request: web.Request) -> web.Response:
         try:
@@ -594,14 +616,16 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
 
     async def server_info(_: web.Request) -> web.Response:
         # No model_path on purpose: the SGLang router would try to fetch that tokenizer.
-        return web.json_response({
-            "served_model_name": s.model,
-            "max_total_num_tokens": s.kv_capacity_tokens,
-            "max_running_requests": s.max_running,
-            "context_length": s.max_model_len,
-            "page_size": s.block_size_tokens,
-            "version": "gpufleet-replica-sim",
-        })
+        return web.json_response(
+            {
+                "served_model_name": s.model,
+                "max_total_num_tokens": s.kv_capacity_tokens,
+                "max_running_requests": s.max_running,
+                "context_length": s.max_model_len,
+                "page_size": s.block_size_tokens,
+                "version": "gpufleet-replica-sim",
+            }
+        )
 
     async def model_info(_: web.Request) -> web.Response:
         return web.json_response({"served_model_name": s.model, "is_generation": True})

@@ -15,6 +15,7 @@ replica (at most `max_retries` times) and counts toward that replica's ejection.
 
 Errors are raised as `gpufleet.router.errors` types and rendered as OpenAI-style JSON.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,19 @@ ROUTER_KEY: web.AppKey[Router] = web.AppKey("gpufleet_router")
 _HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
-        "Transfer-Encoding", "Upgrade", "Proxy-Connection", "Host", "Content-Length", "Accept-Encoding",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+        "Host",
+        "Content-Length",
+        "Accept-Encoding",
     )
 )
 _HOP_BY_HOP_AND_TYPE = _HOP_BY_HOP | {"content-type"}
@@ -108,8 +120,10 @@ def _usage_numbers(usage: Any) -> tuple[int, int, int | None]:
         return 0, 0, None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), (
-        int(cached) if isinstance(cached, int) else None
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        (int(cached) if isinstance(cached, int) else None),
     )
 
 
@@ -144,8 +158,13 @@ class Router:
         s = self.settings = config.settings
         self.replicas: list[ReplicaState] = [
             ReplicaState(
-                id=r.id, model=r.model, pool=r.pool, priority=r.priority, kv_capacity_tokens=r.kv_capacity_tokens,
-                max_model_len=r.max_model_len, max_concurrent_requests=r.max_concurrent_requests,
+                id=r.id,
+                model=r.model,
+                pool=r.pool,
+                priority=r.priority,
+                kv_capacity_tokens=r.kv_capacity_tokens,
+                max_model_len=r.max_model_len,
+                max_concurrent_requests=r.max_concurrent_requests,
                 url=r.url.rstrip("/"),
             )
             for r in config.replicas
@@ -207,7 +226,10 @@ class Router:
         # environment (the router talks only to configured replicas), and no compression
         # negotiation: replicas answer plain, and that saves work on every request.
         self.session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, auto_decompress=False,
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
         self.upstream = UpstreamPool(connect_timeout_s=self.settings.connect_timeout_s)
@@ -333,7 +355,10 @@ class Router:
             stream = body.get("stream") is True
             s = self.settings
             features = features_from_body(
-                body, model=model, block_size_tokens=s.block_size_tokens, chars_per_token=s.chars_per_token,
+                body,
+                model=model,
+                block_size_tokens=s.block_size_tokens,
+                chars_per_token=s.chars_per_token,
                 session_id=self._session_id(request, body),
             )
             if self._clamp(body, features, chat):
@@ -431,9 +456,7 @@ class Router:
         decisions.inc()
         rm.prompt_tokens.inc(features.prompt_tokens)
         if d.matched_blocks:
-            rm.predicted_hit_tokens.inc(
-                min(features.prompt_tokens, d.matched_blocks * self.settings.block_size_tokens)
-            )
+            rm.predicted_hit_tokens.inc(min(features.prompt_tokens, d.matched_blocks * self.settings.block_size_tokens))
         # Relative to the model's top pool, not to the candidates left after failed attempts: a
         # retry that lands on a lower pool because the top pool's replicas died is a spill too.
         if r.priority < self.top_priority[features.model]:
@@ -469,12 +492,16 @@ class Router:
         prefilled = False
         try:
             host, port, tls, lines = self._targets[r.id]
-            head = b"%s%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (lines[path], headers, len(raw))
+            head = b"%s%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
+                lines[path],
+                headers,
+                len(raw),
+            )
             try:
                 resp = await self.upstream.post(  # type: ignore[union-attr]
                     host, port, head, raw, timeout_s=self.settings.request_timeout_s, tls=tls
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._timed_out(r) from None
             except UpstreamClientError as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from None
@@ -488,7 +515,7 @@ class Router:
                     # For a stream, the first chunk; otherwise the whole answer. Until it is
                     # here nothing has reached the client, so a failure can still be retried.
                     data = await (resp.readany() if is_sse else resp.read())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise self._timed_out(r) from None
                 except UpstreamClientError as exc:
                     raise _Retryable(f"{type(exc).__name__} before the first byte") from None
@@ -498,7 +525,9 @@ class Router:
                 prefilled = True
                 rm.ttft.observe(loop.time() - t0)
                 if is_sse:
-                    out, ok, output_tokens = await self._relay_stream(request, resp, data, r, features, key, cache_state, t0)
+                    out, ok, output_tokens = await self._relay_stream(
+                        request, resp, data, r, features, key, cache_state, t0
+                    )
                     drained = ok
                     return out
                 drained = True
@@ -565,7 +594,7 @@ class Router:
             await out.write(chunk)
             try:
                 chunk = await resp.readany()
-            except (UpstreamClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, UpstreamClientError) as exc:
                 failed = exc
                 break
         if failed is not None:
@@ -593,7 +622,13 @@ class Router:
         """GET /v1/models: the models this fleet serves."""
         created = int(time.time())
         data = [
-            {"id": m, "object": "model", "created": created, "owned_by": "gpufleet", "max_model_len": self.max_model_len[m]}
+            {
+                "id": m,
+                "object": "model",
+                "created": created,
+                "owned_by": "gpufleet",
+                "max_model_len": self.max_model_len[m],
+            }
             for m in sorted(self.by_model)
         ]
         return _json_response(200, {"object": "list", "data": data})
@@ -611,7 +646,9 @@ class Router:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         """GET /metrics: Prometheus text format."""
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     def _authorize_admin(self, request: web.Request) -> None:
         if self.admin_token is None:
@@ -619,7 +656,9 @@ class Router:
         auth = request.headers.get("Authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise errors.Unauthorized("admin endpoints need `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
+            raise errors.Unauthorized(
+                "admin endpoints need `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
+            )
         if not hmac.compare_digest(value.strip().encode(), self.admin_token.encode()):
             raise errors.Forbidden("admin token rejected")
 
@@ -634,14 +673,22 @@ class Router:
             failures, readmit_in, backoff = self.health.record(r.id)
             rows.append(
                 {
-                    "id": r.id, "model": r.model, "pool": r.pool, "priority": r.priority, "url": r.url,
-                    "healthy": r.healthy, "in_flight": r.in_flight, "saturated": r.saturated,
+                    "id": r.id,
+                    "model": r.model,
+                    "pool": r.pool,
+                    "priority": r.priority,
+                    "url": r.url,
+                    "healthy": r.healthy,
+                    "in_flight": r.in_flight,
+                    "saturated": r.saturated,
                     "queued_prefill_tokens": r.queued_prefill_tokens,
                     "max_concurrent_requests": r.max_concurrent_requests,
-                    "kv_capacity_tokens": r.kv_capacity_tokens, "max_model_len": r.max_model_len,
+                    "kv_capacity_tokens": r.kv_capacity_tokens,
+                    "max_model_len": r.max_model_len,
                     "estimated_cached_blocks": self.policy.cached_blocks(r.id),
                     "kv_usage": r.kv_usage,
-                    "consecutive_failures": failures, "readmit_in_s": round(readmit_in, 3),
+                    "consecutive_failures": failures,
+                    "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,
                 }
             )
@@ -649,8 +696,13 @@ class Router:
 
 
 _ROUTES = {
-    "/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET",
-    "/ready": "GET", "/metrics": "GET", "/admin/replicas": "GET",
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/ready": "GET",
+    "/metrics": "GET",
+    "/admin/replicas": "GET",
 }
 
 
@@ -658,7 +710,9 @@ async def _not_found(request: web.Request) -> web.Response:
     """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
     allowed = _ROUTES.get(request.path)
     exc = errors.RequestError(
-        f"{request.path} takes {allowed}, not {request.method}" if allowed else f"no route for {request.method} {request.path}"
+        f"{request.path} takes {allowed}, not {request.method}"
+        if allowed
+        else f"no route for {request.method} {request.path}"
     )
     exc.status, exc.code = (405, "method_not_allowed") if allowed else (404, "not_found")
     return _error_response(exc, {"Allow": allowed} if allowed else None)

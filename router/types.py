@@ -9,6 +9,7 @@ Load accounting is part of the state so that the server and the simulator accoun
 identically: call `begin(prefill)` when a request is sent to a replica, `prefill_done(prefill)`
 when its first byte comes back, and `end()` when it finishes (whatever the outcome).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -23,6 +23,7 @@ Errors: `UpstreamConnectError` (could not connect), `UpstreamDisconnected` (conn
 before the response head, or mid-body), `UpstreamProtocolError` (not HTTP/1.x), all subclasses
 of `UpstreamClientError`; timeouts raise `asyncio.TimeoutError`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -140,7 +141,7 @@ class _Conn(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        err = asyncio.TimeoutError()
+        err = TimeoutError()
         if self._head is not None and not self._head.done():
             self._head.set_exception(err)
         else:
@@ -404,7 +405,7 @@ class UpstreamPool:
                 _, conn = await loop.create_connection(
                     lambda: _Conn(loop), host, port, ssl=ctx, server_hostname=host if tls else None
                 )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamConnectError(f"connect timed out after {timeout:g}s") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(getattr(exc, "strerror", None) or type(exc).__name__) from None

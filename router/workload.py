@@ -23,6 +23,7 @@ on the same requests, counted with the router's own block hashing: the best any 
 `demo_spec` is the shape `gpufleet demo` replays. Used by `gpufleet demo` and the benchmarks, so
 every number is about the same traffic.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -178,8 +179,10 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
     """The workload for `spec`: same spec, same list."""
     rng = random.Random(spec.seed)
     prompts = {
-        m: [_text(random.Random(f"{spec.seed}:sys:{m}:{i}"), spec.system_prompt_chars, f"System prompt {i} for {m}")
-            for i in range(spec.n_system_prompts)]
+        m: [
+            _text(random.Random(f"{spec.seed}:sys:{m}:{i}"), spec.system_prompt_chars, f"System prompt {i} for {m}")
+            for i in range(spec.n_system_prompts)
+        ]
         for m in spec.models
     }
     docs = [_text(random.Random(f"{spec.seed}:doc:{i}"), spec.doc_chars, f"Document {i}") for i in range(spec.n_docs)]
@@ -210,9 +213,13 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
         m = rng.choices(spec.models, model_w)[0]
         p = rng.choices(range(spec.n_system_prompts), prompt_w)[0]
         q = rng.randrange(spec.questions_per_prompt)
-        body = {"model": m, "messages": [
-            {"role": "system", "content": prompts[m][p]}, {"role": "user", "content": questions[p][q]},
-        ]}
+        body = {
+            "model": m,
+            "messages": [
+                {"role": "system", "content": prompts[m][p]},
+                {"role": "user", "content": questions[p][q]},
+            ],
+        }
         units.append([("system", m, sampling(body), None)])
     for _ in range(n_rag):
         m = rng.choices(spec.models, model_w)[0]
@@ -225,10 +232,13 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
         # most popular first, so requests sharing the top document share a prefix
         context = "\n\n".join(docs[d] for d in sorted(picked))
         q = _text(rng, 100, "Question")
-        body = {"model": m, "messages": [
-            {"role": "system", "content": "Answer from the context only."},
-            {"role": "user", "content": f"Context:\n{context}\n\n{q}"},
-        ]}
+        body = {
+            "model": m,
+            "messages": [
+                {"role": "system", "content": "Answer from the context only."},
+                {"role": "user", "content": f"Context:\n{context}\n\n{q}"},
+            ],
+        }
         units.append([("rag", m, sampling(body), None)])
     turns = max(1, spec.turns_per_conversation)
     n_conv = math.ceil(n_chat / turns) if n_chat else 0
@@ -267,7 +277,9 @@ def generate(spec: WorkloadSpec) -> list[WorkRequest]:
     return out
 
 
-def _spread(units: list[list[tuple[str, str, dict[str, Any], str | None]]], span: float, rng: random.Random) -> list[WorkRequest]:
+def _spread(
+    units: list[list[tuple[str, str, dict[str, Any], str | None]]], span: float, rng: random.Random
+) -> list[WorkRequest]:
     """Order units by seeded positions in [0, 1): a single request anywhere, a conversation's turns
     evenly over `span` from a random start (so conversations overlap and turns come back later)."""
     keyed: list[tuple[float, int, int]] = []
@@ -281,7 +293,16 @@ def _spread(units: list[list[tuple[str, str, dict[str, Any], str | None]]], span
     out: list[WorkRequest] = []
     for _pos, u, k in sorted(keyed):
         kind, m, body, sid = units[u][k]
-        out.append(WorkRequest(index=len(out), kind=kind, model=m, body=body, session_id=sid, chain=f"chain-{u}" if kind == "chat" else None))
+        out.append(
+            WorkRequest(
+                index=len(out),
+                kind=kind,
+                model=m,
+                body=body,
+                session_id=sid,
+                chain=f"chain-{u}" if kind == "chat" else None,
+            )
+        )
     return out
 
 
@@ -304,12 +325,24 @@ def demo_spec(
     tens of thousands of tokens holds a fraction of what round-robin sends it.
     """
     return WorkloadSpec(
-        models=tuple(models), n_requests=n_requests, seed=seed, mix=(0.3, 0.35, 0.35),
+        models=tuple(models),
+        n_requests=n_requests,
+        seed=seed,
+        mix=(0.3, 0.35, 0.35),
         model_weights=tuple(model_weights) if model_weights is not None else None,
-        n_system_prompts=12, system_prompt_chars=4000, questions_per_prompt=20,
-        n_docs=120, doc_chars=2000, docs_per_request=3, zipf_s=1.1,
-        turns_per_conversation=6, turn_chars=600, max_tokens=max_tokens, deterministic_fraction=0.5,
-        chat_system_prompts="zipf", conversation_span=0.5,
+        n_system_prompts=12,
+        system_prompt_chars=4000,
+        questions_per_prompt=20,
+        n_docs=120,
+        doc_chars=2000,
+        docs_per_request=3,
+        zipf_s=1.1,
+        turns_per_conversation=6,
+        turn_chars=600,
+        max_tokens=max_tokens,
+        deterministic_fraction=0.5,
+        chat_system_prompts="zipf",
+        conversation_span=0.5,
     )
 
 
@@ -398,7 +431,7 @@ async def _one(session: Any, base_url: str, req: WorkRequest, headers: Mapping[s
                         res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                         details = usage.get("prompt_tokens_details") or {}
                         res.cached_tokens = int(details.get("cached_tokens") or 0)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.latency_s = time.perf_counter() - t0
     return res
@@ -451,7 +484,6 @@ async def drive(
     # aiohttp rather than httpx: the driver must not be the bottleneck of what it measures
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as client:
-
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 

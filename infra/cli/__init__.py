@@ -7,6 +7,7 @@ so `gpufleet --help` and the router image stay light.
 Domain errors become one clear line and exit code 1; set GPUFLEET_DEBUG=1 to see the
 full traceback.
 """
+
 from __future__ import annotations
 
 import typer

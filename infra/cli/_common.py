@@ -1,4 +1,5 @@
 """Helpers shared by the CLI modules: turning domain errors into one clear line."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -37,7 +38,7 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
 
 # The declaration option every command that reads a fleet takes.
 CatalogOpt = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable)."),
 ]
 

@@ -1,8 +1,9 @@
 """`gpufleet bench`: routing policies in simulation (`bench sim`) and over loopback HTTP against the peer routers (`bench live`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,10 +13,10 @@ _WORKLOADS = "shared_prompts, rag, multiturn, mix, demo"
 
 _Fleet = Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")]
 _Deployment = Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")]
-_Workload = Annotated[Optional[str], typer.Option("--workload", help=f"one of: {_WORKLOADS}")]
-_Trace = Annotated[Optional[Path], typer.Option("--trace", help="Mooncake-format trace (JSON lines)")]
+_Workload = Annotated[str | None, typer.Option("--workload", help=f"one of: {_WORKLOADS}")]
+_Trace = Annotated[Path | None, typer.Option("--trace", help="Mooncake-format trace (JSON lines)")]
 _Seed = Annotated[int, typer.Option("--seed")]
-_Json = Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")]
+_Json = Annotated[Path | None, typer.Option("--json", help="write results as JSON here")]
 
 
 def _domain_errors() -> tuple[type[BaseException], ...]:
@@ -26,8 +27,16 @@ def _domain_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fleet_and_workload(
-    fleet: Path, deployment: str, workload: str | None, trace: Path | None, *, requests: int, seed: int,
-    rate: float = 1.0, replicas: int | None = None, keep_bodies: bool = False,
+    fleet: Path,
+    deployment: str,
+    workload: str | None,
+    trace: Path | None,
+    *,
+    requests: int,
+    seed: int,
+    rate: float = 1.0,
+    replicas: int | None = None,
+    keep_bodies: bool = False,
 ) -> tuple[object, object]:
     """The simulated fleet from the plan and the workload (generated, or replayed from a trace)."""
     from gpufleet.router.sim import fleet as fleet_mod
@@ -37,12 +46,21 @@ def _fleet_and_workload(
     if not fleet.is_file():
         raise UserError(f"fleet file {fleet} not found")
     sim_fleet = fleet_mod.fleet_from_file(fleet, deployment, replicas=replicas)
-    return sim_fleet, build_workload(sim_fleet, workload, trace, requests=requests, seed=seed, rate=rate, keep_bodies=keep_bodies)
+    return sim_fleet, build_workload(
+        sim_fleet, workload, trace, requests=requests, seed=seed, rate=rate, keep_bodies=keep_bodies
+    )
 
 
 def build_workload(
-    sim_fleet: object, workload: str | None, trace: Path | None, *, requests: int, seed: int,
-    rate: float = 1.0, rate_rps: float | None = None, keep_bodies: bool = False,
+    sim_fleet: object,
+    workload: str | None,
+    trace: Path | None,
+    *,
+    requests: int,
+    seed: int,
+    rate: float = 1.0,
+    rate_rps: float | None = None,
+    keep_bodies: bool = False,
 ) -> object:
     """A named synthetic workload (at `rate_rps`, default the generator's) or a trace replay."""
     from gpufleet.router.sim import trace as trace_mod
@@ -55,13 +73,24 @@ def build_workload(
     settings = sim_fleet.settings  # type: ignore[attr-defined]
     if trace is not None:
         wl = trace_mod.trace_workload(
-            trace_mod.load_trace(trace), name=trace.stem, rate_multiplier=rate, seed=seed,
-            settings=settings, limit=requests or None, keep_bodies=keep_bodies,
+            trace_mod.load_trace(trace),
+            name=trace.stem,
+            rate_multiplier=rate,
+            seed=seed,
+            settings=settings,
+            limit=requests or None,
+            keep_bodies=keep_bodies,
         )
     else:
         extra = {"rate_rps": rate_rps} if rate_rps is not None else {}
-        wl = workloads.make_workload(workload, requests or 2000, seed=seed, settings=settings,  # type: ignore[arg-type]
-                                     keep_bodies=keep_bodies, **extra)
+        wl = workloads.make_workload(
+            workload,
+            requests or 2000,
+            seed=seed,
+            settings=settings,  # type: ignore[arg-type]
+            keep_bodies=keep_bodies,
+            **extra,
+        )
     if not wl.requests:
         raise UserError("the workload has no requests")
     return wl
@@ -69,7 +98,10 @@ def build_workload(
 
 def register(app: typer.Typer) -> None:
     """Add this noun's commands to the root app."""
-    bench = typer.Typer(help="Benchmarks: routing policies in simulation (sim) and over HTTP against the SGLang and vLLM routers (live).", no_args_is_help=True)
+    bench = typer.Typer(
+        help="Benchmarks: routing policies in simulation (sim) and over HTTP against the SGLang and vLLM routers (live).",
+        no_args_is_help=True,
+    )
 
     @bench.command("sim")
     def sim(
@@ -77,14 +109,27 @@ def register(app: typer.Typer) -> None:
         deployment: _Deployment,
         workload: _Workload = None,
         trace: _Trace = None,
-        load: Annotated[Optional[float], typer.Option("--load", help="scale arrivals to this offered load (no-cache prefill work / fleet prefill capacity)")] = None,
+        load: Annotated[
+            float | None,
+            typer.Option(
+                "--load", help="scale arrivals to this offered load (no-cache prefill work / fleet prefill capacity)"
+            ),
+        ] = None,
         rate: Annotated[float, typer.Option("--rate", help="trace rate multiplier (ignored with --load)")] = 1.0,
-        policies: Annotated[Optional[str], typer.Option("--policies", help="comma-separated policies (default: all)")] = None,
-        requests: Annotated[int, typer.Option("--requests", help="requests to generate, or the first N of a trace (0: all)")] = 2000,
-        replicas: Annotated[Optional[int], typer.Option("--replicas", help="simulate this many replicas instead of the plan's")] = None,
+        policies: Annotated[
+            str | None, typer.Option("--policies", help="comma-separated policies (default: all)")
+        ] = None,
+        requests: Annotated[
+            int, typer.Option("--requests", help="requests to generate, or the first N of a trace (0: all)")
+        ] = 2000,
+        replicas: Annotated[
+            int | None, typer.Option("--replicas", help="simulate this many replicas instead of the plan's")
+        ] = None,
         seed: _Seed = 0,
         json_out: _Json = None,
-        plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of TTFT distributions and hit ratios")] = None,
+        plot: Annotated[
+            Path | None, typer.Option("--plot", help="write a PNG of TTFT distributions and hit ratios")
+        ] = None,
     ) -> None:
         """Simulate routing policies on a workload or trace over a deployment's replicas from the plan."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -97,12 +142,20 @@ def register(app: typer.Typer) -> None:
                 fleet, deployment, workload, trace, requests=requests, seed=seed, rate=rate, replicas=replicas
             )
             with Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=console, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
             ) as bar:
                 tasks = {n: bar.add_task(f"{n:20s}", total=len(wl)) for n in names}
                 run = report.run_policies(
-                    wl, sim_fleet, names, load=load, seed=seed,
+                    wl,
+                    sim_fleet,
+                    names,
+                    load=load,
+                    seed=seed,
                     progress=lambda n, done: bar.update(tasks[n], completed=done),
                 )
             console.print(report.results_table(run))
@@ -124,10 +177,27 @@ def register(app: typer.Typer) -> None:
         workload: _Workload = None,
         trace: _Trace = None,
         load: Annotated[float, typer.Option("--load", help="offered load before the speed-up (see bench sim)")] = 0.8,
-        requests: Annotated[int, typer.Option("--requests", help="requests to send (scaled down from bench sim)")] = 200,
-        speedup: Annotated[float, typer.Option("--speedup", help="replicas run this many times faster than the plan's hardware; arrivals too (above 1 the Python router competes for CPU on small machines)")] = 1.0,
-        routers: Annotated[str, typer.Option("--routers", help="comma-separated: gpufleet, sglang, vllm")] = "gpufleet,sglang,vllm",
-        peers_venv: Annotated[Optional[Path], typer.Option("--peers-venv", envvar="GPUFLEET_PEERS_VENV", help="virtualenv with sglang-router and vllm-router (outside the project)")] = None,
+        requests: Annotated[
+            int, typer.Option("--requests", help="requests to send (scaled down from bench sim)")
+        ] = 200,
+        speedup: Annotated[
+            float,
+            typer.Option(
+                "--speedup",
+                help="replicas run this many times faster than the plan's hardware; arrivals too (above 1 the Python router competes for CPU on small machines)",
+            ),
+        ] = 1.0,
+        routers: Annotated[
+            str, typer.Option("--routers", help="comma-separated: gpufleet, sglang, vllm")
+        ] = "gpufleet,sglang,vllm",
+        peers_venv: Annotated[
+            Path | None,
+            typer.Option(
+                "--peers-venv",
+                envvar="GPUFLEET_PEERS_VENV",
+                help="virtualenv with sglang-router and vllm-router (outside the project)",
+            ),
+        ] = None,
         seed: _Seed = 0,
         json_out: _Json = None,
     ) -> None:
@@ -151,13 +221,30 @@ def register(app: typer.Typer) -> None:
             )
             natural = metrics.offered_load(wl, sim_fleet)
             wl = wl.scaled(natural / load)
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
                 tasks = {r: bar.add_task(f"{r:10s}", total=len(wl)) for r in names}
-                results = live.run_live(wl, sim_fleet, names, speedup=speedup, peers_venv=peers_venv,
-                                        progress=lambda r, n: bar.update(tasks[r], completed=n))
-            t = Table(title=(f"{wl.name} over HTTP: {len(wl)} requests, load {load:.2f}, replicas {speedup:g}x "
-                             f"the plan's speed (times are wall seconds of the sped-up run)"), title_justify="left")
+                results = live.run_live(
+                    wl,
+                    sim_fleet,
+                    names,
+                    speedup=speedup,
+                    peers_venv=peers_venv,
+                    progress=lambda r, n: bar.update(tasks[r], completed=n),
+                )
+            t = Table(
+                title=(
+                    f"{wl.name} over HTTP: {len(wl)} requests, load {load:.2f}, replicas {speedup:g}x "
+                    f"the plan's speed (times are wall seconds of the sped-up run)"
+                ),
+                title_justify="left",
+            )
             for col in ("router", "ok", "errors", "hit", "TTFT p50 ms", "TTFT p99 ms", "req/s", "note"):
                 t.add_column(col, justify="left" if col in ("router", "note") else "right")
             for r in results:
@@ -165,14 +252,32 @@ def register(app: typer.Typer) -> None:
                     t.add_row(r.router, "-", "-", "-", "-", "-", "-", f"skipped: {r.skipped}")
                     continue
                 note = "; ".join(r.error_samples)
-                t.add_row(r.router, str(r.ok), str(r.errors), f"{r.hit_ratio:.3f}", f"{r.ttft_p50_s * 1000:,.0f}",
-                          f"{r.ttft_p99_s * 1000:,.0f}", f"{r.throughput_rps:.1f}", note)
+                t.add_row(
+                    r.router,
+                    str(r.ok),
+                    str(r.errors),
+                    f"{r.hit_ratio:.3f}",
+                    f"{r.ttft_p50_s * 1000:,.0f}",
+                    f"{r.ttft_p99_s * 1000:,.0f}",
+                    f"{r.throughput_rps:.1f}",
+                    note,
+                )
             console.print(t)
             if json_out is not None:
-                json_out.write_text(json.dumps({
-                    "schema": "gpufleet.bench-live/v1", "workload": wl.name, "requests": len(wl), "load": load,
-                    "speedup": speedup, "routers": [r.to_dict() for r in results],
-                }, indent=2) + "\n")
+                json_out.write_text(
+                    json.dumps(
+                        {
+                            "schema": "gpufleet.bench-live/v1",
+                            "workload": wl.name,
+                            "requests": len(wl),
+                            "load": load,
+                            "speedup": speedup,
+                            "routers": [r.to_dict() for r in results],
+                        },
+                        indent=2,
+                    )
+                    + "\n"
+                )
                 console.print(f"wrote {json_out}")
 
     app.add_typer(bench, name="bench")

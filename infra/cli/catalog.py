@@ -1,4 +1,5 @@
 """`gpufleet catalog ...`: refresh a user catalog file from the live cloud APIs."""
+
 from __future__ import annotations
 
 import enum
@@ -22,8 +23,12 @@ class Cloud(str, enum.Enum):
 @catalog_app.command("refresh")
 def refresh(
     cloud: Annotated[Cloud, typer.Option(help="cloud to read")],
-    out: Annotated[Path | None, typer.Option(help="user catalog file to (re)write [default: catalog-<cloud>.yaml]")] = None,
-    region: Annotated[list[str] | None, typer.Option(help="region to read (repeatable) [default: the bundled catalog's]")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="user catalog file to (re)write [default: catalog-<cloud>.yaml]")
+    ] = None,
+    region: Annotated[
+        list[str] | None, typer.Option(help="region to read (repeatable) [default: the bundled catalog's]")
+    ] = None,
     project: Annotated[str | None, typer.Option(help="GCP project [default: GOOGLE_CLOUD_PROJECT]")] = None,
 ) -> None:
     """Rewrite a user catalog file (same format as the bundled one) from the live APIs: GPU facts,
@@ -43,8 +48,9 @@ def refresh(
         found = discover_cli.walk(adapter, regions, None, notes)
         skipped: list[str] = []
         ref_region = {"aws": "us-east-1", "gcp": "us-central1"}[cloud.value]
-        document = discovery.catalog_document(cloud.value, found, reference, reference_region=ref_region,
-                                              skipped=skipped)
+        document = discovery.catalog_document(
+            cloud.value, found, reference, reference_region=ref_region, skipped=skipped
+        )
         if not document["machines"]:
             raise UserError(f"no priced GPU machine found in {', '.join(regions)}; {target} left unchanged")
         text = discovery.dump(document)
@@ -57,8 +63,10 @@ def refresh(
         finally:
             if os.path.exists(tmp.name):
                 os.unlink(tmp.name)
-        console.print(f"wrote {target}: {len(document['machines'])} {cloud.value} machines from {len(regions)} "
-                      f"region(s)", highlight=False)
+        console.print(
+            f"wrote {target}: {len(document['machines'])} {cloud.value} machines from {len(regions)} region(s)",
+            highlight=False,
+        )
         for line in [*notes, *skipped]:
             console.print(f"[yellow]note:[/] {line}", highlight=False)
 

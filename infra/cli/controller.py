@@ -1,4 +1,5 @@
 """`gpufleet controller ...`: the warm-capacity / failover controller."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from gpufleet.infra.controller.decision import ControllerSettings
 _D = {name: f.default for name, f in ControllerSettings.model_fields.items()}
 
 controller_app = typer.Typer(help="Keep the next pool warm before traffic spills over.", no_args_is_help=True)
+
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -38,7 +40,9 @@ def load_plan(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise UserError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != "gpufleet.plan/v1":
-        raise UserError(f"{path}: schema: expected 'gpufleet.plan/v1' (write it with `gpufleet plan FILE --format json`)")
+        raise UserError(
+            f"{path}: schema: expected 'gpufleet.plan/v1' (write it with `gpufleet plan FILE --format json`)"
+        )
     return data
 
 
@@ -47,9 +51,17 @@ def node_group_name(plan: dict[str, Any], pool: str) -> str:
     return f"{plan.get('fleet', '')}-{pool}"[:63].rstrip("-")
 
 
-def build_controller(plan: dict[str, Any], *, settings: Any, dry_run: bool, kubeconfig: str | None,
-                     kube_contexts: dict[str, str], provider_names: dict[str, str], node_scaling: bool,
-                     router_metrics: str | None) -> Any:
+def build_controller(
+    plan: dict[str, Any],
+    *,
+    settings: Any,
+    dry_run: bool,
+    kubeconfig: str | None,
+    kube_contexts: dict[str, str],
+    provider_names: dict[str, str],
+    node_scaling: bool,
+    router_metrics: str | None,
+) -> Any:
     """Wire adapters for every pool of the plan into a `Controller`."""
     from gpufleet.infra.controller import decision, runtime
     from gpufleet.provider_adapters import base
@@ -69,8 +81,9 @@ def build_controller(plan: dict[str, Any], *, settings: Any, dry_run: bool, kube
     def kube_for(cloud: str) -> Any:
         context = kube_contexts.get(cloud)
         if context not in clusters:
-            clusters[context] = kube_adapter.KubernetesAdapter(namespace=namespace, kubeconfig=kubeconfig,
-                                                               context=context)
+            clusters[context] = kube_adapter.KubernetesAdapter(
+                namespace=namespace, kubeconfig=kubeconfig, context=context
+            )
         return clusters[context]
 
     kube = {name: kube_for(p["cloud"]) for name, p in pools.items()}
@@ -81,19 +94,29 @@ def build_controller(plan: dict[str, Any], *, settings: Any, dry_run: bool, kube
             if p["cloud"] == "aws" and clouds.get("aws"):
                 from gpufleet.provider_adapters import aws
 
-                ref = base.PoolRef(cloud="aws", name=name, region=p.get("region") or clouds["aws"]["region"],
-                                   cluster=clouds["aws"]["cluster"],
-                                   provider_name=provider_names.get(name) or node_group_name(plan, name))
+                ref = base.PoolRef(
+                    cloud="aws",
+                    name=name,
+                    region=p.get("region") or clouds["aws"]["region"],
+                    cluster=clouds["aws"]["cluster"],
+                    provider_name=provider_names.get(name) or node_group_name(plan, name),
+                )
                 nodes[name] = runtime.NodeBinding(aws.AwsAdapter(default_region=ref.region), ref)
             elif p["cloud"] == "gcp" and clouds.get("gcp") and name in provider_names:
                 # GKE names a node pool's instance group gke-<cluster>-<pool>-<hash>-grp: it must be given.
                 from gpufleet.provider_adapters import gcp
 
-                ref = base.PoolRef(cloud="gcp", name=name, region=p.get("region") or clouds["gcp"]["region"],
-                                   zone=(p.get("zones") or [None])[0], provider_name=provider_names[name])
+                ref = base.PoolRef(
+                    cloud="gcp",
+                    name=name,
+                    region=p.get("region") or clouds["gcp"]["region"],
+                    zone=(p.get("zones") or [None])[0],
+                    provider_name=provider_names[name],
+                )
                 nodes[name] = runtime.NodeBinding(gcp.GcpAdapter(clouds["gcp"]["project"]), ref)
-    observer = runtime.Observer(facts, kube, nodes, router_metrics_url=router_metrics,
-                                replica_slots=runtime.replica_slots_from_plan(plan))
+    observer = runtime.Observer(
+        facts, kube, nodes, router_metrics_url=router_metrics, replica_slots=runtime.replica_slots_from_plan(plan)
+    )
     return runtime.Controller(facts, settings, observer, dry_run=dry_run)
 
 
@@ -109,9 +132,13 @@ def _print_round(controller: Any, decision: Any) -> None:
         rows = [(a, o) for a, o in controller.applied if a.pool == pool] or [(None, None)]
         for action, outcome in rows:
             table.add_row(
-                pool, "-" if pressure is None else f"{pressure:.0%}", str(decision.warm_targets.get(pool, "-")),
-                action.kind if action else "", f"{action.current} -> {action.target}" if action else "",
-                action.reason if action else "", outcome or "",
+                pool,
+                "-" if pressure is None else f"{pressure:.0%}",
+                str(decision.warm_targets.get(pool, "-")),
+                action.kind if action else "",
+                f"{action.current} -> {action.target}" if action else "",
+                action.reason if action else "",
+                outcome or "",
             )
     console.print(table)
     for pool, why in decision.notes:
@@ -122,20 +149,38 @@ def _print_round(controller: Any, decision: Any) -> None:
 
 @controller_app.command("run")
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="plan JSON (gpufleet plan FILE --format json) or fleet YAML")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="plan JSON (gpufleet plan FILE --format json) or fleet YAML")
+    ],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be done; change nothing")] = False,
     once: Annotated[bool, typer.Option("--once", help="one reconcile round, then exit")] = False,
     interval_s: Annotated[float | None, typer.Option(help=f"seconds between rounds [{_D['interval_s']:g}]")] = None,
-    high_water: Annotated[float | None, typer.Option(help=f"pressure that warms the next pool [{_D['high_water']:g}]")] = None,
-    low_water: Annotated[float | None, typer.Option(help=f"pressure at which extra warmth decays [{_D['low_water']:g}]")] = None,
-    cool_down_s: Annotated[float | None, typer.Option(help=f"seconds below low water per decay step [{_D['cool_down_s']:g}]")] = None,
-    lead_s: Annotated[float | None, typer.Option(help=f"look-ahead along the demand's rise, seconds; 0: off [{_D['lead_s']:g}]")] = None,
-    kubeconfig: Annotated[str | None, typer.Option(help="kubeconfig path (default: in-cluster, then ~/.kube/config)")] = None,
-    kube_context: Annotated[list[str] | None, typer.Option(help="CLOUD=CONTEXT: the cluster holding a cloud's pools (repeatable)")] = None,
-    provider_name: Annotated[list[str] | None, typer.Option(help="POOL=NAME: EKS node group / GCE instance group behind a pool (repeatable)")] = None,
+    high_water: Annotated[
+        float | None, typer.Option(help=f"pressure that warms the next pool [{_D['high_water']:g}]")
+    ] = None,
+    low_water: Annotated[
+        float | None, typer.Option(help=f"pressure at which extra warmth decays [{_D['low_water']:g}]")
+    ] = None,
+    cool_down_s: Annotated[
+        float | None, typer.Option(help=f"seconds below low water per decay step [{_D['cool_down_s']:g}]")
+    ] = None,
+    lead_s: Annotated[
+        float | None, typer.Option(help=f"look-ahead along the demand's rise, seconds; 0: off [{_D['lead_s']:g}]")
+    ] = None,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
+    ] = None,
+    kube_context: Annotated[
+        list[str] | None, typer.Option(help="CLOUD=CONTEXT: the cluster holding a cloud's pools (repeatable)")
+    ] = None,
+    provider_name: Annotated[
+        list[str] | None, typer.Option(help="POOL=NAME: EKS node group / GCE instance group behind a pool (repeatable)")
+    ] = None,
     node_scaling: Annotated[bool, typer.Option(help="also raise node counts through the AWS/GCP adapters")] = True,
     router_metrics: Annotated[str | None, typer.Option(help="router /metrics URL, for replica saturation")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="serve the controller's Prometheus metrics on this port")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve the controller's Prometheus metrics on this port")
+    ] = None,
     metrics_host: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
 ) -> None:
     """Watch pool utilisation and keep the next-priority pool warm before traffic spills over."""
@@ -148,18 +193,34 @@ def run(
     from gpufleet.provider_adapters import base
 
     with user_errors(base.AdapterError):
-        overrides = {k: v for k, v in {"interval_s": interval_s, "high_water": high_water, "low_water": low_water,
-                                       "cool_down_s": cool_down_s, "lead_s": lead_s}.items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in {
+                "interval_s": interval_s,
+                "high_water": high_water,
+                "low_water": low_water,
+                "cool_down_s": cool_down_s,
+                "lead_s": lead_s,
+            }.items()
+            if v is not None
+        }
         try:
             settings = ControllerSettings(**overrides)
         except ValidationError as exc:
-            raise UserError("; ".join(f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
-                                      for e in exc.errors())) from None
+            raise UserError(
+                "; ".join(f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+            ) from None
         plan = load_plan(config)
         controller = build_controller(
-            plan, settings=settings, dry_run=dry_run, kubeconfig=kubeconfig,
-            kube_contexts=_pairs(kube_context, "--kube-context"), provider_names=_pairs(provider_name, "--provider-name"),
-            node_scaling=node_scaling, router_metrics=router_metrics)
+            plan,
+            settings=settings,
+            dry_run=dry_run,
+            kubeconfig=kubeconfig,
+            kube_contexts=_pairs(kube_context, "--kube-context"),
+            provider_names=_pairs(provider_name, "--provider-name"),
+            node_scaling=node_scaling,
+            router_metrics=router_metrics,
+        )
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if metrics_port is not None:
             from prometheus_client import start_http_server

@@ -1,4 +1,5 @@
 """`gpufleet discover`: which GPU machines the live clouds offer where, at what price, with what quota."""
+
 from __future__ import annotations
 
 import enum
@@ -26,11 +27,20 @@ def walk(adapter: Any, regions: list[str], gpu: str | None, notes: list[str]) ->
 
     from gpufleet.provider_adapters import discovery
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("regions", total=len(regions))
         return discovery.discover(
-            adapter, regions, gpu=gpu, notes=notes,
+            adapter,
+            regions,
+            gpu=gpu,
+            notes=notes,
             on_zone=lambda zone: progress.update(task, description=f"zone {zone}"),
             on_region=lambda region: progress.update(task, advance=1, description=f"region {region}"),
         )
@@ -42,9 +52,13 @@ def register(app: typer.Typer) -> None:
     @app.command("discover")
     def discover(
         cloud: Annotated[Cloud, typer.Option(help="cloud to ask")],
-        region: Annotated[list[str], typer.Option(help="region to walk (repeatable); `all`: every region of the account")],
+        region: Annotated[
+            list[str], typer.Option(help="region to walk (repeatable); `all`: every region of the account")
+        ],
         gpu: Annotated[str | None, typer.Option(help="only this GPU model, e.g. H100, L4, A100-80GB")] = None,
-        format: Annotated[Format, typer.Option("--format", "-f", help="table for people, json for tools")] = Format.table,
+        format: Annotated[
+            Format, typer.Option("--format", "-f", help="table for people, json for tools")
+        ] = Format.table,
         project: Annotated[str | None, typer.Option(help="GCP project [default: GOOGLE_CLOUD_PROJECT]")] = None,
     ) -> None:
         """Show which GPU machine types are offered in which regions and zones, at what spot
@@ -58,8 +72,11 @@ def register(app: typer.Typer) -> None:
             notes: list[str] = []
             found = walk(adapter, regions, gpu, notes)
             if format is Format.json:
-                typer.echo(json.dumps({"cloud": cloud.value, "machines": [m.as_json() for m in found],
-                                       "notes": notes}, indent=2))
+                typer.echo(
+                    json.dumps(
+                        {"cloud": cloud.value, "machines": [m.as_json() for m in found], "notes": notes}, indent=2
+                    )
+                )
                 return
             if not found:
                 raise UserError(f"no GPU machine{' with ' + gpu if gpu else ''} offered in {', '.join(regions)}")
@@ -72,16 +89,28 @@ def _table(cloud: str, found: list[Any], catalog: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"GPU machines on {cloud}", title_justify="left")
-    for col, justify in (("region", "left"), ("machine", "left"), ("GPUs", "left"), ("vCPU", "right"),
-                         ("RAM GiB", "right"), ("zones", "left"), ("on-demand $/h", "right"),
-                         ("spot $/h (live)", "right"), ("quota headroom", "right")):
+    for col, justify in (
+        ("region", "left"),
+        ("machine", "left"),
+        ("GPUs", "left"),
+        ("vCPU", "right"),
+        ("RAM GiB", "right"),
+        ("zones", "left"),
+        ("on-demand $/h", "right"),
+        ("spot $/h (live)", "right"),
+        ("quota headroom", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for item in found:
         o = item.offering
         known = catalog.machine(cloud, o.machine_type)
         table.add_row(
-            o.region, o.machine_type, f"{o.gpu_count}x {o.gpu_model} {o.gpu_memory_gib:g}GiB", str(o.vcpus),
-            f"{o.ram_gib:g}", ", ".join(z.removeprefix(o.region) or z for z in o.zones),
+            o.region,
+            o.machine_type,
+            f"{o.gpu_count}x {o.gpu_model} {o.gpu_memory_gib:g}GiB",
+            str(o.vcpus),
+            f"{o.ram_gib:g}",
+            ", ".join(z.removeprefix(o.region) or z for z in o.zones),
             f"{known.usd_per_hour:.2f} (catalog)" if known else "-",
             "-" if item.spot_usd_per_h is None else f"{item.spot_usd_per_h:.4g}",
             "-" if item.quota_headroom_nodes is None else f"{item.quota_headroom_nodes} nodes",

@@ -1,10 +1,11 @@
 """`gpufleet validate` and `gpufleet plan`: the declaration checked, compiled and priced."""
+
 from __future__ import annotations
 
 import enum
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -43,28 +44,37 @@ def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
 
 def plan(
     file: FileArg,
-    format: Annotated[PlanFormat, typer.Option("--format", "-f", help="table for people, json for tools, markdown for a PR comment.")] = PlanFormat.table,
-    compare: Annotated[Optional[Path], typer.Option("--compare", help="An earlier `plan --format json` to diff against.")] = None,
+    format: Annotated[
+        PlanFormat, typer.Option("--format", "-f", help="table for people, json for tools, markdown for a PR comment.")
+    ] = PlanFormat.table,
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="An earlier `plan --format json` to diff against.")
+    ] = None,
     max_monthly_usd: Annotated[
-        Optional[float], typer.Option("--max-monthly-usd", help="CI gate: exit 3 when baseline + warm per month exceeds this.")
+        float | None,
+        typer.Option("--max-monthly-usd", help="CI gate: exit 3 when baseline + warm per month exceeds this."),
     ] = None,
     catalog: CatalogOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")
+    ] = None,
     workload: Annotated[
-        Optional[str],
-        typer.Option("--workload", help="Capacity planning: a simulated workload (shared_prompts, rag, multiturn, mix, demo)."),
+        str | None,
+        typer.Option(
+            "--workload", help="Capacity planning: a simulated workload (shared_prompts, rag, multiturn, mix, demo)."
+        ),
     ] = None,
     trace: Annotated[
-        Optional[Path], typer.Option("--trace", help="Capacity planning: a request trace in the Mooncake format.")
+        Path | None, typer.Option("--trace", help="Capacity planning: a request trace in the Mooncake format.")
     ] = None,
     ttft_p99_s: Annotated[
-        Optional[float], typer.Option("--ttft-p99-s", help="Capacity planning: the TTFT p99 target in seconds.")
+        float | None, typer.Option("--ttft-p99-s", help="Capacity planning: the TTFT p99 target in seconds.")
     ] = None,
     deployment: Annotated[
-        Optional[str], typer.Option("--deployment", help="Capacity planning: the deployment (default: the first).")
+        str | None, typer.Option("--deployment", help="Capacity planning: the deployment (default: the first).")
     ] = None,
     rps: Annotated[
-        Optional[float], typer.Option("--rps", help="Capacity planning: arrival rate of a --workload, requests/s.")
+        float | None, typer.Option("--rps", help="Capacity planning: arrival rate of a --workload, requests/s.")
     ] = None,
     rate: Annotated[float, typer.Option("--rate", help="Capacity planning: --trace rate multiplier.")] = 1.0,
     requests: Annotated[
@@ -147,8 +157,17 @@ def plan(
             raise typer.Exit(EXIT_OVER_BUDGET)
 
 
-def _capacity(p, workload: str | None, trace: Path | None, ttft_p99_s: float | None, deployment: str | None, *,
-              rps: float | None, rate: float, requests: int) -> dict:
+def _capacity(
+    p,
+    workload: str | None,
+    trace: Path | None,
+    ttft_p99_s: float | None,
+    deployment: str | None,
+    *,
+    rps: float | None,
+    rate: float,
+    requests: int,
+) -> dict:
     """Replicas a deployment needs for the TTFT p99 target under round_robin and cache_aware (simulated)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -164,10 +183,14 @@ def _capacity(p, workload: str | None, trace: Path | None, ttft_p99_s: float | N
             raise UserError("--rps must be positive")
         name = deployment or p.deployments[0].name
         if name not in {d.name for d in p.deployments}:
-            raise UserError(f"--deployment {name!r} is not in the plan; deployments: {', '.join(d.name for d in p.deployments)}")
+            raise UserError(
+                f"--deployment {name!r} is not in the plan; deployments: {', '.join(d.name for d in p.deployments)}"
+            )
         sim_fleet = fleet_mod.fleet_from_plan(p, name)
         wl = build_workload(sim_fleet, workload, trace, requests=requests, seed=0, rate=rate, rate_rps=rps)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
+        ) as bar:
             bar.add_task(f"simulating {len(wl.requests)} requests of {wl.name} on {name} for each policy", total=None)
             result = capacity_mod.compare(wl, sim_fleet, ttft_p99_s)
     dep = p.deployment(name)
@@ -195,11 +218,14 @@ def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
 
     saving = c["monthly_saving_usd"]
     summary = (
-        f"cache_aware saves ${saving:,.2f}/month against round_robin" if saving is not None
+        f"cache_aware saves ${saving:,.2f}/month against round_robin"
+        if saving is not None
         else "no saving computed: a policy did not meet the target within 64 replicas"
     )
-    head = (f"capacity for {c['deployment']}: {c['workload']} ({c['requests']} requests at {c['arrival_rps']} req/s), "
-            f"TTFT p99 <= {c['ttft_p99_s']} s")
+    head = (
+        f"capacity for {c['deployment']}: {c['workload']} ({c['requests']} requests at {c['arrival_rps']} req/s), "
+        f"TTFT p99 <= {c['ttft_p99_s']} s"
+    )
     if markdown:
         lines = ["", f"**Capacity** ({head})", "", "| policy | replicas needed | $/month |", "|---|---:|---:|"]
         lines += [f"| {pol} | {need(pol)} | {cost(pol)} |" for pol in c["replicas"]]
@@ -248,7 +274,9 @@ def _print_findings(findings, *, markdown: bool, out: Path | None) -> None:
     style = {"error": "bold red", "warning": "yellow", "info": "dim"}
     console.print("[bold]live checks:[/]" + (" every pool passed" if not findings else ""))
     for f in findings:
-        console.print(f"  [{style.get(f.severity, '')}]{f.severity}[/]: {f.pool} ({f.check}): {f.message}", highlight=False)
+        console.print(
+            f"  [{style.get(f.severity, '')}]{f.severity}[/]: {f.pool} ({f.check}): {f.message}", highlight=False
+        )
 
 
 def _emit(text: str, out: Path | None) -> None:

@@ -1,8 +1,9 @@
 """`gpufleet preview STACK_DIR`: what `pulumi up` would create, offline, under Pulumi's mocks."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -62,7 +63,11 @@ def _print_outputs(result: Any) -> None:
         table.add_column("per month", justify="right")
         for row in ("baseline", "warm", "peak"):
             h, m = cost.get(f"{row}_usd_per_hour"), cost.get(f"{row}_usd_per_month")
-            table.add_row(row, f"{h:,.2f}" if isinstance(h, (int, float)) else "-", f"{m:,.0f}" if isinstance(m, (int, float)) else "-")
+            table.add_row(
+                row,
+                f"{h:,.2f}" if isinstance(h, (int, float)) else "-",
+                f"{m:,.0f}" if isinstance(m, (int, float)) else "-",
+            )
         console.print(table)
     others = {k: v for k, v in result.outputs.items() if k != "cost"}
     if others:
@@ -81,9 +86,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("preview")
     def preview_cmd(
-        stack_dir: Annotated[Path, typer.Argument(help="A stack directory (Pulumi.yaml, Pulumi.<stack>.yaml, __main__.py).")],
-        stack: Annotated[Optional[str], typer.Option("--stack", "-s", help="Stack name, when the directory has several.")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {type, name, parent, inputs}.")] = False,
+        stack_dir: Annotated[
+            Path, typer.Argument(help="A stack directory (Pulumi.yaml, Pulumi.<stack>.yaml, __main__.py).")
+        ],
+        stack: Annotated[
+            str | None, typer.Option("--stack", "-s", help="Stack name, when the directory has several.")
+        ] = None,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print a JSON list of {type, name, parent, inputs}.")
+        ] = False,
     ) -> None:
         """Preview the resources `pulumi up` would create, offline: the stack's program runs under
         Pulumi's mocks, without the Pulumi CLI or credentials; secret values are masked."""

@@ -1,12 +1,20 @@
 """`gpufleet render ...`: the plan rendered as the router's config (and, with the Pulumi part, as manifests)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from gpufleet.infra.cli._common import CatalogOpt, UserError, compile_declaration, console, declaration_errors, user_errors
+from gpufleet.infra.cli._common import (
+    CatalogOpt,
+    UserError,
+    compile_declaration,
+    console,
+    declaration_errors,
+    user_errors,
+)
 from gpufleet.infra.cli.render_manifests import register_manifests
 
 render_app = typer.Typer(help="Render the compiled plan for a backend.", no_args_is_help=True)
@@ -37,7 +45,12 @@ def router_config(
         def url(r) -> str:
             try:
                 return url_template.format(
-                    id=r.id, deployment=r.deployment, pool=r.pool, index=r.index, port=ports[r.deployment], namespace=p.namespace
+                    id=r.id,
+                    deployment=r.deployment,
+                    pool=r.pool,
+                    index=r.index,
+                    port=ports[r.deployment],
+                    namespace=p.namespace,
                 )
             except (KeyError, IndexError) as exc:
                 raise UserError(f"--url-template: unknown placeholder {exc}") from None

@@ -2,14 +2,22 @@
 
 The lead's `infra/cli/render.py` calls `register_manifests(render_app)`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from gpufleet.infra.cli._common import CatalogOpt, UserError, compile_declaration, console, declaration_errors, user_errors
+from gpufleet.infra.cli._common import (
+    CatalogOpt,
+    UserError,
+    compile_declaration,
+    console,
+    declaration_errors,
+    user_errors,
+)
 
 __all__ = ["register_manifests"]
 
@@ -22,12 +30,16 @@ def register_manifests(render_app: typer.Typer) -> None:
         file: Annotated[Path, typer.Argument(help="The fleet declaration.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write one YAML file per cluster into.")],
         catalog: CatalogOpt = None,
-        router_image: Annotated[Optional[str], typer.Option(help="Router image (with gpufleet[router]).")] = None,
-        autoscaler_namespace: Annotated[Optional[str], typer.Option(help="Namespace of cluster-autoscaler [kube-system].")] = None,
-        router_service_type: Annotated[Optional[str], typer.Option(help="ClusterIP, LoadBalancer or NodePort.")] = None,
-        controller: Annotated[bool, typer.Option(help="Include the warm-capacity / failover controller and its RBAC.")] = True,
+        router_image: Annotated[str | None, typer.Option(help="Router image (with gpufleet[router]).")] = None,
+        autoscaler_namespace: Annotated[
+            str | None, typer.Option(help="Namespace of cluster-autoscaler [kube-system].")
+        ] = None,
+        router_service_type: Annotated[str | None, typer.Option(help="ClusterIP, LoadBalancer or NodePort.")] = None,
+        controller: Annotated[
+            bool, typer.Option(help="Include the warm-capacity / failover controller and its RBAC.")
+        ] = True,
         controller_image: Annotated[
-            Optional[str], typer.Option(help="Controller image (with gpufleet[router,kubernetes,aws,gcp]).")
+            str | None, typer.Option(help="Controller image (with gpufleet[router,kubernetes,aws,gcp]).")
         ] = None,
     ) -> None:
         """Write the Kubernetes objects of the plan (priority classes, placeholders, expander
@@ -45,7 +57,9 @@ def register_manifests(render_app: typer.Typer) -> None:
             p = compile_declaration(file, catalog)
             defaults = manifests.ManifestOptions()
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
-                raise UserError(f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort")
+                raise UserError(
+                    f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort"
+                )
             options = manifests.ManifestOptions(
                 router_image=router_image or defaults.router_image,
                 autoscaler_namespace=autoscaler_namespace or defaults.autoscaler_namespace,
@@ -76,7 +90,7 @@ def register_manifests(render_app: typer.Typer) -> None:
         console.print(table)
         console.print(
             f"create the router's admin token Secret yourself: kubectl -n {p.namespace} create secret generic "
-            f"{manifests.admin_secret_name(p)} --from-literal=token=\"$(openssl rand -hex 32)\"",
+            f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)"',
             highlight=False,
             soft_wrap=True,
         )

@@ -2,6 +2,7 @@
 
 Assembled with the other nouns in `gpufleet.infra.cli` (`register`).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ def register_replica_sim(app: typer.Typer) -> None:
 
     @app.command("replica-sim")
     def replica_sim_cmd(
-        model: Annotated[str, typer.Option(help="model name served (requests for another model get 404)")] = "sim-model",
+        model: Annotated[
+            str, typer.Option(help="model name served (requests for another model get 404)")
+        ] = "sim-model",
         host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="port to bind (0: any free port, see --port-file)")] = 8000,
         replica_id: Annotated[str, typer.Option(help="name shown in logs and /server_info")] = "replica-sim",
@@ -35,9 +38,7 @@ def register_replica_sim(app: typer.Typer) -> None:
         admin_token_env: Annotated[
             str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
         ] = "GPUFLEET_SIM_ADMIN_TOKEN",
-        standby: Annotated[
-            bool, typer.Option(help="start as a warm standby: 503 until POST /admin/promote")
-        ] = False,
+        standby: Annotated[bool, typer.Option(help="start as a warm standby: 503 until POST /admin/promote")] = False,
         port_file: Annotated[
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
         ] = None,

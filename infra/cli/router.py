@@ -1,4 +1,5 @@
 """`gpufleet router ...`: run the KV-cache-aware router from a rendered router config."""
+
 from __future__ import annotations
 
 from pathlib import Path

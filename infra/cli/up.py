@@ -1,4 +1,5 @@
 """`gpufleet up` (run a local fleet from its plan) and `gpufleet demo` (drive traffic through it)."""
+
 from __future__ import annotations
 
 import signal
@@ -37,8 +38,13 @@ def _start(plan: Plan, label: str, **kw: Any) -> LocalRuntime:
     with user_errors(LocalRuntimeError):
         rt = LocalRuntime(plan, **kw)
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
         ) as progress:
             task = progress.add_task(label, total=len(rt.replicas) + 1)
 
@@ -103,9 +109,17 @@ def _summary_table(title: str, rows: list[_Row]) -> Any:
 
     t = Table(title=title, title_justify="left")
     for col, just in (
-        ("run", "left"), ("deployment", "left"), ("requests", "right"), ("errors", "right"),
-        ("prefix hits", "right"), ("ceiling", "right"), ("TTFT p50", "right"), ("TTFT p99", "right"),
-        ("pred. cache", "right"), ("spills", "right"), ("requests per replica", "left"),
+        ("run", "left"),
+        ("deployment", "left"),
+        ("requests", "right"),
+        ("errors", "right"),
+        ("prefix hits", "right"),
+        ("ceiling", "right"),
+        ("TTFT p50", "right"),
+        ("TTFT p99", "right"),
+        ("pred. cache", "right"),
+        ("spills", "right"),
+        ("requests per replica", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     last = None
@@ -114,9 +128,17 @@ def _summary_table(title: str, rows: list[_Row]) -> Any:
         if last is not None and row.label != last:
             t.add_section()
         t.add_row(
-            row.label if row.label != last else "", row.deployment, str(s.requests), str(s.errors),
-            f"{s.prefix_hit_ratio:.1%}", "-" if row.ceiling is None else f"{row.ceiling:.1%}",
-            _ms(s.ttft_p50_s), _ms(s.ttft_p99_s), str(s.cache_hits), str(row.spills), _per_replica(row),
+            row.label if row.label != last else "",
+            row.deployment,
+            str(s.requests),
+            str(s.errors),
+            f"{s.prefix_hit_ratio:.1%}",
+            "-" if row.ceiling is None else f"{row.ceiling:.1%}",
+            _ms(s.ttft_p50_s),
+            _ms(s.ttft_p99_s),
+            str(s.cache_hits),
+            str(row.spills),
+            _per_replica(row),
             style="bold" if row.deployment == "all" else None,
         )
         last = row.label
@@ -171,8 +193,12 @@ def register(app: typer.Typer) -> None:
     @app.command("up")
     def up(
         file: Annotated[Path, typer.Argument(help="fleet declaration whose pools are all `cloud: local`")],
-        port: Annotated[int | None, typer.Option(help="router port, 0 for any free port (default: the fleet's router.port)")] = None,
-        ready_timeout_s: Annotated[float, typer.Option(help="seconds a simulated replica or the router may take to start")] = 60.0,
+        port: Annotated[
+            int | None, typer.Option(help="router port, 0 for any free port (default: the fleet's router.port)")
+        ] = None,
+        ready_timeout_s: Annotated[
+            float, typer.Option(help="seconds a simulated replica or the router may take to start")
+        ] = 60.0,
         supervise_interval_s: Annotated[float, typer.Option(help="seconds between supervision rounds")] = 1.0,
     ) -> None:
         """Run a local fleet from its plan: replicas, warm standbys and the router, until Ctrl-C."""
@@ -185,7 +211,10 @@ def register(app: typer.Typer) -> None:
         failed = False
         try:
             rt = _start(
-                plan, f"starting {plan.fleet}", router_port=port, ready_timeout_s=ready_timeout_s,
+                plan,
+                f"starting {plan.fleet}",
+                router_port=port,
+                ready_timeout_s=ready_timeout_s,
                 on_event=lambda m: console.print(f"[yellow]{m}[/]", highlight=False),
             )
             console.print(_replica_table(rt))
@@ -196,7 +225,10 @@ def register(app: typer.Typer) -> None:
             )
             console.print(f"OpenAI base URL: {rt.endpoint}/v1   (Ctrl-C to stop)", highlight=False)
             if env:
-                console.print(f"admin endpoints: bearer token from ${env} (set it before `gpufleet up` to know it)", highlight=False)
+                console.print(
+                    f"admin endpoints: bearer token from ${env} (set it before `gpufleet up` to know it)",
+                    highlight=False,
+                )
             stop = threading.Event()
             while not stop.wait(supervise_interval_s):
                 rt.check()
@@ -219,9 +251,12 @@ def register(app: typer.Typer) -> None:
     def demo(
         file: Annotated[Path, typer.Argument(help="local fleet declaration")] = DEFAULT_LOCAL_FLEET,
         requests: Annotated[int, typer.Option(help="requests per policy run")] = 300,
-        load: Annotated[float, typer.Option(
-            help="offered load: prompt tokens per second over the preferred pools' prefill capacity (as if nothing were cached)",
-        )] = 1.0,
+        load: Annotated[
+            float,
+            typer.Option(
+                help="offered load: prompt tokens per second over the preferred pools' prefill capacity (as if nothing were cached)",
+            ),
+        ] = 1.0,
         rate: Annotated[float | None, typer.Option(help="arrivals per second, Poisson (default: from --load)")] = None,
         concurrency: Annotated[int, typer.Option(help="cap on requests in flight")] = 64,
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
@@ -251,7 +286,9 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")
 
         def make(n: int, s: int) -> list[workload.WorkRequest]:
-            spec = workload.demo_spec(models, n, seed=s, max_tokens=max_tokens, model_weights=[weights[m] for m in models])
+            spec = workload.demo_spec(
+                models, n, seed=s, max_tokens=max_tokens, model_weights=[weights[m] for m in models]
+            )
             return workload.generate(spec)
 
         # One workload: the policy runs replay its first `requests`; the spill-over runs continue it
@@ -269,19 +306,34 @@ def register(app: typer.Typer) -> None:
         t_start = time.monotonic()
 
         def run_load(
-            rt: LocalRuntime, batch: list[workload.WorkRequest], label: str, arrival_seed: int, ceiling: bool = True,
+            rt: LocalRuntime,
+            batch: list[workload.WorkRequest],
+            label: str,
+            arrival_seed: int,
+            ceiling: bool = True,
         ) -> list[_Row]:
             before = _spills(rt)
             with Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=console, transient=True,
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
             ) as progress:
                 task = progress.add_task(f"{label}: {len(batch)} requests at {rate} req/s", total=len(batch))
                 t0 = time.perf_counter()
-                results = asyncio.run(workload.drive(
-                    rt.endpoint, batch, concurrency=concurrency, on_result=lambda _r: progress.advance(task),
-                    rate_per_s=rate, arrival_seed=arrival_seed,
-                ))
+                results = asyncio.run(
+                    workload.drive(
+                        rt.endpoint,
+                        batch,
+                        concurrency=concurrency,
+                        on_result=lambda _r: progress.advance(task),
+                        rate_per_s=rate,
+                        arrival_seed=arrival_seed,
+                    )
+                )
             wall = time.perf_counter() - t0
             for msg in list(dict.fromkeys(f"{r.status or 'no status'} {r.error}" for r in results if not r.ok))[:3]:
                 console.print(f"  [red]{label}: error[/] {msg}", highlight=False)
@@ -295,16 +347,29 @@ def register(app: typer.Typer) -> None:
             served = sorted((r for r in batch if r.index in sent), key=lambda r: (sent[r.index], r.index))
 
             def ceil(model: str | None) -> float | None:
-                return workload.ceiling_hit_ratio(served, block_size_tokens=bt, chars_per_token=cpt, model=model) if ceiling else None
+                return (
+                    workload.ceiling_hit_ratio(served, block_size_tokens=bt, chars_per_token=cpt, model=model)
+                    if ceiling
+                    else None
+                )
 
-            out = [_Row(label, "all", workload.summarize(results, wall), spills=sum(spilled.values()), ceiling=ceil(None))]
+            out = [
+                _Row(label, "all", workload.summarize(results, wall), spills=sum(spilled.values()), ceiling=ceil(None))
+            ]
             by_model = workload.summarize_by_model(results, wall)
             for d in plan.deployments:
                 if d.model in by_model:
                     reps = [(r.id, r.pool) for r in rt.replicas if r.deployment == d.name and r.role == "active"]
-                    out.append(_Row(
-                        label, d.name, by_model[d.model], spills=spilled.get(d.model, 0), replicas=reps, ceiling=ceil(d.model),
-                    ))
+                    out.append(
+                        _Row(
+                            label,
+                            d.name,
+                            by_model[d.model],
+                            spills=spilled.get(d.model, 0),
+                            replicas=reps,
+                            ceiling=ceil(d.model),
+                        )
+                    )
             return out
 
         try:
@@ -315,24 +380,31 @@ def register(app: typer.Typer) -> None:
                 rows.extend(run_load(rt, reqs, policy, seed))
                 if policy != "cache_aware":
                     rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
-            console.print(_summary_table(
-                f"{len(reqs)} requests (system prompts, RAG, multi-turn chat), Poisson {rate} req/s (load {load:g}), "
-                f"seed {seed}; ceiling: an infinite cache per model",
-                rows,
-            ))
+            console.print(
+                _summary_table(
+                    f"{len(reqs)} requests (system prompts, RAG, multi-turn chat), Poisson {rate} req/s (load {load:g}), "
+                    f"seed {seed}; ceiling: an infinite cache per model",
+                    rows,
+                )
+            )
             rt = runtimes[-1]
             lost = _preferred_pools(rt.plan)
             killed = [rid for pool in lost for rid in rt.kill_pool(pool)]
-            console.print(f"[bold]killed pool(s) {', '.join(lost) or '-'}[/]: {', '.join(killed) or 'no replicas'}", highlight=False)
+            console.print(
+                f"[bold]killed pool(s) {', '.join(lost) or '-'}[/]: {', '.join(killed) or 'no replicas'}",
+                highlight=False,
+            )
             for ev in rt.check(load=False):
                 console.print(f"  [yellow]{ev}[/]", highlight=False)
-            spill_rows = run_load(rt, everything[requests:requests + n_spill], "right after", seed + 1, ceiling=False)
+            spill_rows = run_load(rt, everything[requests : requests + n_spill], "right after", seed + 1, ceiling=False)
             rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
-            spill_rows += run_load(rt, everything[requests + n_spill:], "after promotion", seed + 2, ceiling=False)
-            console.print(_summary_table(
-                f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
-                spill_rows,
-            ))
+            spill_rows += run_load(rt, everything[requests + n_spill :], "after promotion", seed + 2, ceiling=False)
+            console.print(
+                _summary_table(
+                    f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
+                    spill_rows,
+                )
+            )
         except KeyboardInterrupt:
             console.print("interrupted", style="yellow")
         finally:

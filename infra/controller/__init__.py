@@ -6,6 +6,7 @@ pools through the provider adapters, applies actions, logs them and exports Prom
 lives in `gpufleet.infra.controller.runtime`; the fleet simulation in `.sim`. See
 docs/controller.md.
 """
+
 from __future__ import annotations
 
 from gpufleet.infra.controller import decision

@@ -18,6 +18,7 @@ nodes is left to the cluster autoscaler, which removes the nodes that lowered pl
 leave empty. Stale or missing samples freeze a pool: no action touches it, and it cannot
 trigger warming elsewhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,10 @@ class ControllerSettings(BaseModel):
     max_extra_warm_nodes: int | None = Field(None, ge=0, description="cap on extra warmth per pool; None: max_nodes")
     interval_s: float = Field(15.0, gt=0, description="reconcile period of `controller run`")
     lead_s: float = Field(
-        300.0, ge=0,
+        300.0,
+        ge=0,
         description="look-ahead: GPU demand is extrapolated this far along its smoothed rise (about one node's "
-                    "provisioning time), so a fast ramp warms the next pool before it crosses high_water; 0: off",
+        "provisioning time), so a fast ramp warms the next pool before it crosses high_water; 0: off",
     )
 
     @model_validator(mode="after")
@@ -111,9 +113,14 @@ class FleetFacts:
             raise ValueError(f"not a gpufleet plan (schema {plan.get('schema')!r}, expected 'gpufleet.plan/v1')")
         pools = {
             p["name"]: PoolFacts(
-                name=p["name"], cloud=p["cloud"], priority=int(p["priority"]), min_nodes=int(p["min_nodes"]),
-                baseline_nodes=int(p.get("baseline_nodes", p["min_nodes"])), warm_nodes=int(p["warm_nodes"]),
-                max_nodes=int(p["max_nodes"]), gpus_per_node=int(p["gpus_per_node"]),
+                name=p["name"],
+                cloud=p["cloud"],
+                priority=int(p["priority"]),
+                min_nodes=int(p["min_nodes"]),
+                baseline_nodes=int(p.get("baseline_nodes", p["min_nodes"])),
+                warm_nodes=int(p["warm_nodes"]),
+                max_nodes=int(p["max_nodes"]),
+                gpus_per_node=int(p["gpus_per_node"]),
             )
             for p in plan["pools"]
         }
@@ -301,6 +308,13 @@ def decide(
             # Only grow, and only when the pool is at its current size: if nodes are already on
             # their way (desired above needed), the placeholders will find room.
             if needed > sample.desired_nodes:
-                actions.append(Action("scale_nodes", name, sample.desired_nodes, needed,
-                                      f"room for {target} warm node(s) beside {serving_nodes} serving"))
+                actions.append(
+                    Action(
+                        "scale_nodes",
+                        name,
+                        sample.desired_nodes,
+                        needed,
+                        f"room for {target} warm node(s) beside {serving_nodes} serving",
+                    )
+                )
     return Decision(tuple(actions), new_state, tuple(notes), pressure, targets)

@@ -5,6 +5,7 @@ AWS/GCP for node counts) plus, optionally, the router's Prometheus endpoint for 
 replicas' request slots are. A pool whose observation fails gets no sample this round, and
 `decide` takes no action on it. One failed action is logged and counted; the others still run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,7 +57,7 @@ def _router_in_flight(url: str, timeout_s: float) -> dict[str, float]:
     """`gpufleet_router_in_flight` per replica from the router's /metrics (Prometheus text)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - a configured URL
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -145,9 +146,15 @@ class Observer:
                 log.warning("pool %s: not observed this round: %s", name, exc)
                 continue
             samples[name] = PoolSample(
-                pool=name, observed_at_s=u.observed_at_s, ready_nodes=u.ready_nodes,
-                gpus_allocatable=u.gpus_allocatable, gpus_busy=u.gpus_requested, pending_gpus=u.pending_gpus,
-                placeholders_desired=u.placeholders_desired, desired_nodes=desired, replica_load=load.get(name),
+                pool=name,
+                observed_at_s=u.observed_at_s,
+                ready_nodes=u.ready_nodes,
+                gpus_allocatable=u.gpus_allocatable,
+                gpus_busy=u.gpus_requested,
+                pending_gpus=u.pending_gpus,
+                placeholders_desired=u.placeholders_desired,
+                desired_nodes=desired,
+                replica_load=load.get(name),
             )
         return samples
 
@@ -160,19 +167,27 @@ class ControllerMetrics:
 
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "gpufleet_controller_"
-        self.actions = Counter(p + "actions", "Actions decided, by pool, kind and outcome (applied, dry_run, failed)",
-                               ["pool", "kind", "outcome"], registry=r)
-        self.skipped = Counter(p + "skipped", "Pools left alone in a reconcile, by reason", ["pool", "reason"],
-                               registry=r)
+        self.actions = Counter(
+            p + "actions",
+            "Actions decided, by pool, kind and outcome (applied, dry_run, failed)",
+            ["pool", "kind", "outcome"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            p + "skipped", "Pools left alone in a reconcile, by reason", ["pool", "reason"], registry=r
+        )
         self.reconciles = Counter(p + "reconciles", "Reconcile rounds", registry=r)
-        self.errors = Counter(p + "reconcile_errors", "Rounds that failed unexpectedly (logged with traceback)",
-                              registry=r)
+        self.errors = Counter(
+            p + "reconcile_errors", "Rounds that failed unexpectedly (logged with traceback)", registry=r
+        )
         self.pressure = Gauge(p + "pool_pressure", "Busy share of a pool's GPUs or request slots", ["pool"], registry=r)
         self.warm_target = Gauge(p + "warm_target_nodes", "Warm nodes the controller wants held", ["pool"], registry=r)
-        self.extra_warm = Gauge(p + "extra_warm_nodes", "Warm nodes above the declared warm_nodes", ["pool"],
-                                registry=r)
-        self.last_reconcile = Gauge(p + "last_reconcile_timestamp_seconds", "Unix time of the last reconcile",
-                                    registry=r)
+        self.extra_warm = Gauge(
+            p + "extra_warm_nodes", "Warm nodes above the declared warm_nodes", ["pool"], registry=r
+        )
+        self.last_reconcile = Gauge(
+            p + "last_reconcile_timestamp_seconds", "Unix time of the last reconcile", registry=r
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -210,8 +225,13 @@ class Controller:
         else:
             binding = self.observer.nodes[action.pool]
             pool = self.facts.pools[action.pool]
-            binding.adapter.scale_pool(base.ScaleRequest(ref=binding.ref, desired_nodes=action.target,
-                                                         max_nodes=pool.max_nodes if pool.cloud == "aws" else None))
+            binding.adapter.scale_pool(
+                base.ScaleRequest(
+                    ref=binding.ref,
+                    desired_nodes=action.target,
+                    max_nodes=pool.max_nodes if pool.cloud == "aws" else None,
+                )
+            )
 
     def reconcile(self) -> Decision:
         """One round. Returns the decision; `applied` lists each action with its outcome."""
@@ -239,19 +259,28 @@ class Controller:
                     self._apply(action)
                 except base.AdapterError as exc:
                     outcome = "failed"
-                    log.error("%s pool=%s %d -> %d failed: %s", action.kind, action.pool, action.current,
-                              action.target, exc)
+                    log.error(
+                        "%s pool=%s %d -> %d failed: %s", action.kind, action.pool, action.current, action.target, exc
+                    )
             m.actions.labels(action.pool, action.kind, outcome).inc()
             self.applied.append((action, outcome))
-            log.info("%s pool=%s %d -> %d (%s)%s", action.kind, action.pool, action.current, action.target,
-                     action.reason, " [dry-run]" if self.dry_run else "")
+            log.info(
+                "%s pool=%s %d -> %d (%s)%s",
+                action.kind,
+                action.pool,
+                action.current,
+                action.target,
+                action.reason,
+                " [dry-run]" if self.dry_run else "",
+            )
         # Only remember what happened: in dry-run nothing changed, so the next round starts afresh.
         if not self.dry_run:
             self.state = decision.state
         return decision
 
-    def run(self, stop: threading.Event, *, once: bool = False,
-            on_round: Callable[[Decision], None] | None = None) -> None:
+    def run(
+        self, stop: threading.Event, *, once: bool = False, on_round: Callable[[Decision], None] | None = None
+    ) -> None:
         """Reconcile every `interval_s` until `stop` is set (or once)."""
         while not stop.is_set():
             started = time.monotonic()
@@ -270,4 +299,3 @@ class Controller:
             if once:
                 return
             stop.wait(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
-

@@ -11,6 +11,7 @@ Simplifications, stated: replicas are packed perfectly onto nodes; a replica on 
 serves at once (model load time is the same in both runs and left out); the router spills a
 request to any ready replica; demand is in replicas (request rate / per-replica rate).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ class SimResult:
     actions: int
 
 
-def ramp(base: float, peak: float, *, warm_s: float = 1800, up_s: float = 3600, hold_s: float = 1800,
-         down_s: float = 3600) -> Callable[[float], float]:
+def ramp(
+    base: float, peak: float, *, warm_s: float = 1800, up_s: float = 3600, hold_s: float = 1800, down_s: float = 3600
+) -> Callable[[float], float]:
     """Demand in replicas: `base`, a linear ramp to `peak`, a plateau, a ramp back down."""
 
     def demand(t: float) -> float:
@@ -82,8 +84,12 @@ def simulate(
     scale_down_after_s: float = 600.0,
 ) -> SimResult:
     """Run the model; `controller=None` is the baseline (autoscaler and static placeholders only)."""
-    pools = {name: PoolState(fleet.pools[name], ready=fleet.pools[name].baseline_nodes,
-                             placeholders=fleet.pools[name].warm_nodes) for name in chain}
+    pools = {
+        name: PoolState(
+            fleet.pools[name], ready=fleet.pools[name].baseline_nodes, placeholders=fleet.pools[name].warm_nodes
+        )
+        for name in chain
+    }
     for p in pools.values():  # declared warm nodes exist from the start, as after `gpufleet up`
         p.ready = min(p.facts.max_nodes, p.ready + p.facts.warm_nodes)
     memory: dict[str, PoolMemory] = {}
@@ -118,9 +124,15 @@ def simulate(
             for name, p in pools.items():
                 pending = short * gpus_per_replica if name == chain[0] else 0  # replicas are planned on the top pool
                 samples[name] = PoolSample(
-                    pool=name, observed_at_s=t, ready_nodes=p.ready, gpus_allocatable=p.ready * p.facts.gpus_per_node,
-                    gpus_busy=p.replicas * gpus_per_replica, pending_gpus=pending, placeholders_desired=p.placeholders,
-                    desired_nodes=p.desired if p.facts.scalable_nodes else None)
+                    pool=name,
+                    observed_at_s=t,
+                    ready_nodes=p.ready,
+                    gpus_allocatable=p.ready * p.facts.gpus_per_node,
+                    gpus_busy=p.replicas * gpus_per_replica,
+                    pending_gpus=pending,
+                    placeholders_desired=p.placeholders,
+                    desired_nodes=p.desired if p.facts.scalable_nodes else None,
+                )
             decision = decide(fleet, samples, memory, t, controller)
             memory = decision.state
             for action in decision.actions:

@@ -4,8 +4,10 @@ Type tokens are `gpufleet:<module>:<Type>`. Every component reads the Plan; the 
 objects come from `gpufleet.infra.manifests`, the same builders `gpufleet render manifests`
 uses. Importing this package needs the `pulumi` extra.
 """
+
 from __future__ import annotations
 
+from gpufleet.infra.pulumi import stack_config
 from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
 from gpufleet.infra.pulumi.fleet import Fleet, FleetArgs, InvalidFleet, compile_declaration
@@ -13,7 +15,6 @@ from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
 from gpufleet.infra.pulumi.nodepool import GpuNodepool, GpuNodepoolArgs
 from gpufleet.infra.pulumi.router import CacheAwareRouter, CacheAwareRouterArgs
 from gpufleet.infra.pulumi.warm import WarmCapacity, WarmCapacityArgs
-from gpufleet.infra.pulumi import stack_config
 
 __all__ = [
     "CacheAwareRouter",

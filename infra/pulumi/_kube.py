@@ -5,6 +5,7 @@ object's kind to its `pulumi_kubernetes` class. Top-level fields become the clas
 keyword arguments; nested fields stay in Kubernetes' camelCase, which pulumi_kubernetes
 passes through unchanged, so Pulumi applies exactly what `gpufleet render manifests` writes.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """`FailoverController`: the warm-capacity / failover controller (`gpufleet controller run`) with
 the plan it reads, its ServiceAccount and the least RBAC its Kubernetes adapter needs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ class FailoverController(pulumi.ComponentResource):
             kind = obj["kind"]
             # The pod starts once its plan, identity and rights exist.
             deps = list(resources) if kind == "Deployment" else []
-            resources.append(apply_object(f"{name}-{kind.lower()}", obj, pulumi.ResourceOptions(parent=self, depends_on=deps)))
+            resources.append(
+                apply_object(f"{name}-{kind.lower()}", obj, pulumi.ResourceOptions(parent=self, depends_on=deps))
+            )
         self.service_account = pulumi.Output.from_input(manifests.controller_name(args.plan))
         self.node_scaling = pulumi.Output.from_input(manifests.controller_node_scaling(args.plan, args.options))
         self.register_outputs({"service_account": self.service_account, "node_scaling": self.node_scaling})

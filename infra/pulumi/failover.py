@@ -1,5 +1,6 @@
 """`FailoverPriorities`: the cluster-autoscaler priority expander ConfigMap from the declared
 pool priorities (model pods carry the matching weighted node affinity, see `infra.manifests`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,5 +37,7 @@ class FailoverPriorities(pulumi.ComponentResource):
         obj = manifests.expander_configmap(args.plan, args.cluster, args.options)
         apply_object(f"{name}-expander", obj, pulumi.ResourceOptions(parent=self))
         # Output maps need string keys.
-        self.priorities = pulumi.Output.from_input({str(k): v for k, v in yaml.safe_load(obj["data"]["priorities"]).items()})
+        self.priorities = pulumi.Output.from_input(
+            {str(k): v for k, v in yaml.safe_load(obj["data"]["priorities"]).items()}
+        )
         self.register_outputs({"priorities": self.priorities})

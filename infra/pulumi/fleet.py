@@ -6,6 +6,7 @@ The declaration is compiled before anything is registered: an invalid declaratio
 `InvalidFleet` (a `pulumi.RunError`, shown by Pulumi as one message without a traceback)
 and no resource exists yet.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ def compile_declaration(
     """
     try:
         if (fleet is None) == (fleet_file is None):
-            raise ValueError("give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither")
+            raise ValueError(
+                "give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither"
+            )
         if fleet_file is not None:
             path = Path(fleet_file)
             if base_dir is not None and not path.is_absolute():
@@ -96,7 +99,9 @@ class _ClusterHandle:
         self.depends_on: list[pulumi.Resource] = []
 
 
-def _kubeconfig(cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]) -> pulumi.Output[str]:
+def _kubeconfig(
+    cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]
+) -> pulumi.Output[str]:
     """A one-cluster kubeconfig whose user authenticates through an exec credential plugin."""
     return pulumi.Output.all(server, ca).apply(
         lambda a: json.dumps(
@@ -106,21 +111,34 @@ def _kubeconfig(cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], 
                 "clusters": [{"name": cluster, "cluster": {"server": a[0], "certificate-authority-data": a[1]}}],
                 "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
                 "current-context": cluster,
-                "users": [{"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}],
+                "users": [
+                    {"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}
+                ],
             }
         )
     )
 
 
-def _eks_kubeconfig(cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
+def _eks_kubeconfig(
+    cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]
+) -> pulumi.Output[str]:
     """Authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
-    return _kubeconfig(cluster, endpoint, ca, {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]})
+    return _kubeconfig(
+        cluster,
+        endpoint,
+        ca,
+        {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]},
+    )
 
 
 def _gke_kubeconfig(cluster: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
     """Authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials); GKE gives a bare IP."""
     server = pulumi.Output.from_input(endpoint).apply(lambda e: f"https://{e}")
-    exec_ = {"command": "gke-gcloud-auth-plugin", "provideClusterInfo": True, "installHint": "gcloud components install gke-gcloud-auth-plugin"}
+    exec_ = {
+        "command": "gke-gcloud-auth-plugin",
+        "provideClusterInfo": True,
+        "installHint": "gcloud components install gke-gcloud-auth-plugin",
+    }
     return _kubeconfig(cluster, server, ca, exec_)
 
 
@@ -165,7 +183,9 @@ class Fleet(pulumi.ComponentResource):
                         node_role_arn=h.node_role_arn,
                         subnet_ids=self._pool_subnets(name, pool, h),
                         project=plan.clouds.gcp.project if c.cloud == "gcp" and plan.clouds.gcp else None,
-                        service_account=plan.clouds.gcp.service_account if c.cloud == "gcp" and plan.clouds.gcp else None,
+                        service_account=plan.clouds.gcp.service_account
+                        if c.cloud == "gcp" and plan.clouds.gcp
+                        else None,
                     ),
                     pulumi.ResourceOptions(parent=self, providers=self._cloud_providers(), depends_on=h.depends_on),
                 )
@@ -210,7 +230,9 @@ class Fleet(pulumi.ComponentResource):
                         pulumi.ResourceOptions.merge(after_ns, pulumi.ResourceOptions(depends_on=[warm])),
                     )
             if home is not None and c.cloud == home.cloud:
-                router = CacheAwareRouter(f"{key}-router", CacheAwareRouterArgs(plan, args.admin_token, options), after_ns)
+                router = CacheAwareRouter(
+                    f"{key}-router", CacheAwareRouterArgs(plan, args.admin_token, options), after_ns
+                )
             if manifests.controller_objects(plan, c, options):
                 FailoverController(f"{key}-controller", FailoverControllerArgs(plan, c, options), after_ns)
 
@@ -267,11 +289,22 @@ class Fleet(pulumi.ComponentResource):
         invoke = pulumi.InvokeOutputOptions(parent=self, provider=self._aws)
         if cfg.create_cluster:
             if not cfg.subnet_ids:
-                raise InvalidFleet(ValueError("clouds.aws.subnet_ids: create_cluster needs the subnets of the new cluster"))
+                raise InvalidFleet(
+                    ValueError("clouds.aws.subnet_ids: create_cluster needs the subnets of the new cluster")
+                )
             role = aws.iam.Role(
                 f"{name}-eks-cluster-role",
                 assume_role_policy=json.dumps(
-                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "eks.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Principal": {"Service": "eks.amazonaws.com"},
+                                "Action": "sts:AssumeRole",
+                            }
+                        ],
+                    }
                 ),
                 opts=child,
             )
@@ -296,7 +329,9 @@ class Fleet(pulumi.ComponentResource):
             ca = eks.certificate_authority.apply(lambda c: c["data"] if isinstance(c, dict) else c.data)
         else:
             found = aws.eks.get_cluster_output(name=cfg.cluster, opts=invoke)
-            h.subnet_ids = list(cfg.subnet_ids) if cfg.subnet_ids else found.vpc_config.apply(lambda v: list(v.subnet_ids))
+            h.subnet_ids = (
+                list(cfg.subnet_ids) if cfg.subnet_ids else found.vpc_config.apply(lambda v: list(v.subnet_ids))
+            )
             endpoint = found.endpoint
             ca = found.certificate_authorities.apply(lambda cs: cs[0].data)
         if cfg.node_role_arn:
@@ -305,7 +340,16 @@ class Fleet(pulumi.ComponentResource):
             role = aws.iam.Role(
                 f"{name}-eks-node-role",
                 assume_role_policy=json.dumps(
-                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Principal": {"Service": "ec2.amazonaws.com"},
+                                "Action": "sts:AssumeRole",
+                            }
+                        ],
+                    }
                 ),
                 opts=child,
             )
@@ -339,7 +383,9 @@ class Fleet(pulumi.ComponentResource):
 
         cfg = self.plan.clouds.gcp
         assert cfg is not None
-        self._gcp = gcp.Provider(f"{name}-gcp", project=cfg.project, region=cfg.region, opts=pulumi.ResourceOptions(parent=self))
+        self._gcp = gcp.Provider(
+            f"{name}-gcp", project=cfg.project, region=cfg.region, opts=pulumi.ResourceOptions(parent=self)
+        )
         child = pulumi.ResourceOptions(parent=self, provider=self._gcp)
         if cfg.create_cluster:
             gke = gcp.container.Cluster(
@@ -357,10 +403,15 @@ class Fleet(pulumi.ComponentResource):
             h.name = gke.name
             h.depends_on = [gke]
             endpoint = gke.endpoint
-            ca = gke.master_auth.apply(lambda m: m["cluster_ca_certificate"] if isinstance(m, dict) else m.cluster_ca_certificate)
+            ca = gke.master_auth.apply(
+                lambda m: m["cluster_ca_certificate"] if isinstance(m, dict) else m.cluster_ca_certificate
+            )
         else:
             found = gcp.container.get_cluster_output(
-                name=cfg.cluster, location=cfg.region, project=cfg.project, opts=pulumi.InvokeOutputOptions(parent=self, provider=self._gcp)
+                name=cfg.cluster,
+                location=cfg.region,
+                project=cfg.project,
+                opts=pulumi.InvokeOutputOptions(parent=self, provider=self._gcp),
             )
             endpoint = found.endpoint
             ca = found.master_auths.apply(lambda ms: ms[0].cluster_ca_certificate)

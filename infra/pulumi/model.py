@@ -1,5 +1,6 @@
 """`ModelDeployment`: one deployment's replicas in one cluster (vLLM or SGLang), with their
 headless Service and PodDisruptionBudget."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,6 @@
 """`GpuNodepool`: one pool's GPU nodes: an EKS managed node group, a GKE node pool, or (on an
 existing cluster) nothing to create, the pool being the nodes that carry its label."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,10 @@ class GpuNodepoolArgs:
 
 
 def _taints(pool: PoolPlan) -> list[dict[str, str]]:
-    return [{"key": t["key"], "value": t["value"], "effect": _TAINT_EFFECTS[t["effect"]]} for t in manifests.pool_taints(pool)]
+    return [
+        {"key": t["key"], "value": t["value"], "effect": _TAINT_EFFECTS[t["effect"]]}
+        for t in manifests.pool_taints(pool)
+    ]
 
 
 class GpuNodepool(pulumi.ComponentResource):
@@ -94,7 +98,9 @@ class GpuNodepool(pulumi.ComponentResource):
             taints=[aws.eks.NodeGroupTaintArgs(**t) for t in _taints(pool)],
             tags={manifests.LABEL_FLEET: args.plan.fleet, manifests.LABEL_POOL: pool.name},
             # The cluster-autoscaler owns the current size once the group exists.
-            opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["scalingConfig.desiredSize"])),
+            opts=pulumi.ResourceOptions.merge(
+                opts, pulumi.ResourceOptions(ignore_changes=["scalingConfig.desiredSize"])
+            ),
         )
 
     @staticmethod
@@ -105,7 +111,9 @@ class GpuNodepool(pulumi.ComponentResource):
         family = "-".join(pool.instance_type.split("-")[:2])
         accelerator = GKE_ACCELERATOR_BY_FAMILY.get(family) or GKE_ACCELERATORS.get(pool.gpu)
         if accelerator is None:
-            raise ValueError(f"pool {pool.name}: no GKE accelerator type known for GPU {pool.gpu}; known: {', '.join(GKE_ACCELERATORS)}")
+            raise ValueError(
+                f"pool {pool.name}: no GKE accelerator type known for GPU {pool.gpu}; known: {', '.join(GKE_ACCELERATORS)}"
+            )
         if args.cluster_name is None:
             raise ValueError(f"pool {pool.name}: a GKE node pool needs cluster_name")
         desired = pool.baseline_nodes + pool.warm_nodes

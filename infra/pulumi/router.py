@@ -1,5 +1,6 @@
 """`CacheAwareRouter`: the router config rendered from the plan, the admin-token Secret made
 from a Pulumi secret, and `gpufleet router serve` with its ServiceAccount and Service."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -22,6 +22,7 @@ Keys (namespace `gpufleet`):
 | controllerKubeconfigSecret | Secret (key `config`) with a kubeconfig for every cluster       |
 | controllerKubeContexts | object CLOUD -> context in that kubeconfig                          |
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,9 @@ def _str_map(cfg: pulumi.Config, key: str) -> dict[str, str]:
     value = cfg.get_object(key)
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
         raise pulumi.RunError(f"gpufleet:{key}: expected an object of names to non-empty strings, got {value!r}")
     return dict(value)
 
@@ -54,7 +57,9 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
     defaults = manifests.ManifestOptions()
     service_type = cfg.get("routerServiceType") or defaults.router_service_type
     if service_type not in SERVICE_TYPES:
-        raise pulumi.RunError(f"gpufleet:routerServiceType: {service_type!r} is not allowed; expected one of {', '.join(SERVICE_TYPES)}")
+        raise pulumi.RunError(
+            f"gpufleet:routerServiceType: {service_type!r} is not allowed; expected one of {', '.join(SERVICE_TYPES)}"
+        )
     replicas = cfg.get_int("routerReplicas")
     if replicas is not None and replicas < 1:
         raise pulumi.RunError(f"gpufleet:routerReplicas: {replicas} must be at least 1")
@@ -64,7 +69,9 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
         router_service_type=service_type,
         autoscaler_namespace=cfg.get("autoscalerNamespace") or defaults.autoscaler_namespace,
         placeholder_image=cfg.get("placeholderImage") or defaults.placeholder_image,
-        install_device_plugin=defaults.install_device_plugin if cfg.get_bool("installDevicePlugin") is None else bool(cfg.get_bool("installDevicePlugin")),
+        install_device_plugin=defaults.install_device_plugin
+        if cfg.get_bool("installDevicePlugin") is None
+        else bool(cfg.get_bool("installDevicePlugin")),
     )
     controller = cfg.get_bool("controller")
     options = dataclasses.replace(

@@ -1,5 +1,6 @@
 """`WarmCapacity`: the placeholder and serving PriorityClasses and, per pool with warm nodes or
 later in a failover chain, a Deployment of pause pods that each hold one whole node's GPUs."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ TTFT p99 meets the target with nothing rejected, then bisects between the last m
 hit (p99 falls as replicas are added; the bisection assumes so). `compare` does it for
 `round_robin` and `cache_aware` and prices the difference per month from the plan's GPU prices.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -11,6 +11,7 @@ unhealthy) is *rejected*, as the server answers 429/503; one the engine refuses 
 Everything is deterministic for a given workload, fleet, policy and seed: no wall clock, no
 unseeded randomness, ties broken by sequence numbers.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -214,9 +215,7 @@ def simulate(
         r.begin(d.prefill_tokens)
         lv = _Live(rec, f, i, d.prefill_tokens)
         try:
-            engines[i].admit(
-                kvmodel.EngineRequest(req.id, f.prompt_tokens, req.output_tokens, f.block_hashes), now
-            )
+            engines[i].admit(kvmodel.EngineRequest(req.id, f.prompt_tokens, req.output_tokens, f.block_hashes), now)
         except kvmodel.AdmissionError:
             rec.outcome = "failed"
             finish(lv, "failed", 0)

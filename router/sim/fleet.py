@@ -5,6 +5,7 @@ capacity and prefill/decode rates the plan gives for its pool, and one `ReplicaS
 pool, priority, KV capacity and concurrency limit the live router would get from its config.
 Prices per GPU-second come from the pool's node price over its GPUs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -80,7 +81,9 @@ def fleet_from_plan(plan: Any, deployment: str, *, replicas: int | None = None, 
     except KeyError:
         names = ", ".join(d.name for d in plan.deployments) or "none"
         raise ValueError(f"deployment {deployment!r} is not in fleet {plan.fleet!r}; it has: {names}") from None
-    settings = plan.router if isinstance(plan.router, RouterSettings) else RouterSettings.model_validate(plan.router or {})
+    settings = (
+        plan.router if isinstance(plan.router, RouterSettings) else RouterSettings.model_validate(plan.router or {})
+    )
     perf = {p.pool: p for p in dep.pools}
     specs: list[ReplicaSpec] = []
     for rp in dep.replicas:
@@ -138,7 +141,5 @@ def uniform_fleet(
         block_size_tokens=s.block_size_tokens,
         max_model_len=max_model_len,
     )
-    reps = tuple(
-        ReplicaSpec(f"r{i}", "sim", 0, engine, max_concurrent_requests, 1, usd_per_gpu_hour) for i in range(n)
-    )
+    reps = tuple(ReplicaSpec(f"r{i}", "sim", 0, engine, max_concurrent_requests, 1, usd_per_gpu_hour) for i in range(n))
     return SimFleet("uniform", reps, s)

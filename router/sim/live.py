@@ -17,6 +17,7 @@ TTFT is the first streamed token, the prefix-hit ratio comes from each answer's
 `usage.prompt_tokens_details.cached_tokens` as the replica reports it. Times in the table are
 wall-clock seconds of the sped-up run (multiply by `speedup` for the plan's hardware).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -152,13 +153,32 @@ def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -
         e = spec.engine
         port_file = tmp / f"{spec.id}.port"
         cmd = [
-            *_CLI, "replica-sim", "--model", MODEL, "--replica-id", spec.id, "--port", "0", "--port-file", str(port_file),
-            "--kv-capacity-tokens", str(e.kv_capacity_tokens),
-            "--prefill-tokens-per-s", str(e.prefill_tokens_per_s * speedup),
-            "--decode-tokens-per-s", str(e.decode_tokens_per_s * speedup),
-            "--max-running", str(e.max_running), "--max-batched-tokens", str(e.max_batched_tokens),
-            "--max-model-len", str(e.max_model_len), "--block-size-tokens", str(s.block_size_tokens),
-            "--chars-per-token", str(s.chars_per_token),
+            *_CLI,
+            "replica-sim",
+            "--model",
+            MODEL,
+            "--replica-id",
+            spec.id,
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--kv-capacity-tokens",
+            str(e.kv_capacity_tokens),
+            "--prefill-tokens-per-s",
+            str(e.prefill_tokens_per_s * speedup),
+            "--decode-tokens-per-s",
+            str(e.decode_tokens_per_s * speedup),
+            "--max-running",
+            str(e.max_running),
+            "--max-batched-tokens",
+            str(e.max_batched_tokens),
+            "--max-model-len",
+            str(e.max_model_len),
+            "--block-size-tokens",
+            str(s.block_size_tokens),
+            "--chars-per-token",
+            str(s.chars_per_token),
         ]
         pending.append((procs.start(cmd, tmp / f"{spec.id}.log"), port_file))
     for proc, port_file in pending:
@@ -173,7 +193,9 @@ def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -
     return urls
 
 
-def _start_router(router: str, procs: _Procs, fleet: SimFleet, urls: list[str], tmp: Path, peer: list[str] | None) -> str:
+def _start_router(
+    router: str, procs: _Procs, fleet: SimFleet, urls: list[str], tmp: Path, peer: list[str] | None
+) -> str:
     port = free_port()
     log = tmp / f"router-{router}.log"
     if router == "gpufleet":
@@ -185,8 +207,14 @@ def _start_router(router: str, procs: _Procs, fleet: SimFleet, urls: list[str], 
             settings=settings,
             replicas=[
                 ReplicaConfig(
-                    id=spec.id, url=url, deployment=fleet.name, model=MODEL, pool=spec.pool, priority=spec.priority,
-                    kv_capacity_tokens=spec.engine.kv_capacity_tokens, max_model_len=spec.engine.max_model_len,
+                    id=spec.id,
+                    url=url,
+                    deployment=fleet.name,
+                    model=MODEL,
+                    pool=spec.pool,
+                    priority=spec.priority,
+                    kv_capacity_tokens=spec.engine.kv_capacity_tokens,
+                    max_model_len=spec.engine.max_model_len,
                     max_concurrent_requests=spec.max_concurrent_requests,
                 )
                 for spec, url in zip(fleet.replicas, urls)
@@ -199,8 +227,20 @@ def _start_router(router: str, procs: _Procs, fleet: SimFleet, urls: list[str], 
         return f"http://127.0.0.1:{port}"
     assert peer is not None
     metrics_port = free_port()
-    common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", "cache_aware",
-              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *urls,
+        "--policy",
+        "cache_aware",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(metrics_port),
+    ]
     if router == "sglang":
         cmd = [*peer, *common, "--shutdown-grace-period-secs", "1"]
     else:
@@ -309,4 +349,3 @@ def _summarize(router: str, recs: list[dict]) -> LiveResult:
         throughput_rps=len(ok) / span if span > 0 else float("nan"),
         error_samples=[r["err"] for r in recs if r["err"]][:3],
     )
-

@@ -17,6 +17,7 @@ Goals (for gpufleet's `cache_aware`, per workload and load; `noise` is a relativ
     vs_ll    p99 <= least_load p99 x (1 + noise)
     vs_sgl   p99 <= SGLang model p99 x (1 + noise) (met trivially when the two are within noise)
 """
+
 from __future__ import annotations
 
 import math
@@ -131,7 +132,9 @@ def _within(a: float, b: float, factor: float) -> bool:
     return a <= b * factor
 
 
-def evaluate_goals(summaries: Mapping[str, PolicySummary], *, subject: str = "cache_aware", noise: float = NOISE) -> list[Goal]:
+def evaluate_goals(
+    summaries: Mapping[str, PolicySummary], *, subject: str = "cache_aware", noise: float = NOISE
+) -> list[Goal]:
     """Judge `subject` against the oracle, least_load and the SGLang model (module docs)."""
     me = summaries.get(subject)
     if me is None:
@@ -144,8 +147,11 @@ def evaluate_goals(summaries: Mapping[str, PolicySummary], *, subject: str = "ca
     else:
         ratio = me.hit_ratio / orc.hit_ratio if orc.hit_ratio > 0 else 1.0
         goals.append(
-            Goal("hit >= 0.95 x oracle", ratio >= 0.95 or me.hit_ratio >= orc.hit_ratio,
-                 f"{me.hit_ratio:.3f} vs {orc.hit_ratio:.3f} (x{ratio:.2f})")
+            Goal(
+                "hit >= 0.95 x oracle",
+                ratio >= 0.95 or me.hit_ratio >= orc.hit_ratio,
+                f"{me.hit_ratio:.3f} vs {orc.hit_ratio:.3f} (x{ratio:.2f})",
+            )
         )
         r50 = me.ttft_p50_s / orc.ttft_p50_s if orc.ttft_p50_s > 0 else 1.0
         r99 = me.ttft_p99_s / orc.ttft_p99_s if orc.ttft_p99_s > 0 else 1.0
@@ -157,8 +163,11 @@ def evaluate_goals(summaries: Mapping[str, PolicySummary], *, subject: str = "ca
         goals.append(Goal("p99 <= least_load (+noise)", None, "least_load not run"))
     else:
         goals.append(
-            Goal("p99 <= least_load (+noise)", _within(me.ttft_p99_s, ll.ttft_p99_s, 1 + noise),
-                 f"{me.ttft_p99_s:.3f}s vs {ll.ttft_p99_s:.3f}s")
+            Goal(
+                "p99 <= least_load (+noise)",
+                _within(me.ttft_p99_s, ll.ttft_p99_s, 1 + noise),
+                f"{me.ttft_p99_s:.3f}s vs {ll.ttft_p99_s:.3f}s",
+            )
         )
     sg = summaries.get("sglang_cache_aware")
     if sg is None:
@@ -167,7 +176,10 @@ def evaluate_goals(summaries: Mapping[str, PolicySummary], *, subject: str = "ca
         same = abs(me.ttft_p99_s - sg.ttft_p99_s) <= noise * max(me.ttft_p99_s, sg.ttft_p99_s)
         met = same or me.ttft_p99_s < sg.ttft_p99_s
         goals.append(
-            Goal("p99 beats sglang model", met,
-                 f"{me.ttft_p99_s:.3f}s vs {sg.ttft_p99_s:.3f}s" + (" (within noise)" if same else ""))
+            Goal(
+                "p99 beats sglang model",
+                met,
+                f"{me.ttft_p99_s:.3f}s vs {sg.ttft_p99_s:.3f}s" + (" (within noise)" if same else ""),
+            )
         )
     return goals

@@ -29,6 +29,7 @@ oracle
     first token: (queued prefill + this request's uncached prompt) / prefill rate, plus one decode
     step per prefill chunk while the replica decodes. Ties go to the longer exact prefix.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -297,7 +298,9 @@ class OraclePolicy(Policy):
             decoding = e.num_running > 0
             if decoding:
                 est += max(1, math.ceil(work / p.max_batched_tokens)) * step_s
-            out.append(OracleChoice(r.id, m, run_left + wait_left, decoding, est, start + ahead / p.prefill_tokens_per_s))
+            out.append(
+                OracleChoice(r.id, m, run_left + wait_left, decoding, est, start + ahead / p.prefill_tokens_per_s)
+            )
         return out
 
     def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
 """Run several policies on one workload and fleet; show the results as a table, JSON and a plot."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,18 @@ from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
 from gpufleet.router.sim.workloads import Workload, infinite_cache_hit_ratio
 
-__all__ = ["BenchRun", "goals_lines", "parse_policies", "plot_runs", "results_table", "goals_markdown", "markdown_tables", "run_policies", "to_json", "write_json"]
+__all__ = [
+    "BenchRun",
+    "goals_lines",
+    "parse_policies",
+    "plot_runs",
+    "results_table",
+    "goals_markdown",
+    "markdown_tables",
+    "run_policies",
+    "to_json",
+    "write_json",
+]
 
 
 @dataclass
@@ -95,14 +107,37 @@ def results_table(run: BenchRun) -> Table:
         ),
         title_justify="left",
     )
-    for col in ("policy", "hit", "TTFT p50 ms", "p90 ms", "p99 ms", "e2e p50 ms", "e2e p99 ms", "req/s",
-                "imbalance", "prefill GPU-s", "prefill $", "rejected", "failed"):
+    for col in (
+        "policy",
+        "hit",
+        "TTFT p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "e2e p50 ms",
+        "e2e p99 ms",
+        "req/s",
+        "imbalance",
+        "prefill GPU-s",
+        "prefill $",
+        "rejected",
+        "failed",
+    ):
         t.add_column(col, justify="left" if col == "policy" else "right")
     for s in run.summaries.values():
         t.add_row(
-            s.policy, f"{s.hit_ratio:.3f}", _ms(s.ttft_p50_s), _ms(s.ttft_p90_s), _ms(s.ttft_p99_s),
-            _ms(s.latency_p50_s), _ms(s.latency_p99_s), f"{s.throughput_rps:.2f}", f"{s.imbalance:.2f}",
-            f"{s.prefill_gpu_s:,.0f}", f"{s.prefill_usd:.2f}", str(s.rejected), str(s.failed),
+            s.policy,
+            f"{s.hit_ratio:.3f}",
+            _ms(s.ttft_p50_s),
+            _ms(s.ttft_p90_s),
+            _ms(s.ttft_p99_s),
+            _ms(s.latency_p50_s),
+            _ms(s.latency_p99_s),
+            f"{s.throughput_rps:.2f}",
+            f"{s.imbalance:.2f}",
+            f"{s.prefill_gpu_s:,.0f}",
+            f"{s.prefill_usd:.2f}",
+            str(s.rejected),
+            str(s.failed),
         )
     return t
 
@@ -137,7 +172,10 @@ def to_json(runs: Sequence[BenchRun]) -> dict[str, Any]:
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else (round(v, 6) if isinstance(v, float) else v)) for k, v in d.items()}
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else (round(v, 6) if isinstance(v, float) else v))
+        for k, v in d.items()
+    }
 
 
 def write_json(runs: Sequence[BenchRun], path: str | Path) -> None:
@@ -183,8 +221,14 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
             step = max(1, len(vals) // 300)  # a CDF needs no more points than pixels
             pts = vals[::step]
             n = len(pts)
-            ax.plot([max(v, 1e-3) for v in pts], [(i + 1) / n for i in range(n)], color=colors[name],
-                    linewidth=1.8 if name == "cache_aware" else 1, linestyle="--" if name == "oracle" else "-", label=name)
+            ax.plot(
+                [max(v, 1e-3) for v in pts],
+                [(i + 1) / n for i in range(n)],
+                color=colors[name],
+                linewidth=1.8 if name == "cache_aware" else 1,
+                linestyle="--" if name == "oracle" else "-",
+                label=name,
+            )
         ax.set_xscale("log")
         ax.set_title(f"{run.workload} @ load {run.load:.1f}", fontsize=8)
         ax.tick_params(labelsize=6)
@@ -193,15 +237,17 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
             ax.set_ylabel("fraction", fontsize=7)
         if k // ncols == nrows - 1:
             ax.set_xlabel("TTFT (s)", fontsize=7)
-    handles = [
-        plt.Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies
-    ]
+    handles = [plt.Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(policies), 8), fontsize=7, frameon=False)
     hm = fig.add_subplot(grid[nrows, :])
     data = [[r.summaries[p].hit_ratio if p in r.summaries else float("nan") for r in runs] for p in policies]
     hm.imshow(data, aspect="auto", cmap="Blues", vmin=0, vmax=1)
     hm.set_yticks(range(len(policies)), policies, fontsize=7)
-    hm.set_xticks(range(len(runs)), [f"{r.workload}\n@{r.load:.1f} (inf {r.infinite_cache_hit_ratio:.2f})" for r in runs], fontsize=6)
+    hm.set_xticks(
+        range(len(runs)),
+        [f"{r.workload}\n@{r.load:.1f} (inf {r.infinite_cache_hit_ratio:.2f})" for r in runs],
+        fontsize=6,
+    )
     for i, row in enumerate(data):
         for j, v in enumerate(row):
             if not math.isnan(v):
@@ -223,9 +269,12 @@ def markdown_tables(data: dict[str, Any]) -> str:
             f"#### {r['workload']} at load {r['load']:.2f} ({r['requests']} requests, "
             f"infinite-cache hit ratio {r['infinite_cache_hit_ratio']:.3f})\n"
         )
-        out.append("| policy | hit | TTFT p50 s | p90 s | p99 s | e2e p99 s | req/s | imbalance | prefill GPU-s | rejected |")
+        out.append(
+            "| policy | hit | TTFT p50 s | p90 s | p99 s | e2e p99 s | req/s | imbalance | prefill GPU-s | rejected |"
+        )
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, s in r["policies"].items():
+
             def f(x: Any, fmt: str) -> str:
                 return "-" if x is None else format(x, fmt)
 

@@ -11,6 +11,7 @@ hashes of one trace block depend only on the hash before it and the id, and are 
 pair. The result is exactly `prefix.block_hashes(text, block_chars)` of the full text (a test pins
 this), at the cost of one dict lookup per trace block for repeated prefixes.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,15 @@ from gpufleet.router.config import RouterSettings
 from gpufleet.router.sim.workloads import MODEL, SimRequest, TextPool, Workload
 from gpufleet.router.types import RequestFeatures
 
-__all__ = ["TRACE_BLOCK_TOKENS", "TraceError", "TraceRecord", "load_trace", "parse_trace", "trace_text", "trace_workload"]
+__all__ = [
+    "TRACE_BLOCK_TOKENS",
+    "TraceError",
+    "TraceRecord",
+    "load_trace",
+    "parse_trace",
+    "trace_text",
+    "trace_workload",
+]
 
 TRACE_BLOCK_TOKENS = 512
 
@@ -54,7 +63,9 @@ def _int(obj: dict, key: str, where: str, *, minimum: int) -> int:
     return v
 
 
-def parse_trace(lines: Iterable[str], source: str = "<trace>", block_tokens: int = TRACE_BLOCK_TOKENS) -> Iterator[TraceRecord]:
+def parse_trace(
+    lines: Iterable[str], source: str = "<trace>", block_tokens: int = TRACE_BLOCK_TOKENS
+) -> Iterator[TraceRecord]:
     """Parse Mooncake lines; blank lines are skipped, anything malformed raises `TraceError`."""
     last_ts = -math.inf
     for n, line in enumerate(lines, 1):
@@ -191,5 +202,7 @@ def trace_workload(
         body = None
         if keep_bodies:
             body = {"model": MODEL, "prompt": trace_text(rec, pool, block_tokens), "max_tokens": rec.output_length}
-        reqs.append(SimRequest(f"{name}-{i}", rec.timestamp_ms / 1000.0 / rate_multiplier, feats, rec.output_length, body))
+        reqs.append(
+            SimRequest(f"{name}-{i}", rec.timestamp_ms / 1000.0 / rate_multiplier, feats, rec.output_length, body)
+        )
     return Workload(name, reqs, {"rate_multiplier": rate_multiplier, "block_tokens": block_tokens})

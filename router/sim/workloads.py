@@ -19,6 +19,7 @@ Workloads (the issue's 1-4; trace replay lives in `gpufleet.router.sim.trace`):
     mix             the three together, a third of the traffic each
 Arrivals are Poisson at `rate_rps`; `Workload.scaled(factor)` compresses time for `--load`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -164,7 +165,13 @@ def _features(body: dict[str, Any], settings: RouterSettings, session_id: str | 
 
 
 def _request(
-    rid: str, t: float, messages: list[dict[str, str]], out: int, settings: RouterSettings, keep: bool, sid: str | None = None
+    rid: str,
+    t: float,
+    messages: list[dict[str, str]],
+    out: int,
+    settings: RouterSettings,
+    keep: bool,
+    sid: str | None = None,
 ) -> SimRequest:
     body: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": out}
     feats = _features(body, settings, sid)
@@ -339,7 +346,9 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
 }
 
 
-def make_workload(name: str, n_requests: int, *, seed: int = 0, settings: RouterSettings | None = None, **kw: Any) -> Workload:
+def make_workload(
+    name: str, n_requests: int, *, seed: int = 0, settings: RouterSettings | None = None, **kw: Any
+) -> Workload:
     """Build the workload registered under `name` (one of `WORKLOADS`)."""
     try:
         gen = WORKLOADS[name]
@@ -375,4 +384,3 @@ def expected_shared_fraction(system_tokens: tuple[int, int], question_tokens: tu
     """The sharing ratio `shared_prompts` asks for: mean system prompt over mean prompt length."""
     sys_mean = sum(system_tokens) / 2
     return sys_mean / (sys_mean + sum(question_tokens) / 2)
-

@@ -2,6 +2,7 @@
 
 Everything comes from the one declaration (see Pulumi.<stack>.yaml and docs/pulumi.md).
 """
+
 import pulumi
 
 from gpufleet.infra.pulumi import Fleet, stack_config

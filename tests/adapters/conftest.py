@@ -1,4 +1,5 @@
 """Puts the repo root on sys.path so `tests.fakes` imports; moto tests get fake AWS credentials."""
+
 from __future__ import annotations
 
 import sys

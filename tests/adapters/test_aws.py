@@ -1,4 +1,5 @@
 """AWS adapter against moto: offerings, spot prices, quotas, EKS node groups, warm pools."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -21,25 +22,36 @@ def adapter() -> Iterator[aws.AwsAdapter]:
         yield aws.AwsAdapter()
 
 
-def make_nodegroup(region: str, cluster: str, name: str, *, desired: int, max_size: int,
-                   in_service: int | None = None) -> dict[str, Any]:
+def make_nodegroup(
+    region: str, cluster: str, name: str, *, desired: int, max_size: int, in_service: int | None = None
+) -> dict[str, Any]:
     """An EKS cluster + node group, and the Auto Scaling group EKS would create behind it."""
     eks = boto3.client("eks", region_name=region)
     if cluster not in eks.list_clusters()["clusters"]:
         eks.create_cluster(name=cluster, roleArn=ROLE, resourcesVpcConfig={"subnetIds": ["subnet-1"]})
-    ng = eks.create_nodegroup(clusterName=cluster, nodegroupName=name, nodeRole=ROLE, subnets=["subnet-1"],
-                              instanceTypes=["p5.48xlarge"],
-                              scalingConfig={"minSize": 0, "maxSize": max_size, "desiredSize": desired})["nodegroup"]
+    ng = eks.create_nodegroup(
+        clusterName=cluster,
+        nodegroupName=name,
+        nodeRole=ROLE,
+        subnets=["subnet-1"],
+        instanceTypes=["p5.48xlarge"],
+        scalingConfig={"minSize": 0, "maxSize": max_size, "desiredSize": desired},
+    )["nodegroup"]
     asg_name = ng["resources"]["autoScalingGroups"][0]["name"]
     ec2 = boto3.client("ec2", region_name=region)
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    lt = ec2.create_launch_template(LaunchTemplateName=f"lt-{name}",
-                                    LaunchTemplateData={"ImageId": ami, "InstanceType": "p5.48xlarge"})
+    lt = ec2.create_launch_template(
+        LaunchTemplateName=f"lt-{name}", LaunchTemplateData={"ImageId": ami, "InstanceType": "p5.48xlarge"}
+    )
     n = desired if in_service is None else in_service
     boto3.client("autoscaling", region_name=region).create_auto_scaling_group(
-        AutoScalingGroupName=asg_name, MinSize=0, MaxSize=max_size, DesiredCapacity=n,
+        AutoScalingGroupName=asg_name,
+        MinSize=0,
+        MaxSize=max_size,
+        DesiredCapacity=n,
         LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
-        AvailabilityZones=[f"{region}a"])
+        AvailabilityZones=[f"{region}a"],
+    )
     return ng
 
 
@@ -130,13 +142,16 @@ def test_warm_pool_is_set_on_the_nodegroup_asg(adapter: aws.AwsAdapter) -> None:
     assert adapter.pool_state(ref).warm_pool_nodes == 2
 
 
-@pytest.mark.parametrize(("code", "error_type", "blocks"), [
-    ("InsufficientInstanceCapacity", base.CapacityError, "zone"),
-    ("VcpuLimitExceeded", base.QuotaExceeded, "region"),
-    ("Unsupported", base.NotOffered, "zone"),
-    ("UnauthorizedOperation", base.PermissionDenied, "cloud"),
-    ("RequestLimitExceeded", base.Throttled, "request"),
-])
+@pytest.mark.parametrize(
+    ("code", "error_type", "blocks"),
+    [
+        ("InsufficientInstanceCapacity", base.CapacityError, "zone"),
+        ("VcpuLimitExceeded", base.QuotaExceeded, "region"),
+        ("Unsupported", base.NotOffered, "zone"),
+        ("UnauthorizedOperation", base.PermissionDenied, "cloud"),
+        ("RequestLimitExceeded", base.Throttled, "request"),
+    ],
+)
 def test_client_errors_map_to_typed_errors(adapter: aws.AwsAdapter, code: str, error_type: type, blocks: str) -> None:
     response = {"Error": {"Code": code, "Message": "from EC2"}, "ResponseMetadata": {"HTTPStatusCode": 400}}
     with pytest.raises(error_type) as info, adapter._errors("us-east-1", "us-east-1a"):

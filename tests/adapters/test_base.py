@@ -1,4 +1,5 @@
 """The adapter contract: one error map, the can't-do table, lazy SDK imports, and the docs that describe them."""
+
 from __future__ import annotations
 
 from pathlib import Path

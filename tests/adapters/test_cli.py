@@ -1,4 +1,5 @@
 """`gpufleet discover` and `gpufleet catalog refresh` through CliRunner, on moto and the fake GCE."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,22 @@ def gce(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGcpServer]:
 
 def test_discover_aws_json_lists_offers_prices_and_headroom() -> None:
     with mock_aws(), ec2_gpu_quotas({"us-west-2": {"L-417A185B": 768}}):
-        result = runner.invoke(app, ["discover", "--cloud", "aws", "--region", "us-west-2", "--region", "eu-west-1",
-                                     "--gpu", "H100", "--format", "json"])
+        result = runner.invoke(
+            app,
+            [
+                "discover",
+                "--cloud",
+                "aws",
+                "--region",
+                "us-west-2",
+                "--region",
+                "eu-west-1",
+                "--gpu",
+                "H100",
+                "--format",
+                "json",
+            ],
+        )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = {(m["region"], m["machine_type"]): m for m in data["machines"]}
@@ -60,8 +75,23 @@ def test_discover_gcp_without_project_is_one_line_error(gce: FakeGcpServer, monk
 
 def test_catalog_refresh_gcp_writes_a_loadable_user_catalog(gce: FakeGcpServer, tmp_path: Path) -> None:
     out = tmp_path / "gcp.yaml"
-    result = runner.invoke(app, ["catalog", "refresh", "--cloud", "gcp", "--project", gce.project,
-                                 "--region", "us-central1", "--region", "europe-west4", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "catalog",
+            "refresh",
+            "--cloud",
+            "gcp",
+            "--project",
+            gce.project,
+            "--region",
+            "us-central1",
+            "--region",
+            "europe-west4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = yaml.safe_load(out.read_text())
     assert doc["schema"] == "gpufleet.catalog.machines/v1" and doc["cloud"] == "gcp"
@@ -75,7 +105,9 @@ def test_catalog_refresh_gcp_writes_a_loadable_user_catalog(gce: FakeGcpServer, 
 def test_catalog_refresh_aws_takes_live_spot_prices(tmp_path: Path) -> None:
     out = tmp_path / "aws.yaml"
     with mock_aws():
-        result = runner.invoke(app, ["catalog", "refresh", "--cloud", "aws", "--region", "us-east-1", "--out", str(out)])
+        result = runner.invoke(
+            app, ["catalog", "refresh", "--cloud", "aws", "--region", "us-east-1", "--out", str(out)]
+        )
     assert result.exit_code == 0, result.output
     merged = catalog.load([out])
     p5 = merged.machine("aws", "p5.48xlarge")
@@ -85,8 +117,22 @@ def test_catalog_refresh_aws_takes_live_spot_prices(tmp_path: Path) -> None:
 
 
 def test_discover_all_regions_walks_every_zone_region(gce: FakeGcpServer) -> None:
-    result = runner.invoke(app, ["discover", "--cloud", "gcp", "--project", gce.project, "--region", "all",
-                                 "--gpu", "A100", "--format", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "discover",
+            "--cloud",
+            "gcp",
+            "--project",
+            gce.project,
+            "--region",
+            "all",
+            "--gpu",
+            "A100",
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     machines = json.loads(result.stdout)["machines"]
     assert [(m["region"], m["machine_type"]) for m in machines] == [("europe-west4", "a2-highgpu-8g")]

@@ -1,4 +1,5 @@
 """GCP adapter: the REAL google-cloud-compute REST client against the stateful local fake."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -30,7 +31,12 @@ def test_offerings_group_zones_and_read_gpu_facts(adapter: gcp.GcpAdapter) -> No
     assert set(offers) == {"a3-highgpu-8g", "g2-standard-48"}  # n2 has no GPU
     a3 = offers["a3-highgpu-8g"]
     assert (a3.gpu_model, a3.gpu_count, a3.gpu_memory_gib, a3.vcpus, a3.zones) == (
-        "H100", 8, 80.0, 208, ("us-central1-a",))
+        "H100",
+        8,
+        80.0,
+        208,
+        ("us-central1-a",),
+    )
     assert offers["g2-standard-48"].zones == ("us-central1-a", "us-central1-b")
     assert seen == ["us-central1-a", "us-central1-b"]
 
@@ -51,7 +57,13 @@ def test_regional_gpu_quotas(adapter: gcp.GcpAdapter) -> None:
     assert "CPUS" not in quotas
     h100 = quotas["NVIDIA_H100_GPUS"]
     assert (h100.unit, h100.limit, h100.usage, h100.headroom, h100.applies_to, h100.spot) == (
-        "gpu", 16, 8, 8, ("H100",), False)
+        "gpu",
+        16,
+        8,
+        8,
+        ("H100",),
+        False,
+    )
     assert quotas["PREEMPTIBLE_NVIDIA_H100_GPUS"].spot
     assert gcp.quota_gpu_model("NVIDIA_A100_80GB_GPUS") == "A100-80GB"
 
@@ -77,12 +89,16 @@ def test_resize_changes_what_the_next_get_returns(fake: FakeGcpServer, adapter: 
 
 def test_stockout_in_operation_maps_to_capacity_error(fake: FakeGcpServer, adapter: gcp.GcpAdapter) -> None:
     fake.add_mig("us-central1-a", "gke-prod-h100", machine_type="a3-highgpu-8g", size=1)
-    fake.fail_next_resize("us-central1-a", "gke-prod-h100", http_status=503,
-                          reason="ZONE_RESOURCE_POOL_EXHAUSTED", as_operation=True)
+    fake.fail_next_resize(
+        "us-central1-a", "gke-prod-h100", http_status=503, reason="ZONE_RESOURCE_POOL_EXHAUSTED", as_operation=True
+    )
     with pytest.raises(base.CapacityError) as info:
         adapter.scale_pool(base.ScaleRequest(ref=ref(), desired_nodes=2))
     assert (info.value.code, info.value.blocks, info.value.zone) == (
-        "ZONE_RESOURCE_POOL_EXHAUSTED", "zone", "us-central1-a")
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "zone",
+        "us-central1-a",
+    )
     assert adapter.pool_state(ref()).desired_nodes == 1
 
 

@@ -1,4 +1,5 @@
 """Kubernetes adapter: the REAL kubernetes client against the stateful fake API server."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -30,12 +31,19 @@ def two_node_pool(kube: FakeKubernetes, placeholders: int = 1) -> None:
     kube.add_node("h100-b", labels=POOL, gpus=8)
     kube.add_node("other", labels={"gpufleet.io/pool": "gcp-h100"}, gpus=8)
     kube.add_pod("vllm-0", namespace="serving", labels={"app": "vllm"}, gpus=4, node_selector=POOL)
-    kube.add_deployment(kube_adapter.placeholder_deployment_name("aws-h100"), namespace=NS, replicas=placeholders,
-                        labels=PLACEHOLDER, gpus_per_pod=8, node_selector=POOL)
+    kube.add_deployment(
+        kube_adapter.placeholder_deployment_name("aws-h100"),
+        namespace=NS,
+        replicas=placeholders,
+        labels=PLACEHOLDER,
+        gpus_per_pod=8,
+        node_selector=POOL,
+    )
 
 
-def test_utilisation_counts_serving_placeholder_and_pending_gpus(kube: FakeKubernetes,
-                                                                 adapter: kube_adapter.KubernetesAdapter) -> None:
+def test_utilisation_counts_serving_placeholder_and_pending_gpus(
+    kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter
+) -> None:
     two_node_pool(kube)
     # A 4-GPU pod that cannot fit next to the 4 used on one node and the placeholder on the other
     # preempts the placeholder; the recreated placeholder then waits Pending.
@@ -47,8 +55,9 @@ def test_utilisation_counts_serving_placeholder_and_pending_gpus(kube: FakeKuber
     assert (u.pending_gpu_pods, u.pending_gpus) == (1, 8)
 
 
-def test_placeholders_hold_gpus_separately_from_serving(kube: FakeKubernetes,
-                                                        adapter: kube_adapter.KubernetesAdapter) -> None:
+def test_placeholders_hold_gpus_separately_from_serving(
+    kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter
+) -> None:
     two_node_pool(kube)
     u = adapter.utilisation("aws-h100")
     assert (u.gpus_requested, u.gpus_placeholder, u.placeholders_running, u.pending_gpus) == (4, 8, 1, 0)
@@ -63,7 +72,9 @@ def test_not_ready_node_has_no_allocatable_gpus(kube: FakeKubernetes, adapter: k
     assert (state.desired_nodes, state.ready_nodes, state.max_nodes) == (2, 1, None)
 
 
-def test_scale_placeholders_changes_running_count(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
+def test_scale_placeholders_changes_running_count(
+    kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter
+) -> None:
     two_node_pool(kube)
     assert adapter.scale_placeholders("aws-h100", 2) == 1
     u = adapter.utilisation("aws-h100")
@@ -106,20 +117,40 @@ def test_cannot_scale_nodes_of_an_existing_cluster(adapter: kube_adapter.Kuberne
         adapter.scale_pool(base.ScaleRequest(ref=ref, desired_nodes=3))
 
 
-@pytest.mark.parametrize(("selector", "expected"), [
-    ("a=1", True), ("a==1,b", True), ("a!=1", False), ("!c", True), ("c", False),
-    ("a in (1,2),b notin (x)", True), ("b in (x, y)", False),
-])
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("a=1", True),
+        ("a==1,b", True),
+        ("a!=1", False),
+        ("!c", True),
+        ("c", False),
+        ("a in (1,2),b notin (x)", True),
+        ("b in (x, y)", False),
+    ],
+)
 def test_fake_label_selectors(selector: str, expected: bool) -> None:
     assert label_selector_matches(selector, {"a": "1", "b": "2"}) is expected
 
 
-def test_pending_replica_counts_against_its_planned_pool(kube: FakeKubernetes,
-                                                         adapter: kube_adapter.KubernetesAdapter) -> None:
+def test_pending_replica_counts_against_its_planned_pool(
+    kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter
+) -> None:
     # Like the rendered StatefulSets: pool label = planned pool, required affinity over the failover pools.
     kube.add_node("h100-a", labels=POOL, gpus=8)
-    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "gpufleet.io/pool", "operator": "In", "values": ["aws-h100", "gcp-h100"]}]}]}}}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "gpufleet.io/pool", "operator": "In", "values": ["aws-h100", "gcp-h100"]}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
     for i in range(3):
         kube.add_pod(f"llama-{i}", namespace="serving", labels=dict(POOL), gpus=4, affinity=affinity)
     u = adapter.utilisation("aws-h100")
@@ -143,14 +174,16 @@ def test_names_match_the_rendered_manifests() -> None:
     assert manifests.LABEL_POOL == kube_adapter.POOL_LABEL
 
 
-def test_many_pools_are_read_with_one_node_and_one_pod_list(kube: FakeKubernetes,
-                                                            adapter: kube_adapter.KubernetesAdapter) -> None:
+def test_many_pools_are_read_with_one_node_and_one_pod_list(
+    kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter
+) -> None:
     two_node_pool(kube)
     kube.add_pod("g-0", namespace="serving", gpus=8, node_selector={"gpufleet.io/pool": "gcp-h100"})
     kube.log.clear()
     both = adapter.utilisations(["aws-h100", "gcp-h100"])
     assert (both["aws-h100"].gpus_requested, both["gcp-h100"].gpus_requested) == (4, 8)
     assert both["aws-h100"] == adapter.utilisation("aws-h100").model_copy(
-        update={"observed_at_s": both["aws-h100"].observed_at_s})
+        update={"observed_at_s": both["aws-h100"].observed_at_s}
+    )
     lists = [path for method, path in kube.log[:4] if path in ("/api/v1/nodes", "/api/v1/pods")]
     assert lists == ["/api/v1/nodes", "/api/v1/pods"]

@@ -1,4 +1,5 @@
 """`gpufleet controller run` through typer's CliRunner against the fake Kubernetes API server."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,43 @@ from tests.fakes.k8s_server import FakeKubernetes
 POOL_A = {"gpufleet.io/pool": "a"}
 POOL_B = {"gpufleet.io/pool": "b"}
 PLAN = {
-    "schema": "gpufleet.plan/v1", "fleet": "t", "namespace": "gpufleet", "clouds": {},
+    "schema": "gpufleet.plan/v1",
+    "fleet": "t",
+    "namespace": "gpufleet",
+    "clouds": {},
     "pools": [
-        {"name": "a", "cloud": "kubernetes", "priority": 100, "min_nodes": 1, "baseline_nodes": 1, "warm_nodes": 0,
-         "max_nodes": 1, "gpus_per_node": 8, "zones": []},
-        {"name": "b", "cloud": "kubernetes", "priority": 50, "min_nodes": 0, "baseline_nodes": 0, "warm_nodes": 1,
-         "max_nodes": 3, "gpus_per_node": 8, "zones": []},
+        {
+            "name": "a",
+            "cloud": "kubernetes",
+            "priority": 100,
+            "min_nodes": 1,
+            "baseline_nodes": 1,
+            "warm_nodes": 0,
+            "max_nodes": 1,
+            "gpus_per_node": 8,
+            "zones": [],
+        },
+        {
+            "name": "b",
+            "cloud": "kubernetes",
+            "priority": 50,
+            "min_nodes": 0,
+            "baseline_nodes": 0,
+            "warm_nodes": 1,
+            "max_nodes": 3,
+            "gpus_per_node": 8,
+            "zones": [],
+        },
     ],
-    "deployments": [{"name": "m", "failover": ["a", "b"], "placement": [{"pool": "a", "replicas": 8}],
-                     "max_concurrent_requests": 64, "replicas": []}],
+    "deployments": [
+        {
+            "name": "m",
+            "failover": ["a", "b"],
+            "placement": [{"pool": "a", "replicas": 8}],
+            "max_concurrent_requests": 64,
+            "replicas": [],
+        }
+    ],
 }
 
 
@@ -32,17 +61,29 @@ def kube(tmp_path: Path) -> Iterator[tuple[FakeKubernetes, Path, Path]]:
     server.start()
     server.add_node("a1", labels=POOL_A, gpus=8)
     server.add_node("b1", labels=POOL_B, gpus=8)
-    server.add_deployment("warm-b", namespace="gpufleet", replicas=1, gpus_per_pod=8,
-                          labels={"app.kubernetes.io/component": "placeholder", **POOL_B}, node_selector=POOL_B)
+    server.add_deployment(
+        "warm-b",
+        namespace="gpufleet",
+        replicas=1,
+        gpus_per_pod=8,
+        labels={"app.kubernetes.io/component": "placeholder", **POOL_B},
+        node_selector=POOL_B,
+    )
     for i in range(7):
         server.add_pod(f"vllm-{i}", namespace="serving", gpus=1, node_selector=POOL_A)
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-        "users": [{"name": "fake", "user": {"token": "t"}}],
-    }))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                "users": [{"name": "fake", "user": {"token": "t"}}],
+            }
+        )
+    )
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(PLAN))
     try:
@@ -53,8 +94,9 @@ def kube(tmp_path: Path) -> Iterator[tuple[FakeKubernetes, Path, Path]]:
 
 def test_dry_run_once_prints_the_action_and_changes_nothing(kube: tuple[FakeKubernetes, Path, Path]) -> None:
     server, kubeconfig, plan = kube
-    result = CliRunner().invoke(app, ["controller", "run", "--config", str(plan), "--kubeconfig", str(kubeconfig),
-                                      "--once", "--dry-run"])
+    result = CliRunner().invoke(
+        app, ["controller", "run", "--config", str(plan), "--kubeconfig", str(kubeconfig), "--once", "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     assert "(would)" in result.output and "set_placeholders" in result.output and "1 -> 2" in result.output
     assert server.deployments[("gpufleet", "warm-b")]["spec"]["replicas"] == 1
@@ -67,14 +109,18 @@ def test_once_applies_the_action(kube: tuple[FakeKubernetes, Path, Path]) -> Non
     assert server.deployments[("gpufleet", "warm-b")]["spec"]["replicas"] == 2
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--high-water", "0.4"], "low_water"),
-    (["--kube-context", "aws"], "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--high-water", "0.4"], "low_water"),
+        (["--kube-context", "aws"], "expected KEY=VALUE"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(kube: tuple[FakeKubernetes, Path, Path], args: list[str], message: str) -> None:
     _, kubeconfig, plan = kube
-    result = CliRunner().invoke(app, ["controller", "run", "-c", str(plan), "--kubeconfig", str(kubeconfig),
-                                      "--once", *args])
+    result = CliRunner().invoke(
+        app, ["controller", "run", "-c", str(plan), "--kubeconfig", str(kubeconfig), "--once", *args]
+    )
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
@@ -92,4 +138,6 @@ def test_default_node_group_name_matches_the_stacks() -> None:
     fleet = Path(__file__).resolve().parents[2] / "stacks" / "multicloud" / "fleet.yaml"
     compiled = plan.compile_file(str(fleet))
     pool = compiled.pools[0]
-    assert cli_controller.node_group_name(compiled.to_json_dict(), pool.name) == manifests.node_group_name(compiled, pool)
+    assert cli_controller.node_group_name(compiled.to_json_dict(), pool.name) == manifests.node_group_name(
+        compiled, pool
+    )

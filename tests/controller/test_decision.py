@@ -1,4 +1,5 @@
 """The controller's pure decision on scripted utilisation sequences."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -13,19 +14,40 @@ S = d.ControllerSettings(high_water=0.8, low_water=0.5, cool_down_s=300, stale_a
 
 FLEET = d.FleetFacts(
     pools={
-        "aws": d.PoolFacts("aws", "aws", 100, min_nodes=1, baseline_nodes=2, warm_nodes=0, max_nodes=4, gpus_per_node=8),
+        "aws": d.PoolFacts(
+            "aws", "aws", 100, min_nodes=1, baseline_nodes=2, warm_nodes=0, max_nodes=4, gpus_per_node=8
+        ),
         "gcp": d.PoolFacts("gcp", "gcp", 50, min_nodes=0, baseline_nodes=0, warm_nodes=1, max_nodes=4, gpus_per_node=8),
-        "onprem": d.PoolFacts("onprem", "kubernetes", 10, min_nodes=0, baseline_nodes=0, warm_nodes=0,
-                              max_nodes=2, gpus_per_node=8),
+        "onprem": d.PoolFacts(
+            "onprem", "kubernetes", 10, min_nodes=0, baseline_nodes=0, warm_nodes=0, max_nodes=2, gpus_per_node=8
+        ),
     },
     deployments=(d.DeploymentFacts("llama", ("aws", "gcp", "onprem")),),
 )
 
 
-def sample(pool: str, t: float, busy: int, *, alloc: int = 16, pending: int = 0, placeholders: int | None = None,
-           desired: int | None = None, load: float | None = None) -> d.PoolSample:
-    return d.PoolSample(pool, t, ready_nodes=alloc // 8, gpus_allocatable=alloc, gpus_busy=busy, pending_gpus=pending,
-                        placeholders_desired=placeholders, desired_nodes=desired, replica_load=load)
+def sample(
+    pool: str,
+    t: float,
+    busy: int,
+    *,
+    alloc: int = 16,
+    pending: int = 0,
+    placeholders: int | None = None,
+    desired: int | None = None,
+    load: float | None = None,
+) -> d.PoolSample:
+    return d.PoolSample(
+        pool,
+        t,
+        ready_nodes=alloc // 8,
+        gpus_allocatable=alloc,
+        gpus_busy=busy,
+        pending_gpus=pending,
+        placeholders_desired=placeholders,
+        desired_nodes=desired,
+        replica_load=load,
+    )
 
 
 class Loop:
@@ -40,8 +62,14 @@ class Loop:
     def step(self, t: float, aws_busy: int, *, gcp_busy: int = 0, stale: Iterable[str] = ()) -> d.Decision:
         samples = {
             "aws": sample("aws", t, aws_busy, placeholders=self.placeholders["aws"], desired=self.nodes["aws"]),
-            "gcp": sample("gcp", t, gcp_busy, alloc=8 * self.nodes["gcp"], placeholders=self.placeholders["gcp"],
-                          desired=self.nodes["gcp"]),
+            "gcp": sample(
+                "gcp",
+                t,
+                gcp_busy,
+                alloc=8 * self.nodes["gcp"],
+                placeholders=self.placeholders["gcp"],
+                desired=self.nodes["gcp"],
+            ),
             "onprem": sample("onprem", t, 0, alloc=0, placeholders=self.placeholders["onprem"]),
         }
         for name in stale:
@@ -74,9 +102,17 @@ def test_crossing_high_water_warms_the_next_pool_and_its_nodes() -> None:
 
 def test_extra_warmth_grows_with_unmet_demand() -> None:
     # 16 busy + 8 pending on 16 GPUs: 8 GPUs cannot be placed -> 1 node of 8, plus one step ahead.
-    decision = d.decide(FLEET, {"aws": sample("aws", 0, 16, pending=8, placeholders=0, desired=2),
-                                "gcp": sample("gcp", 0, 0, alloc=8, placeholders=1, desired=1),
-                                "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0)}, {}, 0, S)
+    decision = d.decide(
+        FLEET,
+        {
+            "aws": sample("aws", 0, 16, pending=8, placeholders=0, desired=2),
+            "gcp": sample("gcp", 0, 0, alloc=8, placeholders=1, desired=1),
+            "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0),
+        },
+        {},
+        0,
+        S,
+    )
     assert decision.warm_targets["gcp"] == 3  # 1 declared + 2 extra
 
 
@@ -95,9 +131,9 @@ def test_hysteresis_holds_in_the_band_and_decays_only_after_cool_down() -> None:
 def test_band_resets_the_cool_down() -> None:
     loop = Loop()
     loop.step(0, aws_busy=14)
-    loop.step(100, aws_busy=4)      # cool from 100
-    loop.step(200, aws_busy=10)     # back in the band: timer reset
-    loop.step(300, aws_busy=4)      # cool from 300
+    loop.step(100, aws_busy=4)  # cool from 100
+    loop.step(200, aws_busy=10)  # back in the band: timer reset
+    loop.step(300, aws_busy=4)  # cool from 300
     assert loop.step(450, aws_busy=4).actions == ()
     assert kinds(loop.step(600, aws_busy=4)) == {("set_placeholders", "gcp", 1)}
 
@@ -108,9 +144,17 @@ def test_bounds_cap_warmth_at_max_nodes() -> None:
         loop.step(t, aws_busy=16, gcp_busy=0)
     assert loop.placeholders["gcp"] == 2 and loop.nodes["gcp"] <= 4
     loop.step(700, aws_busy=16)
-    decision = d.decide(FLEET, {"aws": sample("aws", 800, 16, pending=64, placeholders=0, desired=2),
-                                "gcp": sample("gcp", 800, 0, alloc=16, placeholders=2, desired=2),
-                                "onprem": sample("onprem", 800, 0, alloc=0, placeholders=0)}, loop.state, 800, S)
+    decision = d.decide(
+        FLEET,
+        {
+            "aws": sample("aws", 800, 16, pending=64, placeholders=0, desired=2),
+            "gcp": sample("gcp", 800, 0, alloc=16, placeholders=2, desired=2),
+            "onprem": sample("onprem", 800, 0, alloc=0, placeholders=0),
+        },
+        loop.state,
+        800,
+        S,
+    )
     assert decision.warm_targets["gcp"] == 4
     assert all(a.target <= FLEET.pools[a.pool].max_nodes for a in decision.actions)
 
@@ -144,16 +188,32 @@ def test_missing_sample_is_no_action() -> None:
 
 
 def test_replica_saturation_alone_triggers_warming() -> None:
-    decision = d.decide(FLEET, {"aws": sample("aws", 0, 4, placeholders=0, desired=2, load=0.9),
-                                "gcp": sample("gcp", 0, 0, alloc=8, placeholders=1, desired=1),
-                                "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0)}, {}, 0, S)
+    decision = d.decide(
+        FLEET,
+        {
+            "aws": sample("aws", 0, 4, placeholders=0, desired=2, load=0.9),
+            "gcp": sample("gcp", 0, 0, alloc=8, placeholders=1, desired=1),
+            "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0),
+        },
+        {},
+        0,
+        S,
+    )
     assert ("set_placeholders", "gcp", 2) in kinds(decision)
 
 
 def test_drifted_placeholders_are_restored_to_declared() -> None:
-    decision = d.decide(FLEET, {"aws": sample("aws", 0, 4, placeholders=0, desired=2),
-                                "gcp": sample("gcp", 0, 0, alloc=8, placeholders=0, desired=1),
-                                "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0)}, {}, 0, S)
+    decision = d.decide(
+        FLEET,
+        {
+            "aws": sample("aws", 0, 4, placeholders=0, desired=2),
+            "gcp": sample("gcp", 0, 0, alloc=8, placeholders=0, desired=1),
+            "onprem": sample("onprem", 0, 0, alloc=0, placeholders=0),
+        },
+        {},
+        0,
+        S,
+    )
     assert kinds(decision) == {("set_placeholders", "gcp", 1)}
 
 
@@ -163,12 +223,32 @@ def test_settings_reject_an_inverted_band() -> None:
 
 
 def test_facts_from_plan_follow_failover_order() -> None:
-    plan = {"schema": "gpufleet.plan/v1", "pools": [
-        {"name": "a", "cloud": "aws", "priority": 100, "min_nodes": 1, "baseline_nodes": 1, "warm_nodes": 1,
-         "max_nodes": 4, "gpus_per_node": 8},
-        {"name": "b", "cloud": "gcp", "priority": 50, "min_nodes": 0, "baseline_nodes": 0, "warm_nodes": 1,
-         "max_nodes": 4, "gpus_per_node": 8}],
-        "deployments": [{"name": "m", "failover": ["a", "b"], "placement": [{"pool": "a", "replicas": 4}]}]}
+    plan = {
+        "schema": "gpufleet.plan/v1",
+        "pools": [
+            {
+                "name": "a",
+                "cloud": "aws",
+                "priority": 100,
+                "min_nodes": 1,
+                "baseline_nodes": 1,
+                "warm_nodes": 1,
+                "max_nodes": 4,
+                "gpus_per_node": 8,
+            },
+            {
+                "name": "b",
+                "cloud": "gcp",
+                "priority": 50,
+                "min_nodes": 0,
+                "baseline_nodes": 0,
+                "warm_nodes": 1,
+                "max_nodes": 4,
+                "gpus_per_node": 8,
+            },
+        ],
+        "deployments": [{"name": "m", "failover": ["a", "b"], "placement": [{"pool": "a", "replicas": 4}]}],
+    }
     facts = d.FleetFacts.from_plan(plan)
     assert facts.deployments[0].chain == ("a", "b") and facts.pools["b"].warm_ceiling == 4
     with pytest.raises(ValueError, match="schema"):

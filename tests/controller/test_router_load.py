@@ -1,4 +1,5 @@
 """Replica saturation read from the router's own /metrics exposition over loopback HTTP."""
+
 from __future__ import annotations
 
 import threading
@@ -14,12 +15,21 @@ from gpufleet.provider_adapters import base
 from gpufleet.router.metrics import RouterMetrics
 
 FACTS = d.FleetFacts(
-    pools={"a": d.PoolFacts("a", "kubernetes", 100, 1, 1, 0, 1, 8),
-           "b": d.PoolFacts("b", "kubernetes", 50, 0, 0, 1, 3, 8)},
+    pools={
+        "a": d.PoolFacts("a", "kubernetes", 100, 1, 1, 0, 1, 8),
+        "b": d.PoolFacts("b", "kubernetes", 50, 0, 0, 1, 3, 8),
+    },
     deployments=(d.DeploymentFacts("m", ("a", "b")),),
 )
-PLAN = {"deployments": [{"name": "m", "max_concurrent_requests": 64,
-                         "replicas": [{"id": "m-a-0", "pool": "a"}, {"id": "m-a-1", "pool": "a"}]}]}
+PLAN = {
+    "deployments": [
+        {
+            "name": "m",
+            "max_concurrent_requests": 64,
+            "replicas": [{"id": "m-a-0", "pool": "a"}, {"id": "m-a-1", "pool": "a"}],
+        }
+    ]
+}
 
 
 class StaticKube:
@@ -29,8 +39,14 @@ class StaticKube:
         self.placeholders = {"a": 0, "b": 1}
 
     def utilisation(self, pool: str) -> base.PoolUtilisation:
-        return base.PoolUtilisation(pool=pool, nodes=1, ready_nodes=1, gpus_allocatable=8, gpus_requested=2,
-                                    placeholders_desired=self.placeholders[pool])
+        return base.PoolUtilisation(
+            pool=pool,
+            nodes=1,
+            ready_nodes=1,
+            gpus_allocatable=8,
+            gpus_requested=2,
+            placeholders_desired=self.placeholders[pool],
+        )
 
     def scale_placeholders(self, pool: str, replicas: int) -> int:
         previous, self.placeholders[pool] = self.placeholders[pool], replicas
@@ -69,8 +85,9 @@ def test_saturated_replicas_warm_the_next_pool(router_metrics: tuple[str, Router
     metrics.in_flight.labels("m-a-0").set(60)
     metrics.in_flight.labels("m-a-1").set(50)  # 110 of 128 slots: 86 %
     kube = StaticKube()
-    observer = runtime.Observer(FACTS, {"a": kube, "b": kube}, router_metrics_url=url,
-                                replica_slots=runtime.replica_slots_from_plan(PLAN))
+    observer = runtime.Observer(
+        FACTS, {"a": kube, "b": kube}, router_metrics_url=url, replica_slots=runtime.replica_slots_from_plan(PLAN)
+    )
     samples = observer.observe()
     assert samples["a"].replica_load == pytest.approx(110 / 128) and samples["b"].replica_load is None
     controller = runtime.Controller(FACTS, d.ControllerSettings(), observer)
@@ -80,8 +97,13 @@ def test_saturated_replicas_warm_the_next_pool(router_metrics: tuple[str, Router
 
 def test_unreachable_router_leaves_gpu_pressure_only() -> None:
     kube = StaticKube()
-    observer = runtime.Observer(FACTS, {"a": kube, "b": kube}, router_metrics_url="http://127.0.0.1:9/metrics",
-                                replica_slots=runtime.replica_slots_from_plan(PLAN), timeout_s=1)
+    observer = runtime.Observer(
+        FACTS,
+        {"a": kube, "b": kube},
+        router_metrics_url="http://127.0.0.1:9/metrics",
+        replica_slots=runtime.replica_slots_from_plan(PLAN),
+        timeout_s=1,
+    )
     samples = observer.observe()
     assert samples["a"].replica_load is None and samples["a"].gpu_pressure == 0.25
     assert observer.errors and observer.errors[0][0] == "router"

@@ -1,4 +1,5 @@
 """The reconcile loop end to end: real kubernetes client + fake API server, moto EKS, fake GCE."""
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,9 @@ AWS_POOL = {"gpufleet.io/pool": "aws-h100"}
 GCP_POOL = {"gpufleet.io/pool": "gcp-h100"}
 FACTS = d.FleetFacts(
     pools={
-        "aws-h100": d.PoolFacts("aws-h100", "aws", 100, 1, baseline_nodes=2, warm_nodes=0, max_nodes=4, gpus_per_node=8),
+        "aws-h100": d.PoolFacts(
+            "aws-h100", "aws", 100, 1, baseline_nodes=2, warm_nodes=0, max_nodes=4, gpus_per_node=8
+        ),
         "gcp-h100": d.PoolFacts("gcp-h100", "gcp", 50, 0, baseline_nodes=0, warm_nodes=1, max_nodes=4, gpus_per_node=8),
     },
     deployments=(d.DeploymentFacts("llama", ("aws-h100", "gcp-h100")),),
@@ -39,23 +42,45 @@ def world() -> Iterator[dict[str, Any]]:
     try:
         with mock_aws():
             eks = boto3.client("eks", region_name="us-east-1")
-            eks.create_cluster(name="prod-eks", roleArn="arn:aws:iam::123456789012:role/x",
-                               resourcesVpcConfig={"subnetIds": ["subnet-1"]})
-            eks.create_nodegroup(clusterName="prod-eks", nodegroupName="aws-h100", nodeRole="arn:aws:iam::123456789012:role/x",
-                                 subnets=["subnet-1"], scalingConfig={"minSize": 1, "maxSize": 4, "desiredSize": 2})
+            eks.create_cluster(
+                name="prod-eks",
+                roleArn="arn:aws:iam::123456789012:role/x",
+                resourcesVpcConfig={"subnetIds": ["subnet-1"]},
+            )
+            eks.create_nodegroup(
+                clusterName="prod-eks",
+                nodegroupName="aws-h100",
+                nodeRole="arn:aws:iam::123456789012:role/x",
+                subnets=["subnet-1"],
+                scalingConfig={"minSize": 1, "maxSize": 4, "desiredSize": 2},
+            )
             gce.add_mig("us-central1-a", "gke-prod-gcp-h100-grp", machine_type="a3-highgpu-8g", size=1)
             for name in ("a1", "a2"):
                 kube.add_node(name, labels=AWS_POOL, gpus=8)
             kube.add_node("g1", labels=GCP_POOL, gpus=8)
-            kube.add_deployment("warm-gcp-h100", namespace=NS, replicas=1, gpus_per_pod=8,
-                                labels={"app.kubernetes.io/component": "placeholder", **GCP_POOL}, node_selector=GCP_POOL)
+            kube.add_deployment(
+                "warm-gcp-h100",
+                namespace=NS,
+                replicas=1,
+                gpus_per_pod=8,
+                labels={"app.kubernetes.io/component": "placeholder", **GCP_POOL},
+                node_selector=GCP_POOL,
+            )
             adapter = kube_adapter.KubernetesAdapter(kube.api_client(), namespace=NS)
             nodes = {
-                "aws-h100": runtime.NodeBinding(aws.AwsAdapter(), base.PoolRef(
-                    cloud="aws", name="aws-h100", region="us-east-1", cluster="prod-eks")),
-                "gcp-h100": runtime.NodeBinding(gcp.GcpAdapter(gce.project, client_factory=gce.client), base.PoolRef(
-                    cloud="gcp", name="gcp-h100", region="us-central1", zone="us-central1-a",
-                    provider_name="gke-prod-gcp-h100-grp")),
+                "aws-h100": runtime.NodeBinding(
+                    aws.AwsAdapter(), base.PoolRef(cloud="aws", name="aws-h100", region="us-east-1", cluster="prod-eks")
+                ),
+                "gcp-h100": runtime.NodeBinding(
+                    gcp.GcpAdapter(gce.project, client_factory=gce.client),
+                    base.PoolRef(
+                        cloud="gcp",
+                        name="gcp-h100",
+                        region="us-central1",
+                        zone="us-central1-a",
+                        provider_name="gke-prod-gcp-h100-grp",
+                    ),
+                ),
             }
             observer = runtime.Observer(FACTS, {"aws-h100": adapter, "gcp-h100": adapter}, nodes)
             yield {"kube": kube, "gce": gce, "observer": observer, "adapter": adapter, "eks": eks}
@@ -75,7 +100,9 @@ def test_hot_pool_warms_next_pool_placeholders_and_mig(world: dict[str, Any], ca
     with caplog.at_level(logging.INFO, logger="gpufleet.controller"):
         controller.reconcile()
     assert {(a.kind, a.pool, a.target, o) for a, o in controller.applied} == {
-        ("set_placeholders", "gcp-h100", 2, "applied"), ("scale_nodes", "gcp-h100", 2, "applied")}
+        ("set_placeholders", "gcp-h100", 2, "applied"),
+        ("scale_nodes", "gcp-h100", 2, "applied"),
+    }
     assert world["adapter"].placeholder_count("gcp-h100") == 2
     gce: FakeGcpServer = world["gce"]
     assert gce.migs[("us-central1-a", "gke-prod-gcp-h100-grp")].target_size == 2
@@ -106,8 +133,13 @@ def test_unobservable_pool_gets_no_action(world: dict[str, Any]) -> None:
 
 def test_failed_action_is_counted_and_others_still_run(world: dict[str, Any]) -> None:
     load_aws(world["kube"], 14)
-    world["gce"].fail_next_resize("us-central1-a", "gke-prod-gcp-h100-grp", http_status=503,
-                                  reason="ZONE_RESOURCE_POOL_EXHAUSTED", as_operation=True)
+    world["gce"].fail_next_resize(
+        "us-central1-a",
+        "gke-prod-gcp-h100-grp",
+        http_status=503,
+        reason="ZONE_RESOURCE_POOL_EXHAUSTED",
+        as_operation=True,
+    )
     controller = runtime.Controller(FACTS, SETTINGS, world["observer"])
     controller.reconcile()
     outcomes = {(a.kind, o) for a, o in controller.applied}

@@ -1,4 +1,5 @@
 """The controller simulation: on a fast ramp, fewer requests wait for a cold node with the controller."""
+
 from __future__ import annotations
 
 from gpufleet.infra.controller import decision as d
@@ -6,16 +7,28 @@ from gpufleet.infra.controller import sim
 
 FACTS = d.FleetFacts(
     pools={
-        "top": d.PoolFacts("top", "aws", 100, min_nodes=1, baseline_nodes=1, warm_nodes=1, max_nodes=4, gpus_per_node=8),
-        "next": d.PoolFacts("next", "gcp", 50, min_nodes=0, baseline_nodes=0, warm_nodes=1, max_nodes=4, gpus_per_node=8),
+        "top": d.PoolFacts(
+            "top", "aws", 100, min_nodes=1, baseline_nodes=1, warm_nodes=1, max_nodes=4, gpus_per_node=8
+        ),
+        "next": d.PoolFacts(
+            "next", "gcp", 50, min_nodes=0, baseline_nodes=0, warm_nodes=1, max_nodes=4, gpus_per_node=8
+        ),
     },
     deployments=(d.DeploymentFacts("m", ("top", "next")),),
 )
 
 
 def run(controller: d.ControllerSettings | None) -> sim.SimResult:
-    return sim.simulate(FACTS, ("top", "next"), 1, sim.ramp(4, 56, up_s=1200), duration_s=3 * 3600,
-                        provision_delay_s=600, usd_per_node_hour={"top": 55.0, "next": 88.0}, controller=controller)
+    return sim.simulate(
+        FACTS,
+        ("top", "next"),
+        1,
+        sim.ramp(4, 56, up_s=1200),
+        duration_s=3 * 3600,
+        provision_delay_s=600,
+        usd_per_node_hour={"top": 55.0, "next": 88.0},
+        controller=controller,
+    )
 
 
 def test_controller_cuts_requests_waiting_for_cold_nodes() -> None:

@@ -1,4 +1,5 @@
 """A tiny threaded JSON HTTP server on 127.0.0.1:0 that the fakes route requests through."""
+
 from __future__ import annotations
 
 import json
@@ -113,7 +114,9 @@ class JsonServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-api", daemon=True
+        )
         self._thread.start()
         return self
 

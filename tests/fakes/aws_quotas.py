@@ -4,6 +4,7 @@
 QuotaCode=...)` answer those values inside `mock_aws`, in moto's own response shape; every other
 call still goes to moto unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,10 +25,15 @@ def ec2_gpu_quotas(values: Mapping[str, Mapping[str, float]]) -> Iterator[None]:
         region_values = values.get(self.region_name, {})
         if service_code == "ec2" and quota_code in region_values:
             return {
-                "ServiceCode": "ec2", "ServiceName": "Amazon Elastic Compute Cloud (Amazon EC2)",
+                "ServiceCode": "ec2",
+                "ServiceName": "Amazon Elastic Compute Cloud (Amazon EC2)",
                 "QuotaArn": f"arn:aws:servicequotas:{self.region_name}:{self.account_id}:ec2/{quota_code}",
-                "QuotaCode": quota_code, "QuotaName": quota_code, "Value": float(region_values[quota_code]),
-                "Unit": "None", "Adjustable": True, "GlobalQuota": False,
+                "QuotaCode": quota_code,
+                "QuotaName": quota_code,
+                "Value": float(region_values[quota_code]),
+                "Unit": "None",
+                "Adjustable": True,
+                "GlobalQuota": False,
             }
         return original(self, service_code, quota_code)
 

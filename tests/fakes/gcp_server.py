@@ -12,6 +12,7 @@ the two ways Compute Engine reports them.
         client = fake.client(compute_v1.RegionsClient)
         client.get(project=fake.project, region="us-central1")
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,14 +69,23 @@ class FakeGcpServer(JsonServer):
     def with_defaults(cls, project: str = "test-project") -> FakeGcpServer:
         """Two regions: us-central1 (H100 a3 + L4 g2 in -a, L4 only in -b) and europe-west4 (A100 a2)."""
         fake = cls(project)
-        fake.add_zone("us-central1-a", accelerators={"nvidia-h100-80gb": 8, "nvidia-l4": 8},
-                      machines={"a3-highgpu-8g": (208, 1_916_928, "nvidia-h100-80gb", 8),
-                                "g2-standard-48": (48, 196_608, "nvidia-l4", 4),
-                                "n2-standard-8": (8, 32_768, None, 0)})
-        fake.add_zone("us-central1-b", accelerators={"nvidia-l4": 8},
-                      machines={"g2-standard-48": (48, 196_608, "nvidia-l4", 4)})
-        fake.add_zone("europe-west4-a", accelerators={"nvidia-tesla-a100": 16},
-                      machines={"a2-highgpu-8g": (96, 696_320, "nvidia-tesla-a100", 8)})
+        fake.add_zone(
+            "us-central1-a",
+            accelerators={"nvidia-h100-80gb": 8, "nvidia-l4": 8},
+            machines={
+                "a3-highgpu-8g": (208, 1_916_928, "nvidia-h100-80gb", 8),
+                "g2-standard-48": (48, 196_608, "nvidia-l4", 4),
+                "n2-standard-8": (8, 32_768, None, 0),
+            },
+        )
+        fake.add_zone(
+            "us-central1-b", accelerators={"nvidia-l4": 8}, machines={"g2-standard-48": (48, 196_608, "nvidia-l4", 4)}
+        )
+        fake.add_zone(
+            "europe-west4-a",
+            accelerators={"nvidia-tesla-a100": 16},
+            machines={"a2-highgpu-8g": (96, 696_320, "nvidia-tesla-a100", 8)},
+        )
         fake.set_quota("us-central1", "NVIDIA_H100_GPUS", limit=16, usage=8)
         fake.set_quota("us-central1", "PREEMPTIBLE_NVIDIA_H100_GPUS", limit=0, usage=0)
         fake.set_quota("us-central1", "NVIDIA_L4_GPUS", limit=32, usage=0)
@@ -83,21 +93,34 @@ class FakeGcpServer(JsonServer):
         fake.set_quota("europe-west4", "NVIDIA_A100_GPUS", limit=8, usage=0)
         return fake
 
-    def add_zone(self, zone: str, *, accelerators: dict[str, int],
-                 machines: dict[str, tuple[int, int, str | None, int]]) -> None:
+    def add_zone(
+        self, zone: str, *, accelerators: dict[str, int], machines: dict[str, tuple[int, int, str | None, int]]
+    ) -> None:
         """Add a zone; machines map name -> (vCPUs, memory MB, accelerator type or None, count)."""
         region = zone.rsplit("-", 1)[0]
         self.zones[zone] = region
         self.region_quotas.setdefault(region, [])
         base = f"https://www.googleapis.com/compute/v1/projects/{self.project}/zones/{zone}"
         self.accelerator_types[zone] = [
-            {"kind": "compute#acceleratorType", "name": name, "zone": base, "maximumCardsPerInstance": n,
-             "description": name.replace("nvidia-", "NVIDIA ").upper(), "selfLink": f"{base}/acceleratorTypes/{name}"}
+            {
+                "kind": "compute#acceleratorType",
+                "name": name,
+                "zone": base,
+                "maximumCardsPerInstance": n,
+                "description": name.replace("nvidia-", "NVIDIA ").upper(),
+                "selfLink": f"{base}/acceleratorTypes/{name}",
+            }
             for name, n in accelerators.items()
         ]
         self.machine_types[zone] = [
-            {"kind": "compute#machineType", "name": name, "zone": zone, "guestCpus": cpus, "memoryMb": mem,
-             **({"accelerators": [{"guestAcceleratorType": acc, "guestAcceleratorCount": count}]} if acc else {})}
+            {
+                "kind": "compute#machineType",
+                "name": name,
+                "zone": zone,
+                "guestCpus": cpus,
+                "memoryMb": mem,
+                **({"accelerators": [{"guestAcceleratorType": acc, "guestAcceleratorCount": count}]} if acc else {}),
+            }
             for name, (cpus, mem, acc, count) in machines.items()
         ]
 
@@ -120,11 +143,23 @@ class FakeGcpServer(JsonServer):
                 if inst["currentAction"] == "CREATING":
                     inst.update(currentAction="NONE", instanceStatus="RUNNING")
 
-    def fail_next_resize(self, zone: str, name: str, *, http_status: int, reason: str,
-                         message: str = "injected", as_operation: bool = False) -> None:
+    def fail_next_resize(
+        self,
+        zone: str,
+        name: str,
+        *,
+        http_status: int,
+        reason: str,
+        message: str = "injected",
+        as_operation: bool = False,
+    ) -> None:
         """Make the next resize of this group fail like Compute Engine does."""
-        self.migs[(zone, name)].fail_next = {"status": http_status, "reason": reason, "message": message,
-                                             "operation": as_operation}
+        self.migs[(zone, name)].fail_next = {
+            "status": http_status,
+            "reason": reason,
+            "message": message,
+            "operation": as_operation,
+        }
 
     # ------------------------------------------------------------------ handlers
 
@@ -135,17 +170,26 @@ class FakeGcpServer(JsonServer):
     def _list_zones(self, req: Request) -> dict[str, Any]:
         self._check_project(req)
         link = f"https://www.googleapis.com/compute/v1/projects/{self.project}"
-        return {"kind": "compute#zoneList", "items": [
-            {"kind": "compute#zone", "name": z, "status": "UP", "region": f"{link}/regions/{r}"}
-            for z, r in sorted(self.zones.items())]}
+        return {
+            "kind": "compute#zoneList",
+            "items": [
+                {"kind": "compute#zone", "name": z, "status": "UP", "region": f"{link}/regions/{r}"}
+                for z, r in sorted(self.zones.items())
+            ],
+        }
 
     def _get_region(self, req: Request) -> dict[str, Any]:
         self._check_project(req)
         region = req.match["region"]
         if region not in self.region_quotas:
             raise HttpError(404, _error(404, "notFound", f"The resource 'regions/{region}' was not found"))
-        return {"kind": "compute#region", "name": region, "status": "UP", "quotas": self.region_quotas[region],
-                "zones": [z for z, r in sorted(self.zones.items()) if r == region]}
+        return {
+            "kind": "compute#region",
+            "name": region,
+            "status": "UP",
+            "quotas": self.region_quotas[region],
+            "zones": [z for z, r in sorted(self.zones.items()) if r == region],
+        }
 
     def _zone(self, req: Request) -> str:
         self._check_project(req)
@@ -164,16 +208,20 @@ class FakeGcpServer(JsonServer):
         zone = self._zone(req)
         mig = self.migs.get((zone, req.match["igm"]))
         if mig is None:
-            raise HttpError(404, _error(404, "notFound",
-                                        f"The resource 'instanceGroupManagers/{req.match['igm']}' was not found"))
+            raise HttpError(
+                404, _error(404, "notFound", f"The resource 'instanceGroupManagers/{req.match['igm']}' was not found")
+            )
         return mig
 
     def _get_mig(self, req: Request) -> dict[str, Any]:
         mig = self._mig(req)
         creating = sum(1 for i in mig.instances if i["currentAction"] == "CREATING")
         return {
-            "kind": "compute#instanceGroupManager", "name": mig.name, "zone": mig.zone,
-            "targetSize": mig.target_size, "baseInstanceName": mig.name,
+            "kind": "compute#instanceGroupManager",
+            "name": mig.name,
+            "zone": mig.zone,
+            "targetSize": mig.target_size,
+            "baseInstanceName": mig.name,
             "instanceTemplate": f"global/instanceTemplates/{mig.name}-{mig.machine_type}",
             "currentActions": {"creating": creating, "none": len(mig.instances) - creating, "deleting": 0},
             "status": {"isStable": creating == 0},
@@ -182,8 +230,13 @@ class FakeGcpServer(JsonServer):
     def _set_size(self, mig: Mig, size: int) -> None:
         while len(mig.instances) < size:
             n = next(self._ids)
-            mig.instances.append({"instance": f"zones/{mig.zone}/instances/{mig.name}-{n:04d}",
-                                  "currentAction": "CREATING", "instanceStatus": "PROVISIONING"})
+            mig.instances.append(
+                {
+                    "instance": f"zones/{mig.zone}/instances/{mig.name}-{n:04d}",
+                    "currentAction": "CREATING",
+                    "instanceStatus": "PROVISIONING",
+                }
+            )
         del mig.instances[size:]
         mig.target_size = size
 
@@ -193,14 +246,24 @@ class FakeGcpServer(JsonServer):
         if size < 0:
             raise HttpError(400, _error(400, "invalid", "Invalid value for field 'size'"))
         op_name = f"operation-{next(self._ids)}"
-        op: dict[str, Any] = {"kind": "compute#operation", "name": op_name, "operationType": "compute.instanceGroupManagers.resize",
-                              "zone": mig.zone, "targetLink": mig.name, "status": "DONE", "progress": 100}
+        op: dict[str, Any] = {
+            "kind": "compute#operation",
+            "name": op_name,
+            "operationType": "compute.instanceGroupManagers.resize",
+            "zone": mig.zone,
+            "targetLink": mig.name,
+            "status": "DONE",
+            "progress": 100,
+        }
         failure, mig.fail_next = mig.fail_next, None
         if failure and not failure["operation"]:
             raise HttpError(failure["status"], _error(failure["status"], failure["reason"], failure["message"]))
         if failure:
-            op.update(httpErrorStatusCode=failure["status"], httpErrorMessage=failure["message"],
-                      error={"errors": [{"code": failure["reason"], "message": failure["message"]}]})
+            op.update(
+                httpErrorStatusCode=failure["status"],
+                httpErrorMessage=failure["message"],
+                error={"errors": [{"code": failure["reason"], "message": failure["message"]}]},
+            )
         else:
             self._set_size(mig, size)
         self.operations[(mig.zone, op_name)] = op
@@ -222,11 +285,17 @@ class FakeGcpServer(JsonServer):
         from google.auth.credentials import AnonymousCredentials
 
         transport_class = client_class.get_transport_class("rest")
-        transport = transport_class(host=f"127.0.0.1:{self.port}", credentials=AnonymousCredentials(),
-                                    url_scheme="http")
+        transport = transport_class(
+            host=f"127.0.0.1:{self.port}", credentials=AnonymousCredentials(), url_scheme="http"
+        )
         return client_class(transport=transport)
 
 
 def _error(status: int, reason: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": status, "message": message,
-                      "errors": [{"reason": reason, "message": message, "domain": "global"}]}}
+    return {
+        "error": {
+            "code": status,
+            "message": message,
+            "errors": [{"reason": reason, "message": message, "domain": "global"}],
+        }
+    }

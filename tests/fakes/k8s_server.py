@@ -15,6 +15,7 @@ PriorityClass would let it. Scaling a Deployment creates or deletes its pods.
         kube.add_node("n1", labels={"gpufleet.io/pool": "aws-h100"}, gpus=8)
         api = kube.api_client()   # kubernetes.client.ApiClient pointed at the fake
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,15 @@ _APPS_NS = r"/apis/apps/v1/namespaces/(?P<ns>[^/]+)"
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 _REQ = re.compile(r"^\s*(?P<key>[^\s!=,()]+)\s+(?P<op>in|notin)\s+\((?P<vals>[^)]*)\)\s*$")
@@ -135,11 +143,13 @@ class FakeKubernetes(JsonServer):
 
     # ------------------------------------------------------------------ scenario helpers
 
-    def add_node(self, name: str, *, labels: dict[str, str], gpus: int, ready: bool = True,
-                 unschedulable: bool = False) -> dict[str, Any]:
+    def add_node(
+        self, name: str, *, labels: dict[str, str], gpus: int, ready: bool = True, unschedulable: bool = False
+    ) -> dict[str, Any]:
         with self.lock:
             node = {
-                "apiVersion": "v1", "kind": "Node",
+                "apiVersion": "v1",
+                "kind": "Node",
                 "metadata": {"name": name, "labels": dict(labels), "resourceVersion": str(next(self._rv))},
                 "spec": {"unschedulable": unschedulable},
                 "status": {
@@ -157,21 +167,55 @@ class FakeKubernetes(JsonServer):
             self.nodes[name]["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
             self.schedule_pending()
 
-    def add_pod(self, name: str, *, namespace: str = "default", labels: dict[str, str] | None = None,
-                gpus: int = 0, node_selector: dict[str, str] | None = None, phase: str | None = None,
-                owner: str | None = None, affinity: dict[str, Any] | None = None) -> dict[str, Any]:
+    def add_pod(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        labels: dict[str, str] | None = None,
+        gpus: int = 0,
+        node_selector: dict[str, str] | None = None,
+        phase: str | None = None,
+        owner: str | None = None,
+        affinity: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Create a pod and schedule it (unless `phase` forces a state)."""
         with self.lock:
             pod = {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {}),
-                             "resourceVersion": str(next(self._rv)),
-                             **({"ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": owner,
-                                                      "uid": owner, "controller": True}]} if owner else {})},
-                "spec": {"nodeSelector": dict(node_selector or {}), **({"affinity": affinity} if affinity else {}),
-                         "containers": [
-                    {"name": "main", "image": "registry.k8s.io/pause:3.9",
-                     "resources": {"requests": {GPU: str(gpus)}, "limits": {GPU: str(gpus)}} if gpus else {}}]},
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": dict(labels or {}),
+                    "resourceVersion": str(next(self._rv)),
+                    **(
+                        {
+                            "ownerReferences": [
+                                {
+                                    "apiVersion": "apps/v1",
+                                    "kind": "Deployment",
+                                    "name": owner,
+                                    "uid": owner,
+                                    "controller": True,
+                                }
+                            ]
+                        }
+                        if owner
+                        else {}
+                    ),
+                },
+                "spec": {
+                    "nodeSelector": dict(node_selector or {}),
+                    **({"affinity": affinity} if affinity else {}),
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.k8s.io/pause:3.9",
+                            "resources": {"requests": {GPU: str(gpus)}, "limits": {GPU: str(gpus)}} if gpus else {},
+                        }
+                    ],
+                },
                 "status": {"phase": phase or "Pending"},
             }
             if _is_placeholder(pod):
@@ -189,18 +233,43 @@ class FakeKubernetes(JsonServer):
                 self._reconcile(self.deployments[(namespace, owner)])
             self.schedule_pending()
 
-    def add_deployment(self, name: str, *, namespace: str, replicas: int, labels: dict[str, str],
-                       gpus_per_pod: int, node_selector: dict[str, str] | None = None) -> dict[str, Any]:
+    def add_deployment(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        replicas: int,
+        labels: dict[str, str],
+        gpus_per_pod: int,
+        node_selector: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         with self.lock:
             dep = {
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
-                             "resourceVersion": str(next(self._rv))},
-                "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
-                         "template": {"metadata": {"labels": dict(labels)}, "spec": {
-                             "nodeSelector": dict(node_selector or {}),
-                             "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.9",
-                                             "resources": {"limits": {GPU: str(gpus_per_pod)}}}]}}},
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": dict(labels),
+                    "resourceVersion": str(next(self._rv)),
+                },
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": dict(labels)},
+                    "template": {
+                        "metadata": {"labels": dict(labels)},
+                        "spec": {
+                            "nodeSelector": dict(node_selector or {}),
+                            "containers": [
+                                {
+                                    "name": "main",
+                                    "image": "registry.k8s.io/pause:3.9",
+                                    "resources": {"limits": {GPU: str(gpus_per_pod)}},
+                                }
+                            ],
+                        },
+                    },
+                },
                 "status": {},
             }
             self.deployments[(namespace, name)] = dep
@@ -208,8 +277,11 @@ class FakeKubernetes(JsonServer):
             return dep
 
     def gpus_free(self, node: str) -> int:
-        used = sum(pod_gpus(p) for p in self.pods.values()
-                   if p["spec"].get("nodeName") == node and p["status"]["phase"] in ("Pending", "Running"))
+        used = sum(
+            pod_gpus(p)
+            for p in self.pods.values()
+            if p["spec"].get("nodeName") == node and p["status"]["phase"] in ("Pending", "Running")
+        )
         return int(self.nodes[node]["status"]["allocatable"].get(GPU, "0")) - used
 
     # ------------------------------------------------------------------ scheduler / controllers
@@ -218,8 +290,12 @@ class FakeKubernetes(JsonServer):
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
         labels = node["metadata"]["labels"]
         selector = pod["spec"].get("nodeSelector") or {}
-        return (ready and not node["spec"].get("unschedulable") and selector.items() <= labels.items()
-                and _affinity_allows(pod, labels))
+        return (
+            ready
+            and not node["spec"].get("unschedulable")
+            and selector.items() <= labels.items()
+            and _affinity_allows(pod, labels)
+        )
 
     def _schedule(self, pod: dict[str, Any]) -> bool:
         need = pod_gpus(pod)
@@ -248,9 +324,17 @@ class FakeKubernetes(JsonServer):
                         if owner and (victim["metadata"]["namespace"], owner) in self.deployments:
                             self._reconcile(self.deployments[(victim["metadata"]["namespace"], owner)])
                     return True
-        pod["status"] = {"phase": "Pending", "conditions": [
-            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-             "message": f"0/{len(self.nodes)} nodes are available: Insufficient {GPU}."}]}
+        pod["status"] = {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": f"0/{len(self.nodes)} nodes are available: Insufficient {GPU}.",
+                }
+            ],
+        }
         return False
 
     def _bind(self, pod: dict[str, Any], node: str) -> None:
@@ -260,7 +344,9 @@ class FakeKubernetes(JsonServer):
     def schedule_pending(self) -> None:
         """Try every Pending pod again (real pods before placeholders, as priority would)."""
         with self.lock:
-            pending = [p for p in self.pods.values() if p["status"]["phase"] == "Pending" and not p["spec"].get("nodeName")]
+            pending = [
+                p for p in self.pods.values() if p["status"]["phase"] == "Pending" and not p["spec"].get("nodeName")
+            ]
             for pod in sorted(pending, key=_is_placeholder):
                 self._schedule(pod)
 
@@ -274,12 +360,19 @@ class FakeKubernetes(JsonServer):
             self.pods.pop((ns, pod["metadata"]["name"]))
         template = dep["spec"]["template"]
         for _ in range(max(0, want - len(owned))):
-            self.add_pod(f"{name}-{next(self._ids):05d}", namespace=ns, labels=template["metadata"]["labels"],
-                         gpus=pod_gpus({"spec": template["spec"]}), node_selector=template["spec"].get("nodeSelector"),
-                         owner=name)
+            self.add_pod(
+                f"{name}-{next(self._ids):05d}",
+                namespace=ns,
+                labels=template["metadata"]["labels"],
+                gpus=pod_gpus({"spec": template["spec"]}),
+                node_selector=template["spec"].get("nodeSelector"),
+                owner=name,
+            )
         running = [p for p in self.pods.values() if p["metadata"]["namespace"] == ns and _owner(p) == name]
-        dep["status"] = {"replicas": len(running),
-                         "readyReplicas": sum(1 for p in running if p["status"]["phase"] == "Running")}
+        dep["status"] = {
+            "replicas": len(running),
+            "readyReplicas": sum(1 for p in running if p["status"]["phase"] == "Running"),
+        }
         self.schedule_pending()
 
     # ------------------------------------------------------------------ handlers
@@ -289,10 +382,18 @@ class FakeKubernetes(JsonServer):
             raise HttpError(403, _status(403, "Forbidden", f"forbidden: cannot access {path}"))
 
     def _list(self, kind: str, items: list[dict[str, Any]], req: Request) -> dict[str, Any]:
-        items = [i for i in items if label_selector_matches(req.query.get("labelSelector"), i["metadata"]["labels"])
-                 and field_selector_matches(req.query.get("fieldSelector"), i)]
-        return {"apiVersion": "v1" if kind != "DeploymentList" else "apps/v1", "kind": kind,
-                "metadata": {"resourceVersion": str(next(self._rv))}, "items": copy.deepcopy(items)}
+        items = [
+            i
+            for i in items
+            if label_selector_matches(req.query.get("labelSelector"), i["metadata"]["labels"])
+            and field_selector_matches(req.query.get("fieldSelector"), i)
+        ]
+        return {
+            "apiVersion": "v1" if kind != "DeploymentList" else "apps/v1",
+            "kind": kind,
+            "metadata": {"resourceVersion": str(next(self._rv))},
+            "items": copy.deepcopy(items),
+        }
 
     def _list_nodes(self, req: Request) -> dict[str, Any]:
         self._guard("/api/v1/nodes")
@@ -345,11 +446,17 @@ class FakeKubernetes(JsonServer):
 
     def _scale_of(self, dep: dict[str, Any]) -> dict[str, Any]:
         sel = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
-        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
-                "metadata": {"name": dep["metadata"]["name"], "namespace": dep["metadata"]["namespace"],
-                             "resourceVersion": dep["metadata"]["resourceVersion"]},
-                "spec": {"replicas": dep["spec"]["replicas"]},
-                "status": {"replicas": dep["status"].get("replicas", 0), "selector": sel}}
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                "name": dep["metadata"]["name"],
+                "namespace": dep["metadata"]["namespace"],
+                "resourceVersion": dep["metadata"]["resourceVersion"],
+            },
+            "spec": {"replicas": dep["spec"]["replicas"]},
+            "status": {"replicas": dep["status"].get("replicas", 0), "selector": sel},
+        }
 
     def _get_scale(self, req: Request) -> dict[str, Any]:
         return self._scale_of(self._deployment(req))
@@ -365,7 +472,9 @@ class FakeKubernetes(JsonServer):
         elif isinstance(body, dict):
             replicas = (body.get("spec") or {}).get("replicas")
         if not isinstance(replicas, int) or replicas < 0:
-            raise HttpError(422, _status(422, "Invalid", "spec.replicas: Invalid value: must be a non-negative integer"))
+            raise HttpError(
+                422, _status(422, "Invalid", "spec.replicas: Invalid value: must be a non-negative integer")
+            )
         dep["spec"]["replicas"] = replicas
         dep["metadata"]["resourceVersion"] = str(next(self._rv))
         self._reconcile(dep)
@@ -389,16 +498,21 @@ def _owner(pod: dict[str, Any]) -> str | None:
 
 def _affinity_allows(pod: dict[str, Any], labels: dict[str, str]) -> bool:
     """Required node affinity: any term matches when all its expressions do."""
-    required = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    required = ((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
     terms = required.get("nodeSelectorTerms") or []
     if not terms:
         return True
 
     def holds(expr: dict[str, Any]) -> bool:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        return {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
-                "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        return {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
 
     return any(all(holds(e) for e in term.get("matchExpressions") or []) for term in terms)
 

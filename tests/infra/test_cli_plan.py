@@ -1,4 +1,5 @@
 """`gpufleet validate` and `gpufleet plan` through typer's CliRunner: outputs and exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def test_validate_accepts_a_good_file(write_fleet):
 
 
 def test_validate_lists_every_problem_and_exits_1_without_traceback(write_fleet):
-    path = write_fleet(BASE.replace("    max_nodes: 4\n", "    max_nodes: 0\n").replace("    cloud: gcp\n", "    cloud: azure\n"))
+    path = write_fleet(
+        BASE.replace("    max_nodes: 4\n", "    max_nodes: 0\n").replace("    cloud: gcp\n", "    cloud: azure\n")
+    )
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
     assert "2 problems in the fleet declaration" in result.output
@@ -39,15 +42,27 @@ def test_plan_json_has_the_stable_fields(write_fleet):
     data = json.loads(result.output)
     assert data["schema"] == "gpufleet.plan/v1"
     pool = data["pools"][0]
-    assert {k: pool[k] for k in ("name", "cloud", "priority", "min_nodes", "warm_nodes", "max_nodes", "usd_per_node_hour")} == {
-        "name": "aws-h100", "cloud": "aws", "priority": 100, "min_nodes": 1, "warm_nodes": 1, "max_nodes": 4, "usd_per_node_hour": 55.04,
+    assert {
+        k: pool[k] for k in ("name", "cloud", "priority", "min_nodes", "warm_nodes", "max_nodes", "usd_per_node_hour")
+    } == {
+        "name": "aws-h100",
+        "cloud": "aws",
+        "priority": 100,
+        "min_nodes": 1,
+        "warm_nodes": 1,
+        "max_nodes": 4,
+        "usd_per_node_hour": 55.04,
     }
     dep = data["deployments"][0]
     assert dep["placement"] == [{"pool": "aws-h100", "replicas": 4, "kv_cache_tokens_per_replica": 467295}]
     assert dep["kv_cache_tokens_per_replica"] == 467295
     assert set(data["cost"]) >= {
-        "baseline_usd_per_hour", "warm_usd_per_hour", "peak_usd_per_hour",
-        "baseline_usd_per_month", "warm_usd_per_month", "peak_usd_per_month",
+        "baseline_usd_per_hour",
+        "warm_usd_per_hour",
+        "peak_usd_per_hour",
+        "baseline_usd_per_month",
+        "warm_usd_per_month",
+        "peak_usd_per_month",
     }
 
 
@@ -64,7 +79,10 @@ def test_plan_markdown_with_compare_states_the_monthly_change(write_fleet, tmp_p
     new = write_fleet(BASE.replace("    warm_nodes: 1\n", "    warm_nodes: 0\n"), name="new.yaml")
     result = runner.invoke(app, ["plan", str(new), "-f", "markdown", "--compare", str(old)])
     assert result.exit_code == 0, result.output
-    assert "Monthly cost (baseline + warm) will decrease by **$40,179.20 (-50.0%)**: $80,358.40 -> **$40,179.20**." in result.output
+    assert (
+        "Monthly cost (baseline + warm) will decrease by **$40,179.20 (-50.0%)**: $80,358.40 -> **$40,179.20**."
+        in result.output
+    )
     assert "| aws-h100 | aws us-east-1 | p5.48xlarge | 100 | 1/0/4 |" in result.output
 
 
@@ -103,7 +121,9 @@ def test_render_router_config_lists_every_replica_with_its_pool_and_kv(write_fle
     from gpufleet.router.config import RouterConfig
 
     out = tmp_path / "router.yaml"
-    result = runner.invoke(app, ["render", "router-config", str(write_fleet()), str(out), "--url-template", "http://127.0.0.1:{port}/{id}"])
+    result = runner.invoke(
+        app, ["render", "router-config", str(write_fleet()), str(out), "--url-template", "http://127.0.0.1:{port}/{id}"]
+    )
     assert result.exit_code == 0, result.output
     cfg = RouterConfig.model_validate(yaml.safe_load(out.read_text()))
     assert [r.id for r in cfg.replicas] == [f"llama-8b-aws-h100-{i}" for i in range(4)]
@@ -136,7 +156,11 @@ def test_plan_live_checks_quota_against_moto_and_exits_1_on_an_error(write_fleet
 
     from tests.fakes.aws_quotas import ec2_gpu_quotas
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+    }.items():
         monkeypatch.setenv(key, value)
     path = str(write_fleet(AWS_ONLY))
     # p5.48xlarge has 192 vCPUs: 4 nodes need 768 vCPUs of the P-instance quota (L-417A185B).
@@ -154,7 +178,21 @@ def test_plan_live_checks_quota_against_moto_and_exits_1_on_an_error(write_fleet
 def test_plan_capacity_counts_kv_reuse_for_the_ttft_target(write_fleet):
     path = str(write_fleet())
     result = runner.invoke(
-        app, ["plan", path, "-f", "json", "--workload", "shared_prompts", "--ttft-p99-s", "0.5", "--requests", "300", "--rps", "40"]
+        app,
+        [
+            "plan",
+            path,
+            "-f",
+            "json",
+            "--workload",
+            "shared_prompts",
+            "--ttft-p99-s",
+            "0.5",
+            "--requests",
+            "300",
+            "--rps",
+            "40",
+        ],
     )
     assert result.exit_code == 0, result.output
     cap = json.loads(result.output)["capacity"]
@@ -178,7 +216,9 @@ def test_plan_capacity_needs_a_target_and_a_known_deployment(write_fleet):
 
 def test_plan_capacity_from_a_malformed_trace_names_the_line(write_fleet, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 1]}\n{"timestamp": 5}\n')
+    trace.write_text(
+        '{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 1]}\n{"timestamp": 5}\n'
+    )
     result = runner.invoke(app, ["plan", str(write_fleet()), "--trace", str(trace), "--ttft-p99-s", "1"])
     assert result.exit_code == 1
     assert f"{trace}:2" in result.output and "Traceback" not in result.output

@@ -1,4 +1,5 @@
 """The plan against hand-computed examples: placement, KV capacity, cost, failover, compare."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,7 +55,9 @@ def test_cost_counts_baseline_warm_and_peak_nodes():
 
 
 def test_replicas_beyond_the_top_pool_spill_to_the_next_and_raise_its_baseline():
-    p = compile_text(BASE.replace("    min_replicas: 4\n    max_replicas: 16\n", "    min_replicas: 36\n    max_replicas: 40\n"))
+    p = compile_text(
+        BASE.replace("    min_replicas: 4\n    max_replicas: 16\n", "    min_replicas: 36\n    max_replicas: 40\n")
+    )
     d = p.deployment("llama-8b")
     assert [(x.pool, x.replicas) for x in d.placement] == [("aws-h100", 32), ("gcp-l4", 4)]
     aws, gcp = p.pool("aws-h100"), p.pool("gcp-l4")
@@ -71,7 +74,9 @@ def test_spot_pool_uses_the_spot_price():
 
 
 def test_deployments_share_pools_in_declaration_order():
-    text = BASE + """\
+    text = (
+        BASE
+        + """\
   - name: qwen-32b
     model: Qwen/Qwen3-32B
     gpus_per_replica: 2
@@ -80,6 +85,7 @@ def test_deployments_share_pools_in_declaration_order():
     max_model_len: 32768
     nodepools: [aws-h100]
 """
+    )
     p = compile_text(text)
     # llama takes 4 GPUs of the first H100 node; qwen's three 2-GPU replicas: 2 fit the rest, 1 opens node 2.
     assert p.pool("aws-h100").baseline_nodes == 2
@@ -93,11 +99,15 @@ def test_weights_that_do_not_fit_a_replica_are_an_error():
         "    max_model_len: 16384\n", "    max_model_len: 16384\n    nodepools: [gcp-l4]\n"
     )
     (msg,) = compile_errors(text)
-    assert msg.startswith("fleet.yaml:28: deployments[0].nodepools[0]: meta-llama/Llama-3.1-70B-Instruct weights (141.1 GB) do not fit 1 x L4")
+    assert msg.startswith(
+        "fleet.yaml:28: deployments[0].nodepools[0]: meta-llama/Llama-3.1-70B-Instruct weights (141.1 GB) do not fit 1 x L4"
+    )
 
 
 def test_min_replicas_that_do_not_fit_the_pools_are_an_error():
-    (msg,) = compile_errors(BASE.replace("    min_replicas: 4\n    max_replicas: 16\n", "    min_replicas: 50\n    max_replicas: 50\n"))
+    (msg,) = compile_errors(
+        BASE.replace("    min_replicas: 4\n    max_replicas: 16\n", "    min_replicas: 50\n    max_replicas: 50\n")
+    )
     assert msg == (
         "fleet.yaml:25: deployments[0].min_replicas: 50 replicas do not fit: pools aws-h100, gcp-l4 hold 40 at "
         "their max_nodes (after the deployments declared before it); raise max_nodes or add a pool"
@@ -109,15 +119,21 @@ def test_unknown_machine_type_and_wrong_region_are_errors():
         "    zones: [us-central1-a, us-central1-b]\n", "    region: africa-south1\n"
     )
     msgs = compile_errors(text)
-    assert msgs[0].startswith("fleet.yaml:9: nodepools[0].instance_type: 'p5.96xlarge' is not in the aws catalog; known aws types like it: p5.48xlarge, p5.4xlarge")
-    assert msgs[1].startswith("fleet.yaml:16: nodepools[1].region: g2-standard-48 is not offered in africa-south1; offered in: us-central1")
+    assert msgs[0].startswith(
+        "fleet.yaml:9: nodepools[0].instance_type: 'p5.96xlarge' is not in the aws catalog; known aws types like it: p5.48xlarge, p5.4xlarge"
+    )
+    assert msgs[1].startswith(
+        "fleet.yaml:16: nodepools[1].region: g2-standard-48 is not offered in africa-south1; offered in: us-central1"
+    )
 
 
 def test_gpus_per_replica_must_fit_a_node_of_every_named_pool():
     text = BASE.replace("    gpus_per_replica: 1\n", "    gpus_per_replica: 8\n").replace(
         "    max_model_len: 16384\n", "    max_model_len: 16384\n    nodepools: [aws-h100, gcp-l4]\n"
     )
-    assert compile_errors(text) == ["fleet.yaml:24: deployments[0].gpus_per_replica: 8 GPUs do not fit a node of pool 'gcp-l4', which has 4"]
+    assert compile_errors(text) == [
+        "fleet.yaml:24: deployments[0].gpus_per_replica: 8 GPUs do not fit a node of pool 'gcp-l4', which has 4"
+    ]
 
 
 def test_plan_round_trips_through_json():

@@ -1,4 +1,5 @@
 """Bad declarations get every problem at once, each with file, line, field and what is allowed."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,18 +25,66 @@ def test_the_issue_example_loads_with_its_field_names():
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("    max_nodes: 4\n", "    max_nodes: 0\n", "fleet.yaml:12: nodepools[0].max_nodes: input should be greater than or equal to 1 (found 0)"),
-        ("    min_nodes: 1\n    max_nodes: 4\n", "    min_nodes: 3\n    max_nodes: 2\n", "fleet.yaml:12: nodepools[0].max_nodes: 2 is below min_nodes 3"),
-        ("    warm_nodes: 1\n", "    warm_nodes: 4\n", "fleet.yaml:13: nodepools[0].warm_nodes: 4 does not fit: at most max_nodes - min_nodes = 3"),
-        ("    cloud: gcp\n", "    cloud: azure\n", "fleet.yaml:15: nodepools[1].cloud: 'azure' is not allowed; expected 'aws', 'gcp', 'kubernetes' or 'local'"),
-        ("  - name: gcp-l4\n", "  - name: aws-h100\n", "fleet.yaml:14: nodepools[1].name: 'aws-h100' is already the name of nodepools[0]"),
-        ("  - name: gcp-l4\n", "  - name: GCP_L4\n", "fleet.yaml:14: nodepools[1].name: 'GCP_L4' is not a valid name: use lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"),
-        ("    zones: [us-east-1a, us-east-1b]\n", "    zones: [us-west-2a]\n", "fleet.yaml:8: nodepools[0].zones[0]: zone 'us-west-2a' is not in region 'us-east-1'"),
-        ("    min_replicas: 4\n", "    min_replicas: 40\n", "fleet.yaml:26: deployments[0].max_replicas: 16 is below min_replicas 40"),
-        ("    gpus_per_replica: 1\n", "    gpus_per_replica: 1\n    engine: trt\n", "fleet.yaml:25: deployments[0].engine: 'trt' is not allowed; expected 'vllm' or 'sglang'"),
-        ("    max_model_len: 16384\n", "    max_model_len: 16384\n    nodepools: [aws-h100, nope]\n", "fleet.yaml:28: deployments[0].nodepools[1]: 'nope' is not a declared nodepool; declared: aws-h100, gcp-l4"),
-        ("    priority: 50\n", "    priority: 50\n    colour: blue\n", "fleet.yaml:19: nodepools[1].colour: unknown field; allowed: capacity_type, cloud, engine_command, gpu, gpus_per_node, instance_type, labels, max_nodes, min_nodes, name, priority, region, taints, usd_per_node_hour, warm_nodes, zones"),
-        ("  - name: llama-8b\n", "  - name: llama-8b\n    name: again\n", "fleet.yaml:23: deployments[0].name: duplicate key (first at line 22)"),
+        (
+            "    max_nodes: 4\n",
+            "    max_nodes: 0\n",
+            "fleet.yaml:12: nodepools[0].max_nodes: input should be greater than or equal to 1 (found 0)",
+        ),
+        (
+            "    min_nodes: 1\n    max_nodes: 4\n",
+            "    min_nodes: 3\n    max_nodes: 2\n",
+            "fleet.yaml:12: nodepools[0].max_nodes: 2 is below min_nodes 3",
+        ),
+        (
+            "    warm_nodes: 1\n",
+            "    warm_nodes: 4\n",
+            "fleet.yaml:13: nodepools[0].warm_nodes: 4 does not fit: at most max_nodes - min_nodes = 3",
+        ),
+        (
+            "    cloud: gcp\n",
+            "    cloud: azure\n",
+            "fleet.yaml:15: nodepools[1].cloud: 'azure' is not allowed; expected 'aws', 'gcp', 'kubernetes' or 'local'",
+        ),
+        (
+            "  - name: gcp-l4\n",
+            "  - name: aws-h100\n",
+            "fleet.yaml:14: nodepools[1].name: 'aws-h100' is already the name of nodepools[0]",
+        ),
+        (
+            "  - name: gcp-l4\n",
+            "  - name: GCP_L4\n",
+            "fleet.yaml:14: nodepools[1].name: 'GCP_L4' is not a valid name: use lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters",
+        ),
+        (
+            "    zones: [us-east-1a, us-east-1b]\n",
+            "    zones: [us-west-2a]\n",
+            "fleet.yaml:8: nodepools[0].zones[0]: zone 'us-west-2a' is not in region 'us-east-1'",
+        ),
+        (
+            "    min_replicas: 4\n",
+            "    min_replicas: 40\n",
+            "fleet.yaml:26: deployments[0].max_replicas: 16 is below min_replicas 40",
+        ),
+        (
+            "    gpus_per_replica: 1\n",
+            "    gpus_per_replica: 1\n    engine: trt\n",
+            "fleet.yaml:25: deployments[0].engine: 'trt' is not allowed; expected 'vllm' or 'sglang'",
+        ),
+        (
+            "    max_model_len: 16384\n",
+            "    max_model_len: 16384\n    nodepools: [aws-h100, nope]\n",
+            "fleet.yaml:28: deployments[0].nodepools[1]: 'nope' is not a declared nodepool; declared: aws-h100, gcp-l4",
+        ),
+        (
+            "    priority: 50\n",
+            "    priority: 50\n    colour: blue\n",
+            "fleet.yaml:19: nodepools[1].colour: unknown field; allowed: capacity_type, cloud, engine_command, gpu, gpus_per_node, instance_type, labels, max_nodes, min_nodes, name, priority, region, taints, usd_per_node_hour, warm_nodes, zones",
+        ),
+        (
+            "  - name: llama-8b\n",
+            "  - name: llama-8b\n    name: again\n",
+            "fleet.yaml:23: deployments[0].name: duplicate key (first at line 22)",
+        ),
     ],
 )
 def test_bad_declaration_names_line_field_and_allowed(old: str, new: str, expected: str):
@@ -44,9 +93,11 @@ def test_bad_declaration_names_line_field_and_allowed(old: str, new: str, expect
 
 
 def test_all_problems_of_a_file_are_reported_at_once():
-    text = BASE.replace("    min_nodes: 1\n    max_nodes: 4\n", "    min_nodes: 3\n    max_nodes: 2\n").replace(
-        "    cloud: gcp\n", "    cloud: azure\n"
-    ).replace("    max_replicas: 16\n", "    max_replicas: 1\n")
+    text = (
+        BASE.replace("    min_nodes: 1\n    max_nodes: 4\n", "    min_nodes: 3\n    max_nodes: 2\n")
+        .replace("    cloud: gcp\n", "    cloud: azure\n")
+        .replace("    max_replicas: 16\n", "    max_replicas: 1\n")
+    )
     found = problems(text)
     assert len(found) == 3, found
     assert [f.split(":")[1] for f in found] == ["12", "15", "26"]  # in file order
@@ -80,4 +131,7 @@ def test_dict_from_pulumi_config_validates_without_lines():
 
 def test_engine_command_only_on_local_pools():
     text = BASE.replace("    priority: 50\n", "    priority: 50\n    engine_command: [vllm, serve]\n")
-    assert "fleet.yaml:19: nodepools[1].engine_command: only `local` pools run an engine command; this pool is gcp" in problems(text)
+    assert (
+        "fleet.yaml:19: nodepools[1].engine_command: only `local` pools run an engine command; this pool is gcp"
+        in problems(text)
+    )

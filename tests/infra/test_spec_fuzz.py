@@ -1,4 +1,5 @@
 """Random YAML never escapes as anything but the validation error."""
+
 from __future__ import annotations
 
 import yaml
@@ -9,7 +10,11 @@ from gpufleet.infra import plan, spec
 from tests.infra.conftest import BASE
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
 
 
 def _compile(text: str) -> None:
@@ -27,7 +32,12 @@ def test_random_documents_fail_only_with_fleet_error(doc):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["nodepools", "deployments", "clouds", "router", "fleet"]), st.integers(0, 1), st.text(max_size=12), values)
+@given(
+    st.sampled_from(["nodepools", "deployments", "clouds", "router", "fleet"]),
+    st.integers(0, 1),
+    st.text(max_size=12),
+    values,
+)
 def test_mutated_valid_documents_fail_only_with_fleet_error(section, index, key, value):
     doc = yaml.safe_load(BASE)
     target = doc.setdefault(section, {})

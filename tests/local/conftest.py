@@ -1,4 +1,5 @@
 """Shared helpers for the local runtime tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +25,9 @@ router:
 def write_fleet(tmp_path: Path, engine: str = "", mcr: int = 16, top: int = 1, router: str = "") -> Path:
     """A small local fleet: `top` nodes in the preferred pool, one replica and one warm node in the next."""
     p = tmp_path / "fleet.yaml"
-    p.write_text(SMALL_FLEET % {"engine": engine, "mcr": mcr, "top": top, "minr": top + 1, "maxr": top + 2, "router": router})
+    p.write_text(
+        SMALL_FLEET % {"engine": engine, "mcr": mcr, "top": top, "minr": top + 1, "maxr": top + 2, "router": router}
+    )
     return p
 
 

@@ -1,4 +1,5 @@
 """What `gpufleet demo` adds to the workload module: the ceiling, open-loop arrivals, spread conversations."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,9 @@ from gpufleet.router.workload import WorkloadSpec, WorkRequest
 
 
 def _req(i: int, model: str, text: str) -> WorkRequest:
-    return WorkRequest(index=i, kind="system", model=model, body={"model": model, "messages": [{"role": "user", "content": text}]})
+    return WorkRequest(
+        index=i, kind="system", model=model, body={"model": model, "messages": [{"role": "user", "content": text}]}
+    )
 
 
 def test_ceiling_counts_repeated_prefixes_per_model_and_never_the_last_token():
@@ -33,7 +36,9 @@ def test_ceiling_counts_repeated_prefixes_per_model_and_never_the_last_token():
 def test_ceiling_equals_what_one_replica_with_an_unbounded_cache_reports():
     # one request at a time against one replica whose KV holds everything: it reaches the ceiling exactly
     reqs = workload.generate(workload.demo_spec(("m",), 40, seed=5, max_tokens=2))
-    sim = SimSettings(model="m", kv_capacity_tokens=10_000_000, prefill_tokens_per_s=5_000_000, decode_tokens_per_s=100_000)
+    sim = SimSettings(
+        model="m", kv_capacity_tokens=10_000_000, prefill_tokens_per_s=5_000_000, decode_tokens_per_s=100_000
+    )
     with serve_in_thread(sim) as r:
         results = asyncio.run(workload.drive(r.url, reqs, concurrency=1))
     s = workload.summarize(results)
@@ -94,7 +99,9 @@ def test_summarize_by_model_splits_results():
 
 def test_conversations_draw_their_system_prompt_by_popularity_when_asked():
     def systems(how: str) -> set[str]:
-        spec = WorkloadSpec(models=("m",), n_requests=200, seed=4, mix=(0, 0, 1), turns_per_conversation=2, chat_system_prompts=how)
+        spec = WorkloadSpec(
+            models=("m",), n_requests=200, seed=4, mix=(0, 0, 1), turns_per_conversation=2, chat_system_prompts=how
+        )
         return {r.body["messages"][0]["content"].split(":")[0] for r in workload.generate(spec)}
 
     assert systems("top") == {"System prompt 0 for m"}  # one chat app

@@ -1,4 +1,5 @@
 """The local runtime (gpufleet.infra.local): the plan run as processes on this machine."""
+
 from __future__ import annotations
 
 import sys
@@ -44,7 +45,11 @@ def test_layout_has_planned_replicas_and_one_standby_per_warm_node(tmp_path):
     p = plan.compile_file(str(write_fleet(tmp_path)))
     rt = LocalRuntime(p, workdir=tmp_path / "w")
     got = [(r.id, r.pool, r.role) for r in rt.replicas]
-    assert got == [("qwen-top-0", "top", "active"), ("qwen-next-0", "next", "active"), ("qwen-next-warm0", "next", "warm")]
+    assert got == [
+        ("qwen-top-0", "top", "active"),
+        ("qwen-next-0", "next", "active"),
+        ("qwen-next-warm0", "next", "warm"),
+    ]
 
 
 def test_router_config_lists_standbys_under_their_pool(tmp_path):
@@ -77,7 +82,12 @@ def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
         assert len(pids) == 4 and all(alive(x) for x in pids)
         # standby is known to the router but not routed to
         assert rt.router_view() == {"qwen-top-0": True, "qwen-next-0": True, "qwen-next-warm0": False}
-        served = {httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"q{i}"), timeout=10).headers["x-gpufleet-replica"] for i in range(6)}
+        served = {
+            httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"q{i}"), timeout=10).headers[
+                "x-gpufleet-replica"
+            ]
+            for i in range(6)
+        }
         assert served == {"qwen-top-0"}  # the top pool takes the traffic while it is healthy
         assert rt.kill_pool("top") == ["qwen-top-0"]
         events = rt.check(load=False)
@@ -88,7 +98,9 @@ def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
         assert r.status_code == 200 and r.headers["x-gpufleet-replica"].startswith("qwen-next-")
         assert rt.wait_routable(["qwen-next-0", "qwen-next-warm0"], timeout_s=15)
         served = {
-            httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"after {i} " * 50), timeout=10).headers["x-gpufleet-replica"]
+            httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat(f"after {i} " * 50), timeout=10).headers[
+                "x-gpufleet-replica"
+            ]
             for i in range(12)
         }
         assert "qwen-next-warm0" in served
@@ -138,7 +150,11 @@ def test_router_saturation_promotes_a_standby(tmp_path):
     with LocalRuntime(p, router_port=0, workdir=tmp_path / "w") as rt:
         body = {"model": "Qwen/Qwen3-0.6B", "prompt": "busy " * 20, "max_tokens": 150, "ignore_eos": True}
         threads = [
-            threading.Thread(target=lambda i=i: httpx.post(rt.endpoint + "/v1/completions", json={**body, "prompt": f"{i} " * 30}, timeout=30))
+            threading.Thread(
+                target=lambda i=i: httpx.post(
+                    rt.endpoint + "/v1/completions", json={**body, "prompt": f"{i} " * 30}, timeout=30
+                )
+            )
             for i in range(2)
         ]
         for t in threads:

@@ -1,4 +1,5 @@
 """`gpufleet up` and `gpufleet demo` end to end: real processes, real loopback HTTP, clean teardown."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,11 @@ def _start_up(fleet: Path) -> tuple[subprocess.Popen[str], str]:
     """Run `gpufleet up FLEET --port 0` and read its output until it prints the router endpoint."""
     env = dict(os.environ, COLUMNS="300", NO_PROXY="127.0.0.1")
     proc = subprocess.Popen(
-        [*CLI, "up", str(fleet), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        [*CLI, "up", str(fleet), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
     )
     seen = []
     deadline = time.monotonic() + 60

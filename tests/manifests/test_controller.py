@@ -2,6 +2,7 @@
 line parses with the real CLI, and the real controller, run with that command line against a
 fake API server that enforces the rendered RBAC, observes and warms pools with no request
 denied and every granted right used (least privilege, checked rather than asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests
+from gpufleet.infra import manifests, spec
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import spec
 from gpufleet.infra.cli import app
 from tests.fakes._http import HttpError, Request
 from tests.fakes.k8s_server import FakeKubernetes
@@ -58,8 +58,12 @@ def rbac_request(method: str, path: str, query: dict[str, str]) -> tuple[str, st
 
 def _rule_allows(rule: dict[str, Any], verb: str, group: str, resource: str, name: str | None) -> bool:
     names = rule.get("resourceNames")
-    return (group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-            and (not names or name in names))
+    return (
+        group in rule["apiGroups"]
+        and resource in rule["resources"]
+        and verb in rule["verbs"]
+        and (not names or name in names)
+    )
 
 
 class RbacKubernetes(FakeKubernetes):
@@ -80,8 +84,17 @@ class RbacKubernetes(FakeKubernetes):
             rules = list(self.cluster_rules) + (list(self.role_rules) if ns == self.role_namespace else [])
             if not any(_rule_allows(r, verb, group, resource, name) for r in rules):
                 self.denied.append((verb, group, resource, ns, name))
-                raise HttpError(403, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
-                                      "reason": "Forbidden", "message": f"{resource} is forbidden: cannot {verb}"})
+                raise HttpError(
+                    403,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "code": 403,
+                        "reason": "Forbidden",
+                        "message": f"{resource} is forbidden: cannot {verb}",
+                    },
+                )
             self.used.add((verb, group, resource))
             return handler(req)
 
@@ -115,21 +128,32 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
             kube.add_node(name, labels={manifests.LABEL_POOL: pool}, gpus=8)
         for dep in (o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("warm-")):
             pod = dep["spec"]["template"]["spec"]
-            kube.add_deployment(dep["metadata"]["name"], namespace=dep["metadata"]["namespace"],
-                                replicas=dep["spec"]["replicas"], labels=dep["spec"]["template"]["metadata"]["labels"],
-                                gpus_per_pod=int(pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]),
-                                node_selector=pod["nodeSelector"])
+            kube.add_deployment(
+                dep["metadata"]["name"],
+                namespace=dep["metadata"]["namespace"],
+                replicas=dep["spec"]["replicas"],
+                labels=dep["spec"]["template"]["metadata"]["labels"],
+                gpus_per_pod=int(pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]),
+                node_selector=pod["nodeSelector"],
+            )
         # llama-70b at 4 GPUs a replica fills both on-demand nodes: the preferred pool is hot.
         for k in range(4):
-            kube.add_pod(f"llama-70b-h100-ondemand-{k}", namespace=plan.namespace, gpus=4,
-                         labels={manifests.LABEL_POOL: "h100-ondemand"}, node_selector={manifests.LABEL_POOL: "h100-ondemand"})
+            kube.add_pod(
+                f"llama-70b-h100-ondemand-{k}",
+                namespace=plan.namespace,
+                gpus=4,
+                labels={manifests.LABEL_POOL: "h100-ondemand"},
+                node_selector={manifests.LABEL_POOL: "h100-ondemand"},
+            )
         yield plan, objs, kube, _kubeconfig(tmp_path, kube.url)
     finally:
         kube.stop()
 
 
 def _container_argv(objs: list[dict[str, Any]], plan: plan_mod.Plan) -> list[str]:
-    dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == manifests.controller_name(plan))
+    dep = next(
+        o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == manifests.controller_name(plan)
+    )
     c = dep["spec"]["template"]["spec"]["containers"][0]
     return c["command"] + c["args"]
 
@@ -169,8 +193,16 @@ def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_r
                for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
                for verb in rule["verbs"]}  # fmt: skip
     # Least privilege: every granted right was needed by this one round.
-    assert kube.used == granted == {("list", "", "nodes"), ("list", "", "pods"),
-                                    ("get", "apps", "deployments/scale"), ("patch", "apps", "deployments/scale")}
+    assert (
+        kube.used
+        == granted
+        == {
+            ("list", "", "nodes"),
+            ("list", "", "pods"),
+            ("get", "apps", "deployments/scale"),
+            ("patch", "apps", "deployments/scale"),
+        }
+    )
 
 
 def test_the_fake_really_enforces_the_rendered_rbac(eks_cluster):
@@ -234,14 +266,24 @@ def test_rendered_controller_command_is_what_the_real_cli_wires(monkeypatch, pla
     "options",
     [
         manifests.ManifestOptions(),
-        manifests.ManifestOptions(controller_kubeconfig_secret="kc", controller_kube_contexts={"aws": "eks", "gcp": "gke"}),
+        manifests.ManifestOptions(
+            controller_kubeconfig_secret="kc", controller_kube_contexts={"aws": "eks", "gcp": "gke"}
+        ),
         manifests.ManifestOptions(controller_aws_role_arn="arn:aws:iam::123456789012:role/c", router_replicas=2),
     ],
 )
 def test_controller_objects_validate_strictly_against_the_kubernetes_schema(options):
     objs = [o for g in manifests.all_objects(_multicloud(), options).values() for o in g]
     kinds = [o["kind"] for o in objs if o["metadata"]["name"] == "llm-prod-controller"]
-    assert {"ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"} <= set(kinds)
+    assert {
+        "ConfigMap",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+    } <= set(kinds)
     for obj in objs:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -258,17 +300,35 @@ def test_controller_configmap_holds_the_plan_json_of_the_fleet():
 
 
 def test_turning_the_controller_off_renders_none_of_it():
-    objs = [o for g in manifests.all_objects(_multicloud(), manifests.ManifestOptions(controller=False)).values() for o in g]
-    assert not [o for o in objs if "controller" in o["metadata"]["name"] or o["kind"].endswith("Role") or o["kind"].endswith("Binding")]
+    objs = [
+        o for g in manifests.all_objects(_multicloud(), manifests.ManifestOptions(controller=False)).values() for o in g
+    ]
+    assert not [
+        o
+        for o in objs
+        if "controller" in o["metadata"]["name"] or o["kind"].endswith("Role") or o["kind"].endswith("Binding")
+    ]
 
 
 def test_render_manifests_writes_the_controller_and_its_rbac(tmp_path):
-    res = CliRunner().invoke(app, ["render", "manifests", str(STACKS / "multicloud" / "fleet.yaml"), "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["render", "manifests", str(STACKS / "multicloud" / "fleet.yaml"), "--out", str(tmp_path)]
+    )
     assert res.exit_code == 0, res.output
     docs = list(yaml.safe_load_all((tmp_path / "aws-prod-eks.yaml").read_text()))
     mine = {(d["kind"], d["metadata"]["name"]) for d in docs if d["metadata"]["name"] == "llm-prod-controller"}
-    assert mine == {(k, "llm-prod-controller") for k in
-                    ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment")}
+    assert mine == {
+        (k, "llm-prod-controller")
+        for k in (
+            "ConfigMap",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Deployment",
+        )
+    }
     # Both placeholder Deployments, each in its own cluster.
     gcp = list(yaml.safe_load_all((tmp_path / "gcp-prod-gke.yaml").read_text()))
     assert [d["metadata"]["name"] for d in gcp if d["kind"] == "Deployment"] == ["warm-gcp-h100"]
@@ -277,7 +337,9 @@ def test_render_manifests_writes_the_controller_and_its_rbac(tmp_path):
 
 def test_render_manifests_can_leave_the_controller_out_or_change_its_image(tmp_path):
     fleet = str(STACKS / "multicloud" / "fleet.yaml")
-    res = CliRunner().invoke(app, ["render", "manifests", fleet, "--out", str(tmp_path / "a"), "--controller-image", "reg.example/ctl:2"])
+    res = CliRunner().invoke(
+        app, ["render", "manifests", fleet, "--out", str(tmp_path / "a"), "--controller-image", "reg.example/ctl:2"]
+    )
     assert res.exit_code == 0, res.output
     docs = list(yaml.safe_load_all((tmp_path / "a" / "aws-prod-eks.yaml").read_text()))
     dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "llm-prod-controller")
@@ -294,14 +356,22 @@ def test_in_cluster_controller_leaves_another_clusters_pool_alone_without_being_
     (noted, no action) and not 403, which would fail the whole cluster's observation."""
     plan = _multicloud()
     objs = manifests.all_objects(plan)["aws-prod-eks"]
-    kube = RbacKubernetes(next(o for o in objs if o["kind"] == "ClusterRole"), next(o for o in objs if o["kind"] == "Role"))
+    kube = RbacKubernetes(
+        next(o for o in objs if o["kind"] == "ClusterRole"), next(o for o in objs if o["kind"] == "Role")
+    )
     kube.start()
     try:
         pool = {manifests.LABEL_POOL: "aws-h100"}
         for name in ("a1", "a2"):
             kube.add_node(name, labels=pool, gpus=8)
-        kube.add_deployment("warm-aws-h100", namespace=plan.namespace, replicas=1, gpus_per_pod=8, node_selector=pool,
-                            labels={"app.kubernetes.io/component": "placeholder", **pool})
+        kube.add_deployment(
+            "warm-aws-h100",
+            namespace=plan.namespace,
+            replicas=1,
+            gpus_per_pod=8,
+            node_selector=pool,
+            labels={"app.kubernetes.io/component": "placeholder", **pool},
+        )
         for k in range(14):
             kube.add_pod(f"llama-8b-aws-h100-{k}", namespace=plan.namespace, gpus=1, labels=pool, node_selector=pool)
         kubeconfig = _kubeconfig(tmp_path, kube.url)

@@ -1,5 +1,6 @@
 """The plan as Kubernetes objects: valid against the Kubernetes schemas, identical on the Pulumi
 and GitOps paths, and addressable by the router exactly as the router config says."""
+
 from __future__ import annotations
 
 import re
@@ -11,9 +12,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, render
+from gpufleet.infra import manifests, render, spec
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import spec
 from gpufleet.infra.cli.render_manifests import register_manifests
 from gpufleet.infra.preview import _sanitize, run_program
 from gpufleet.infra.pulumi import Fleet, FleetArgs
@@ -76,13 +76,24 @@ def test_replica_pods_are_the_plan_replica_ids_at_the_router_config_urls(plan):
         assert host.group(1) == local or (host.group(1).endswith(".svc.clusterset.local") and home is not None)
         assert int(host.group(2)) == sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
         # The headless Service selects the pod.
-        service = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == svc and o["metadata"]["namespace"] == sts["metadata"]["namespace"])
+        service = next(
+            o
+            for o in objs
+            if o["kind"] == "Service"
+            and o["metadata"]["name"] == svc
+            and o["metadata"]["namespace"] == sts["metadata"]["namespace"]
+        )
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_router_configmap_holds_the_rendered_router_config(plan):
-    cm = next(o for g in manifests.all_objects(plan).values() for o in g if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router"))
+    cm = next(
+        o
+        for g in manifests.all_objects(plan).values()
+        for o in g
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router")
+    )
     expected = render.router_config(plan, lambda r: manifests.replica_url(plan, r))
     assert yaml.safe_load(cm["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
 
@@ -95,11 +106,15 @@ def test_pulumi_registers_exactly_the_rendered_objects():
     for r in result.resources:
         if r.type.startswith("kubernetes:") and r.type != "kubernetes:core/v1:Secret":
             cluster = "aws" if "::f-aws-k8s::" in (r.provider or "") else "gcp"
-            registered[(cluster, r.inputs["kind"], r.inputs["metadata"].get("namespace"), r.inputs["metadata"]["name"])] = r.inputs
+            registered[
+                (cluster, r.inputs["kind"], r.inputs["metadata"].get("namespace"), r.inputs["metadata"]["name"])
+            ] = r.inputs
     rendered = {}
     for key, objs in manifests.all_objects(plan).items():
         for o in objs:
-            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = _sanitize(o)
+            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = _sanitize(
+                o
+            )
     assert registered.keys() == rendered.keys()
     for k in rendered:
         assert registered[k] == rendered[k], k
@@ -107,8 +122,13 @@ def test_pulumi_registers_exactly_the_rendered_objects():
 
 def test_secondary_cluster_replicas_use_multi_cluster_dns():
     plan = PLANS["multicloud"]()
-    gcp_replica = plan_mod.ReplicaPlan(id="llama-8b-gcp-h100-0", deployment="llama-8b", pool="gcp-h100", priority=50, index=0)
-    assert manifests.replica_url(plan, gcp_replica) == "http://llama-8b-gcp-h100-0.prod-gke.llama-8b.gpufleet.svc.clusterset.local:8000"
+    gcp_replica = plan_mod.ReplicaPlan(
+        id="llama-8b-gcp-h100-0", deployment="llama-8b", pool="gcp-h100", priority=50, index=0
+    )
+    assert (
+        manifests.replica_url(plan, gcp_replica)
+        == "http://llama-8b-gcp-h100-0.prod-gke.llama-8b.gpufleet.svc.clusterset.local:8000"
+    )
 
 
 def _cli() -> typer.Typer:
@@ -120,7 +140,9 @@ def _cli() -> typer.Typer:
 
 
 def test_render_manifests_writes_one_file_per_cluster_with_the_objects(tmp_path):
-    res = CliRunner().invoke(_cli(), ["render", "manifests", str(STACKS / "multicloud" / "fleet.yaml"), "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        _cli(), ["render", "manifests", str(STACKS / "multicloud" / "fleet.yaml"), "--out", str(tmp_path / "out")]
+    )
     assert res.exit_code == 0, res.output
     plan = PLANS["multicloud"]()
     expected = manifests.all_objects(plan)
@@ -133,7 +155,11 @@ def test_render_manifests_writes_one_file_per_cluster_with_the_objects(tmp_path)
 
 def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
     bad = tmp_path / "fleet.yaml"
-    bad.write_text((STACKS / "multicloud" / "fleet.yaml").read_text().replace("max_nodes: 4\n    warm_nodes: 1\n  - name: gcp", "max_nodes: 0\n    warm_nodes: 1\n  - name: gcp"))
+    bad.write_text(
+        (STACKS / "multicloud" / "fleet.yaml")
+        .read_text()
+        .replace("max_nodes: 4\n    warm_nodes: 1\n  - name: gcp", "max_nodes: 0\n    warm_nodes: 1\n  - name: gcp")
+    )
     res = CliRunner().invoke(_cli(), ["render", "manifests", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert "nodepools[0].max_nodes" in res.output and "fleet.yaml:" in res.output and "Traceback" not in res.output
@@ -142,7 +168,11 @@ def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     ("token", "env_name", "mount"),
-    [({"env": "ROUTER_ADMIN"}, "ROUTER_ADMIN", None), ({"secret": "my-admin"}, "GPUFLEET_ADMIN_TOKEN", None), ({"file": "/run/admin/token"}, None, "/run/admin/token")],
+    [
+        ({"env": "ROUTER_ADMIN"}, "ROUTER_ADMIN", None),
+        ({"secret": "my-admin"}, "GPUFLEET_ADMIN_TOKEN", None),
+        ({"file": "/run/admin/token"}, None, "/run/admin/token"),
+    ],
 )
 def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mount):
     data = yaml.safe_load((STACKS / "multicloud" / "fleet.yaml").read_text())
@@ -157,4 +187,6 @@ def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mo
         assert c["env"] == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
     else:
         assert {"name": "admin-token", "mountPath": mount, "subPath": "token", "readOnly": True} in c["volumeMounts"]
-        assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"][
+            "volumes"
+        ]

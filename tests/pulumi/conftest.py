@@ -1,4 +1,5 @@
 """Run Pulumi programs under Pulumi's mocks (each in a fresh runtime context) and query what they registered."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,7 +28,11 @@ class Registered:
         return [r for r in self.resources if r.type == token]
 
     def one(self, token: str, name: str | None = None) -> PreviewResource:
-        found = [r for r in self.of_type(token) if name is None or r.name == name or r.inputs.get("metadata", {}).get("name") == name]
+        found = [
+            r
+            for r in self.of_type(token)
+            if name is None or r.name == name or r.inputs.get("metadata", {}).get("name") == name
+        ]
         assert len(found) == 1, f"expected one {token} {name or ''}, found {[r.name for r in found]}"
         return found[0]
 

@@ -1,4 +1,5 @@
 """Each Pulumi component under Pulumi's mocks: the properties that matter, asserted on what it registers."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gpufleet.infra import manifests, render
+from gpufleet.infra import manifests, render, spec
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import spec
 from gpufleet.infra.pulumi import (
     CacheAwareRouter,
     CacheAwareRouterArgs,
@@ -37,10 +37,28 @@ LAB_FLEET: dict[str, Any] = {
     "fleet": "lab",
     "clouds": {"kubernetes": {"context": "lab-cluster"}},
     "nodepools": [
-        {"name": "lab-a100", "cloud": "kubernetes", "instance_type": "dgx-a100", "gpu": "A100-80GB", "gpus_per_node": 4,
-         "priority": 10, "min_nodes": 1, "max_nodes": 3, "warm_nodes": 1},
+        {
+            "name": "lab-a100",
+            "cloud": "kubernetes",
+            "instance_type": "dgx-a100",
+            "gpu": "A100-80GB",
+            "gpus_per_node": 4,
+            "priority": 10,
+            "min_nodes": 1,
+            "max_nodes": 3,
+            "warm_nodes": 1,
+        },
     ],  # fmt: skip
-    "deployments": [{"name": "small", "model": "Qwen/Qwen3-8B", "engine": "sglang", "min_replicas": 2, "max_replicas": 4, "max_model_len": 8192}],
+    "deployments": [
+        {
+            "name": "small",
+            "model": "Qwen/Qwen3-8B",
+            "engine": "sglang",
+            "min_replicas": 2,
+            "max_replicas": 4,
+            "max_model_len": 8192,
+        }
+    ],
 }
 
 
@@ -50,7 +68,14 @@ def _pool(plan: plan_mod.Plan, name: str) -> plan_mod.PoolPlan:
 
 def test_aws_nodepool_is_an_eks_node_group_with_gpu_ami_scaling_labels_and_gpu_taint(run, eks_plan):
     pool = _pool(eks_plan, "h100-ondemand")
-    reg = run(lambda: GpuNodepool("np", GpuNodepoolArgs(eks_plan, pool, cluster_name="ml-prod", node_role_arn="arn:role", subnet_ids=["s-1", "s-2"])))
+    reg = run(
+        lambda: GpuNodepool(
+            "np",
+            GpuNodepoolArgs(
+                eks_plan, pool, cluster_name="ml-prod", node_role_arn="arn:role", subnet_ids=["s-1", "s-2"]
+            ),
+        )
+    )
     comp = reg.one("gpufleet:nodepool:GpuNodepool", "np")
     ng = reg.one(NG)
     assert ng.parent == comp.name and ng.name == "np-nodegroup"
@@ -58,7 +83,11 @@ def test_aws_nodepool_is_an_eks_node_group_with_gpu_ami_scaling_labels_and_gpu_t
     assert i["amiType"] == "AL2023_x86_64_NVIDIA"
     assert i["instanceTypes"] == ["p5.48xlarge"]
     assert i["capacityType"] == "ON_DEMAND"
-    assert i["scalingConfig"] == {"minSize": pool.min_nodes, "desiredSize": pool.baseline_nodes + pool.warm_nodes, "maxSize": pool.max_nodes}
+    assert i["scalingConfig"] == {
+        "minSize": pool.min_nodes,
+        "desiredSize": pool.baseline_nodes + pool.warm_nodes,
+        "maxSize": pool.max_nodes,
+    }
     assert i["scalingConfig"]["desiredSize"] == 2  # 1 baseline + 1 warm
     assert i["subnetIds"] == ["s-1", "s-2"] and i["clusterName"] == "ml-prod" and i["nodeRoleArn"] == "arn:role"
     assert i["labels"]["gpufleet.io/pool"] == "h100-ondemand" and i["labels"]["gpufleet.io/priority"] == "100"
@@ -66,7 +95,14 @@ def test_aws_nodepool_is_an_eks_node_group_with_gpu_ami_scaling_labels_and_gpu_t
 
 
 def test_aws_spot_pool_uses_spot_capacity(run, eks_plan):
-    reg = run(lambda: GpuNodepool("np", GpuNodepoolArgs(eks_plan, _pool(eks_plan, "h100-spot"), cluster_name="c", node_role_arn="r", subnet_ids=["s"])))
+    reg = run(
+        lambda: GpuNodepool(
+            "np",
+            GpuNodepoolArgs(
+                eks_plan, _pool(eks_plan, "h100-spot"), cluster_name="c", node_role_arn="r", subnet_ids=["s"]
+            ),
+        )
+    )
     i = reg.one(NG).inputs
     assert i["capacityType"] == "SPOT"
     assert i["scalingConfig"] == {"minSize": 0, "desiredSize": 0, "maxSize": 4}
@@ -78,8 +114,13 @@ def test_gcp_nodepool_has_accelerators_with_driver_autoscaling_spot_and_zones(ru
     i = reg.one(NP).inputs
     nc = i["nodeConfig"]
     assert nc["machineType"] == "g2-standard-24" and nc["spot"] is True
-    assert nc["guestAccelerators"] == [{"type": "nvidia-l4", "count": 2, "gpuDriverInstallationConfig": {"gpuDriverVersion": "LATEST"}}]
-    assert i["autoscaling"]["totalMinNodeCount"] == pool.min_nodes and i["autoscaling"]["totalMaxNodeCount"] == pool.max_nodes
+    assert nc["guestAccelerators"] == [
+        {"type": "nvidia-l4", "count": 2, "gpuDriverInstallationConfig": {"gpuDriverVersion": "LATEST"}}
+    ]
+    assert (
+        i["autoscaling"]["totalMinNodeCount"] == pool.min_nodes
+        and i["autoscaling"]["totalMaxNodeCount"] == pool.max_nodes
+    )
     assert i["nodeLocations"] == ["us-central1-a", "us-central1-b"]
     assert i["location"] == "us-central1" and i["cluster"] == "gke" and i["project"] == "acme-ml"
     assert nc["labels"]["gpufleet.io/pool"] == "l4-spot" and nc["labels"]["gpufleet.io/priority"] == "100"
@@ -110,7 +151,9 @@ def test_warm_capacity_holds_whole_nodes_with_lowest_non_preempting_priority(run
         assert pod["nodeSelector"] == {"gpufleet.io/pool": pool.name}
         res = pod["containers"][0]["resources"]
         assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == str(pool.gpus_per_node) == "8"
-        assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
 
 
 def test_warm_capacity_renders_placeholders_for_warm_pools_and_later_failover_pools(run, eks_plan):
@@ -124,8 +167,11 @@ def test_warm_capacity_renders_placeholders_for_warm_pools_and_later_failover_po
 
 def test_warm_capacity_skips_pools_neither_warm_nor_in_a_failover_chain(run):
     spare = {**LAB_FLEET["nodepools"][0], "name": "lab-spare", "priority": 5, "warm_nodes": 0, "min_nodes": 0}
-    fleet_ = {**LAB_FLEET, "nodepools": [{**LAB_FLEET["nodepools"][0], "warm_nodes": 0}, spare],
-              "deployments": [{**LAB_FLEET["deployments"][0], "nodepools": ["lab-a100"]}]}
+    fleet_ = {
+        **LAB_FLEET,
+        "nodepools": [{**LAB_FLEET["nodepools"][0], "warm_nodes": 0}, spare],
+        "deployments": [{**LAB_FLEET["deployments"][0], "nodepools": ["lab-a100"]}],
+    }
     fleet, smap = spec.load_dict(fleet_)
     plan = plan_mod.compile(fleet, smap)
     assert plan.deployment("small").failover == ["lab-a100"]
@@ -169,13 +215,19 @@ def test_model_deployment_vllm_replicas_flags_gpus_probes_and_priority(run, eks_
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health"
     assert pod["priorityClassName"] == "eks-llm-serving"
-    assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
     prefs = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     order = [p["preference"]["matchExpressions"][0]["values"][0] for p in prefs]
     weights = [p["weight"] for p in prefs]
-    assert order == ["h100-ondemand", "h100-spot"] and weights == sorted(weights, reverse=True) and weights[0] > weights[1]
+    assert (
+        order == ["h100-ondemand", "h100-spot"] and weights == sorted(weights, reverse=True) and weights[0] > weights[1]
+    )
     # The spot StatefulSet never climbs above its own pool's priority.
-    spare_pref = spare["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    spare_pref = spare["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
     assert spare_pref["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["h100-spot"]
     svc = reg.one("kubernetes:core/v1:Service", "llama-70b").inputs
     assert svc["spec"]["clusterIP"] == "None"
@@ -203,7 +255,9 @@ def test_router_configmap_equals_the_rendered_router_config(run, multicloud_plan
     cm = reg.one(CM, "llm-prod-router")
     expected = render.router_config(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
     assert yaml.safe_load(cm.inputs["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
-    assert [r["id"] for r in yaml.safe_load(cm.inputs["data"]["router.yaml"])["replicas"]] == [f"llama-8b-aws-h100-{k}" for k in range(4)]
+    assert [r["id"] for r in yaml.safe_load(cm.inputs["data"]["router.yaml"])["replicas"]] == [
+        f"llama-8b-aws-h100-{k}" for k in range(4)
+    ]
 
 
 def test_router_runs_serve_with_admin_token_from_secret_probes_and_scrape_annotations(run, multicloud_plan):
@@ -218,7 +272,11 @@ def test_router_runs_serve_with_admin_token_from_secret_probes_and_scrape_annota
     assert env["GPUFLEET_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "llm-prod-router-admin", "key": "token"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
     ann = d["metadata"]["annotations"]
-    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics" and ann["prometheus.io/port"] == "8080"
+    assert (
+        ann["prometheus.io/scrape"] == "true"
+        and ann["prometheus.io/path"] == "/metrics"
+        and ann["prometheus.io/port"] == "8080"
+    )
 
 
 def test_router_has_least_rbac_no_roles_and_no_api_token(run, multicloud_plan):

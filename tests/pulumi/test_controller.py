@@ -1,5 +1,6 @@
 """The warm-capacity / failover controller as the Fleet installs it: plan ConfigMap, Deployment,
 identity and the exact RBAC scope, under Pulumi's mocks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,16 @@ from typing import Any
 import pulumi
 import pytest
 
-from gpufleet.infra import manifests
-from gpufleet.infra import preview
+from gpufleet.infra import manifests, preview
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra.pulumi import FailoverController, FailoverControllerArgs, Fleet, FleetArgs, compile_declaration, stack_config
+from gpufleet.infra.pulumi import (
+    FailoverController,
+    FailoverControllerArgs,
+    Fleet,
+    FleetArgs,
+    compile_declaration,
+    stack_config,
+)
 
 from .conftest import STACKS, inline_fleet
 
@@ -62,9 +69,14 @@ def test_fleet_runs_the_controller_in_the_router_cluster_with_plan_probes_and_sc
     assert {"name": "plan", "mountPath": "/etc/gpufleet", "readOnly": True} in c["volumeMounts"]
     assert {"name": "plan", "configMap": {"name": "llm-prod-controller"}} in pod["spec"]["volumes"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["runAsNonRoot"] is True
-    assert pod["spec"]["serviceAccountName"] == "llm-prod-controller" and pod["spec"]["automountServiceAccountToken"] is True
+    assert (
+        pod["spec"]["serviceAccountName"] == "llm-prod-controller"
+        and pod["spec"]["automountServiceAccountToken"] is True
+    )
     # The GKE cluster gets no controller objects: no kubeconfig to reach it was configured.
-    assert all("::f-aws-k8s::" in r.provider for r in reg.resources if r.type in (DEPLOY, SA, *RBAC) and "controller" in r.name)
+    assert all(
+        "::f-aws-k8s::" in r.provider for r in reg.resources if r.type in (DEPLOY, SA, *RBAC) and "controller" in r.name
+    )
 
 
 def test_controller_rbac_is_exactly_list_nodes_and_pods_and_scale_of_placeholders(run, multicloud_plan):
@@ -83,7 +95,11 @@ def test_controller_rbac_is_exactly_list_nodes_and_pods_and_scale_of_placeholder
     ]  # fmt: skip
     subject = [{"kind": "ServiceAccount", "name": "llm-prod-controller", "namespace": "gpufleet"}]
     crb = reg.one(CRB, "llm-prod-controller").inputs
-    assert crb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "llm-prod-controller"}
+    assert crb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "llm-prod-controller",
+    }
     assert crb["subjects"] == subject
     rb = reg.one(RB, "llm-prod-controller").inputs
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "llm-prod-controller"}
@@ -132,14 +148,19 @@ def test_irsa_role_annotates_the_service_account_and_turns_node_scaling_on(run, 
 
 def test_without_aws_credentials_the_controller_manages_placeholders_only(run, eks_plan):
     # A GKE Workload Identity setting cannot give a pod on EKS credentials: refused, not ignored.
-    assert manifests.check_controller_options(eks_plan, manifests.ManifestOptions(controller_gcp_service_account="sa@p.iam.gserviceaccount.com"))
+    assert manifests.check_controller_options(
+        eks_plan, manifests.ManifestOptions(controller_gcp_service_account="sa@p.iam.gserviceaccount.com")
+    )
     argv = manifests.controller_args(eks_plan, manifests.ManifestOptions(controller_provider_names={"h100-spot": "ng"}))
     assert "--no-node-scaling" in argv and "--provider-name" not in argv
 
 
 def test_workload_identity_on_gke_scales_only_the_named_instance_groups(run, gke_plan):
     gsa = "gpufleet-controller@acme-ml.iam.gserviceaccount.com"
-    named = manifests.ManifestOptions(controller_gcp_service_account=gsa, controller_provider_names={"l4-ondemand": "gke-gpufleet-gke-l4-ondemand-1a2b3c4d-grp"})
+    named = manifests.ManifestOptions(
+        controller_gcp_service_account=gsa,
+        controller_provider_names={"l4-ondemand": "gke-gpufleet-gke-l4-ondemand-1a2b3c4d-grp"},
+    )
     cluster = manifests.clusters(gke_plan)[0]
     reg = run(lambda: FailoverController("c", FailoverControllerArgs(gke_plan, cluster, named)))
     assert reg.one(SA).inputs["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": gsa}
@@ -152,8 +173,9 @@ def test_workload_identity_on_gke_scales_only_the_named_instance_groups(run, gke
 
 
 def test_kubeconfig_secret_reaches_the_other_cluster_with_its_own_service_account_and_rbac(run, multicloud_plan):
-    opts = manifests.ManifestOptions(controller_kubeconfig_secret="controller-kubeconfig",
-                                     controller_kube_contexts={"aws": "eks", "gcp": "gke"})
+    opts = manifests.ManifestOptions(
+        controller_kubeconfig_secret="controller-kubeconfig", controller_kube_contexts={"aws": "eks", "gcp": "gke"}
+    )
     reg = run(lambda: Fleet("f", FleetArgs(admin_token="t", plan=multicloud_plan, options=opts)))
     comps = {r.name for r in reg.of_type(COMPONENT)}
     assert comps == {"f-aws-controller", "f-gcp-controller"}
@@ -201,20 +223,34 @@ def test_stack_config_reads_controller_credentials_and_names(run, eks_plan):
     }  # fmt: skip
     reg = run(program, config=config, secret_keys=["gpufleet:adminToken"])
     assert reg.one(SA, "eks-llm-controller").inputs["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role}
-    assert reg.one(DEPLOY, "eks-llm-controller").inputs["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/gpufleet-controller:1"
+    assert (
+        reg.one(DEPLOY, "eks-llm-controller").inputs["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "registry.example/gpufleet-controller:1"
+    )
     assert _flag(_argv(reg, "eks-llm-controller"), "--provider-name") == ["h100-ondemand=ng-od"]
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"gpufleet:controllerGcpServiceAccount": "x@p.iam.gserviceaccount.com"}, "Workload Identity works only on GKE"),
-        ({"gpufleet:controllerProviderNames": json.dumps({"nope": "ng"})}, "controllerProviderNames: no pool named nope"),
-        ({"gpufleet:controllerProviderNames": json.dumps(["h100-spot"])}, "gpufleet:controllerProviderNames: expected an object"),
+        (
+            {"gpufleet:controllerGcpServiceAccount": "x@p.iam.gserviceaccount.com"},
+            "Workload Identity works only on GKE",
+        ),
+        (
+            {"gpufleet:controllerProviderNames": json.dumps({"nope": "ng"})},
+            "controllerProviderNames: no pool named nope",
+        ),
+        (
+            {"gpufleet:controllerProviderNames": json.dumps(["h100-spot"])},
+            "gpufleet:controllerProviderNames: expected an object",
+        ),
         ({"gpufleet:controllerKubeContexts": json.dumps({"aws": "eks"})}, "needs controllerKubeconfigSecret"),
     ],
 )
-def test_controller_settings_that_cannot_work_fail_before_anything_is_registered(registrations, eks_plan, config, message):
+def test_controller_settings_that_cannot_work_fail_before_anything_is_registered(
+    registrations, eks_plan, config, message
+):
     def program():
         args = stack_config.read()
         Fleet("f", FleetArgs(admin_token=args.admin_token, plan=eks_plan, options=args.options))

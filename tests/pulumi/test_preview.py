@@ -1,4 +1,5 @@
 """`gpufleet preview` on every example stack: offline, secrets masked, same plan as the declaration."""
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,28 @@ runner = CliRunner()
 _CONTROLLER = {"gpufleet:controller:FailoverController": 1, "kubernetes:rbac.authorization.k8s.io/v1:ClusterRole": 1}
 EXPECTED = {
     # Deployments: router, controller, warm-h100-ondemand (1 warm) and warm-h100-spot (0: the failover pool).
-    "aws-eks": {"aws:eks/nodeGroup:NodeGroup": 2, "kubernetes:apps/v1:StatefulSet": 2, "pulumi:providers:aws": 1,
-                "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
-    "gcp-gke": {"gcp:container/nodePool:NodePool": 2, "gcp:container/cluster:Cluster": 1, "kubernetes:apps/v1:StatefulSet": 2,
-                "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
+    "aws-eks": {
+        "aws:eks/nodeGroup:NodeGroup": 2,
+        "kubernetes:apps/v1:StatefulSet": 2,
+        "pulumi:providers:aws": 1,
+        "kubernetes:apps/v1:Deployment": 4,
+        **_CONTROLLER,
+    },
+    "gcp-gke": {
+        "gcp:container/nodePool:NodePool": 2,
+        "gcp:container/cluster:Cluster": 1,
+        "kubernetes:apps/v1:StatefulSet": 2,
+        "kubernetes:apps/v1:Deployment": 4,
+        **_CONTROLLER,
+    },
     # Deployments: router, controller, warm-aws-h100, warm-gcp-h100.
-    "multicloud": {"aws:eks/nodeGroup:NodeGroup": 1, "gcp:container/nodePool:NodePool": 1, "pulumi:providers:kubernetes": 2,
-                   "kubernetes:apps/v1:Deployment": 4, **_CONTROLLER},
+    "multicloud": {
+        "aws:eks/nodeGroup:NodeGroup": 1,
+        "gcp:container/nodePool:NodePool": 1,
+        "pulumi:providers:kubernetes": 2,
+        "kubernetes:apps/v1:Deployment": 4,
+        **_CONTROLLER,
+    },
 }
 
 
@@ -45,7 +61,12 @@ def test_example_stack_previews_its_resources_and_the_plan_cost(stack):
         counts[r.type] = counts.get(r.type, 0) + 1
     for token, n in EXPECTED[stack].items():
         assert counts.get(token) == n, (token, counts)
-    for token in ("gpufleet:fleet:Fleet", "gpufleet:warm:WarmCapacity", "gpufleet:model:ModelDeployment", "gpufleet:router:CacheAwareRouter"):
+    for token in (
+        "gpufleet:fleet:Fleet",
+        "gpufleet:warm:WarmCapacity",
+        "gpufleet:model:ModelDeployment",
+        "gpufleet:router:CacheAwareRouter",
+    ):
         assert counts.get(token, 0) >= 1
     assert result.outputs["cost"] == _plan_of(stack).cost.model_dump(mode="json")
     assert result.outputs["router_endpoint"].startswith("http://")
@@ -68,7 +89,15 @@ def test_preview_cli_tree_shows_the_controller_under_the_fleet():
     res = runner.invoke(app, ["preview", str(STACKS / "multicloud")])
     assert res.exit_code == 0, res.output
     assert "gpufleet:controller:FailoverController gpufleet-aws-controller" in res.output
-    for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "ConfigMap", "Deployment"):
+    for kind in (
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+    ):
         assert f"{kind} gpufleet-aws-controller-{kind.lower()}" in res.output
 
 
@@ -104,7 +133,11 @@ def test_encrypted_stack_values_are_previewed_as_secrets(tmp_path):
     text = (d / "Pulumi.gcp-gke.yaml").read_text()
     (d / "Pulumi.gcp-gke.yaml").write_text(text + "  gpufleet:hfToken:\n    secure: v1:AAAA:BBBB\n")
     result = preview.preview_stack(d)
-    sec = [r for r in result.resources if r.type == "kubernetes:core/v1:Secret" and r.inputs["metadata"]["name"] == "gke-llm-hf-token"]
+    sec = [
+        r
+        for r in result.resources
+        if r.type == "kubernetes:core/v1:Secret" and r.inputs["metadata"]["name"] == "gke-llm-hf-token"
+    ]
     assert sec and sec[0].inputs["stringData"] == "[secret]"
     assert any("hfToken is encrypted" in n for n in result.notes)
 
@@ -121,7 +154,9 @@ def test_invalid_inline_declaration_is_one_clear_error(tmp_path):
 
 def test_bad_config_value_is_one_clear_error(tmp_path):
     d = _copy_stack(tmp_path, "multicloud")
-    (d / "Pulumi.multicloud.yaml").write_text("config:\n  gpufleet:fleetFile: fleet.yaml\n  gpufleet:routerServiceType: Ingress\n")
+    (d / "Pulumi.multicloud.yaml").write_text(
+        "config:\n  gpufleet:fleetFile: fleet.yaml\n  gpufleet:routerServiceType: Ingress\n"
+    )
     res = runner.invoke(app, ["preview", str(d)])
     assert res.exit_code == 1
     assert "gpufleet:routerServiceType" in res.output and "Traceback" not in res.output

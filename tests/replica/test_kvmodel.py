@@ -1,4 +1,5 @@
 """Unit tests of the replica's KV-cache and timing model (gpufleet.router.kvmodel)."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,8 +37,15 @@ def _first_token(events, rid):
 
 def test_public_api_is_pinned():
     assert set(kvmodel.__all__) == {
-        "AdmissionError", "EngineParams", "EngineRequest", "EngineStats", "Event", "EventKind",
-        "PrefixCache", "ReplicaEngine", "RequestView",
+        "AdmissionError",
+        "EngineParams",
+        "EngineRequest",
+        "EngineStats",
+        "Event",
+        "EventKind",
+        "PrefixCache",
+        "ReplicaEngine",
+        "RequestView",
     }
 
 
@@ -191,7 +199,7 @@ def test_cache_never_exceeds_capacity_and_all_requests_finish(reqs, capacity_blo
     admitted = 0
     for i, (family, blocks, out, gap) in enumerate(reqs):
         t += gap
-        for e in eng.step(t):
+        for _e in eng.step(t):
             assert eng.cache.used_blocks <= eng.cache.num_blocks
         req = _req(f"r{i}", family, blocks, out=out, extra_tokens=3)
         try:
@@ -217,6 +225,7 @@ def test_same_inputs_give_identical_events():
         for i in range(12):
             eng.admit(_req(f"r{i}", i % 3, 5 + i, out=3 + i % 4), i * 0.01)
         return eng.run_until_idle(), eng.stats
+
     assert run() == run()
 
 

@@ -1,4 +1,5 @@
 """The simulated replica over real loopback HTTP (gpufleet.router.replica_sim)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ SYSTEM = "You are a careful assistant. " * 40  # ~1,200 characters: many shared 
 
 def _settings(**kw) -> SimSettings:
     base = dict(
-        model="m", replica_id="r0", kv_capacity_tokens=16_384, prefill_tokens_per_s=50_000.0,
-        decode_tokens_per_s=2_000.0, max_running=8, max_model_len=4096, admin_token=TOKEN,
+        model="m",
+        replica_id="r0",
+        kv_capacity_tokens=16_384,
+        prefill_tokens_per_s=50_000.0,
+        decode_tokens_per_s=2_000.0,
+        max_running=8,
+        max_model_len=4096,
+        admin_token=TOKEN,
     )
     base.update(kw)
     return SimSettings(**base)
@@ -48,7 +55,12 @@ def _metric(text: str, name: str) -> float:
 
 def test_public_api_is_pinned():
     assert set(replica_sim.__all__) == {
-        "FailureMode", "ReplicaSim", "RunningReplica", "SimSettings", "build_app", "serve_in_thread",
+        "FailureMode",
+        "ReplicaSim",
+        "RunningReplica",
+        "SimSettings",
+        "build_app",
+        "serve_in_thread",
     }
 
 
@@ -76,7 +88,9 @@ def test_text_is_deterministic_and_depends_on_the_prompt(client):
 def test_max_tokens_and_ignore_eos_set_the_output_length(client):
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x" * 40, "max_tokens": 3}).json()
     assert r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "length"
-    r = client.post("/v1/completions", json={"model": "m", "prompt": "x" * 40, "max_tokens": 300, "ignore_eos": True}).json()
+    r = client.post(
+        "/v1/completions", json={"model": "m", "prompt": "x" * 40, "max_tokens": 300, "ignore_eos": True}
+    ).json()
     assert r["usage"]["completion_tokens"] == 300
 
 
@@ -89,7 +103,11 @@ def test_streaming_chat_sends_one_chunk_per_token_then_usage_and_done(client):
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    content = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    content = [
+        c["choices"][0]["delta"].get("content")
+        for c in chunks
+        if c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
     assert len(content) == 5
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 5
@@ -110,7 +128,11 @@ def test_streaming_completion(client):
     "path,body,status",
     [
         ("/v1/chat/completions", b"{not json", 400),
-        ("/v1/chat/completions", json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+        ),
         ("/v1/chat/completions", json.dumps({"model": "m", "messages": []}).encode(), 400),
         ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": 0}).encode(), 400),
         ("/v1/completions", json.dumps({"model": "m", "prompt": "x" * 20_000}).encode(), 400),
@@ -146,13 +168,19 @@ def test_metrics_use_vllm_names_and_count_prefix_hits(client):
     client.post("/v1/chat/completions", json=_chat("metrics b", max_tokens=2))
     after = client.get("/metrics").text
     for name in (
-        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-        "vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
     ):
         _metric(after, name)
     assert _metric(after, "vllm:prefix_cache_queries_total") > _metric(before, "vllm:prefix_cache_queries_total")
     assert _metric(after, "vllm:prefix_cache_hits_total") > _metric(before, "vllm:prefix_cache_hits_total")
-    assert _metric(after, "vllm:time_to_first_token_seconds_count") >= _metric(before, "vllm:time_to_first_token_seconds_count") + 2
+    assert (
+        _metric(after, "vllm:time_to_first_token_seconds_count")
+        >= _metric(before, "vllm:time_to_first_token_seconds_count") + 2
+    )
 
 
 def _wait(pred, timeout=5.0):
@@ -201,7 +229,9 @@ def test_admin_endpoints_need_the_token(client):
 def test_failure_injection_returns_5xx_for_count_requests_then_recovers():
     with serve_in_thread(_settings()) as r, httpx.Client(base_url=r.url, timeout=5) as c:
         auth = {"Authorization": f"Bearer {TOKEN}"}
-        assert c.post("/admin/fail", json={"mode": "status", "status": 503, "count": 2}, headers=auth).status_code == 200
+        assert (
+            c.post("/admin/fail", json={"mode": "status", "status": 503, "count": 2}, headers=auth).status_code == 200
+        )
         assert c.get("/health").status_code == 503  # health checks see it without using it up
         body = {"model": "m", "prompt": "hi", "max_tokens": 1}
         assert [c.post("/v1/completions", json=body).status_code for _ in range(3)] == [503, 503, 200]

@@ -1,4 +1,5 @@
 """Workload generators and driver (gpufleet.router.workload), the driver over real loopback HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,9 @@ def test_same_seed_same_workload_and_different_seed_differs():
 
 
 def test_mix_sizes_and_model_weights():
-    reqs = workload.generate(WorkloadSpec(models=("a", "b"), n_requests=100, mix=(0.5, 0.3, 0.2), model_weights=(1.0, 0.0)))
+    reqs = workload.generate(
+        WorkloadSpec(models=("a", "b"), n_requests=100, mix=(0.5, 0.3, 0.2), model_weights=(1.0, 0.0))
+    )
     kinds = [r.kind for r in reqs]
     assert len(reqs) == 100
     assert (kinds.count("system"), kinds.count("rag"), kinds.count("chat")) == (50, 30, 20)
@@ -75,6 +78,16 @@ def test_drive_reports_http_errors_per_request():
 
 def test_public_api_is_pinned():
     assert set(workload.__all__) == {
-        "Result", "Summary", "WorkRequest", "WorkloadSpec", "drive", "generate", "percentile", "summarize",
-        "arrival_times", "ceiling_hit_ratio", "demo_spec", "summarize_by_model",
+        "Result",
+        "Summary",
+        "WorkRequest",
+        "WorkloadSpec",
+        "drive",
+        "generate",
+        "percentile",
+        "summarize",
+        "arrival_times",
+        "ceiling_hit_ratio",
+        "demo_spec",
+        "summarize_by_model",
     }

@@ -1,4 +1,5 @@
 """Fixtures for router tests: fake replicas and routers over real loopback HTTP (helpers in router_fakes)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -55,5 +56,3 @@ def make_router(loop_thread: LoopThread) -> Iterator[Callable[..., RunningRouter
     yield make
     for rr in started:
         loop_thread.run(rr.runner.cleanup())
-
-

@@ -4,6 +4,7 @@ Servers run on one asyncio loop in a background thread, so tests are plain synch
 functions that talk HTTP with httpx. Every server binds 127.0.0.1 on a free port and is
 stopped at fixture teardown.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -128,11 +129,19 @@ class FakeReplica:
             await resp.prepare(request)
             for i, w in enumerate(words):
                 if chat:
-                    ev = {"object": "chat.completion.chunk", "id": "c1", "model": body["model"],
-                          "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+                    ev = {
+                        "object": "chat.completion.chunk",
+                        "id": "c1",
+                        "model": body["model"],
+                        "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+                    }
                 else:
-                    ev = {"object": "text_completion", "id": "c1", "model": body["model"],
-                          "choices": [{"index": 0, "text": w, "finish_reason": None}]}
+                    ev = {
+                        "object": "text_completion",
+                        "id": "c1",
+                        "model": body["model"],
+                        "choices": [{"index": 0, "text": w, "finish_reason": None}],
+                    }
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
                 if self.mode == "drop_mid_stream" and i == 0:
                     await asyncio.sleep(0.05)
@@ -140,13 +149,24 @@ class FakeReplica:
                     request.transport.close()
                     return resp
                 await asyncio.sleep(self.token_delay_s)
-            fin = {"object": "chat.completion.chunk" if chat else "text_completion", "id": "c1", "model": body["model"],
-                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"} if chat else
-                               {"index": 0, "text": "", "finish_reason": "stop"}]}
+            fin = {
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "id": "c1",
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "stop"}
+                    if chat
+                    else {"index": 0, "text": "", "finish_reason": "stop"}
+                ],
+            }
             await resp.write(b"data: " + json.dumps(fin).encode() + b"\n\n")
             opts = body.get("stream_options") or {}
             if opts.get("include_usage"):
-                await resp.write(b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [], "usage": usage}).encode() + b"\n\n")
+                await resp.write(
+                    b"data: "
+                    + json.dumps({"object": "chat.completion.chunk", "choices": [], "usage": usage}).encode()
+                    + b"\n\n"
+                )
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             self.completed += 1
@@ -195,12 +215,19 @@ def replica_configs(
         pool, prio = pools[i] if pools else ("p", 0)
         out.append(
             ReplicaConfig(
-                id=rep.name, url=rep.url, deployment="d", model=model, pool=pool, priority=prio,
-                kv_capacity_tokens=kv_capacity_tokens, max_model_len=max_model_len,
+                id=rep.name,
+                url=rep.url,
+                deployment="d",
+                model=model,
+                pool=pool,
+                priority=prio,
+                kv_capacity_tokens=kv_capacity_tokens,
+                max_model_len=max_model_len,
                 max_concurrent_requests=max_concurrent_requests,
             )
         )
     return out
+
 
 def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll `pred` until true (for effects that happen on the server's side after a response)."""
@@ -211,7 +238,11 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
         time.sleep(0.01)
     return pred()
 
+
 def chat(content: str, *, system: str = "You are helpful.", **extra: Any) -> dict[str, Any]:
     """A chat completion body for model `m`."""
-    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": content}], **extra}
-
+    return {
+        "model": "m",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": content}],
+        **extra,
+    }

@@ -1,4 +1,5 @@
 """`gpufleet router serve`: clean errors for bad configs, and a real serving process."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,21 @@ def test_serve_runs_the_router_until_interrupted(tmp_path) -> None:
     f.write_text(CONFIG)
     env = {**os.environ, "GPUFLEET_ADMIN_TOKEN": "cli-token"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve",
-                       "--config", str(f), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            "from gpufleet.infra.cli import main; main()",
+            "router",
+            "serve",
+            "--config",
+            str(f),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         line = ""

@@ -1,4 +1,5 @@
 """End to end: the router in front of `gpufleet.router.replica_sim` replicas (vLLM-compatible)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -22,8 +23,14 @@ def sim_factory() -> Iterator[Callable[[int], list[RunningReplica]]]:
     def make(n: int) -> list[RunningReplica]:
         reps = [
             RunningReplica(
-                SimSettings(model="m", replica_id=f"sim{i}", kv_capacity_tokens=KV_TOKENS,
-                            prefill_tokens_per_s=400_000, decode_tokens_per_s=5_000, max_model_len=8192)
+                SimSettings(
+                    model="m",
+                    replica_id=f"sim{i}",
+                    kv_capacity_tokens=KV_TOKENS,
+                    prefill_tokens_per_s=400_000,
+                    decode_tokens_per_s=5_000,
+                    max_model_len=8192,
+                )
             ).start()
             for i in range(n)
         ]
@@ -42,8 +49,17 @@ def sims(sim_factory) -> list[RunningReplica]:  # type: ignore[no-untyped-def]
 
 def configs(reps: list[RunningReplica]) -> list[ReplicaConfig]:
     return [
-        ReplicaConfig(id=r.settings.replica_id, url=r.url, deployment="d", model="m", pool="p", priority=0,
-                      kv_capacity_tokens=KV_TOKENS, max_model_len=8192, max_concurrent_requests=32)
+        ReplicaConfig(
+            id=r.settings.replica_id,
+            url=r.url,
+            deployment="d",
+            model="m",
+            pool="p",
+            priority=0,
+            kv_capacity_tokens=KV_TOKENS,
+            max_model_len=8192,
+            max_concurrent_requests=32,
+        )
         for r in reps
     ]
 
@@ -109,5 +125,9 @@ def test_streaming_through_router_from_replica_sim_reports_cached_tokens(sims, m
             lines = [ln for ln in s.iter_lines() if ln.startswith("data:")]
         assert lines[-1] == "data: [DONE]"
     metrics = httpx.get(rr.url + "/metrics").text
-    cached = [ln for ln in metrics.splitlines() if ln.startswith('gpufleet_router_replica_cached_tokens_total{replica="sim0"}')]
+    cached = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith('gpufleet_router_replica_cached_tokens_total{replica="sim0"}')
+    ]
     assert float(cached[0].split()[-1]) >= 400  # the second stream reused the 2000-char system prompt

@@ -1,4 +1,5 @@
 """The replicas' KV-usage signal: parsing vLLM's gauge, the index limit, and the live scrape."""
+
 from __future__ import annotations
 
 import threading
@@ -73,16 +74,33 @@ def test_index_limit_shrinks_capacity_evicting_least_recent_blocks_for_good() ->
 def slow_sim() -> Iterator[RunningReplica]:
     """A replica-sim that decodes slowly, so a request keeps its KV memory while we look."""
     rep = RunningReplica(
-        SimSettings(model="m", replica_id="sim0", kv_capacity_tokens=KV_TOKENS, prefill_tokens_per_s=400_000,
-                    decode_tokens_per_s=20, max_model_len=8192)
+        SimSettings(
+            model="m",
+            replica_id="sim0",
+            kv_capacity_tokens=KV_TOKENS,
+            prefill_tokens_per_s=400_000,
+            decode_tokens_per_s=20,
+            max_model_len=8192,
+        )
     ).start()
     yield rep
     rep.stop()
 
 
 def _config(rep: RunningReplica) -> list[ReplicaConfig]:
-    return [ReplicaConfig(id="sim0", url=rep.url, deployment="d", model="m", pool="p", priority=0,
-                          kv_capacity_tokens=KV_TOKENS, max_model_len=8192, max_concurrent_requests=8)]
+    return [
+        ReplicaConfig(
+            id="sim0",
+            url=rep.url,
+            deployment="d",
+            model="m",
+            pool="p",
+            priority=0,
+            kv_capacity_tokens=KV_TOKENS,
+            max_model_len=8192,
+            max_concurrent_requests=8,
+        )
+    ]
 
 
 def _replica_gauge(rep: RunningReplica) -> float | None:
@@ -105,8 +123,9 @@ def _wait_for(pred, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped
 
 @pytest.mark.slow
 def test_router_reads_the_replicas_kv_usage_gauge_over_loopback(slow_sim, make_router) -> None:
-    rr = make_router(_config(slow_sim), settings={"health": {"interval_s": 0.1, "scrape_kv_usage": True}},
-                     admin_token="tok")
+    rr = make_router(
+        _config(slow_sim), settings={"health": {"interval_s": 0.1, "scrape_kv_usage": True}}, admin_token="tok"
+    )
     _wait_for(lambda: _admin_kv_usage(rr.url) is not None)
     assert _admin_kv_usage(rr.url) == 0.0  # idle replica: nothing in use
 

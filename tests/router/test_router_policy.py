@@ -1,4 +1,5 @@
 """Routing policies as pure objects: one signature, a registry, pool priority, cache awareness, sessions."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,18 @@ from gpufleet.router.types import Outcome, ReplicaState, RequestFeatures
 SETTINGS = RouterSettings()
 
 
-def reps(n: int, *, pool: str = "a", priority: int = 0, kv: int = 100_000, max_conc: int = 8, start: int = 0) -> list[ReplicaState]:
+def reps(
+    n: int, *, pool: str = "a", priority: int = 0, kv: int = 100_000, max_conc: int = 8, start: int = 0
+) -> list[ReplicaState]:
     return [
-        ReplicaState(id=f"{pool}{i}", model="m", pool=pool, priority=priority, kv_capacity_tokens=kv, max_concurrent_requests=max_conc)
+        ReplicaState(
+            id=f"{pool}{i}",
+            model="m",
+            pool=pool,
+            priority=priority,
+            kv_capacity_tokens=kv,
+            max_concurrent_requests=max_conc,
+        )
         for i in range(start, start + n)
     ]
 

@@ -1,4 +1,5 @@
 """Prefix hashing and the per-replica prefix index."""
+
 from __future__ import annotations
 
 import sys
@@ -36,7 +37,9 @@ def test_chat_render_keeps_roles_and_order() -> None:
 
 
 def test_chat_render_reads_text_parts() -> None:
-    parts = render_prompt({"messages": [{"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "text", "text": "def"}]}]})
+    parts = render_prompt(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "text", "text": "def"}]}]}
+    )
     plain = render_prompt({"messages": [{"role": "user", "content": "abcdef"}]})
     assert parts == plain
 
@@ -44,7 +47,9 @@ def test_chat_render_reads_text_parts() -> None:
 def test_features_estimate_tokens_and_share_prefix_between_turns() -> None:
     sys_prompt = "You are a careful assistant. " * 20
     first = {"messages": [{"role": "system", "content": sys_prompt}, {"role": "user", "content": "q1"}]}
-    second = {"messages": [*first["messages"], {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]}
+    second = {
+        "messages": [*first["messages"], {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    }
     f1 = features_from_body(first, model="m", block_size_tokens=16, chars_per_token=4.0)
     f2 = features_from_body(second, model="m", block_size_tokens=16, chars_per_token=4.0)
     assert f1.prompt_tokens == -(-len(render_prompt(first)) // 4)

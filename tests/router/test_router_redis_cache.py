@@ -1,4 +1,5 @@
 """The prediction cache's redis backend, against a real redis-server on loopback (skipped without one)."""
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,8 @@ def redis_url() -> Iterator[str]:
     port = _free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10

@@ -1,4 +1,5 @@
 """The router over real loopback HTTP, in front of fake OpenAI-compatible replicas."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def error_of(resp: httpx.Response) -> dict:
 
 
 # -- proxying -------------------------------------------------------------------------------
+
 
 def test_non_streaming_answer_is_proxied_with_replica_header(replicas, make_router) -> None:
     reps = replicas(2)
@@ -65,8 +67,16 @@ def test_streaming_is_passed_through_chunk_by_chunk(replicas, make_router) -> No
 def test_authorization_is_forwarded_and_hop_by_hop_headers_are_not(replicas, make_router) -> None:
     reps = replicas(1)
     rr = make_router(replica_configs(reps))
-    post(rr.url, chat("x"), headers={"Authorization": "Bearer sk-user", "Proxy-Authorization": "Basic abc",
-                                     "Keep-Alive": "timeout=5", "X-Custom": "kept"})
+    post(
+        rr.url,
+        chat("x"),
+        headers={
+            "Authorization": "Bearer sk-user",
+            "Proxy-Authorization": "Basic abc",
+            "Keep-Alive": "timeout=5",
+            "X-Custom": "kept",
+        },
+    )
     got = {k.lower(): v for k, v in reps[0].requests[-1]["headers"].items()}
     assert got["authorization"] == "Bearer sk-user"
     assert got["x-custom"] == "kept"
@@ -84,6 +94,7 @@ def test_models_health_and_ready(replicas, make_router) -> None:
 
 
 # -- errors ---------------------------------------------------------------------------------
+
 
 def test_malformed_json_is_400(replicas, make_router) -> None:
     rr = make_router(replica_configs(replicas(1)))
@@ -147,6 +158,7 @@ def test_unknown_path_is_json_404(replicas, make_router) -> None:
 
 # -- clamp ----------------------------------------------------------------------------------
 
+
 def test_max_tokens_is_clamped_to_fit_max_model_len(replicas, make_router) -> None:
     reps = replicas(1)
     rr = make_router(replica_configs(reps, max_model_len=1000))
@@ -174,6 +186,7 @@ def test_bad_max_tokens_is_400(replicas, make_router) -> None:
 
 
 # -- retries, ejection, health ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["500", "drop"])
 def test_failure_before_first_byte_is_retried_on_another_replica_and_ejects(replicas, make_router, mode) -> None:
@@ -224,6 +237,7 @@ def test_stream_failing_mid_way_is_not_retried_and_ends_with_an_error_event(repl
 
 
 # -- cancellation -----------------------------------------------------------------------------
+
 
 def test_client_disconnect_cancels_the_upstream_request(replicas, make_router, loop_thread) -> None:
     reps = replicas(1, ttft_s=0.0, token_delay_s=0.2, n_tokens=50)
@@ -306,7 +320,9 @@ def test_streaming_request_gets_the_cached_answer_replayed_as_sse(replicas, make
         lines = [ln for ln in s.iter_lines() if ln.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
     text = "".join(
-        (json.loads(ln[5:])["choices"][0]["delta"].get("content") or "") for ln in lines[:-1] if json.loads(ln[5:])["choices"]
+        (json.loads(ln[5:])["choices"][0]["delta"].get("content") or "")
+        for ln in lines[:-1]
+        if json.loads(ln[5:])["choices"]
     )
     assert text == plain["choices"][0]["message"]["content"]
     assert len(reps[0].requests) == 1
@@ -326,10 +342,16 @@ def test_streamed_miss_is_stored_and_serves_a_later_plain_request(replicas, make
 
 # -- sessions, spill-over, cache-aware routing over HTTP ---------------------------------------
 
-def test_session_header_keeps_a_conversation_on_one_replica_and_rehomes_on_failure(replicas, make_router, loop_thread) -> None:
+
+def test_session_header_keeps_a_conversation_on_one_replica_and_rehomes_on_failure(
+    replicas, make_router, loop_thread
+) -> None:
     reps = replicas(3)
     rr = make_router(replica_configs(reps), settings={"policy": "session", "health": SLOW_HEALTH})
-    homes = {post(rr.url, chat(f"turn {i}"), headers={"x-session-id": "conv-1"}).headers["x-gpufleet-replica"] for i in range(5)}
+    homes = {
+        post(rr.url, chat(f"turn {i}"), headers={"x-session-id": "conv-1"}).headers["x-gpufleet-replica"]
+        for i in range(5)
+    }
     assert len(homes) == 1
     home = homes.pop()
     victim = next(r for r in reps if r.name == home)
@@ -380,6 +402,7 @@ def test_cache_aware_routes_shared_prefixes_to_the_replica_that_holds_them(repli
 
 # -- metrics and admin ------------------------------------------------------------------------
 
+
 def test_metrics_expose_requests_replica_reported_hits_and_in_flight(replicas, make_router) -> None:
     reps = replicas(1)
     rr = make_router(replica_configs(reps))
@@ -388,7 +411,9 @@ def test_metrics_expose_requests_replica_reported_hits_and_in_flight(replicas, m
     post(rr.url, chat("two", system=system))
     text = httpx.get(rr.url + "/metrics").text
     assert 'gpufleet_router_requests_total{replica="r0",status="200"} 2.0' in text
-    reported = [ln for ln in text.splitlines() if ln.startswith('gpufleet_router_replica_cached_tokens_total{replica="r0"}')]
+    reported = [
+        ln for ln in text.splitlines() if ln.startswith('gpufleet_router_replica_cached_tokens_total{replica="r0"}')
+    ]
     assert reported and float(reported[0].split()[-1]) > 0
     assert 'gpufleet_router_in_flight{replica="r0"} 0.0' in text
     assert "gpufleet_router_request_duration_seconds_bucket" in text
@@ -414,7 +439,9 @@ def test_admin_endpoint_is_disabled_without_a_token(replicas, make_router) -> No
 
 def test_admin_token_is_read_from_the_named_env_var_and_file(replicas, make_router, tmp_path) -> None:
     reps = replicas(1)
-    rr = make_router(replica_configs(reps), settings={"admin_token": {"env": "MY_TOKEN"}}, environ={"MY_TOKEN": "from-env"})
+    rr = make_router(
+        replica_configs(reps), settings={"admin_token": {"env": "MY_TOKEN"}}, environ={"MY_TOKEN": "from-env"}
+    )
     assert httpx.get(rr.url + "/admin/replicas", headers={"Authorization": "Bearer from-env"}).status_code == 200
     f = tmp_path / "tok"
     f.write_text("from-file\n")
@@ -432,7 +459,9 @@ def test_large_body_arriving_in_many_segments_is_read_whole(replicas, make_route
         for i in range(0, len(data), 65_536):
             yield data[i : i + 65_536]
 
-    r = httpx.post(rr.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(
+        rr.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert r.status_code == 200
     assert reps[0].requests[-1]["body"]["messages"][1]["content"] == big
 

@@ -1,4 +1,5 @@
 """Prediction cache, SSE assembly, health bookkeeping, config loading and the pinned public API."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,18 @@ import pytest
 
 from gpufleet.router import errors, health, loader, policy, prediction_cache, prefix, server, types, upstream
 from gpufleet.router.config import HealthSettings, PredictionCacheSettings
-from gpufleet.router.prediction_cache import PredictionCache, SSEAssembler, cache_key, is_cacheable, replay_sse, tenant_of
+from gpufleet.router.prediction_cache import (
+    PredictionCache,
+    SSEAssembler,
+    cache_key,
+    is_cacheable,
+    replay_sse,
+    tenant_of,
+)
 from gpufleet.router.types import ReplicaState
 
-
 # -- prediction cache -------------------------------------------------------------------------
+
 
 def test_cacheable_means_one_choice_and_deterministic() -> None:
     assert is_cacheable({"temperature": 0})
@@ -60,9 +68,28 @@ def test_entry_and_byte_bounds_evict_least_recently_used() -> None:
 
 def test_sse_assembler_rebuilds_a_chat_completion_and_replay_round_trips() -> None:
     events = [
-        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]},
-        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
-        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}],
+        },
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}],
+        },
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        },
     ]
     raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     a = SSEAssembler()
@@ -87,6 +114,7 @@ def test_sse_assembler_refuses_unfinished_or_errored_streams() -> None:
 
 
 # -- health bookkeeping ------------------------------------------------------------------------
+
 
 def test_ejection_after_threshold_backoff_doubles_and_readmission_waits_for_it() -> None:
     now = [0.0]
@@ -145,7 +173,11 @@ def test_loader_reads_a_valid_config(tmp_path) -> None:
 
 def test_loader_errors_name_file_line_field_and_allowed_values(tmp_path) -> None:
     f = tmp_path / "router.yaml"
-    f.write_text(CONFIG.replace("policy: cache_aware", "policy: fastest").replace("max_concurrent_requests: 8", "max_concurrent_requests: 0"))
+    f.write_text(
+        CONFIG.replace("policy: cache_aware", "policy: fastest").replace(
+            "max_concurrent_requests: 8", "max_concurrent_requests: 0"
+        )
+    )
     with pytest.raises(errors.ConfigError) as ei:
         loader.load_router_config(f)
     msg = str(ei.value)
@@ -164,26 +196,64 @@ def test_loader_reports_missing_file_and_bad_yaml(tmp_path) -> None:
 
 # -- public API pinned --------------------------------------------------------------------------
 
+
 def test_public_api_is_pinned() -> None:
     assert sorted(server.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
     assert sorted(policy.__all__) == sorted(
-        ["POLICIES", "CacheAwarePolicy", "LeastLoadPolicy", "Policy", "RandomPolicy", "RoundRobinPolicy",
-         "SessionPolicy", "make_policy", "rendezvous"]
+        [
+            "POLICIES",
+            "CacheAwarePolicy",
+            "LeastLoadPolicy",
+            "Policy",
+            "RandomPolicy",
+            "RoundRobinPolicy",
+            "SessionPolicy",
+            "make_policy",
+            "rendezvous",
+        ]
     )
     assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
     assert sorted(prediction_cache.__all__) == sorted(
-        ["ANONYMOUS_TENANT", "PredictionCache", "RedisPredictionCache", "SSEAssembler", "is_cacheable",
-         "make_prediction_cache", "replay_sse", "tenant_of"]
+        [
+            "ANONYMOUS_TENANT",
+            "PredictionCache",
+            "RedisPredictionCache",
+            "SSEAssembler",
+            "is_cacheable",
+            "make_prediction_cache",
+            "replay_sse",
+            "tenant_of",
+        ]
     )
     assert sorted(errors.__all__) == sorted(
-        ["AllSaturated", "BodyTooLarge", "CapacityError", "ConfigError", "Forbidden", "MalformedRequest",
-         "NoHealthyReplica", "PromptTooLong", "RequestError", "RouterError", "Unauthorized", "UnknownModel",
-         "UpstreamError", "UpstreamFailed", "UpstreamTimeout"]
+        [
+            "AllSaturated",
+            "BodyTooLarge",
+            "CapacityError",
+            "ConfigError",
+            "Forbidden",
+            "MalformedRequest",
+            "NoHealthyReplica",
+            "PromptTooLong",
+            "RequestError",
+            "RouterError",
+            "Unauthorized",
+            "UnknownModel",
+            "UpstreamError",
+            "UpstreamFailed",
+            "UpstreamTimeout",
+        ]
     )
     assert sorted(upstream.__all__) == sorted(
-        ["UpstreamClientError", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamPool",
-         "UpstreamProtocolError", "UpstreamResponse"]
+        [
+            "UpstreamClientError",
+            "UpstreamConnectError",
+            "UpstreamDisconnected",
+            "UpstreamPool",
+            "UpstreamProtocolError",
+            "UpstreamResponse",
+        ]
     )
     for mod in (server, policy, types, prefix, prediction_cache, errors, health, loader, upstream):
         for name in mod.__all__:
@@ -201,7 +271,9 @@ def test_every_error_in_the_tree_is_drawn_in_the_errors_docstring_with_its_statu
 
 def test_error_bodies_are_openai_shaped_and_never_echo_secrets() -> None:
     body = json.loads(errors.AllSaturated("busy", headers={"Retry-After": "1"}).to_body())
-    assert body == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "replicas_saturated"}}
+    assert body == {
+        "error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "replicas_saturated"}
+    }
 
 
 def test_every_router_setting_is_documented() -> None:

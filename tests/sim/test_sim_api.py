@@ -1,4 +1,5 @@
 """The simulator's public API: every module lists what it exports, and nothing else is public."""
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,7 @@ def test_all_lists_exactly_the_public_names_defined_here(name: str) -> None:
     for export in mod.__all__:
         assert hasattr(mod, export), export
     defined = {
-        n for n, v in vars(mod).items()
-        if not n.startswith("_") and getattr(v, "__module__", None) == mod.__name__
+        n for n, v in vars(mod).items() if not n.startswith("_") and getattr(v, "__module__", None) == mod.__name__
     }
     assert defined <= set(mod.__all__)
 

@@ -1,4 +1,5 @@
 """`gpufleet bench sim`: table, JSON, plot, goals; one clear line for every user mistake."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,24 @@ def run(*args: str):  # type: ignore[no-untyped-def]
 
 def test_bench_sim_prints_a_table_writes_json_and_a_plot_and_states_the_goals(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    res = run("--fleet", str(FLEET), "--deployment", "qwen-32b", "--workload", "shared_prompts", "--requests", "150",
-              "--load", "0.8", "--policies", "round_robin,least_load,sglang_cache_aware,cache_aware,oracle",
-              "--json", str(out), "--plot", str(png))
+    res = run(
+        "--fleet",
+        str(FLEET),
+        "--deployment",
+        "qwen-32b",
+        "--workload",
+        "shared_prompts",
+        "--requests",
+        "150",
+        "--load",
+        "0.8",
+        "--policies",
+        "round_robin,least_load,sglang_cache_aware,cache_aware,oracle",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert res.exit_code == 0, res.output
     for name in ("round_robin", "least_load", "sglang_cache_aware", "cache_aware", "oracle"):
         assert name in res.output
@@ -38,11 +54,16 @@ def test_bench_sim_prints_a_table_writes_json_and_a_plot_and_states_the_goals(tm
 
 def test_bench_sim_replays_a_trace_file(tmp_path: Path) -> None:
     t = tmp_path / "t.jsonl"
-    t.write_text("".join(
-        json.dumps({"timestamp": i * 100, "input_length": 900, "output_length": 8, "hash_ids": [0, i % 5 + 1]}) + "\n"
-        for i in range(40)
-    ))
-    res = run("--fleet", str(FLEET), "--deployment", "llama-8b-long", "--trace", str(t), "--policies", "cache_aware,random")
+    t.write_text(
+        "".join(
+            json.dumps({"timestamp": i * 100, "input_length": 900, "output_length": 8, "hash_ids": [0, i % 5 + 1]})
+            + "\n"
+            for i in range(40)
+        )
+    )
+    res = run(
+        "--fleet", str(FLEET), "--deployment", "llama-8b-long", "--trace", str(t), "--policies", "cache_aware,random"
+    )
     assert res.exit_code == 0, res.output
     assert "t on routing-bench/llama-8b-long: 40 requests" in res.output
 

@@ -1,4 +1,5 @@
 """Simulator invariants: conservation, KV capacity, determinism, and the oracle's choices."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,9 @@ def tight_fleet() -> fleet.SimFleet:
 
 
 @pytest.mark.parametrize("name", DEFAULT_ORDER)
-def test_every_request_is_accounted_for_exactly_once(name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet) -> None:
+def test_every_request_is_accounted_for_exactly_once(
+    name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+) -> None:
     res = engine.simulate(small_mix, tight_fleet, name, seed=1)
     assert [r.id for r in res.records] == [r.id for r in small_mix.requests]
     outcomes = {r.outcome for r in res.records}
@@ -55,7 +58,9 @@ def test_saturated_fleet_rejects_instead_of_queueing_without_bound(small_mix: wo
 
 
 @pytest.mark.parametrize("name", ["random", "cache_aware", "sglang_cache_aware", "oracle"])
-def test_kv_cache_never_holds_more_blocks_than_its_capacity(name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet) -> None:
+def test_kv_cache_never_holds_more_blocks_than_its_capacity(
+    name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+) -> None:
     res = engine.simulate(small_mix, tight_fleet, name)
     assert any(rep.evicted_blocks > 0 for rep in res.replicas), "the fleet must be tight enough to evict"
     for rep in res.replicas:
@@ -87,7 +92,9 @@ def test_workload_generators_are_deterministic_under_a_seed() -> None:
         assert key(a) != key(c)
 
 
-def test_simulator_drives_the_routers_own_policy_classes(small_mix: workloads.Workload, tight_fleet: fleet.SimFleet) -> None:
+def test_simulator_drives_the_routers_own_policy_classes(
+    small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+) -> None:
     for name, cls in POLICIES.items():
         assert policies.SIM_POLICIES[name] is cls
     pol = policies.make_sim_policy("cache_aware", SETTINGS, clock=lambda: 0.0)
@@ -115,7 +122,11 @@ def test_oracle_never_prefers_a_shorter_exact_prefix_without_a_shorter_queue(
         chosen = choices[decision.replica.id]
         assert decision.matched_blocks == chosen.matched_blocks
         for c in choices.values():
-            dominated = c.matched_blocks > chosen.matched_blocks and c.queue_s <= chosen.queue_s and c.decoding <= chosen.decoding
+            dominated = (
+                c.matched_blocks > chosen.matched_blocks
+                and c.queue_s <= chosen.queue_s
+                and c.decoding <= chosen.decoding
+            )
             assert not dominated, (c, chosen)
             assert chosen.est_ttft_s <= c.est_ttft_s
         seen["decisions"] += 1

@@ -1,4 +1,5 @@
 """The simulator gives policies each replica's KV usage the way the live router's scrape would."""
+
 from __future__ import annotations
 
 from gpufleet.router.config import RouterSettings

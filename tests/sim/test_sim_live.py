@@ -1,4 +1,5 @@
 """`bench live`: real loopback HTTP through gpufleet's router (and the peers when installed)."""
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,19 @@ def test_peer_routers_serve_the_same_workload() -> None:
 
 
 def test_bench_live_cli_rejects_unknown_routers() -> None:
-    res = CliRunner().invoke(app, ["bench", "live", "--fleet", str(FLEET), "--deployment", "qwen-32b",
-                                   "--workload", "rag", "--routers", "gpufleet,envoy"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "live",
+            "--fleet",
+            str(FLEET),
+            "--deployment",
+            "qwen-32b",
+            "--workload",
+            "rag",
+            "--routers",
+            "gpufleet,envoy",
+        ],
+    )
     assert res.exit_code == 1 and "unknown router envoy" in res.output and "Traceback" not in res.output

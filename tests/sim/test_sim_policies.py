@@ -1,4 +1,5 @@
 """The baselines: SGLang cache_aware model, consistent hashing; and how goals are judged."""
+
 from __future__ import annotations
 
 import pytest
@@ -104,7 +105,11 @@ def test_goals_are_met_or_not_by_the_stated_margins() -> None:
 
 def test_percentile_is_nearest_rank() -> None:
     vals = list(range(1, 101))
-    assert metrics.percentile(vals, 50) == 50 and metrics.percentile(vals, 99) == 99 and metrics.percentile(vals, 100) == 100
+    assert (
+        metrics.percentile(vals, 50) == 50
+        and metrics.percentile(vals, 99) == 99
+        and metrics.percentile(vals, 100) == 100
+    )
 
 
 @pytest.mark.slow
@@ -120,10 +125,10 @@ def test_capacity_counts_kv_reuse_and_prices_the_difference() -> None:
     assert res.monthly_saving_usd == (rr - ca) * 2.0 * 730
     # the answer is the smallest count that meets the target
     for pol, n in res.replicas.items():
-        ok, _ = capacity._meets(wl, f, pol, n, 1.0, 0)  # noqa: SLF001
+        ok, _ = capacity._meets(wl, f, pol, n, 1.0, 0)
         assert ok
         if n > 1:
-            assert not capacity._meets(wl, f, pol, n - 1, 1.0, 0)[0]  # noqa: SLF001
+            assert not capacity._meets(wl, f, pol, n - 1, 1.0, 0)[0]
     assert capacity.replicas_needed(wl, f, "round_robin", 1e-6, max_replicas=2) is None
 
 
@@ -138,6 +143,8 @@ def test_json_and_markdown_carry_every_policy_and_goal() -> None:
     data = report.to_json([run])
     assert data["runs"][0]["policies"]["cache_aware"]["hit_ratio"] == 0.7
     md = report.markdown_tables(data)
-    assert "| **cache_aware** | 0.700 |" in md and "| oracle | 0.800 |" in md and "**not met**: hit >= 0.95 x oracle" in md
+    assert (
+        "| **cache_aware** | 0.700 |" in md and "| oracle | 0.800 |" in md and "**not met**: hit >= 0.95 x oracle" in md
+    )
     goals = report.goals_markdown(data)
     assert goals.splitlines()[2].startswith("| rag | 0.8 | **not met** (0.700 vs 0.800")

@@ -1,4 +1,5 @@
 """Mooncake trace replay: parsing, clear errors with line numbers, exact hashes, rate multiplier."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Workload generators ask for sharing and popularity; the generated traffic has them."""
+
 from __future__ import annotations
 
 import statistics
@@ -87,8 +88,13 @@ def test_features_are_the_live_routers_features_of_the_same_body() -> None:
     s = RouterSettings()
     wl = workloads.multiturn(50, seed=9, keep_bodies=True)
     for r in wl.requests:
-        live = features_from_body(r.body, model=workloads.MODEL, block_size_tokens=s.block_size_tokens,  # type: ignore[arg-type]
-                                  chars_per_token=s.chars_per_token, session_id=r.features.session_id)
+        live = features_from_body(
+            r.body,
+            model=workloads.MODEL,
+            block_size_tokens=s.block_size_tokens,  # type: ignore[arg-type]
+            chars_per_token=s.chars_per_token,
+            session_id=r.features.session_id,
+        )
         assert live == r.features
 
 
