@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast lint bench preview clean
+.PHONY: install demo test test-fast lint typecheck bench preview clean
 
 $(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -39,6 +39,13 @@ bench: $(STAMP)
 
 preview: $(STAMP)
 	$(VENV)/bin/gpufleet preview stacks/multicloud
+
+# mypy --strict on the router and the pure core of infra (the modules listed in TYPED).
+TYPED := -p gpufleet.router -m gpufleet.infra.spec -m gpufleet.infra.catalog -m gpufleet.infra.plan
+typecheck: $(STAMP)
+	@mkdir -p build/mypy/gpufleet
+	@for d in infra router provider_adapters; do ln -sfn ../../../$$d build/mypy/gpufleet/$$d; done
+	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml $(TYPED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
