@@ -64,7 +64,7 @@ def build_workload(
 ) -> object:
     """A named synthetic workload (at `rate_rps`, default the generator's) or a trace replay."""
     from gpufleet.router.sim import trace as trace_mod
-    from gpufleet.router.sim import workloads
+    from gpufleet.router.workloads import generators
 
     if (workload is None) == (trace is None):
         raise UserError("give exactly one of --workload NAME or --trace FILE")
@@ -83,7 +83,7 @@ def build_workload(
         )
     else:
         extra = {"rate_rps": rate_rps} if rate_rps is not None else {}
-        wl = workloads.make_workload(
+        wl = generators.make_workload(
             workload,
             requests or 2000,
             seed=seed,
