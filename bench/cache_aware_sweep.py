@@ -17,8 +17,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from gpufleet.router.config import CacheAwareSettings
-from gpufleet.router.sim import engine, metrics, workloads
+from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim import fleet as fleet_mod
+from gpufleet.router.workloads import generators
 
 HERE = Path(__file__).resolve().parent
 CASES = (("shared_prompts", 0.8), ("shared_prompts", 2.0), ("rag", 0.8), ("multiturn", 2.0), ("mix", 0.8))
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("simulating", total=len(CASES) * (len(variants) + 1))
         for w, load in CASES:
-            wl = workloads.make_workload(w, args.requests, settings=base.settings)
+            wl = generators.make_workload(w, args.requests, settings=base.settings)
             wl = wl.scaled(metrics.offered_load(wl, base) / load)
             s = metrics.summarize(engine.simulate(wl, base, "sglang_cache_aware"))
             rows["sglang_cache_aware"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")

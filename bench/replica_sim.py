@@ -4,7 +4,7 @@ Run: .venv/bin/python bench/replica_sim.py [--requests 1000] [--concurrency 1 8 
 
 Starts one replica-sim subprocess on a free loopback port with prefill and decode rates set so
 high that the engine model adds no time, replays the seeded mixed workload of
-`gpufleet.router.workload` (streaming, 4 output tokens) at each concurrency, and prints a table:
+`gpufleet.router.workloads.mixed` (streaming, 4 output tokens) at each concurrency, and prints a table:
 requests per second, TTFT p50/p99 as the client sees it, and the CPU seconds the replica and the
 driver used. Whatever remains is the cost of HTTP, SSE and the KV bookkeeping.
 """
@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gpufleet.router import workload
+from gpufleet.router.workloads import driver, mixed, stats
 
 
 def _cpu_s(pid: int) -> float:
@@ -90,17 +90,17 @@ def main() -> None:
                 transient=True,
             ) as progress:
                 for conc in args.concurrency:
-                    reqs = workload.generate(
-                        workload.WorkloadSpec(models=("m",), n_requests=args.requests, seed=conc, max_tokens=4)
+                    reqs = mixed.generate(
+                        mixed.WorkloadSpec(models=("m",), n_requests=args.requests, seed=conc, max_tokens=4)
                     )
                     task = progress.add_task(f"concurrency {conc}", total=len(reqs))
                     cpu0, drv0 = _cpu_s(proc.pid), resource.getrusage(resource.RUSAGE_SELF).ru_utime
                     t0 = time.perf_counter()
                     results = asyncio.run(
-                        workload.drive(url, reqs, concurrency=conc, on_result=lambda _r, t=task: progress.advance(t))
+                        driver.drive(url, reqs, concurrency=conc, on_result=lambda _r, t=task: progress.advance(t))
                     )
                     wall = time.perf_counter() - t0
-                    s = workload.summarize(results, wall)
+                    s = stats.summarize(results, wall)
                     table.add_row(
                         str(conc),
                         f"{len(results) / wall:.0f}",

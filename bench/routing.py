@@ -21,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gpufleet.router.sim import fleet as fleet_mod
-from gpufleet.router.sim import report, trace, workloads
+from gpufleet.router.sim import report, trace
+from gpufleet.router.workloads import generators
+from gpufleet.router.workloads.types import Workload
 
 HERE = Path(__file__).resolve().parent
 TRACES = HERE.parent.parent / "shared" / "traces" / "mooncake"
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [float(x) for x in args.loads.split(",") if x]
     wanted = [w for w in args.workloads.split(",") if w]
     syn_fleet = fleet_mod.fleet_from_file(args.fleet, args.deployment)
-    jobs: list[tuple[workloads.Workload, fleet_mod.SimFleet]] = []
+    jobs: list[tuple[Workload, fleet_mod.SimFleet]] = []
     for w in wanted:
         if w == "traces":
             if not TRACES.is_dir():
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         else:
             jobs.append(
-                (workloads.make_workload(w, args.requests, seed=args.seed, settings=syn_fleet.settings), syn_fleet)
+                (generators.make_workload(w, args.requests, seed=args.seed, settings=syn_fleet.settings), syn_fleet)
             )
 
     runs: list[report.BenchRun] = []

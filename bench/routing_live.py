@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gpufleet.router.sim import fleet as fleet_mod
-from gpufleet.router.sim import live, metrics, workloads
+from gpufleet.router.sim import live, metrics
+from gpufleet.router.workloads import generators
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as bar:
         overall = bar.add_task("runs", total=len(cases) * len(routers))
         for w, load in cases:
-            wl = workloads.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)
+            wl = generators.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)
             wl = wl.scaled(metrics.offered_load(wl, fl) / load)
             task = bar.add_task(f"{w} @ {load}", total=len(wl) * len(routers))
             order = list(routers)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
+
+if TYPE_CHECKING:
+    from gpufleet.router.sim.fleet import SimFleet
+    from gpufleet.router.workloads.types import Workload
 
 _WORKLOADS = "shared_prompts, rag, multiturn, mix, demo"
 
@@ -37,7 +41,7 @@ def _fleet_and_workload(
     rate: float = 1.0,
     replicas: int | None = None,
     keep_bodies: bool = False,
-) -> tuple[object, object]:
+) -> tuple[SimFleet, Workload]:
     """The simulated fleet from the plan and the workload (generated, or replayed from a trace)."""
     from gpufleet.router.sim import fleet as fleet_mod
 
@@ -52,7 +56,7 @@ def _fleet_and_workload(
 
 
 def build_workload(
-    sim_fleet: object,
+    sim_fleet: SimFleet,
     workload: str | None,
     trace: Path | None,
     *,
@@ -61,16 +65,16 @@ def build_workload(
     rate: float = 1.0,
     rate_rps: float | None = None,
     keep_bodies: bool = False,
-) -> object:
+) -> Workload:
     """A named synthetic workload (at `rate_rps`, default the generator's) or a trace replay."""
     from gpufleet.router.sim import trace as trace_mod
-    from gpufleet.router.sim import workloads
+    from gpufleet.router.workloads import generators
 
     if (workload is None) == (trace is None):
         raise UserError("give exactly one of --workload NAME or --trace FILE")
     if requests < 0:
         raise UserError("--requests must be >= 0")
-    settings = sim_fleet.settings  # type: ignore[attr-defined]
+    settings = sim_fleet.settings
     if trace is not None:
         wl = trace_mod.trace_workload(
             trace_mod.load_trace(trace),
@@ -82,12 +86,13 @@ def build_workload(
             keep_bodies=keep_bodies,
         )
     else:
+        assert workload is not None  # exactly one of the two, checked above
         extra = {"rate_rps": rate_rps} if rate_rps is not None else {}
-        wl = workloads.make_workload(
+        wl = generators.make_workload(
             workload,
             requests or 2000,
             seed=seed,
-            settings=settings,  # type: ignore[arg-type]
+            settings=settings,
             keep_bodies=keep_bodies,
             **extra,
         )

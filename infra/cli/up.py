@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,7 +16,7 @@ from gpufleet.infra.cli._common import UserError, compile_declaration, console, 
 if TYPE_CHECKING:
     from gpufleet.infra.local import LocalRuntime
     from gpufleet.infra.plan import Plan
-    from gpufleet.router.workload import Summary
+    from gpufleet.router.config import RouterSettings
 
 DEFAULT_LOCAL_FLEET = Path("stacks/local/fleet.yaml")
 
@@ -29,23 +30,28 @@ def _plan(file: Path) -> Plan:
     return plan
 
 
-def _start(plan: Plan, label: str, **kw: Any) -> LocalRuntime:
-    """Start a LocalRuntime behind a progress bar; user-facing errors become one line."""
+def _progress() -> Any:
+    """A transient progress bar on the console (spinner, description, bar, n/total, elapsed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _start(plan: Plan, label: str, **kw: Any) -> LocalRuntime:
+    """Start a LocalRuntime behind a progress bar; user-facing errors become one line."""
     from gpufleet.infra.local import LocalRuntime, LocalRuntimeError
 
     with user_errors(LocalRuntimeError):
         rt = LocalRuntime(plan, **kw)
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with _progress() as progress:
             task = progress.add_task(label, total=len(rt.replicas) + 1)
 
             def step(msg: str) -> None:
@@ -77,114 +83,20 @@ def _install_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise)
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.0f} ms"
+class _RichDemoUI:
+    """`gpufleet.infra.local.demo.DemoUI` on the console: progress bars, tables, one-line errors."""
 
+    def start(self, plan: Plan, label: str, settings: RouterSettings) -> LocalRuntime:
+        return _start(plan, label, router_port=0, settings=settings)
 
-@dataclass
-class _Row:
-    """One row of a demo table: a run (or one deployment's share of it) and what it showed."""
+    @contextmanager
+    def batch(self, label: str, total: int) -> Iterator[Callable[[], None]]:
+        with _progress() as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda: progress.advance(task)
 
-    label: str
-    deployment: str
-    summary: Summary
-    ceiling: float | None = None
-    spills: int = 0
-    replicas: list[tuple[str, str]] = field(default_factory=list)
-    """(replica id, pool) of the deployment, so idle replicas show as 0."""
-
-
-def _per_replica(row: _Row) -> str:
-    """Requests per replica grouped by pool: `local-l4 31/30/29/31, local-l40s 0`."""
-    if not row.replicas:
-        return ""
-    by_pool: dict[str, list[str]] = {}
-    for rid, pool in row.replicas:
-        by_pool.setdefault(pool, []).append(str(row.summary.per_replica.get(rid, 0)))
-    return ", ".join(f"{pool} {'/'.join(ns)}" for pool, ns in by_pool.items())
-
-
-def _summary_table(title: str, rows: list[_Row]) -> Any:
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for col, just in (
-        ("run", "left"),
-        ("deployment", "left"),
-        ("requests", "right"),
-        ("errors", "right"),
-        ("prefix hits", "right"),
-        ("ceiling", "right"),
-        ("TTFT p50", "right"),
-        ("TTFT p99", "right"),
-        ("pred. cache", "right"),
-        ("spills", "right"),
-        ("requests per replica", "left"),
-    ):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-    last = None
-    for row in rows:
-        s = row.summary
-        if last is not None and row.label != last:
-            t.add_section()
-        t.add_row(
-            row.label if row.label != last else "",
-            row.deployment,
-            str(s.requests),
-            str(s.errors),
-            f"{s.prefix_hit_ratio:.1%}",
-            "-" if row.ceiling is None else f"{row.ceiling:.1%}",
-            _ms(s.ttft_p50_s),
-            _ms(s.ttft_p99_s),
-            str(s.cache_hits),
-            str(row.spills),
-            _per_replica(row),
-            style="bold" if row.deployment == "all" else None,
-        )
-        last = row.label
-    return t
-
-
-def _spills(rt: LocalRuntime) -> dict[str, int]:
-    """The router's spill counter per model (`gpufleet_router_spills_total` on /metrics)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, int] = {}
-    try:
-        text = httpx.get(rt.endpoint + "/metrics", timeout=5.0, trust_env=False).text
-    except httpx.HTTPError:
-        return out
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "gpufleet_router_spills":
-            for sample in fam.samples:
-                if sample.name.endswith("_total"):
-                    model = sample.labels.get("model", "")
-                    out[model] = out.get(model, 0) + int(sample.value)
-    return out
-
-
-def _preferred_pools(plan: Plan) -> list[str]:
-    """Pools some deployment prefers and could fail over from: the demo's pool failure."""
-    return list(dict.fromkeys(d.failover[0] for d in plan.deployments if len(d.failover) > 1))
-
-
-def _traffic_weights(plan: Plan) -> dict[str, float]:
-    """Traffic share per model: the prefill tokens/s of the replicas the router sends it to.
-
-    That is a deployment's baseline replicas in the highest-priority pool holding any (the tier
-    the router uses while nothing fails). Operators size a model's pool to its traffic, so the
-    demo sends each model the share of load its pool was sized for.
-    """
-    out: dict[str, float] = {}
-    for d in plan.deployments:
-        if not d.replicas:
-            continue
-        perf = {p.pool: p.prefill_tokens_per_s for p in d.pools}
-        tier = max(r.priority for r in d.replicas)
-        cap = sum(perf.get(r.pool, 0.0) for r in d.replicas if r.priority == tier)
-        out[d.model] = out.get(d.model, 0.0) + cap
-    return out
+    def show(self, renderable: Any) -> None:
+        console.print(renderable, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -263,13 +175,7 @@ def register(app: typer.Typer) -> None:
         max_tokens: Annotated[int, typer.Option(help="tokens generated per request")] = 16,
     ) -> None:
         """Bring the local fleet up, compare round_robin with cache_aware on a mixed workload, then fail its preferred pools."""
-        import asyncio
-        import time
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        from gpufleet.router import workload
-        from gpufleet.router.prefix import render_prompt
+        from gpufleet.infra.local import demo as demo_mod
 
         if requests < 1 or concurrency < 1:
             with user_errors():
@@ -278,151 +184,13 @@ def register(app: typer.Typer) -> None:
             with user_errors():
                 raise UserError("--load and --rate must be > 0")
         plan = _plan(file)
-        settings0 = _plan_settings(plan)
-        weights = _traffic_weights(plan)
-        models = tuple(weights)
-        if not models:
+        if not demo_mod.traffic_weights(plan):
             with user_errors():
                 raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")
-
-        def make(n: int, s: int) -> list[workload.WorkRequest]:
-            spec = workload.demo_spec(
-                models, n, seed=s, max_tokens=max_tokens, model_weights=[weights[m] for m in models]
-            )
-            return workload.generate(spec)
-
-        # One workload: the policy runs replay its first `requests`; the spill-over runs continue it
-        # (same documents and system prompts, conversations carry on), as traffic would.
-        n_spill = max(20, requests // 4)
-        everything = make(requests + 2 * n_spill, seed)
-        reqs = everything[:requests]
-        if rate is None:
-            # offered prefill work against the preferred pools' capacity, counting every prompt token
-            mean_tokens = sum(len(render_prompt(r.body)) for r in reqs) / len(reqs) / settings0.chars_per_token
-            rate = round(load * sum(weights.values()) / mean_tokens, 1)
+        opts = demo_mod.DemoOptions(
+            requests=requests, load=load, rate=rate, concurrency=concurrency, seed=seed, max_tokens=max_tokens
+        )
         _install_sigterm()
-        runtimes: list[LocalRuntime] = []
-        rows: list[_Row] = []
-        t_start = time.monotonic()
-
-        def run_load(
-            rt: LocalRuntime,
-            batch: list[workload.WorkRequest],
-            label: str,
-            arrival_seed: int,
-            ceiling: bool = True,
-        ) -> list[_Row]:
-            before = _spills(rt)
-            with Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task(f"{label}: {len(batch)} requests at {rate} req/s", total=len(batch))
-                t0 = time.perf_counter()
-                results = asyncio.run(
-                    workload.drive(
-                        rt.endpoint,
-                        batch,
-                        concurrency=concurrency,
-                        on_result=lambda _r: progress.advance(task),
-                        rate_per_s=rate,
-                        arrival_seed=arrival_seed,
-                    )
-                )
-            wall = time.perf_counter() - t0
-            for msg in list(dict.fromkeys(f"{r.status or 'no status'} {r.error}" for r in results if not r.ok))[:3]:
-                console.print(f"  [red]{label}: error[/] {msg}", highlight=False)
-            after = _spills(rt)
-            spilled = {m: after.get(m, 0) - before.get(m, 0) for m in set(after) | set(before)}
-            bt, cpt = settings0.block_size_tokens, settings0.chars_per_token
-
-            # The ceiling over what the replicas served, in the order it was sent (a replica can only
-            # hold prompts sent before): requests the prediction cache answered never reached one.
-            sent = {r.index: r.sent_s for r in results if not (r.ok and r.cache == "hit")}
-            served = sorted((r for r in batch if r.index in sent), key=lambda r: (sent[r.index], r.index))
-
-            def ceil(model: str | None) -> float | None:
-                return (
-                    workload.ceiling_hit_ratio(served, block_size_tokens=bt, chars_per_token=cpt, model=model)
-                    if ceiling
-                    else None
-                )
-
-            out = [
-                _Row(label, "all", workload.summarize(results, wall), spills=sum(spilled.values()), ceiling=ceil(None))
-            ]
-            by_model = workload.summarize_by_model(results, wall)
-            for d in plan.deployments:
-                if d.model in by_model:
-                    reps = [(r.id, r.pool) for r in rt.replicas if r.deployment == d.name and r.role == "active"]
-                    out.append(
-                        _Row(
-                            label,
-                            d.name,
-                            by_model[d.model],
-                            spills=spilled.get(d.model, 0),
-                            replicas=reps,
-                            ceiling=ceil(d.model),
-                        )
-                    )
-            return out
-
-        try:
-            for policy in ("round_robin", "cache_aware"):
-                settings = settings0.model_copy(update={"policy": policy})
-                rt = _start(plan, f"starting {plan.fleet} ({policy})", router_port=0, settings=settings)
-                runtimes.append(rt)
-                rows.extend(run_load(rt, reqs, policy, seed))
-                if policy != "cache_aware":
-                    rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
-            console.print(
-                _summary_table(
-                    f"{len(reqs)} requests (system prompts, RAG, multi-turn chat), Poisson {rate} req/s (load {load:g}), "
-                    f"seed {seed}; ceiling: an infinite cache per model",
-                    rows,
-                )
-            )
-            rt = runtimes[-1]
-            lost = _preferred_pools(rt.plan)
-            killed = [rid for pool in lost for rid in rt.kill_pool(pool)]
-            console.print(
-                f"[bold]killed pool(s) {', '.join(lost) or '-'}[/]: {', '.join(killed) or 'no replicas'}",
-                highlight=False,
-            )
-            for ev in rt.check(load=False):
-                console.print(f"  [yellow]{ev}[/]", highlight=False)
-            spill_rows = run_load(rt, everything[requests : requests + n_spill], "right after", seed + 1, ceiling=False)
-            rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
-            spill_rows += run_load(rt, everything[requests + n_spill :], "after promotion", seed + 2, ceiling=False)
-            console.print(
-                _summary_table(
-                    f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
-                    spill_rows,
-                )
-            )
-        except KeyboardInterrupt:
-            console.print("interrupted", style="yellow")
-        finally:
-            pids = [p for rt in runtimes for p in rt.pids()]
-            for rt in runtimes:
-                rt.stop()
-            from gpufleet.infra.local import pid_alive
-
-            left = [p for p in pids if pid_alive(p)]
-            console.print(
-                f"tore down {len(pids)} processes, {len(left)} left; demo took {time.monotonic() - t_start:.1f} s",
-                highlight=False,
-            )
-            if left:
-                raise typer.Exit(1)
-
-
-def _plan_settings(plan: Plan) -> Any:
-    from gpufleet.router.config import RouterSettings
-
-    return RouterSettings.model_validate(plan.router)
+        result = demo_mod.run_demo(plan, opts, _RichDemoUI())
+        if result.left:
+            raise typer.Exit(1)

@@ -1,7 +1,8 @@
 """The routing simulator: the router's own policies in front of kvmodel replicas, on virtual time.
 
+Workloads come from `gpufleet.router.workloads` (the library `gpufleet demo` uses too).
+
 Modules
-    workloads  seeded text workloads (shared system prompts, RAG, multi-turn, a mix)
     trace      Mooncake-format trace replay (hash ids -> fixed text blocks)
     fleet      the simulated fleet of one deployment, read from a compiled Plan
     policies   the baselines the shipped policies are compared with: consistent hash, a model of

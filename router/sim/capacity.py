@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim.fleet import SimFleet
-from gpufleet.router.sim.workloads import Workload
+from gpufleet.router.workloads.types import Workload
 
 __all__ = ["CapacityResult", "compare", "replicas_needed"]
 

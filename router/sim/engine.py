@@ -23,8 +23,8 @@ from gpufleet.router import kvmodel
 from gpufleet.router.policy import Policy
 from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.policies import OraclePolicy, make_sim_policy
-from gpufleet.router.sim.workloads import SimRequest, Workload
 from gpufleet.router.types import Decision, RequestFeatures
+from gpufleet.router.workloads.types import SimRequest, Workload
 
 __all__ = ["RequestRecord", "ReplicaRecord", "SimResult", "simulate"]
 

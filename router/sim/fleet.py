@@ -14,8 +14,8 @@ from typing import Any
 
 from gpufleet.router import kvmodel
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.sim.workloads import MODEL
 from gpufleet.router.types import ReplicaState
+from gpufleet.router.workloads.types import MODEL
 
 __all__ = ["ReplicaSpec", "SimFleet", "fleet_from_file", "fleet_from_plan", "uniform_fleet"]
 

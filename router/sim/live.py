@@ -12,8 +12,9 @@ The peers are installed outside the project (see ../shared/peers/README.md); giv
 environment with `--peers-venv` and a router whose executable is missing is skipped with a reason.
 Everything binds 127.0.0.1; the peers get proxy variables pointing nowhere and HF_HUB_OFFLINE=1.
 
-Requests are sent open-loop at their (scaled) arrival times as streaming chat or completions calls;
-TTFT is the first streamed token, the prefix-hit ratio comes from each answer's
+Requests are sent open-loop at their (scaled) arrival times as streaming chat or completions calls
+by the workload library's HTTP driver (`gpufleet.router.workloads.driver`, the one `gpufleet demo`
+uses); TTFT is the first streamed token, the prefix-hit ratio comes from each answer's
 `usage.prompt_tokens_details.cached_tokens` as the replica reports it. Times in the table are
 wall-clock seconds of the sped-up run (multiply by `speedup` for the plan's hardware).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -33,9 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet.router.sim import metrics
 from gpufleet.router.sim.fleet import SimFleet
-from gpufleet.router.sim.workloads import MODEL, Workload
+from gpufleet.router.workloads import driver, stats
+from gpufleet.router.workloads.driver import Result
+from gpufleet.router.workloads.types import MODEL, Workload
 
 __all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live"]
 
@@ -250,49 +253,22 @@ def _start_router(
     return f"http://127.0.0.1:{port}"
 
 
-async def _drive(base: str, workload: Workload, speedup: float, on_done: Callable[[int], None] | None) -> list[dict]:
-    import httpx
-
+def _send(base: str, workload: Workload, speedup: float, on_done: Callable[[int], None] | None) -> list[Result]:
+    """Every request at its (sped-up) arrival time, none waiting for another: an open loop."""
+    reqs = workload.work_requests()
     t0 = workload.requests[0].arrival_s if workload.requests else 0.0
-    out: list[dict] = []
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits, trust_env=False) as client:
-        start = time.perf_counter()
+    send_at = {w.index: (r.arrival_s - t0) / speedup for w, r in zip(reqs, workload.requests)}
+    done = 0
 
-        async def one(req) -> None:  # type: ignore[no-untyped-def]
-            delay = (req.arrival_s - t0) / speedup - (time.perf_counter() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = dict(req.body, stream=True, stream_options={"include_usage": True})
-            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-            headers = {"x-session-id": req.features.session_id} if req.features.session_id else {}
-            rec: dict = {"ok": False, "ttft": None, "prompt": 0, "cached": 0, "err": None}
-            sent = time.perf_counter()
-            try:
-                async with client.stream("POST", base + path, json=body, headers=headers) as resp:
-                    if resp.status_code != 200:
-                        rec["err"] = f"HTTP {resp.status_code}: {(await resp.aread())[:120]!r}"
-                    else:
-                        async for line in resp.aiter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
-                                continue
-                            chunk = json.loads(line[6:])
-                            if rec["ttft"] is None and chunk.get("choices"):
-                                rec["ttft"] = time.perf_counter() - sent
-                            usage = chunk.get("usage")
-                            if usage:
-                                rec["prompt"] = usage.get("prompt_tokens") or 0
-                                rec["cached"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                        rec["ok"] = rec["ttft"] is not None
-                        rec["end"] = time.perf_counter() - start
-            except (httpx.HTTPError, ValueError) as exc:
-                rec["err"] = f"{type(exc).__name__}: {exc}"[:160]
-            out.append(rec)
-            if on_done is not None:
-                on_done(len(out))
+    def count(_res: Result) -> None:
+        nonlocal done
+        done += 1
+        if on_done is not None:
+            on_done(done)
 
-        await asyncio.gather(*(one(r) for r in workload.requests))
-    return out
+    return asyncio.run(
+        driver.drive(base, reqs, concurrency=max(1, len(reqs)), timeout_s=600.0, on_result=count, send_at=send_at)
+    )
 
 
 def run_live(
@@ -305,13 +281,12 @@ def run_live(
     progress: Callable[[str, int], None] | None = None,
 ) -> list[LiveResult]:
     """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas."""
-    if any(r.body is None for r in workload.requests):
-        raise ValueError("live runs need request bodies: build the workload with keep_bodies=True")
-    results = []
+    workload.work_requests()  # live runs need request bodies: fail before starting anything
+    runs: list[LiveResult] = []
     for router in routers:
         peer, why = (None, "") if router == "gpufleet" else find_peer(router, peers_venv)
         if router != "gpufleet" and peer is None:
-            results.append(LiveResult(router, skipped=why))
+            runs.append(LiveResult(router, skipped=why))
             continue
         procs = _Procs()
         with tempfile.TemporaryDirectory(prefix=f"gpufleet-live-{router}-") as d:
@@ -320,32 +295,31 @@ def run_live(
                 urls = _start_replicas(procs, fleet, speedup, tmp)
                 base = _start_router(router, procs, fleet, urls, tmp, peer)
                 cb = (lambda n, _r=router: progress(_r, n)) if progress else None
-                recs = asyncio.run(_drive(base, workload, speedup, cb))
+                results = _send(base, workload, speedup, cb)
             except RuntimeError as exc:
                 tail = ""
                 with contextlib.suppress(OSError):
                     tail = (tmp / f"router-{router}.log").read_text(errors="replace")[-300:]
-                results.append(LiveResult(router, skipped=f"{exc}; log tail: {tail.strip()}" if tail else str(exc)))
+                runs.append(LiveResult(router, skipped=f"{exc}; log tail: {tail.strip()}" if tail else str(exc)))
                 continue
             finally:
                 procs.stop()
-        results.append(_summarize(router, recs))
-    return results
+        runs.append(_summarize(router, results))
+    return runs
 
 
-def _summarize(router: str, recs: list[dict]) -> LiveResult:
-    ok = [r for r in recs if r["ok"]]
-    ttft = sorted(r["ttft"] for r in ok)
-    prompt = sum(r["prompt"] for r in ok)
-    span = max((r["end"] for r in ok), default=0.0)
+def _summarize(router: str, results: list[Result]) -> LiveResult:
+    s = stats.summarize(results)
+    ok = [r for r in results if r.ok]
+    span = max((r.sent_s + r.latency_s for r in ok), default=0.0)
     return LiveResult(
         router,
-        requests=len(recs),
-        ok=len(ok),
-        errors=len(recs) - len(ok),
-        hit_ratio=sum(r["cached"] for r in ok) / prompt if prompt else float("nan"),
-        ttft_p50_s=metrics.percentile(ttft, 50),
-        ttft_p99_s=metrics.percentile(ttft, 99),
-        throughput_rps=len(ok) / span if span > 0 else float("nan"),
-        error_samples=[r["err"] for r in recs if r["err"]][:3],
+        requests=s.requests,
+        ok=s.ok,
+        errors=s.errors,
+        hit_ratio=s.prefix_hit_ratio if any(r.prompt_tokens for r in ok) else math.nan,
+        ttft_p50_s=stats.percentile((r.ttft_s for r in ok if r.ttft_s is not None), 50, math.nan),
+        ttft_p99_s=stats.percentile((r.ttft_s for r in ok if r.ttft_s is not None), 99, math.nan),
+        throughput_rps=len(ok) / span if span > 0 else math.nan,
+        error_samples=[f"{r.status or 'no status'}: {r.error}"[:160] for r in results if r.error][:3],
     )

@@ -21,26 +21,19 @@ Goals (for gpufleet's `cache_aware`, per workload and load; `noise` is a relativ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from gpufleet.router.sim.engine import SimResult
 from gpufleet.router.sim.fleet import SimFleet
-from gpufleet.router.sim.workloads import Workload
+from gpufleet.router.workloads.stats import percentile
+from gpufleet.router.workloads.types import Workload
 
-__all__ = ["Goal", "PolicySummary", "evaluate_goals", "offered_load", "percentile", "summarize"]
+__all__ = ["Goal", "PolicySummary", "evaluate_goals", "offered_load", "summarize"]
 
 NOISE = 0.05
 """Relative difference below which two TTFT percentiles count as equal (same-seed runs differ by
 routing alone; repeated seeds move p99 by a few percent on these workload sizes)."""
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of an ascending list; NaN when empty."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values) - 1e-9) - 1))
-    return sorted_values[k]
 
 
 def offered_load(workload: Workload, fleet: SimFleet) -> float:
@@ -80,13 +73,14 @@ class PolicySummary:
 def summarize(result: SimResult) -> PolicySummary:
     """Reduce one simulation to its metrics."""
     ok = [r for r in result.records if r.outcome == "ok"]
-    ttft = sorted(r.ttft_s for r in ok)  # type: ignore[type-var]
-    lat = sorted(r.latency_s for r in ok)  # type: ignore[type-var]
+    # a finished request has its first token and its end
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    lat = [r.latency_s for r in ok if r.latency_s is not None]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
     if ok:
         t0 = min(r.arrival_s for r in result.records)
-        span = max(r.finish_s for r in ok) - t0  # type: ignore[type-var]
+        span = max(r.finish_s for r in ok if r.finish_s is not None) - t0
         throughput = len(ok) / span if span > 0 else float("nan")
     else:
         throughput = 0.0
@@ -105,11 +99,11 @@ def summarize(result: SimResult) -> PolicySummary:
         rejected=sum(r.outcome == "rejected" for r in result.records),
         failed=sum(r.outcome == "failed" for r in result.records),
         hit_ratio=cached / prompt if prompt else 0.0,
-        ttft_p50_s=percentile(ttft, 50),
-        ttft_p90_s=percentile(ttft, 90),
-        ttft_p99_s=percentile(ttft, 99),
-        latency_p50_s=percentile(lat, 50),
-        latency_p99_s=percentile(lat, 99),
+        ttft_p50_s=percentile(ttft, 50, math.nan),
+        ttft_p90_s=percentile(ttft, 90, math.nan),
+        ttft_p99_s=percentile(ttft, 99, math.nan),
+        latency_p50_s=percentile(lat, 50, math.nan),
+        latency_p99_s=percentile(lat, 99, math.nan),
         throughput_rps=throughput,
         imbalance=imbalance,
         prefill_gpu_s=gpu_s,

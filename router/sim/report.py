@@ -14,7 +14,8 @@ from rich.table import Table
 from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
-from gpufleet.router.sim.workloads import Workload, infinite_cache_hit_ratio
+from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
+from gpufleet.router.workloads.types import Workload
 
 __all__ = [
     "BenchRun",
@@ -80,14 +81,14 @@ def run_policies(
         cb = (lambda n, _name=name: progress(_name, n)) if progress else None
         res = engine.simulate(workload, fleet, name, seed=seed, progress=cb)
         summaries[name] = metrics.summarize(res)
-        ttfts[name] = sorted(r.ttft_s for r in res.records if r.outcome == "ok")  # type: ignore[type-var]
+        ttfts[name] = sorted(r.ttft_s for r in res.records if r.outcome == "ok" and r.ttft_s is not None)
     return BenchRun(
         workload=workload.name,
         fleet=fleet.name,
         requests=len(workload),
         load=metrics.offered_load(workload, fleet),
         natural_load=natural,
-        infinite_cache_hit_ratio=infinite_cache_hit_ratio(workload.requests, fleet.settings.block_size_tokens),
+        infinite_cache_hit_ratio=ceiling_hit_ratio(workload.requests, fleet.settings.block_size_tokens),
         summaries=summaries,
         goals=metrics.evaluate_goals(summaries),
         ttfts=ttfts,
@@ -205,6 +206,7 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from PIL import Image
 
     ncols = min(4, max(1, len(runs)))
@@ -237,7 +239,7 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
             ax.set_ylabel("fraction", fontsize=7)
         if k // ncols == nrows - 1:
             ax.set_xlabel("TTFT (s)", fontsize=7)
-    handles = [plt.Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies]
+    handles = [Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(policies), 8), fontsize=7, frameon=False)
     hm = fig.add_subplot(grid[nrows, :])
     data = [[r.summaries[p].hit_ratio if p in r.summaries else float("nan") for r in runs] for p in policies]

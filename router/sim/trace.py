@@ -18,12 +18,14 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import xxhash
 
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.sim.workloads import MODEL, SimRequest, TextPool, Workload
 from gpufleet.router.types import RequestFeatures
+from gpufleet.router.workloads.sampling import TextPool
+from gpufleet.router.workloads.types import MODEL, SimRequest, Workload
 
 __all__ = [
     "TRACE_BLOCK_TOKENS",
@@ -42,21 +44,16 @@ class TraceError(ValueError):
     """A trace file that is not in the Mooncake format; the message names the file and line."""
 
 
-class TraceRecord(tuple):
+class TraceRecord(NamedTuple):
     """(timestamp_ms, input_length, output_length, hash_ids) of one trace line."""
 
-    __slots__ = ()
-
-    def __new__(cls, timestamp_ms: float, input_length: int, output_length: int, hash_ids: tuple[int, ...]):  # type: ignore[no-untyped-def]
-        return tuple.__new__(cls, (timestamp_ms, input_length, output_length, hash_ids))
-
-    timestamp_ms = property(lambda self: self[0])
-    input_length = property(lambda self: self[1])
-    output_length = property(lambda self: self[2])
-    hash_ids = property(lambda self: self[3])
+    timestamp_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
 
 
-def _int(obj: dict, key: str, where: str, *, minimum: int) -> int:
+def _int(obj: dict[str, Any], key: str, where: str, *, minimum: int) -> int:
     v = obj.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise TraceError(f"{where}: `{key}` must be an integer >= {minimum}, got {v!r}")

@@ -1,4 +1,4 @@
-"""The simulator's public API: every module lists what it exports, and nothing else is public."""
+"""The simulator's and the workload library's public API: every module lists what it exports, and nothing else is public."""
 
 from __future__ import annotations
 
@@ -6,12 +6,21 @@ import importlib
 
 import pytest
 
-MODULES = ["workloads", "trace", "fleet", "policies", "engine", "metrics", "report", "capacity", "live"]
+MODULES = [
+    *(
+        f"gpufleet.router.sim.{m}"
+        for m in ("trace", "fleet", "policies", "engine", "metrics", "report", "capacity", "live")
+    ),
+    *(
+        f"gpufleet.router.workloads.{m}"
+        for m in ("types", "sampling", "generators", "mixed", "ceiling", "driver", "stats")
+    ),
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_all_lists_exactly_the_public_names_defined_here(name: str) -> None:
-    mod = importlib.import_module(f"gpufleet.router.sim.{name}")
+    mod = importlib.import_module(name)
     for export in mod.__all__:
         assert hasattr(mod, export), export
     defined = {

@@ -6,16 +6,18 @@ import pytest
 
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.policy import POLICIES
-from gpufleet.router.sim import engine, fleet, policies, workloads
+from gpufleet.router.sim import engine, fleet, policies
 from gpufleet.router.sim.policies import DEFAULT_ORDER, OraclePolicy
 from gpufleet.router.types import ReplicaState
+from gpufleet.router.workloads import generators
+from gpufleet.router.workloads.types import Workload
 
 SETTINGS = RouterSettings()
 
 
 @pytest.fixture(scope="module")
-def small_mix() -> workloads.Workload:
-    return workloads.mix(240, seed=3, rate_rps=40.0)
+def small_mix() -> Workload:
+    return generators.mix(240, seed=3, rate_rps=40.0)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def tight_fleet() -> fleet.SimFleet:
 
 @pytest.mark.parametrize("name", DEFAULT_ORDER)
 def test_every_request_is_accounted_for_exactly_once(
-    name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+    name: str, small_mix: Workload, tight_fleet: fleet.SimFleet
 ) -> None:
     res = engine.simulate(small_mix, tight_fleet, name, seed=1)
     assert [r.id for r in res.records] == [r.id for r in small_mix.requests]
@@ -42,7 +44,7 @@ def test_every_request_is_accounted_for_exactly_once(
     assert sum(rep.prefill_tokens for rep in res.replicas) == sum(r.prompt_tokens - r.cached_tokens for r in ok)
 
 
-def test_requests_too_long_for_a_replica_fail_and_the_rest_finish(small_mix: workloads.Workload) -> None:
+def test_requests_too_long_for_a_replica_fail_and_the_rest_finish(small_mix: Workload) -> None:
     short = fleet.uniform_fleet(2, kv_capacity_tokens=200_000, max_model_len=1_500)
     res = engine.simulate(small_mix, short, "cache_aware")
     failed = [r for r in res.records if r.outcome == "failed"]
@@ -50,7 +52,7 @@ def test_requests_too_long_for_a_replica_fail_and_the_rest_finish(small_mix: wor
     assert all(r.outcome == "ok" for r in res.records if r.prompt_tokens + r.output_tokens <= 1_500)
 
 
-def test_saturated_fleet_rejects_instead_of_queueing_without_bound(small_mix: workloads.Workload) -> None:
+def test_saturated_fleet_rejects_instead_of_queueing_without_bound(small_mix: Workload) -> None:
     tiny = fleet.uniform_fleet(1, max_concurrent_requests=2, prefill_tokens_per_s=2_000)
     res = engine.simulate(small_mix.scaled(0.05), tiny, "least_load")
     assert any(r.outcome == "rejected" for r in res.records)
@@ -59,7 +61,7 @@ def test_saturated_fleet_rejects_instead_of_queueing_without_bound(small_mix: wo
 
 @pytest.mark.parametrize("name", ["random", "cache_aware", "sglang_cache_aware", "oracle"])
 def test_kv_cache_never_holds_more_blocks_than_its_capacity(
-    name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+    name: str, small_mix: Workload, tight_fleet: fleet.SimFleet
 ) -> None:
     res = engine.simulate(small_mix, tight_fleet, name)
     assert any(rep.evicted_blocks > 0 for rep in res.replicas), "the fleet must be tight enough to evict"
@@ -68,7 +70,7 @@ def test_kv_cache_never_holds_more_blocks_than_its_capacity(
 
 
 @pytest.mark.parametrize("name", ["random", "session", "cache_aware", "sglang_cache_aware", "oracle"])
-def test_same_seed_gives_the_same_run(name: str, small_mix: workloads.Workload, tight_fleet: fleet.SimFleet) -> None:
+def test_same_seed_gives_the_same_run(name: str, small_mix: Workload, tight_fleet: fleet.SimFleet) -> None:
     def run() -> list[tuple[str | None, float | None, int]]:
         res = engine.simulate(small_mix, tight_fleet, name, seed=11)
         return [(r.replica, r.first_token_s, r.cached_tokens) for r in res.records]
@@ -76,25 +78,23 @@ def test_same_seed_gives_the_same_run(name: str, small_mix: workloads.Workload, 
     assert run() == run()
 
 
-def test_a_different_seed_changes_random_routing(small_mix: workloads.Workload, tight_fleet: fleet.SimFleet) -> None:
+def test_a_different_seed_changes_random_routing(small_mix: Workload, tight_fleet: fleet.SimFleet) -> None:
     a = [r.replica for r in engine.simulate(small_mix, tight_fleet, "random", seed=1).records]
     b = [r.replica for r in engine.simulate(small_mix, tight_fleet, "random", seed=2).records]
     assert a != b
 
 
 def test_workload_generators_are_deterministic_under_a_seed() -> None:
-    for name in workloads.WORKLOADS:
-        a = workloads.make_workload(name, 60, seed=5)
-        b = workloads.make_workload(name, 60, seed=5)
-        c = workloads.make_workload(name, 60, seed=6)
+    for name in generators.WORKLOADS:
+        a = generators.make_workload(name, 60, seed=5)
+        b = generators.make_workload(name, 60, seed=5)
+        c = generators.make_workload(name, 60, seed=6)
         key = lambda w: [(r.arrival_s, r.features.block_hashes, r.output_tokens) for r in w.requests]  # noqa: E731
         assert key(a) == key(b)
         assert key(a) != key(c)
 
 
-def test_simulator_drives_the_routers_own_policy_classes(
-    small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
-) -> None:
+def test_simulator_drives_the_routers_own_policy_classes(small_mix: Workload, tight_fleet: fleet.SimFleet) -> None:
     for name, cls in POLICIES.items():
         assert policies.SIM_POLICIES[name] is cls
     pol = policies.make_sim_policy("cache_aware", SETTINGS, clock=lambda: 0.0)
@@ -105,7 +105,7 @@ def test_simulator_drives_the_routers_own_policy_classes(
 
 
 def test_oracle_never_prefers_a_shorter_exact_prefix_without_a_shorter_queue(
-    small_mix: workloads.Workload, tight_fleet: fleet.SimFleet
+    small_mix: Workload, tight_fleet: fleet.SimFleet
 ) -> None:
     seen = {"decisions": 0, "prefix_differs": 0}
 
@@ -149,7 +149,7 @@ def test_oracle_never_prefers_a_shorter_exact_prefix_without_a_shorter_queue(
 
 def test_oracle_picks_the_idle_replica_holding_the_prefix() -> None:
     f2 = fleet.uniform_fleet(3)
-    wl = workloads.shared_prompts(3, seed=1, rate_rps=0.01, n_apps=1)  # far apart: replicas idle
+    wl = generators.shared_prompts(3, seed=1, rate_rps=0.01, n_apps=1)  # far apart: replicas idle
     res = engine.simulate(wl, f2, "oracle")
     first, second, third = res.records
     assert second.replica == first.replica and third.replica == first.replica
@@ -160,7 +160,7 @@ def test_oracle_picks_the_idle_replica_holding_the_prefix() -> None:
 def test_load_scaling_compresses_arrivals_to_the_asked_load(tight_fleet: fleet.SimFleet) -> None:
     from gpufleet.router.sim import metrics
 
-    wl = workloads.rag(300, seed=2)
+    wl = generators.rag(300, seed=2)
     natural = metrics.offered_load(wl, tight_fleet)
     scaled = wl.scaled(natural / 1.7)
     assert metrics.offered_load(scaled, tight_fleet) == pytest.approx(1.7, rel=1e-9)

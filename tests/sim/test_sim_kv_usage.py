@@ -5,8 +5,8 @@ from __future__ import annotations
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.policy import LeastLoadPolicy
 from gpufleet.router.sim import engine, fleet
-from gpufleet.router.sim.workloads import MODEL, SimRequest, Workload
 from gpufleet.router.types import RequestFeatures
+from gpufleet.router.workloads.types import MODEL, SimRequest, Workload
 
 
 class _Recorder(LeastLoadPolicy):

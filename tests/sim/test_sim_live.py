@@ -9,15 +9,17 @@ import pytest
 from typer.testing import CliRunner
 
 from gpufleet.infra.cli import app
-from gpufleet.router.sim import fleet, live, metrics, workloads
+from gpufleet.router.sim import fleet, live, metrics
+from gpufleet.router.workloads import generators
+from gpufleet.router.workloads.types import Workload
 
 FLEET = Path(__file__).resolve().parents[2] / "bench" / "fleet.yaml"
 PEERS = os.environ.get("GPUFLEET_PEERS_VENV")
 
 
-def _workload(n: int) -> tuple[workloads.Workload, fleet.SimFleet]:
+def _workload(n: int) -> tuple[Workload, fleet.SimFleet]:
     f = fleet.fleet_from_file(FLEET, "qwen-32b").with_replicas(2)
-    wl = workloads.shared_prompts(n, seed=2, n_apps=3, settings=f.settings, keep_bodies=True)
+    wl = generators.shared_prompts(n, seed=2, n_apps=3, settings=f.settings, keep_bodies=True)
     return wl.scaled(metrics.offered_load(wl, f) / 0.5), f
 
 
@@ -43,7 +45,7 @@ def test_missing_peers_are_skipped_with_the_reason(tmp_path: Path) -> None:
 def test_live_needs_request_bodies() -> None:
     f = fleet.uniform_fleet(1)
     with pytest.raises(ValueError, match="keep_bodies"):
-        live.run_live(workloads.rag(3), f, ("gpufleet",))
+        live.run_live(generators.rag(3), f, ("gpufleet",))
 
 
 @pytest.mark.slow

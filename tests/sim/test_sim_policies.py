@@ -114,7 +114,8 @@ def test_percentile_is_nearest_rank() -> None:
 
 @pytest.mark.slow
 def test_capacity_counts_kv_reuse_and_prices_the_difference() -> None:
-    from gpufleet.router.sim import capacity, fleet, workloads
+    from gpufleet.router.sim import capacity, fleet
+    from gpufleet.router.workloads import generators as workloads
 
     f = fleet.uniform_fleet(1, kv_capacity_tokens=12_000, prefill_tokens_per_s=20_000, usd_per_gpu_hour=2.0)
     wl = workloads.shared_prompts(300, seed=1, rate_rps=30.0, n_apps=12)

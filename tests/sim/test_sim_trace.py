@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from gpufleet.router.prefix import block_hashes
-from gpufleet.router.sim import trace, workloads
+from gpufleet.router.sim import trace
+from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
+from gpufleet.router.workloads.sampling import TextPool
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake"
 
@@ -68,7 +70,7 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_hashes_are_the_routers_hashes_of_the_replayed_text(small_trace: Path) -> None:
     recs = trace.load_trace(small_trace)
     wl = trace.trace_workload(recs, seed=3)
-    pool = workloads.TextPool(3)
+    pool = TextPool(3)
     for rec, req in zip(recs, wl.requests):
         text = trace.trace_text(rec, pool)
         assert len(text) == rec.input_length * 4
@@ -96,5 +98,5 @@ def test_shipped_conversation_trace_has_its_documented_reuse() -> None:
     recs = trace.load_trace(SHARED / "conversation_trace.jsonl")[:3000]
     wl = trace.trace_workload(recs)
     # The README gives 36.6 % repeated block references over the whole trace.
-    assert 0.2 < workloads.infinite_cache_hit_ratio(wl.requests, 16) < 0.5
+    assert 0.2 < ceiling_hit_ratio(wl.requests, 16) < 0.5
     assert all(r.features.block_hashes[:32] == wl.requests[0].features.block_hashes[:32] for r in wl.requests)

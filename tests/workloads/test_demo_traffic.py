@@ -1,4 +1,4 @@
-"""What `gpufleet demo` adds to the workload module: the ceiling, open-loop arrivals, spread conversations."""
+"""What `gpufleet demo` needs of the workload library: the ceiling, open-loop arrivals, spread conversations."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from gpufleet.router import workload
 from gpufleet.router.replica_sim import SimSettings, serve_in_thread
-from gpufleet.router.workload import WorkloadSpec, WorkRequest
+from gpufleet.router.workloads import driver, mixed, sampling, stats
+from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
+from gpufleet.router.workloads.mixed import WorkloadSpec
+from gpufleet.router.workloads.types import WorkRequest
 
 
 def _req(i: int, model: str, text: str) -> WorkRequest:
@@ -29,42 +31,42 @@ def test_ceiling_counts_repeated_prefixes_per_model_and_never_the_last_token():
     expected_hit = min(full_blocks, (n_tokens - 1) // 16) * 16
     total = 3 * n_tokens
     # model b's first sight of the same text is a miss: caches never cross deployments
-    assert workload.ceiling_hit_ratio(reqs) == pytest.approx(expected_hit / total)
-    assert workload.ceiling_hit_ratio(reqs, model="b") == 0.0
+    assert ceiling_hit_ratio(reqs) == pytest.approx(expected_hit / total)
+    assert ceiling_hit_ratio(reqs, model="b") == 0.0
 
 
 def test_ceiling_equals_what_one_replica_with_an_unbounded_cache_reports():
     # one request at a time against one replica whose KV holds everything: it reaches the ceiling exactly
-    reqs = workload.generate(workload.demo_spec(("m",), 40, seed=5, max_tokens=2))
+    reqs = mixed.generate(mixed.demo_spec(("m",), 40, seed=5, max_tokens=2))
     sim = SimSettings(
         model="m", kv_capacity_tokens=10_000_000, prefill_tokens_per_s=5_000_000, decode_tokens_per_s=100_000
     )
     with serve_in_thread(sim) as r:
-        results = asyncio.run(workload.drive(r.url, reqs, concurrency=1))
-    s = workload.summarize(results)
+        results = asyncio.run(driver.drive(r.url, reqs, concurrency=1))
+    s = stats.summarize(results)
     assert s.errors == 0
-    assert s.prefix_hit_ratio == pytest.approx(workload.ceiling_hit_ratio(reqs))
+    assert s.prefix_hit_ratio == pytest.approx(ceiling_hit_ratio(reqs))
     assert 0.3 < s.prefix_hit_ratio < 1
 
 
 def test_open_loop_sends_each_request_no_earlier_than_its_arrival():
-    reqs = workload.generate(WorkloadSpec(models=("m",), n_requests=12, seed=2, max_tokens=2))
-    due = workload.arrival_times(len(reqs), 40.0, seed=7)
-    assert due == sorted(due) and due == workload.arrival_times(len(reqs), 40.0, seed=7)
+    reqs = mixed.generate(WorkloadSpec(models=("m",), n_requests=12, seed=2, max_tokens=2))
+    due = sampling.arrival_times(len(reqs), 40.0, seed=7)
+    assert due == sorted(due) and due == sampling.arrival_times(len(reqs), 40.0, seed=7)
     with serve_in_thread(SimSettings(model="m", prefill_tokens_per_s=1_000_000, decode_tokens_per_s=100_000)) as r:
         t0 = time.perf_counter()
-        results = asyncio.run(workload.drive(r.url, reqs, concurrency=4, rate_per_s=40.0, arrival_seed=7))
+        results = asyncio.run(driver.drive(r.url, reqs, concurrency=4, rate_per_s=40.0, arrival_seed=7))
         wall = time.perf_counter() - t0
     assert all(x.ok for x in results)
     assert all(x.sent_s >= d for x, d in zip(results, due))  # none was sent before it arrived
     assert wall >= due[-1]
     with pytest.raises(ValueError, match="positive"):
-        asyncio.run(workload.drive(r.url, reqs, rate_per_s=0))
+        asyncio.run(driver.drive(r.url, reqs, rate_per_s=0))
 
 
 def test_spread_conversations_overlap_keep_turn_order_and_leave_the_default_alone():
     spec = WorkloadSpec(models=("m",), n_requests=120, seed=1, turns_per_conversation=4, conversation_span=0.5)
-    reqs = workload.generate(spec)
+    reqs = mixed.generate(spec)
     assert [r.index for r in reqs] == list(range(120))
     chains: dict[str, list[WorkRequest]] = {}
     for r in reqs:
@@ -79,7 +81,7 @@ def test_spread_conversations_overlap_keep_turn_order_and_leave_the_default_alon
     assert any(a0 < b0 < a1 for a0, a1 in spans for b0, _ in spans)
     assert max(a1 - a0 for a0, a1 in spans) > 20
     # the same requests as the compact interleave, only reordered
-    compact = workload.generate(WorkloadSpec(models=("m",), n_requests=120, seed=1, turns_per_conversation=4))
+    compact = mixed.generate(WorkloadSpec(models=("m",), n_requests=120, seed=1, turns_per_conversation=4))
     assert sorted(str(r.body) for r in reqs) == sorted(str(r.body) for r in compact)
     with pytest.raises(ValueError, match="conversation_span"):
         WorkloadSpec(models=("m",), conversation_span=0)
@@ -87,11 +89,11 @@ def test_spread_conversations_overlap_keep_turn_order_and_leave_the_default_alon
 
 def test_summarize_by_model_splits_results():
     rs = [
-        workload.Result(0, "system", "a", status=200, replica="r1", prompt_tokens=100, cached_tokens=50, ttft_s=0.1),
-        workload.Result(1, "system", "b", status=200, replica="r2", prompt_tokens=100, cached_tokens=0, ttft_s=0.2),
-        workload.Result(2, "system", "a", status=503, error="down"),
+        driver.Result(0, "system", "a", status=200, replica="r1", prompt_tokens=100, cached_tokens=50, ttft_s=0.1),
+        driver.Result(1, "system", "b", status=200, replica="r2", prompt_tokens=100, cached_tokens=0, ttft_s=0.2),
+        driver.Result(2, "system", "a", status=503, error="down"),
     ]
-    by = workload.summarize_by_model(rs)
+    by = stats.summarize_by_model(rs)
     assert list(by) == ["a", "b"]
     assert (by["a"].requests, by["a"].errors, by["a"].prefix_hit_ratio) == (2, 1, 0.5)
     assert by["b"].per_replica == {"r2": 1}
@@ -102,7 +104,7 @@ def test_conversations_draw_their_system_prompt_by_popularity_when_asked():
         spec = WorkloadSpec(
             models=("m",), n_requests=200, seed=4, mix=(0, 0, 1), turns_per_conversation=2, chat_system_prompts=how
         )
-        return {r.body["messages"][0]["content"].split(":")[0] for r in workload.generate(spec)}
+        return {r.body["messages"][0]["content"].split(":")[0] for r in mixed.generate(spec)}
 
     assert systems("top") == {"System prompt 0 for m"}  # one chat app
     assert len(systems("zipf")) > 2  # several apps' conversations

@@ -1,0 +1,78 @@
+"""The layout of the local fleet: which replica processes the plan asks for, and their roles.
+
+Every planned replica becomes an active process; every warm node of a pool without an
+`engine_command` holds standby replicas (one per replica slot of the node) for the deployments
+that may use the pool, cycling over them in declaration order.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPerf
+
+__all__ = ["LocalReplica", "layout", "pool_perf"]
+
+
+@dataclass
+class LocalReplica:
+    """One replica process of the local fleet."""
+
+    id: str
+    deployment: str
+    model: str
+    pool: str
+    priority: int
+    role: Literal["active", "warm"]
+    kind: Literal["sim", "engine"]
+    port: int = 0
+    url: str = ""
+    state: Literal["starting", "active", "warm", "dead", "stopped"] = "starting"
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log_path: Path | None = None
+    promoted_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Its process was started and has not exited."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+def pool_perf(dep: DeploymentPlan, pool: str) -> PoolPerf:
+    """The plan's performance estimate of `dep` on `pool`."""
+    for p in dep.pools:
+        if p.pool == pool:
+            return p
+    raise KeyError(f"{dep.name} has no performance estimate for pool {pool}")
+
+
+def layout(plan: Plan) -> list[LocalReplica]:
+    """The replicas the plan asks for, plus a standby replica per warm slot of each pool."""
+    out: list[LocalReplica] = []
+    engine_pools = {p.name for p in plan.pools if p.engine_command}
+    for dep in plan.deployments:
+        for r in dep.replicas:
+            kind: Literal["sim", "engine"] = "engine" if r.pool in engine_pools else "sim"
+            out.append(LocalReplica(r.id, dep.name, dep.model, r.pool, r.priority, "active", kind))
+    for pool in plan.pools:
+        if not pool.warm_nodes or pool.engine_command:
+            continue
+        users = [d for d in plan.deployments if pool.name in d.failover]
+        if not users:
+            continue
+        k = 0
+        for node in range(pool.warm_nodes):
+            dep = users[node % len(users)]
+            per_node = pool_perf(dep, pool.name).replicas_per_node
+            for _ in range(max(1, per_node)):
+                rid = f"{dep.name}-{pool.name}-warm{k}"
+                out.append(LocalReplica(rid, dep.name, dep.model, pool.name, pool.priority, "warm", "sim"))
+                k += 1
+    return out
