@@ -9,7 +9,7 @@
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
-    ├── CapacityError                 the fleet cannot take the request now
+    ├── NoReplicaAvailable            no replica of the model can take the request now
     │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
     │   └── NoHealthyReplica    503   no healthy replica of the model
     └── UpstreamError                 a replica failed
@@ -27,11 +27,11 @@ from typing import Any
 __all__ = [
     "AllSaturated",
     "BodyTooLarge",
-    "CapacityError",
     "ConfigError",
     "Forbidden",
     "MalformedRequest",
     "NoHealthyReplica",
+    "NoReplicaAvailable",
     "PromptTooLong",
     "RequestError",
     "RouterError",
@@ -101,18 +101,20 @@ class BodyTooLarge(RequestError):
     code = "body_too_large"
 
 
-class CapacityError(RouterError):
+class NoReplicaAvailable(RouterError):
+    """No replica of the model can take the request now (named apart from the adapters' CapacityError)."""
+
     status = 503
     type = "server_error"
 
 
-class AllSaturated(CapacityError):
+class AllSaturated(NoReplicaAvailable):
     status = 429
     type = "rate_limit_error"
     code = "replicas_saturated"
 
 
-class NoHealthyReplica(CapacityError):
+class NoHealthyReplica(NoReplicaAvailable):
     status = 503
     code = "no_healthy_replica"
 

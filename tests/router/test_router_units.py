@@ -230,11 +230,11 @@ def test_public_api_is_pinned() -> None:
         [
             "AllSaturated",
             "BodyTooLarge",
-            "CapacityError",
             "ConfigError",
             "Forbidden",
             "MalformedRequest",
             "NoHealthyReplica",
+            "NoReplicaAvailable",
             "PromptTooLong",
             "RequestError",
             "RouterError",
