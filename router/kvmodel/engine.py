@@ -59,10 +59,12 @@ class ReplicaEngine:
     # -- introspection -------------------------------------------------------------------
     @property
     def num_running(self) -> int:
+        """Requests in the batch."""
         return len(self._running)
 
     @property
     def num_waiting(self) -> int:
+        """Requests queued for a slot or memory."""
         return len(self._waiting)
 
     @property
@@ -84,6 +86,7 @@ class ReplicaEngine:
         return out
 
     def has_request(self, request_id: str) -> bool:
+        """Whether the engine holds this request, running or waiting."""
         return request_id in self._running or any(r.req.id == request_id for r in self._waiting)
 
     # -- driving -------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class SimSettings:
 
     @property
     def block_chars(self) -> int:
+        """Characters per hashed prefix block (as the router computes them)."""
         return max(1, int(self.block_size_tokens * self.chars_per_token))
 
 

@@ -35,10 +35,12 @@ class RunningReplica:
 
     @property
     def url(self) -> str:
+        """The replica's base URL."""
         return f"http://{self.host}:{self.port}"
 
     @property
     def alive(self) -> bool:
+        """Started and not stopped (nor died)."""
         return self._thread is not None and not self._stopped.is_set()
 
     def start(self) -> RunningReplica:

@@ -121,6 +121,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def got_response_bytes(self) -> bool:
+        """Whether any byte of the current response arrived (a stale connection sends none)."""
         return self._got_bytes
 
     def _timed_out(self) -> None:
@@ -133,11 +134,13 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def cancel_timer(self) -> None:
+        """Disarm the request's deadline."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def close(self) -> None:
+        """Drop the connection now."""
         self.cancel_timer()
         self.closed = True
         if self.transport is not None:
@@ -286,6 +289,7 @@ class Connection(asyncio.Protocol):
 
     # -- consumer side ---------------------------------------------------------------------
     async def readany(self) -> bytes:
+        """The next piece of body data; b"" at its end; raises the connection's error."""
         while True:
             if self._chunks:
                 data = self._chunks.popleft()
