@@ -1,6 +1,6 @@
 """The KV-cache and timing model of one serving replica: pure, deterministic, step-driven.
 
-One module, two drivers: `gpufleet replica-sim` runs it on the wall clock behind a real
+One model, two drivers: `gpufleet replica-sim` runs it on the wall clock behind a real
 OpenAI-compatible HTTP server, and the discrete-event simulator runs the very same engine on
 virtual time. Nothing here does I/O, reads a clock or draws random numbers; the caller passes
 `now` in, so the same inputs always give the same events.
