@@ -276,20 +276,16 @@ async def _client_cost(url: str, lib: str, n: int = 3000, workers: int = 8) -> f
             await asyncio.gather(*(one_worker() for _ in range(workers)))
             return (time.process_time() - c0) / (per * workers) * 1e6
     if lib == "gpufleet upstream":
-        from yarl import URL
-
         from gpufleet.router.upstream import UpstreamPool
+        from gpufleet.router.upstream.request import UpstreamTarget
 
-        u = URL(url)
-        head = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (u.host.encode(), u.port, len(body))
-        )
+        target = UpstreamTarget(url)
+        head = target.head("/v1/chat/completions", b"", len(body))  # as the proxy builds it
         pool = UpstreamPool()
 
         async def one_worker_lean() -> None:
             for _ in range(per):
-                resp = await pool.post(u.host, u.port, head, body, timeout_s=30)
+                resp = await pool.post(target.host, target.port, head, body, timeout_s=30)
                 await resp.read()
                 resp.release()
 

@@ -9,7 +9,7 @@
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
-    ├── CapacityError                 the fleet cannot take the request now
+    ├── NoReplicaAvailable            no replica of the model can take the request now
     │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
     │   └── NoHealthyReplica    503   no healthy replica of the model
     └── UpstreamError                 a replica failed
@@ -27,11 +27,11 @@ from typing import Any
 __all__ = [
     "AllSaturated",
     "BodyTooLarge",
-    "CapacityError",
     "ConfigError",
     "Forbidden",
     "MalformedRequest",
     "NoHealthyReplica",
+    "NoReplicaAvailable",
     "PromptTooLong",
     "RequestError",
     "RouterError",
@@ -67,65 +67,91 @@ class ConfigError(RouterError):
 
 
 class RequestError(RouterError):
+    """The client's mistake: a 4xx."""
+
     status = 400
     type = "invalid_request_error"
 
 
 class MalformedRequest(RequestError):
+    """The body is not a JSON object, or a field has the wrong type."""
+
     code = "malformed_request"
 
 
 class PromptTooLong(RequestError):
+    """The prompt alone does not fit the model's max_model_len."""
+
     code = "context_length_exceeded"
 
 
 class Unauthorized(RequestError):
+    """An admin endpoint was called without a bearer token."""
+
     status = 401
     type = "authentication_error"
     code = "missing_token"
 
 
 class Forbidden(RequestError):
+    """Wrong admin token, or admin endpoints disabled."""
+
     status = 403
     type = "permission_error"
     code = "forbidden"
 
 
 class UnknownModel(RequestError):
+    """No replica serves the requested model."""
+
     status = 404
     code = "model_not_found"
 
 
 class BodyTooLarge(RequestError):
+    """The body is over settings.max_body_bytes."""
+
     status = 413
     code = "body_too_large"
 
 
-class CapacityError(RouterError):
+class NoReplicaAvailable(RouterError):
+    """No replica of the model can take the request now (named apart from the adapters' CapacityError)."""
+
     status = 503
     type = "server_error"
 
 
-class AllSaturated(CapacityError):
+class AllSaturated(NoReplicaAvailable):
+    """Every healthy replica of the model is at max_concurrent_requests."""
+
     status = 429
     type = "rate_limit_error"
     code = "replicas_saturated"
 
 
-class NoHealthyReplica(CapacityError):
+class NoHealthyReplica(NoReplicaAvailable):
+    """No replica of the model is healthy."""
+
     status = 503
     code = "no_healthy_replica"
 
 
 class UpstreamError(RouterError):
+    """A replica failed."""
+
     status = 502
     type = "server_error"
 
 
 class UpstreamFailed(UpstreamError):
+    """Every attempt failed before the first byte (retries exhausted), or a stream broke."""
+
     code = "upstream_failed"
 
 
 class UpstreamTimeout(UpstreamError):
+    """The replica did not answer within request_timeout_s."""
+
     status = 504
     code = "upstream_timeout"

@@ -20,9 +20,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gpufleet.router.config import HealthSettings
 from gpufleet.router.types import ReplicaState
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["KV_USAGE_METRICS", "HealthChecker", "HealthTracker", "parse_kv_usage"]
 
@@ -131,7 +135,9 @@ class HealthTracker:
 class HealthChecker:
     """Runs `GET {url}/health` on every replica every `interval_s` (the only I/O of this module)."""
 
-    def __init__(self, tracker: HealthTracker, replicas: Sequence[ReplicaState], session) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, tracker: HealthTracker, replicas: Sequence[ReplicaState], session: aiohttp.ClientSession
+    ) -> None:
         self.tracker = tracker
         self.replicas = list(replicas)
         self.session = session
@@ -145,7 +151,7 @@ class HealthChecker:
             async with self.session.get(
                 replica.url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=s.timeout_s)
             ) as resp:
-                ok = 200 <= resp.status < 300
+                ok: bool = 200 <= resp.status < 300
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         if ok:

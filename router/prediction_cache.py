@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from gpufleet.router.config import PredictionCacheSettings
 
@@ -169,7 +169,8 @@ class RedisPredictionCache:
     async def lookup(self, key: str) -> bytes | None:
         """The cached answer, or None (also when Redis cannot be reached)."""
         try:
-            return await self._redis.get(self.prefix + key)
+            # decode_responses is off (the default), so a hit is the stored bytes
+            return cast("bytes | None", await self._redis.get(self.prefix + key))
         except Exception as exc:  # any Redis trouble is a miss, never a failed request
             self._failed("get", exc)
             return None

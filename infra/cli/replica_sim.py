@@ -1,4 +1,4 @@
-"""`gpufleet replica-sim`: serve one simulated vLLM-like replica (see gpufleet.router.replica_sim).
+"""`gpufleet replica-sim`: serve one simulated vLLM-like replica (see gpufleet.router.replica).
 
 Assembled with the other nouns in `gpufleet.infra.cli` (`register`).
 """
@@ -47,7 +47,8 @@ def register_replica_sim(app: typer.Typer) -> None:
         import asyncio
 
         from gpufleet.router import kvmodel
-        from gpufleet.router.replica_sim import SimSettings, serve
+        from gpufleet.router.replica import SimSettings
+        from gpufleet.router.replica.app import serve
 
         with user_errors(kvmodel.AdmissionError, ValueError, OSError):
             settings = SimSettings(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gpufleet.infra.cli._common import UserError, console, user_errors
+
+if TYPE_CHECKING:
+    from gpufleet.router.config import RouterConfig
 
 router_app = typer.Typer(help="The KV-cache-aware OpenAI-compatible router.", no_args_is_help=True)
 
@@ -33,30 +36,30 @@ def serve(
         _run(cfg, host, listen_port)
 
 
-def _run(cfg, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
+def _run(cfg: RouterConfig, host: str, port: int) -> None:
     import asyncio
     import gc
     import logging
     import signal
 
-    from gpufleet.router import server
+    from gpufleet.router.app import ROUTER_KEY, create_app, start
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
-        app = server.create_app(cfg)
+        app = create_app(cfg)
         try:
-            runner, bound = await server.start(app, host, port)
+            runner, bound = await start(app, host, port)
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        router = app[server.ROUTER_KEY]
+        router = app[ROUTER_KEY]
         # Everything allocated so far lives as long as the process: move it out of the
         # collector's sight so full collections (and their latency spikes) stay short.
         gc.collect()
         gc.freeze()
         console.print(
             f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, "
-            f"{len(router.replicas)} replicas, {len(router.by_model)} models, listening on http://{host}:{bound}",
+            f"{len(router.replicas)} replicas, {len(router.replicas.by_model)} models, listening on http://{host}:{bound}",
             highlight=False,
             soft_wrap=True,  # never wrap: scripts read the URL from this line
         )

@@ -1,4 +1,4 @@
-"""The simulated replica over real loopback HTTP (gpufleet.router.replica_sim)."""
+"""The simulated replica over real loopback HTTP (gpufleet.router.replica)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from gpufleet.router import replica_sim
-from gpufleet.router.replica_sim import SimSettings, serve_in_thread
+from gpufleet.router import replica as replica_package
+from gpufleet.router.replica import SimSettings, serve_in_thread
 
 TOKEN = "test-admin-token"
 SYSTEM = "You are a careful assistant. " * 40  # ~1,200 characters: many shared blocks
@@ -54,7 +54,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_public_api_is_pinned():
-    assert set(replica_sim.__all__) == {
+    assert set(replica_package.__all__) == {
         "FailureMode",
         "ReplicaSim",
         "RunningReplica",

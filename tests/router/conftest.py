@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.router import server
+from gpufleet.router import app as router_app
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
 from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter
 
@@ -47,9 +47,9 @@ def make_router(loop_thread: LoopThread) -> Iterator[Callable[..., RunningRouter
         if isinstance(settings, dict):
             settings = RouterSettings.model_validate(settings)
         cfg = RouterConfig(fleet="test", settings=settings or RouterSettings(), replicas=replicas)
-        app = server.create_app(cfg, **kw)
-        runner, port = loop_thread.run(server.start(app, "127.0.0.1", 0))
-        rr = RunningRouter(url=f"http://127.0.0.1:{port}", router=app[server.ROUTER_KEY], app=app, runner=runner)
+        app = router_app.create_app(cfg, **kw)
+        runner, port = loop_thread.run(router_app.start(app, "127.0.0.1", 0))
+        rr = RunningRouter(url=f"http://127.0.0.1:{port}", router=app[router_app.ROUTER_KEY], app=app, runner=runner)
         started.append(rr)
         return rr
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gpufleet.router import server
+from gpufleet.router import app as router_app
 from gpufleet.router.config import ReplicaConfig
 
 
@@ -183,7 +183,7 @@ class FakeReplica:
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_get("/health", self._health)
-        runner, self.port = await server.start(app, "127.0.0.1", self.port)
+        runner, self.port = await router_app.start(app, "127.0.0.1", self.port)
         self._runner = runner
 
     async def stop(self) -> None:
@@ -195,7 +195,7 @@ class FakeReplica:
 @dataclass
 class RunningRouter:
     url: str
-    router: server.Router
+    router: router_app.Router
     app: web.Application
     runner: web.AppRunner
 

@@ -1,4 +1,4 @@
-"""End to end: the router in front of `gpufleet.router.replica_sim` replicas (vLLM-compatible)."""
+"""End to end: the router in front of `gpufleet.router.replica` replicas (vLLM-compatible)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gpufleet.router.config import ReplicaConfig
-from gpufleet.router.replica_sim import RunningReplica, SimSettings
+from gpufleet.router.replica import RunningReplica, SimSettings
 from tests.router.router_fakes import chat
 
 KV_TOKENS = 20_000

@@ -12,7 +12,7 @@ import pytest
 from gpufleet.router.config import ReplicaConfig
 from gpufleet.router.health import parse_kv_usage
 from gpufleet.router.prefix import PrefixIndex
-from gpufleet.router.replica_sim import RunningReplica, SimSettings
+from gpufleet.router.replica import RunningReplica, SimSettings
 from gpufleet.router.types import ReplicaState
 from tests.router.router_fakes import chat
 

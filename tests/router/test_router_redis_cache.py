@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from gpufleet.router import errors
+from gpufleet.router.app import Router
 from gpufleet.router.config import PredictionCacheSettings, RouterConfig, RouterSettings
 from gpufleet.router.prediction_cache import make_prediction_cache
-from gpufleet.router.server import Router
 from tests.router.router_fakes import chat, replica_configs
 
 pytestmark = pytest.mark.redis

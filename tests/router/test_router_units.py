@@ -6,7 +6,19 @@ import json
 
 import pytest
 
-from gpufleet.router import errors, health, loader, policy, prediction_cache, prefix, server, types, upstream
+from gpufleet.router import (
+    app,
+    errors,
+    health,
+    loader,
+    policy,
+    prediction_cache,
+    prefix,
+    proxy,
+    replicas,
+    types,
+    upstream,
+)
 from gpufleet.router.config import HealthSettings, PredictionCacheSettings
 from gpufleet.router.prediction_cache import (
     PredictionCache,
@@ -198,7 +210,9 @@ def test_loader_reports_missing_file_and_bad_yaml(tmp_path) -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(server.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
+    assert sorted(app.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
+    assert sorted(proxy.__all__) == ["JSON", "Proxy", "ProxyRequest", "error_response"]
+    assert sorted(replicas.__all__) == ["ModelReplicas", "ReplicaSet"]
     assert sorted(policy.__all__) == sorted(
         [
             "POLICIES",
@@ -230,11 +244,11 @@ def test_public_api_is_pinned() -> None:
         [
             "AllSaturated",
             "BodyTooLarge",
-            "CapacityError",
             "ConfigError",
             "Forbidden",
             "MalformedRequest",
             "NoHealthyReplica",
+            "NoReplicaAvailable",
             "PromptTooLong",
             "RequestError",
             "RouterError",
@@ -255,7 +269,7 @@ def test_public_api_is_pinned() -> None:
             "UpstreamResponse",
         ]
     )
-    for mod in (server, policy, types, prefix, prediction_cache, errors, health, loader, upstream):
+    for mod in (app, proxy, replicas, policy, types, prefix, prediction_cache, errors, health, loader, upstream):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gpufleet.router.replica_sim import SimSettings, serve_in_thread
+from gpufleet.router.replica import SimSettings, serve_in_thread
 from gpufleet.router.workloads import driver, mixed, sampling, stats
 from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
 from gpufleet.router.workloads.mixed import WorkloadSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gpufleet.router.replica_sim import SimSettings, serve_in_thread
+from gpufleet.router.replica import SimSettings, serve_in_thread
 from gpufleet.router.workloads import ceiling, driver, generators, mixed, sampling, stats, types
 from gpufleet.router.workloads.mixed import WorkloadSpec
 

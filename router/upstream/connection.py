@@ -1,40 +1,23 @@
-"""A lean HTTP/1.1 client for the proxy's one job: POST a JSON body to a replica, relay the answer.
+"""One keep-alive HTTP/1.1 connection to a replica, its response parser, and the response object.
 
-Why not a general client: measured against an instant replica, aiohttp's client costs about
-80 µs of CPU per request and a raw keep-alive connection about 25 µs (httpx about 700 µs;
-`bench/router_overhead.py` prints the comparison). The router's request path is nothing but
-that call, so the general machinery (cookies, redirects, proxies, compression, multipart,
-tracing, URL parsing) is paid for on every request for nothing. This module does only what the
-proxy needs, and does it completely:
-
-- keep-alive connection pools per replica (LIFO, bounded idle count), stale idle connections
-  detected and dropped; a request that fails on a *reused* connection before any response byte
-  is re-sent once on a fresh connection (the server had closed the idle connection);
-- one `write` per request (head and body together), `TCP_NODELAY` as asyncio sets it;
-- response framing by `Content-Length`, `Transfer-Encoding: chunked` (trailers skipped) or
-  connection close; no body for 1xx/204/304; interim 1xx responses skipped;
-- streaming: `readany()` returns body data as it arrives (chunk framing removed), with
-  back-pressure (reading pauses while more than 1 MiB waits for the consumer);
-- one deadline per request (`timeout_s`) covering connect, head and body, armed with a single
-  timer; `ConnectTimeout`/`ReadTimeout` when it fires;
-- `close()` drops the connection at once, so a cancelled client cancels the replica's work.
-
-Errors: `UpstreamConnectError` (could not connect), `UpstreamDisconnected` (connection lost
-before the response head, or mid-body), `UpstreamProtocolError` (not HTTP/1.x), all subclasses
-of `UpstreamClientError`; timeouts raise `asyncio.TimeoutError`.
+Why a protocol and not streams: `asyncio.Protocol` gets the bytes without a reader task or an
+extra await per chunk, and the parser runs once per `data_received`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from gpufleet.router.upstream.pool import UpstreamPool
 
 __all__ = [
+    "Connection",
     "UpstreamClientError",
     "UpstreamConnectError",
     "UpstreamDisconnected",
-    "UpstreamPool",
     "UpstreamProtocolError",
     "UpstreamResponse",
 ]
@@ -60,7 +43,7 @@ class UpstreamProtocolError(UpstreamClientError):
     """The replica did not answer in HTTP/1.x."""
 
 
-class _Conn(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive connection; parses one response at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -90,7 +73,8 @@ class _Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # create_connection always hands a stream (read/write) transport to a Protocol
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
@@ -137,6 +121,7 @@ class _Conn(asyncio.Protocol):
 
     @property
     def got_response_bytes(self) -> bool:
+        """Whether any byte of the current response arrived (a stale connection sends none)."""
         return self._got_bytes
 
     def _timed_out(self) -> None:
@@ -149,11 +134,13 @@ class _Conn(asyncio.Protocol):
         self.close()
 
     def cancel_timer(self) -> None:
+        """Disarm the request's deadline."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def close(self) -> None:
+        """Drop the connection now."""
         self.cancel_timer()
         self.closed = True
         if self.transport is not None:
@@ -161,13 +148,14 @@ class _Conn(asyncio.Protocol):
 
     # -- parsing -------------------------------------------------------------------------
     def _parse(self) -> None:
-        if self._head is not None and not self._head.done():
-            if not self._parse_head():
+        head = self._head
+        if head is not None and not head.done():
+            if not self._parse_head(head):
                 return
         if self._mode in ("length", "chunked", "close") and self._buf:
             self._parse_body()
 
-    def _parse_head(self) -> bool:
+    def _parse_head(self, waiter: asyncio.Future[None]) -> bool:
         while True:
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
@@ -219,7 +207,7 @@ class _Conn(asyncio.Protocol):
             else:
                 self._mode, keep_alive = "close", False
             self.keep_alive = keep_alive
-            self._head.set_result(None)  # type: ignore[union-attr]
+            waiter.set_result(None)
             return True
 
     def _push(self, data: bytes) -> None:
@@ -301,6 +289,7 @@ class _Conn(asyncio.Protocol):
 
     # -- consumer side ---------------------------------------------------------------------
     async def readany(self) -> bytes:
+        """The next piece of body data; b"" at its end; raises the connection's error."""
         while True:
             if self._chunks:
                 data = self._chunks.popleft()
@@ -325,7 +314,7 @@ class UpstreamResponse:
 
     __slots__ = ("_conn", "_pool", "_key", "status", "headers", "_done")
 
-    def __init__(self, conn: _Conn, pool: UpstreamPool, key: tuple[str, int, bool]) -> None:
+    def __init__(self, conn: Connection, pool: UpstreamPool, key: tuple[str, int, bool]) -> None:
         self._conn = conn
         self._pool = pool
         self._key = key
@@ -347,7 +336,7 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = await self._conn.readany()
             if not data:
@@ -362,7 +351,7 @@ class UpstreamResponse:
         conn = self._conn
         conn.cancel_timer()
         if conn.eof and conn.exc is None and conn.keep_alive and not conn.closed and not conn._buf:
-            self._pool._put(self._key, conn)
+            self._pool.give_back(self._key, conn)
         else:
             conn.close()
 
@@ -372,91 +361,3 @@ class UpstreamResponse:
             return
         self._done = True
         self._conn.close()
-
-
-class UpstreamPool:
-    """Keep-alive connections to replicas, keyed by (host, port)."""
-
-    def __init__(self, *, connect_timeout_s: float = 5.0, max_idle_per_host: int = 256) -> None:
-        self.connect_timeout_s = connect_timeout_s
-        self.max_idle_per_host = max_idle_per_host
-        self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
-        self._closed = False
-        self._ssl: ssl.SSLContext | None = None
-
-    def _put(self, key: tuple[str, int, bool], conn: _Conn) -> None:
-        idle = self._idle.setdefault(key, [])
-        if self._closed or len(idle) >= self.max_idle_per_host:
-            conn.close()
-        else:
-            idle.append(conn)
-
-    async def _connect(self, key: tuple[str, int, bool], deadline: float) -> _Conn:
-        loop = asyncio.get_running_loop()
-        timeout = min(self.connect_timeout_s, max(0.0, deadline - loop.time()))
-        host, port, tls = key
-        ctx = None
-        if tls:
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()  # verifies certificates and host names
-            ctx = self._ssl
-        try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Conn(loop), host, port, ssl=ctx, server_hostname=host if tls else None
-                )
-        except TimeoutError:
-            raise UpstreamConnectError(f"connect timed out after {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(getattr(exc, "strerror", None) or type(exc).__name__) from None
-        return conn  # type: ignore[return-value]
-
-    def _take_idle(self, key: tuple[str, int, bool]) -> _Conn | None:
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
-
-    async def post(
-        self, host: str, port: int, head: bytes, body: bytes, *, timeout_s: float, tls: bool = False
-    ) -> UpstreamResponse:
-        """Send `head` (request line and headers, ending in CRLF CRLF) and `body`; wait for the response head.
-
-        `tls` connects with TLS (certificates and host names verified).
-
-        Raises UpstreamConnectError, UpstreamDisconnected, UpstreamProtocolError or
-        asyncio.TimeoutError. Cancelling the caller closes the connection.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        key = (host, port, tls)
-        data = head + body
-        conn = self._take_idle(key)
-        for attempt in (0, 1):
-            if conn is None:
-                conn = await self._connect(key, deadline)
-            reused = conn.used > 0
-            fut = conn.send(data, deadline)
-            try:
-                await fut
-            except UpstreamDisconnected:
-                conn.close()
-                if reused and attempt == 0 and not conn.got_response_bytes:
-                    conn = None  # the server had closed this idle connection: once more, fresh
-                    continue
-                raise
-            except BaseException:
-                conn.close()  # timeouts, protocol errors, cancellation: never reuse
-                raise
-            return UpstreamResponse(conn, self, key)
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        """Close every idle connection; later releases close theirs."""
-        self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()

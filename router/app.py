@@ -1,0 +1,286 @@
+"""The router's HTTP application: an OpenAI-compatible proxy in front of vLLM / SGLang replicas.
+
+`create_app(config)` builds an aiohttp application around one `Router`, which owns through the
+app's lifespan (`cleanup_ctx`) the upstream connection pool (`gpufleet.router.upstream`, a lean
+HTTP/1.1 client: about a third of aiohttp's client cost per request), an aiohttp client session
+for the active health checks, and the health-check task: no singletons, so tests and benchmarks
+build as many routers as they like. `start(app, host, port)` runs it on an `AppRunner` with
+handler cancellation, so a client that disconnects cancels the handler and with it the upstream
+request.
+
+Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
+(`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
+answered here; any other path or method gets an OpenAI-style 404 or 405.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gpufleet.router import errors
+from gpufleet.router.config import AdminToken, RouterConfig
+from gpufleet.router.health import HealthChecker, HealthTracker
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.policy import Policy, make_policy
+from gpufleet.router.prediction_cache import make_prediction_cache
+from gpufleet.router.proxy import JSON, Proxy, error_response
+from gpufleet.router.replicas import ReplicaSet
+from gpufleet.router.types import ReplicaState
+from gpufleet.router.upstream import UpstreamPool
+from gpufleet.router.upstream.request import COMPLETION_PATHS
+
+__all__ = ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
+
+log = logging.getLogger("gpufleet.router")
+
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("gpufleet_router")
+
+_SECRET_ENV_DEFAULT = "GPUFLEET_ADMIN_TOKEN"
+
+
+def resolve_admin_token(ref: AdminToken, environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token named by `ref` (env var or file), or None when none is configured.
+
+    A `secret` reference is mounted by the stacks as the GPUFLEET_ADMIN_TOKEN env var.
+    """
+    env = os.environ if environ is None else environ
+    if ref.file is not None:
+        try:
+            token = Path(ref.file).read_text().strip()
+        except OSError as exc:
+            raise errors.ConfigError(f"admin token file {ref.file}: {exc.strerror or exc}") from None
+    elif ref.env is not None:
+        token = env.get(ref.env, "").strip()
+    elif ref.secret is not None:
+        token = env.get(_SECRET_ENV_DEFAULT, "").strip()
+    else:
+        token = ""
+    return token or None
+
+
+def _json_response(status: int, payload: Any) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type=JSON)
+
+
+class Router:
+    """The router's state: config, replica set, policy, caches, metrics, health, upstream pool."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        policy: Policy | None = None,
+        admin_token: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        s = self.settings = config.settings
+        self.replicas = ReplicaSet(config.replicas)
+        self.policy = policy or make_policy(s.policy, s)
+        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
+        try:
+            self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None
+        except ValueError as exc:
+            raise errors.ConfigError(str(exc)) from None
+        self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
+        self.health = HealthTracker(s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted)
+        self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
+        self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
+        self.checker: HealthChecker | None = None
+        self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+
+    # -- health hooks ---------------------------------------------------------------------
+    def _ejected(self, r: ReplicaState) -> None:
+        log.warning("replica %s ejected", r.id)
+        self.metrics.ejections.labels(r.id).inc()
+        self.metrics.healthy.labels(r.id).set(0)
+        self.policy.on_replica_reset(r.id)  # whatever it held is no longer a safe prediction
+
+    def _readmitted(self, r: ReplicaState) -> None:
+        log.info("replica %s re-admitted", r.id)
+        self.metrics.readmissions.labels(r.id).inc()
+        self.metrics.healthy.labels(r.id).set(1)
+
+    # -- lifespan -------------------------------------------------------------------------
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: own the client session, the upstream pool and the health-check task."""
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        # No cookies (a proxy must not carry state between tenants), no proxies from the
+        # environment (the router talks only to configured replicas), and no compression
+        # negotiation: replicas answer plain, and that saves work on every request.
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+        self.checker = HealthChecker(self.health, self.replicas, self.session)
+        task = asyncio.create_task(self.checker.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await self.session.close()
+            await self.upstream.close()
+            if self.cache is not None:
+                await self.cache.close()
+
+    # -- endpoints other than the proxied ones ------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the models this fleet serves."""
+        created = int(time.time())
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": created,
+                "owned_by": "gpufleet",
+                "max_model_len": self.replicas.by_model[m].max_model_len,
+            }
+            for m in self.replicas.models()
+        ]
+        return _json_response(200, {"object": "list", "data": data})
+
+    async def health_endpoint(self, request: web.Request) -> web.Response:
+        """GET /health: the router process is alive."""
+        return _json_response(200, {"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """GET /ready: 200 when every model has at least one healthy replica."""
+        down = sorted(m for m, g in self.replicas.by_model.items() if not any(r.healthy for r in g.replicas))
+        if down:
+            return _json_response(503, {"status": "not ready", "models_without_healthy_replica": down})
+        return _json_response(200, {"status": "ready"})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text format."""
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    def _authorize_admin(self, request: web.Request) -> None:
+        if self.admin_token is None:
+            raise errors.Forbidden("admin endpoints are disabled: no admin token is configured")
+        auth = request.headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise errors.Unauthorized(
+                "admin endpoints need `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not hmac.compare_digest(value.strip().encode(), self.admin_token.encode()):
+            raise errors.Forbidden("admin token rejected")
+
+    async def admin_replicas(self, request: web.Request) -> web.Response:
+        """GET /admin/replicas: state, load, health and estimated cached blocks of every replica."""
+        try:
+            self._authorize_admin(request)
+        except errors.RouterError as exc:
+            return error_response(exc)
+        rows = []
+        for r in self.replicas:
+            failures, readmit_in, backoff = self.health.record(r.id)
+            rows.append(
+                {
+                    "id": r.id,
+                    "model": r.model,
+                    "pool": r.pool,
+                    "priority": r.priority,
+                    "url": r.url,
+                    "healthy": r.healthy,
+                    "in_flight": r.in_flight,
+                    "saturated": r.saturated,
+                    "queued_prefill_tokens": r.queued_prefill_tokens,
+                    "max_concurrent_requests": r.max_concurrent_requests,
+                    "kv_capacity_tokens": r.kv_capacity_tokens,
+                    "max_model_len": r.max_model_len,
+                    "estimated_cached_blocks": self.policy.cached_blocks(r.id),
+                    "kv_usage": r.kv_usage,
+                    "consecutive_failures": failures,
+                    "readmit_in_s": round(readmit_in, 3),
+                    "backoff_s": backoff,
+                }
+            )
+        return _json_response(200, {"policy": self.policy.name, "replicas": rows})
+
+
+_ROUTES = {
+    **{path: "POST" for path in COMPLETION_PATHS},
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/ready": "GET",
+    "/metrics": "GET",
+    "/admin/replicas": "GET",
+}
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
+    allowed = _ROUTES.get(request.path)
+    exc = errors.RequestError(
+        f"{request.path} takes {allowed}, not {request.method}"
+        if allowed
+        else f"no route for {request.method} {request.path}"
+    )
+    exc.status, exc.code = (405, "method_not_allowed") if allowed else (404, "not_found")
+    return error_response(exc, {"Allow": allowed} if allowed else None)
+
+
+def create_app(
+    config: RouterConfig,
+    *,
+    policy: Policy | None = None,
+    admin_token: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> web.Application:
+    """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`."""
+    router = Router(config, policy=policy, admin_token=admin_token, environ=environ)
+    # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
+    app = web.Application(client_max_size=config.settings.max_body_bytes)
+    app[ROUTER_KEY] = router
+    app.cleanup_ctx.append(router.lifespan)
+    proxy = router.proxy
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/chat/completions")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/completions")
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", router.models)
+    app.router.add_get("/health", router.health_endpoint)
+    app.router.add_get("/ready", router.ready)
+    app.router.add_get("/metrics", router.metrics_endpoint)
+    app.router.add_get("/admin/replicas", router.admin_replicas)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = a free port); returns the runner (call `cleanup()`) and the port.
+
+    Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    addresses = runner.addresses
+    return runner, int(addresses[0][1]) if addresses else port

@@ -1,0 +1,253 @@
+"""The replica engine: continuous batching with chunked prefill over a `PrefixCache`, advanced by the caller."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from gpufleet.router.kvmodel.cache import PrefixCache
+from gpufleet.router.kvmodel.values import (
+    AdmissionError,
+    EngineParams,
+    EngineRequest,
+    EngineStats,
+    Event,
+    EventKind,
+    RequestView,
+)
+
+__all__ = ["ReplicaEngine"]
+
+
+@dataclass(slots=True)
+class _Running:
+    req: EngineRequest
+    arrival: float
+    cached_tokens: int = 0
+    computed: int = 0  # prompt tokens whose KV exists (cached + prefilled)
+    generated: int = 0
+    pinned: list[int] = field(default_factory=list)
+    private: int = 0
+    registered: int = 0  # leading hashed blocks pinned or registered by this request
+
+
+@dataclass(slots=True)
+class _Step:
+    end: float
+    prefill: dict[str, int]  # request id -> prompt tokens computed in this step
+    decode: list[str]
+
+
+class ReplicaEngine:
+    """One replica's scheduler, prefix cache and clock, advanced by the caller.
+
+    Call `admit(req, now)` when a request arrives, `step(now)` whenever `now` reaches
+    `next_event_time()` (or later; the engine catches up in its own time), and `cancel` when a
+    client goes away. Times are floats in seconds on any monotonic origin.
+    """
+
+    def __init__(self, params: EngineParams) -> None:
+        self.params = params
+        self.cache = PrefixCache(params.num_blocks)
+        self.stats = EngineStats()
+        self._waiting: deque[_Running] = deque()
+        self._running: dict[str, _Running] = {}  # insertion order = admission order
+        self._step: _Step | None = None
+        self._now = 0.0
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        """Requests in the batch."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot or memory."""
+        return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use by requests (0..1)."""
+        return self.cache.pinned_blocks / self.cache.num_blocks
+
+    def next_event_time(self) -> float | None:
+        """When the step in progress ends, or None when the engine is idle."""
+        return self._step.end if self._step else None
+
+    def requests(self) -> list[RequestView]:
+        """Every request the engine holds: running ones in admission order, then the waiting queue."""
+        out = [
+            RequestView(r.req, r.arrival, True, r.cached_tokens, r.computed, r.generated)
+            for r in self._running.values()
+        ]
+        out.extend(RequestView(w.req, w.arrival, False, 0, 0, 0) for w in self._waiting)
+        return out
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the engine holds this request, running or waiting."""
+        return request_id in self._running or any(r.req.id == request_id for r in self._waiting)
+
+    # -- driving -------------------------------------------------------------------------
+    def admit(self, req: EngineRequest, now: float) -> None:
+        """Queue a request; if the engine is idle, a step starts at `now`.
+
+        Raises `AdmissionError` for a request that could never run on this replica.
+        """
+        p = self.params
+        if req.prompt_tokens < 1 or req.output_tokens < 1:
+            raise AdmissionError("prompt_tokens and output_tokens must be >= 1")
+        total = req.prompt_tokens + req.output_tokens
+        if total > p.max_model_len:
+            raise AdmissionError(f"prompt + output = {total} tokens exceeds max_model_len {p.max_model_len}")
+        if self._blocks_needed(req) > self.cache.num_blocks:
+            raise AdmissionError(
+                f"prompt + output = {total} tokens exceeds the KV capacity of {p.kv_capacity_tokens} tokens"
+            )
+        if self.has_request(req.id):
+            raise AdmissionError(f"duplicate request id {req.id!r}")
+        self._now = max(self._now, now)
+        self._waiting.append(_Running(req=req, arrival=now))
+        if self._step is None:
+            self._schedule(self._now)
+
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Drop a request wherever it is, freeing its slot and blocks. True if it was there."""
+        self._now = max(self._now, now)
+        run = self._running.pop(request_id, None)
+        if run is not None:
+            self.cache.release(run.pinned, run.private)
+            self.stats.cancelled += 1
+            return True
+        for i, w in enumerate(self._waiting):
+            if w.req.id == request_id:
+                del self._waiting[i]
+                self.stats.cancelled += 1
+                return True
+        return False
+
+    def step(self, now: float) -> list[Event]:
+        """Complete every step ending at or before `now`; return their events in time order."""
+        events: list[Event] = []
+        while self._step is not None and self._step.end <= now:
+            step = self._step
+            self._step = None
+            self._now = max(self._now, step.end)
+            self._complete(step, events)
+            self._schedule(step.end)
+        self._now = max(self._now, now)
+        return events
+
+    def run_until_idle(self, now: float = 0.0, limit_s: float = 1e9) -> list[Event]:
+        """Drive on virtual time until nothing is left (tests and offline estimates)."""
+        events: list[Event] = []
+        t = self.next_event_time()
+        while t is not None and t - now <= limit_s:
+            events.extend(self.step(t))
+            t = self.next_event_time()
+        return events
+
+    # -- internals -----------------------------------------------------------------------
+    def _blocks_needed(self, req: EngineRequest) -> int:
+        return math.ceil((req.prompt_tokens + req.output_tokens) / self.params.block_size_tokens)
+
+    def _try_start(self, run: _Running) -> bool:
+        """Pin the cached prefix and reserve the rest of the sequence's blocks, if they fit."""
+        p = self.params
+        req = run.req
+        hashes = req.block_hashes[: req.prompt_tokens // p.block_size_tokens]
+        hit_blocks = self.cache.match(hashes)
+        # vLLM always computes at least the last prompt token, so a full hit drops a block.
+        max_cached_blocks = (req.prompt_tokens - 1) // p.block_size_tokens
+        hit_blocks = min(hit_blocks, max_cached_blocks)
+        hit = list(hashes[:hit_blocks])
+        new_blocks = self._blocks_needed(req) - hit_blocks
+        if not self.cache.can_allocate(hit, new_blocks):
+            return False
+        self.cache.acquire(hit, new_blocks)
+        run.pinned = hit
+        run.private = new_blocks
+        run.registered = hit_blocks
+        run.cached_tokens = hit_blocks * p.block_size_tokens
+        run.computed = run.cached_tokens
+        self.stats.prefix_cache_queries += req.prompt_tokens
+        self.stats.prefix_cache_hits += run.cached_tokens
+        self.stats.prompt_tokens += req.prompt_tokens
+        return True
+
+    def _schedule(self, start: float) -> None:
+        """Plan the next step at `start` from running and waiting requests (if any work)."""
+        p = self.params
+        budget = p.max_batched_tokens
+        decode: list[str] = []
+        prefill: dict[str, int] = {}
+        for rid, run in self._running.items():
+            if run.computed >= run.req.prompt_tokens:
+                if budget < 1:
+                    break
+                decode.append(rid)
+                budget -= 1
+        for rid, run in self._running.items():
+            left = run.req.prompt_tokens - run.computed
+            if left > 0 and budget > 0:
+                chunk = min(left, budget)
+                prefill[rid] = chunk
+                budget -= chunk
+        while self._waiting and budget > 0 and len(self._running) < p.max_running:
+            head = self._waiting[0]
+            if not self._try_start(head):
+                break  # first come, first served: the head waits for memory
+            self._waiting.popleft()
+            self._running[head.req.id] = head
+            chunk = min(head.req.prompt_tokens - head.computed, budget)
+            prefill[head.req.id] = chunk
+            budget -= chunk
+        if not decode and not prefill:
+            return
+        prefill_tokens = sum(prefill.values())
+        duration = prefill_tokens / p.prefill_tokens_per_s
+        if decode:
+            duration += (1.0 + p.decode_batch_penalty * (len(decode) - 1)) / p.decode_tokens_per_s
+        self.stats.steps += 1
+        self._step = _Step(end=start + duration, prefill=prefill, decode=decode)
+
+    def _complete(self, step: _Step, events: list[Event]) -> None:
+        p = self.params
+        t = step.end
+        for rid in step.decode:
+            run = self._running.get(rid)
+            if run is None:  # cancelled during the step
+                continue
+            run.generated += 1
+            self.stats.generation_tokens += 1
+            events.append(Event(EventKind.TOKENS, rid, t, run.generated, run.cached_tokens))
+            if run.generated >= run.req.output_tokens:
+                self._finish(run, t, events)
+        for rid, chunk in step.prefill.items():
+            run = self._running.get(rid)
+            if run is None:
+                continue
+            run.computed += chunk
+            # Blocks computed so far become shareable for requests scheduled from now on.
+            hashes = run.req.block_hashes
+            full = min(run.computed // p.block_size_tokens, len(hashes))
+            while run.registered < full:
+                h = hashes[run.registered]
+                if self.cache.register(h):
+                    run.pinned.append(h)
+                    run.private -= 1
+                run.registered += 1
+            if run.computed >= run.req.prompt_tokens:
+                run.generated = 1
+                self.stats.generation_tokens += 1
+                events.append(Event(EventKind.FIRST_TOKEN, rid, t, 1, run.cached_tokens))
+                if run.generated >= run.req.output_tokens:
+                    self._finish(run, t, events)
+        self.stats.evicted_blocks = self.cache.evicted
+
+    def _finish(self, run: _Running, t: float, events: list[Event]) -> None:
+        del self._running[run.req.id]
+        self.cache.release(run.pinned, run.private)
+        self.stats.finished += 1
+        events.append(Event(EventKind.FINISHED, run.req.id, t, run.generated, run.cached_tokens))

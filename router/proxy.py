@@ -1,0 +1,402 @@
+"""The router's request path: validate -> features -> clamp -> prediction cache -> route and retry.
+
+`Proxy.handle(request, path)` serves POST /v1/chat/completions and /v1/completions: read the
+body (bounded) -> parse -> model -> features (prefix hashes, session id) -> clamp `max_tokens`
+-> prediction cache -> `policy.choose` -> forward; a connection error, a 5xx or a stream that
+closes before its first byte is retried on another replica (at most `max_retries` times) and
+counts toward that replica's ejection.
+
+The path is hot and was tuned (`bench/router_overhead.py` measures it): what every attempt
+needs is gathered once into one `ProxyRequest` (`__slots__`); the model's replicas and each
+replica's upstream target were resolved when the replica set was built; metric children are
+looked up once per label value. The wire-format rules (body, output budget, usage) are the pure
+functions of `gpufleet.router.wire`.
+
+Errors are raised as `gpufleet.router.errors` types and rendered as OpenAI-style JSON
+(`error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import Counter
+
+from gpufleet.router import errors, wire
+from gpufleet.router.config import RouterSettings
+from gpufleet.router.health import HealthTracker
+from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.policy import Policy
+from gpufleet.router.prediction_cache import (
+    PredictionCache,
+    RedisPredictionCache,
+    SSEAssembler,
+    cache_key,
+    is_cacheable,
+    replay_sse,
+    tenant_of,
+)
+from gpufleet.router.prefix import features_from_body
+from gpufleet.router.replicas import ModelReplicas, ReplicaSet
+from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
+from gpufleet.router.upstream import UpstreamClientError, UpstreamPool, UpstreamResponse
+from gpufleet.router.upstream.request import HOP_BY_HOP, forward_headers
+
+__all__ = ["JSON", "Proxy", "ProxyRequest", "error_response"]
+
+log = logging.getLogger("gpufleet.router")
+
+JSON = "application/json"
+
+
+def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = None) -> web.Response:
+    """The OpenAI-style JSON answer for a router error, with its headers and any `extra` ones."""
+    headers = dict(exc.headers)
+    if extra:
+        headers.update(extra)
+    return web.Response(status=exc.status, body=exc.to_body(), content_type=JSON, headers=headers)
+
+
+@dataclass(slots=True, eq=False)
+class ProxyRequest:
+    """One proxied request as every attempt on a replica needs it, built once after validation."""
+
+    request: web.Request
+    path: str
+    features: RequestFeatures
+    group: ModelReplicas
+    body: bytes
+    """The body to forward (re-encoded when the output budget was clamped)."""
+    headers: bytes
+    """The client's end-to-end headers, already as request-head lines."""
+    stream: bool
+    cache_key: str | None
+    """Where to store the answer in the prediction cache; None when it is not cached."""
+    cache_state: str | None
+    """The `x-gpufleet-cache` header value: miss, bypass or None."""
+
+
+class _Retryable(Exception):
+    """An attempt failed before any byte reached the client: try another replica."""
+
+
+def _response_headers(upstream: UpstreamResponse, replica: str, cache: str | None) -> dict[str, str]:
+    out = {k: v for k, v in upstream.headers if k.lower() not in HOP_BY_HOP}
+    out["x-gpufleet-replica"] = replica
+    if cache is not None:
+        out["x-gpufleet-cache"] = cache
+    return out
+
+
+class Proxy:
+    """The request pipeline over the router's shared state (replicas, policy, health, metrics, cache)."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        replicas: ReplicaSet,
+        policy: Policy,
+        metrics: RouterMetrics,
+        health: HealthTracker,
+        upstream: UpstreamPool,
+        cache: PredictionCache | RedisPredictionCache | None,
+    ) -> None:
+        self.settings = settings
+        self.replicas = replicas
+        self.policy = policy
+        self.metrics = metrics
+        self.health = health
+        self.upstream = upstream
+        self.cache = cache
+        self._m_requests: dict[tuple[str, int], Counter] = {}
+        self._m_decisions: dict[str, Counter] = {}
+
+    # -- validate, features, clamp, cache ---------------------------------------------------
+    async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Handle POST /v1/chat/completions and /v1/completions."""
+        cache_state: str | None = None
+        try:
+            raw, body = await self._read_json(request)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise errors.MalformedRequest("`model` is required and must be a string", param="model")
+            group = self.replicas.by_model.get(model)
+            if group is None:
+                raise errors.UnknownModel(f"model {model!r} is not served by this fleet", param="model")
+            chat = path.endswith("chat/completions")
+            if chat and not isinstance(body.get("messages"), list):
+                raise errors.MalformedRequest("`messages` must be a list", param="messages")
+            if not chat and not isinstance(body.get("prompt"), (str, list)):
+                raise errors.MalformedRequest("`prompt` must be a string or a list", param="prompt")
+            stream = body.get("stream") is True
+            s = self.settings
+            features = features_from_body(
+                body,
+                model=model,
+                block_size_tokens=s.block_size_tokens,
+                chars_per_token=s.chars_per_token,
+                session_id=wire.session_id(request.headers, body, s.session),
+            )
+            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat):
+                raw = json.dumps(body, separators=(",", ":")).encode()
+
+            key = None
+            if self.cache is not None and is_cacheable(body):
+                if "no-cache" in request.headers.get("Cache-Control", "").lower():
+                    cache_state = "bypass"
+                else:
+                    key = cache_key(tenant_of(request.headers.get("Authorization")), model, body)
+                    hit = await self.cache.lookup(key)
+                    if hit is not None:
+                        self.metrics.cache.labels("hit").inc()
+                        return await _answer_from_cache(request, hit, body, stream)
+                    cache_state = "miss"
+                self.metrics.cache.labels(cache_state).inc()
+            req = ProxyRequest(
+                request, path, features, group, raw, forward_headers(request.headers.items()), stream, key, cache_state
+            )
+            return await self._route(req)
+        except errors.RouterError as exc:
+            self.metrics.rejections.labels(str(exc.status)).inc()
+            extra = {"x-gpufleet-cache": cache_state} if cache_state else None
+            return error_response(exc, extra)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise  # the client went away mid-answer: nothing left to tell it
+        except Exception:
+            # A bug of ours must still answer in the API's shape, and must not leak details.
+            log.exception("unexpected error while proxying %s", path)
+            self.metrics.rejections.labels("500").inc()
+            return error_response(errors.RouterError("internal router error"))
+
+    async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        try:
+            raw = await request.read()  # the app's client_max_size is the same limit
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
+        return raw, wire.parse_body(raw)
+
+    # -- route and retry --------------------------------------------------------------------
+    async def _route(self, req: ProxyRequest) -> web.StreamResponse:
+        features = req.features
+        candidates: list[ReplicaState] = req.group.replicas
+        failures: list[str] = []
+        while True:
+            decision = self.policy.choose(features, candidates)
+            r = decision.replica
+            if r is None:
+                if failures:
+                    raise errors.UpstreamFailed(
+                        f"no replica answered: {'; '.join(failures)}", headers={"Retry-After": "1"}
+                    )
+                if decision.outcome is Outcome.SATURATED:
+                    raise errors.AllSaturated(
+                        f"every replica of {features.model!r} is at its concurrency limit; retry shortly",
+                        headers={"Retry-After": "1"},
+                    )
+                raise errors.NoHealthyReplica(
+                    f"no healthy replica serves {features.model!r} right now", headers={"Retry-After": "5"}
+                )
+            self._on_decision(req, r, decision)
+            try:
+                return await self._attempt(req, r, decision)
+            except _Retryable as exc:
+                failures.append(f"{r.id}: {exc}")
+                self.health.failure(r)
+                if len(failures) > self.settings.max_retries:
+                    raise errors.UpstreamFailed(f"no replica answered: {'; '.join(failures)}") from None
+                self.metrics.retries.labels(r.id).inc()
+                candidates = [x for x in candidates if x is not r]
+
+    def _on_decision(self, req: ProxyRequest, r: ReplicaState, d: Decision) -> None:
+        features = req.features
+        m = self.metrics
+        rm = m.replica[r.id]
+        decisions = self._m_decisions.get(d.reason)
+        if decisions is None:
+            decisions = self._m_decisions[d.reason] = m.decisions.labels(self.policy.name, d.reason)
+        decisions.inc()
+        rm.prompt_tokens.inc(features.prompt_tokens)
+        if d.matched_blocks:
+            rm.predicted_hit_tokens.inc(min(features.prompt_tokens, d.matched_blocks * self.settings.block_size_tokens))
+        # Relative to the model's top pool, not to the candidates left after failed attempts: a
+        # retry that lands on a lower pool because the top pool's replicas died is a spill too.
+        if r.priority < req.group.top_priority:
+            d.spilled = True
+        if d.spilled:
+            m.spills.labels(features.model, r.pool).inc()
+        self.policy.on_routed(features, d)
+
+    def _timed_out(self, r: ReplicaState) -> errors.UpstreamTimeout:
+        """Count a timeout against the replica and build the 504 to raise."""
+        self.health.failure(r)
+        self._count(r.id, 504)
+        return errors.UpstreamTimeout(f"replica {r.id} did not answer within {self.settings.request_timeout_s:g}s")
+
+    def _count(self, replica: str, status: int) -> None:
+        key = (replica, status)
+        child = self._m_requests.get(key)
+        if child is None:
+            child = self._m_requests[key] = self.metrics.requests.labels(replica, str(status))
+        child.inc()
+
+    def _record_usage(self, replica: ReplicaState, usage: Any) -> int:
+        prompt, completion, cached = wire.usage_numbers(usage)
+        rm = self.metrics.replica[replica.id]
+        if prompt:
+            rm.reported_prompt_tokens.inc(prompt)
+        if cached is not None:
+            rm.reported_cached_tokens.inc(cached)
+        return completion
+
+    # -- one attempt on one replica ---------------------------------------------------------
+    async def _attempt(self, req: ProxyRequest, r: ReplicaState, decision: Decision) -> web.StreamResponse:
+        """One try on one replica. Raises _Retryable when nothing has reached the client yet."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rm = self.metrics.replica[r.id]
+        r.begin(decision.prefill_tokens)
+        gauge = rm.in_flight
+        gauge.inc()
+        ok = False
+        drained = False  # the upstream answer was read to its end
+        output_tokens = 0
+        prefilled = False
+        try:
+            target = self.replicas.targets[r.id]
+            head = target.head(req.path, req.headers, len(req.body))
+            try:
+                resp = await self.upstream.post(
+                    target.host, target.port, head, req.body, timeout_s=self.settings.request_timeout_s, tls=target.tls
+                )
+            except TimeoutError:
+                raise self._timed_out(r) from None
+            except UpstreamClientError as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+            try:
+                if resp.status >= 500:
+                    self._count(r.id, resp.status)
+                    raise _Retryable(f"HTTP {resp.status}")
+                ctype = resp.header("Content-Type")
+                is_sse = req.stream and resp.status == 200 and ctype.startswith("text/event-stream")
+                try:
+                    # For a stream, the first chunk; otherwise the whole answer. Until it is
+                    # here nothing has reached the client, so a failure can still be retried.
+                    data = await (resp.readany() if is_sse else resp.read())
+                except TimeoutError:
+                    raise self._timed_out(r) from None
+                except UpstreamClientError as exc:
+                    raise _Retryable(f"{type(exc).__name__} before the first byte") from None
+                if is_sse and not data:
+                    raise _Retryable("stream closed before the first byte")
+                r.prefill_done(decision.prefill_tokens)
+                prefilled = True
+                rm.ttft.observe(loop.time() - t0)
+                if is_sse:
+                    out, ok, output_tokens = await self._relay_stream(req, resp, data, r, t0)
+                    drained = ok
+                    return out
+                drained = True
+                # A compressed answer (we never ask for one) is passed through untouched, but
+                # is neither parsed for usage nor cached.
+                plain = not resp.header("Content-Encoding")
+                if resp.status == 200:
+                    ok = True
+                    self.health.success(r)
+                    if plain and b'"usage"' in data:
+                        try:
+                            output_tokens = self._record_usage(r, json.loads(data).get("usage"))
+                        except (ValueError, AttributeError):
+                            pass
+                    if plain and req.cache_key is not None and self.cache is not None:
+                        await self.cache.store(req.cache_key, data)
+                self._count(r.id, resp.status)
+                rm.latency.observe(loop.time() - t0)
+                return web.Response(
+                    status=resp.status, body=data, headers=_response_headers(resp, r.id, req.cache_state)
+                )
+            finally:
+                # Closing (not releasing) drops the upstream connection when the answer was not
+                # read to the end: that is how a cancelled client cancels the replica's work.
+                if drained:
+                    resp.release()
+                else:
+                    resp.close()
+        finally:
+            if not prefilled:
+                r.prefill_done(decision.prefill_tokens)
+            r.end()
+            gauge.dec()
+            self.policy.on_completed(req.features, r, ok=ok, output_tokens=output_tokens)
+
+    async def _relay_stream(
+        self, req: ProxyRequest, resp: UpstreamResponse, first: bytes, r: ReplicaState, t0: float
+    ) -> tuple[web.StreamResponse, bool, int]:
+        """Pass SSE through chunk by chunk, starting with the already-read first chunk.
+
+        Returns (response, finished cleanly, completion tokens reported). A client that goes
+        away raises out of here (write error or cancellation), which closes the upstream.
+        """
+        loop = asyncio.get_running_loop()
+        out = web.StreamResponse(status=resp.status, headers=_response_headers(resp, r.id, req.cache_state))
+        await out.prepare(req.request)
+        key = req.cache_key
+        assembler = SSEAssembler() if key is not None else None
+        usage = None
+        chunk = first
+        failed: BaseException | None = None
+        while chunk:
+            if assembler is not None:
+                assembler.feed(chunk)
+            else:
+                usage = wire.usage_from_sse_chunk(chunk) or usage
+            await out.write(chunk)
+            try:
+                chunk = await resp.readany()
+            except (TimeoutError, UpstreamClientError) as exc:
+                failed = exc
+                break
+        if failed is not None:
+            # The replica broke mid-stream: the client already has bytes, so no retry. Say so
+            # in the stream (as vLLM does) and leave out [DONE], so clients see it is truncated.
+            self.health.failure(r)
+            err = errors.UpstreamFailed(f"replica {r.id} failed mid-stream ({type(failed).__name__})")
+            await out.write(b"data: " + err.to_body() + b"\n\n")
+        ok = failed is None
+        if assembler is not None:
+            usage = assembler.usage
+            answer = assembler.result()
+            if ok and answer is not None and self.cache is not None and key is not None:
+                await self.cache.store(key, answer)
+        output_tokens = self._record_usage(r, usage) if usage else 0
+        await out.write_eof()
+        self._count(r.id, resp.status if ok else 502)
+        self.metrics.replica[r.id].latency.observe(loop.time() - t0)
+        if ok:
+            self.health.success(r)
+        return out, ok, output_tokens
+
+
+async def _answer_from_cache(
+    request: web.Request, answer: bytes, body: Mapping[str, Any], stream: bool
+) -> web.StreamResponse:
+    headers = {"x-gpufleet-cache": "hit"}
+    if not stream:
+        return web.Response(body=answer, content_type=JSON, headers=headers)
+    opts = body.get("stream_options")
+    include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+    out = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    for event in replay_sse(answer, include_usage=include_usage):
+        await out.write(event)
+    await out.write_eof()
+    return out

@@ -1,0 +1,72 @@
+"""The simulated replica's typed settings, and the failure injected into it through `/admin/fail`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpufleet.router import kvmodel
+
+__all__ = ["FailureMode", "SimSettings"]
+
+
+@dataclass
+class SimSettings:
+    """How one simulated replica behaves. The rates and capacity come from the plan."""
+
+    model: str = "sim-model"
+    replica_id: str = "replica-sim"
+    kv_capacity_tokens: int = 65_536
+    prefill_tokens_per_s: float = 20_000.0
+    decode_tokens_per_s: float = 80.0
+    max_running: int = 64
+    max_batched_tokens: int = 8192
+    max_model_len: int = 32_768
+    block_size_tokens: int = 16
+    chars_per_token: float = 4.0
+    decode_batch_penalty: float = 0.01
+    admin_token: str | None = field(default=None, repr=False)
+    """Bearer token for /admin/*; None disables the admin endpoints."""
+    standby: bool = False
+    """Start as a warm standby: loaded and listening, but /health and requests answer 503 until
+    `POST /admin/promote` (how the local runtime holds warm replicas the router skips)."""
+    exit_on_die: bool = False
+    """`POST /admin/die` ends the process (CLI) instead of closing the listener (in-process use)."""
+
+    def engine_params(self) -> kvmodel.EngineParams:
+        """The kvmodel parameters these settings describe."""
+        return kvmodel.EngineParams(
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+            block_size_tokens=self.block_size_tokens,
+            max_running=self.max_running,
+            max_batched_tokens=self.max_batched_tokens,
+            max_model_len=self.max_model_len,
+            decode_batch_penalty=self.decode_batch_penalty,
+        )
+
+    @property
+    def block_chars(self) -> int:
+        """Characters per hashed prefix block (as the router computes them)."""
+        return max(1, int(self.block_size_tokens * self.chars_per_token))
+
+
+@dataclass
+class FailureMode:
+    """Injected failure: `status` answers with an HTTP status, `hang` never answers, `drop` closes."""
+
+    mode: str = "ok"
+    status: int = 503
+    remaining: int | None = None
+    """Requests still to fail (None: until cleared)."""
+
+    def take(self, consume: bool = True) -> str:
+        """The failure to apply to the next request; `consume` counts it down (health checks do not)."""
+        if self.mode == "ok":
+            return "ok"
+        mode = self.mode
+        if consume and self.remaining is not None:
+            self.remaining -= 1
+            if self.remaining <= 0:
+                self.mode, self.remaining = "ok", None
+        return mode

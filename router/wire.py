@@ -1,0 +1,93 @@
+"""The OpenAI-compatible wire format as the proxy reads it: request bodies, output budgets, usage.
+
+Pure functions over bytes and parsed JSON (no I/O), so the request path's rules are tested
+without a server. Bad input raises `gpufleet.router.errors.RequestError` subclasses, which the
+proxy renders as OpenAI-style 4xx answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from gpufleet.router import errors
+from gpufleet.router.config import SessionSettings
+
+__all__ = ["clamp_output", "parse_body", "session_id", "usage_from_sse_chunk", "usage_numbers"]
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; `MalformedRequest` when it is not one."""
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise errors.MalformedRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(body, dict):
+        raise errors.MalformedRequest("request body must be a JSON object")
+    return body
+
+
+def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool) -> bool:
+    """Clamp the output budget so prompt + output fit `limit` (max_model_len); True if `body` changed.
+
+    Raises `PromptTooLong` when the prompt alone does not fit, `MalformedRequest` for a budget
+    that is not a positive integer.
+    """
+    if prompt_tokens >= limit:
+        raise errors.PromptTooLong(
+            f"the prompt (about {prompt_tokens} tokens) does not fit this model's context of {limit} tokens",
+            param="messages" if chat else "prompt",
+        )
+    changed = False
+    for field in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+        v = body.get(field)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise errors.MalformedRequest(f"{field} must be a positive integer", param=field)
+        if prompt_tokens + v > limit:
+            body[field] = limit - prompt_tokens
+            changed = True
+    return changed
+
+
+def session_id(headers: Mapping[str, str], body: Mapping[str, Any], settings: SessionSettings) -> str | None:
+    """The request's session id: the session header, else the body's `user` when allowed."""
+    sid = headers.get(settings.header)
+    if sid:
+        return sid
+    if settings.use_body_user:
+        user = body.get("user")
+        if isinstance(user, str) and user:
+            return user
+    return None
+
+
+def usage_numbers(usage: Any) -> tuple[int, int, int | None]:
+    """(prompt tokens, completion tokens, cached tokens or None) from an OpenAI `usage` object."""
+    if not isinstance(usage, dict):
+        return 0, 0, None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        (int(cached) if isinstance(cached, int) else None),
+    )
+
+
+def usage_from_sse_chunk(chunk: bytes) -> Any:
+    """The `usage` object of an SSE chunk that carries one (cheap pre-check, then parse)."""
+    if b'"usage"' not in chunk:
+        return None
+    found = None
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                ev = json.loads(line[5:])
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("usage"):
+                found = ev["usage"]
+    return found
