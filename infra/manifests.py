@@ -40,17 +40,13 @@ from typing import Any
 
 import yaml
 
-from gpufleet.infra import render
+from gpufleet.infra import names, render
+from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL, LABEL_PRIORITY
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan, ReplicaPlan
 from gpufleet.router.config import RouterConfig, RouterSettings
 
 __all__ = [
-    "GPU_RESOURCE",
     "GPU_TAINT",
-    "LABEL_DEPLOYMENT",
-    "LABEL_FLEET",
-    "LABEL_POOL",
-    "LABEL_PRIORITY",
     "PLACEHOLDER_PRIORITY",
     "SERVING_PRIORITY",
     "Cluster",
@@ -66,7 +62,6 @@ __all__ = [
     "controller_cluster_role_binding",
     "controller_configmap",
     "controller_deployment",
-    "controller_name",
     "controller_node_scaling",
     "controller_objects",
     "controller_role",
@@ -79,7 +74,6 @@ __all__ = [
     "model_pdb",
     "model_statefulset",
     "namespace",
-    "node_group_name",
     "nvidia_device_plugin",
     "placeholder_deployment",
     "placeholder_pools",
@@ -97,12 +91,7 @@ __all__ = [
     "serving_priority_class",
 ]
 
-LABEL_POOL = "gpufleet.io/pool"
-LABEL_PRIORITY = "gpufleet.io/priority"
-LABEL_FLEET = "gpufleet.io/fleet"
-LABEL_DEPLOYMENT = "gpufleet.io/deployment"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 # The cluster-autoscaler overprovisioning convention: pods below the default
 # --expendable-pods-priority-cutoff (-10) would not trigger scale-up, so -10 exactly.
 PLACEHOLDER_PRIORITY = -10
@@ -200,11 +189,6 @@ def _cluster_of(plan: Plan, pool_name: str) -> Cluster:
     raise KeyError(pool_name)
 
 
-def node_group_name(plan: Plan, pool: PoolPlan) -> str:
-    """Name of the pool's EKS node group / GKE node pool: `<fleet>-<pool>` (at most 63)."""
-    return f"{plan.fleet}-{pool.name}"[:63].rstrip("-")
-
-
 def expander_group_pattern(plan: Plan, pool: PoolPlan) -> str:
     """Regex the priority expander matches against the autoscaler's node-group names.
 
@@ -212,7 +196,7 @@ def expander_group_pattern(plan: Plan, pool: PoolPlan) -> str:
     on an existing cluster the node-group naming is unknown, so the pool name is matched.
     """
     if pool.cloud == "aws":
-        return f"^eks-{node_group_name(plan, pool)}-[0-9a-f-]+$"
+        return f"^eks-{names.node_group_name(plan.fleet, pool.name)}-[0-9a-f-]+$"
     return f".*{pool.name}.*"
 
 
@@ -274,11 +258,11 @@ def namespace(plan: Plan) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(plan, plan.namespace, namespaced=False)}
 
 
-def _priority_class(plan: Plan, suffix: str, value: int, preemption: str, description: str) -> dict[str, Any]:
+def _priority_class(plan: Plan, name: str, value: int, preemption: str, description: str) -> dict[str, Any]:
     return {
         "apiVersion": "scheduling.k8s.io/v1",
         "kind": "PriorityClass",
-        "metadata": _meta(plan, f"{plan.fleet}-{suffix}", namespaced=False),
+        "metadata": _meta(plan, name, namespaced=False),
         "value": value,
         "preemptionPolicy": preemption,
         "globalDefault": False,
@@ -290,7 +274,7 @@ def placeholder_priority_class(plan: Plan) -> dict[str, Any]:
     """Lowest priority, never preempting: placeholders yield at once to any replica."""
     return _priority_class(
         plan,
-        "placeholder",
+        names.placeholder_priority_class(plan.fleet),
         PLACEHOLDER_PRIORITY,
         "Never",
         "gpufleet warm-capacity placeholders: evicted as soon as a model replica needs the GPUs",
@@ -299,28 +283,35 @@ def placeholder_priority_class(plan: Plan) -> dict[str, Any]:
 
 def serving_priority_class(plan: Plan) -> dict[str, Any]:
     """Model replicas' priority: above placeholders, so they preempt them."""
-    return _priority_class(plan, "serving", SERVING_PRIORITY, "PreemptLowerPriority", "gpufleet model replicas")
+    return _priority_class(
+        plan,
+        names.serving_priority_class(plan.fleet),
+        SERVING_PRIORITY,
+        "PreemptLowerPriority",
+        "gpufleet model replicas",
+    )
 
 
 def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
     """Pause pods holding the pool's warm nodes: one per node, each requesting all its GPUs."""
+    name = names.placeholder_name(pool.name)
     labels = {
-        "app.kubernetes.io/name": f"warm-{pool.name}",
-        "app.kubernetes.io/component": "placeholder",
+        names.LABEL_NAME: name,
+        names.LABEL_COMPONENT: names.PLACEHOLDER_COMPONENT,
         LABEL_POOL: pool.name,
     }
     gpus = str(pool.gpus_per_node)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(plan, f"warm-{pool.name}", labels),
+        "metadata": _meta(plan, name, labels),
         "spec": {
             "replicas": pool.warm_nodes,
-            "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, "app.kubernetes.io/name": f"warm-{pool.name}"}},
+            "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, names.LABEL_NAME: name}},
             "template": {
                 "metadata": {"labels": {LABEL_FLEET: plan.fleet, **labels}},
                 "spec": {
-                    "priorityClassName": f"{plan.fleet}-placeholder",
+                    "priorityClassName": names.placeholder_priority_class(plan.fleet),
                     # Evicted placeholders must free the GPUs immediately.
                     "terminationGracePeriodSeconds": 0,
                     "automountServiceAccountToken": False,
@@ -499,13 +490,14 @@ def model_statefulset(
 ) -> dict[str, Any]:
     """The replicas of `dep` placed on `pool`: pods named after the plan's replica ids."""
     replicas = sum(p.replicas for p in dep.placement if p.pool == pool.name)
+    set_name = names.replica_set_name(dep.name, pool.name)
     cluster = _cluster_of(plan, pool.name)
     affinity, allowed = _affinity(plan, dep, pool, list(cluster.pools))
     labels = {
         **_dep_labels(plan, dep),
         "app.kubernetes.io/name": dep.name,
         "app.kubernetes.io/component": "replica",
-        "app.kubernetes.io/instance": f"{dep.name}-{pool.name}",
+        "app.kubernetes.io/instance": set_name,
         LABEL_POOL: pool.name,
     }
     gpus = str(dep.gpus_per_replica)
@@ -526,15 +518,13 @@ def model_statefulset(
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _meta(plan, f"{dep.name}-{pool.name}", labels),
+        "metadata": _meta(plan, set_name, labels),
         "spec": {
             "replicas": replicas,
-            "serviceName": dep.name,
+            "serviceName": names.model_service_name(dep.name),
             # Replicas are independent: start them all at once, not one after another.
             "podManagementPolicy": "Parallel",
-            "selector": {
-                "matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": f"{dep.name}-{pool.name}"}
-            },
+            "selector": {"matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": set_name}},
             "template": {
                 "metadata": {
                     "labels": labels,
@@ -545,7 +535,7 @@ def model_statefulset(
                     },
                 },
                 "spec": {
-                    "priorityClassName": f"{plan.fleet}-serving",
+                    "priorityClassName": names.serving_priority_class(plan.fleet),
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": 60,
                     "affinity": affinity,
@@ -585,7 +575,9 @@ def headless_service(plan: Plan, dep: DeploymentPlan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(plan, dep.name, {"app.kubernetes.io/name": dep.name, LABEL_DEPLOYMENT: dep.name}),
+        "metadata": _meta(
+            plan, names.model_service_name(dep.name), {"app.kubernetes.io/name": dep.name, LABEL_DEPLOYMENT: dep.name}
+        ),
         "spec": {
             "clusterIP": "None",
             "selector": _dep_labels(plan, dep),
@@ -613,10 +605,11 @@ def replica_url(plan: Plan, replica: ReplicaPlan) -> str:
     dep = plan.deployment(replica.deployment)
     home = router_cluster(plan)
     cluster = _cluster_of(plan, replica.pool)
+    service = names.model_service_name(dep.name)
     if home is None or cluster.name == home.name and cluster.cloud == home.cloud:
-        host = f"{replica.id}.{dep.name}.{plan.namespace}.svc.cluster.local"
+        host = names.replica_host(replica.id, service, plan.namespace)
     else:
-        host = f"{replica.id}.{cluster.name}.{dep.name}.{plan.namespace}.svc.clusterset.local"
+        host = names.replica_host(replica.id, service, plan.namespace, cluster.name)
     return f"http://{host}:{dep.port}"
 
 
@@ -638,7 +631,7 @@ def _router_config_text(cfg: RouterConfig) -> str:
 
 
 def _router_name(plan: Plan) -> str:
-    return f"{plan.fleet}-router"
+    return names.router_name(plan.fleet)
 
 
 def _router_labels(plan: Plan) -> dict[str, str]:
@@ -802,13 +795,12 @@ def router_objects(plan: Plan, options: ManifestOptions = ManifestOptions()) -> 
 # The warm-capacity / failover controller
 
 
-def controller_name(plan: Plan) -> str:
-    """Name of the controller's ConfigMap, ServiceAccount, RBAC objects and Deployment."""
-    return f"{plan.fleet}-controller"
+def _controller_name(plan: Plan) -> str:
+    return names.controller_name(plan.fleet)
 
 
 def _controller_labels(plan: Plan) -> dict[str, str]:
-    return {"app.kubernetes.io/name": controller_name(plan), "app.kubernetes.io/component": "controller"}
+    return {"app.kubernetes.io/name": _controller_name(plan), "app.kubernetes.io/component": "controller"}
 
 
 def _plan_text(plan: Plan) -> str:
@@ -820,7 +812,7 @@ def controller_configmap(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan)),
+        "metadata": _meta(plan, _controller_name(plan), _controller_labels(plan)),
         "data": {PLAN_KEY: _plan_text(plan)},
     }
 
@@ -912,7 +904,7 @@ def controller_args(plan: Plan, options: ManifestOptions = ManifestOptions()) ->
     # per scrape: with several routers the saturation would be understated, so GPU pressure
     # alone drives the controller then.
     if options.router_replicas == 1 and home is not None:
-        url = f"http://{_router_name(plan)}.{plan.namespace}.svc.cluster.local:{_settings(plan).port}/metrics"
+        url = f"http://{names.service_host(_router_name(plan), plan.namespace)}:{_settings(plan).port}/metrics"
         args += ["--router-metrics", url]
     if controller_node_scaling(plan, options):
         for pool, name in _scaled_provider_names(plan, options).items():
@@ -933,7 +925,7 @@ def controller_service_account(
 
     The API token is mounted by the pod spec only (the account itself does not automount).
     """
-    meta = _meta(plan, controller_name(plan), _controller_labels(plan))
+    meta = _meta(plan, _controller_name(plan), _controller_labels(plan))
     creds = _controller_credentials(plan, options) if home else {}
     if creds:
         meta["annotations"] = creds
@@ -946,7 +938,7 @@ def controller_cluster_role(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan), namespaced=False),
+        "metadata": _meta(plan, _controller_name(plan), _controller_labels(plan), namespaced=False),
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
@@ -955,7 +947,7 @@ def controller_cluster_role(plan: Plan) -> dict[str, Any]:
 
 
 def controller_cluster_role_binding(plan: Plan) -> dict[str, Any]:
-    name = controller_name(plan)
+    name = _controller_name(plan)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRoleBinding",
@@ -977,12 +969,12 @@ def controller_role(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(plan, controller_name(plan), _controller_labels(plan)),
+        "metadata": _meta(plan, _controller_name(plan), _controller_labels(plan)),
         "rules": [
             {
                 "apiGroups": ["apps"],
                 "resources": ["deployments/scale"],
-                "resourceNames": [f"warm-{p.name}" for p in plan.pools],
+                "resourceNames": [names.placeholder_name(p.name) for p in plan.pools],
                 "verbs": ["get", "patch"],
             }
         ],
@@ -990,7 +982,7 @@ def controller_role(plan: Plan) -> dict[str, Any]:
 
 
 def controller_role_binding(plan: Plan) -> dict[str, Any]:
-    name = controller_name(plan)
+    name = _controller_name(plan)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
@@ -1002,7 +994,7 @@ def controller_role_binding(plan: Plan) -> dict[str, Any]:
 
 def controller_deployment(plan: Plan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
     """One `gpufleet controller run` pod reading the plan ConfigMap, metrics on :9102."""
-    name = controller_name(plan)
+    name = _controller_name(plan)
     labels = _controller_labels(plan)
     mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": name}}]

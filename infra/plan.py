@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufleet.infra import catalog as catalog_mod
-from gpufleet.infra import spec
+from gpufleet.infra import names, spec
 
 __all__ = [
     "HOURS_PER_MONTH",
@@ -247,9 +247,9 @@ def compile(
         region = pool.region or getattr(cloud_cfg, "region", None)
         machine = catalog.machine(pool.cloud, pool.instance_type)
         if machine is None and pool.cloud in ("aws", "gcp", "local"):
-            names = catalog.machine_names(pool.cloud)
+            known = catalog.machine_names(pool.cloud)
             close = [
-                n for n in names if n.split(".")[0].split("-")[0] == pool.instance_type.split(".")[0].split("-")[0]
+                n for n in known if n.split(".")[0].split("-")[0] == pool.instance_type.split(".")[0].split("-")[0]
             ]
             hint = f"; known {pool.cloud} types like it: {', '.join(close[:8])}" if close else ""
             issues.append(
@@ -526,7 +526,7 @@ def compile(
             )
         replicas = [
             ReplicaPlan(
-                id=f"{dep.name}-{n}-{k}",
+                id=names.replica_id(dep.name, n, k),
                 deployment=dep.name,
                 pool=n,
                 priority=fleet.nodepools[pool_index[n]].priority,

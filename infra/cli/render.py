@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from gpufleet.infra import names
 from gpufleet.infra.cli._common import (
     CatalogOpt,
     UserError,
@@ -30,7 +31,7 @@ def router_config(
             "--url-template",
             help="Base URL of each replica; {id}, {deployment}, {pool}, {index}, {port}, {namespace} are filled in.",
         ),
-    ] = "http://{id}.{deployment}.{namespace}.svc.cluster.local:{port}",
+    ] = f"http://{names.replica_host('{id}', '{deployment}', '{namespace}')}:{{port}}",
     catalog: CatalogOpt = None,
 ) -> None:
     """Write the router's typed config (every replica, its pool, priority and KV capacity; the policy)."""

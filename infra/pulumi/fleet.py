@@ -18,7 +18,7 @@ from typing import Any
 import pulumi
 
 from gpufleet.infra import catalog as catalog_mod
-from gpufleet.infra import manifests, spec
+from gpufleet.infra import manifests, names, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.plan import Plan
 from gpufleet.infra.pulumi._kube import apply_object
@@ -195,7 +195,9 @@ class Fleet(pulumi.ComponentResource):
                         "name": pool.name,
                         "cloud": pool.cloud,
                         "cluster": c.name,
-                        "node_group": manifests.node_group_name(plan, pool) if pool.cloud != "kubernetes" else None,
+                        "node_group": names.node_group_name(plan.fleet, pool.name)
+                        if pool.cloud != "kubernetes"
+                        else None,
                         "instance_type": pool.instance_type,
                         "priority": pool.priority,
                         "baseline_nodes": pool.baseline_nodes,

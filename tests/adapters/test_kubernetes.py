@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gpufleet.infra import names
 from gpufleet.provider_adapters import base
 from gpufleet.provider_adapters import kubernetes as kube_adapter
 from tests.fakes.k8s_server import FakeKubernetes, label_selector_matches
@@ -32,7 +33,7 @@ def two_node_pool(kube: FakeKubernetes, placeholders: int = 1) -> None:
     kube.add_node("other", labels={"gpufleet.io/pool": "gcp-h100"}, gpus=8)
     kube.add_pod("vllm-0", namespace="serving", labels={"app": "vllm"}, gpus=4, node_selector=POOL)
     kube.add_deployment(
-        kube_adapter.placeholder_deployment_name("aws-h100"),
+        names.placeholder_name("aws-h100"),
         namespace=NS,
         replicas=placeholders,
         labels=PLACEHOLDER,
@@ -167,11 +168,10 @@ def test_names_match_the_rendered_manifests() -> None:
     compiled = plan.compile_file(str(fleet))
     pool = compiled.pools[0]
     obj = manifests.placeholder_deployment(compiled, pool)
-    assert obj["metadata"]["name"] == kube_adapter.placeholder_deployment_name(pool.name)
+    assert obj["metadata"]["name"] == names.placeholder_name(pool.name)
     template_labels = obj["spec"]["template"]["metadata"]["labels"]
-    assert template_labels[kube_adapter.ROLE_LABEL] == kube_adapter.PLACEHOLDER_ROLE
-    assert template_labels[kube_adapter.POOL_LABEL] == manifests.pool_labels(pool)[kube_adapter.POOL_LABEL] == pool.name
-    assert manifests.LABEL_POOL == kube_adapter.POOL_LABEL
+    assert template_labels[names.LABEL_COMPONENT] == names.PLACEHOLDER_COMPONENT
+    assert template_labels[names.LABEL_POOL] == manifests.pool_labels(pool)[names.LABEL_POOL] == pool.name
 
 
 def test_many_pools_are_read_with_one_node_and_one_pod_list(
