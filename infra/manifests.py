@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from gpufleet.infra import names, render
+from gpufleet.infra import names
+from gpufleet.infra import router_config as router_config_mod
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL, LABEL_PRIORITY
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan, ReplicaPlan
 from gpufleet.router.config import RouterConfig, RouterSettings
@@ -623,7 +624,7 @@ def router_config(plan: Plan) -> RouterConfig:
             ]
         }
     )
-    return render.router_config(k8s_plan, lambda r: replica_url(plan, r))
+    return router_config_mod.render(k8s_plan, lambda r: replica_url(plan, r))
 
 
 def _router_config_text(cfg: RouterConfig) -> str:

@@ -37,7 +37,7 @@ def router_config(
     """Write the router's typed config (every replica, its pool, priority and KV capacity; the policy)."""
     import yaml
 
-    from gpufleet.infra import render
+    from gpufleet.infra import router_config as router_config_mod
 
     with user_errors(*declaration_errors()):
         p = compile_declaration(file, catalog)
@@ -56,7 +56,7 @@ def router_config(
             except (KeyError, IndexError) as exc:
                 raise UserError(f"--url-template: unknown placeholder {exc}") from None
 
-        cfg = render.router_config(p, url)
+        cfg = router_config_mod.render(p, url)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     console.print(f"wrote {out}: {len(cfg.replicas)} replicas, policy {cfg.settings.policy}", highlight=False)
 

@@ -12,7 +12,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, render, spec
+from gpufleet.infra import manifests, router_config, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli.render_manifests import register_manifests
 from gpufleet.infra.preview import _sanitize, run_program
@@ -94,7 +94,7 @@ def test_router_configmap_holds_the_rendered_router_config(plan):
         for o in g
         if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router")
     )
-    expected = render.router_config(plan, lambda r: manifests.replica_url(plan, r))
+    expected = router_config.render(plan, lambda r: manifests.replica_url(plan, r))
     assert yaml.safe_load(cm["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
 
 

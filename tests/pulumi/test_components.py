@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpufleet.infra import manifests, render, spec
+from gpufleet.infra import manifests, router_config, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.pulumi import (
     CacheAwareRouter,
@@ -253,7 +253,7 @@ def test_model_deployment_sglang_flags(run, gke_plan):
 def test_router_configmap_equals_the_rendered_router_config(run, multicloud_plan):
     reg = run(lambda: CacheAwareRouter("r", CacheAwareRouterArgs(multicloud_plan, admin_token="tok-abc")))
     cm = reg.one(CM, "llm-prod-router")
-    expected = render.router_config(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
+    expected = router_config.render(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
     assert yaml.safe_load(cm.inputs["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
     assert [r["id"] for r in yaml.safe_load(cm.inputs["data"]["router.yaml"])["replicas"]] == [
         f"llama-8b-aws-h100-{k}" for k in range(4)
