@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from gpufleet.infra import manifests, router_config, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli.render_manifests import register_manifests
-from gpufleet.infra.preview import _sanitize, run_program
 from gpufleet.infra.pulumi import Fleet, FleetArgs
+from gpufleet.infra.pulumi.mocks import sanitize
+from gpufleet.infra.pulumi.preview import run_program
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ROOT / "stacks"
@@ -112,7 +113,7 @@ def test_pulumi_registers_exactly_the_rendered_objects():
     rendered = {}
     for key, objs in manifests.all_objects(plan).items():
         for o in objs:
-            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = _sanitize(
+            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = sanitize(
                 o
             )
     assert registered.keys() == rendered.keys()

@@ -11,7 +11,7 @@ import yaml
 
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra import spec
-from gpufleet.infra.preview import PreviewResource, PreviewResult, run_program
+from gpufleet.infra.pulumi.preview import PreviewResource, PreviewResult, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ROOT / "stacks"
@@ -64,17 +64,17 @@ def run() -> Callable[..., Registered]:
 @pytest.fixture
 def registrations(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
     """What each program run registered, even when the run raised: one list per run."""
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import mocks
 
     seen: list[list[Any]] = []
-    real = preview._mocks_and_monitor
+    real = mocks.mocks_and_monitor
 
     def spy() -> Any:
         mocks, monitor, records = real()
         seen.append(records)
         return mocks, monitor, records
 
-    monkeypatch.setattr(preview, "_mocks_and_monitor", spy)
+    monkeypatch.setattr(mocks, "mocks_and_monitor", spy)
     return seen
 
 

@@ -297,7 +297,7 @@ def test_invalid_declaration_fails_before_any_resource_is_registered(run):
 
 
 def test_invalid_declaration_registers_nothing_even_the_component(registrations):
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import preview
 
     bad = {**LAB_FLEET, "deployments": [{**LAB_FLEET["deployments"][0], "model": "no/such-model"}]}
     with pytest.raises(InvalidFleet):

@@ -10,7 +10,7 @@ from typing import Any
 import pulumi
 import pytest
 
-from gpufleet.infra import manifests, preview
+from gpufleet.infra import manifests
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.pulumi import (
     FailoverController,
@@ -18,6 +18,7 @@ from gpufleet.infra.pulumi import (
     Fleet,
     FleetArgs,
     compile_declaration,
+    preview,
     stack_config,
 )
 
