@@ -44,7 +44,7 @@ from gpufleet.infra import names
 from gpufleet.infra import router_config as router_config_mod
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL, LABEL_PRIORITY
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan, ReplicaPlan
-from gpufleet.router.config import RouterConfig, RouterSettings
+from gpufleet.router.config import RouterConfig
 
 __all__ = [
     "GPU_TAINT",
@@ -203,12 +203,8 @@ def expander_group_pattern(plan: Plan, pool: PoolPlan) -> str:
 
 def admin_secret_name(plan: Plan) -> str:
     """The Kubernetes Secret holding the router's admin token."""
-    settings = _settings(plan)
+    settings = plan.router
     return settings.admin_token.secret or f"{plan.fleet}-router-admin"
-
-
-def _settings(plan: Plan) -> RouterSettings:
-    return plan.router if isinstance(plan.router, RouterSettings) else RouterSettings.model_validate(plan.router)
 
 
 def _meta(plan: Plan, name: str, labels: Mapping[str, str] | None = None, namespaced: bool = True) -> dict[str, Any]:
@@ -768,7 +764,7 @@ def router_deployment(
 
 
 def router_service(plan: Plan, options: ManifestOptions = ManifestOptions()) -> dict[str, Any]:
-    port = _settings(plan).port
+    port = plan.router.port
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -905,7 +901,7 @@ def controller_args(plan: Plan, options: ManifestOptions = ManifestOptions()) ->
     # per scrape: with several routers the saturation would be understated, so GPU pressure
     # alone drives the controller then.
     if options.router_replicas == 1 and home is not None:
-        url = f"http://{names.service_host(_router_name(plan), plan.namespace)}:{_settings(plan).port}/metrics"
+        url = f"http://{names.service_host(_router_name(plan), plan.namespace)}:{plan.router.port}/metrics"
         args += ["--router-metrics", url]
     if controller_node_scaling(plan, options):
         for pool, name in _scaled_provider_names(plan, options).items():

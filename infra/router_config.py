@@ -46,6 +46,4 @@ def render(
                     max_concurrent_requests=dep.max_concurrent_requests,
                 )
             )
-    return RouterConfig(
-        fleet=plan.fleet, settings=settings or RouterSettings.model_validate(plan.router), replicas=replicas
-    )
+    return RouterConfig(fleet=plan.fleet, settings=settings or plan.router, replicas=replicas)

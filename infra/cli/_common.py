@@ -7,10 +7,13 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from gpufleet.infra.plan import Plan
 
 # Piped output (CI logs, files) gets a wide fixed width so that tables are not squeezed.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -43,11 +46,12 @@ CatalogOpt = Annotated[
 ]
 
 
-def compile_declaration(file: Path, catalogs: list[Path] | None = None):
-    """Load, validate and compile a fleet file with its own and the given catalog files."""
+def compile_declaration(file: Path, catalogs: list[Path] | None = None) -> Plan:
+    """`plan.compile_file`, kept only for infra/cli/up.py, which another branch is rewriting:
+    drop this once up.py calls `plan.compile_file` itself."""
     from gpufleet.infra import plan
 
-    return plan.compile_file(str(file), catalogs or ())
+    return plan.compile_file(file, catalogs)
 
 
 def declaration_errors() -> tuple[type[BaseException], ...]:

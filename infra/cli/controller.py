@@ -33,7 +33,7 @@ def load_plan(path: Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         from gpufleet.infra import plan as plan_mod
 
-        return plan_mod.compile_file(str(path)).to_json_dict()
+        return plan_mod.compile_file(path).to_json_dict()
     try:
         data = json.loads(path.read_text())
     except OSError as exc:

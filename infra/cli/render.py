@@ -11,7 +11,6 @@ from gpufleet.infra import names
 from gpufleet.infra.cli._common import (
     CatalogOpt,
     UserError,
-    compile_declaration,
     console,
     declaration_errors,
     user_errors,
@@ -37,10 +36,11 @@ def router_config(
     """Write the router's typed config (every replica, its pool, priority and KV capacity; the policy)."""
     import yaml
 
+    from gpufleet.infra import plan as plan_mod
     from gpufleet.infra import router_config as router_config_mod
 
     with user_errors(*declaration_errors()):
-        p = compile_declaration(file, catalog)
+        p = plan_mod.compile_file(file, catalog)
         ports = {d.name: d.port for d in p.deployments}
 
         def url(r) -> str:

@@ -29,7 +29,7 @@ from gpufleet.infra.pulumi.nodepool import GpuNodepool, GpuNodepoolArgs
 from gpufleet.infra.pulumi.router import CacheAwareRouter, CacheAwareRouterArgs
 from gpufleet.infra.pulumi.warm import WarmCapacity, WarmCapacityArgs
 
-__all__ = ["Fleet", "FleetArgs", "InvalidFleet", "compile_declaration"]
+__all__ = ["Fleet", "FleetArgs", "InvalidFleet"]
 
 _EKS_NODE_POLICIES = (
     "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
@@ -46,32 +46,6 @@ class InvalidFleet(pulumi.RunError):
         super().__init__(str(error))
 
 
-def compile_declaration(
-    fleet: Mapping[str, Any] | None = None,
-    fleet_file: str | Path | None = None,
-    origin: str = "gpufleet:fleet",
-    base_dir: Path | None = None,
-) -> Plan:
-    """Compile an inline declaration (stack config) or a declaration file into a Plan.
-
-    Raises `InvalidFleet` with every problem of the declaration.
-    """
-    try:
-        if (fleet is None) == (fleet_file is None):
-            raise ValueError(
-                "give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither"
-            )
-        if fleet_file is not None:
-            path = Path(fleet_file)
-            if base_dir is not None and not path.is_absolute():
-                path = base_dir / path
-            return plan_mod.compile_file(str(path))
-        decl, smap = spec.load_dict(dict(fleet or {}), origin, base_dir)
-        return plan_mod.compile(decl, smap, catalog_mod.load(decl.catalog))
-    except (spec.FleetError, catalog_mod.CatalogError, ValueError) as exc:
-        raise InvalidFleet(exc) from None
-
-
 @dataclass
 class FleetArgs:
     """The declaration (inline, as a file, or already compiled) and the secrets and choices
@@ -85,6 +59,24 @@ class FleetArgs:
     options: manifests.ManifestOptions = field(default_factory=manifests.ManifestOptions)
     kubeconfigs: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     base_dir: Path | None = None
+
+
+def _compile(args: FleetArgs) -> Plan:
+    """The declaration of `args` (inline, or a file relative to `base_dir`) compiled; raises
+    `InvalidFleet` with every problem of the declaration."""
+    try:
+        if (args.fleet is None) == (args.fleet_file is None):
+            raise ValueError(
+                "give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither"
+            )
+        if args.fleet_file is not None:
+            path = Path(args.fleet_file)
+            if args.base_dir is not None and not path.is_absolute():
+                path = args.base_dir / path
+            return plan_mod.compile_file(path)
+        return plan_mod.compile_data(dict(args.fleet or {}), "gpufleet:fleet", args.base_dir)
+    except (spec.FleetError, catalog_mod.CatalogError, ValueError) as exc:
+        raise InvalidFleet(exc) from None
 
 
 class _ClusterHandle:
@@ -152,7 +144,7 @@ class Fleet(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         # Compile first: an invalid declaration registers nothing, not even this component.
-        plan = args.plan or compile_declaration(args.fleet, args.fleet_file, base_dir=args.base_dir)
+        plan = args.plan or _compile(args)
         problems = manifests.check_controller_options(plan, args.options)
         if problems:
             raise pulumi.RunError("; ".join(problems))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, names, spec
+from gpufleet.infra import manifests, names
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli import app
 from tests.fakes._http import HttpError, Request
@@ -28,8 +28,7 @@ K8S_VERSION = "1.31"
 
 def _eks_plan() -> plan_mod.Plan:
     data = yaml.safe_load((STACKS / "aws-eks" / "Pulumi.aws-eks.yaml").read_text())["config"]["gpufleet:fleet"]
-    fleet, smap = spec.load_dict(data, "aws-eks")
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(data, "aws-eks")
 
 
 def _multicloud() -> plan_mod.Plan:

@@ -12,7 +12,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, router_config, spec
+from gpufleet.infra import manifests, router_config
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli.render_manifests import register_manifests
 from gpufleet.infra.pulumi import Fleet, FleetArgs
@@ -26,8 +26,7 @@ K8S_VERSION = "1.31"
 
 def _inline(stack: str) -> plan_mod.Plan:
     data = yaml.safe_load((STACKS / stack / f"Pulumi.{stack}.yaml").read_text())["config"]["gpufleet:fleet"]
-    fleet, smap = spec.load_dict(data, stack)
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(data, stack)
 
 
 PLANS = {
@@ -178,8 +177,7 @@ def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
 def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mount):
     data = yaml.safe_load((STACKS / "multicloud" / "fleet.yaml").read_text())
     data["router"]["admin_token"] = token
-    fleet, smap = spec.load_dict(data)
-    plan = plan_mod.compile(fleet, smap)
+    plan = plan_mod.compile_data(data)
     dep = manifests.router_deployment(plan)
     kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
     c = dep["spec"]["template"]["spec"]["containers"][0]

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import spec
 from gpufleet.infra.pulumi.preview import PreviewResource, PreviewResult, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +46,7 @@ def inline_fleet(stack: str) -> dict[str, Any]:
 
 
 def compile_inline(stack: str) -> plan_mod.Plan:
-    fleet, smap = spec.load_dict(inline_fleet(stack), f"Pulumi.{stack}.yaml")
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(inline_fleet(stack), f"Pulumi.{stack}.yaml")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from gpufleet.infra.pulumi import (
     FailoverControllerArgs,
     Fleet,
     FleetArgs,
-    compile_declaration,
     preview,
     stack_config,
 )
@@ -119,7 +118,7 @@ def _stack_plan(stack: str) -> plan_mod.Plan:
     """The stack's fleet compiled the way its program compiles it (same origin in `source`)."""
     if stack == "multicloud":
         return plan_mod.compile_file(str(STACKS / "multicloud" / "fleet.yaml"))
-    return compile_declaration(fleet=inline_fleet(stack))
+    return plan_mod.compile_data(inline_fleet(stack), "gpufleet:fleet")
 
 
 @pytest.mark.parametrize("stack", ["multicloud", "aws-eks", "gcp-gke"])
