@@ -7,13 +7,10 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
-
-if TYPE_CHECKING:
-    from gpufleet.infra.plan import Plan
 
 # Piped output (CI logs, files) gets a wide fixed width so that tables are not squeezed.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -44,14 +41,6 @@ CatalogOpt = Annotated[
     list[Path] | None,
     typer.Option("--catalog", help="A user catalog file layered over the bundled one (repeatable)."),
 ]
-
-
-def compile_declaration(file: Path, catalogs: list[Path] | None = None) -> Plan:
-    """`plan.compile_file`, kept only for infra/cli/up.py, which another branch is rewriting:
-    drop this once up.py calls `plan.compile_file` itself."""
-    from gpufleet.infra import plan
-
-    return plan.compile_file(file, catalogs)
 
 
 def declaration_errors() -> tuple[type[BaseException], ...]:
