@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from gpufleet.infra.controller.decision import (
     Action,
+    ControllerDecision,
     ControllerSettings,
-    Decision,
     FleetFacts,
     PoolMemory,
     PoolSample,
@@ -233,7 +233,7 @@ class Controller:
                 )
             )
 
-    def reconcile(self) -> Decision:
+    def reconcile(self) -> ControllerDecision:
         """One round. Returns the decision; `applied` lists each action with its outcome."""
         from gpufleet.provider_adapters import base
 
@@ -279,7 +279,7 @@ class Controller:
         return decision
 
     def run(
-        self, stop: threading.Event, *, once: bool = False, on_round: Callable[[Decision], None] | None = None
+        self, stop: threading.Event, *, once: bool = False, on_round: Callable[[ControllerDecision], None] | None = None
     ) -> None:
         """Reconcile every `interval_s` until `stop` is set (or once)."""
         while not stop.is_set():
