@@ -21,7 +21,7 @@ from gpufleet.infra import catalog as catalog_mod
 from gpufleet.infra import manifests, names, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.plan import Plan
-from gpufleet.infra.pulumi._kube import apply_object
+from gpufleet.infra.pulumi._kube import apply_object, eks_kubeconfig, gke_kubeconfig
 from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
 from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
@@ -89,49 +89,6 @@ class _ClusterHandle:
         self.subnet_ids: pulumi.Input[list[str]] | None = None
         self.node_role_arn: pulumi.Input[str] | None = None
         self.depends_on: list[pulumi.Resource] = []
-
-
-def _kubeconfig(
-    cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]
-) -> pulumi.Output[str]:
-    """A one-cluster kubeconfig whose user authenticates through an exec credential plugin."""
-    return pulumi.Output.all(server, ca).apply(
-        lambda a: json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": cluster, "cluster": {"server": a[0], "certificate-authority-data": a[1]}}],
-                "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
-                "current-context": cluster,
-                "users": [
-                    {"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}
-                ],
-            }
-        )
-    )
-
-
-def _eks_kubeconfig(
-    cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]
-) -> pulumi.Output[str]:
-    """Authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
-    return _kubeconfig(
-        cluster,
-        endpoint,
-        ca,
-        {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]},
-    )
-
-
-def _gke_kubeconfig(cluster: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
-    """Authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials); GKE gives a bare IP."""
-    server = pulumi.Output.from_input(endpoint).apply(lambda e: f"https://{e}")
-    exec_ = {
-        "command": "gke-gcloud-auth-plugin",
-        "provideClusterInfo": True,
-        "installHint": "gcloud components install gke-gcloud-auth-plugin",
-    }
-    return _kubeconfig(cluster, server, ca, exec_)
 
 
 class Fleet(pulumi.ComponentResource):
@@ -353,7 +310,7 @@ class Fleet(pulumi.ComponentResource):
             ]
             h.node_role_arn = role.arn
             h.depends_on = [*h.depends_on, *attachments]
-        return _eks_kubeconfig(cfg.cluster, cfg.region, endpoint, ca)
+        return eks_kubeconfig(cfg.cluster, cfg.region, endpoint, ca)
 
     def _pool_subnets(self, name: str, pool: plan_mod.PoolPlan, h: _ClusterHandle) -> pulumi.Input[list[str]] | None:
         """The cluster's subnets, narrowed to the pool's zones when it declares them."""
@@ -409,4 +366,4 @@ class Fleet(pulumi.ComponentResource):
             )
             endpoint = found.endpoint
             ca = found.master_auths.apply(lambda ms: ms[0].cluster_ca_certificate)
-        return _gke_kubeconfig(cfg.cluster, endpoint, ca)
+        return gke_kubeconfig(cfg.cluster, endpoint, ca)
