@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from gpufleet.infra import names
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_COMPONENT, LABEL_POOL, PLACEHOLDER_COMPONENT
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters.base import PoolRef, PoolState, PoolUtilisation, ProviderAdapter
 
 __all__ = ["KubernetesAdapter"]
@@ -102,7 +102,7 @@ class KubernetesAdapter(ProviderAdapter):
         try:
             return k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
         except (k8s.config.ConfigException, OSError) as exc:
-            raise base.AdapterError(
+            raise errors.AdapterError(
                 f"no usable Kubernetes config: {exc}", cloud="kubernetes", code="NoKubeconfig", blocks="cloud"
             ) from None
 
@@ -116,9 +116,9 @@ class KubernetesAdapter(ProviderAdapter):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 body = json.loads(exc.body or "{}")
                 reason, message = body.get("reason") or reason, body.get("message") or message
-            raise base.map_error("kubernetes", reason, message, http_status=exc.status) from None
+            raise errors.map_error("kubernetes", reason, message, http_status=exc.status) from None
         except self._connection_errors as exc:
-            raise base.AdapterError(
+            raise errors.AdapterError(
                 f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes", code="Unreachable", blocks="cloud"
             ) from None
 
@@ -178,7 +178,7 @@ class KubernetesAdapter(ProviderAdapter):
         try:
             with self._errors():
                 scale = self._apps.read_namespaced_deployment_scale(names.placeholder_name(pool), self.namespace)
-        except base.NotFound:
+        except errors.NotFound:
             return None
         return int(scale.spec.replicas or 0)
 
@@ -193,10 +193,10 @@ class KubernetesAdapter(ProviderAdapter):
     def scale_placeholders(self, pool: str, replicas: int) -> int:
         """Set the placeholder Deployment's replicas; returns the previous count."""
         if replicas < 0:
-            raise base.InvalidRequest("placeholder replicas must be >= 0", cloud="kubernetes", code="Invalid")
+            raise errors.InvalidRequest("placeholder replicas must be >= 0", cloud="kubernetes", code="Invalid")
         previous = self.placeholder_count(pool)
         if previous is None:
-            raise base.NotFound(
+            raise errors.NotFound(
                 f"placeholder Deployment {self.namespace}/{names.placeholder_name(pool)} does not exist",
                 cloud="kubernetes",
                 code="NotFound",

@@ -186,9 +186,9 @@ def run(
 
     from pydantic import ValidationError
 
-    from gpufleet.provider_adapters import base
+    from gpufleet.provider_adapters import errors
 
-    with user_errors(base.AdapterError):
+    with user_errors(errors.AdapterError):
         overrides = {
             k: v
             for k, v in {

@@ -253,9 +253,9 @@ def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
 def _live_findings(p, catalogs: list[Path] | None):
     """Run the live checks of every pool whose cloud has an adapter (AWS, GCP)."""
     from gpufleet.infra import catalog as catalog_mod
-    from gpufleet.provider_adapters import base, live
+    from gpufleet.provider_adapters import errors, live
 
-    with user_errors(base.AdapterError, *declaration_errors()):
+    with user_errors(errors.AdapterError, *declaration_errors()):
         adapters = live.adapters_for_plan(p)
         cat = catalog_mod.load([*(catalogs or [])])
         return live.check_plan(p, adapters, cat)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from gpufleet.infra import names
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters import kubernetes as kube_adapter
 from tests.fakes.k8s_server import FakeKubernetes, label_selector_matches
 
@@ -89,13 +89,13 @@ def test_scale_placeholders_changes_running_count(
 
 def test_missing_placeholder_deployment(adapter: kube_adapter.KubernetesAdapter) -> None:
     assert adapter.placeholder_count("nope") is None
-    with pytest.raises(base.NotFound, match="warm-nope"):
+    with pytest.raises(errors.NotFound, match="warm-nope"):
         adapter.scale_placeholders("nope", 1)
 
 
 def test_forbidden_maps_to_permission_denied(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
     kube.forbidden.add("/api/v1/nodes")
-    with pytest.raises(base.PermissionDenied) as info:
+    with pytest.raises(errors.PermissionDenied) as info:
         adapter.utilisation("aws-h100")
     assert (info.value.code, info.value.blocks) == ("Forbidden", "cloud")
 
@@ -107,14 +107,14 @@ def test_unreachable_api_is_a_typed_error() -> None:
     config.host = "http://127.0.0.1:9"  # discard port: nothing listens
     config.retries = 0
     adapter = kube_adapter.KubernetesAdapter(client.ApiClient(config))
-    with pytest.raises(base.AdapterError) as info:
+    with pytest.raises(errors.AdapterError) as info:
         adapter.utilisation("aws-h100")
     assert info.value.code == "Unreachable"
 
 
 def test_cannot_scale_nodes_of_an_existing_cluster(adapter: kube_adapter.KubernetesAdapter) -> None:
     ref = base.PoolRef(cloud="kubernetes", name="aws-h100")
-    with pytest.raises(base.Unsupported, match="autoscaler"):
+    with pytest.raises(errors.Unsupported, match="autoscaler"):
         adapter.scale_pool(base.ScaleRequest(ref=ref, desired_nodes=3))
 
 
