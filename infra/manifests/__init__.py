@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from gpufleet.infra.manifests import controller, models, pools, router
 from gpufleet.infra.manifests._k8s import (
     DEFAULT_OPTIONS,
     GPU_TAINT,
@@ -53,111 +54,48 @@ from gpufleet.infra.manifests._k8s import (
     pool_taints,
     router_cluster,
 )
-from gpufleet.infra.manifests.controller import (
-    check_controller_options,
-    controller_args,
-    controller_cluster_role,
-    controller_cluster_role_binding,
-    controller_configmap,
-    controller_deployment,
-    controller_node_scaling,
-    controller_objects,
-    controller_role,
-    controller_role_binding,
-    controller_service_account,
-)
-from gpufleet.infra.manifests.models import engine_command, headless_service, model_pdb, model_statefulset
-from gpufleet.infra.manifests.pools import (
-    PLACEHOLDER_PRIORITY,
-    SERVING_PRIORITY,
-    expander_configmap,
-    expander_group_pattern,
-    namespace,
-    nvidia_device_plugin,
-    placeholder_deployment,
-    placeholder_pools,
-    placeholder_priority_class,
-    serving_priority_class,
-)
-from gpufleet.infra.manifests.router import (
-    ADMIN_TOKEN_KEY,
-    admin_secret_name,
-    replica_url,
-    router_config,
-    router_configmap,
-    router_deployment,
-    router_objects,
-    router_service,
-    router_service_account,
-)
+from gpufleet.infra.manifests.controller import *  # noqa: F403 - the public API of each module, in its __all__
+from gpufleet.infra.manifests.models import *  # noqa: F403
+from gpufleet.infra.manifests.pools import *  # noqa: F403
+from gpufleet.infra.manifests.router import *  # noqa: F403
 from gpufleet.infra.plan import Plan
 
 __all__ = [
-    "ADMIN_TOKEN_KEY",
     "GPU_TAINT",
-    "PLACEHOLDER_PRIORITY",
-    "SERVING_PRIORITY",
     "Cluster",
     "ManifestOptions",
-    "admin_secret_name",
     "all_objects",
-    "check_controller_options",
     "cluster_objects",
     "clusters",
-    "controller_args",
-    "controller_cluster_role",
-    "controller_cluster_role_binding",
-    "controller_configmap",
-    "controller_deployment",
-    "controller_node_scaling",
-    "controller_objects",
-    "controller_role",
-    "controller_role_binding",
-    "controller_service_account",
     "dump_yaml",
-    "engine_command",
-    "expander_configmap",
-    "expander_group_pattern",
-    "headless_service",
-    "model_pdb",
-    "model_statefulset",
-    "namespace",
-    "nvidia_device_plugin",
-    "placeholder_deployment",
-    "placeholder_pools",
-    "placeholder_priority_class",
     "pool_labels",
     "pool_taints",
-    "replica_url",
     "router_cluster",
-    "router_config",
-    "router_configmap",
-    "router_deployment",
-    "router_objects",
-    "router_service",
-    "router_service_account",
-    "serving_priority_class",
 ]
+__all__ += controller.__all__
+__all__ += models.__all__
+__all__ += pools.__all__
+__all__ += router.__all__
 
 
 def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = DEFAULT_OPTIONS) -> list[dict[str, Any]]:
     """Every object of one cluster, in apply order (namespace and priority classes first)."""
-    objs = [namespace(plan), placeholder_priority_class(plan), serving_priority_class(plan)]
+    objs = [pools.namespace(plan), pools.placeholder_priority_class(plan), pools.serving_priority_class(plan)]
     if cluster.cloud != "gcp":
-        objs.append(expander_configmap(plan, cluster, options))
+        objs.append(pools.expander_configmap(plan, cluster, options))
     if cluster.cloud == "aws" and options.install_device_plugin:
-        objs.append(nvidia_device_plugin(plan, cluster, options))
-    objs += [placeholder_deployment(plan, p, options) for p in placeholder_pools(plan, cluster.pools)]
+        objs.append(pools.nvidia_device_plugin(plan, cluster, options))
+    objs += [pools.placeholder_deployment(plan, p, options) for p in pools.placeholder_pools(plan, cluster.pools)]
     for dep in plan.deployments:
-        pools = [plan.pool(n) for n in dep.failover if n in cluster.pool_names]
-        if not pools:
+        in_cluster = [plan.pool(n) for n in dep.failover if n in cluster.pool_names]
+        if not in_cluster:
             continue
-        objs += [headless_service(plan, dep), model_pdb(plan, dep)]
-        objs += [model_statefulset(plan, dep, p, options) for p in pools]
+        objs += [models.headless_service(plan, dep), models.model_pdb(plan, dep)]
+        objs += [models.model_statefulset(plan, dep, p, options) for p in in_cluster]
     home = router_cluster(plan)
     if home is not None and home.cloud == cluster.cloud:
-        objs += router_objects(plan, options)
-    objs += controller_objects(plan, cluster, options)
+        objs += router.router_objects(plan, options)
+    objs += controller.controller_objects(plan, cluster, options)
     return objs
 
 

@@ -10,19 +10,7 @@ import json
 from typing import Any
 
 from gpufleet.infra import names
-from gpufleet.infra.manifests._k8s import (
-    DEFAULT_OPTIONS,
-    Cluster,
-    ManifestOptions,
-    clusters,
-    component_labels,
-    http_probe,
-    meta,
-    off_gpu_nodes,
-    restricted_security,
-    router_cluster,
-    scrape_annotations,
-)
+from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.manifests.router import CONFIG_DIR
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan
@@ -57,7 +45,7 @@ def _name(plan: Plan) -> str:
 
 
 def _labels(plan: Plan) -> dict[str, str]:
-    return component_labels(_name(plan), "controller")
+    return _k8s.component_labels(_name(plan), "controller")
 
 
 def _plan_text(plan: Plan) -> str:
@@ -69,18 +57,18 @@ def controller_configmap(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": meta(plan, _name(plan), _labels(plan)),
+        "metadata": _k8s.meta(plan, _name(plan), _labels(plan)),
         "data": {PLAN_KEY: _plan_text(plan)},
     }
 
 
-def _controller_credentials(plan: Plan, options: ManifestOptions) -> dict[str, str]:
+def _controller_credentials(plan: Plan, options: _k8s.ManifestOptions) -> dict[str, str]:
     """ServiceAccount annotations giving the controller's pod cloud credentials.
 
     IRSA works only for a pod on EKS and Workload Identity only on GKE: the controller runs in
     the router's cluster, so only that cloud's setting applies (`check_controller_options`).
     """
-    home = router_cluster(plan)
+    home = _k8s.router_cluster(plan)
     out: dict[str, str] = {}
     if home is not None and home.cloud == "aws" and options.controller_aws_role_arn:
         out[AWS_ROLE_ANNOTATION] = options.controller_aws_role_arn
@@ -89,11 +77,11 @@ def _controller_credentials(plan: Plan, options: ManifestOptions) -> dict[str, s
     return out
 
 
-def check_controller_options(plan: Plan, options: ManifestOptions) -> list[str]:
+def check_controller_options(plan: Plan, options: _k8s.ManifestOptions) -> list[str]:
     """Controller settings that cannot work for this plan, one message each (empty: fine)."""
     if not options.controller:
         return []
-    home = router_cluster(plan)
+    home = _k8s.router_cluster(plan)
     where = home.cloud if home is not None else "no"
     problems = []
     if options.controller_aws_role_arn and where != "aws":
@@ -108,7 +96,7 @@ def check_controller_options(plan: Plan, options: ManifestOptions) -> list[str]:
         problems.append(
             f"controllerProviderNames: no pool named {', '.join(unknown)}; pools: {', '.join(sorted(pool_names))}"
         )
-    clouds = {c.cloud for c in clusters(plan)}
+    clouds = {c.cloud for c in _k8s.clusters(plan)}
     if options.controller_kube_contexts and not options.controller_kubeconfig_secret:
         problems.append(
             "controllerKubeContexts: needs controllerKubeconfigSecret (the kubeconfig holding those contexts)"
@@ -121,7 +109,7 @@ def check_controller_options(plan: Plan, options: ManifestOptions) -> list[str]:
     return problems
 
 
-def _scaled_provider_names(plan: Plan, options: ManifestOptions) -> dict[str, str]:
+def _scaled_provider_names(plan: Plan, options: _k8s.ManifestOptions) -> dict[str, str]:
     """`--provider-name` entries for the pools whose cloud the controller has credentials for."""
     creds = _controller_credentials(plan, options)
     ok = {"aws"} if AWS_ROLE_ANNOTATION in creds else {"gcp"} if GCP_SA_ANNOTATION in creds else set()
@@ -129,7 +117,7 @@ def _scaled_provider_names(plan: Plan, options: ManifestOptions) -> dict[str, st
     return {k: v for k, v in sorted(options.controller_provider_names.items()) if clouds.get(k) in ok}
 
 
-def controller_node_scaling(plan: Plan, options: ManifestOptions) -> bool:
+def controller_node_scaling(plan: Plan, options: _k8s.ManifestOptions) -> bool:
     """Whether the controller may raise node counts, i.e. has the cloud credentials to.
 
     With node scaling on, `gpufleet controller run` reads every EKS pool's node group: without
@@ -148,7 +136,7 @@ def controller_node_scaling(plan: Plan, options: ManifestOptions) -> bool:
     )
 
 
-def controller_args(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> list[str]:
+def controller_args(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> list[str]:
     """Arguments of `gpufleet` in the controller's container (flags of `gpufleet controller run`)."""
     args = [
         "controller", "run",
@@ -156,7 +144,7 @@ def controller_args(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> l
         "--metrics-port", str(METRICS_PORT),
         "--metrics-host", "0.0.0.0",
     ]  # fmt: skip
-    home = router_cluster(plan)
+    home = _k8s.router_cluster(plan)
     # Each router pod gauges only its own in-flight requests and the Service reaches one pod
     # per scrape: with several routers the saturation would be understated, so GPU pressure
     # alone drives the controller then.
@@ -176,13 +164,13 @@ def controller_args(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> l
 
 
 def controller_service_account(
-    plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS, *, home: bool = True
+    plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS, *, home: bool = True
 ) -> dict[str, Any]:
     """The controller's identity; in its own cluster it carries the cloud-credential annotations.
 
     The API token is mounted by the pod spec only (the account itself does not automount).
     """
-    metadata = meta(plan, _name(plan), _labels(plan))
+    metadata = _k8s.meta(plan, _name(plan), _labels(plan))
     creds = _controller_credentials(plan, options) if home else {}
     if creds:
         metadata["annotations"] = creds
@@ -195,7 +183,7 @@ def controller_cluster_role(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": meta(plan, _name(plan), _labels(plan), namespaced=False),
+        "metadata": _k8s.meta(plan, _name(plan), _labels(plan), namespaced=False),
         "rules": [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
@@ -208,7 +196,7 @@ def controller_cluster_role_binding(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRoleBinding",
-        "metadata": meta(plan, name, _labels(plan), namespaced=False),
+        "metadata": _k8s.meta(plan, name, _labels(plan), namespaced=False),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": plan.namespace}],
     }
@@ -226,7 +214,7 @@ def controller_role(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": meta(plan, _name(plan), _labels(plan)),
+        "metadata": _k8s.meta(plan, _name(plan), _labels(plan)),
         "rules": [
             {
                 "apiGroups": ["apps"],
@@ -243,13 +231,13 @@ def controller_role_binding(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": meta(plan, name, _labels(plan)),
+        "metadata": _k8s.meta(plan, name, _labels(plan)),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": plan.namespace}],
     }
 
 
-def controller_deployment(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def controller_deployment(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> dict[str, Any]:
     """One `gpufleet controller run` pod reading the plan ConfigMap, metrics on :9102."""
     name = _name(plan)
     labels = _labels(plan)
@@ -262,12 +250,12 @@ def controller_deployment(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS
 
     def probe(period_s: int, failures: int) -> dict[str, Any]:
         # The metrics server is the controller's only HTTP surface; it starts before the first round.
-        return http_probe("/metrics", "metrics", period_s=period_s, timeout_s=3, failures=failures)
+        return _k8s.http_probe("/metrics", "metrics", period_s=period_s, timeout_s=3, failures=failures)
 
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta(plan, name, labels),
+        "metadata": _k8s.meta(plan, name, labels),
         "spec": {
             # One controller: two would act on the same placeholders with separate memories.
             "replicas": 1,
@@ -277,14 +265,14 @@ def controller_deployment(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS
                 "metadata": {
                     "labels": {LABEL_FLEET: plan.fleet, **labels},
                     # A changed plan rolls the controller.
-                    "annotations": {**scrape_annotations(METRICS_PORT), "gpufleet.io/config-sha256": digest},
+                    "annotations": {**_k8s.scrape_annotations(METRICS_PORT), "gpufleet.io/config-sha256": digest},
                 },
                 "spec": {
                     "serviceAccountName": name,
                     # The controller talks to the Kubernetes API: it needs its token.
                     "automountServiceAccountToken": True,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    **off_gpu_nodes(plan),
+                    **_k8s.off_gpu_nodes(plan),
                     "containers": [
                         {
                             "name": "controller",
@@ -299,7 +287,7 @@ def controller_deployment(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS
                             "startupProbe": probe(2, 60),
                             "readinessProbe": probe(10, 3),
                             "livenessProbe": probe(20, 3),
-                            "securityContext": restricted_security(),
+                            "securityContext": _k8s.restricted_security(),
                             "volumeMounts": mounts,
                         }
                     ],
@@ -311,16 +299,16 @@ def controller_deployment(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS
 
 
 def controller_objects(
-    plan: Plan, cluster: Cluster, options: ManifestOptions = DEFAULT_OPTIONS
+    plan: Plan, cluster: _k8s.Cluster, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
 ) -> list[dict[str, Any]]:
     """The controller's objects in `cluster`.
 
     In the router's cluster: the plan ConfigMap, ServiceAccount, ClusterRole + binding, Role +
-    binding and the Deployment. In the fleet's other clusters, only when a kubeconfig Secret is
+    binding and the Deployment. In the fleet's other _k8s.clusters, only when a kubeconfig Secret is
     configured (the controller then reaches them with that ServiceAccount's token): the
     ServiceAccount and its RBAC. Nothing when the controller is turned off.
     """
-    home = router_cluster(plan)
+    home = _k8s.router_cluster(plan)
     if not options.controller or home is None:
         return []
     rbac = [

@@ -6,16 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpufleet.infra import names
-from gpufleet.infra.manifests._k8s import (
-    DEFAULT_OPTIONS,
-    ManifestOptions,
-    cluster_of,
-    http_probe,
-    meta,
-    node_affinity,
-    scrape_annotations,
-    tolerations,
-)
+from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan
 
@@ -73,7 +64,7 @@ def _affinity(
         for rank, p in enumerate(allowed)
     ]
     required = {"key": LABEL_POOL, "operator": "In", "values": [p.name for p in allowed]}
-    return node_affinity(required, preferred), allowed
+    return _k8s.node_affinity(required, preferred), allowed
 
 
 def _dep_labels(plan: Plan, dep: DeploymentPlan) -> dict[str, str]:
@@ -81,12 +72,12 @@ def _dep_labels(plan: Plan, dep: DeploymentPlan) -> dict[str, str]:
 
 
 def model_statefulset(
-    plan: Plan, dep: DeploymentPlan, pool: PoolPlan, options: ManifestOptions = DEFAULT_OPTIONS
+    plan: Plan, dep: DeploymentPlan, pool: PoolPlan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
 ) -> dict[str, Any]:
     """The replicas of `dep` placed on `pool`: pods named after the plan's replica ids."""
     replicas = sum(p.replicas for p in dep.placement if p.pool == pool.name)
     set_name = names.replica_set_name(dep.name, pool.name)
-    cluster = cluster_of(plan, pool.name)
+    cluster = _k8s.cluster_of(plan, pool.name)
     affinity, allowed = _affinity(dep, pool, list(cluster.pools))
     labels = {
         **_dep_labels(plan, dep),
@@ -103,12 +94,12 @@ def model_statefulset(
         )
 
     def probe(period_s: int, failures: int) -> dict[str, Any]:
-        return http_probe(ENGINE_HEALTH_PATH, "http", period_s=period_s, timeout_s=5, failures=failures)
+        return _k8s.http_probe(ENGINE_HEALTH_PATH, "http", period_s=period_s, timeout_s=5, failures=failures)
 
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": meta(plan, set_name, labels),
+        "metadata": _k8s.meta(plan, set_name, labels),
         "spec": {
             "replicas": replicas,
             "serviceName": names.model_service_name(dep.name),
@@ -116,13 +107,13 @@ def model_statefulset(
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": set_name}},
             "template": {
-                "metadata": {"labels": labels, "annotations": scrape_annotations(dep.port)},
+                "metadata": {"labels": labels, "annotations": _k8s.scrape_annotations(dep.port)},
                 "spec": {
                     "priorityClassName": names.serving_priority_class(plan.fleet),
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": 60,
                     "affinity": affinity,
-                    "tolerations": tolerations(allowed),
+                    "tolerations": _k8s.tolerations(allowed),
                     "containers": [
                         {
                             "name": "engine",
@@ -154,7 +145,7 @@ def model_statefulset(
 
 
 def _model_meta(plan: Plan, name: str, dep: DeploymentPlan) -> dict[str, Any]:
-    return meta(plan, name, {names.LABEL_NAME: dep.name, LABEL_DEPLOYMENT: dep.name})
+    return _k8s.meta(plan, name, {names.LABEL_NAME: dep.name, LABEL_DEPLOYMENT: dep.name})
 
 
 def headless_service(plan: Plan, dep: DeploymentPlan) -> dict[str, Any]:

@@ -10,16 +10,7 @@ from typing import Any
 import yaml
 
 from gpufleet.infra import names
-from gpufleet.infra.manifests._k8s import (
-    DEFAULT_OPTIONS,
-    Cluster,
-    ManifestOptions,
-    component_labels,
-    meta,
-    node_affinity,
-    restricted_security,
-    tolerations,
-)
+from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import Plan, PoolPlan
 
@@ -44,14 +35,14 @@ SERVING_PRIORITY = 1000
 
 def namespace(plan: Plan) -> dict[str, Any]:
     """The fleet's namespace."""
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta(plan, plan.namespace, namespaced=False)}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _k8s.meta(plan, plan.namespace, namespaced=False)}
 
 
 def _priority_class(plan: Plan, name: str, value: int, preemption: str, description: str) -> dict[str, Any]:
     return {
         "apiVersion": "scheduling.k8s.io/v1",
         "kind": "PriorityClass",
-        "metadata": meta(plan, name, namespaced=False),
+        "metadata": _k8s.meta(plan, name, namespaced=False),
         "value": value,
         "preemptionPolicy": preemption,
         "globalDefault": False,
@@ -81,15 +72,17 @@ def serving_priority_class(plan: Plan) -> dict[str, Any]:
     )
 
 
-def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def placeholder_deployment(
+    plan: Plan, pool: PoolPlan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
+) -> dict[str, Any]:
     """Pause pods holding the pool's warm nodes: one per node, each requesting all its GPUs."""
     name = names.placeholder_name(pool.name)
-    labels = {**component_labels(name, names.PLACEHOLDER_COMPONENT), LABEL_POOL: pool.name}
+    labels = {**_k8s.component_labels(name, names.PLACEHOLDER_COMPONENT), LABEL_POOL: pool.name}
     gpus = str(pool.gpus_per_node)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta(plan, name, labels),
+        "metadata": _k8s.meta(plan, name, labels),
         "spec": {
             "replicas": pool.warm_nodes,
             "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, names.LABEL_NAME: name}},
@@ -101,7 +94,7 @@ def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions 
                     "terminationGracePeriodSeconds": 0,
                     "automountServiceAccountToken": False,
                     "nodeSelector": {LABEL_POOL: pool.name},
-                    "tolerations": tolerations([pool]),
+                    "tolerations": _k8s.tolerations([pool]),
                     "containers": [
                         {
                             "name": "pause",
@@ -110,7 +103,7 @@ def placeholder_deployment(plan: Plan, pool: PoolPlan, options: ManifestOptions 
                                 "requests": {GPU_RESOURCE: gpus, "cpu": "10m", "memory": "16Mi"},
                                 "limits": {GPU_RESOURCE: gpus, "memory": "32Mi"},
                             },
-                            "securityContext": restricted_security(),
+                            "securityContext": _k8s.restricted_security(),
                         }
                     ],
                 },
@@ -134,14 +127,16 @@ def placeholder_pools(plan: Plan, pools: Iterable[PoolPlan]) -> list[PoolPlan]:
     return [p for p in pools if p.warm_nodes > 0 or p.name in later]
 
 
-def nvidia_device_plugin(plan: Plan, cluster: Cluster, options: ManifestOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def nvidia_device_plugin(
+    plan: Plan, cluster: _k8s.Cluster, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
+) -> dict[str, Any]:
     """NVIDIA's device plugin on the cluster's GPU pools (EKS: the NVIDIA AMI has the drivers, not the plugin)."""
     name = f"{plan.fleet}-nvidia-device-plugin"
-    labels = component_labels(name, "device-plugin")
+    labels = _k8s.component_labels(name, "device-plugin")
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": {**meta(plan, name, labels, namespaced=False), "namespace": "kube-system"},
+        "metadata": {**_k8s.meta(plan, name, labels, namespaced=False), "namespace": "kube-system"},
         "spec": {
             "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, names.LABEL_NAME: name}},
             "updateStrategy": {"type": "RollingUpdate"},
@@ -150,10 +145,10 @@ def nvidia_device_plugin(plan: Plan, cluster: Cluster, options: ManifestOptions 
                 "spec": {
                     "priorityClassName": "system-node-critical",
                     "automountServiceAccountToken": False,
-                    "affinity": node_affinity({"key": LABEL_POOL, "operator": "In", "values": cluster.pool_names}),
+                    "affinity": _k8s.node_affinity({"key": LABEL_POOL, "operator": "In", "values": cluster.pool_names}),
                     "tolerations": [
                         {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-                        *tolerations(cluster.pools),
+                        *_k8s.tolerations(cluster.pools),
                     ],
                     "containers": [
                         {
@@ -183,7 +178,9 @@ def expander_group_pattern(plan: Plan, pool: PoolPlan) -> str:
     return f".*{pool.name}.*"
 
 
-def expander_configmap(plan: Plan, cluster: Cluster, options: ManifestOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def expander_configmap(
+    plan: Plan, cluster: _k8s.Cluster, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
+) -> dict[str, Any]:
     """cluster-autoscaler's priority expander config: priority -> node-group name patterns."""
     by_priority: dict[int, list[str]] = {}
     for pool in cluster.pools:
@@ -193,7 +190,7 @@ def expander_configmap(plan: Plan, cluster: Cluster, options: ManifestOptions = 
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            **meta(plan, "cluster-autoscaler-priority-expander", namespaced=False),
+            **_k8s.meta(plan, "cluster-autoscaler-priority-expander", namespaced=False),
             "namespace": options.autoscaler_namespace,
         },
         "data": {"priorities": yaml.safe_dump(priorities, sort_keys=False)},

@@ -12,18 +12,7 @@ import yaml
 
 from gpufleet.infra import names
 from gpufleet.infra import router_config as router_config_mod
-from gpufleet.infra.manifests._k8s import (
-    DEFAULT_OPTIONS,
-    ManifestOptions,
-    cluster_of,
-    component_labels,
-    http_probe,
-    meta,
-    off_gpu_nodes,
-    restricted_security,
-    router_cluster,
-    scrape_annotations,
-)
+from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan, ReplicaPlan
 from gpufleet.router.config import RouterConfig
@@ -57,8 +46,8 @@ def admin_secret_name(plan: Plan) -> str:
 def replica_url(plan: Plan, replica: ReplicaPlan) -> str:
     """The replica's base URL as seen from the router's cluster (see the package docstring)."""
     dep = plan.deployment(replica.deployment)
-    home = router_cluster(plan)
-    cluster = cluster_of(plan, replica.pool)
+    home = _k8s.router_cluster(plan)
+    cluster = _k8s.cluster_of(plan, replica.pool)
     service = names.model_service_name(dep.name)
     if home is None or cluster.name == home.name and cluster.cloud == home.cloud:
         host = names.replica_host(replica.id, service, plan.namespace)
@@ -85,7 +74,7 @@ def _config_text(cfg: RouterConfig) -> str:
 
 
 def _labels(plan: Plan) -> dict[str, str]:
-    return component_labels(names.router_name(plan.fleet), "router")
+    return _k8s.component_labels(names.router_name(plan.fleet), "router")
 
 
 def router_configmap(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, Any]:
@@ -94,7 +83,7 @@ def router_configmap(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, A
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
         "data": {ROUTER_CONFIG_KEY: _config_text(cfg)},
     }
 
@@ -105,13 +94,13 @@ def router_service_account(plan: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
         "automountServiceAccountToken": False,
     }
 
 
 def router_deployment(
-    plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS, cfg: RouterConfig | None = None
+    plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS, cfg: RouterConfig | None = None
 ) -> dict[str, Any]:
     """`gpufleet router serve` with the rendered config and the admin token from a Secret."""
     cfg = cfg or router_config(plan)
@@ -138,12 +127,12 @@ def router_deployment(
     digest = hashlib.sha256(_config_text(cfg).encode()).hexdigest()[:16]
 
     def probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
-        return http_probe(path, "http", period_s=period_s, timeout_s=2, failures=failures)
+        return _k8s.http_probe(path, "http", period_s=period_s, timeout_s=2, failures=failures)
 
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": meta(plan, name, _labels(plan)),
+        "metadata": _k8s.meta(plan, name, _labels(plan)),
         "spec": {
             "replicas": options.router_replicas,
             "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, **_labels(plan)}},
@@ -151,13 +140,13 @@ def router_deployment(
                 "metadata": {
                     "labels": {LABEL_FLEET: plan.fleet, **_labels(plan)},
                     # A changed config rolls the router.
-                    "annotations": {**scrape_annotations(port), "gpufleet.io/config-sha256": digest},
+                    "annotations": {**_k8s.scrape_annotations(port), "gpufleet.io/config-sha256": digest},
                 },
                 "spec": {
                     "serviceAccountName": name,
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    **off_gpu_nodes(plan),
+                    **_k8s.off_gpu_nodes(plan),
                     "containers": [
                         {
                             "name": "router",
@@ -179,7 +168,7 @@ def router_deployment(
                             "startupProbe": probe("/health", 2, 30),
                             "readinessProbe": probe("/ready", 5, 2),
                             "livenessProbe": probe("/health", 10, 3),
-                            "securityContext": restricted_security(),
+                            "securityContext": _k8s.restricted_security(),
                             "volumeMounts": mounts,
                         }
                     ],
@@ -190,12 +179,12 @@ def router_deployment(
     }
 
 
-def router_service(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+def router_service(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> dict[str, Any]:
     """The router's Service (ClusterIP by default)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
         "spec": {
             "type": options.router_service_type,
             "selector": {LABEL_FLEET: plan.fleet, **_labels(plan)},
@@ -204,7 +193,7 @@ def router_service(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> di
     }
 
 
-def router_objects(plan: Plan, options: ManifestOptions = DEFAULT_OPTIONS) -> list[dict[str, Any]]:
+def router_objects(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> list[dict[str, Any]]:
     """The router's objects, except the admin-token Secret (its value is never rendered)."""
     cfg = router_config(plan)
     return [

@@ -32,35 +32,12 @@ from typing import Any
 
 from gpufleet.infra import catalog as catalog_mod
 from gpufleet.infra import spec
-from gpufleet.infra.plan import assembly, cost, placement, pools
-from gpufleet.infra.plan.model import (
-    HOURS_PER_MONTH,
-    PLAN_SCHEMA,
-    Cost,
-    DeploymentPlan,
-    Placement,
-    Plan,
-    PlanWarning,
-    PoolPerf,
-    PoolPlan,
-    ReplicaPlan,
-)
+from gpufleet.infra.plan import assembly, cost, model, placement, pools
+from gpufleet.infra.plan.model import *  # noqa: F403 - the records, listed in model.__all__
+from gpufleet.infra.plan.model import Plan
 
-__all__ = [
-    "HOURS_PER_MONTH",
-    "PLAN_SCHEMA",
-    "Cost",
-    "DeploymentPlan",
-    "Placement",
-    "Plan",
-    "PlanWarning",
-    "PoolPerf",
-    "PoolPlan",
-    "ReplicaPlan",
-    "compile_data",
-    "compile_file",
-    "compile_fleet",
-]
+__all__ = ["compile_data", "compile_file", "compile_fleet"]
+__all__ += model.__all__
 
 
 def compile_file(path: str | Path, extra_catalogs: Iterable[str | Path] | None = None) -> Plan:

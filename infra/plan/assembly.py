@@ -24,38 +24,27 @@ DECODE_BW_EFFICIENCY = 0.6
 
 
 def _pool_warnings(pool: spec.Nodepool, opened: int, baseline: int, warm: int) -> list[PlanWarning]:
-    out = []
+    out: list[PlanWarning] = []
+
+    def warn(code: str, message: str) -> None:
+        out.append(PlanWarning(code=code, subject=pool.name, message=message))
+
     if opened > pool.min_nodes:
-        out.append(
-            PlanWarning(
-                code="min_nodes_raised",
-                subject=pool.name,
-                message=f"baseline placement needs {opened} nodes, above min_nodes {pool.min_nodes}; the plan counts {opened}",
-            )
+        warn(
+            "min_nodes_raised",
+            f"baseline placement needs {opened} nodes, above min_nodes {pool.min_nodes}; the plan counts {opened}",
         )
     if warm < pool.warm_nodes:
-        out.append(
-            PlanWarning(
-                code="warm_reduced",
-                subject=pool.name,
-                message=f"only {warm} of {pool.warm_nodes} warm nodes fit under max_nodes {pool.max_nodes} above {baseline} baseline nodes",
-            )
+        warn(
+            "warm_reduced",
+            f"only {warm} of {pool.warm_nodes} warm nodes fit under max_nodes {pool.max_nodes} above {baseline} baseline nodes",
         )
     if pool.capacity_type == "spot" and pool.warm_nodes:
-        out.append(
-            PlanWarning(
-                code="warm_on_spot",
-                subject=pool.name,
-                message="warm nodes on spot capacity can be reclaimed when they are needed most",
-            )
-        )
+        warn("warm_on_spot", "warm nodes on spot capacity can be reclaimed when they are needed most")
     if pool.cloud in ("aws", "gcp") and len(pool.zones) == 1:
-        out.append(
-            PlanWarning(
-                code="single_zone",
-                subject=pool.name,
-                message=f"all nodes in one zone ({pool.zones[0]}): a zonal outage or stock-out takes the whole pool",
-            )
+        warn(
+            "single_zone",
+            f"all nodes in one zone ({pool.zones[0]}): a zonal outage or stock-out takes the whole pool",
         )
     return out
 
@@ -127,43 +116,26 @@ def _deployment_warnings(
     fit: DeploymentFit, spots: list[bool], rows: list[tuple[str, int]], lost: int, capacity: int
 ) -> list[PlanWarning]:
     dep, top = fit.spec, fit.failover[0]
-    out = []
+    out: list[PlanWarning] = []
+
+    def warn(code: str, message: str) -> None:
+        out.append(PlanWarning(code=code, subject=dep.name, message=message))
+
     if len(fit.failover) == 1:
-        out.append(
-            PlanWarning(code="no_failover", subject=dep.name, message=f"only pool {top} can serve it: no failover")
-        )
+        warn("no_failover", f"only pool {top} can serve it: no failover")
     if all(spots):
-        out.append(PlanWarning(code="spot_only", subject=dep.name, message="every pool it may use is spot capacity"))
+        warn("spot_only", "every pool it may use is spot capacity")
     if rows and rows[0][0] != top:
-        out.append(
-            PlanWarning(
-                code="baseline_spills", subject=dep.name, message=f"no baseline replica fits its preferred pool {top}"
-            )
-        )
+        warn("baseline_spills", f"no baseline replica fits its preferred pool {top}")
     elif len(rows) > 1:
-        out.append(
-            PlanWarning(
-                code="baseline_spills",
-                subject=dep.name,
-                message=f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline replicas spill past pool {top}",
-            )
+        warn(
+            "baseline_spills",
+            f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline replicas spill past pool {top}",
         )
     if lost < dep.min_replicas and len(fit.failover) > 1:
-        out.append(
-            PlanWarning(
-                code="failover_short",
-                subject=dep.name,
-                message=f"if pool {top} is lost, only {lost} of {dep.min_replicas} replicas fit the other pools",
-            )
-        )
+        warn("failover_short", f"if pool {top} is lost, only {lost} of {dep.min_replicas} replicas fit the other pools")
     if capacity < dep.max_replicas:
-        out.append(
-            PlanWarning(
-                code="max_replicas_unreachable",
-                subject=dep.name,
-                message=f"max_replicas {dep.max_replicas} but its pools hold {capacity} at max_nodes",
-            )
-        )
+        warn("max_replicas_unreachable", f"max_replicas {dep.max_replicas} but its pools hold {capacity} at max_nodes")
     return out
 
 
