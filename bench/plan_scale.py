@@ -77,7 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         fleet, smap = spec.load_text(text, "scale.yaml")
         t1 = time.perf_counter()
-        p = plan.compile(fleet, smap, cat)
+        p = plan.compile_fleet(fleet, smap, cat)
         t2 = time.perf_counter()
         load_t.append(t1 - t0)
         compile_t.append(t2 - t1)

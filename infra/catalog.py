@@ -171,7 +171,12 @@ def _merge(
         raise CatalogError(f"{origin}: {exc}") from None
 
 
-def _merge_file(path: Path, gpus: dict, machines: dict, models: dict) -> None:
+def _merge_file(
+    path: Path,
+    gpus: dict[str, GpuModel],
+    machines: dict[tuple[str, str], MachineType],
+    models: dict[str, ModelInfo],
+) -> None:
     try:
         text = path.read_text()
     except OSError as exc:

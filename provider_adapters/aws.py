@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters.base import (
     GpuOffering,
     PoolRef,
@@ -85,7 +85,7 @@ class AwsAdapter(ProviderAdapter):
         except botocore_exc.ClientError as exc:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            raise base.map_error(
+            raise errors.map_error(
                 "aws",
                 str(err.get("Code", "")),
                 str(err.get("Message", "")),
@@ -94,14 +94,14 @@ class AwsAdapter(ProviderAdapter):
                 zone=zone,
             ) from None
         except botocore_exc.NoCredentialsError:
-            raise base.PermissionDenied(
+            raise errors.PermissionDenied(
                 "no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)",
                 cloud="aws",
                 code="NoCredentials",
                 region=region,
             ) from None
         except botocore_exc.EndpointConnectionError as exc:
-            raise base.AdapterError(
+            raise errors.AdapterError(
                 f"cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}",
                 cloud="aws",
                 code="EndpointConnectionError",
@@ -229,13 +229,13 @@ class AwsAdapter(ProviderAdapter):
     def quotas(self, region: str) -> list[QuotaInfo]:
         """GPU vCPU quotas (Service Quotas) with usage counted from running instances."""
         out: list[QuotaInfo] = []
-        last_error: base.AdapterError | None = None
+        last_error: errors.AdapterError | None = None
         used = self._running_vcpus(region)
         for code, desc, prefixes, spot in EC2_GPU_QUOTAS:
             try:
                 with self._errors(region):
                     q = self._client("service-quotas", region).get_service_quota(ServiceCode="ec2", QuotaCode=code)
-            except base.NotFound as exc:
+            except errors.NotFound as exc:
                 last_error = exc
                 continue
             out.append(
@@ -259,7 +259,7 @@ class AwsAdapter(ProviderAdapter):
 
     def _nodegroup(self, ref: PoolRef) -> dict[str, Any]:
         if not ref.cluster:
-            raise base.InvalidRequest(
+            raise errors.InvalidRequest(
                 f"pool {ref.name!r} has no EKS cluster name", cloud="aws", code="MissingCluster", region=ref.region
             )
         with self._errors(ref.region):
@@ -307,7 +307,7 @@ class AwsAdapter(ProviderAdapter):
         lo = (current.min_nodes or 0) if request.min_nodes is None else request.min_nodes
         hi = (current.max_nodes or 0) if request.max_nodes is None else request.max_nodes
         if not lo <= request.desired_nodes <= hi:
-            raise base.InvalidRequest(
+            raise errors.InvalidRequest(
                 f"desired {request.desired_nodes} outside [{lo}, {hi}] for node group {ref.target!r}",
                 cloud="aws",
                 code="InvalidParameterException",
@@ -330,7 +330,7 @@ class AwsAdapter(ProviderAdapter):
         """Put an EC2 Auto Scaling warm pool of `min_nodes` stopped instances beside the node group's ASG."""
         asg = self._asg_name(ref, self._nodegroup(ref))
         if not asg:
-            raise base.NotFound(
+            raise errors.NotFound(
                 f"node group {ref.target!r} has no Auto Scaling group",
                 cloud="aws",
                 code="NoAutoScalingGroup",

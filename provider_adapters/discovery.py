@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 
 __all__ = ["GCP_ENDPOINT_ENV", "DiscoveredMachine", "catalog_document", "connect", "discover", "dump", "regions_of"]
 
@@ -33,12 +33,12 @@ def connect(cloud: str, *, project: str | None = None) -> base.ProviderAdapter:
 
         project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
         if not project:
-            raise base.InvalidRequest(
+            raise errors.InvalidRequest(
                 "GCP needs a project: --project or GOOGLE_CLOUD_PROJECT", cloud="gcp", code="MissingProject"
             )
         endpoint = os.environ.get(GCP_ENDPOINT_ENV)
         return gcp.GcpAdapter(project, client_factory=gcp.emulator_factory(endpoint) if endpoint else None)
-    raise base.InvalidRequest(f"unknown cloud {cloud!r}; allowed: aws, gcp", cloud=cloud, code="UnknownCloud")
+    raise errors.InvalidRequest(f"unknown cloud {cloud!r}; allowed: aws, gcp", cloud=cloud, code="UnknownCloud")
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,12 @@ def discover(
                 for quote in adapter.prices(region, [o.machine_type for o in offerings]):
                     if quote.spot_usd_per_h is not None:
                         spot.setdefault(quote.machine_type, []).append(quote.spot_usd_per_h)
-            except base.AdapterError as exc:
+            except errors.AdapterError as exc:
                 if notes is not None and exc.message not in notes:
                     notes.append(exc.message)
         try:
             quotas = adapter.quotas(region) if offerings else []
-        except base.AdapterError as exc:
+        except errors.AdapterError as exc:
             quotas = []
             if notes is not None:
                 notes.append(f"quotas in {region}: {exc}")

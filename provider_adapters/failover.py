@@ -2,7 +2,7 @@
 
     scale_with_failover([Candidate(adapter, request, machine_type), ...]) -> (ScaleResult, attempts)
 
-Candidates are tried in order. An adapter error blocks what `base.map_error` says it blocks
+Candidates are tried in order. An adapter error blocks what `errors.map_error` says it blocks
 (the zone, the region or the whole cloud), so later candidates inside a blocked scope are
 skipped without a call. When every candidate fails, `FailoverExhausted` lists every attempt
 with its outcome.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 
 __all__ = ["Attempt", "Candidate", "FailoverExhausted", "scale_with_failover"]
 
@@ -34,7 +34,7 @@ class Attempt:
     outcome: str  # "ok", "skipped: ...", or the error
 
 
-class FailoverExhausted(base.AdapterError):
+class FailoverExhausted(errors.AdapterError):
     """No candidate could be scaled; `attempts` says what happened to each."""
 
     def __init__(self, attempts: list[Attempt]) -> None:
@@ -67,7 +67,7 @@ def scale_with_failover(candidates: Sequence[Candidate]) -> tuple[base.ScaleResu
                 if key not in offered:
                     offered[key] = {o.machine_type for o in cand.adapter.offerings(region)}
                 if cand.machine_type not in offered[key]:
-                    raise base.NotOffered(
+                    raise errors.NotOffered(
                         f"{cand.machine_type} is not offered in {region}",
                         cloud=cloud,
                         code="NotOffered",
@@ -75,7 +75,7 @@ def scale_with_failover(candidates: Sequence[Candidate]) -> tuple[base.ScaleResu
                         region=region,
                     )
             result = cand.adapter.scale_pool(cand.request)
-        except base.AdapterError as exc:
+        except errors.AdapterError as exc:
             attempts.append(Attempt(cloud, region, zone, ref.target, str(exc)))
             scope = {"cloud": (cloud,), "region": (cloud, region), "zone": (cloud, region, zone or "")}.get(exc.blocks)
             if scope is not None:

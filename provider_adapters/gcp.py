@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters.base import (
     GpuOffering,
     PoolRef,
@@ -70,7 +70,7 @@ def emulator_factory(endpoint: str) -> Callable[[Any], Any]:
 
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise base.InvalidRequest(
+        raise errors.InvalidRequest(
             f"GCP endpoint {endpoint!r}: expected http://host:port", cloud="gcp", code="BadEndpoint"
         )
 
@@ -134,7 +134,7 @@ class GcpAdapter(ProviderAdapter):
             yield
         except core.GoogleAPICallError as exc:
             status = getattr(exc, "code", None)
-            raise base.map_error(
+            raise errors.map_error(
                 "gcp",
                 _error_code(exc),
                 getattr(exc, "message", str(exc)),
@@ -143,7 +143,7 @@ class GcpAdapter(ProviderAdapter):
                 zone=zone,
             ) from None
         except auth.DefaultCredentialsError:
-            raise base.PermissionDenied(
+            raise errors.PermissionDenied(
                 "no GCP credentials (run `gcloud auth application-default login`)",
                 cloud="gcp",
                 code="DefaultCredentialsError",
@@ -242,7 +242,7 @@ class GcpAdapter(ProviderAdapter):
 
     def _zone_of(self, ref: PoolRef) -> str:
         if not ref.zone:
-            raise base.InvalidRequest(
+            raise errors.InvalidRequest(
                 f"pool {ref.name!r}: a GCE managed instance group needs its zone",
                 cloud="gcp",
                 code="MissingZone",

@@ -3,8 +3,9 @@
 A pool's nodes carry the label `gpufleet.io/pool=<pool>`. Its placeholders are pods labelled
 `app.kubernetes.io/component=placeholder` and `gpufleet.io/pool=<pool>`, owned by the
 Deployment `warm-<pool>` in the fleet's namespace; each requests a whole node's GPUs, so one
-placeholder holds one warm node. These names are the contract with `gpufleet.infra.manifests`
-(which renders the placeholders for manifests and the Pulumi components); a test pins them.
+placeholder holds one warm node. The labels and names come from `gpufleet.infra.names`, the
+rules `gpufleet.infra.manifests` renders the placeholders with (for manifests and the Pulumi
+components).
 
 A serving pod that is Pending counts against the pool it was planned on: its
 `gpufleet.io/pool` label (the plan's pool), else its nodeSelector, else the first pool of its
@@ -19,27 +20,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from gpufleet.provider_adapters import base
+from gpufleet.infra import names
+from gpufleet.infra.names import GPU_RESOURCE, LABEL_COMPONENT, LABEL_POOL, PLACEHOLDER_COMPONENT
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters.base import PoolRef, PoolState, PoolUtilisation, ProviderAdapter
 
-__all__ = [
-    "GPU_RESOURCE",
-    "PLACEHOLDER_ROLE",
-    "POOL_LABEL",
-    "ROLE_LABEL",
-    "KubernetesAdapter",
-    "placeholder_deployment_name",
-]
-
-POOL_LABEL = "gpufleet.io/pool"
-ROLE_LABEL = "app.kubernetes.io/component"
-PLACEHOLDER_ROLE = "placeholder"
-GPU_RESOURCE = "nvidia.com/gpu"
-
-
-def placeholder_deployment_name(pool: str) -> str:
-    """Name of the Deployment holding `pool`'s placeholder pods."""
-    return f"warm-{pool}"
+__all__ = ["KubernetesAdapter"]
 
 
 def _gpus(pod: Any) -> int:
@@ -56,17 +42,17 @@ def _gpus(pod: Any) -> int:
 
 def _planned_pool(pod: Any) -> str | None:
     """The pool a pod was planned on (see module docstring)."""
-    label = (pod.metadata.labels or {}).get(POOL_LABEL)
+    label = (pod.metadata.labels or {}).get(LABEL_POOL)
     if label:
         return str(label)
-    selector = (pod.spec.node_selector or {}).get(POOL_LABEL)
+    selector = (pod.spec.node_selector or {}).get(LABEL_POOL)
     if selector:
         return str(selector)
     affinity = pod.spec.affinity.node_affinity if pod.spec.affinity else None
     required = affinity.required_during_scheduling_ignored_during_execution if affinity else None
     for term in (required.node_selector_terms or []) if required else []:
         for expr in term.match_expressions or []:
-            if expr.key == POOL_LABEL and expr.operator == "In" and expr.values:
+            if expr.key == LABEL_POOL and expr.operator == "In" and expr.values:
                 return str(expr.values[0])
     return None
 
@@ -116,7 +102,7 @@ class KubernetesAdapter(ProviderAdapter):
         try:
             return k8s.config.new_client_from_config(config_file=kubeconfig, context=context)
         except (k8s.config.ConfigException, OSError) as exc:
-            raise base.AdapterError(
+            raise errors.AdapterError(
                 f"no usable Kubernetes config: {exc}", cloud="kubernetes", code="NoKubeconfig", blocks="cloud"
             ) from None
 
@@ -130,9 +116,9 @@ class KubernetesAdapter(ProviderAdapter):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 body = json.loads(exc.body or "{}")
                 reason, message = body.get("reason") or reason, body.get("message") or message
-            raise base.map_error("kubernetes", reason, message, http_status=exc.status) from None
+            raise errors.map_error("kubernetes", reason, message, http_status=exc.status) from None
         except self._connection_errors as exc:
-            raise base.AdapterError(
+            raise errors.AdapterError(
                 f"cannot reach the Kubernetes API: {exc}", cloud="kubernetes", code="Unreachable", blocks="cloud"
             ) from None
 
@@ -146,12 +132,12 @@ class KubernetesAdapter(ProviderAdapter):
         """`utilisation` of several pools from ONE node list and ONE pod list (a controller round)."""
         now = time.time()
         with self._errors():
-            selector = f"{POOL_LABEL} in ({','.join(pools)})"
+            selector = f"{LABEL_POOL} in ({','.join(pools)})"
             nodes = self._core.list_node(label_selector=selector).items
             pods = self._core.list_pod_for_all_namespaces(
                 field_selector="status.phase!=Succeeded,status.phase!=Failed"
             ).items
-        pool_of_node = {n.metadata.name: (n.metadata.labels or {}).get(POOL_LABEL) for n in nodes}
+        pool_of_node = {n.metadata.name: (n.metadata.labels or {}).get(LABEL_POOL) for n in nodes}
         out = {}
         for pool in pools:
             mine = [n for n in nodes if pool_of_node[n.metadata.name] == pool]
@@ -170,8 +156,8 @@ class KubernetesAdapter(ProviderAdapter):
             gpus = _gpus(pod)
             labels = pod.metadata.labels or {}
             on = pool_of_node.get(pod.spec.node_name or "")
-            if labels.get(ROLE_LABEL) == PLACEHOLDER_ROLE:
-                if on in out and labels.get(POOL_LABEL) == on and pod.status.phase == "Running":
+            if labels.get(LABEL_COMPONENT) == PLACEHOLDER_COMPONENT:
+                if on in out and labels.get(LABEL_POOL) == on and pod.status.phase == "Running":
                     out[on]["placeholders_running"] += 1
                     out[on]["gpus_placeholder"] += gpus
             elif on in out and gpus:
@@ -191,15 +177,15 @@ class KubernetesAdapter(ProviderAdapter):
         """Replicas of the pool's placeholder Deployment, or None when it does not exist."""
         try:
             with self._errors():
-                scale = self._apps.read_namespaced_deployment_scale(placeholder_deployment_name(pool), self.namespace)
-        except base.NotFound:
+                scale = self._apps.read_namespaced_deployment_scale(names.placeholder_name(pool), self.namespace)
+        except errors.NotFound:
             return None
         return int(scale.spec.replicas or 0)
 
     def pool_state(self, ref: PoolRef) -> PoolState:
         """Node counts as the cluster sees them; bounds belong to the cluster's autoscaler (None)."""
         with self._errors():
-            nodes = self._core.list_node(label_selector=f"{POOL_LABEL}={ref.name}").items
+            nodes = self._core.list_node(label_selector=f"{LABEL_POOL}={ref.name}").items
         return PoolState(ref=ref, desired_nodes=len(nodes), ready_nodes=sum(1 for n in nodes if _is_ready(n)))
 
     # ------------------------------------------------------------------ acts
@@ -207,16 +193,16 @@ class KubernetesAdapter(ProviderAdapter):
     def scale_placeholders(self, pool: str, replicas: int) -> int:
         """Set the placeholder Deployment's replicas; returns the previous count."""
         if replicas < 0:
-            raise base.InvalidRequest("placeholder replicas must be >= 0", cloud="kubernetes", code="Invalid")
+            raise errors.InvalidRequest("placeholder replicas must be >= 0", cloud="kubernetes", code="Invalid")
         previous = self.placeholder_count(pool)
         if previous is None:
-            raise base.NotFound(
-                f"placeholder Deployment {self.namespace}/{placeholder_deployment_name(pool)} does not exist",
+            raise errors.NotFound(
+                f"placeholder Deployment {self.namespace}/{names.placeholder_name(pool)} does not exist",
                 cloud="kubernetes",
                 code="NotFound",
             )
         with self._errors():
             self._apps.patch_namespaced_deployment_scale(
-                placeholder_deployment_name(pool), self.namespace, {"spec": {"replicas": replicas}}
+                names.placeholder_name(pool), self.namespace, {"spec": {"replicas": replicas}}
             )
         return previous

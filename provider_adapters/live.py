@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 
 __all__ = ["SPOT_PRICE_TOLERANCE", "LiveFinding", "adapters_for_plan", "check_plan"]
 
@@ -57,14 +57,14 @@ class _Cache:
         if key not in self._answers:
             try:
                 self._answers[key] = getattr(self.adapters[cloud], verb)(region)
-            except base.AdapterError as exc:
+            except errors.AdapterError as exc:
                 self._answers[key] = exc
         return self._answers[key]
 
-    def offerings(self, cloud: str, region: str) -> list[base.GpuOffering] | base.AdapterError:
+    def offerings(self, cloud: str, region: str) -> list[base.GpuOffering] | errors.AdapterError:
         return self._ask("offerings", cloud, region)  # type: ignore[no-any-return]
 
-    def quotas(self, cloud: str, region: str) -> list[base.QuotaInfo] | base.AdapterError:
+    def quotas(self, cloud: str, region: str) -> list[base.QuotaInfo] | errors.AdapterError:
         return self._ask("quotas", cloud, region)  # type: ignore[no-any-return]
 
 
@@ -88,7 +88,7 @@ def _check_pool(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
     name, cloud, region, machine = pool["name"], pool["cloud"], pool.get("region") or "", pool["instance_type"]
     out: list[LiveFinding] = []
     offerings = cache.offerings(cloud, region)
-    if isinstance(offerings, base.AdapterError):
+    if isinstance(offerings, errors.AdapterError):
         return [LiveFinding("warning", name, "unchecked", f"could not list {cloud} offerings in {region}: {offerings}")]
     offering = next((o for o in offerings if o.machine_type == machine), None)
     if offering is None:
@@ -108,7 +108,7 @@ def _check_pool(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
         )
 
     quotas = cache.quotas(cloud, region)
-    if isinstance(quotas, base.AdapterError):
+    if isinstance(quotas, errors.AdapterError):
         out.append(LiveFinding("warning", name, "unchecked", f"could not read {cloud} quotas in {region}: {quotas}"))
     else:
         quota, needed = _quota_for(pool, offering, quotas)
@@ -148,9 +148,9 @@ def _check_spot(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
         return [LiveFinding("info", name, "unchecked", f"no catalog spot price for {machine} to compare with")]
     try:
         quotes = cache.adapters[cloud].prices(region, [machine])
-    except base.Unsupported as exc:
+    except errors.Unsupported as exc:
         return [LiveFinding("info", name, "unchecked", f"live spot price not checked: {exc.message}")]
-    except base.AdapterError as exc:
+    except errors.AdapterError as exc:
         return [LiveFinding("warning", name, "unchecked", f"could not read spot prices: {exc}")]
     zones = set(pool.get("zones") or [])
     live = [q.spot_usd_per_h for q in quotes if q.spot_usd_per_h is not None and (not zones or q.zone in zones)]
@@ -199,7 +199,7 @@ def check_plan(
 
 def adapters_for_plan(plan: Any) -> dict[str, base.ProviderAdapter]:
     """Adapters for the clouds the plan's pools use (`aws`, and `gcp` with the plan's project),
-    with the environment's credentials. Raises `base.AdapterError` (e.g. `SdkMissing`)."""
+    with the environment's credentials. Raises `errors.AdapterError` (e.g. `SdkMissing`)."""
     from gpufleet.provider_adapters import discovery
 
     data = _as_dict(plan)

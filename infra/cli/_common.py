@@ -43,13 +43,6 @@ CatalogOpt = Annotated[
 ]
 
 
-def compile_declaration(file: Path, catalogs: list[Path] | None = None):
-    """Load, validate and compile a fleet file with its own and the given catalog files."""
-    from gpufleet.infra import plan
-
-    return plan.compile_file(str(file), catalogs or ())
-
-
 def declaration_errors() -> tuple[type[BaseException], ...]:
     """The domain errors of loading a declaration and its catalogs (shown as one line)."""
     from gpufleet.infra import catalog, report, spec

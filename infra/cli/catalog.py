@@ -35,9 +35,9 @@ def refresh(
     regions and spot prices. Use it with `gpufleet plan FILE --catalog FILE`."""
     from gpufleet.infra import catalog as catalog_mod
     from gpufleet.infra.cli import discover as discover_cli
-    from gpufleet.provider_adapters import base, discovery
+    from gpufleet.provider_adapters import discovery, errors
 
-    with user_errors(base.AdapterError, catalog_mod.CatalogError):
+    with user_errors(errors.AdapterError, catalog_mod.CatalogError):
         reference = catalog_mod.bundled()
         target = out or Path(f"catalog-{cloud.value}.yaml")
         if not target.parent.is_dir():

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gpufleet.infra import names
 from gpufleet.infra.cli._common import UserError, console, user_errors
 from gpufleet.infra.controller.decision import ControllerSettings
 
@@ -32,7 +33,7 @@ def load_plan(path: Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         from gpufleet.infra import plan as plan_mod
 
-        return plan_mod.compile_file(str(path)).to_json_dict()
+        return plan_mod.compile_file(path).to_json_dict()
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -44,11 +45,6 @@ def load_plan(path: Path) -> dict[str, Any]:
             f"{path}: schema: expected 'gpufleet.plan/v1' (write it with `gpufleet plan FILE --format json`)"
         )
     return data
-
-
-def node_group_name(plan: dict[str, Any], pool: str) -> str:
-    """The EKS node group the stacks create for a pool: `<fleet>-<pool>` (as gpufleet.infra.manifests names it)."""
-    return f"{plan.get('fleet', '')}-{pool}"[:63].rstrip("-")
 
 
 def build_controller(
@@ -99,7 +95,7 @@ def build_controller(
                     name=name,
                     region=p.get("region") or clouds["aws"]["region"],
                     cluster=clouds["aws"]["cluster"],
-                    provider_name=provider_names.get(name) or node_group_name(plan, name),
+                    provider_name=provider_names.get(name) or names.node_group_name(str(plan.get("fleet", "")), name),
                 )
                 nodes[name] = runtime.NodeBinding(aws.AwsAdapter(default_region=ref.region), ref)
             elif p["cloud"] == "gcp" and clouds.get("gcp") and name in provider_names:
@@ -190,9 +186,9 @@ def run(
 
     from pydantic import ValidationError
 
-    from gpufleet.provider_adapters import base
+    from gpufleet.provider_adapters import errors
 
-    with user_errors(base.AdapterError):
+    with user_errors(errors.AdapterError):
         overrides = {
             k: v
             for k, v in {

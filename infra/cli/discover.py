@@ -64,9 +64,9 @@ def register(app: typer.Typer) -> None:
         """Show which GPU machine types are offered in which regions and zones, at what spot
         price, and how many more of each the free quota allows."""
         from gpufleet.infra import catalog as catalog_mod
-        from gpufleet.provider_adapters import base, discovery
+        from gpufleet.provider_adapters import discovery, errors
 
-        with user_errors(base.AdapterError):
+        with user_errors(errors.AdapterError):
             adapter = discovery.connect(cloud.value, project=project)
             regions = adapter.regions() if region == ["all"] else region
             notes: list[str] = []

@@ -12,7 +12,6 @@ import typer
 from gpufleet.infra.cli._common import (
     CatalogOpt,
     UserError,
-    compile_declaration,
     console,
     declaration_errors,
     err_console,
@@ -33,8 +32,10 @@ FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml
 
 def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
     """Check a fleet declaration: exit 0 when valid, 1 with every problem listed."""
+    from gpufleet.infra import plan as plan_mod
+
     with user_errors(*declaration_errors()):
-        p = compile_declaration(file, catalog)
+        p = plan_mod.compile_file(file, catalog)
     console.print(
         f"[green]ok[/] {file}: fleet {p.fleet}, {len(p.pools)} pools, {len(p.deployments)} deployments, "
         f"{len(p.warnings)} warning(s)",
@@ -90,10 +91,11 @@ def plan(
     ] = False,
 ) -> None:
     """Compile the declaration into a plan: placement, KV capacity, failover, cost."""
+    from gpufleet.infra import plan as plan_mod
     from gpufleet.infra import report
 
     with user_errors(*declaration_errors()):
-        p = compile_declaration(file, catalog)
+        p = plan_mod.compile_file(file, catalog)
         change = None
         if compare is not None:
             try:
@@ -251,9 +253,9 @@ def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
 def _live_findings(p, catalogs: list[Path] | None):
     """Run the live checks of every pool whose cloud has an adapter (AWS, GCP)."""
     from gpufleet.infra import catalog as catalog_mod
-    from gpufleet.provider_adapters import base, live
+    from gpufleet.provider_adapters import errors, live
 
-    with user_errors(base.AdapterError, *declaration_errors()):
+    with user_errors(errors.AdapterError, *declaration_errors()):
         adapters = live.adapters_for_plan(p)
         cat = catalog_mod.load([*(catalogs or [])])
         return live.check_plan(p, adapters, cat)

@@ -14,7 +14,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     import pulumi
     from pulumi.config import ConfigMissingError, ConfigTypeError
 
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import preview
 
     return (preview.PreviewError, pulumi.RunError, ConfigMissingError, ConfigTypeError)
 
@@ -30,7 +30,7 @@ def _print_tree(result: Any) -> None:
     from rich.markup import escape
     from rich.tree import Tree
 
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import preview
 
     root = Tree(f"[bold]{escape(result.project)}/{escape(result.stack)}[/]: {len(result.resources)} resources")
     nodes: dict[str, Tree] = {}
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         Pulumi's mocks, without the Pulumi CLI or credentials; secret values are masked."""
         import json
 
-        from gpufleet.infra import preview
+        from gpufleet.infra.pulumi import preview
 
         with user_errors(*_errors()):
             result = preview.preview_stack(stack_dir, stack)

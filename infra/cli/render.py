@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
+from gpufleet.infra import names
 from gpufleet.infra.cli._common import (
     CatalogOpt,
     UserError,
-    compile_declaration,
     console,
     declaration_errors,
     user_errors,
@@ -30,16 +30,17 @@ def router_config(
             "--url-template",
             help="Base URL of each replica; {id}, {deployment}, {pool}, {index}, {port}, {namespace} are filled in.",
         ),
-    ] = "http://{id}.{deployment}.{namespace}.svc.cluster.local:{port}",
+    ] = f"http://{names.replica_host('{id}', '{deployment}', '{namespace}')}:{{port}}",
     catalog: CatalogOpt = None,
 ) -> None:
     """Write the router's typed config (every replica, its pool, priority and KV capacity; the policy)."""
     import yaml
 
-    from gpufleet.infra import render
+    from gpufleet.infra import plan as plan_mod
+    from gpufleet.infra import router_config as router_config_mod
 
     with user_errors(*declaration_errors()):
-        p = compile_declaration(file, catalog)
+        p = plan_mod.compile_file(file, catalog)
         ports = {d.name: d.port for d in p.deployments}
 
         def url(r) -> str:
@@ -55,7 +56,7 @@ def router_config(
             except (KeyError, IndexError) as exc:
                 raise UserError(f"--url-template: unknown placeholder {exc}") from None
 
-        cfg = render.router_config(p, url)
+        cfg = router_config_mod.render(p, url)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     console.print(f"wrote {out}: {len(cfg.replicas)} replicas, policy {cfg.settings.policy}", highlight=False)
 

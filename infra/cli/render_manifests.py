@@ -13,7 +13,6 @@ import typer
 from gpufleet.infra.cli._common import (
     CatalogOpt,
     UserError,
-    compile_declaration,
     console,
     declaration_errors,
     user_errors,
@@ -52,9 +51,10 @@ def register_manifests(render_app: typer.Typer) -> None:
         from rich.table import Table
 
         from gpufleet.infra import manifests
+        from gpufleet.infra import plan as plan_mod
 
         with user_errors(*declaration_errors()):
-            p = compile_declaration(file, catalog)
+            p = plan_mod.compile_file(file, catalog)
             defaults = manifests.ManifestOptions()
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
                 raise UserError(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, compile_declaration, console, declaration_errors, user_errors
+from gpufleet.infra.cli._common import UserError, console, declaration_errors, user_errors
 
 if TYPE_CHECKING:
     from gpufleet.infra.local import LocalRuntime
@@ -22,10 +22,11 @@ DEFAULT_LOCAL_FLEET = Path("stacks/local/fleet.yaml")
 
 
 def _plan(file: Path) -> Plan:
+    from gpufleet.infra import plan as plan_mod
     from gpufleet.infra.local import LocalRuntimeError, check_local
 
     with user_errors(*declaration_errors(), LocalRuntimeError):
-        plan = compile_declaration(file)
+        plan = plan_mod.compile_file(file)
         check_local(plan)
     return plan
 

@@ -1,6 +1,6 @@
 """The warm-capacity / failover controller's decision: a PURE function.
 
-    decide(fleet, samples, state, now_s, settings) -> Decision(actions, state, notes, pressure)
+    decide(fleet, samples, state, now_s, settings) -> ControllerDecision(actions, state, notes, pressure)
 
 Per deployment, its failover chain (pools in the order traffic uses them) is walked pair by
 pair. When a pool's *pressure* reaches `high_water` (share of its GPUs busy or pending — now,
@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "Action",
+    "ControllerDecision",
     "ControllerSettings",
     "ControllerState",
-    "Decision",
     "DeploymentFacts",
     "FleetFacts",
     "PoolFacts",
@@ -198,7 +198,9 @@ class Action:
 
 
 @dataclass(frozen=True)
-class Decision:
+class ControllerDecision:
+    """One reconcile round's outcome: the actions to apply and the state to remember."""
+
     actions: tuple[Action, ...]
     state: dict[str, PoolMemory]
     notes: tuple[tuple[str, str], ...] = ()  # (pool, why nothing was done)
@@ -223,7 +225,7 @@ def decide(
     state: ControllerState,
     now_s: float,
     settings: ControllerSettings,
-) -> Decision:
+) -> ControllerDecision:
     """Actions that prepare the next pools for spill-over, and the state to remember."""
     notes: list[tuple[str, str]] = []
     fresh: dict[str, PoolSample] = {}
@@ -317,4 +319,4 @@ def decide(
                         f"room for {target} warm node(s) beside {serving_nodes} serving",
                     )
                 )
-    return Decision(tuple(actions), new_state, tuple(notes), pressure, targets)
+    return ControllerDecision(tuple(actions), new_state, tuple(notes), pressure, targets)

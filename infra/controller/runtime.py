@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from gpufleet.infra.controller.decision import (
     Action,
+    ControllerDecision,
     ControllerSettings,
-    Decision,
     FleetFacts,
     PoolMemory,
     PoolSample,
@@ -109,7 +109,7 @@ class Observer:
         return {pool: used[pool] / slots[pool] for pool in slots if slots[pool] > 0}
 
     def observe(self) -> dict[str, PoolSample]:
-        from gpufleet.provider_adapters import base
+        from gpufleet.provider_adapters import errors
 
         self.errors = []
         load = self._replica_load()
@@ -125,7 +125,7 @@ class Observer:
             if hasattr(kube, "utilisations"):
                 try:
                     seen.update(kube.utilisations(names))
-                except base.AdapterError as exc:
+                except errors.AdapterError as exc:
                     self.errors.extend((n, str(exc)) for n in names)
                     log.warning("pools %s: not observed this round: %s", ", ".join(names), exc)
         for name in self.facts.pools:
@@ -141,7 +141,7 @@ class Observer:
                 binding = self.nodes.get(name)
                 if binding is not None:
                     desired = binding.adapter.pool_state(binding.ref).desired_nodes
-            except base.AdapterError as exc:
+            except errors.AdapterError as exc:
                 self.errors.append((name, str(exc)))
                 log.warning("pool %s: not observed this round: %s", name, exc)
                 continue
@@ -233,9 +233,9 @@ class Controller:
                 )
             )
 
-    def reconcile(self) -> Decision:
+    def reconcile(self) -> ControllerDecision:
         """One round. Returns the decision; `applied` lists each action with its outcome."""
-        from gpufleet.provider_adapters import base
+        from gpufleet.provider_adapters import errors
 
         samples = self.observer.observe()
         now = self.clock()
@@ -257,7 +257,7 @@ class Controller:
             if not self.dry_run:
                 try:
                     self._apply(action)
-                except base.AdapterError as exc:
+                except errors.AdapterError as exc:
                     outcome = "failed"
                     log.error(
                         "%s pool=%s %d -> %d failed: %s", action.kind, action.pool, action.current, action.target, exc
@@ -279,7 +279,7 @@ class Controller:
         return decision
 
     def run(
-        self, stop: threading.Event, *, once: bool = False, on_round: Callable[[Decision], None] | None = None
+        self, stop: threading.Event, *, once: bool = False, on_round: Callable[[ControllerDecision], None] | None = None
     ) -> None:
         """Reconcile every `interval_s` until `stop` is set (or once)."""
         while not stop.is_set():

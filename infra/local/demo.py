@@ -190,7 +190,7 @@ class _Demo:
 
     def __init__(self, plan: Plan, opts: DemoOptions, ui: DemoUI) -> None:
         self.plan, self.opts, self.ui = plan, opts, ui
-        self.settings = RouterSettings.model_validate(plan.router)
+        self.settings = plan.router
         weights = traffic_weights(plan)
         models = tuple(weights)
         # One workload: the policy runs replay its first `requests`; the spill-over runs continue it

@@ -9,7 +9,7 @@ From the Plan alone (`layout`) it starts:
 - per warm node of a pool, a pre-started replica in *standby* (loaded and listening, but its
   `/health` and requests answer 503, so the router keeps it ejected) for a deployment that may
   use the pool (cycling over them in declaration order);
-- the router (`gpufleet router serve`), configured by `gpufleet.infra.render.router_config`
+- the router (`gpufleet router serve`), configured by `gpufleet.infra.router_config.render`
   from the same plan, with the standby replicas listed under their pools.
 
 Supervision (dead replicas, promotion of standbys) is `gpufleet.infra.local.supervisor`; the
@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gpufleet.infra import render
+from gpufleet.infra import router_config
 from gpufleet.infra.local import processes
 from gpufleet.infra.local.layout import LocalReplica, layout, pool_perf
 from gpufleet.infra.local.supervisor import Supervisor
@@ -84,7 +84,7 @@ class LocalRuntime:
     ) -> None:
         check_local(plan)
         self.plan = plan
-        self.settings = settings or RouterSettings.model_validate(plan.router)
+        self.settings = settings or plan.router
         local = plan.clouds.local
         self.host = local.host if local is not None else "127.0.0.1"
         self._base_port = local.base_port if local is not None else 0
@@ -241,7 +241,7 @@ class LocalRuntime:
 
     # -- the router ----------------------------------------------------------------------
     def router_config_for_run(self) -> RouterConfig:
-        """The router config: `render.router_config` over the plan plus the standby replicas."""
+        """The router config: `router_config.render` over the plan plus the standby replicas."""
         warm: dict[str, list[ReplicaPlan]] = {}
         for rep in self.replicas:
             if rep.role == "warm":
@@ -260,7 +260,7 @@ class LocalRuntime:
             }
         )
         urls = {r.id: r.url for r in self.replicas}
-        return render.router_config(plan, urls, self.settings)
+        return router_config.render(plan, urls, self.settings)
 
     def _start_router(self) -> None:
         cfg = self.router_config_for_run()

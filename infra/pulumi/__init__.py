@@ -10,7 +10,7 @@ from __future__ import annotations
 from gpufleet.infra.pulumi import stack_config
 from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
-from gpufleet.infra.pulumi.fleet import Fleet, FleetArgs, InvalidFleet, compile_declaration
+from gpufleet.infra.pulumi.fleet import Fleet, FleetArgs, InvalidFleet
 from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
 from gpufleet.infra.pulumi.nodepool import GpuNodepool, GpuNodepoolArgs
 from gpufleet.infra.pulumi.router import CacheAwareRouter, CacheAwareRouterArgs
@@ -32,6 +32,5 @@ __all__ = [
     "ModelDeploymentArgs",
     "WarmCapacity",
     "WarmCapacityArgs",
-    "compile_declaration",
     "stack_config",
 ]

@@ -1,4 +1,5 @@
-"""Register a plain Kubernetes object dict (from `gpufleet.infra.manifests`) as a Pulumi resource.
+"""Register a plain Kubernetes object dict (from `gpufleet.infra.manifests`) as a Pulumi resource,
+and write the kubeconfig of an EKS or GKE cluster for the Kubernetes provider.
 
 The object builders are written once in `infra.manifests`; this module only maps an
 object's kind to its `pulumi_kubernetes` class. Top-level fields become the class's
@@ -8,13 +9,14 @@ passes through unchanged, so Pulumi applies exactly what `gpufleet render manife
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-__all__ = ["KINDS", "apply_object"]
+__all__ = ["KINDS", "apply_object", "eks_kubeconfig", "gke_kubeconfig"]
 
 KINDS: dict[tuple[str, str], type[pulumi.CustomResource]] = {
     ("v1", "Namespace"): k8s.core.v1.Namespace,
@@ -45,3 +47,44 @@ def apply_object(resource_name: str, obj: dict[str, Any], opts: pulumi.ResourceO
         raise ValueError(f"no Pulumi class for {obj['apiVersion']} {obj['kind']}")
     kwargs = {_snake(k): v for k, v in obj.items() if k not in ("apiVersion", "kind")}
     return cls(resource_name, opts=opts, **kwargs)
+
+
+def _kubeconfig(
+    cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]
+) -> pulumi.Output[str]:
+    """A one-cluster kubeconfig whose user authenticates through an exec credential plugin."""
+    return pulumi.Output.all(server, ca).apply(
+        lambda a: json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": cluster, "cluster": {"server": a[0], "certificate-authority-data": a[1]}}],
+                "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
+                "current-context": cluster,
+                "users": [
+                    {"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}
+                ],
+            }
+        )
+    )
+
+
+def eks_kubeconfig(cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
+    """Authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
+    return _kubeconfig(
+        cluster,
+        endpoint,
+        ca,
+        {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]},
+    )
+
+
+def gke_kubeconfig(cluster: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
+    """Authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials); GKE gives a bare IP."""
+    server = pulumi.Output.from_input(endpoint).apply(lambda e: f"https://{e}")
+    exec_ = {
+        "command": "gke-gcloud-auth-plugin",
+        "provideClusterInfo": True,
+        "installHint": "gcloud components install gke-gcloud-auth-plugin",
+    }
+    return _kubeconfig(cluster, server, ca, exec_)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pulumi
 
-from gpufleet.infra import manifests
+from gpufleet.infra import manifests, names
 from gpufleet.infra.plan import Plan
 from gpufleet.infra.pulumi._kube import apply_object
 
@@ -43,6 +43,6 @@ class FailoverController(pulumi.ComponentResource):
             resources.append(
                 apply_object(f"{name}-{kind.lower()}", obj, pulumi.ResourceOptions(parent=self, depends_on=deps))
             )
-        self.service_account = pulumi.Output.from_input(manifests.controller_name(args.plan))
+        self.service_account = pulumi.Output.from_input(names.controller_name(args.plan.fleet))
         self.node_scaling = pulumi.Output.from_input(manifests.controller_node_scaling(args.plan, args.options))
         self.register_outputs({"service_account": self.service_account, "node_scaling": self.node_scaling})

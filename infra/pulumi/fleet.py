@@ -18,10 +18,10 @@ from typing import Any
 import pulumi
 
 from gpufleet.infra import catalog as catalog_mod
-from gpufleet.infra import manifests, spec
+from gpufleet.infra import manifests, names, spec
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.plan import Plan
-from gpufleet.infra.pulumi._kube import apply_object
+from gpufleet.infra.pulumi._kube import apply_object, eks_kubeconfig, gke_kubeconfig
 from gpufleet.infra.pulumi.controller import FailoverController, FailoverControllerArgs
 from gpufleet.infra.pulumi.failover import FailoverPriorities, FailoverPrioritiesArgs
 from gpufleet.infra.pulumi.model import ModelDeployment, ModelDeploymentArgs
@@ -29,7 +29,7 @@ from gpufleet.infra.pulumi.nodepool import GpuNodepool, GpuNodepoolArgs
 from gpufleet.infra.pulumi.router import CacheAwareRouter, CacheAwareRouterArgs
 from gpufleet.infra.pulumi.warm import WarmCapacity, WarmCapacityArgs
 
-__all__ = ["Fleet", "FleetArgs", "InvalidFleet", "compile_declaration"]
+__all__ = ["Fleet", "FleetArgs", "InvalidFleet"]
 
 _EKS_NODE_POLICIES = (
     "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
@@ -44,32 +44,6 @@ class InvalidFleet(pulumi.RunError):
     def __init__(self, error: spec.FleetError | catalog_mod.CatalogError | ValueError) -> None:
         self.issues = list(getattr(error, "issues", []))
         super().__init__(str(error))
-
-
-def compile_declaration(
-    fleet: Mapping[str, Any] | None = None,
-    fleet_file: str | Path | None = None,
-    origin: str = "gpufleet:fleet",
-    base_dir: Path | None = None,
-) -> Plan:
-    """Compile an inline declaration (stack config) or a declaration file into a Plan.
-
-    Raises `InvalidFleet` with every problem of the declaration.
-    """
-    try:
-        if (fleet is None) == (fleet_file is None):
-            raise ValueError(
-                "give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither"
-            )
-        if fleet_file is not None:
-            path = Path(fleet_file)
-            if base_dir is not None and not path.is_absolute():
-                path = base_dir / path
-            return plan_mod.compile_file(str(path))
-        decl, smap = spec.load_dict(dict(fleet or {}), origin, base_dir)
-        return plan_mod.compile(decl, smap, catalog_mod.load(decl.catalog))
-    except (spec.FleetError, catalog_mod.CatalogError, ValueError) as exc:
-        raise InvalidFleet(exc) from None
 
 
 @dataclass
@@ -87,6 +61,24 @@ class FleetArgs:
     base_dir: Path | None = None
 
 
+def _compile(args: FleetArgs) -> Plan:
+    """The declaration of `args` (inline, or a file relative to `base_dir`) compiled; raises
+    `InvalidFleet` with every problem of the declaration."""
+    try:
+        if (args.fleet is None) == (args.fleet_file is None):
+            raise ValueError(
+                "give the fleet either inline (gpufleet:fleet) or as a file (gpufleet:fleetFile), not both or neither"
+            )
+        if args.fleet_file is not None:
+            path = Path(args.fleet_file)
+            if args.base_dir is not None and not path.is_absolute():
+                path = args.base_dir / path
+            return plan_mod.compile_file(path)
+        return plan_mod.compile_data(dict(args.fleet or {}), "gpufleet:fleet", args.base_dir)
+    except (spec.FleetError, catalog_mod.CatalogError, ValueError) as exc:
+        raise InvalidFleet(exc) from None
+
+
 class _ClusterHandle:
     """A cluster's Kubernetes provider and what node pools need to join it."""
 
@@ -99,49 +91,6 @@ class _ClusterHandle:
         self.depends_on: list[pulumi.Resource] = []
 
 
-def _kubeconfig(
-    cluster: str, server: pulumi.Input[str], ca: pulumi.Input[str], exec_: dict[str, Any]
-) -> pulumi.Output[str]:
-    """A one-cluster kubeconfig whose user authenticates through an exec credential plugin."""
-    return pulumi.Output.all(server, ca).apply(
-        lambda a: json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": cluster, "cluster": {"server": a[0], "certificate-authority-data": a[1]}}],
-                "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": cluster}}],
-                "current-context": cluster,
-                "users": [
-                    {"name": cluster, "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", **exec_}}}
-                ],
-            }
-        )
-    )
-
-
-def _eks_kubeconfig(
-    cluster: str, region: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]
-) -> pulumi.Output[str]:
-    """Authenticates with `aws eks get-token` (the AWS CLI's credentials)."""
-    return _kubeconfig(
-        cluster,
-        endpoint,
-        ca,
-        {"command": "aws", "args": ["eks", "get-token", "--cluster-name", cluster, "--region", region]},
-    )
-
-
-def _gke_kubeconfig(cluster: str, endpoint: pulumi.Input[str], ca: pulumi.Input[str]) -> pulumi.Output[str]:
-    """Authenticates with `gke-gcloud-auth-plugin` (gcloud's credentials); GKE gives a bare IP."""
-    server = pulumi.Output.from_input(endpoint).apply(lambda e: f"https://{e}")
-    exec_ = {
-        "command": "gke-gcloud-auth-plugin",
-        "provideClusterInfo": True,
-        "installHint": "gcloud components install gke-gcloud-auth-plugin",
-    }
-    return _kubeconfig(cluster, server, ca, exec_)
-
-
 class Fleet(pulumi.ComponentResource):
     """Everything the fleet needs, from one declaration."""
 
@@ -152,7 +101,7 @@ class Fleet(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: FleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         # Compile first: an invalid declaration registers nothing, not even this component.
-        plan = args.plan or compile_declaration(args.fleet, args.fleet_file, base_dir=args.base_dir)
+        plan = args.plan or _compile(args)
         problems = manifests.check_controller_options(plan, args.options)
         if problems:
             raise pulumi.RunError("; ".join(problems))
@@ -195,7 +144,9 @@ class Fleet(pulumi.ComponentResource):
                         "name": pool.name,
                         "cloud": pool.cloud,
                         "cluster": c.name,
-                        "node_group": manifests.node_group_name(plan, pool) if pool.cloud != "kubernetes" else None,
+                        "node_group": names.node_group_name(plan.fleet, pool.name)
+                        if pool.cloud != "kubernetes"
+                        else None,
                         "instance_type": pool.instance_type,
                         "priority": pool.priority,
                         "baseline_nodes": pool.baseline_nodes,
@@ -359,7 +310,7 @@ class Fleet(pulumi.ComponentResource):
             ]
             h.node_role_arn = role.arn
             h.depends_on = [*h.depends_on, *attachments]
-        return _eks_kubeconfig(cfg.cluster, cfg.region, endpoint, ca)
+        return eks_kubeconfig(cfg.cluster, cfg.region, endpoint, ca)
 
     def _pool_subnets(self, name: str, pool: plan_mod.PoolPlan, h: _ClusterHandle) -> pulumi.Input[list[str]] | None:
         """The cluster's subnets, narrowed to the pool's zones when it declares them."""
@@ -415,4 +366,4 @@ class Fleet(pulumi.ComponentResource):
             )
             endpoint = found.endpoint
             ca = found.master_auths.apply(lambda ms: ms[0].cluster_ca_certificate)
-        return _gke_kubeconfig(cfg.cluster, endpoint, ca)
+        return gke_kubeconfig(cfg.cluster, endpoint, ca)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pulumi
 
-from gpufleet.infra import manifests
+from gpufleet.infra import manifests, names
 from gpufleet.infra.plan import Plan, PoolPlan
 
 __all__ = ["AWS_GPU_AMI_TYPE", "GKE_ACCELERATORS", "GKE_ACCELERATOR_BY_FAMILY", "GpuNodepool", "GpuNodepoolArgs"]
@@ -59,7 +59,7 @@ class GpuNodepool(pulumi.ComponentResource):
     def __init__(self, name: str, args: GpuNodepoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gpufleet:nodepool:GpuNodepool", name, None, opts)
         pool, plan = args.pool, args.plan
-        group = manifests.node_group_name(plan, pool)
+        group = names.node_group_name(plan.fleet, pool.name)
         child = pulumi.ResourceOptions(parent=self)
         self.resource: pulumi.CustomResource | None = None
         if pool.cloud == "aws":
@@ -96,7 +96,7 @@ class GpuNodepool(pulumi.ComponentResource):
             ),
             labels=manifests.pool_labels(pool),
             taints=[aws.eks.NodeGroupTaintArgs(**t) for t in _taints(pool)],
-            tags={manifests.LABEL_FLEET: args.plan.fleet, manifests.LABEL_POOL: pool.name},
+            tags={names.LABEL_FLEET: args.plan.fleet, names.LABEL_POOL: pool.name},
             # The cluster-autoscaler owns the current size once the group exists.
             opts=pulumi.ResourceOptions.merge(
                 opts, pulumi.ResourceOptions(ignore_changes=["scalingConfig.desiredSize"])

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pulumi
 
-from gpufleet.infra import manifests
+from gpufleet.infra import manifests, names
 from gpufleet.infra.plan import Plan
 from gpufleet.infra.pulumi._kube import apply_object
 
@@ -40,7 +40,7 @@ class CacheAwareRouter(pulumi.ComponentResource):
                 "metadata": {
                     "name": manifests.admin_secret_name(plan),
                     "namespace": plan.namespace,
-                    "labels": {"app.kubernetes.io/managed-by": "gpufleet", manifests.LABEL_FLEET: plan.fleet},
+                    "labels": {"app.kubernetes.io/managed-by": "gpufleet", names.LABEL_FLEET: plan.fleet},
                 },
                 "type": "Opaque",
                 # Output.secret keeps the token encrypted in the state and out of previews.
@@ -58,7 +58,7 @@ class CacheAwareRouter(pulumi.ComponentResource):
             )
         service = next(o for o in objs if o["kind"] == "Service")
         svc_res = resources["service" + service["metadata"]["name"]]
-        in_cluster = f"http://{service['metadata']['name']}.{plan.namespace}.svc.cluster.local:{cfg.settings.port}"
+        in_cluster = f"http://{names.service_host(service['metadata']['name'], plan.namespace)}:{cfg.settings.port}"
         if args.options.router_service_type == "LoadBalancer":
             self.endpoint = svc_res.status.apply(lambda st: _lb_url(st, cfg.settings.port) or in_cluster)  # type: ignore[attr-defined]
         else:

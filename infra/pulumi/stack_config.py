@@ -1,4 +1,5 @@
-"""Reading a stack's `gpufleet:*` config and secrets into `FleetArgs` (for the stacks' `__main__.py`).
+"""The stack program every stack in `stacks/` runs (`program()`, the whole of each `__main__.py`),
+and the reading of a stack's `gpufleet:*` config and secrets into `FleetArgs` it starts with.
 
 Keys (namespace `gpufleet`):
 
@@ -31,9 +32,9 @@ from pathlib import Path
 import pulumi
 
 from gpufleet.infra import manifests
-from gpufleet.infra.pulumi.fleet import FleetArgs
+from gpufleet.infra.pulumi.fleet import Fleet, FleetArgs
 
-__all__ = ["NAMESPACE", "SERVICE_TYPES", "read"]
+__all__ = ["NAMESPACE", "SERVICE_TYPES", "program", "read"]
 
 NAMESPACE = "gpufleet"
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
@@ -92,3 +93,13 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
         options=options,
         base_dir=Path(base_dir) if base_dir is not None else Path.cwd(),
     )
+
+
+def program(base_dir: str | Path | None = None) -> Fleet:
+    """A gpufleet stack: read the config and secrets, build the Fleet, export its outputs."""
+    fleet = Fleet("gpufleet", read(base_dir))
+    pulumi.export("router_endpoint", fleet.router_endpoint)
+    pulumi.export("pools", fleet.pools)
+    pulumi.export("cost", fleet.cost)
+    pulumi.export("clusters", fleet.clusters)
+    return fleet

@@ -81,9 +81,7 @@ def fleet_from_plan(plan: Any, deployment: str, *, replicas: int | None = None, 
     except KeyError:
         names = ", ".join(d.name for d in plan.deployments) or "none"
         raise ValueError(f"deployment {deployment!r} is not in fleet {plan.fleet!r}; it has: {names}") from None
-    settings = (
-        plan.router if isinstance(plan.router, RouterSettings) else RouterSettings.model_validate(plan.router or {})
-    )
+    settings: RouterSettings = plan.router
     perf = {p.pool: p for p in dep.pools}
     specs: list[ReplicaSpec] = []
     for rp in dep.replicas:

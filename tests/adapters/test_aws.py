@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from gpufleet.provider_adapters import aws, base
+from gpufleet.provider_adapters import aws, base, errors
 from tests.fakes.aws_quotas import ec2_gpu_quotas
 
 ROLE = "arn:aws:iam::123456789012:role/nodes"
@@ -98,7 +98,7 @@ def test_quotas_count_running_gpu_vcpus(adapter: aws.AwsAdapter) -> None:
 
 def test_quotas_unavailable_maps_to_not_found(adapter: aws.AwsAdapter) -> None:
     # moto's Service Quotas knows only VPC: the NoSuchResourceException must surface typed.
-    with pytest.raises(base.NotFound) as info:
+    with pytest.raises(errors.NotFound) as info:
         adapter.quotas("us-east-1")
     assert info.value.code == "NoSuchResourceException" and info.value.cloud == "aws"
 
@@ -122,7 +122,7 @@ def test_scale_pool_changes_what_the_next_read_returns(adapter: aws.AwsAdapter) 
 def test_scale_pool_beyond_max_is_refused(adapter: aws.AwsAdapter) -> None:
     make_nodegroup("us-west-2", "prod", "h100", desired=1, max_size=4)
     ref = base.PoolRef(cloud="aws", name="h100", region="us-west-2", cluster="prod")
-    with pytest.raises(base.InvalidRequest, match=r"outside \[0, 4\]"):
+    with pytest.raises(errors.InvalidRequest, match=r"outside \[0, 4\]"):
         adapter.scale_pool(base.ScaleRequest(ref=ref, desired_nodes=5))
     assert adapter.pool_state(ref).desired_nodes == 1
 
@@ -130,7 +130,7 @@ def test_scale_pool_beyond_max_is_refused(adapter: aws.AwsAdapter) -> None:
 def test_missing_nodegroup_is_not_found(adapter: aws.AwsAdapter) -> None:
     make_nodegroup("us-west-2", "prod", "h100", desired=1, max_size=4)
     ref = base.PoolRef(cloud="aws", name="nope", region="us-west-2", cluster="prod")
-    with pytest.raises(base.NotFound) as info:
+    with pytest.raises(errors.NotFound) as info:
         adapter.pool_state(ref)
     assert info.value.code == "ResourceNotFoundException" and info.value.region == "us-west-2"
 
@@ -145,11 +145,11 @@ def test_warm_pool_is_set_on_the_nodegroup_asg(adapter: aws.AwsAdapter) -> None:
 @pytest.mark.parametrize(
     ("code", "error_type", "blocks"),
     [
-        ("InsufficientInstanceCapacity", base.CapacityError, "zone"),
-        ("VcpuLimitExceeded", base.QuotaExceeded, "region"),
-        ("Unsupported", base.NotOffered, "zone"),
-        ("UnauthorizedOperation", base.PermissionDenied, "cloud"),
-        ("RequestLimitExceeded", base.Throttled, "request"),
+        ("InsufficientInstanceCapacity", errors.CapacityError, "zone"),
+        ("VcpuLimitExceeded", errors.QuotaExceeded, "region"),
+        ("Unsupported", errors.NotOffered, "zone"),
+        ("UnauthorizedOperation", errors.PermissionDenied, "cloud"),
+        ("RequestLimitExceeded", errors.Throttled, "request"),
     ],
 )
 def test_client_errors_map_to_typed_errors(adapter: aws.AwsAdapter, code: str, error_type: type, blocks: str) -> None:

@@ -6,38 +6,38 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.provider_adapters import base
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters import kubernetes as kube_adapter
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "adapters.md"
 
 
-@pytest.mark.parametrize(("key", "expected"), list(base.ERROR_CODES.items()), ids=lambda v: str(v))
+@pytest.mark.parametrize(("key", "expected"), list(errors.ERROR_CODES.items()), ids=lambda v: str(v))
 def test_every_provider_code_maps_to_its_typed_error(key: tuple[str, str], expected: tuple[type, str]) -> None:
     cloud, code = key
-    error = base.map_error(cloud, code, "boom", region="r1", zone="r1-a")
+    error = errors.map_error(cloud, code, "boom", region="r1", zone="r1-a")
     assert type(error) is expected[0] and error.blocks == expected[1]
     assert (error.cloud, error.code, error.region, error.zone) == (cloud, code, "r1", "r1-a")
     assert code in str(error) and "boom" in str(error)
 
 
 def test_codes_match_case_insensitively_then_by_http_status() -> None:
-    assert isinstance(base.map_error("gcp", "quotaexceeded", "x"), base.QuotaExceeded)
-    fallback = base.map_error("gcp", "somethingNew", "x", http_status=403)
-    assert isinstance(fallback, base.PermissionDenied) and fallback.code == "somethingNew"
-    unknown = base.map_error("aws", "Mystery", "x")
-    assert type(unknown) is base.AdapterError and unknown.blocks == "request"
+    assert isinstance(errors.map_error("gcp", "quotaexceeded", "x"), errors.QuotaExceeded)
+    fallback = errors.map_error("gcp", "somethingNew", "x", http_status=403)
+    assert isinstance(fallback, errors.PermissionDenied) and fallback.code == "somethingNew"
+    unknown = errors.map_error("aws", "Mystery", "x")
+    assert type(unknown) is errors.AdapterError and unknown.blocks == "request"
 
 
 def test_unsupported_verbs_quote_the_cannot_do_table() -> None:
     adapter = kube_adapter.KubernetesAdapter.__new__(kube_adapter.KubernetesAdapter)
-    with pytest.raises(base.Unsupported) as info:
+    with pytest.raises(errors.Unsupported) as info:
         adapter.quotas("anywhere")
     assert base.CANNOT_DO[("kubernetes", "quotas")] in str(info.value) and info.value.blocks == "cloud"
 
 
 def test_missing_sdk_names_the_extra_to_install() -> None:
-    with pytest.raises(base.SdkMissing, match=r"pip install 'gpufleet\[gcp\]'"):
+    with pytest.raises(errors.SdkMissing, match=r"pip install 'gpufleet\[gcp\]'"):
         base.lazy_import("google.cloud.compute_v1_does_not_exist", cloud="gcp")
 
 
@@ -51,7 +51,7 @@ def test_docs_list_every_error_code_and_cannot_do_entry() -> None:
     if not DOCS.exists():
         pytest.skip("docs/adapters.md not present")
     text = DOCS.read_text()
-    missing = [code for (_, code) in base.ERROR_CODES if f"`{code}`" not in text]
+    missing = [code for (_, code) in errors.ERROR_CODES if f"`{code}`" not in text]
     missing += [f"{cloud}/{cap}" for (cloud, cap) in base.CANNOT_DO if f"| {cloud} | `{cap}` |" not in text]
     assert not missing, f"docs/adapters.md does not mention: {missing}"
 
@@ -59,7 +59,7 @@ def test_docs_list_every_error_code_and_cannot_do_entry() -> None:
 def test_public_api_is_pinned() -> None:
     import importlib
 
-    for name in ("base", "aws", "gcp", "kubernetes", "live", "failover", "discovery"):
+    for name in ("base", "errors", "aws", "gcp", "kubernetes", "live", "failover", "discovery"):
         module = importlib.import_module(f"gpufleet.provider_adapters.{name}")
         assert module.__all__ and all(hasattr(module, attr) for attr in module.__all__), name
     assert {"check_plan", "LiveFinding"} <= set(importlib.import_module("gpufleet.provider_adapters.live").__all__)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpufleet.provider_adapters import base, gcp
+from gpufleet.provider_adapters import base, errors, gcp
 from tests.fakes.gcp_server import FakeGcpServer
 
 
@@ -69,7 +69,7 @@ def test_regional_gpu_quotas(adapter: gcp.GcpAdapter) -> None:
 
 
 def test_unknown_region_is_not_found(adapter: gcp.GcpAdapter) -> None:
-    with pytest.raises(base.NotFound) as info:
+    with pytest.raises(errors.NotFound) as info:
         adapter.quotas("mars-north1")
     assert info.value.code == "notFound"
 
@@ -92,7 +92,7 @@ def test_stockout_in_operation_maps_to_capacity_error(fake: FakeGcpServer, adapt
     fake.fail_next_resize(
         "us-central1-a", "gke-prod-h100", http_status=503, reason="ZONE_RESOURCE_POOL_EXHAUSTED", as_operation=True
     )
-    with pytest.raises(base.CapacityError) as info:
+    with pytest.raises(errors.CapacityError) as info:
         adapter.scale_pool(base.ScaleRequest(ref=ref(), desired_nodes=2))
     assert (info.value.code, info.value.blocks, info.value.zone) == (
         "ZONE_RESOURCE_POOL_EXHAUSTED",
@@ -105,18 +105,18 @@ def test_stockout_in_operation_maps_to_capacity_error(fake: FakeGcpServer, adapt
 def test_quota_http_error_maps_to_quota_exceeded(fake: FakeGcpServer, adapter: gcp.GcpAdapter) -> None:
     fake.add_mig("us-central1-a", "gke-prod-h100", machine_type="a3-highgpu-8g", size=1)
     fake.fail_next_resize("us-central1-a", "gke-prod-h100", http_status=403, reason="quotaExceeded")
-    with pytest.raises(base.QuotaExceeded) as info:
+    with pytest.raises(errors.QuotaExceeded) as info:
         adapter.scale_pool(base.ScaleRequest(ref=ref(), desired_nodes=4))
     assert info.value.blocks == "region"
 
 
 def test_wrong_project_is_permission_denied(fake: FakeGcpServer) -> None:
     other = gcp.GcpAdapter("someone-elses", client_factory=fake.client)
-    with pytest.raises(base.PermissionDenied) as info:
+    with pytest.raises(errors.PermissionDenied) as info:
         other.regions()
     assert info.value.code == "forbidden"
 
 
 def test_pool_without_zone_is_rejected(adapter: gcp.GcpAdapter) -> None:
-    with pytest.raises(base.InvalidRequest, match="needs its zone"):
+    with pytest.raises(errors.InvalidRequest, match="needs its zone"):
         adapter.pool_state(base.PoolRef(cloud="gcp", name="p", region="us-central1"))

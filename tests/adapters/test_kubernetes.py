@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpufleet.provider_adapters import base
+from gpufleet.infra import names
+from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters import kubernetes as kube_adapter
 from tests.fakes.k8s_server import FakeKubernetes, label_selector_matches
 
@@ -32,7 +33,7 @@ def two_node_pool(kube: FakeKubernetes, placeholders: int = 1) -> None:
     kube.add_node("other", labels={"gpufleet.io/pool": "gcp-h100"}, gpus=8)
     kube.add_pod("vllm-0", namespace="serving", labels={"app": "vllm"}, gpus=4, node_selector=POOL)
     kube.add_deployment(
-        kube_adapter.placeholder_deployment_name("aws-h100"),
+        names.placeholder_name("aws-h100"),
         namespace=NS,
         replicas=placeholders,
         labels=PLACEHOLDER,
@@ -88,13 +89,13 @@ def test_scale_placeholders_changes_running_count(
 
 def test_missing_placeholder_deployment(adapter: kube_adapter.KubernetesAdapter) -> None:
     assert adapter.placeholder_count("nope") is None
-    with pytest.raises(base.NotFound, match="warm-nope"):
+    with pytest.raises(errors.NotFound, match="warm-nope"):
         adapter.scale_placeholders("nope", 1)
 
 
 def test_forbidden_maps_to_permission_denied(kube: FakeKubernetes, adapter: kube_adapter.KubernetesAdapter) -> None:
     kube.forbidden.add("/api/v1/nodes")
-    with pytest.raises(base.PermissionDenied) as info:
+    with pytest.raises(errors.PermissionDenied) as info:
         adapter.utilisation("aws-h100")
     assert (info.value.code, info.value.blocks) == ("Forbidden", "cloud")
 
@@ -106,14 +107,14 @@ def test_unreachable_api_is_a_typed_error() -> None:
     config.host = "http://127.0.0.1:9"  # discard port: nothing listens
     config.retries = 0
     adapter = kube_adapter.KubernetesAdapter(client.ApiClient(config))
-    with pytest.raises(base.AdapterError) as info:
+    with pytest.raises(errors.AdapterError) as info:
         adapter.utilisation("aws-h100")
     assert info.value.code == "Unreachable"
 
 
 def test_cannot_scale_nodes_of_an_existing_cluster(adapter: kube_adapter.KubernetesAdapter) -> None:
     ref = base.PoolRef(cloud="kubernetes", name="aws-h100")
-    with pytest.raises(base.Unsupported, match="autoscaler"):
+    with pytest.raises(errors.Unsupported, match="autoscaler"):
         adapter.scale_pool(base.ScaleRequest(ref=ref, desired_nodes=3))
 
 
@@ -167,11 +168,10 @@ def test_names_match_the_rendered_manifests() -> None:
     compiled = plan.compile_file(str(fleet))
     pool = compiled.pools[0]
     obj = manifests.placeholder_deployment(compiled, pool)
-    assert obj["metadata"]["name"] == kube_adapter.placeholder_deployment_name(pool.name)
+    assert obj["metadata"]["name"] == names.placeholder_name(pool.name)
     template_labels = obj["spec"]["template"]["metadata"]["labels"]
-    assert template_labels[kube_adapter.ROLE_LABEL] == kube_adapter.PLACEHOLDER_ROLE
-    assert template_labels[kube_adapter.POOL_LABEL] == manifests.pool_labels(pool)[kube_adapter.POOL_LABEL] == pool.name
-    assert manifests.LABEL_POOL == kube_adapter.POOL_LABEL
+    assert template_labels[names.LABEL_COMPONENT] == names.PLACEHOLDER_COMPONENT
+    assert template_labels[names.LABEL_POOL] == manifests.pool_labels(pool)[names.LABEL_POOL] == pool.name
 
 
 def test_many_pools_are_read_with_one_node_and_one_pod_list(

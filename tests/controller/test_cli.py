@@ -129,15 +129,3 @@ def test_not_a_plan_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('{"schema": "other"}')
     result = CliRunner().invoke(app, ["controller", "run", "-c", str(bad), "--once"])
     assert result.exit_code == 1 and "gpufleet.plan/v1" in result.output
-
-
-def test_default_node_group_name_matches_the_stacks() -> None:
-    from gpufleet.infra import manifests, plan
-    from gpufleet.infra.cli import controller as cli_controller
-
-    fleet = Path(__file__).resolve().parents[2] / "stacks" / "multicloud" / "fleet.yaml"
-    compiled = plan.compile_file(str(fleet))
-    pool = compiled.pools[0]
-    assert cli_controller.node_group_name(compiled.to_json_dict(), pool.name) == manifests.node_group_name(
-        compiled, pool
-    )

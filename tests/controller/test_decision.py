@@ -59,7 +59,7 @@ class Loop:
         self.placeholders = {"aws": 0, "gcp": 1, "onprem": 0}
         self.nodes = {"aws": 2, "gcp": 1, "onprem": 0}
 
-    def step(self, t: float, aws_busy: int, *, gcp_busy: int = 0, stale: Iterable[str] = ()) -> d.Decision:
+    def step(self, t: float, aws_busy: int, *, gcp_busy: int = 0, stale: Iterable[str] = ()) -> d.ControllerDecision:
         samples = {
             "aws": sample("aws", t, aws_busy, placeholders=self.placeholders["aws"], desired=self.nodes["aws"]),
             "gcp": sample(
@@ -81,7 +81,7 @@ class Loop:
         return decision
 
 
-def kinds(decision: d.Decision) -> set[tuple[str, str, int]]:
+def kinds(decision: d.ControllerDecision) -> set[tuple[str, str, int]]:
     return {(a.kind, a.pool, a.target) for a in decision.actions}
 
 

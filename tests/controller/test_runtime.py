@@ -164,7 +164,7 @@ def test_loop_decays_after_load_falls(world: dict[str, Any]) -> None:
 
 
 def test_run_once_stops_after_one_round(world: dict[str, Any]) -> None:
-    rounds: list[d.Decision] = []
+    rounds: list[d.ControllerDecision] = []
     controller = runtime.Controller(FACTS, SETTINGS, world["observer"], dry_run=True)
     controller.run(threading.Event(), once=True, on_round=rounds.append)
     assert len(rounds) == 1

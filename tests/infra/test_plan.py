@@ -12,7 +12,7 @@ GIB = 2**30
 
 def compile_text(text: str) -> plan.Plan:
     fleet, smap = spec.load_text(text, "fleet.yaml")
-    return plan.compile(fleet, smap)
+    return plan.compile_fleet(fleet, smap)
 
 
 def compile_errors(text: str) -> list[str]:

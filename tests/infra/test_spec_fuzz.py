@@ -20,7 +20,7 @@ values = st.recursive(
 def _compile(text: str) -> None:
     try:
         fleet, smap = spec.load_text(text, "fuzz.yaml")
-        plan.compile(fleet, smap)
+        plan.compile_fleet(fleet, smap)
     except spec.FleetError as exc:
         assert exc.issues and all(i.file == "fuzz.yaml" for i in exc.issues)
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, spec
+from gpufleet.infra import manifests, names
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli import app
 from tests.fakes._http import HttpError, Request
@@ -28,8 +28,7 @@ K8S_VERSION = "1.31"
 
 def _eks_plan() -> plan_mod.Plan:
     data = yaml.safe_load((STACKS / "aws-eks" / "Pulumi.aws-eks.yaml").read_text())["config"]["gpufleet:fleet"]
-    fleet, smap = spec.load_dict(data, "aws-eks")
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(data, "aws-eks")
 
 
 def _multicloud() -> plan_mod.Plan:
@@ -125,7 +124,7 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
     kube.start()
     try:
         for name, pool in (("od-1", "h100-ondemand"), ("od-2", "h100-ondemand"), ("spot-1", "h100-spot")):
-            kube.add_node(name, labels={manifests.LABEL_POOL: pool}, gpus=8)
+            kube.add_node(name, labels={names.LABEL_POOL: pool}, gpus=8)
         for dep in (o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("warm-")):
             pod = dep["spec"]["template"]["spec"]
             kube.add_deployment(
@@ -142,8 +141,8 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
                 f"llama-70b-h100-ondemand-{k}",
                 namespace=plan.namespace,
                 gpus=4,
-                labels={manifests.LABEL_POOL: "h100-ondemand"},
-                node_selector={manifests.LABEL_POOL: "h100-ondemand"},
+                labels={names.LABEL_POOL: "h100-ondemand"},
+                node_selector={names.LABEL_POOL: "h100-ondemand"},
             )
         yield plan, objs, kube, _kubeconfig(tmp_path, kube.url)
     finally:
@@ -152,7 +151,7 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
 
 def _container_argv(objs: list[dict[str, Any]], plan: plan_mod.Plan) -> list[str]:
     dep = next(
-        o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == manifests.controller_name(plan)
+        o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == names.controller_name(plan.fleet)
     )
     c = dep["spec"]["template"]["spec"]["containers"][0]
     return c["command"] + c["args"]
@@ -176,7 +175,9 @@ def _local_args(argv: list[str], plan_file: Path, kubeconfig: Path) -> list[str]
 
 def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_right_used(eks_cluster, tmp_path):
     plan, objs, kube, kubeconfig = eks_cluster
-    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == manifests.controller_name(plan))
+    cm = next(
+        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == names.controller_name(plan.fleet)
+    )
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(cm["data"]["plan.json"])  # exactly what the pod mounts
     # The placeholder of the failover pool exists, empty, only because it follows in the chain.
@@ -361,7 +362,7 @@ def test_in_cluster_controller_leaves_another_clusters_pool_alone_without_being_
     )
     kube.start()
     try:
-        pool = {manifests.LABEL_POOL: "aws-h100"}
+        pool = {names.LABEL_POOL: "aws-h100"}
         for name in ("a1", "a2"):
             kube.add_node(name, labels=pool, gpus=8)
         kube.add_deployment(

@@ -12,11 +12,12 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, render, spec
+from gpufleet.infra import manifests, router_config
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli.render_manifests import register_manifests
-from gpufleet.infra.preview import _sanitize, run_program
 from gpufleet.infra.pulumi import Fleet, FleetArgs
+from gpufleet.infra.pulumi.mocks import sanitize
+from gpufleet.infra.pulumi.preview import run_program
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ROOT / "stacks"
@@ -25,8 +26,7 @@ K8S_VERSION = "1.31"
 
 def _inline(stack: str) -> plan_mod.Plan:
     data = yaml.safe_load((STACKS / stack / f"Pulumi.{stack}.yaml").read_text())["config"]["gpufleet:fleet"]
-    fleet, smap = spec.load_dict(data, stack)
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(data, stack)
 
 
 PLANS = {
@@ -94,7 +94,7 @@ def test_router_configmap_holds_the_rendered_router_config(plan):
         for o in g
         if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router")
     )
-    expected = render.router_config(plan, lambda r: manifests.replica_url(plan, r))
+    expected = router_config.render(plan, lambda r: manifests.replica_url(plan, r))
     assert yaml.safe_load(cm["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
 
 
@@ -112,7 +112,7 @@ def test_pulumi_registers_exactly_the_rendered_objects():
     rendered = {}
     for key, objs in manifests.all_objects(plan).items():
         for o in objs:
-            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = _sanitize(
+            rendered[(key.split("-")[0], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = sanitize(
                 o
             )
     assert registered.keys() == rendered.keys()
@@ -177,8 +177,7 @@ def test_render_manifests_reports_a_bad_declaration_in_one_line(tmp_path):
 def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mount):
     data = yaml.safe_load((STACKS / "multicloud" / "fleet.yaml").read_text())
     data["router"]["admin_token"] = token
-    fleet, smap = spec.load_dict(data)
-    plan = plan_mod.compile(fleet, smap)
+    plan = plan_mod.compile_data(data)
     dep = manifests.router_deployment(plan)
     kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
     c = dep["spec"]["template"]["spec"]["containers"][0]

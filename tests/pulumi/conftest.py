@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import spec
-from gpufleet.infra.preview import PreviewResource, PreviewResult, run_program
+from gpufleet.infra.pulumi.preview import PreviewResource, PreviewResult, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ROOT / "stacks"
@@ -47,8 +46,7 @@ def inline_fleet(stack: str) -> dict[str, Any]:
 
 
 def compile_inline(stack: str) -> plan_mod.Plan:
-    fleet, smap = spec.load_dict(inline_fleet(stack), f"Pulumi.{stack}.yaml")
-    return plan_mod.compile(fleet, smap)
+    return plan_mod.compile_data(inline_fleet(stack), f"Pulumi.{stack}.yaml")
 
 
 @pytest.fixture
@@ -64,17 +62,17 @@ def run() -> Callable[..., Registered]:
 @pytest.fixture
 def registrations(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
     """What each program run registered, even when the run raised: one list per run."""
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import mocks
 
     seen: list[list[Any]] = []
-    real = preview._mocks_and_monitor
+    real = mocks.mocks_and_monitor
 
     def spy() -> Any:
         mocks, monitor, records = real()
         seen.append(records)
         return mocks, monitor, records
 
-    monkeypatch.setattr(preview, "_mocks_and_monitor", spy)
+    monkeypatch.setattr(mocks, "mocks_and_monitor", spy)
     return seen
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpufleet.infra import manifests, render, spec
+from gpufleet.infra import manifests, router_config
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.pulumi import (
     CacheAwareRouter,
@@ -128,8 +128,7 @@ def test_gcp_nodepool_has_accelerators_with_driver_autoscaling_spot_and_zones(ru
 
 
 def test_existing_cluster_pool_creates_no_nodes(run):
-    fleet, smap = spec.load_dict(LAB_FLEET)
-    plan = plan_mod.compile(fleet, smap)
+    plan = plan_mod.compile_data(LAB_FLEET)
     reg = run(lambda: GpuNodepool("np", GpuNodepoolArgs(plan, plan.pool("lab-a100"))))
     assert [r.type for r in reg.resources] == ["gpufleet:nodepool:GpuNodepool"]
 
@@ -172,8 +171,7 @@ def test_warm_capacity_skips_pools_neither_warm_nor_in_a_failover_chain(run):
         "nodepools": [{**LAB_FLEET["nodepools"][0], "warm_nodes": 0}, spare],
         "deployments": [{**LAB_FLEET["deployments"][0], "nodepools": ["lab-a100"]}],
     }
-    fleet, smap = spec.load_dict(fleet_)
-    plan = plan_mod.compile(fleet, smap)
+    plan = plan_mod.compile_data(fleet_)
     assert plan.deployment("small").failover == ["lab-a100"]
     reg = run(lambda: WarmCapacity("warm", WarmCapacityArgs(plan, list(plan.pools))))
     assert not reg.of_type(DEPLOY)
@@ -253,7 +251,7 @@ def test_model_deployment_sglang_flags(run, gke_plan):
 def test_router_configmap_equals_the_rendered_router_config(run, multicloud_plan):
     reg = run(lambda: CacheAwareRouter("r", CacheAwareRouterArgs(multicloud_plan, admin_token="tok-abc")))
     cm = reg.one(CM, "llm-prod-router")
-    expected = render.router_config(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
+    expected = router_config.render(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
     assert yaml.safe_load(cm.inputs["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
     assert [r["id"] for r in yaml.safe_load(cm.inputs["data"]["router.yaml"])["replicas"]] == [
         f"llama-8b-aws-h100-{k}" for k in range(4)
@@ -297,7 +295,7 @@ def test_invalid_declaration_fails_before_any_resource_is_registered(run):
 
 
 def test_invalid_declaration_registers_nothing_even_the_component(registrations):
-    from gpufleet.infra import preview
+    from gpufleet.infra.pulumi import preview
 
     bad = {**LAB_FLEET, "deployments": [{**LAB_FLEET["deployments"][0], "model": "no/such-model"}]}
     with pytest.raises(InvalidFleet):

@@ -10,14 +10,14 @@ from typing import Any
 import pulumi
 import pytest
 
-from gpufleet.infra import manifests, preview
+from gpufleet.infra import manifests
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.pulumi import (
     FailoverController,
     FailoverControllerArgs,
     Fleet,
     FleetArgs,
-    compile_declaration,
+    preview,
     stack_config,
 )
 
@@ -118,7 +118,7 @@ def _stack_plan(stack: str) -> plan_mod.Plan:
     """The stack's fleet compiled the way its program compiles it (same origin in `source`)."""
     if stack == "multicloud":
         return plan_mod.compile_file(str(STACKS / "multicloud" / "fleet.yaml"))
-    return compile_declaration(fleet=inline_fleet(stack))
+    return plan_mod.compile_data(inline_fleet(stack), "gpufleet:fleet")
 
 
 @pytest.mark.parametrize("stack", ["multicloud", "aws-eks", "gcp-gke"])

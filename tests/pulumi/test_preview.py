@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gpufleet.infra import plan as plan_mod
-from gpufleet.infra import preview
 from gpufleet.infra.cli import app
+from gpufleet.infra.pulumi import preview
 
 from .conftest import STACKS, compile_inline
 

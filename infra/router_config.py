@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from gpufleet.infra.plan import Plan, ReplicaPlan
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
 
-__all__ = ["router_config"]
+__all__ = ["render"]
 
 
-def router_config(
+def render(
     plan: Plan,
     urls: Mapping[str, str] | Callable[[ReplicaPlan], str],
     settings: RouterSettings | None = None,
@@ -25,7 +25,10 @@ def router_config(
     `urls` maps a replica id to its base URL (or is a function of the replica). `settings`
     overrides the declared router settings (e.g. the demo flips the policy).
     """
-    url_of = urls if callable(urls) else (lambda r: urls[r.id])  # type: ignore[index]
+
+    def url_of(replica: ReplicaPlan) -> str:
+        return urls(replica) if callable(urls) else urls[replica.id]
+
     replicas = []
     for dep in plan.deployments:
         kv = {p.pool: p.kv_cache_tokens_per_replica for p in dep.pools}
@@ -43,6 +46,4 @@ def router_config(
                     max_concurrent_requests=dep.max_concurrent_requests,
                 )
             )
-    return RouterConfig(
-        fleet=plan.fleet, settings=settings or RouterSettings.model_validate(plan.router), replicas=replicas
-    )
+    return RouterConfig(fleet=plan.fleet, settings=settings or plan.router, replicas=replicas)

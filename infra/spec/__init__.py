@@ -7,20 +7,25 @@ declaration at once, each with the file, the line and the field:
     fleet.yaml:23: nodepools[1].max_nodes: 2 is below min_nodes 3
 
 Checks that need the catalog or the placement (weights fit the GPUs, min_replicas fit the
-pools) run in `infra.plan.compile`, which reports through the same `FleetError`.
+pools) run in `infra.plan.compile_fleet`, which reports through the same `FleetError`.
+
+Here: the models (the `router:` section is `gpufleet.router.config.RouterSettings`) and the
+loading, which maps pydantic's errors to file:line:field (`_pydantic_issue`, `_allowed_fields`).
+`issues` holds the error types and the source map, `checks` the cross-field checks.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gpufleet.infra.spec import checks
+from gpufleet.infra.spec.issues import FleetError, FleetIssue, SourceMap, field_path
 from gpufleet.router.config import RouterSettings
 
 __all__ = [
@@ -49,68 +54,6 @@ DEFAULT_IMAGES = {
     "vllm": "vllm/vllm-openai:v0.11.0",
     "sglang": "lmsysorg/sglang:v0.5.4",
 }
-
-
-# ---------------------------------------------------------------------------------------
-# Errors
-
-
-@dataclass(frozen=True)
-class FleetIssue:
-    """One problem in a declaration, located by file, line and field path."""
-
-    file: str
-    line: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-
-
-class FleetError(Exception):
-    """The declaration is invalid; `issues` lists every problem found."""
-
-    def __init__(self, issues: Sequence[FleetIssue]) -> None:
-        self.issues = list(issues)
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        n = len(self.issues)
-        head = f"{n} problem{'s' if n != 1 else ''} in the fleet declaration:"
-        return "\n".join([head, *(f"  {i}" for i in self.issues)])
-
-
-def field_path(loc: Iterable[Any]) -> str:
-    """('nodepools', 1, 'max_nodes') -> 'nodepools[1].max_nodes'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-@dataclass
-class SourceMap:
-    """Where each value of a declaration stands: field path (tuple) -> 1-based line."""
-
-    file: str
-    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
-
-    def line(self, loc: Sequence[Any]) -> int | None:
-        loc = tuple(loc)
-        while True:
-            if loc in self.lines:
-                return self.lines[loc]
-            if not loc:
-                return None
-            loc = loc[:-1]
-
-    def issue(self, loc: Sequence[Any], message: str) -> FleetIssue:
-        return FleetIssue(self.file, self.line(loc), field_path(loc), message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,10 +297,10 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
         # Report the cross-field problems of the parts that did parse too: all at once.
         raw_pools = data.get("nodepools")
         names = [p.get("name") for p in raw_pools if isinstance(p, dict)] if isinstance(raw_pools, list) else []
-        issues.extend(_cross_check(*_parse_parts(data), smap, {n for n in names if isinstance(n, str)}))
+        issues.extend(checks.cross_check(*_parse_parts(data), smap, {n for n in names if isinstance(n, str)}))
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field))) from None
     issues.extend(
-        _cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap)
+        checks.cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap)
     )
     if issues:
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field)))
@@ -395,82 +338,3 @@ def _parse_parts(
     except ValidationError:
         clouds = None
     return parts("nodepools", Nodepool), parts("deployments", Deployment), clouds
-
-
-def _duplicate_names(section: str, items: list[tuple[int, Any]], smap: SourceMap) -> list[FleetIssue]:
-    """A name used again in `section` is an error at the later use."""
-    first: dict[str, int] = {}
-    issues = []
-    for i, item in items:
-        if item.name in first:
-            issues.append(
-                smap.issue((section, i, "name"), f"{item.name!r} is already the name of {section}[{first[item.name]}]")
-            )
-        first.setdefault(item.name, i)
-    return issues
-
-
-def _cross_check(
-    pools: list[tuple[int, Nodepool]],
-    deployments: list[tuple[int, Deployment]],
-    clouds: Clouds | None,
-    smap: SourceMap,
-    declared_pools: set[str] | None = None,
-) -> list[FleetIssue]:
-    """Checks that need more than one field but no catalog: names, references, bounds.
-
-    Works on the parts that parsed (with their indexes), so that a declaration with a type
-    error still gets its other problems reported in the same run. `clouds` is None when the
-    clouds section itself is invalid (its errors are reported already).
-    """
-    issues: list[FleetIssue] = []
-    if declared_pools is None:
-        declared_pools = {p.name for _, p in pools}
-    issues.extend(_duplicate_names("nodepools", pools, smap))
-    for i, pool in pools:
-        loc = ("nodepools", i)
-        if pool.max_nodes < pool.min_nodes:
-            issues.append(smap.issue(loc + ("max_nodes",), f"{pool.max_nodes} is below min_nodes {pool.min_nodes}"))
-        elif pool.warm_nodes > pool.max_nodes - pool.min_nodes:
-            issues.append(
-                smap.issue(
-                    loc + ("warm_nodes",),
-                    f"{pool.warm_nodes} does not fit: at most max_nodes - min_nodes = {pool.max_nodes - pool.min_nodes}",
-                )
-            )
-        if pool.cloud in ("aws", "gcp"):
-            if clouds is None:
-                continue
-            cloud_cfg = getattr(clouds, pool.cloud)
-            if cloud_cfg is None:
-                issues.append(smap.issue(loc + ("cloud",), f"{pool.cloud!r} is not configured under `clouds:`"))
-            region = pool.region or (cloud_cfg.region if cloud_cfg else None)
-            for z, zone in enumerate(pool.zones):
-                if region and not zone.startswith(region):
-                    issues.append(smap.issue(loc + ("zones", z), f"zone {zone!r} is not in region {region!r}"))
-        elif pool.cloud == "kubernetes" and clouds is not None and clouds.kubernetes is None:
-            issues.append(smap.issue(loc + ("cloud",), "'kubernetes' is not configured under `clouds:`"))
-        if pool.engine_command is not None and pool.cloud != "local":
-            issues.append(
-                smap.issue(
-                    loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"
-                )
-            )
-    issues.extend(_duplicate_names("deployments", deployments, smap))
-    for i, dep in deployments:
-        loc = ("deployments", i)
-        if dep.max_replicas < dep.min_replicas:
-            issues.append(
-                smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}")
-            )
-        for j, ref in enumerate(dep.nodepools or []):
-            if ref not in declared_pools:
-                issues.append(
-                    smap.issue(
-                        loc + ("nodepools", j),
-                        f"{ref!r} is not a declared nodepool; declared: {', '.join(sorted(declared_pools)) or 'none'}",
-                    )
-                )
-        if dep.nodepools is not None and len(set(dep.nodepools)) != len(dep.nodepools):
-            issues.append(smap.issue(loc + ("nodepools",), "lists a pool more than once"))
-    return issues

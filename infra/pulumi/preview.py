@@ -3,10 +3,8 @@
 `preview_stack(STACK_DIR)` reads the stack's `Pulumi.yaml` and `Pulumi.<stack>.yaml`, puts
 their config into the mocked runtime, runs the stack's `__main__.py` and records every
 resource the program registers (type token, name, parent, inputs) and the stack outputs.
-No Pulumi CLI, no credentials and no network: the mocks answer resource registrations
-(echoing the inputs, plus plausible computed outputs such as a cluster endpoint) and the
-few data-source calls the components make (`aws.eks.getCluster`, `aws.ec2.getSubnets`,
-`gcp.container.getCluster`).
+No Pulumi CLI, no credentials and no network: the mocks (`gpufleet.infra.pulumi.mocks`)
+answer resource registrations and the few data-source calls the components make.
 
 Secrets never leave as values: every secret input or output is shown as `[secret]`.
 Encrypted (`secure:`) stack values cannot be decrypted without the stack's secrets
@@ -33,8 +31,9 @@ from typing import Any
 
 import yaml
 
+from gpufleet.infra.pulumi import mocks
+
 __all__ = [
-    "SECRET",
     "PreviewError",
     "PreviewResource",
     "PreviewResult",
@@ -45,8 +44,6 @@ __all__ = [
     "run_program",
 ]
 
-SECRET = "[secret]"
-UNKNOWN = "[unknown]"
 PLACEHOLDER_SECRET = "gpufleet-preview-placeholder"  # a value no real secret has
 
 
@@ -195,98 +192,6 @@ def load_stack(directory: str | Path, stack: str | None = None) -> StackSpec:
 
 
 # ---------------------------------------------------------------------------------------
-# Mocks
-
-
-def _sanitize(value: Any) -> Any:
-    """Plain JSON data with secrets masked and unknowns marked."""
-    from pulumi.output import Unknown
-    from pulumi.runtime import rpc
-
-    if rpc.is_rpc_secret(value):
-        return SECRET
-    if isinstance(value, Unknown):
-        return UNKNOWN
-    if isinstance(value, dict):
-        return {str(k): _sanitize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_sanitize(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # protobuf carries every number as a double
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
-def _computed_state(typ: str, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Outputs a cloud would compute, as plausible placeholders (clearly not real)."""
-    state = dict(inputs)
-    if typ == "aws:eks/cluster:Cluster":
-        state.setdefault("name", name)
-        state.update(endpoint=f"https://{name}.eks.preview.invalid", certificateAuthority={"data": "cHJldmlldw=="})
-    elif typ == "gcp:container/cluster:Cluster":
-        state.setdefault("name", name)
-        state.update(endpoint="192.0.2.10", masterAuth={"clusterCaCertificate": "cHJldmlldw=="})
-    elif typ == "aws:iam/role:Role":
-        state.setdefault("name", name)
-        state["arn"] = f"arn:aws:iam::000000000000:role/{name}"
-    elif typ == "kubernetes:core/v1:Service":
-        state.setdefault("status", {"loadBalancer": {}})
-    return state
-
-
-def _mocks_and_monitor() -> tuple[Any, Any, list[tuple[str, str, str, bool, dict[str, Any], str]]]:
-    import pulumi
-    from pulumi.runtime import mocks as mocks_mod
-    from pulumi.runtime import rpc
-
-    records: list[tuple[str, str, str, bool, dict[str, Any], str]] = []
-
-    class PreviewMocks(pulumi.runtime.Mocks):
-        """Echo inputs as state; answer the data sources the components read."""
-
-        def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
-            return f"{args.name}-id", _computed_state(args.typ, args.name, args.inputs)
-
-        def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
-            a = args.args
-            if args.token == "aws:eks/getCluster:getCluster":
-                return {
-                    "name": a.get("name"),
-                    "endpoint": f"https://{a.get('name')}.eks.preview.invalid",
-                    "certificateAuthorities": [{"data": "cHJldmlldw=="}],
-                    "vpcConfig": {"subnetIds": ["subnet-preview-1", "subnet-preview-2"]},
-                }
-            if args.token == "aws:ec2/getSubnets:getSubnets":
-                zones = next(
-                    (f.get("values") for f in a.get("filters") or [] if f.get("name") == "availability-zone"), []
-                )
-                return {"ids": [f"subnet-preview-{z}" for z in zones]}
-            if args.token == "gcp:container/getCluster:getCluster":
-                return {
-                    "name": a.get("name"),
-                    "endpoint": "192.0.2.10",
-                    "masterAuths": [{"clusterCaCertificate": "cHJldmlldw=="}],
-                }
-            return {}
-
-    class RecordingMonitor(mocks_mod.MockMonitor):
-        """The mock monitor, also keeping each registration's parent and custom flag."""
-
-        def RegisterResource(self, request: Any) -> Any:
-            response = super().RegisterResource(request)
-            if request.type != "pulumi:pulumi:Stack":
-                inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
-                records.append(
-                    (request.type, request.name, request.parent, bool(request.custom), inputs, request.provider)
-                )
-            return response
-
-    mocks = PreviewMocks()
-    return mocks, RecordingMonitor(mocks), records
-
-
-# ---------------------------------------------------------------------------------------
 # Running
 
 
@@ -339,10 +244,10 @@ def _run(
     from pulumi.runtime.stack import run_pulumi_func
     from pulumi.runtime.sync_await import _sync_await
 
-    mocks, monitor, records = _mocks_and_monitor()
+    mock, monitor, records = mocks.mocks_and_monitor()
     settings_mod.ROOT.set(None)  # a new root Stack for this run
     pulumi.runtime.set_all_config(config, secret_keys)
-    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=True, monitor=monitor)
+    pulumi.runtime.set_mocks(mock, project=project, stack=stack, preview=True, monitor=monitor)
 
     outputs: dict[str, Any] = {}
 
@@ -355,13 +260,15 @@ def _run(
             for key, value in exported.items():
                 out = pulumi.Output.from_input(value)
                 resolved = await out.future(with_unknowns=True)
-                outputs[key] = SECRET if await out.is_secret() else _sanitize(resolved)
+                outputs[key] = mocks.SECRET if await out.is_secret() else mocks.sanitize(resolved)
 
         return settle()  # type: ignore[return-value]
 
     _sync_await(run_pulumi_func(body))
     resources = [
-        PreviewResource(type=t, name=n, parent=_parent_name(p), inputs=_sanitize(i), custom=c, provider=prov or None)
+        PreviewResource(
+            type=t, name=n, parent=_parent_name(p), inputs=mocks.sanitize(i), custom=c, provider=prov or None
+        )
         for t, n, p, c, i, prov in records
     ]
     # Registration order depends on task scheduling; sort for a stable listing.

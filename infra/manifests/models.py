@@ -1,0 +1,172 @@
+"""The model deployments: per (deployment, pool) a StatefulSet of engine pods named after the
+plan's replica ids, and per deployment its headless Service and PodDisruptionBudget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpufleet.infra import names
+from gpufleet.infra.manifests import _k8s
+from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL
+from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan
+
+__all__ = ["ENGINE_HEALTH_PATH", "engine_command", "headless_service", "model_pdb", "model_statefulset"]
+
+ENGINE_HEALTH_PATH = "/health"  # both vLLM and SGLang serve GET /health
+
+
+def engine_command(dep: DeploymentPlan) -> list[str]:
+    """The engine's command line from the plan (vLLM `vllm serve` or SGLang `launch_server`)."""
+    if dep.engine == "vllm":
+        cmd = [
+            "vllm", "serve", dep.model,
+            "--host", "0.0.0.0",
+            "--port", str(dep.port),
+            "--max-model-len", str(dep.max_model_len),
+            "--enable-prefix-caching",
+            "--tensor-parallel-size", str(dep.gpus_per_replica),
+            "--gpu-memory-utilization", str(dep.gpu_memory_utilization),
+            "--max-num-seqs", str(dep.max_concurrent_requests),
+        ]  # fmt: skip
+    else:
+        # SGLang's radix (prefix) cache is on unless --disable-radix-cache is given.
+        cmd = [
+            "python3", "-m", "sglang.launch_server",
+            "--model-path", dep.model,
+            "--host", "0.0.0.0",
+            "--port", str(dep.port),
+            "--context-length", str(dep.max_model_len),
+            "--tp-size", str(dep.gpus_per_replica),
+            "--mem-fraction-static", str(dep.gpu_memory_utilization),
+            "--max-running-requests", str(dep.max_concurrent_requests),
+            "--enable-metrics",
+        ]  # fmt: skip
+    return [*cmd, *dep.engine_args]
+
+
+def _affinity(
+    dep: DeploymentPlan, pool: PoolPlan, same_cluster: list[PoolPlan]
+) -> tuple[dict[str, Any], list[PoolPlan]]:
+    """Node affinity: the planned pool first, then lower-priority pools of the same cluster.
+
+    Weights fall with the failover order, so the scheduler spills a replica to the next
+    pool only when its own pool has no room; it never moves up past the plan.
+    """
+    allowed = [
+        p for p in same_cluster if p.name in dep.failover and (p.name == pool.name or p.priority < pool.priority)
+    ]
+    allowed.sort(key=lambda p: (p.name != pool.name, dep.failover.index(p.name)))
+    preferred = [
+        {
+            "weight": max(1, 100 - 10 * rank),
+            "preference": {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": [p.name]}]},
+        }
+        for rank, p in enumerate(allowed)
+    ]
+    required = {"key": LABEL_POOL, "operator": "In", "values": [p.name for p in allowed]}
+    return _k8s.node_affinity(required, preferred), allowed
+
+
+def _dep_labels(plan: Plan, dep: DeploymentPlan) -> dict[str, str]:
+    return {LABEL_FLEET: plan.fleet, LABEL_DEPLOYMENT: dep.name}
+
+
+def model_statefulset(
+    plan: Plan, dep: DeploymentPlan, pool: PoolPlan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
+) -> dict[str, Any]:
+    """The replicas of `dep` placed on `pool`: pods named after the plan's replica ids."""
+    replicas = sum(p.replicas for p in dep.placement if p.pool == pool.name)
+    set_name = names.replica_set_name(dep.name, pool.name)
+    cluster = _k8s.cluster_of(plan, pool.name)
+    affinity, allowed = _affinity(dep, pool, list(cluster.pools))
+    labels = {
+        **_dep_labels(plan, dep),
+        names.LABEL_NAME: dep.name,
+        names.LABEL_COMPONENT: "replica",
+        "app.kubernetes.io/instance": set_name,
+        LABEL_POOL: pool.name,
+    }
+    gpus = str(dep.gpus_per_replica)
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
+    if options.hf_token_secret:
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}}
+        )
+
+    def probe(period_s: int, failures: int) -> dict[str, Any]:
+        return _k8s.http_probe(ENGINE_HEALTH_PATH, "http", period_s=period_s, timeout_s=5, failures=failures)
+
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _k8s.meta(plan, set_name, labels),
+        "spec": {
+            "replicas": replicas,
+            "serviceName": names.model_service_name(dep.name),
+            # Replicas are independent: start them all at once, not one after another.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": set_name}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": _k8s.scrape_annotations(dep.port)},
+                "spec": {
+                    "priorityClassName": names.serving_priority_class(plan.fleet),
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 60,
+                    "affinity": affinity,
+                    "tolerations": _k8s.tolerations(allowed),
+                    "containers": [
+                        {
+                            "name": "engine",
+                            "image": dep.image,
+                            "command": engine_command(dep)[:1],
+                            "args": engine_command(dep)[1:],
+                            "ports": [{"name": "http", "containerPort": dep.port, "protocol": "TCP"}],
+                            "env": env,
+                            "resources": {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}},
+                            # Loading weights takes minutes: the startup probe allows 30.
+                            "startupProbe": probe(10, 180),
+                            "readinessProbe": probe(5, 3),
+                            "livenessProbe": probe(15, 4),
+                            "volumeMounts": [
+                                {"name": "shm", "mountPath": "/dev/shm"},
+                                {"name": "cache", "mountPath": "/cache"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        # Tensor parallelism talks through shared memory; the default 64Mi is too small.
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
+                        {"name": "cache", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _model_meta(plan: Plan, name: str, dep: DeploymentPlan) -> dict[str, Any]:
+    return _k8s.meta(plan, name, {names.LABEL_NAME: dep.name, LABEL_DEPLOYMENT: dep.name})
+
+
+def headless_service(plan: Plan, dep: DeploymentPlan) -> dict[str, Any]:
+    """Gives every replica pod a stable DNS name `<replica-id>.<deployment>.<ns>.svc`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _model_meta(plan, names.model_service_name(dep.name), dep),
+        "spec": {
+            "clusterIP": "None",
+            "selector": _dep_labels(plan, dep),
+            "ports": [{"name": "http", "port": dep.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def model_pdb(plan: Plan, dep: DeploymentPlan) -> dict[str, Any]:
+    """Voluntary disruptions (node drains, upgrades) take one replica at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _model_meta(plan, dep.name, dep),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _dep_labels(plan, dep)}},
+    }

@@ -1,0 +1,204 @@
+"""The router in the cluster of the highest-priority pool: its config (the plan's replicas at
+their pod DNS names) in a ConfigMap, a ServiceAccount without API rights, the Deployment of
+`gpufleet router serve` and its Service. The admin-token Secret is never rendered (its value
+is a secret); the Pulumi component creates it from a Pulumi secret."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from gpufleet.infra import names
+from gpufleet.infra import router_config as router_config_mod
+from gpufleet.infra.manifests import _k8s
+from gpufleet.infra.names import LABEL_FLEET
+from gpufleet.infra.plan import Plan, ReplicaPlan
+from gpufleet.router.config import RouterConfig
+
+__all__ = [
+    "ADMIN_TOKEN_ENV",
+    "ADMIN_TOKEN_KEY",
+    "CONFIG_DIR",
+    "ROUTER_CONFIG_KEY",
+    "admin_secret_name",
+    "replica_url",
+    "router_config",
+    "router_configmap",
+    "router_deployment",
+    "router_objects",
+    "router_service",
+    "router_service_account",
+]
+
+ROUTER_CONFIG_KEY = "router.yaml"
+CONFIG_DIR = "/etc/gpufleet"  # where the router's config (and the controller's plan) is mounted
+ADMIN_TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
+ADMIN_TOKEN_KEY = "token"
+
+
+def admin_secret_name(plan: Plan) -> str:
+    """The Kubernetes Secret holding the router's admin token."""
+    return plan.router.admin_token.secret or f"{names.router_name(plan.fleet)}-admin"
+
+
+def replica_url(plan: Plan, replica: ReplicaPlan) -> str:
+    """The replica's base URL as seen from the router's cluster (see the package docstring)."""
+    dep = plan.deployment(replica.deployment)
+    home = _k8s.router_cluster(plan)
+    cluster = _k8s.cluster_of(plan, replica.pool)
+    service = names.model_service_name(dep.name)
+    if home is None or cluster.name == home.name and cluster.cloud == home.cloud:
+        host = names.replica_host(replica.id, service, plan.namespace)
+    else:
+        host = names.replica_host(replica.id, service, plan.namespace, cluster.name)
+    return f"http://{host}:{dep.port}"
+
+
+def router_config(plan: Plan) -> RouterConfig:
+    """The router config for the Kubernetes backends (replicas at their pod DNS names)."""
+    k8s_plan = plan.model_copy(
+        update={
+            "deployments": [
+                d.model_copy(update={"replicas": [r for r in d.replicas if plan.pool(r.pool).cloud != "local"]})
+                for d in plan.deployments
+            ]
+        }
+    )
+    return router_config_mod.render(k8s_plan, lambda r: replica_url(plan, r))
+
+
+def _config_text(cfg: RouterConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _labels(plan: Plan) -> dict[str, str]:
+    return _k8s.component_labels(names.router_name(plan.fleet), "router")
+
+
+def router_configmap(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, Any]:
+    """The rendered router config, mounted at /etc/gpufleet/router.yaml."""
+    cfg = cfg or router_config(plan)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "data": {ROUTER_CONFIG_KEY: _config_text(cfg)},
+    }
+
+
+def router_service_account(plan: Plan) -> dict[str, Any]:
+    """The router reads its config from a mounted ConfigMap and talks to no Kubernetes API:
+    its least RBAC is none at all, and no API token is mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def router_deployment(
+    plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS, cfg: RouterConfig | None = None
+) -> dict[str, Any]:
+    """`gpufleet router serve` with the rendered config and the admin token from a Secret."""
+    cfg = cfg or router_config(plan)
+    settings = cfg.settings
+    name = names.router_name(plan.fleet)
+    secret = admin_secret_name(plan)
+    env: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}}]
+    token = settings.admin_token
+    if token.file is not None:
+        # subPath mounts just the one file: a directory mount would hide what else is there.
+        mounts.append({"name": "admin-token", "mountPath": token.file, "subPath": ADMIN_TOKEN_KEY, "readOnly": True})
+        volumes.append({"name": "admin-token", "secret": {"secretName": secret}})
+    else:
+        # `env` names the variable; a `secret` reference is read from GPUFLEET_ADMIN_TOKEN.
+        env.append(
+            {
+                "name": token.env or ADMIN_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}},
+            }
+        )
+    port = settings.port
+    digest = hashlib.sha256(_config_text(cfg).encode()).hexdigest()[:16]
+
+    def probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
+        return _k8s.http_probe(path, "http", period_s=period_s, timeout_s=2, failures=failures)
+
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _k8s.meta(plan, name, _labels(plan)),
+        "spec": {
+            "replicas": options.router_replicas,
+            "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, **_labels(plan)}},
+            "template": {
+                "metadata": {
+                    "labels": {LABEL_FLEET: plan.fleet, **_labels(plan)},
+                    # A changed config rolls the router.
+                    "annotations": {**_k8s.scrape_annotations(port), "gpufleet.io/config-sha256": digest},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    **_k8s.off_gpu_nodes(plan),
+                    "containers": [
+                        {
+                            "name": "router",
+                            "image": options.router_image,
+                            "command": ["gpufleet"],
+                            "args": [
+                                "router",
+                                "serve",
+                                "--config",
+                                f"{CONFIG_DIR}/{ROUTER_CONFIG_KEY}",
+                                "--host",
+                                "0.0.0.0",
+                                "--port",
+                                str(port),
+                            ],
+                            "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+                            "env": env,
+                            "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+                            "startupProbe": probe("/health", 2, 30),
+                            "readinessProbe": probe("/ready", 5, 2),
+                            "livenessProbe": probe("/health", 10, 3),
+                            "securityContext": _k8s.restricted_security(),
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def router_service(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> dict[str, Any]:
+    """The router's Service (ClusterIP by default)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "spec": {
+            "type": options.router_service_type,
+            "selector": {LABEL_FLEET: plan.fleet, **_labels(plan)},
+            "ports": [{"name": "http", "port": plan.router.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def router_objects(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> list[dict[str, Any]]:
+    """The router's objects, except the admin-token Secret (its value is never rendered)."""
+    cfg = router_config(plan)
+    return [
+        router_configmap(plan, cfg),
+        router_service_account(plan),
+        router_deployment(plan, options, cfg),
+        router_service(plan, options),
+    ]

@@ -1,0 +1,92 @@
+"""The checks of a declaration that need more than one field but no catalog: names, references,
+bounds. They run on the parts that parsed, so one run reports every problem."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpufleet.infra.spec.issues import FleetIssue, SourceMap
+
+if TYPE_CHECKING:
+    from gpufleet.infra.spec import Clouds, Deployment, Nodepool
+
+__all__ = ["cross_check", "duplicate_names"]
+
+
+def duplicate_names(section: str, items: list[tuple[int, Any]], smap: SourceMap) -> list[FleetIssue]:
+    """A name used again in `section` is an error at the later use."""
+    first: dict[str, int] = {}
+    issues = []
+    for i, item in items:
+        if item.name in first:
+            issues.append(
+                smap.issue((section, i, "name"), f"{item.name!r} is already the name of {section}[{first[item.name]}]")
+            )
+        first.setdefault(item.name, i)
+    return issues
+
+
+def cross_check(
+    pools: list[tuple[int, Nodepool]],
+    deployments: list[tuple[int, Deployment]],
+    clouds: Clouds | None,
+    smap: SourceMap,
+    declared_pools: set[str] | None = None,
+) -> list[FleetIssue]:
+    """Checks that need more than one field but no catalog: names, references, bounds.
+
+    Works on the parts that parsed (with their indexes), so that a declaration with a type
+    error still gets its other problems reported in the same run. `clouds` is None when the
+    clouds section itself is invalid (its errors are reported already).
+    """
+    issues: list[FleetIssue] = []
+    if declared_pools is None:
+        declared_pools = {p.name for _, p in pools}
+    issues.extend(duplicate_names("nodepools", pools, smap))
+    for i, pool in pools:
+        loc = ("nodepools", i)
+        if pool.max_nodes < pool.min_nodes:
+            issues.append(smap.issue(loc + ("max_nodes",), f"{pool.max_nodes} is below min_nodes {pool.min_nodes}"))
+        elif pool.warm_nodes > pool.max_nodes - pool.min_nodes:
+            issues.append(
+                smap.issue(
+                    loc + ("warm_nodes",),
+                    f"{pool.warm_nodes} does not fit: at most max_nodes - min_nodes = {pool.max_nodes - pool.min_nodes}",
+                )
+            )
+        if pool.cloud in ("aws", "gcp"):
+            if clouds is None:
+                continue
+            cloud_cfg = getattr(clouds, pool.cloud)
+            if cloud_cfg is None:
+                issues.append(smap.issue(loc + ("cloud",), f"{pool.cloud!r} is not configured under `clouds:`"))
+            region = pool.region or (cloud_cfg.region if cloud_cfg else None)
+            for z, zone in enumerate(pool.zones):
+                if region and not zone.startswith(region):
+                    issues.append(smap.issue(loc + ("zones", z), f"zone {zone!r} is not in region {region!r}"))
+        elif pool.cloud == "kubernetes" and clouds is not None and clouds.kubernetes is None:
+            issues.append(smap.issue(loc + ("cloud",), "'kubernetes' is not configured under `clouds:`"))
+        if pool.engine_command is not None and pool.cloud != "local":
+            issues.append(
+                smap.issue(
+                    loc + ("engine_command",), f"only `local` pools run an engine command; this pool is {pool.cloud}"
+                )
+            )
+    issues.extend(duplicate_names("deployments", deployments, smap))
+    for i, dep in deployments:
+        loc = ("deployments", i)
+        if dep.max_replicas < dep.min_replicas:
+            issues.append(
+                smap.issue(loc + ("max_replicas",), f"{dep.max_replicas} is below min_replicas {dep.min_replicas}")
+            )
+        for j, ref in enumerate(dep.nodepools or []):
+            if ref not in declared_pools:
+                issues.append(
+                    smap.issue(
+                        loc + ("nodepools", j),
+                        f"{ref!r} is not a declared nodepool; declared: {', '.join(sorted(declared_pools)) or 'none'}",
+                    )
+                )
+        if dep.nodepools is not None and len(set(dep.nodepools)) != len(dep.nodepools):
+            issues.append(smap.issue(loc + ("nodepools",), "lists a pool more than once"))
+    return issues
