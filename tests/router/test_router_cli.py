@@ -74,7 +74,7 @@ def test_router_and_its_cli_import_no_cloud_sdk_or_pulumi() -> None:
     code = (
         "import sys\n"
         "from gpufleet.infra.cli import app\n"
-        "from gpufleet.router import app, loader, policy, prediction_cache, proxy\n"
+        "from gpufleet.router import app, loader, policies, prediction_cache, proxy\n"
         "heavy = {'pulumi', 'boto3', 'botocore', 'google', 'kubernetes', 'moto'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 
 from gpufleet.router.config import CacheAwareSettings, RouterSettings, SessionSettings
-from gpufleet.router.policy import POLICIES, CacheAwarePolicy, SessionPolicy, make_policy
+from gpufleet.router.policies import registry
+from gpufleet.router.policies.profile import ProfilePolicy
+from gpufleet.router.policies.session import SessionPolicy
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.types import Outcome, ReplicaState, RequestFeatures
 
 SETTINGS = RouterSettings()
+make_policy = registry.make
+# Every policy a router can run (the simulator's oracle needs its engines).
+POLICIES = registry.policy_names()
 
 
 def reps(
@@ -40,7 +45,9 @@ def route(policy, f, replicas):  # type: ignore[no-untyped-def]
 
 
 def test_registry_has_every_declared_policy_with_one_signature() -> None:
-    assert set(POLICIES) == {"round_robin", "random", "least_load", "session", "cache_aware"}
+    shipped = {"round_robin", "random", "least_load", "session", "cache_aware"}
+    assert set(POLICIES) == shipped | {"consistent_hash", "sglang_cache_aware"}
+    assert set(registry.policy_names(context=("engines",))) == set(POLICIES) | {"oracle"}
     rs = reps(3)
     for name in POLICIES:
         p = make_policy(name, SETTINGS, seed=1)
@@ -229,4 +236,5 @@ def test_session_expires_after_ttl() -> None:
 
 
 def test_cache_aware_is_the_default_policy() -> None:
-    assert isinstance(make_policy(SETTINGS.policy, SETTINGS), CacheAwarePolicy)
+    p = make_policy(SETTINGS.policy, SETTINGS)
+    assert isinstance(p, ProfilePolicy) and p.name == "cache_aware"
