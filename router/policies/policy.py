@@ -45,6 +45,10 @@ class Policy(Hooks, ABC):
         self.clock = clock
         self.seed = seed
         self.filters: tuple[Filter, ...] = tuple(filters) if filters is not None else (PoolPriority(),)
+        self._setup()
+
+    def _setup(self) -> None:
+        """Make a subclass's own state (settings, seed and clock are set), without repeating `__init__`."""
 
     def choose(self, features: RequestFeatures, replicas: Sequence[ReplicaState]) -> Decision:
         """Pick a replica for the request among `replicas` (all replicas of its model)."""

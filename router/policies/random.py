@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from gpufleet.router.config import RouterSettings
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.policy import Policy
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
@@ -19,14 +17,7 @@ class RandomPolicy(Policy):
 
     name = "random"
 
-    def __init__(
-        self,
-        settings: RouterSettings | None = None,
-        *,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(settings, seed=seed, clock=clock)
+    def _setup(self) -> None:
         self._rng = random.Random(self.seed)
 
     def _pick(

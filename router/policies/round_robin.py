@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from gpufleet.router.config import RouterSettings
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.policy import Policy
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
@@ -18,14 +16,7 @@ class RoundRobinPolicy(Policy):
 
     name = "round_robin"
 
-    def __init__(
-        self,
-        settings: RouterSettings | None = None,
-        *,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(settings, seed=seed, clock=clock)
+    def _setup(self) -> None:
         self._next: dict[str, int] = {}
 
     def _pick(

@@ -7,11 +7,10 @@ kept in a bounded LRU with a TTL. Its parameters are the `session:` block of the
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from gpufleet.router.config import RouterSettings, SessionSettings
+from gpufleet.router.config import SessionSettings
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.least_load import least_loaded
 from gpufleet.router.policies.policy import Policy
@@ -26,14 +25,7 @@ class SessionPolicy(Policy):
     name = "session"
     Params = SessionSettings
 
-    def __init__(
-        self,
-        settings: RouterSettings | None = None,
-        *,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(settings, seed=seed, clock=clock)
+    def _setup(self) -> None:
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
