@@ -226,7 +226,8 @@ def make_part(kind: str, type_name: str, params: Mapping[str, Any], ctx: PluginC
     problem = _missing(plugin, ctx.context)
     if problem is not None:
         raise problem
-    return plugin.factory(parse_params(kind, type_name, params), ctx)
+    parsed = parse_params(kind, type_name, params)
+    return _build(plugin, lambda: plugin.factory(parsed, ctx))
 
 
 def is_policy(name: str) -> bool:
@@ -283,5 +284,19 @@ def make(
     if problem is not None:
         raise PluginError(problem)
     plugin = _PLUGINS["policy"][name]
-    policy: Policy = plugin.factory(s, seed=seed, clock=clock, **{k: context[k] for k in plugin.needs})
+    policy: Policy = _build(
+        plugin, lambda: plugin.factory(s, seed=seed, clock=clock, **{k: context[k] for k in plugin.needs})
+    )
     return policy
+
+
+def _build(plugin: Entry, factory: Callable[[], Any]) -> Any:
+    """Call a plugin's factory; a failure is a `PluginError` naming the plugin (chained to the cause)."""
+    try:
+        return factory()
+    except PluginError:
+        raise
+    except Exception as exc:  # a user's plugin may fail in any way: say which one
+        raise PluginError(
+            f"cannot build {plugin.kind} {plugin.name!r} ({plugin.origin}): {type(exc).__name__}: {exc}"
+        ) from exc

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from gpufleet.infra import spec
 from gpufleet.infra.cli import app
 from gpufleet.router.policies import registry
 from tests.infra.conftest import BASE
+from tests.router.router_fakes import serve_process
 
 # A scorer defined by the test, in a module of its own package (not gpufleet's).
 PLUGIN = '''
@@ -173,42 +172,15 @@ def test_router_serve_imports_and_uses_a_user_scorer(tmp_path: Path, plugin_path
     rows = "".join(REPLICA.format(id=f"r{i}", url=r.url) for i, r in enumerate(reps))
     f = tmp_path / "router.yaml"
     f.write_text(ROUTER_CONFIG.format(replica="r2", replicas=rows))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from gpufleet.infra.cli import main; main()",
-            "router",
-            "serve",
-            "-c",
-            str(f),
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "GPUFLEET_ADMIN_TOKEN": "t"},
-    )
-    try:
-        line, deadline = "", time.monotonic() + 20
-        while time.monotonic() < deadline and "listening on" not in line:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-        m = re.search(r"policy (\S+), .*listening on (http://127\.0\.0\.1:\d+)", line)
-        assert m, line
-        assert m.group(1) == "sticky"
+    with serve_process(f, GPUFLEET_ADMIN_TOKEN="t") as (line, url):
+        assert re.search(r"policy sticky, plugins userplugins.scorers, 3 replicas", line), line
         chosen = set()
         for i in range(6):
             body = {"model": "m", "messages": [{"role": "user", "content": f"question {i} " * 40}], "max_tokens": 4}
-            r = httpx.post(m.group(2) + "/v1/chat/completions", json=body, timeout=10)
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=10)
             assert r.status_code == 200, r.text
             chosen.add(r.headers["x-gpufleet-replica"])
         assert chosen == {"r2"}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
 
 
 def test_router_serve_reports_a_broken_plugin_module_with_its_line(tmp_path: Path, plugin_path: Path) -> None:

@@ -396,6 +396,25 @@ def test_register_rejects_a_taken_name_and_a_factory_without_a_kind(prefer_repli
         registry.register("cache_aware", lambda settings: None, kind="policy")
 
 
+def test_a_plugin_that_fails_to_build_is_named_in_the_error() -> None:
+    class Broken(Scorer):
+        def __init__(self, params: object, ctx: PluginContext) -> None:
+            raise RuntimeError("no model file")
+
+        def score(self, candidates: Candidates) -> Sequence[float]:
+            return []
+
+    registry.register("broken_scorer", Broken)
+    try:
+        s = _settings({"scorers": ["prefix", "broken_scorer"]})
+        with pytest.raises(
+            registry.PluginError, match="cannot build scorer 'broken_scorer' .*RuntimeError: no model file"
+        ):
+            registry.make(s.policy, s)
+    finally:
+        registry.unregister("scorer", "broken_scorer")
+
+
 def test_settings_blocks_are_the_params_of_the_named_profile_and_policy() -> None:
     s = RouterSettings.model_validate({"cache_aware": {"load_weight": 0.25, "min_match_blocks": 2}})
     p = registry.make("cache_aware", s)
