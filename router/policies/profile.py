@@ -67,8 +67,7 @@ class ProfilePolicy(Policy):
         # Scorers that find the matched blocks run first (others may read them); the sum takes
         # the scores in that order and adds them in the profile's.
         order = sorted(range(len(self.scorers)), key=lambda i: not self.scorers[i].provides_matches)
-        self._score_fns = [self.scorers[i].score for i in order]
-        self._sum = _compile_sum([s.weight for s in profile.scorers], order)
+        self._costs = _compile_costs([s.score for s in self.scorers], [s.weight for s in profile.scorers], order)
         parts: list[Component] = [*filters, *self.scorers, self.picker]
         self._parts = parts
         # Only the hooks a part implements are called: the request path stays short.
@@ -78,13 +77,13 @@ class ProfilePolicy(Policy):
 
     def costs(self, c: Candidates) -> Sequence[float]:
         """The weighted cost of every candidate (module docs), in estimated prefill tokens."""
-        return self._sum(*[score(c) for score in self._score_fns])
+        return self._costs(c)
 
     def _pick(
         self, features: RequestFeatures, tier: Sequence[ReplicaState], replicas: Sequence[ReplicaState]
     ) -> Decision:
         c = Candidates(features, tier)
-        i = self.picker.pick(c, self._sum(*[score(c) for score in self._score_fns]))  # self.costs(c), inlined
+        i = self.picker.pick(c, self._costs(c))
         m = c.matched_blocks[i] if c.matched_blocks is not None else 0
         return Decision(tier[i], reason="prefix" if m else "load", matched_blocks=m)
 
@@ -111,19 +110,21 @@ class ProfilePolicy(Policy):
         return sum(p.cached_blocks(replica_id) for p in self._parts)
 
 
-def _compile_sum(weights: Sequence[float], order: Sequence[int]) -> Callable[..., list[float]]:
-    """The weighted sum of per-replica scores as one comprehension, e.g. for weights (0.5, 0.5, 1)
+def _compile_costs(
+    scores: Sequence[Callable[[Candidates], Sequence[float]]], weights: Sequence[float], order: Sequence[int]
+) -> Callable[[Candidates], list[float]]:
+    """The profile's cost function as one comprehension, e.g. for weights (0.5, 0.5, 1) and the
+    third scorer first in `order` (it provides the matches):
 
-        lambda s0, s1, s2: [w0 * (x0 + x1) + x2 for x0, x1, x2 in zip(s0, s1, s2)]
+        lambda c: [w0 * (x0 + x1) + x2 for x2, x0, x1 in zip(f2(c), f0(c), f1(c))]
 
-    with the scores passed in evaluation `order` (scorer indexes) and named by their index.
-
-    Adjacent equal weights are factored out and terms added left to right (module docs). It is
-    compiled once per profile because a loop over terms costs microseconds per request; the
-    source holds only generated names, and the weights are bound as values, not formatted in.
+    Adjacent equal weights are factored out and terms added left to right (module docs); the
+    scorers run in `order`. It is compiled once per profile because a loop over scorers and terms
+    costs microseconds per request; the source holds only generated names, and the scorers and
+    weights are bound as values, not formatted in.
     """
     terms: list[str] = []
-    bound: dict[str, float] = {}
+    bound: dict[str, object] = {f"f{i}": f for i, f in enumerate(scores)}
     start = 0
     for i in range(1, len(weights) + 1):
         if i < len(weights) and weights[i] == weights[start]:
@@ -135,10 +136,10 @@ def _compile_sum(weights: Sequence[float], order: Sequence[int]) -> Callable[...
             bound[f"w{start}"] = weights[start]
             terms.append(f"w{start} * ({inner})")
         start = i
-    scores = ", ".join(f"s{i}" for i in order)
     row = "".join(f"x{i}, " for i in order)
-    source = f"lambda {scores}: [{' + '.join(terms)} for {row}in zip({scores})]"
-    fn: Callable[..., list[float]] = eval(source, {"__builtins__": {"zip": zip}, **bound})
+    calls = ", ".join(f"f{i}(c)" for i in order)
+    source = f"lambda c: [{' + '.join(terms)} for {row}in zip({calls})]"
+    fn: Callable[[Candidates], list[float]] = eval(source, {"__builtins__": {"zip": zip}, **bound})
     return fn
 
 
