@@ -13,7 +13,7 @@ from gpufleet.router.types import Outcome, ReplicaState, RequestFeatures
 
 SETTINGS = RouterSettings()
 # Every policy a router can run (the simulator's oracle needs its engines).
-POLICIES = registry.policy_names()
+ROUTER_POLICIES = registry.policy_names()
 
 
 def reps(
@@ -45,10 +45,10 @@ def route(policy, f, replicas):  # type: ignore[no-untyped-def]
 
 def test_registry_has_every_declared_policy_with_one_signature() -> None:
     shipped = {"round_robin", "random", "least_load", "session", "cache_aware"}
-    assert set(POLICIES) == shipped | {"consistent_hash", "sglang_cache_aware"}
-    assert set(registry.policy_names(context=("engines",))) == set(POLICIES) | {"oracle"}
+    assert set(ROUTER_POLICIES) == shipped | {"consistent_hash", "sglang_cache_aware"}
+    assert set(registry.policy_names(context=("engines",))) == set(ROUTER_POLICIES) | {"oracle"}
     rs = reps(3)
-    for name in POLICIES:
+    for name in ROUTER_POLICIES:
         p = registry.make(name, SETTINGS, seed=1)
         assert p.name == name
         d = p.choose(feats("x" * 200), rs)
@@ -155,7 +155,7 @@ def test_replica_reset_clears_its_predicted_cache() -> None:
     assert p.choose(f, rs).matched_blocks == 0
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(ROUTER_POLICIES))
 def test_every_policy_prefers_the_highest_priority_pool(name: str) -> None:
     top, low = reps(2, pool="top", priority=10), reps(2, pool="low", priority=1)
     p = registry.make(name, SETTINGS, seed=3)
@@ -164,7 +164,7 @@ def test_every_policy_prefers_the_highest_priority_pool(name: str) -> None:
         assert d.replica.pool == "top" and not d.spilled
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(ROUTER_POLICIES))
 def test_every_policy_spills_only_when_the_top_pool_is_saturated_or_unhealthy(name: str) -> None:
     top, low = reps(2, pool="top", priority=10, max_conc=1), reps(2, pool="low", priority=1)
     p = registry.make(name, SETTINGS, seed=3)
@@ -176,7 +176,7 @@ def test_every_policy_spills_only_when_the_top_pool_is_saturated_or_unhealthy(na
     assert d.replica.pool == "low" and d.spilled
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(ROUTER_POLICIES))
 def test_no_replica_outcomes_distinguish_saturated_from_unhealthy(name: str) -> None:
     rs = reps(2, max_conc=1)
     p = registry.make(name, SETTINGS)
