@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/cache_aware_sweep.py
 
-Each row is gpufleet's own `cache_aware` with other settings (the fleet's `router.cache_aware`
-section), on the synthetic workloads of bench/routing.py; the SGLang model is shown for reference.
+Each row is gpufleet's own `cache_aware` profile with other parameters (the fleet's
+`router.cache_aware` section: the weight of its `queued_prefill` and `in_flight` scorers and the
+latter's `cost_tokens`), on the synthetic workloads of bench/routing.py; the SGLang model is shown
+for reference.
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             rows["sglang_cache_aware"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")
             bar.advance(task)
             for lw, c in variants:
-                ca = base.settings.cache_aware.model_copy(update={"load_weight": lw, "in_flight_cost_tokens": c})
-                settings = base.settings.model_copy(
-                    update={"cache_aware": CacheAwareSettings.model_validate(ca.model_dump())}
+                ca = CacheAwareSettings.model_validate(
+                    {**base.settings.cache_aware.model_dump(), "load_weight": lw, "in_flight_cost_tokens": c}
                 )
+                settings = base.settings.model_copy(update={"cache_aware": ca})
                 fl = fleet_mod.SimFleet(base.name, base.replicas, settings)
                 s = metrics.summarize(engine.simulate(wl, fl, "cache_aware"))
                 rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")

@@ -7,19 +7,20 @@ The trace is cut into consecutive windows of `--window` requests (each replayed 
 scaled to `--load`), so a variant is judged over several independent runs, not one: a single
 2,000-request run moves by several percent from any small change in routing.
 
-Variants (every one is gpufleet's `cache_aware` with the router's settings, and gets the KV usage
-the way the live router would: `health.scrape_kv_usage`, one sample per health interval):
+Variants (every one is gpufleet's `cache_aware` profile with the router's settings, composed with
+one scorer swapped or added, and gets the KV usage the way the live router would:
+`health.scrape_kv_usage`, one sample per health interval):
 
 - `cache_aware`: as shipped (ignores the signal);
-- `shrink_free`: each sample limits the replica's prefix index to the blocks running requests leave
-  free, `capacity x (1 - usage)`;
+- `shrink_free`: its `prefix` scorer's index limited at each sample to the blocks running requests
+  leave free, `capacity x (1 - usage)` (scorer `shrink_free_prefix`, below);
 - `shrink_pinned`: the same plus the prompt blocks of the router's own in-flight requests on that
-  replica (they are pinned, so they are still there when they finish);
-- `memory_wait`: no index change; a replica whose free KV memory (at the last sample, minus what
-  was sent there since) is shorter than the request's uncached prompt is charged the shortfall at
-  `--pressure-weight`, as the time the request would wait for memory;
-- `exact_index`: NOT observable by a router (an upper bound): cache_aware's cost function with the
-  engine's exact cached prefix instead of the index's prediction.
+  replica (they are pinned, so they are still there when they finish; `shrink_pinned_prefix`);
+- `memory_wait`: plus the shipped `kv_usage` scorer at `--pressure-weight`: a replica whose free KV
+  memory (at the last sample, minus what was sent there since) is shorter than the request's
+  uncached prompt is charged the shortfall, as the time the request would wait for memory;
+- `exact_index`: NOT observable by a router (an upper bound): cache_aware with the engine's exact
+  cached prefix instead of the index's prediction (`exact_prefix`, which needs the engines).
 
 The columns are means over the windows of cache_aware's ratio to the oracle (the issue's goals:
 hit >= 0.95, TTFT p50 and p99 <= 1.15), and the worst window. Results are in docs/routing.md.
@@ -28,46 +29,51 @@ hit >= 0.95, TTFT p50 and p99 <= 1.15), and the worst window. Results are in doc
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from gpufleet.router.policy import CacheAwarePolicy, rendezvous
+from gpufleet.router.config import ProfileSettings, RouterSettings, ScorerRef
+from gpufleet.router.policies import registry
+from gpufleet.router.policies.base import Candidates, PluginContext
+from gpufleet.router.policies.profile import cache_aware_profile
+from gpufleet.router.policies.scorers.prefix import PrefixScorer
 from gpufleet.router.sim import engine, metrics, trace
 from gpufleet.router.sim import fleet as fleet_mod
-from gpufleet.router.sim.policies import OraclePolicy
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
 
 HERE = Path(__file__).resolve().parent
 TRACE = HERE.parent.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+PRESSURE_WEIGHT = 0.25
 
 
-class ShrinkFree(CacheAwarePolicy):
-    """Limit each replica's index to `capacity x (1 - kv_usage)` at every new sample."""
+# -- the variants' own scorers: cache_aware's prefix scorer with another view of the cache ---------
 
-    name = "shrink_free"
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+class ShrinkFreePrefix(PrefixScorer):
+    """The prefix scorer, its index limited to `capacity x (1 - kv_usage)` at every new sample."""
+
+    def __init__(self, params: PrefixScorer.Params, ctx: PluginContext) -> None:
+        super().__init__(params, ctx)
         self._seen: dict[str, int] = {}
         self._in_flight_blocks: dict[str, int] = {}
 
     def _limit(self, r: ReplicaState) -> int:
-        idx = self.index(r)
-        return int(idx.capacity_blocks * (1.0 - (r.kv_usage or 0.0)))
+        return int(self.index(r).capacity_blocks * (1.0 - (r.kv_usage or 0.0)))
 
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
-        for r in tier:
+    def score(self, candidates: Candidates) -> Sequence[float]:
+        for r in candidates.replicas:
             if r.kv_usage is not None and r.kv_usage_samples != self._seen.get(r.id):
                 self._seen[r.id] = r.kv_usage_samples
                 self.index(r).limit(self._limit(r))
-        return super()._pick(features, tier, replicas)
+        return super().score(candidates)
 
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
         super().on_routed(features, decision)
@@ -75,74 +81,29 @@ class ShrinkFree(CacheAwarePolicy):
             rid = decision.replica.id
             self._in_flight_blocks[rid] = self._in_flight_blocks.get(rid, 0) + len(features.block_hashes)
 
-    def on_completed(self, features, replica, *, ok, output_tokens=0):  # type: ignore[no-untyped-def]
+    def on_completed(
+        self, features: RequestFeatures, replica: ReplicaState, *, ok: bool, output_tokens: int = 0
+    ) -> None:
         super().on_completed(features, replica, ok=ok, output_tokens=output_tokens)
         left = self._in_flight_blocks.get(replica.id, 0) - len(features.block_hashes)
         self._in_flight_blocks[replica.id] = max(0, left)
 
 
-class ShrinkPinned(ShrinkFree):
-    """`ShrinkFree`, plus the prompt blocks of the router's in-flight requests on the replica."""
-
-    name = "shrink_pinned"
+class ShrinkPinnedPrefix(ShrinkFreePrefix):
+    """`ShrinkFreePrefix`, plus the prompt blocks of the router's in-flight requests on the replica."""
 
     def _limit(self, r: ReplicaState) -> int:
         return super()._limit(r) + self._in_flight_blocks.get(r.id, 0)
 
 
-class MemoryWait(CacheAwarePolicy):
-    """Charge the shortfall of free KV memory (last sample, less what was sent since) as extra cost."""
-
-    name = "memory_wait"
-    pressure_weight = 0.25
-
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        self._seen: dict[str, int] = {}
-        self._sent_since: dict[str, int] = {}
-
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
-        d = super()._pick(features, tier, replicas)
-        bt = self.settings.block_size_tokens
-        lw, ifc = self.settings.cache_aware.load_weight, self.settings.cache_aware.in_flight_cost_tokens
-        best, best_cost, best_m = None, math.inf, 0
-        for r in tier:  # the same cost as cache_aware, plus the memory term
-            if r.kv_usage_samples != self._seen.get(r.id):
-                self._seen[r.id] = r.kv_usage_samples
-                self._sent_since[r.id] = 0
-            m = self.index(r).match(features.block_hashes) if features.block_hashes else 0
-            m = m if m >= self.settings.cache_aware.min_match_blocks else 0
-            uncached = max(0, features.prompt_tokens - m * bt)
-            cost = lw * (r.queued_prefill_tokens + r.in_flight * ifc) + uncached
-            if r.kv_usage is not None:
-                free = r.kv_capacity_tokens * (1.0 - r.kv_usage) - self._sent_since.get(r.id, 0)
-                cost += self.pressure_weight * max(0.0, uncached - free)
-            # Ties as cache_aware breaks them: rendezvous on the prompt's first block.
-            if cost < best_cost or (
-                cost == best_cost
-                and best is not None
-                and rendezvous(features.affinity_key, r.id_hash) > rendezvous(features.affinity_key, best.id_hash)
-            ):
-                best, best_cost, best_m = r, cost, m
-        if best is d.replica:
-            return d
-        return Decision(best, reason="prefix" if best_m else "load", matched_blocks=best_m)
-
-    def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
-        super().on_routed(features, decision)
-        if decision.replica is not None:
-            rid = decision.replica.id
-            self._sent_since[rid] = self._sent_since.get(rid, 0) + decision.prefill_tokens
-
-
 class _ExactView:
-    """An engine's prefix cache behind the `PrefixIndex` interface the policy uses."""
+    """An engine's prefix cache behind the `PrefixIndex` interface the scorer uses."""
 
-    def __init__(self, eng) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, eng: Any) -> None:
         self.eng = eng
 
     def match(self, hashes: Sequence[int]) -> int:
-        return self.eng.cache.match(hashes)
+        return int(self.eng.cache.match(hashes))
 
     def insert(self, hashes: Sequence[int]) -> None:
         pass
@@ -151,32 +112,54 @@ class _ExactView:
         pass
 
 
-class ExactIndex(OraclePolicy):
-    """cache_aware's cost with the engines' exact caches (an oracle: the simulator attaches them)."""
+class ExactPrefix(PrefixScorer):
+    """The prefix scorer with the engines' exact caches: NOT observable by a router (a bound)."""
 
-    name = "exact_index"
+    needs = ("engines",)
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        outer = self
+    def __init__(self, params: PrefixScorer.Params, ctx: PluginContext) -> None:
+        super().__init__(params, ctx)
+        self.engines = ctx.context["engines"]
 
-        class _Inner(CacheAwarePolicy):
-            def index(self, replica: ReplicaState):  # type: ignore[no-untyped-def, override]
-                return _ExactView(outer.engines[replica.id])
-
-        self._inner = _Inner(self.settings)
-
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
-        return self._inner._pick(features, tier, replicas)
+    def index(self, replica: ReplicaState) -> Any:
+        return _ExactView(self.engines[replica.id])
 
 
-VARIANTS: dict[str, Callable[..., object]] = {
-    "cache_aware": CacheAwarePolicy,
-    "shrink_free": ShrinkFree,
-    "shrink_pinned": ShrinkPinned,
-    "memory_wait": MemoryWait,
-    "exact_index": ExactIndex,
+registry.register("shrink_free_prefix", ShrinkFreePrefix)
+registry.register("shrink_pinned_prefix", ShrinkPinnedPrefix)
+registry.register("exact_prefix", ExactPrefix)
+
+
+# -- the variants: cache_aware's profile with one scorer swapped or added --------------------------
+
+
+def _swap_prefix(scorer: str) -> Callable[[RouterSettings, float], ProfileSettings]:
+    def build(settings: RouterSettings, pressure_weight: float) -> ProfileSettings:
+        p = cache_aware_profile(settings)
+        scorers = [s.model_copy(update={"type": scorer}) if s.type == "prefix" else s for s in p.scorers]
+        return p.model_copy(update={"scorers": scorers})
+
+    return build
+
+
+def _memory_wait(settings: RouterSettings, pressure_weight: float) -> ProfileSettings:
+    p = cache_aware_profile(settings)
+    return p.model_copy(update={"scorers": [*p.scorers, ScorerRef(type="kv_usage", weight=pressure_weight)]})
+
+
+VARIANTS: dict[str, Callable[[RouterSettings, float], ProfileSettings] | None] = {
+    "cache_aware": None,  # as shipped
+    "shrink_free": _swap_prefix("shrink_free_prefix"),
+    "shrink_pinned": _swap_prefix("shrink_pinned_prefix"),
+    "memory_wait": _memory_wait,
+    "exact_index": _swap_prefix("exact_prefix"),
 }
+
+
+def with_variants(settings: RouterSettings, names: Sequence[str], pressure_weight: float) -> RouterSettings:
+    """`settings` with a profile per variant, named after it (cache_aware is the shipped one)."""
+    profiles = {n: build(settings, pressure_weight) for n in names if (build := VARIANTS[n]) is not None}
+    return RouterSettings.model_validate({**settings.model_dump(), "profiles": profiles})
 
 
 def windows(records: Sequence[trace.TraceRecord], size: int, count: int) -> list[list[trace.TraceRecord]]:
@@ -202,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--interval-s", type=float, default=None, help="KV-usage sample interval (default: health interval)"
     )
-    ap.add_argument("--pressure-weight", type=float, default=MemoryWait.pressure_weight)
+    ap.add_argument("--pressure-weight", type=float, default=PRESSURE_WEIGHT)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", default=None, help="write every window's ratios (hit, p50, p99) per variant here")
     args = ap.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 170)
     path = Path(args.trace)
@@ -215,13 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         console.print(f"[red]unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}[/]")
         return 1
-    MemoryWait.pressure_weight = args.pressure_weight
     base = fleet_mod.fleet_from_file(args.fleet, args.deployment)
     health = base.settings.health.model_copy(
         update={"scrape_kv_usage": True, **({"interval_s": args.interval_s} if args.interval_s else {})}
     )
     settings = base.settings.model_copy(update={"health": health})
-    fl = fleet_mod.SimFleet(base.name, base.replicas, settings)
+    fl = fleet_mod.SimFleet(base.name, base.replicas, with_variants(settings, names, args.pressure_weight))
     wins = windows(trace.load_trace(path), args.window, args.windows)
     ratios: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     with Progress(console=console, transient=True) as bar:
@@ -232,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             oracle = metrics.summarize(engine.simulate(wl, fl, "oracle"))
             bar.advance(task)
             for n in names:
-                pol = VARIANTS[n](settings, seed=0)
-                s = metrics.summarize(engine.simulate(wl, fl, pol))  # type: ignore[arg-type]
+                s = metrics.summarize(engine.simulate(wl, fl, n))
                 ratios[n].append(
                     (s.hit_ratio / oracle.hit_ratio, s.ttft_p50_s / oracle.ttft_p50_s, s.ttft_p99_s / oracle.ttft_p99_s)
                 )
@@ -257,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.mean(p99):.3f} ({max(p99):.2f})",
         )
     console.print(t)
+    if args.json:
+        Path(args.json).write_text(json.dumps(ratios, indent=1) + "\n")
     return 0
 
 

@@ -32,7 +32,7 @@ from gpufleet.router import errors
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.metrics import RouterMetrics
-from gpufleet.router.policy import Policy, make_policy
+from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import ReplicaSet
@@ -87,7 +87,7 @@ class Router:
         self.config = config
         s = self.settings = config.settings
         self.replicas = ReplicaSet(config.replicas)
-        self.policy = policy or make_policy(s.policy, s)
+        self.policy = policy or registry.make(s.policy, s)
         self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
         try:
             self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None

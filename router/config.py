@@ -5,29 +5,44 @@ policy settings and the router's runtime settings are the same model. `RouterCon
 adds what the plan knows: the models and every replica with its pool, priority and KV
 capacity. The router reads only a `RouterConfig` (`gpufleet render router-config`).
 
-Field names carry their units. This module imports nothing heavier than pydantic, so the
-declaration can be validated without the router's extras installed.
+`policy` names a registered policy or profile (`gpufleet.router.policies.registry`) or one of
+the section's own `profiles`, each composed of registered filters, weighted scorers and a
+picker whose parameters the plugin validates itself; `plugins` are modules imported first, so
+that the plugins they register can be named. An unknown name or parameter is a validation
+error at its own field, listing what is registered.
+
+Field names carry their units. This module imports nothing heavier than pydantic (the
+policies it validates against import no router extra either), so the declaration can be
+validated without the router's extras installed.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-PolicyName = Literal["cache_aware", "round_robin", "least_load", "session", "random"]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "AdminToken",
     "CacheAwareSettings",
+    "FilterRef",
     "HealthSettings",
-    "PolicyName",
+    "PickerRef",
     "PredictionCacheSettings",
+    "ProfileSettings",
     "ReplicaConfig",
     "RouterConfig",
     "RouterSettings",
+    "ScorerRef",
     "SessionSettings",
 ]
+
+
+def _error(loc: tuple[str | int, ...], value: Any, message: str) -> InitErrorDetails:
+    """A validation error at `loc` (relative to the model being validated) saying `message`."""
+    # PydanticCustomError keeps the message as is; spec.py and loader.py add file:line.
+    return InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
 
 
 class _Strict(BaseModel):
@@ -38,53 +53,55 @@ class PredictionCacheSettings(_Strict):
     """Exact-match response cache for deterministic requests, scoped per tenant."""
 
     enabled: bool = False
-    ttl_s: float = Field(300.0, gt=0, description="seconds an answer stays servable")
-    max_entries: int = Field(10_000, ge=1)
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bound on cached body bytes")
+    ttl_s: float = Field(default=300.0, gt=0, description="seconds an answer stays servable")
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="bound on cached body bytes")
     backend: Literal["memory", "redis"] = Field(
-        "memory", description="memory: per router process; redis: shared by every router instance"
+        default="memory", description="memory: per router process; redis: shared by every router instance"
     )
     redis_url_env: str = Field(
-        "GPUFLEET_PREDICTION_CACHE_REDIS_URL",
+        default="GPUFLEET_PREDICTION_CACHE_REDIS_URL",
         min_length=1,
         description="environment variable holding the redis URL (it may carry a password, so never the URL itself)",
     )
-    key_prefix: str = Field("gpufleet:pc:", description="prefix of the redis keys")
+    key_prefix: str = Field(default="gpufleet:pc:", description="prefix of the redis keys")
 
 
 class CacheAwareSettings(_Strict):
-    """How `cache_aware` weighs prefill work saved against queued work."""
+    """The parameters of the `cache_aware` profile: how prefill work saved weighs against queued work."""
 
     # 0.5 from bench/cache_aware_sweep.py (docs/routing.md): 1.0 sent turns away from their cache
     # on memory-bound fleets; 0.25 starts piling a hot prefix onto one replica.
     load_weight: float = Field(
-        0.5, ge=0, description="weight of a replica's queued prefill tokens against matched prefix tokens"
+        default=0.5, ge=0, description="weight of a replica's queued prefill tokens against matched prefix tokens"
     )
     min_match_blocks: int = Field(
-        1, ge=0, description="below this many matched blocks a request is routed by load alone"
+        default=1, ge=0, description="below this many matched blocks a request is routed by load alone"
     )
     in_flight_cost_tokens: int = Field(
-        64,
+        default=64,
         ge=0,
         description="prefill-token equivalent of each in-flight request (its share of decode time) in the load term",
     )
 
 
 class SessionSettings(_Strict):
-    header: str = Field("x-session-id", min_length=1, description="request header carrying the session id")
-    use_body_user: bool = Field(True, description="fall back to the body's `user` field as session id")
-    max_sessions: int = Field(100_000, ge=1, description="bound on remembered sessions (LRU)")
-    ttl_s: float = Field(3600.0, gt=0)
+    """The parameters of the `session` policy (and where the server reads a session id)."""
+
+    header: str = Field(default="x-session-id", min_length=1, description="request header carrying the session id")
+    use_body_user: bool = Field(default=True, description="fall back to the body's `user` field as session id")
+    max_sessions: int = Field(default=100_000, ge=1, description="bound on remembered sessions (LRU)")
+    ttl_s: float = Field(default=3600.0, gt=0)
 
 
 class HealthSettings(_Strict):
-    interval_s: float = Field(5.0, gt=0, description="active health check period")
-    timeout_s: float = Field(2.0, gt=0)
-    eject_after_failures: int = Field(1, ge=1, description="consecutive failures before a replica is ejected")
-    backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
+    interval_s: float = Field(default=5.0, gt=0, description="active health check period")
+    timeout_s: float = Field(default=2.0, gt=0)
+    eject_after_failures: int = Field(default=1, ge=1, description="consecutive failures before a replica is ejected")
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
     scrape_kv_usage: bool = Field(
-        False,
+        default=False,
         description="on every check, also read the replica's KV-cache usage from its /metrics "
         "(vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc) into the router's view of it",
     )
@@ -93,9 +110,9 @@ class HealthSettings(_Strict):
 class AdminToken(_Strict):
     """Where the admin bearer token comes from: a reference, never the value."""
 
-    env: str | None = Field(None, description="environment variable holding the token")
-    file: str | None = Field(None, description="file holding the token")
-    secret: str | None = Field(None, description="Kubernetes Secret name (mounted as env by the stacks)")
+    env: str | None = Field(default=None, description="environment variable holding the token")
+    file: str | None = Field(default=None, description="file holding the token")
+    secret: str | None = Field(default=None, description="Kubernetes Secret name (mounted as env by the stacks)")
 
     @model_validator(mode="after")
     def _one_source(self) -> AdminToken:
@@ -104,27 +121,171 @@ class AdminToken(_Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------
+# Profiles: plugin references checked against the registry
+
+
+class _PluginRef(_Strict):
+    """A plugin of a profile: its registered `type` and the parameters that plugin validates.
+
+    Written as a mapping (`{type: prefix, params: {...}}`) or, without parameters, as the bare
+    type name (`pool_priority`).
+    """
+
+    kind: ClassVar[str] = ""
+
+    type: str = Field(min_length=1, description="the plugin's registered name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the plugin's own parameters")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from gpufleet.router.policies import registry  # the plugins import this module
+
+        registry.entry(cls.kind, value)  # ValueError naming what is registered
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _own_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from gpufleet.router.policies import registry
+
+        plugin = info.data.get("type")
+        if plugin is not None:  # else its error is reported already
+            registry.parse_params(cls.kind, plugin, value)  # ValidationError at params.<name>
+        return value
+
+
+class FilterRef(_PluginRef):
+    """A filter of a profile (`pool_priority`, or a registered plugin)."""
+
+    kind: ClassVar[str] = "filter"
+
+
+class PickerRef(_PluginRef):
+    """The picker of a profile (`min_cost`, or a registered plugin)."""
+
+    kind: ClassVar[str] = "picker"
+
+
+class ScorerRef(_PluginRef):
+    """A weighted scorer of a profile. Every scorer scores in estimated prefill tokens (lower is
+    better), so a weight says how many prefill tokens one unit of that score is worth."""
+
+    kind: ClassVar[str] = "scorer"
+
+    weight: float = Field(default=1.0, ge=0, description="multiplies the scorer's cost")
+
+
+def _default_filters() -> list[FilterRef]:
+    return [FilterRef(type="pool_priority")]
+
+
+def _default_picker() -> PickerRef:
+    return PickerRef(type="min_cost")
+
+
+class ProfileSettings(_Strict):
+    """A routing profile: filters narrow the replicas, weighted scorers cost each one, a picker chooses.
+
+    The cost of a replica is the weighted sum of its scores; adjacent scorers of equal weight are
+    added before they are weighted (`w * (a + b)`), see `gpufleet.router.policies.profile`.
+    """
+
+    filters: list[FilterRef] = Field(
+        default_factory=_default_filters, description="applied in order; pool_priority must be one of them"
+    )
+    scorers: list[ScorerRef] = Field(min_length=1)
+    picker: PickerRef = Field(default_factory=_default_picker)
+
+    @field_validator("filters")
+    @classmethod
+    def _keeps_pool_priority(cls, value: list[FilterRef]) -> list[FilterRef]:
+        if not any(f.type == "pool_priority" for f in value):
+            # It is also what keeps unhealthy and saturated replicas out.
+            raise ValueError(
+                "must include pool_priority: every policy keeps to the best pool with an available replica"
+            )
+        return value
+
+
 class RouterSettings(_Strict):
     """The `router:` section of a fleet declaration."""
 
-    policy: PolicyName = "cache_aware"
-    block_size_tokens: int = Field(16, ge=1, le=4096, description="prefix-index block size in tokens")
-    chars_per_token: float = Field(
-        4.0, gt=0, description="estimate used to turn prompt characters into tokens without a tokenizer"
+    policy: str = Field(
+        default="cache_aware",
+        min_length=1,
+        description="a registered policy or profile (cache_aware, session, least_load, round_robin, random, ...) "
+        "or one of `profiles`",
     )
-    cache_aware: CacheAwareSettings = CacheAwareSettings()
-    session: SessionSettings = SessionSettings()
-    prediction_cache: PredictionCacheSettings = PredictionCacheSettings()
-    health: HealthSettings = HealthSettings()
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    request_timeout_s: float = Field(600.0, gt=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    max_retries: int = Field(2, ge=0, le=10, description="retries on another replica before the first byte")
-    admin_token: AdminToken = AdminToken(env="GPUFLEET_ADMIN_TOKEN")
-    port: int = Field(8080, ge=1, le=65535)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the registry is read (they register their plugins)",
+    )
+    profiles: dict[str, ProfileSettings] = Field(
+        default_factory=dict, description="routing profiles composed of registered plugins, by name"
+    )
+    block_size_tokens: int = Field(default=16, ge=1, le=4096, description="prefix-index block size in tokens")
+    chars_per_token: float = Field(
+        default=4.0, gt=0, description="estimate used to turn prompt characters into tokens without a tokenizer"
+    )
+    cache_aware: CacheAwareSettings = Field(default_factory=CacheAwareSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    prediction_cache: PredictionCacheSettings = Field(default_factory=PredictionCacheSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10, description="retries on another replica before the first byte")
+    admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
+    port: int = Field(default=8080, ge=1, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        # Before the fields: the profiles may name plugins these modules register.
+        modules = data.get("plugins") if isinstance(data, dict) else None
+        if not isinstance(modules, list) or not modules:
+            return data
+        from gpufleet.router.policies import registry
+
+        errors = []
+        for i, module in enumerate(modules):
+            if isinstance(module, str):  # else the field's own check reports it
+                try:
+                    registry.load_plugin(module)
+                except registry.PluginError as exc:
+                    errors.append(_error(("plugins", i), module, str(exc)))
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
+
+    @model_validator(mode="after")
+    def _known_policy(self) -> RouterSettings:
+        from gpufleet.router.policies import registry
+
+        errors = []
+        for name in self.profiles:
+            if registry.is_policy(name):
+                errors.append(
+                    _error(("profiles", name), name, f"{name!r} is already a registered policy: rename the profile")
+                )
+        problem = registry.policy_problem(self.policy, profiles=self.profiles)
+        if problem:
+            errors.append(_error(("policy",), self.policy, problem))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
 
 
 class ReplicaConfig(_Strict):
+    """One replica the router may send requests to, with what the plan knows about it."""
+
     id: str
     url: str = Field(description="base URL of the replica's OpenAI-compatible server")
     deployment: str
@@ -139,9 +300,9 @@ class ReplicaConfig(_Strict):
 class RouterConfig(_Strict):
     """Everything the router needs, rendered from the plan."""
 
-    schema_: Literal["gpufleet.router-config/v1"] = Field("gpufleet.router-config/v1", alias="schema")
+    schema_: Literal["gpufleet.router-config/v1"] = Field(default="gpufleet.router-config/v1", alias="schema")
     fleet: str
-    settings: RouterSettings = RouterSettings()
+    settings: RouterSettings = Field(default_factory=RouterSettings)
     replicas: list[ReplicaConfig]
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -20,9 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import xxhash
-
-from gpufleet.router.types import RequestFeatures, stable_hash
+from gpufleet.router.types import RequestFeatures, stable_hash, xxh3_64_intdigest
 
 __all__ = ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
 
@@ -93,7 +91,7 @@ def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
     out = [0] * n
     h = 0
     for i in range(n):
-        h = xxhash.xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode(), seed=h)
+        h = xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode(), seed=h)
         out[i] = h
     return tuple(out)
 

@@ -33,7 +33,7 @@ from gpufleet.router import errors, wire
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.health import HealthTracker
 from gpufleet.router.metrics import RouterMetrics
-from gpufleet.router.policy import Policy
+from gpufleet.router.policies import Policy
 from gpufleet.router.prediction_cache import (
     PredictionCache,
     RedisPredictionCache,

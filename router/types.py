@@ -1,7 +1,7 @@
 """The small value types every routing policy speaks: request features, replica states, decisions.
 
 They are plain `__slots__` dataclasses with no I/O and no dependency beyond the standard
-library, so the live server and the discrete-event simulator build them the same way and
+library (and xxhash, for hashing only), so the live server and the discrete-event simulator build them the same way and
 cheaply. A `ReplicaState` is long-lived and mutated in place (one per replica); a
 `RequestFeatures` is built once per request; a `Decision` is returned by `Policy.choose`.
 
@@ -15,14 +15,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-import xxhash
-
 __all__ = ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
+
+
+def _needs_router_extra(data: object, seed: int = 0) -> int:
+    raise ModuleNotFoundError("hashing needs xxhash, from the router extra: pip install 'gpufleet[router]'")
+
+
+try:
+    from xxhash import xxh3_64_intdigest as xxh3_64_intdigest
+except ModuleNotFoundError:  # pragma: no cover
+    # The base install validates a fleet's `router:` section, which imports the routing
+    # policies (and so this module) without the router extra; only hashing needs xxhash.
+    xxh3_64_intdigest = _needs_router_extra
 
 
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process (unlike `hash()`), for rendezvous ties."""
-    return xxhash.xxh3_64_intdigest(text.encode())
+    return xxh3_64_intdigest(text.encode())
 
 
 @dataclass(slots=True)

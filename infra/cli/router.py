@@ -21,12 +21,17 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 inside a container)")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="port to listen on [default: settings.port of the config]")] = None,
 ) -> None:
-    """Serve the OpenAI-compatible router described by a router config file."""
+    """Serve the OpenAI-compatible router described by a router config file.
+
+    The config's `settings.plugins` (and the `gpufleet.router.plugins` entry points) are imported
+    while it is read, so its policy may name the plugins they register.
+    """
     # Import inside the command: the router image has only the `router` extra, and
     # `gpufleet --help` must not pay for aiohttp.
     from gpufleet.router import errors, loader
+    from gpufleet.router.policies import registry
 
-    with user_errors(errors.ConfigError):
+    with user_errors(errors.ConfigError, registry.PluginError):
         cfg = loader.load_router_config(config)
         if not cfg.replicas:
             raise UserError(f"{config}: replicas: the config lists no replica to route to")
@@ -57,8 +62,9 @@ def _run(cfg: RouterConfig, host: str, port: int) -> None:
         # collector's sight so full collections (and their latency spikes) stay short.
         gc.collect()
         gc.freeze()
+        plugins = f"plugins {', '.join(cfg.settings.plugins)}, " if cfg.settings.plugins else ""
         console.print(
-            f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, "
+            f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, {plugins}"
             f"{len(router.replicas)} replicas, {len(router.replicas.by_model)} models, listening on http://{host}:{bound}",
             highlight=False,
             soft_wrap=True,  # never wrap: scripts read the URL from this line

@@ -163,7 +163,7 @@ class Fleet(_Strict):
     clouds: Clouds = Clouds()
     nodepools: list[Nodepool] = Field(min_length=1)
     deployments: list[Deployment] = Field(min_length=1)
-    router: RouterSettings = RouterSettings()
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     _fleet = field_validator("fleet", "namespace")(_dns_label)
 
@@ -218,13 +218,16 @@ def _describe(value: Any) -> str:
 def _allowed_fields(loc: Sequence[Any]) -> list[str] | None:
     """The field names allowed at the mapping that contains `loc`'s last part."""
     model: Any = Fleet
+    keyed = False
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False  # a list index, or a key of a mapping of models (router.profiles.NAME)
             continue
         info = getattr(model, "model_fields", {}).get(part)
         if info is None:
             return None
         ann = info.annotation
+        keyed = getattr(ann, "__origin__", None) is dict
         model = None
         for candidate in (ann, *getattr(ann, "__args__", ())):
             for inner in (candidate, *getattr(candidate, "__args__", ())):

@@ -2,7 +2,7 @@
 
 One event heap holds each replica's next step end (lazily invalidated); arrivals are merged in
 time order, engine events first at equal times. Per request the simulator does what the live
-server does around a policy (`router.server`): `choose`, `on_routed`, `ReplicaState.begin` with
+server does around a policy (`router.proxy`): `choose`, `on_routed`, `ReplicaState.begin` with
 the decision's estimated prefill, `prefill_done` at the first token, `end` and `on_completed`
 (with the output length) at the end. A request no replica can take (every replica saturated or
 unhealthy) is *rejected*, as the server answers 429/503; one the engine refuses (longer than
@@ -20,9 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet.router import kvmodel
-from gpufleet.router.policy import Policy
+from gpufleet.router.policies import Policy, registry
 from gpufleet.router.sim.fleet import SimFleet
-from gpufleet.router.sim.policies import OraclePolicy, make_sim_policy
 from gpufleet.router.types import Decision, RequestFeatures
 from gpufleet.router.workloads.types import SimRequest, Workload
 
@@ -102,7 +101,8 @@ def simulate(
     record_decisions: bool = False,
     on_decision: Callable[[Policy, SimRequest, Decision], None] | None = None,
 ) -> SimResult:
-    """Run `workload` through `fleet` with `policy` (a name from `SIM_POLICIES` or an object).
+    """Run `workload` through `fleet` with `policy` (a registered name, a profile of the fleet's
+    settings, or an object; either gets the simulator's clock and engines as context).
 
     `progress(n)` is called with the number of requests routed so far, every 256 requests.
     `on_decision` sees each decision before it is applied (tests check the oracle with it).
@@ -117,12 +117,10 @@ def simulate(
         return now
 
     if isinstance(policy, str):
-        pol = make_sim_policy(policy, fleet.settings, seed=seed, clock=clock, engines=by_id)
+        pol = registry.make(policy, fleet.settings, seed=seed, clock=clock, engines=by_id)
     else:
         pol = policy
-        pol.clock = clock
-        if isinstance(pol, OraclePolicy):
-            pol.attach(by_id)
+        pol.bind(clock=clock, engines=by_id)
     reps = [ReplicaRecord(spec.id, num_blocks=e.cache.num_blocks) for spec, e in zip(fleet.replicas, engines)]
     records: list[RequestRecord] = []
     decisions: list[tuple[str, str, Decision]] = []

@@ -1,9 +1,10 @@
 """Policies the shipped ones are measured against: consistent hashing, SGLang's cache_aware, the oracle.
 
-They subclass the router's own `Policy` (same signature, same pool-priority rule, same load
-accounting), so the simulator drives every policy the same way. The shipped policies
-(`random`, `round_robin`, `least_load`, `session`, `cache_aware`) are taken from
-`gpufleet.router.policy.POLICIES` unchanged.
+They subclass the router's own `Policy` (same signature, same pool-priority filter, same load
+accounting) and register in the router's one registry (`gpufleet.router.policies.registry`,
+which loads this module the first time it is read), so the simulator builds every policy by name
+the same way, shipped or baseline. The oracle needs the simulator's engines (`needs`): the
+simulator passes them as context, and a router config cannot name it.
 
 consistent_hash
     A hash ring (160 virtual nodes per replica) keyed by the chained hash of the prompt's first
@@ -34,24 +35,24 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from gpufleet.router import kvmodel
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.policy import POLICIES, Policy, rendezvous
+from gpufleet.router.policies import Policy, registry
+from gpufleet.router.policies.base import rendezvous
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures, stable_hash
 
 __all__ = [
     "DEFAULT_ORDER",
-    "SIM_POLICIES",
     "ConsistentHashPolicy",
     "OracleChoice",
     "OraclePolicy",
     "SGLangCacheAwareModel",
-    "make_sim_policy",
     "pending_prefill_tokens",
 ]
 
@@ -61,8 +62,16 @@ class ConsistentHashPolicy(Policy):
 
     name = "consistent_hash"
 
-    def __init__(self, *args: Any, prefix_blocks: int = 8, vnodes: int = 160, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        settings: RouterSettings | None = None,
+        *,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        prefix_blocks: int = 8,
+        vnodes: int = 160,
+    ) -> None:
+        super().__init__(settings, seed=seed, clock=clock)
         self.prefix_blocks = prefix_blocks
         self.vnodes = vnodes
         self._rings: dict[tuple[str, ...], tuple[list[int], list[ReplicaState]]] = {}
@@ -75,7 +84,9 @@ class ConsistentHashPolicy(Policy):
             ring = self._rings[key] = ([p for p, _ in points], [tier[i] for _, i in points])
         return ring
 
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+    def _pick(
+        self, features: RequestFeatures, tier: Sequence[ReplicaState], replicas: Sequence[ReplicaState]
+    ) -> Decision:
         hashes = features.block_hashes
         key = hashes[min(self.prefix_blocks, len(hashes)) - 1] if hashes else features.affinity_key
         points, owners = self._ring(tier)
@@ -90,15 +101,17 @@ class SGLangCacheAwareModel(Policy):
 
     def __init__(
         self,
-        *args: Any,
+        settings: RouterSettings | None = None,
+        *,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
         cache_threshold: float = 0.3,
         balance_abs_threshold: int = 64,
         balance_rel_threshold: float = 1.5,
         eviction_interval_s: float = 120.0,
         max_tree_size_chars: int = 2**26,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(settings, seed=seed, clock=clock)
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
@@ -149,7 +162,9 @@ class SGLangCacheAwareModel(Policy):
             else:
                 lru[h] = None
 
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+    def _pick(
+        self, features: RequestFeatures, tier: Sequence[ReplicaState], replicas: Sequence[ReplicaState]
+    ) -> Decision:
         self._maybe_evict()
         loads = [r.in_flight for r in tier]
         hi, lo = max(loads), min(loads)
@@ -266,14 +281,23 @@ class OraclePolicy(Policy):
     """Exact cache and queue knowledge; earliest estimated first token (see the module docs)."""
 
     name = "oracle"
+    needs: ClassVar[tuple[str, ...]] = ("engines",)
 
-    def __init__(self, *args: Any, engines: Mapping[str, kvmodel.ReplicaEngine] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        settings: RouterSettings | None = None,
+        *,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        engines: Mapping[str, kvmodel.ReplicaEngine] | None = None,
+    ) -> None:
+        super().__init__(settings, seed=seed, clock=clock)
         self.engines: Mapping[str, kvmodel.ReplicaEngine] = engines or {}
 
-    def attach(self, engines: Mapping[str, kvmodel.ReplicaEngine]) -> None:
-        """Give the oracle the simulator's engines (by replica id)."""
-        self.engines = engines
+    def bind(self, *, clock: Callable[[], float], **context: Any) -> None:
+        """Run on the simulator's clock, reading its `engines` (by replica id)."""
+        super().bind(clock=clock)
+        self.engines = context.get("engines", self.engines)
 
     def explain(self, features: RequestFeatures, tier: Sequence[ReplicaState]) -> list[OracleChoice]:
         """The oracle's estimate for every replica of `tier`."""
@@ -303,7 +327,9 @@ class OraclePolicy(Policy):
             )
         return out
 
-    def _pick(self, features, tier, replicas):  # type: ignore[no-untyped-def]
+    def _pick(
+        self, features: RequestFeatures, tier: Sequence[ReplicaState], replicas: Sequence[ReplicaState]
+    ) -> Decision:
         choices = self.explain(features, tier)
         key = features.affinity_key
         best_i = min(
@@ -313,13 +339,8 @@ class OraclePolicy(Policy):
         return Decision(tier[best_i], reason="oracle", matched_blocks=choices[best_i].matched_blocks)
 
 
-SIM_POLICIES: dict[str, type[Policy]] = {
-    **POLICIES,
-    ConsistentHashPolicy.name: ConsistentHashPolicy,
-    SGLangCacheAwareModel.name: SGLangCacheAwareModel,
-    OraclePolicy.name: OraclePolicy,
-}
-"""Every policy the simulator can run: the router's registry plus the baselines above."""
+for _baseline in (ConsistentHashPolicy, SGLangCacheAwareModel, OraclePolicy):
+    registry.register(_baseline.name, _baseline)
 
 DEFAULT_ORDER = (
     "random",
@@ -331,21 +352,4 @@ DEFAULT_ORDER = (
     "cache_aware",
     "oracle",
 )
-
-
-def make_sim_policy(
-    name: str,
-    settings: RouterSettings | None = None,
-    *,
-    seed: int | None = None,
-    clock: Callable[[], float],
-    engines: Mapping[str, kvmodel.ReplicaEngine] | None = None,
-) -> Policy:
-    """Build a policy by name; the oracle gets the simulator's engines."""
-    try:
-        cls = SIM_POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(DEFAULT_ORDER)}") from None
-    if cls is OraclePolicy:
-        return OraclePolicy(settings, seed=seed, clock=clock, engines=engines)
-    return cls(settings, seed=seed, clock=clock)
+"""The simulator's run order when no policies are named: baselines around cache_aware."""

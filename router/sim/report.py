@@ -11,9 +11,10 @@ from typing import Any
 
 from rich.table import Table
 
+from gpufleet.router.policies import registry
 from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim.fleet import SimFleet
-from gpufleet.router.sim.policies import DEFAULT_ORDER, SIM_POLICIES
+from gpufleet.router.sim.policies import DEFAULT_ORDER
 from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
 from gpufleet.router.workloads.types import Workload
 
@@ -49,13 +50,14 @@ class BenchRun:
 
 
 def parse_policies(text: str | None) -> list[str]:
-    """`a,b,c` -> names, checked against the simulator's registry (all, in order, when empty)."""
+    """`a,b,c` -> names, checked against the registry with the simulator's context (all, in order, when empty)."""
     if not text:
         return list(DEFAULT_ORDER)
     names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in SIM_POLICIES]
+    known = registry.policy_names(context=("engines",))
+    bad = [p for p in names if p not in known]
     if bad:
-        raise ValueError(f"unknown policy {', '.join(bad)}; choose from {', '.join(DEFAULT_ORDER)}")
+        raise ValueError(f"unknown policy {', '.join(bad)}; choose from {', '.join(known)}")
     return names
 
 

@@ -8,11 +8,18 @@ stopped at fixture teardown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -227,6 +234,33 @@ def replica_configs(
             )
         )
     return out
+
+
+@contextlib.contextmanager
+def serve_process(config: Path, **env: str) -> Iterator[tuple[str, str]]:
+    """`gpufleet router serve -c config --port 0` in a child process: yields (its start line, its
+    URL), then interrupts it and checks it exits 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve", "-c", str(config)]
+        + ["--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "listening on" not in line:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line and proc.poll() is not None:
+                break
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        yield line, m.group(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:

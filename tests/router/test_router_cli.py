@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import httpx
 from typer.testing import CliRunner
 
 from gpufleet.infra.cli import app
+from tests.router.router_fakes import serve_process
 from tests.router.test_router_units import CONFIG
 
 
@@ -33,40 +30,10 @@ def test_serve_with_missing_config_exits_1(tmp_path) -> None:
 def test_serve_runs_the_router_until_interrupted(tmp_path) -> None:
     f = tmp_path / "router.yaml"
     f.write_text(CONFIG)
-    env = {**os.environ, "GPUFLEET_ADMIN_TOKEN": "cli-token"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from gpufleet.infra.cli import main; main()",
-            "router",
-            "serve",
-            "--config",
-            str(f),
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        line = ""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "listening on" not in line:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-        assert m, line
-        url = m.group(1)
+    with serve_process(f, GPUFLEET_ADMIN_TOKEN="cli-token") as (_, url):
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "m"
         assert httpx.get(url + "/admin/replicas", headers={"Authorization": "Bearer cli-token"}).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
 
 
 def test_router_and_its_cli_import_no_cloud_sdk_or_pulumi() -> None:
@@ -74,7 +41,7 @@ def test_router_and_its_cli_import_no_cloud_sdk_or_pulumi() -> None:
     code = (
         "import sys\n"
         "from gpufleet.infra.cli import app\n"
-        "from gpufleet.router import app, loader, policy, prediction_cache, proxy\n"
+        "from gpufleet.router import app, loader, policies, prediction_cache, proxy\n"
         "heavy = {'pulumi', 'boto3', 'botocore', 'google', 'kubernetes', 'moto'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )

@@ -478,7 +478,7 @@ def test_chunked_body_over_limit_is_413(replicas, make_router) -> None:
 
 
 def test_an_internal_bug_answers_500_in_the_api_shape_without_details(replicas, make_router) -> None:
-    from gpufleet.router.policy import LeastLoadPolicy
+    from gpufleet.router.policies.least_load import LeastLoadPolicy
 
     class Broken(LeastLoadPolicy):
         name = "least_load"

@@ -11,7 +11,6 @@ from gpufleet.router import (
     errors,
     health,
     loader,
-    policy,
     prediction_cache,
     prefix,
     proxy,
@@ -213,19 +212,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(app.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
     assert sorted(proxy.__all__) == ["JSON", "Proxy", "ProxyRequest", "error_response"]
     assert sorted(replicas.__all__) == ["ModelReplicas", "ReplicaSet"]
-    assert sorted(policy.__all__) == sorted(
-        [
-            "POLICIES",
-            "CacheAwarePolicy",
-            "LeastLoadPolicy",
-            "Policy",
-            "RandomPolicy",
-            "RoundRobinPolicy",
-            "SessionPolicy",
-            "make_policy",
-            "rendezvous",
-        ]
-    )
+    # The policies' API is pinned in test_router_plugins.py.
     assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
     assert sorted(prediction_cache.__all__) == sorted(
@@ -269,7 +256,7 @@ def test_public_api_is_pinned() -> None:
             "UpstreamResponse",
         ]
     )
-    for mod in (app, proxy, replicas, policy, types, prefix, prediction_cache, errors, health, loader, upstream):
+    for mod in (app, proxy, replicas, types, prefix, prediction_cache, errors, health, loader, upstream):
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.policy import POLICIES
-from gpufleet.router.sim import engine, fleet, policies
+from gpufleet.router.policies import registry
+from gpufleet.router.policies.profile import ProfilePolicy
+from gpufleet.router.sim import engine, fleet
 from gpufleet.router.sim.policies import DEFAULT_ORDER, OraclePolicy
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.workloads import generators
@@ -95,11 +96,14 @@ def test_workload_generators_are_deterministic_under_a_seed() -> None:
 
 
 def test_simulator_drives_the_routers_own_policy_classes(small_mix: Workload, tight_fleet: fleet.SimFleet) -> None:
-    for name, cls in POLICIES.items():
-        assert policies.SIM_POLICIES[name] is cls
-    pol = policies.make_sim_policy("cache_aware", SETTINGS, clock=lambda: 0.0)
+    head = Workload(small_mix.name, small_mix.requests[:5])
+    for name in registry.policy_names():
+        seen: set[type] = set()
+        engine.simulate(head, tight_fleet, name, on_decision=lambda pol, req, d, _seen=seen: _seen.add(type(pol)))
+        assert seen == {type(registry.make(name, SETTINGS))}
+    pol = registry.make("cache_aware", SETTINGS, clock=lambda: 0.0)
     res = engine.simulate(small_mix, tight_fleet, pol)
-    assert res.policy == "cache_aware" and type(pol) is POLICIES["cache_aware"]
+    assert res.policy == "cache_aware" and isinstance(pol, ProfilePolicy)
     # The policy's prefix index learned from the simulated traffic.
     assert sum(pol.cached_blocks(s.id) for s in tight_fleet.replicas) > 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.policy import LeastLoadPolicy
+from gpufleet.router.policies.least_load import LeastLoadPolicy
 from gpufleet.router.sim import engine, fleet
 from gpufleet.router.types import RequestFeatures
 from gpufleet.router.workloads.types import MODEL, SimRequest, Workload

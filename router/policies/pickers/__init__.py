@@ -1,0 +1,1 @@
+"""Pickers: choose one replica from a profile's weighted costs (one module per plugin)."""

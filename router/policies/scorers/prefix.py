@@ -1,0 +1,90 @@
+"""`prefix`: the prompt tokens the replica would still have to prefill, given its predicted cache.
+
+    score = prompt_tokens - matched_blocks * block_size_tokens      (0 at least)
+
+Per replica a `PrefixIndex` holds the blocks the replica probably has: an LRU bounded by the
+replica's declared KV capacity (`kv_capacity_tokens / block_size_tokens`). Routing a prompt there
+inserts its blocks (`on_routed`); generated tokens push older prefixes out (`on_completed`); an
+ejected or restarted replica starts empty (`on_replica_reset`). A match shorter than
+`min_match_blocks` counts as none. This scorer also tells the profile how many blocks matched
+(`Candidates.matched_blocks`), which its decision reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpufleet.router.policies import registry
+from gpufleet.router.policies.base import Candidates, PluginContext, Scorer
+from gpufleet.router.prefix import PrefixIndex
+from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
+
+__all__ = ["PrefixScorer"]
+
+
+class PrefixScorer(Scorer):
+    """Uncached prompt tokens on each replica, from a per-replica prefix index (module docs)."""
+
+    provides_matches = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        min_match_blocks: int = Field(
+            default=1, ge=0, description="below this many matched blocks a match counts as none"
+        )
+
+    def __init__(self, params: Params, ctx: PluginContext) -> None:
+        self.min_match_blocks = params.min_match_blocks
+        self.block_size_tokens = ctx.settings.block_size_tokens
+        self._indexes: dict[str, PrefixIndex] = {}
+
+    def index(self, replica: ReplicaState) -> PrefixIndex:
+        """The replica's prefix index, sized from its declared KV capacity on first use."""
+        idx = self._indexes.get(replica.id)
+        if idx is None:
+            idx = self._indexes[replica.id] = PrefixIndex(replica.kv_capacity_tokens // self.block_size_tokens)
+        return idx
+
+    def score(self, candidates: Candidates) -> Sequence[float]:
+        f = candidates.features
+        hashes = f.block_hashes
+        replicas = candidates.replicas
+        if hashes:
+            get = self._indexes.get
+            # `or`: an index not made yet (or still empty) comes from `index`, which makes it.
+            matched = [(get(r.id) or self.index(r)).match(hashes) for r in replicas]
+            if self.min_match_blocks > 1:  # 0 and 1 leave every match as it is
+                min_match = self.min_match_blocks
+                matched = [m if m >= min_match else 0 for m in matched]
+        else:
+            matched = [0] * len(replicas)
+        candidates.matched_blocks = matched
+        prompt = f.prompt_tokens
+        bt = self.block_size_tokens
+        return [prompt - m * bt if m * bt < prompt else 0 for m in matched]
+
+    def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
+        if decision.replica is not None and features.block_hashes:
+            self.index(decision.replica).insert(features.block_hashes)
+
+    def on_completed(
+        self, features: RequestFeatures, replica: ReplicaState, *, ok: bool, output_tokens: int = 0
+    ) -> None:
+        if ok and output_tokens > 0:
+            # Generated tokens occupy KV blocks too and push older prefixes out.
+            self.index(replica).consume(output_tokens // self.block_size_tokens)
+
+    def on_replica_reset(self, replica_id: str) -> None:
+        idx = self._indexes.get(replica_id)
+        if idx is not None:
+            idx.clear()
+
+    def cached_blocks(self, replica_id: str) -> int:
+        idx = self._indexes.get(replica_id)
+        return len(idx) if idx is not None else 0
+
+
+registry.register("prefix", PrefixScorer)
