@@ -18,10 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gpufleet demo
 
-test: lint
+test: lint typecheck
 	$(PY) -m pytest
 
-# Lint and format check (ruff); `make test` runs it first.
+# Lint and format check (ruff); `make test` runs it and `typecheck` first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
