@@ -1,6 +1,6 @@
 """Plans for people and for CI: rich tables, a pull-request comment, and plan-to-plan diffs.
 
-`diff(old, new)` compares a plan against an earlier `gpufleet plan --format json` output,
+`diff(old, new)` compares a plan against an earlier `gpufleet plan -o json` output,
 the way Infracost's `diff` compares Terraform plans: per pool, what changes in node counts
 and in money, and the total monthly change.
 """

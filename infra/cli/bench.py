@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import (
+    OutOpt,
+    UserError,
+    deprecated,
+    emit,
+    err_console,
+    group,
+    output_option,
+    progress,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from gpufleet.router.sim.fleet import SimFleet
@@ -15,12 +25,23 @@ if TYPE_CHECKING:
 
 _WORKLOADS = "shared_prompts, rag, multiturn, mix, demo"
 
-_Fleet = Annotated[Path, typer.Option("--fleet", help="fleet declaration (fleet.yaml)")]
+BENCH_FORMATS = {"table": "for people", "json": "for tools"}
+
+_Fleet = Annotated[Path, typer.Option("--fleet", metavar="<file>", help="fleet declaration (fleet.yaml)")]
 _Deployment = Annotated[str, typer.Option("--deployment", help="deployment whose replicas are simulated")]
-_Workload = Annotated[str | None, typer.Option("--workload", help=f"one of: {_WORKLOADS}")]
-_Trace = Annotated[Path | None, typer.Option("--trace", help="Mooncake-format trace (JSON lines)")]
-_Seed = Annotated[int, typer.Option("--seed")]
-_Json = Annotated[Path | None, typer.Option("--json", help="write results as JSON here")]
+_Workload = Annotated[str | None, typer.Option("--workload", metavar="<name>", help=f"one of: {_WORKLOADS}")]
+_Trace = Annotated[Path | None, typer.Option("--trace", metavar="<file>", help="Mooncake-format trace (JSON lines)")]
+_Seed = Annotated[int, typer.Option("--seed", help="seed of the workload and the random policies")]
+_Output = Annotated[str, output_option(BENCH_FORMATS)]
+_LegacyJson = Annotated[Path | None, typer.Option("--json", hidden=True)]
+
+
+def _json_out(legacy: Path | None, output: str, out: Path | None) -> tuple[str, Path | None]:
+    """`--json PATH` of earlier versions is `-o json --out PATH`."""
+    if legacy is None:
+        return output, out
+    deprecated("--json PATH", f"-o json --out {legacy}")
+    return "json", out or legacy
 
 
 def _domain_errors() -> tuple[type[BaseException], ...]:
@@ -103,9 +124,10 @@ def build_workload(
 
 def register(app: typer.Typer) -> None:
     """Add this noun's commands to the root app."""
-    bench = typer.Typer(
-        help="Benchmarks: routing policies in simulation (sim) and over HTTP against the SGLang and vLLM routers (live).",
-        no_args_is_help=True,
+    bench = group(
+        "Benchmarks: routing policies in simulation and over HTTP. `bench sim` runs the router's own "
+        "policies in the discrete-event simulator; `bench live` sends traffic over loopback HTTP through "
+        "gpufleet's router and the SGLang and vLLM routers."
     )
 
     @bench.command("sim")
@@ -131,29 +153,29 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--replicas", help="simulate this many replicas instead of the plan's")
         ] = None,
         seed: _Seed = 0,
-        json_out: _Json = None,
+        output: _Output = "table",
+        out: OutOpt = None,
         plot: Annotated[
-            Path | None, typer.Option("--plot", help="write a PNG of TTFT distributions and hit ratios")
+            Path | None,
+            typer.Option("--plot", metavar="<png>", help="write a PNG of TTFT distributions and hit ratios"),
         ] = None,
+        json_out: _LegacyJson = None,
     ) -> None:
-        """Simulate routing policies on a workload or trace over a deployment's replicas from the plan."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        """Simulate routing policies over a deployment's replicas.
+
+        A workload or trace replayed over the deployment's replicas from the plan, once per policy.
+        """
+        import json
 
         from gpufleet.router.sim import report
 
+        output, out = _json_out(json_out, output, out)
         with user_errors(*_domain_errors()):
             names = report.parse_policies(policies)
             sim_fleet, wl = _fleet_and_workload(
                 fleet, deployment, workload, trace, requests=requests, seed=seed, rate=rate, replicas=replicas
             )
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bar:
+            with progress() as bar:
                 tasks = {n: bar.add_task(f"{n:20s}", total=len(wl)) for n in names}
                 run = report.run_policies(
                     wl,
@@ -163,17 +185,18 @@ def register(app: typer.Typer) -> None:
                     seed=seed,
                     progress=lambda n, done: bar.update(tasks[n], completed=done),
                 )
-            console.print(report.results_table(run))
-            console.print(f"offered load {run.load:.2f} (as generated: {run.natural_load:.2f})")
-            console.print("goals for cache_aware:")
-            for line in report.goals_lines(run):
-                console.print("  " + line, markup=False, highlight=False)
-            if json_out is not None:
-                report.write_json([run], json_out)
-                console.print(f"wrote {json_out}")
+
+            def show(target: Any) -> None:
+                target.print(report.results_table(run))
+                target.print(f"offered load {run.load:.2f} (as generated: {run.natural_load:.2f})")
+                target.print("goals for cache_aware:")
+                for line in report.goals_lines(run):
+                    target.print("  " + line, markup=False, highlight=False)
+
+            emit(show, json.dumps(report.to_json([run]), indent=2) + "\n" if output == "json" else None, out)
             if plot is not None:
                 report.plot_runs([run], plot)
-                console.print(f"wrote {plot}")
+                err_console.print(f"wrote {plot}", highlight=False)
 
     @bench.command("live")
     def live_cmd(
@@ -204,16 +227,22 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         seed: _Seed = 0,
-        json_out: _Json = None,
+        output: _Output = "table",
+        out: OutOpt = None,
+        json_out: _LegacyJson = None,
     ) -> None:
-        """Send one scaled-down workload over loopback HTTP through gpufleet's router and the peer routers."""
+        """Send one workload over HTTP through gpufleet's router and the peers.
+
+        A scaled-down workload over loopback HTTP through gpufleet's router and the SGLang and
+        vLLM routers, in front of the same simulated replicas.
+        """
         import json
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
         from gpufleet.router.sim import live, metrics
 
+        output, out = _json_out(json_out, output, out)
         with user_errors(*_domain_errors()):
             names = tuple(r.strip() for r in routers.split(",") if r.strip())
             bad = [r for r in names if r not in live.ROUTERS]
@@ -226,14 +255,7 @@ def register(app: typer.Typer) -> None:
             )
             natural = metrics.offered_load(wl, sim_fleet)
             wl = wl.scaled(natural / load)
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bar:
+            with progress() as bar:
                 tasks = {r: bar.add_task(f"{r:10s}", total=len(wl)) for r in names}
                 results = live.run_live(
                     wl,
@@ -267,22 +289,14 @@ def register(app: typer.Typer) -> None:
                     f"{r.throughput_rps:.1f}",
                     note,
                 )
-            console.print(t)
-            if json_out is not None:
-                json_out.write_text(
-                    json.dumps(
-                        {
-                            "schema": "gpufleet.bench-live/v1",
-                            "workload": wl.name,
-                            "requests": len(wl),
-                            "load": load,
-                            "speedup": speedup,
-                            "routers": [r.to_dict() for r in results],
-                        },
-                        indent=2,
-                    )
-                    + "\n"
-                )
-                console.print(f"wrote {json_out}")
+            data = {
+                "schema": "gpufleet.bench-live/v1",
+                "workload": wl.name,
+                "requests": len(wl),
+                "load": load,
+                "speedup": speedup,
+                "routers": [r.to_dict() for r in results],
+            }
+            emit(lambda target: target.print(t), json.dumps(data, indent=2) + "\n" if output == "json" else None, out)
 
     app.add_typer(bench, name="bench")

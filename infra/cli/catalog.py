@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import UserError, console, group, user_errors
 
-catalog_app = typer.Typer(help="The machine and price catalog.", no_args_is_help=True)
+catalog_app = group("The machine and price catalog.")
 
 
 class Cloud(str, enum.Enum):
@@ -24,15 +24,20 @@ class Cloud(str, enum.Enum):
 def refresh(
     cloud: Annotated[Cloud, typer.Option(help="cloud to read")],
     out: Annotated[
-        Path | None, typer.Option(help="user catalog file to (re)write [default: catalog-<cloud>.yaml]")
+        Path | None,
+        typer.Option(metavar="<path>", help="user catalog file to (re)write [default: catalog-<cloud>.yaml]"),
     ] = None,
     region: Annotated[
-        list[str] | None, typer.Option(help="region to read (repeatable) [default: the bundled catalog's]")
+        list[str] | None,
+        typer.Option(metavar="<region>", help="region to read (repeatable) [default: the bundled catalog's]"),
     ] = None,
     project: Annotated[str | None, typer.Option(help="GCP project [default: GOOGLE_CLOUD_PROJECT]")] = None,
 ) -> None:
-    """Rewrite a user catalog file (same format as the bundled one) from the live APIs: GPU facts,
-    regions and spot prices. Use it with `gpufleet plan FILE --catalog FILE`."""
+    """Rewrite a user catalog file from the live APIs.
+
+    The same format as the bundled catalog: GPU facts, regions and spot prices. Use it with
+    `gpufleet plan FILE --catalog FILE`.
+    """
     from gpufleet.infra import catalog as catalog_mod
     from gpufleet.infra.cli import discover as discover_cli
     from gpufleet.provider_adapters import discovery, errors

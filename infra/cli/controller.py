@@ -9,13 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from gpufleet.infra import names
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import UserError, console, group, user_errors
 from gpufleet.infra.controller.decision import ControllerSettings
 
 # Help text shows the settings model's defaults: one source of truth for them.
 _D = {name: f.default for name, f in ControllerSettings.model_fields.items()}
 
-controller_app = typer.Typer(help="Keep the next pool warm before traffic spills over.", no_args_is_help=True)
+controller_app = group("Keep the next pool warm before traffic spills over.")
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -29,7 +29,7 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def load_plan(path: Path) -> dict[str, Any]:
-    """A plan JSON (`gpufleet plan FILE --format json`), or a fleet YAML compiled on the spot."""
+    """A plan JSON (`gpufleet plan FILE -o json`), or a fleet YAML compiled on the spot."""
     if path.suffix in (".yaml", ".yml"):
         from gpufleet.infra import plan as plan_mod
 
@@ -42,7 +42,7 @@ def load_plan(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != "gpufleet.plan/v1":
         raise UserError(
-            f"{path}: schema: expected 'gpufleet.plan/v1' (write it with `gpufleet plan FILE --format json`)"
+            f"{path}: schema: expected 'gpufleet.plan/v1' (write it with `gpufleet plan FILE -o json --out plan.json`)"
         )
     return data
 
@@ -146,7 +146,8 @@ def _print_round(controller: Any, decision: Any) -> None:
 @controller_app.command("run")
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="plan JSON (gpufleet plan FILE --format json) or fleet YAML")
+        Path,
+        typer.Option("--config", "-c", metavar="<file>", help="plan JSON (gpufleet plan FILE -o json) or fleet YAML"),
     ],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be done; change nothing")] = False,
     once: Annotated[bool, typer.Option("--once", help="one reconcile round, then exit")] = False,
@@ -164,22 +165,30 @@ def run(
         float | None, typer.Option(help=f"look-ahead along the demand's rise, seconds; 0: off [{_D['lead_s']:g}]")
     ] = None,
     kubeconfig: Annotated[
-        str | None, typer.Option(help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
+        str | None, typer.Option(metavar="<path>", help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
     ] = None,
     kube_context: Annotated[
-        list[str] | None, typer.Option(help="CLOUD=CONTEXT: the cluster holding a cloud's pools (repeatable)")
+        list[str] | None,
+        typer.Option(metavar="<cloud=context>", help="the cluster holding a cloud's pools (repeatable)"),
     ] = None,
     provider_name: Annotated[
-        list[str] | None, typer.Option(help="POOL=NAME: EKS node group / GCE instance group behind a pool (repeatable)")
+        list[str] | None,
+        typer.Option(metavar="<pool=name>", help="EKS node group / GCE instance group behind a pool (repeatable)"),
     ] = None,
     node_scaling: Annotated[bool, typer.Option(help="also raise node counts through the AWS/GCP adapters")] = True,
-    router_metrics: Annotated[str | None, typer.Option(help="router /metrics URL, for replica saturation")] = None,
+    router_metrics: Annotated[
+        str | None, typer.Option(metavar="<url>", help="router /metrics URL, for replica saturation")
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve the controller's Prometheus metrics on this port")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="address for --metrics-port")] = "127.0.0.1",
 ) -> None:
-    """Watch pool utilisation and keep the next-priority pool warm before traffic spills over."""
+    """Keep the next-priority pool warm before traffic spills over.
+
+    Watches pool utilisation (and the router's replica saturation) every round and warms, or
+    lets cool, the pools next in priority.
+    """
     import logging
     import signal
     import threading

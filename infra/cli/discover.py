@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, err_console, user_errors
+from gpufleet.infra.cli._common import OutOpt, UserError, emit, legacy_format, output_option, progress, user_errors
 
 
 class Cloud(str, enum.Enum):
@@ -16,33 +16,22 @@ class Cloud(str, enum.Enum):
     gcp = "gcp"
 
 
-class Format(str, enum.Enum):
-    table = "table"
-    json = "json"
+DISCOVER_FORMATS = {"table": "for people", "json": "for tools: {cloud, machines, notes}"}
 
 
 def walk(adapter: Any, regions: list[str], gpu: str | None, notes: list[str]) -> list[Any]:
-    """Run discovery with a progress bar (on stderr, so JSON on stdout stays clean)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Run discovery with a progress display (on stderr, so JSON on stdout stays clean)."""
     from gpufleet.provider_adapters import discovery
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("regions", total=len(regions))
+    with progress() as bar:
+        task = bar.add_task("regions", total=len(regions))
         return discovery.discover(
             adapter,
             regions,
             gpu=gpu,
             notes=notes,
-            on_zone=lambda zone: progress.update(task, description=f"zone {zone}"),
-            on_region=lambda region: progress.update(task, advance=1, description=f"region {region}"),
+            on_zone=lambda zone: bar.update(task, description=f"zone {zone}"),
+            on_region=lambda region: bar.update(task, advance=1, description=f"region {region}"),
         )
 
 
@@ -53,39 +42,42 @@ def register(app: typer.Typer) -> None:
     def discover(
         cloud: Annotated[Cloud, typer.Option(help="cloud to ask")],
         region: Annotated[
-            list[str], typer.Option(help="region to walk (repeatable); `all`: every region of the account")
+            list[str],
+            typer.Option(metavar="<region>", help="region to walk (repeatable); `all`: every region of the account"),
         ],
         gpu: Annotated[str | None, typer.Option(help="only this GPU model, e.g. H100, L4, A100-80GB")] = None,
-        format: Annotated[
-            Format, typer.Option("--format", "-f", help="table for people, json for tools")
-        ] = Format.table,
+        output: Annotated[str, output_option(DISCOVER_FORMATS)] = "table",
+        out: OutOpt = None,
         project: Annotated[str | None, typer.Option(help="GCP project [default: GOOGLE_CLOUD_PROJECT]")] = None,
+        format_old: Annotated[str | None, typer.Option("--format", "-f", hidden=True)] = None,
     ) -> None:
-        """Show which GPU machine types are offered in which regions and zones, at what spot
-        price, and how many more of each the free quota allows."""
+        """Show GPU machines offered per region and zone: price, quota.
+
+        Which machine types are offered in which regions and zones, at what spot price, and how
+        many more of each the free quota allows.
+        """
         from gpufleet.infra import catalog as catalog_mod
         from gpufleet.provider_adapters import discovery, errors
 
+        output = legacy_format(format_old, "-f/--format", DISCOVER_FORMATS, output)
         with user_errors(errors.AdapterError):
             adapter = discovery.connect(cloud.value, project=project)
             regions = adapter.regions() if region == ["all"] else region
             notes: list[str] = []
             found = walk(adapter, regions, gpu, notes)
-            if format is Format.json:
-                typer.echo(
-                    json.dumps(
-                        {"cloud": cloud.value, "machines": [m.as_json() for m in found], "notes": notes}, indent=2
-                    )
-                )
-                return
-            if not found:
+            if not found and output == "table":
                 raise UserError(f"no GPU machine{' with ' + gpu if gpu else ''} offered in {', '.join(regions)}")
-            _table(cloud.value, found, catalog_mod.load())
-            for note in notes:
-                console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+            def show(target: Any) -> None:
+                target.print(_table(cloud.value, found, catalog_mod.load()))
+                for note in notes:
+                    target.print(f"[yellow]note:[/] {note}", highlight=False)
+
+            data = {"cloud": cloud.value, "machines": [m.as_json() for m in found], "notes": notes}
+            emit(show, json.dumps(data, indent=2) + "\n" if output == "json" else None, out)
 
 
-def _table(cloud: str, found: list[Any], catalog: Any) -> None:
+def _table(cloud: str, found: list[Any], catalog: Any) -> Any:
     from rich.table import Table
 
     table = Table(title=f"GPU machines on {cloud}", title_justify="left")
@@ -115,4 +107,4 @@ def _table(cloud: str, found: list[Any], catalog: Any) -> None:
             "-" if item.spot_usd_per_h is None else f"{item.spot_usd_per_h:.4g}",
             "-" if item.quota_headroom_nodes is None else f"{item.quota_headroom_nodes} nodes",
         )
-    console.print(table)
+    return table

@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
-import enum
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from gpufleet.infra.cli._common import (
     CatalogOpt,
+    OutOpt,
     UserError,
     console,
     declaration_errors,
+    emit,
     err_console,
+    legacy_format,
+    output_option,
+    progress,
     user_errors,
 )
 
 EXIT_OVER_BUDGET = 3
 
-
-class PlanFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
+PLAN_FORMATS = {
+    "table": "for people",
+    "json": "for tools (schema gpufleet.plan/v1)",
+    "markdown": "a pull-request comment",
+}
 
 FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml).", show_default=False)]
 
 
 def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
-    """Check a fleet declaration: exit 0 when valid, 1 with every problem listed."""
+    """Check a declaration; exit 1 with every problem listed.
+
+    Exit 0 when the declaration is valid and compiles into a plan.
+    """
     from gpufleet.infra import plan as plan_mod
 
     with user_errors(*declaration_errors()):
@@ -45,20 +52,16 @@ def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
 
 def plan(
     file: FileArg,
-    format: Annotated[
-        PlanFormat, typer.Option("--format", "-f", help="table for people, json for tools, markdown for a PR comment.")
-    ] = PlanFormat.table,
+    output: Annotated[str, output_option(PLAN_FORMATS)] = "table",
+    out: OutOpt = None,
     compare: Annotated[
-        Path | None, typer.Option("--compare", help="An earlier `plan --format json` to diff against.")
+        Path | None, typer.Option("--compare", metavar="<plan.json>", help="An earlier `plan -o json` to diff against.")
     ] = None,
     max_monthly_usd: Annotated[
         float | None,
         typer.Option("--max-monthly-usd", help="CI gate: exit 3 when baseline + warm per month exceeds this."),
     ] = None,
     catalog: CatalogOpt = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the output to this file instead of stdout.")
-    ] = None,
     workload: Annotated[
         str | None,
         typer.Option(
@@ -89,11 +92,17 @@ def plan(
             "with the environment's credentials; exit 1 on an error finding.",
         ),
     ] = False,
+    format_old: Annotated[str | None, typer.Option("--format", "-f", hidden=True)] = None,
 ) -> None:
-    """Compile the declaration into a plan: placement, KV capacity, failover, cost."""
+    """Compile a declaration: placement, KV, failover, cost.
+
+    The plan as a table, as JSON for tools or as a pull-request comment; with --compare, the change
+    against an earlier plan; with --max-monthly-usd, a budget gate for CI (exit 3).
+    """
     from gpufleet.infra import plan as plan_mod
     from gpufleet.infra import report
 
+    output = legacy_format(format_old, "-f/--format", PLAN_FORMATS, output)
     with user_errors(*declaration_errors()):
         p = plan_mod.compile_file(file, catalog)
         change = None
@@ -111,41 +120,23 @@ def plan(
     if workload is not None or trace is not None or ttft_p99_s is not None:
         capacity = _capacity(p, workload, trace, ttft_p99_s, deployment, rps=rps, rate=rate, requests=requests)
 
-    if format is PlanFormat.json:
-        data = p.to_json_dict()
+    def show(target: Console) -> None:
+        target.print(report.tables(p, change))
         if capacity is not None:
-            data["capacity"] = capacity
+            _print_capacity(capacity, target)
         if findings is not None:
-            data["live"] = [
-                {"severity": f.severity, "pool": f.pool, "check": f.check, "message": f.message} for f in findings
-            ]
-        if change is not None:
-            data["compare"] = {
-                "old_usd_per_month": change.old_usd_per_month,
-                "new_usd_per_month": change.new_usd_per_month,
-                "delta_usd_per_month": change.delta_usd_per_month,
-                "pools": [
-                    {"name": d.name, "status": d.status, "delta_usd_per_month": d.delta_usd_per_month}
-                    for d in change.pools
-                ],
-            }
-        text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-        _emit(text, out)
-    elif format is PlanFormat.markdown:
-        _emit(report.markdown(p, change), out)
-    else:
-        if out is not None:
-            from rich.console import Console
+            _print_findings(findings, target)
 
-            with out.open("w") as fh:
-                Console(file=fh, width=160).print(report.tables(p, change))
-        else:
-            console.print(report.tables(p, change))
-
-    if capacity is not None and format is not PlanFormat.json:
-        _print_capacity(capacity, markdown=format is PlanFormat.markdown, out=out)
-    if findings is not None and format is not PlanFormat.json:
-        _print_findings(findings, markdown=format is PlanFormat.markdown, out=out)
+    text: str | None = None
+    if output == "json":
+        text = json.dumps(_plan_json(p, change, capacity, findings), indent=2) + "\n"
+    elif output == "markdown":
+        text = report.markdown(p, change)
+        if capacity is not None:
+            text += _capacity_markdown(capacity)
+        if findings is not None:
+            text += _findings_markdown(findings)
+    emit(show, text, out)
     if findings and any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
 
@@ -157,6 +148,26 @@ def plan(
                 highlight=False,
             )
             raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _plan_json(p: Any, change: Any, capacity: dict[str, Any] | None, findings: list[Any] | None) -> dict[str, Any]:
+    data: dict[str, Any] = p.to_json_dict()
+    if capacity is not None:
+        data["capacity"] = capacity
+    if findings is not None:
+        data["live"] = [
+            {"severity": f.severity, "pool": f.pool, "check": f.check, "message": f.message} for f in findings
+        ]
+    if change is not None:
+        data["compare"] = {
+            "old_usd_per_month": change.old_usd_per_month,
+            "new_usd_per_month": change.new_usd_per_month,
+            "delta_usd_per_month": change.delta_usd_per_month,
+            "pools": [
+                {"name": d.name, "status": d.status, "delta_usd_per_month": d.delta_usd_per_month} for d in change.pools
+            ],
+        }
+    return data
 
 
 def _capacity(
@@ -171,8 +182,6 @@ def _capacity(
     requests: int,
 ) -> dict:
     """Replicas a deployment needs for the TTFT p99 target under round_robin and cache_aware (simulated)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from gpufleet.infra.cli.bench import build_workload
     from gpufleet.router.sim import capacity as capacity_mod
     from gpufleet.router.sim import fleet as fleet_mod
@@ -190,9 +199,7 @@ def _capacity(
             )
         sim_fleet = fleet_mod.fleet_from_plan(p, name)
         wl = build_workload(sim_fleet, workload, trace, requests=requests, seed=0, rate=rate, rate_rps=rps)
-        with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
-        ) as bar:
+        with progress(bar=False) as bar:
             bar.add_task(f"simulating {len(wl.requests)} requests of {wl.name} on {name} for each policy", total=None)
             result = capacity_mod.compare(wl, sim_fleet, ttft_p99_s)
     dep = p.deployment(name)
@@ -209,7 +216,9 @@ def _capacity(
     }
 
 
-def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
+def _capacity_text(c: dict) -> tuple[str, str, list[tuple[str, str, str]]]:
+    """The capacity result's heading, summary and rows (policy, replicas needed, $/month)."""
+
     def need(policy: str) -> str:
         n = c["replicas"].get(policy)
         return "more than 64" if n is None else str(n)
@@ -228,26 +237,27 @@ def _print_capacity(c: dict, *, markdown: bool, out: Path | None) -> None:
         f"capacity for {c['deployment']}: {c['workload']} ({c['requests']} requests at {c['arrival_rps']} req/s), "
         f"TTFT p99 <= {c['ttft_p99_s']} s"
     )
-    if markdown:
-        lines = ["", f"**Capacity** ({head})", "", "| policy | replicas needed | $/month |", "|---|---:|---:|"]
-        lines += [f"| {pol} | {need(pol)} | {cost(pol)} |" for pol in c["replicas"]]
-        lines += ["", summary, ""]
-        text = "\n".join(lines)
-        if out is None:
-            typer.echo(text)
-        else:
-            with out.open("a") as fh:
-                fh.write(text + "\n")
-        return
+    return head, summary, [(pol, need(pol), cost(pol)) for pol in c["replicas"]]
+
+
+def _capacity_markdown(c: dict) -> str:
+    head, summary, rows = _capacity_text(c)
+    lines = ["", f"**Capacity** ({head})", "", "| policy | replicas needed | $/month |", "|---|---:|---:|"]
+    lines += [f"| {pol} | {need} | {cost} |" for pol, need, cost in rows]
+    return "\n".join([*lines, "", summary, ""]) + "\n"
+
+
+def _print_capacity(c: dict, target: Console) -> None:
     from rich.table import Table
 
+    head, summary, rows = _capacity_text(c)
     table = Table(title=head, title_justify="left")
     for col in ("policy", "replicas needed", "$/month"):
         table.add_column(col, justify="left" if col == "policy" else "right")
-    for pol in c["replicas"]:
-        table.add_row(pol, need(pol), cost(pol))
-    console.print(table)
-    console.print(summary, highlight=False)
+    for row in rows:
+        table.add_row(*row)
+    target.print(table)
+    target.print(summary, highlight=False)
 
 
 def _live_findings(p, catalogs: list[Path] | None):
@@ -261,31 +271,20 @@ def _live_findings(p, catalogs: list[Path] | None):
         return live.check_plan(p, adapters, cat)
 
 
-def _print_findings(findings, *, markdown: bool, out: Path | None) -> None:
-    if markdown:
-        lines = ["", "**Live checks**", ""] + [f"- {f.severity}: `{f.pool}` ({f.check}): {f.message}" for f in findings]
-        if not findings:
-            lines.append("- every pool passed")
-        text = "\n".join(lines) + "\n"
-        if out is None:
-            typer.echo(text, nl=False)
-        else:
-            with out.open("a") as fh:
-                fh.write(text)
-        return
+def _findings_markdown(findings: list[Any]) -> str:
+    lines = ["", "**Live checks**", ""] + [f"- {f.severity}: `{f.pool}` ({f.check}): {f.message}" for f in findings]
+    if not findings:
+        lines.append("- every pool passed")
+    return "\n".join(lines) + "\n"
+
+
+def _print_findings(findings: list[Any], target: Console) -> None:
     style = {"error": "bold red", "warning": "yellow", "info": "dim"}
-    console.print("[bold]live checks:[/]" + (" every pool passed" if not findings else ""))
+    target.print("[bold]live checks:[/]" + (" every pool passed" if not findings else ""))
     for f in findings:
-        console.print(
+        target.print(
             f"  [{style.get(f.severity, '')}]{f.severity}[/]: {f.pool} ({f.check}): {f.message}", highlight=False
         )
-
-
-def _emit(text: str, out: Path | None) -> None:
-    if out is None:
-        typer.echo(text, nl=False)
-    else:
-        out.write_text(text)
 
 
 def register(app: typer.Typer) -> None:

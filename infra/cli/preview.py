@@ -7,7 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import console, user_errors
+from gpufleet.infra.cli._common import OutOpt, emit, legacy_format, output_option, user_errors
+
+PREVIEW_FORMATS = {
+    "table": "a resource tree, the cost and the outputs",
+    "json": "a list of {type, name, parent, inputs}",
+}
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -26,7 +31,7 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 90 else text[:87] + "..."
 
 
-def _print_tree(result: Any) -> None:
+def _print_tree(result: Any, target: Any) -> None:
     from rich.markup import escape
     from rich.tree import Tree
 
@@ -49,10 +54,10 @@ def _print_tree(result: Any) -> None:
         if not rest:
             break
         pending = rest
-    console.print(root)
+    target.print(root)
 
 
-def _print_outputs(result: Any) -> None:
+def _print_outputs(result: Any, target: Any) -> None:
     from rich.table import Table
 
     cost = result.outputs.get("cost")
@@ -68,7 +73,7 @@ def _print_outputs(result: Any) -> None:
                 f"{h:,.2f}" if isinstance(h, (int, float)) else "-",
                 f"{m:,.0f}" if isinstance(m, (int, float)) else "-",
             )
-        console.print(table)
+        target.print(table)
     others = {k: v for k, v in result.outputs.items() if k != "cost"}
     if others:
         table = Table(title="Stack outputs", title_justify="left")
@@ -76,9 +81,9 @@ def _print_outputs(result: Any) -> None:
         table.add_column("value")
         for k, v in others.items():
             table.add_row(k, _fmt(v))
-        console.print(table)
+        target.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        target.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -92,20 +97,26 @@ def register(app: typer.Typer) -> None:
         stack: Annotated[
             str | None, typer.Option("--stack", "-s", help="Stack name, when the directory has several.")
         ] = None,
-        as_json: Annotated[
-            bool, typer.Option("--json", help="Print a JSON list of {type, name, parent, inputs}.")
-        ] = False,
+        output: Annotated[str, output_option(PREVIEW_FORMATS)] = "table",
+        out: OutOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", hidden=True)] = False,
     ) -> None:
-        """Preview the resources `pulumi up` would create, offline: the stack's program runs under
-        Pulumi's mocks, without the Pulumi CLI or credentials; secret values are masked."""
+        """Preview what `pulumi up` would create, offline.
+
+        The stack's program runs under Pulumi's mocks, without the Pulumi CLI or credentials;
+        secret values are masked.
+        """
         import json
 
         from gpufleet.infra.pulumi import preview
 
+        output = legacy_format("json" if as_json else None, "--json", PREVIEW_FORMATS, output)
         with user_errors(*_errors()):
             result = preview.preview_stack(stack_dir, stack)
-        if as_json:
-            typer.echo(json.dumps([r.to_json() for r in result.resources], indent=2))
-            return
-        _print_tree(result)
-        _print_outputs(result)
+
+        def show(target: Any) -> None:
+            _print_tree(result, target)
+            _print_outputs(result, target)
+
+        text = json.dumps([r.to_json() for r in result.resources], indent=2) + "\n" if output == "json" else None
+        emit(show, text, out)

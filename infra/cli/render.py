@@ -10,30 +10,44 @@ import typer
 from gpufleet.infra import names
 from gpufleet.infra.cli._common import (
     CatalogOpt,
+    OutOpt,
     UserError,
-    console,
     declaration_errors,
+    group,
+    output_option,
     user_errors,
+    write_output,
 )
 from gpufleet.infra.cli.render_manifests import register_manifests
 
-render_app = typer.Typer(help="Render the compiled plan for a backend.", no_args_is_help=True)
+render_app = group("Render the plan for a backend: router config, manifests.")
+
+CONFIG_FORMATS = {"yaml": "what `router serve --config` reads", "json": "the same data as JSON"}
 
 
 @render_app.command("router-config")
 def router_config(
     file: Annotated[Path, typer.Argument(help="The fleet declaration.")],
-    out: Annotated[Path, typer.Argument(help="Where to write the router config (YAML).")],
+    output: Annotated[str, output_option(CONFIG_FORMATS)] = "yaml",
+    out: OutOpt = None,
     url_template: Annotated[
         str,
         typer.Option(
             "--url-template",
-            help="Base URL of each replica; {id}, {deployment}, {pool}, {index}, {port}, {namespace} are filled in.",
+            show_default=False,
+            help="Base URL of each replica; {id}, {deployment}, {pool}, {index}, {port}, {namespace} are filled "
+            "in [default: the in-cluster Service, http://{id}.{deployment}.{namespace}.svc.cluster.local:{port}].",
         ),
     ] = f"http://{names.replica_host('{id}', '{deployment}', '{namespace}')}:{{port}}",
     catalog: CatalogOpt = None,
 ) -> None:
-    """Write the router's typed config (every replica, its pool, priority and KV capacity; the policy)."""
+    """Write the router's config from the plan.
+
+    Every replica of the plan with its URL, pool, priority and KV capacity, and the router's
+    settings; to stdout, or to a file with --out.
+    """
+    import json
+
     import yaml
 
     from gpufleet.infra import plan as plan_mod
@@ -57,8 +71,9 @@ def router_config(
                 raise UserError(f"--url-template: unknown placeholder {exc}") from None
 
         cfg = router_config_mod.render(p, url)
-    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
-    console.print(f"wrote {out}: {len(cfg.replicas)} replicas, policy {cfg.settings.policy}", highlight=False)
+    data = cfg.model_dump(mode="json", by_alias=True)
+    text = json.dumps(data, indent=2) + "\n" if output == "json" else yaml.safe_dump(data, sort_keys=False)
+    write_output(text, out, f"{len(cfg.replicas)} replicas, policy {cfg.settings.policy}")
 
 
 register_manifests(render_app)

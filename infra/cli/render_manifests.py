@@ -1,4 +1,4 @@
-"""`gpufleet render manifests FILE --out DIR`: the plan's Kubernetes objects as YAML for GitOps.
+"""`gpufleet render manifests FILE [--out DIR]`: the plan's Kubernetes objects as YAML for GitOps.
 
 The lead's `infra/cli/render.py` calls `register_manifests(render_app)`.
 """
@@ -15,10 +15,15 @@ from gpufleet.infra.cli._common import (
     UserError,
     console,
     declaration_errors,
+    err_console,
+    output_option,
     user_errors,
+    write_output,
 )
 
 __all__ = ["register_manifests"]
+
+MANIFEST_FORMATS = {"yaml": "multi-document YAML", "json": "a v1 List (kubectl apply -f reads both)"}
 
 
 def register_manifests(render_app: typer.Typer) -> None:
@@ -27,27 +32,47 @@ def register_manifests(render_app: typer.Typer) -> None:
     @render_app.command("manifests")
     def manifests_cmd(
         file: Annotated[Path, typer.Argument(help="The fleet declaration.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write one YAML file per cluster into.")],
-        catalog: CatalogOpt = None,
-        router_image: Annotated[str | None, typer.Option(help="Router image (with gpufleet[router]).")] = None,
-        autoscaler_namespace: Annotated[
-            str | None, typer.Option(help="Namespace of cluster-autoscaler [kube-system].")
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                metavar="<dir>",
+                help="Write one file per cluster into this directory (needed when the fleet spans several "
+                "clusters; otherwise the objects go to stdout).",
+            ),
         ] = None,
-        router_service_type: Annotated[str | None, typer.Option(help="ClusterIP, LoadBalancer or NodePort.")] = None,
+        output: Annotated[str, output_option(MANIFEST_FORMATS)] = "yaml",
+        catalog: CatalogOpt = None,
+        router_image: Annotated[
+            str | None, typer.Option(metavar="<image>", help="Router image (with gpufleet[router]).")
+        ] = None,
+        autoscaler_namespace: Annotated[
+            str | None, typer.Option(metavar="<namespace>", help="Namespace of cluster-autoscaler [kube-system].")
+        ] = None,
+        router_service_type: Annotated[
+            str | None,
+            typer.Option(metavar="<type>", help="The router Service's type: ClusterIP, LoadBalancer or NodePort."),
+        ] = None,
         controller: Annotated[
             bool, typer.Option(help="Include the warm-capacity / failover controller and its RBAC.")
         ] = True,
         controller_image: Annotated[
-            str | None, typer.Option(help="Controller image (with gpufleet[router,kubernetes,aws,gcp]).")
+            str | None,
+            typer.Option(metavar="<image>", help="Controller image (with gpufleet[router,kubernetes,aws,gcp])."),
         ] = None,
     ) -> None:
-        """Write the Kubernetes objects of the plan (priority classes, placeholders, expander
-        ConfigMap, model StatefulSets and Services, the router, the controller and its RBAC), one
-        multi-document YAML per cluster.
+        """Write the plan's Kubernetes objects, one file per cluster.
+
+        Priority classes, placeholders, the expander ConfigMap, model StatefulSets and Services,
+        the router, the controller and its RBAC: one multi-document YAML (or -o json, a v1 List)
+        per cluster into --out DIR; a fleet on one cluster may go to stdout instead
+        (`gpufleet render manifests fleet.yaml | kubectl apply -f -`).
 
         The router's admin-token Secret is not written (its value never lands in files): create
         it with `kubectl create secret generic <fleet>-router-admin --from-literal=token=...`.
         """
+        import json
+
         from rich.table import Table
 
         from gpufleet.infra import manifests
@@ -70,25 +95,42 @@ def register_manifests(render_app: typer.Typer) -> None:
             per_cluster = manifests.all_objects(p, options)
             if not per_cluster:
                 raise UserError(f"{file}: no pool runs on Kubernetes (local pools have no manifests)")
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"--out {out}: cannot create the directory: {exc.strerror}") from None
+            if out is None and len(per_cluster) > 1:
+                raise UserError(
+                    f"{file}: the fleet spans {len(per_cluster)} clusters ({', '.join(per_cluster)}): "
+                    "give --out DIR for one file per cluster"
+                )
+            if out is not None:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise UserError(f"--out {out}: cannot create the directory: {exc.strerror}") from None
             table = Table(title=f"Manifests of fleet {p.fleet}", title_justify="left")
             table.add_column("cluster")
             table.add_column("file")
             table.add_column("objects", justify="right")
             table.add_column("kinds")
             for key, objs in per_cluster.items():
-                target = out / f"{key}.yaml"
-                header = f"# gpufleet manifests for fleet {p.fleet}, cluster {key}; generated from {file}\n"
-                target.write_text(header + manifests.dump_yaml(objs))
+                if output == "json":
+                    text = json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}, indent=2) + "\n"
+                else:
+                    header = f"# gpufleet manifests for fleet {p.fleet}, cluster {key}; generated from {file}\n"
+                    text = header + manifests.dump_yaml(objs)
+                target = None if out is None else out / f"{key}.{output}"
+                if target is None:
+                    write_output(text, None)
+                else:
+                    target.write_text(text)
                 kinds: dict[str, int] = {}
                 for o in objs:
                     kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
-                table.add_row(key, str(target), str(len(objs)), ", ".join(f"{k} {n}" for k, n in kinds.items()))
-        console.print(table)
-        console.print(
+                table.add_row(
+                    key, str(target or "stdout"), str(len(objs)), ", ".join(f"{k} {n}" for k, n in kinds.items())
+                )
+        # With the objects on stdout, the summary goes to stderr so that a pipe gets only YAML.
+        shown = console if out is not None else err_console
+        shown.print(table)
+        shown.print(
             f"create the router's admin token Secret yourself: kubectl -n {p.namespace} create secret generic "
             f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)"',
             highlight=False,

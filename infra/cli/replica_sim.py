@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import UserError, console, group, user_errors
 
 __all__ = ["register", "register_replica_sim"]
 
@@ -43,7 +43,11 @@ def register_replica_sim(app: typer.Typer) -> None:
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
         ] = None,
     ) -> None:
-        """Serve a simulated vLLM replica: OpenAI API, prefix cache, continuous batching, vLLM metrics."""
+        """Serve one simulated vLLM replica.
+
+        The OpenAI API, a prefix cache, continuous batching and vLLM's metrics, over the engine
+        model of gpufleet.router.kvmodel.
+        """
         import asyncio
 
         from gpufleet.router import kvmodel
@@ -89,7 +93,7 @@ register = register_replica_sim
 
 def _standalone() -> typer.Typer:
     """An app holding only `replica-sim`, so `python -m gpufleet.infra.cli.replica_sim` works on its own."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app = group()
 
     @app.callback()
     def _root() -> None:

@@ -7,17 +7,19 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, user_errors
+from gpufleet.infra.cli._common import UserError, console, group, user_errors
 
 if TYPE_CHECKING:
     from gpufleet.router.config import RouterConfig
 
-router_app = typer.Typer(help="The KV-cache-aware OpenAI-compatible router.", no_args_is_help=True)
+router_app = group("The KV-cache-aware OpenAI-compatible router.")
 
 
 @router_app.command("serve")
 def serve(
-    config: Annotated[Path, typer.Option("--config", "-c", help="router config (gpufleet render router-config)")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", metavar="<file>", help="router config (gpufleet render router-config)")
+    ],
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 inside a container)")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="port to listen on [default: settings.port of the config]")] = None,
 ) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpufleet.infra.cli._common import UserError, console, declaration_errors, user_errors
+from gpufleet.infra.cli._common import UserError, console, declaration_errors, progress, user_errors
 
 if TYPE_CHECKING:
     from gpufleet.infra.local import LocalRuntime
@@ -31,32 +31,17 @@ def _plan(file: Path) -> Plan:
     return plan
 
 
-def _progress() -> Any:
-    """A transient progress bar on the console (spinner, description, bar, n/total, elapsed)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 def _start(plan: Plan, label: str, **kw: Any) -> LocalRuntime:
     """Start a LocalRuntime behind a progress bar; user-facing errors become one line."""
     from gpufleet.infra.local import LocalRuntime, LocalRuntimeError
 
     with user_errors(LocalRuntimeError):
         rt = LocalRuntime(plan, **kw)
-        with _progress() as progress:
-            task = progress.add_task(label, total=len(rt.replicas) + 1)
+        with progress() as bar:
+            task = bar.add_task(label, total=len(rt.replicas) + 1)
 
             def step(msg: str) -> None:
-                progress.update(task, advance=1, description=f"{label}: {msg}")
+                bar.update(task, advance=1, description=f"{label}: {msg}")
 
             rt.start(step)
     return rt
@@ -92,9 +77,9 @@ class _RichDemoUI:
 
     @contextmanager
     def batch(self, label: str, total: int) -> Iterator[Callable[[], None]]:
-        with _progress() as progress:
-            task = progress.add_task(label, total=total)
-            yield lambda: progress.advance(task)
+        with progress() as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda: bar.advance(task)
 
     def show(self, renderable: Any) -> None:
         console.print(renderable, highlight=False)
@@ -114,7 +99,11 @@ def register(app: typer.Typer) -> None:
         ] = 60.0,
         supervise_interval_s: Annotated[float, typer.Option(help="seconds between supervision rounds")] = 1.0,
     ) -> None:
-        """Run a local fleet from its plan: replicas, warm standbys and the router, until Ctrl-C."""
+        """Run a local fleet: replicas, standbys, router; until Ctrl-C.
+
+        Every pool of the declaration must be `cloud: local`: simulated vLLM replicas, warm
+        standbys and the router run as processes of this machine, supervised and restarted.
+        """
         plan = _plan(file)
         if port is not None and not 0 <= port <= 65535:
             with user_errors():
@@ -175,7 +164,11 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
         max_tokens: Annotated[int, typer.Option(help="tokens generated per request")] = 16,
     ) -> None:
-        """Bring the local fleet up, compare round_robin with cache_aware on a mixed workload, then fail its preferred pools."""
+        """Run the local demo: policies compared, then a failover.
+
+        Brings the local fleet up, compares round_robin with cache_aware on a mixed workload,
+        then kills the preferred pools to show the spill-over; no cloud, no credentials.
+        """
         from gpufleet.infra.local import demo as demo_mod
 
         if requests < 1 or concurrency < 1:

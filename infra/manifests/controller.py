@@ -53,7 +53,7 @@ def _plan_text(plan: Plan) -> str:
 
 
 def controller_configmap(plan: Plan) -> dict[str, Any]:
-    """The compiled plan (`gpufleet plan --format json`) the controller reads with `--config`."""
+    """The compiled plan (`gpufleet plan -o json`) the controller reads with `--config`."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

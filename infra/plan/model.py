@@ -1,4 +1,4 @@
-"""The compiled plan's records: plain, frozen, serialisable data (`gpufleet plan -f json`).
+"""The compiled plan's records: plain, frozen, serialisable data (`gpufleet plan -o json`).
 
 Every backend reads these: the Pulumi components, the Kubernetes manifests, the router config,
 the local runtime, the controller and `gpufleet plan`. The JSON form is schema
@@ -172,7 +172,7 @@ class Plan(_Data):
         raise KeyError(name)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Stable JSON form (`gpufleet plan --format json`)."""
+        """Stable JSON form (`gpufleet plan -o json`)."""
         return self.model_dump(mode="json", by_alias=True)
 
     @classmethod

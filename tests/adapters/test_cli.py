@@ -45,7 +45,7 @@ def test_discover_aws_json_lists_offers_prices_and_headroom() -> None:
                 "eu-west-1",
                 "--gpu",
                 "H100",
-                "--format",
+                "-o",
                 "json",
             ],
         )
@@ -129,7 +129,7 @@ def test_discover_all_regions_walks_every_zone_region(gce: FakeGcpServer) -> Non
             "all",
             "--gpu",
             "A100",
-            "--format",
+            "-o",
             "json",
         ],
     )

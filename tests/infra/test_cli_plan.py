@@ -37,9 +37,9 @@ def test_validate_missing_file_is_one_clear_line(tmp_path):
 
 
 def test_plan_json_has_the_stable_fields(write_fleet):
-    result = runner.invoke(app, ["plan", str(write_fleet()), "--format", "json"])
+    result = runner.invoke(app, ["plan", str(write_fleet()), "-o", "json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["schema"] == "gpufleet.plan/v1"
     pool = data["pools"][0]
     assert {
@@ -75,9 +75,9 @@ def test_plan_table_shows_pools_deployments_and_cost(write_fleet):
 
 def test_plan_markdown_with_compare_states_the_monthly_change(write_fleet, tmp_path):
     old = tmp_path / "old.json"
-    assert runner.invoke(app, ["plan", str(write_fleet()), "-f", "json", "-o", str(old)]).exit_code == 0
+    assert runner.invoke(app, ["plan", str(write_fleet()), "-o", "json", "--out", str(old)]).exit_code == 0
     new = write_fleet(BASE.replace("    warm_nodes: 1\n", "    warm_nodes: 0\n"), name="new.yaml")
-    result = runner.invoke(app, ["plan", str(new), "-f", "markdown", "--compare", str(old)])
+    result = runner.invoke(app, ["plan", str(new), "-o", "markdown", "--compare", str(old)])
     assert result.exit_code == 0, result.output
     assert (
         "Monthly cost (baseline + warm) will decrease by **$40,179.20 (-50.0%)**: $80,358.40 -> **$40,179.20**."
@@ -99,7 +99,7 @@ def test_budget_gate_exits_3_over_and_0_under(write_fleet):
     over = runner.invoke(app, ["plan", path, "--max-monthly-usd", "80000"])
     assert over.exit_code == 3
     assert "over budget" in over.output
-    under = runner.invoke(app, ["plan", path, "--max-monthly-usd", "80400", "-f", "json"])
+    under = runner.invoke(app, ["plan", path, "--max-monthly-usd", "80400", "-o", "json"])
     assert under.exit_code == 0
 
 
@@ -110,9 +110,9 @@ def test_user_catalog_adds_a_machine_type(write_fleet, tmp_path):
     )
     path = write_fleet(BASE.replace("p5.48xlarge", "p6-b200.48xlarge"))
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 1
-    result = runner.invoke(app, ["plan", str(path), "--catalog", str(extra), "-f", "json"])
+    result = runner.invoke(app, ["plan", str(path), "--catalog", str(extra), "-o", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["pools"][0]["usd_per_node_hour"] == 113.9
+    assert json.loads(result.stdout)["pools"][0]["usd_per_node_hour"] == 113.9
 
 
 def test_render_router_config_lists_every_replica_with_its_pool_and_kv(write_fleet, tmp_path):
@@ -122,7 +122,16 @@ def test_render_router_config_lists_every_replica_with_its_pool_and_kv(write_fle
 
     out = tmp_path / "router.yaml"
     result = runner.invoke(
-        app, ["render", "router-config", str(write_fleet()), str(out), "--url-template", "http://127.0.0.1:{port}/{id}"]
+        app,
+        [
+            "render",
+            "router-config",
+            str(write_fleet()),
+            "--out",
+            str(out),
+            "--url-template",
+            "http://127.0.0.1:{port}/{id}",
+        ],
     )
     assert result.exit_code == 0, result.output
     cfg = RouterConfig.model_validate(yaml.safe_load(out.read_text()))
@@ -165,9 +174,9 @@ def test_plan_live_checks_quota_against_moto_and_exits_1_on_an_error(write_fleet
     path = str(write_fleet(AWS_ONLY))
     # p5.48xlarge has 192 vCPUs: 4 nodes need 768 vCPUs of the P-instance quota (L-417A185B).
     with mock_aws(), ec2_gpu_quotas({"us-west-2": {"L-417A185B": 384, "L-7212CCBC": 0}}):
-        short = runner.invoke(app, ["plan", path, "--live", "-f", "json"])
+        short = runner.invoke(app, ["plan", path, "--live", "-o", "json"])
     assert short.exit_code == 1, short.output
-    findings = json.loads(short.output)["live"]
+    findings = json.loads(short.stdout)["live"]
     assert [(f["severity"], f["pool"], f["check"]) for f in findings] == [("error", "h100", "quota")]
     with mock_aws(), ec2_gpu_quotas({"us-west-2": {"L-417A185B": 2000, "L-7212CCBC": 0}}):
         ok = runner.invoke(app, ["plan", path, "--live"])
@@ -182,7 +191,7 @@ def test_plan_capacity_counts_kv_reuse_for_the_ttft_target(write_fleet):
         [
             "plan",
             path,
-            "-f",
+            "-o",
             "json",
             "--workload",
             "shared_prompts",
@@ -195,7 +204,7 @@ def test_plan_capacity_counts_kv_reuse_for_the_ttft_target(write_fleet):
         ],
     )
     assert result.exit_code == 0, result.output
-    cap = json.loads(result.output)["capacity"]
+    cap = json.loads(result.stdout)["capacity"]
     assert cap["deployment"] == "llama-8b" and cap["requests"] == 300
     rr, ca = cap["replicas"]["round_robin"], cap["replicas"]["cache_aware"]
     assert rr is not None and ca is not None and rr >= ca >= 1

@@ -77,7 +77,7 @@ def test_example_stack_previews_its_resources_and_the_plan_cost(stack):
 
 
 def test_preview_cli_json_lists_type_name_parent_inputs():
-    res = runner.invoke(app, ["preview", str(STACKS / "aws-eks"), "--json"])
+    res = runner.invoke(app, ["preview", str(STACKS / "aws-eks"), "-o", "json"])
     assert res.exit_code == 0, res.output
     items = json.loads(res.stdout)
     assert all(set(i) == {"type", "name", "parent", "inputs"} for i in items)
@@ -121,7 +121,7 @@ def test_secret_values_never_appear_in_the_preview(tmp_path):
     # Pulumi.yaml declares adminToken secret.
     settings["config"]["gpufleet:adminToken"] = "very-secret-token-123"
     (d / "Pulumi.aws-eks.yaml").write_text(yaml.safe_dump(settings))
-    res = runner.invoke(app, ["preview", str(d), "--json"])
+    res = runner.invoke(app, ["preview", str(d), "-o", "json"])
     assert res.exit_code == 0, res.output
     assert "very-secret-token-123" not in res.output
     secret = [i for i in json.loads(res.stdout) if i["type"] == "kubernetes:core/v1:Secret"][0]
