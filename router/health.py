@@ -87,21 +87,35 @@ class HealthTracker:
         self.on_readmit = on_readmit
         self._records = {r.id: _Record(backoff_s=settings.backoff_initial_s) for r in replicas}
 
+    def add(self, replica: ReplicaState) -> None:
+        """Track a replica that joined (a fresh record; one that stays keeps its own)."""
+        self._records.setdefault(replica.id, _Record(backoff_s=self.settings.backoff_initial_s))
+
+    def remove(self, replica_id: str) -> None:
+        """Forget a replica that left; later reports about it (requests still in flight) are ignored."""
+        self._records.pop(replica_id, None)
+
     def record(self, replica_id: str) -> tuple[int, float, float]:
         """(consecutive failures, seconds until re-admission is allowed, current backoff) for views."""
-        rec = self._records[replica_id]
+        rec = self._records.get(replica_id)
+        if rec is None:
+            return 0, 0.0, self.settings.backoff_initial_s
         return rec.failures, max(0.0, rec.ejected_until - self.clock()), rec.backoff_s
 
     def success(self, replica: ReplicaState) -> None:
         """A proxied request succeeded: failures are forgiven and the backoff resets."""
-        rec = self._records[replica.id]
+        rec = self._records.get(replica.id)
+        if rec is None:
+            return
         rec.failures = 0
         if replica.healthy:
             rec.backoff_s = self.settings.backoff_initial_s
 
     def failure(self, replica: ReplicaState) -> bool:
         """A request or check failed; returns True when this failure ejected the replica."""
-        rec = self._records[replica.id]
+        rec = self._records.get(replica.id)
+        if rec is None:  # it left the set: nothing to eject
+            return False
         rec.failures += 1
         now = self.clock()
         if not replica.healthy:
@@ -119,7 +133,9 @@ class HealthTracker:
 
     def check_passed(self, replica: ReplicaState) -> bool:
         """An active check succeeded; returns True when this re-admitted the replica."""
-        rec = self._records[replica.id]
+        rec = self._records.get(replica.id)
+        if rec is None:  # it left the set while the check ran: it stays out
+            return False
         if replica.healthy:
             rec.failures = 0
             return False
@@ -139,7 +155,7 @@ class HealthChecker:
         self, tracker: HealthTracker, replicas: Sequence[ReplicaState], session: aiohttp.ClientSession
     ) -> None:
         self.tracker = tracker
-        self.replicas = list(replicas)
+        self.replicas = replicas  # the live set: each round checks the members of that moment
         self.session = session
 
     async def check(self, replica: ReplicaState) -> bool:
@@ -187,7 +203,7 @@ class HealthChecker:
 
     async def check_all(self) -> None:
         """Check every replica concurrently."""
-        await asyncio.gather(*(self.check(r) for r in self.replicas))
+        await asyncio.gather(*(self.check(r) for r in list(self.replicas)))
 
     async def run(self) -> None:
         """Check forever, every `interval_s`; cancelled by the app's cleanup."""

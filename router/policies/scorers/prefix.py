@@ -82,6 +82,9 @@ class PrefixScorer(Scorer):
         if idx is not None:
             idx.clear()
 
+    def on_replica_removed(self, replica_id: str) -> None:
+        self._indexes.pop(replica_id, None)  # its memory goes with it
+
     def cached_blocks(self, replica_id: str) -> int:
         idx = self._indexes.get(replica_id)
         return len(idx) if idx is not None else 0
