@@ -180,5 +180,9 @@ def test_autoscaling_reaches_the_plan():
     fleet, _ = spec.load_text(fleet_text)
     dep = plan.compile_fleet(fleet).deployment("llama-8b")
     assert dep.autoscaling is not None
-    assert (dep.autoscaling.signal, dep.autoscaling.target, dep.autoscaling.scale_down_delay_s) == ("ttft_p90_s", 0.5, 120)
+    assert (dep.autoscaling.signal, dep.autoscaling.target, dep.autoscaling.scale_down_delay_s) == (
+        "ttft_p90_s",
+        0.5,
+        120,
+    )
     assert dep.autoscaling.scale_up_delay_s == 30
