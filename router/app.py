@@ -33,6 +33,7 @@ from aiohttp import web
 from gpufleet.router import errors
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
+from gpufleet.router.kvevents import runtime as kvevents_runtime
 from gpufleet.router.membership import ConfigReloader, admin_routes
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy, registry
@@ -92,8 +93,13 @@ class Router:
         self.config = config
         s = self.settings = config.settings
         self.replicas = ReplicaSet(config.replicas)
-        self.policy = policy or registry.make(s.policy, s)
-        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
+        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), policy.name if policy else s.policy)
+        # Precise mode (KV events) when enabled and a tokenizer loads; else None, said once in the log.
+        self.kv = kvevents_runtime.build(config, self.metrics.registry)
+        kv_ctx: dict[str, Any] = {"kv_index": self.kv.index} if self.kv is not None else {}
+        self.policy = policy or registry.make(s.policy, s, **kv_ctx)
+        if policy is not None and self.kv is not None:
+            policy.bind(clock=policy.clock, kv_index=self.kv.index)
         try:
             self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None
         except ValueError as exc:
@@ -104,6 +110,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+        self.proxy.kv = self.kv
         self.replicas.subscribe(self._membership_changed)
         self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
 
@@ -114,12 +121,16 @@ class Router:
             self.health.remove(r.id)
             self.metrics.remove_replica(r.id)
             self.policy.on_replica_removed(r.id)
+            if self.kv is not None:
+                self.kv.index.remove_replica(r.id)
             t = UpstreamTarget(r.url)
             if not any(x.host == t.host and x.port == t.port for x in self.replicas.targets.values()):
                 self.upstream.forget(t.host, t.port, t.tls)
             self.metrics.membership.labels(change.source, "removed").inc()
         for r in change.added:
             self.health.add(r)
+            if self.kv is not None:  # its event stream is not subscribed yet: it routes approximately
+                self.kv.index.add_replica(r.id, r.kv_capacity_tokens // self.kv.block_size)
             self.metrics.add_replica(r.id)
             self.metrics.membership.labels(change.source, "added").inc()
         if change.updated:
@@ -164,9 +175,13 @@ class Router:
         tasks = [asyncio.create_task(self.checker.run())]
         if self.reloader is not None and self.reloader.interval_s > 0:
             tasks.append(asyncio.create_task(self.reloader.run()))
+        if self.kv is not None:
+            await self.kv.start()
         try:
             yield
         finally:
+            if self.kv is not None:
+                await self.kv.stop()
             for task in tasks:
                 task.cancel()
                 try:
@@ -253,6 +268,7 @@ class Router:
                     "consecutive_failures": failures,
                     "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,
+                    "kv_state": self.kv.admin_view(r.id) if self.kv is not None else {"state": "approximate"},
                 }
             )
         return _json_response(200, {"policy": self.policy.name, "replicas": rows})
