@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Overwrite files that exist.")] = False,
         catalog: CatalogOpt = None,
     ) -> None:
-        """Write a fleet for one model: fleet.yaml and a Pulumi stack directory.
+        """Write a fleet for one model, and its Pulumi stack.
 
         Machine types come from the catalog: a replica's GPUs must hold the weights and a KV cache
         of twice the context. The cheapest fitting offer is the preferred pool; a fallback pool on
