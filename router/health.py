@@ -214,9 +214,7 @@ class HealthTracker:
 
     def record(self, replica_id: str) -> tuple[int, float, float]:
         """(consecutive failures, seconds until re-admission is allowed, current backoff) for views."""
-        rec = self._records.get(replica_id)
-        if rec is None:
-            return 0, 0.0, self.settings.backoff_initial_s
+        rec = self._records[replica_id]
         return rec.failures, max(0.0, rec.ejected_until - self.clock()), rec.backoff_s
 
     # -- outcomes of proxied requests -------------------------------------------------------
