@@ -123,7 +123,7 @@ def test_stayers_keep_prefix_index_sessions_and_health_across_a_change(replicas,
     bound = _post(router_s.url, chat("hi"), **{sess: "user-1"}).headers["x-gpufleet-replica"]
     other = "r1" if holder == "r0" else "r0"
     # Eject the other replica by hand: its health state must survive the change too.
-    rr.router.health.failure(rr.router.replicas.get(other))
+    rr.router.health.check_failed(rr.router.replicas.get(other), "test")
     assert rr.router.replicas.get(other).healthy is False
     for url in (rr.url, router_s.url):
         r = httpx.post(url + "/admin/replicas", json=cfgs[2].model_dump(), headers=AUTH)
