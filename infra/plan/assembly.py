@@ -207,6 +207,7 @@ def deployment_plans(
                 replicas=replicas,
                 capacity_replicas=min(capacity, dep.max_replicas),
                 replicas_if_top_pool_lost=lost,
+                autoscaling=dep.autoscaling,
             )
         )
     return deployments, warnings

@@ -154,6 +154,9 @@ class DeploymentPlan(_Data):
         description="replicas that fit all its pools at max_nodes, after the others' baseline"
     )
     replicas_if_top_pool_lost: int
+    autoscaling: spec.Autoscaling | None = Field(
+        None, description="how it scales between min_replicas and max_replicas; none: it stays at min_replicas"
+    )
 
 
 class Cost(_Data):

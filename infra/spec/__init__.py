@@ -29,6 +29,8 @@ from gpufleet.infra.spec.issues import FleetError, FleetIssue, SourceMap, field_
 from gpufleet.router.config import RouterSettings
 
 __all__ = [
+    "AUTOSCALING_SIGNALS",
+    "Autoscaling",
     "AwsCloud",
     "Clouds",
     "Deployment",
@@ -135,6 +137,26 @@ class Nodepool(_Strict):
     _name = field_validator("name")(_dns_label)
 
 
+AUTOSCALING_SIGNALS = ("in_flight", "queued_prefill_tokens", "ttft_p90_s")
+"""The load signals a deployment may scale on (the router's, per replica or over a window)."""
+
+
+class Autoscaling(_Strict):
+    """How a deployment scales between min_replicas and max_replicas (`infra.controller.autoscale`)."""
+
+    signal: Literal["in_flight", "queued_prefill_tokens", "ttft_p90_s"] = Field(
+        description="in_flight: requests in flight per replica; queued_prefill_tokens: prompt tokens "
+        "waiting for prefill per replica; ttft_p90_s: the deployment's p90 time to first token"
+    )
+    target: float = Field(gt=0, description="the signal's value per replica (seconds for ttft_p90_s) to hold")
+    scale_up_delay_s: float = Field(30.0, ge=0, description="the signal must ask for more replicas this long")
+    scale_down_delay_s: float = Field(300.0, ge=0, description="the signal must ask for fewer replicas this long")
+    tolerance: float = Field(0.1, ge=0, lt=1, description="no change while signal / target is within 1 +- tolerance")
+    pending_timeout_s: float = Field(
+        300.0, gt=0, description="a replica Pending longer than this marks its pool full: scale-up moves on"
+    )
+
+
 class KvOffload(_Strict):
     """A second (CPU) and third (local disk) KV-cache tier per replica (docs/fleet-reference.md)."""
 
@@ -160,6 +182,7 @@ class Deployment(_Strict):
     max_concurrent_requests: int = Field(256, ge=1, description="engine's --max-num-seqs / --max-running-requests")
     port: int = Field(8000, ge=1, le=65535)
     kv_offload: KvOffload | None = Field(None, description="CPU (and disk) KV tiers; default: GPU only")
+    autoscaling: Autoscaling | None = Field(None, description="none: the deployment stays at min_replicas")
 
     _name = field_validator("name")(_dns_label)
 

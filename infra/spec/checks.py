@@ -93,6 +93,15 @@ def cross_check(
                 )
         if dep.nodepools is not None and len(set(dep.nodepools)) != len(dep.nodepools):
             issues.append(smap.issue(loc + ("nodepools",), "lists a pool more than once"))
+        auto = dep.autoscaling
+        if auto is not None and auto.signal == "in_flight" and auto.target > dep.max_concurrent_requests:
+            issues.append(
+                smap.issue(
+                    loc + ("autoscaling", "target"),
+                    f"{auto.target:g} requests in flight per replica can never be reached: a replica runs at most "
+                    f"max_concurrent_requests = {dep.max_concurrent_requests}",
+                )
+            )
         issues.extend(offload_issues(i, dep, smap))
     return issues
 

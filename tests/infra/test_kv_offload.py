@@ -50,8 +50,16 @@ def errors(t: str) -> list[str]:
 @pytest.mark.parametrize(
     ("engine", "offload", "needle"),
     [
-        ("sglang", "{cpu_gib: 40, backend: native}", "'native' is not a KV offload backend of sglang; allowed: hicache"),
-        ("vllm", "{cpu_gib: 40, backend: hicache}", "'hicache' is not a KV offload backend of vllm; allowed: native, lmcache"),
+        (
+            "sglang",
+            "{cpu_gib: 40, backend: native}",
+            "'native' is not a KV offload backend of sglang; allowed: hicache",
+        ),
+        (
+            "vllm",
+            "{cpu_gib: 40, backend: hicache}",
+            "'hicache' is not a KV offload backend of vllm; allowed: native, lmcache",
+        ),
         ("vllm", "{cpu_gib: 40, disk_gib: 100}", "backend 'native' offloads to CPU memory only"),
         ("vllm", "{disk_gib: 100, backend: lmcache}", "must be above 0"),
         ("vllm", "{cpu_gib: 40, backend: mooncake}", "expected 'native', 'lmcache' or 'hicache'"),
