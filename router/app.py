@@ -100,7 +100,9 @@ class Router:
         except ValueError as exc:
             raise errors.ConfigError(str(exc)) from None
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
-        self.health = HealthTracker(s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted)
+        self.health = HealthTracker(
+            s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted, on_suspect=self._suspect
+        )
         self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
@@ -108,11 +110,16 @@ class Router:
         self.proxy.kv = self.kv
 
     # -- health hooks ---------------------------------------------------------------------
-    def _ejected(self, r: ReplicaState) -> None:
-        log.warning("replica %s ejected", r.id)
+    def _ejected(self, r: ReplicaState, kind: str, reason: str) -> None:
+        log.warning("replica %s ejected: %s", r.id, reason)
         self.metrics.ejections.labels(r.id).inc()
+        self.metrics.ejection_reasons.labels(kind).inc()
         self.metrics.healthy.labels(r.id).set(0)
         self.policy.on_replica_reset(r.id)  # whatever it held is no longer a safe prediction
+
+    def _suspect(self, r: ReplicaState) -> None:
+        if self.checker is not None:
+            self.checker.probe_soon(r)  # a hung or dead replica is out within one check timeout
 
     def _readmitted(self, r: ReplicaState) -> None:
         log.info("replica %s re-admitted", r.id)

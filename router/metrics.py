@@ -100,6 +100,19 @@ class RouterMetrics:
         self.rejections = Counter(
             p + "rejected", "Requests answered with an error by the router itself", ["status"], registry=r
         )
+        self.retry_budget_exhausted = Counter(
+            p + "retry_budget_exhausted", "Requests failed because the retry budget was spent", registry=r
+        )
+        self.request_failures = Counter(
+            p + "replica_request_errors",
+            "Error answers of engines for a request's input (passed on; not held against the replica)",
+            ["status"],
+            registry=r,
+        )
+        self.ejection_reasons = Counter(p + "ejection_reasons", "Ejections by kind of reason", ["reason"], registry=r)
+        self.cancelled = Counter(
+            p + "cancelled", "Requests whose client went away before the answer was complete", ["stage"], registry=r
+        )
         self.in_flight = Gauge(p + "in_flight", "Requests in flight per replica", ["replica"], registry=r)
         self.healthy = Gauge(
             p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r
