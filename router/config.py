@@ -244,6 +244,9 @@ class RouterSettings(_Strict):
     max_retries: int = Field(default=2, ge=0, le=10, description="retries on another replica before the first byte")
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM/SIGINT: how long in-flight requests may take to finish"
+    )
 
     @model_validator(mode="before")
     @classmethod
