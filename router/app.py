@@ -31,6 +31,7 @@ from aiohttp import web
 from gpufleet.router import errors
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
+from gpufleet.router.kvevents import runtime as kvevents_runtime
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
@@ -87,8 +88,13 @@ class Router:
         self.config = config
         s = self.settings = config.settings
         self.replicas = ReplicaSet(config.replicas)
-        self.policy = policy or registry.make(s.policy, s)
-        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
+        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), policy.name if policy else s.policy)
+        # Precise mode (KV events) when enabled and a tokenizer loads; else None, said once in the log.
+        self.kv = kvevents_runtime.build(config, self.metrics.registry)
+        kv_ctx: dict[str, Any] = {"kv_index": self.kv.index} if self.kv is not None else {}
+        self.policy = policy or registry.make(s.policy, s, **kv_ctx)
+        if policy is not None and self.kv is not None:
+            policy.bind(clock=policy.clock, kv_index=self.kv.index)
         try:
             self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None
         except ValueError as exc:
@@ -99,6 +105,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+        self.proxy.kv = self.kv
         self.draining = False
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
 
@@ -130,9 +137,13 @@ class Router:
         )
         self.checker = HealthChecker(self.health, self.replicas, self.session)
         task = asyncio.create_task(self.checker.run())
+        if self.kv is not None:
+            await self.kv.start()
         try:
             yield
         finally:
+            if self.kv is not None:
+                await self.kv.stop()
             task.cancel()
             try:
                 await task
@@ -218,6 +229,7 @@ class Router:
                     "consecutive_failures": failures,
                     "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,
+                    "kv_state": self.kv.admin_view(r.id) if self.kv is not None else {"state": "approximate"},
                 }
             )
         return _json_response(200, {"policy": self.policy.name, "replicas": rows})

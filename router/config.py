@@ -28,6 +28,7 @@ __all__ = [
     "CacheAwareSettings",
     "FilterRef",
     "HealthSettings",
+    "KvEventsSettings",
     "PickerRef",
     "PredictionCacheSettings",
     "ProfileSettings",
@@ -104,6 +105,38 @@ class HealthSettings(_Strict):
         default=False,
         description="on every check, also read the replica's KV-cache usage from its /metrics "
         "(vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc) into the router's view of it",
+    )
+
+
+class KvEventsSettings(_Strict):
+    """Precise prefix routing from the engines' KV-cache events (docs/router.md, "KV events")."""
+
+    enabled: bool = Field(default=False, description="subscribe to every replica's KV-event stream")
+    tokenizer: str | None = Field(
+        default=None,
+        description="the model's tokenizer.json (or its directory, with tokenizer_config.json); "
+        "without it precise mode stays off and routing is approximate",
+    )
+    chat_template: str | None = Field(
+        default=None, description="a chat template file (default: tokenizer_config.json's chat_template)"
+    )
+    block_size: int | None = Field(
+        default=None, ge=1, le=4096, description="the engines' KV block size in tokens (default: block_size_tokens)"
+    )
+    port: int = Field(default=5557, ge=1, le=65535, description="engines' PUB port, for replicas without an endpoint")
+    replay_port: int | None = Field(
+        default=5558, ge=1, le=65535, description="engines' replay ROUTER port (None: no replay, a gap resets)"
+    )
+    topic: str = Field(default="kv-events", description="the engines' `topic`")
+    silence_s: float = Field(
+        default=5.0, gt=0, description="a replica sent a request and silent this long falls back to approximate"
+    )
+    replay_timeout_s: float = Field(default=1.0, gt=0, description="bound on one replay request")
+    pending_ttl_s: float = Field(
+        default=10.0, ge=0, description="how long a routed prompt's blocks count as held before the engine confirms"
+    )
+    tokenize_inline_chars: int = Field(
+        default=8192, ge=0, description="bodies up to this size are tokenized on the event loop, longer in threads"
     )
 
 
@@ -238,6 +271,7 @@ class RouterSettings(_Strict):
     session: SessionSettings = Field(default_factory=SessionSettings)
     prediction_cache: PredictionCacheSettings = Field(default_factory=PredictionCacheSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    kv_events: KvEventsSettings = Field(default_factory=KvEventsSettings)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -298,6 +332,10 @@ class ReplicaConfig(_Strict):
     kv_capacity_tokens: int = Field(ge=0)
     max_model_len: int = Field(ge=1)
     max_concurrent_requests: int = Field(ge=1)
+    kv_events_endpoint: str | None = Field(
+        default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
+    )
+    kv_events_replay_endpoint: str | None = Field(default=None, description="its replay ROUTER endpoint")
 
 
 class RouterConfig(_Strict):

@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -48,6 +48,9 @@ from gpufleet.router.replicas import ModelReplicas, ReplicaSet
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
 from gpufleet.router.upstream import UpstreamClientError, UpstreamPool, UpstreamResponse
 from gpufleet.router.upstream.request import HOP_BY_HOP, forward_headers
+
+if TYPE_CHECKING:
+    from gpufleet.router.kvevents.runtime import KvEvents
 
 __all__ = ["JSON", "Proxy", "ProxyRequest", "error_response"]
 
@@ -115,6 +118,7 @@ class Proxy:
         self.health = health
         self.upstream = upstream
         self.cache = cache
+        self.kv: KvEvents | None = None
         self._m_requests: dict[tuple[str, int], Counter] = {}
         self._m_decisions: dict[str, Counter] = {}
 
@@ -144,6 +148,8 @@ class Proxy:
                 chars_per_token=s.chars_per_token,
                 session_id=wire.session_id(request.headers, body, s.session),
             )
+            if self.kv is not None:  # precise mode: the engine's tokens and block keys
+                features = await self.kv.refine(body, features, len(raw))
             if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat):
                 raw = json.dumps(body, separators=(",", ":")).encode()
 

@@ -45,9 +45,11 @@ def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
         p = plan_mod.compile_file(file, catalog)
     console.print(
         f"[green]ok[/] {file}: fleet {p.fleet}, {len(p.pools)} pools, {len(p.deployments)} deployments, "
-        f"{len(p.warnings)} warning(s)",
+        f"{len(p.warnings)} warning{'' if len(p.warnings) == 1 else 's'}" + (":" if p.warnings else ""),
         highlight=False,
     )
+    for w in p.warnings:
+        console.print(f"  [yellow]warning[/] {w.subject}: {w.message} ({w.code})", highlight=False, soft_wrap=True)
 
 
 def plan(
