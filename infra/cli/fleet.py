@@ -29,6 +29,7 @@ PLAN_FORMATS = {
     "table": "for people",
     "json": "for tools (schema gpufleet.plan/v1)",
     "markdown": "a pull-request comment",
+    "infracost-json": "Infracost's JSON output format (infracost comment, infracost output)",
 }
 
 FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml).", show_default=False)]
@@ -108,6 +109,7 @@ def plan(
     with user_errors(*declaration_errors()):
         p = plan_mod.compile_file(file, catalog)
         change = None
+        old = None
         if compare is not None:
             try:
                 old = json.loads(compare.read_text())
@@ -132,6 +134,10 @@ def plan(
     text: str | None = None
     if output == "json":
         text = json.dumps(_plan_json(p, change, capacity, findings), indent=2) + "\n"
+    elif output == "infracost-json":
+        from gpufleet.infra import infracost
+
+        text = json.dumps(infracost.document(p, str(file), old), indent=2) + "\n"
     elif output == "markdown":
         text = report.markdown(p, change)
         if capacity is not None:
