@@ -323,6 +323,8 @@ class WorkloadsMixin:
                     new = [e for e in self._slice_events if e[0] > cursor]
                     if not new:
                         self._changed.wait(0.05)
+                        if generation != self._watch_generation:
+                            return
                         new = [e for e in self._slice_events if e[0] > cursor]
                 if not new:
                     yield None
