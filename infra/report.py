@@ -281,6 +281,17 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     return Group(*parts)
 
 
+def _mermaid_cost(plan: Plan) -> list[str]:
+    """Cost by pool (baseline + warm per month) as a mermaid pie chart, which GitHub renders."""
+    slices = [(p.name, round((p.baseline_usd_per_hour + p.warm_usd_per_hour) * HOURS_PER_MONTH, 2)) for p in plan.pools]
+    slices = [(name, usd) for name, usd in slices if usd > 0]
+    if not slices:
+        return []
+    lines = ["", "```mermaid", "pie showData", "    title Monthly cost by pool, baseline + warm (USD)"]
+    lines += [f'    "{name}" : {usd:.2f}' for name, usd in sorted(slices, key=lambda x: -x[1])]
+    return [*lines, "```"]
+
+
 def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
     """A pull-request comment: the monthly total and its change, then per pool."""
     total = monthly_committed(plan)
@@ -335,6 +346,7 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
         lines.append(
             f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
         )
+    lines += _mermaid_cost(plan)
     tier_rows = kv_tier_rows(plan)
     if tier_rows:
         lines += ["", "| " + " | ".join(_TIER_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(_TIER_COLUMNS) - 3)]

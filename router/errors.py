@@ -8,6 +8,7 @@
     │   ├── Unauthorized        401   admin endpoint without a bearer token
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
+    │   ├── MembershipConflict  409   an admin change to a replica another source owns
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
     ├── NoReplicaAvailable            no replica of the model can take the request now
     │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigError",
     "Forbidden",
     "MalformedRequest",
+    "MembershipConflict",
     "NoHealthyReplica",
     "NoReplicaAvailable",
     "PromptTooLong",
@@ -110,6 +112,13 @@ class UnknownModel(RequestError):
 
     status = 404
     code = "model_not_found"
+
+
+class MembershipConflict(RequestError):
+    """An admin membership change names a replica that another source (discovery) owns."""
+
+    status = 409
+    code = "membership_conflict"
 
 
 class BodyTooLarge(RequestError):
