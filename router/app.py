@@ -113,6 +113,8 @@ class Router:
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
         self.proxy.kv = self.kv
+        self.draining = False
+        """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
         self.replicas.subscribe(self._membership_changed)
         self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
 
@@ -221,7 +223,9 @@ class Router:
         return _json_response(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """GET /ready: 200 when every model has at least one healthy replica."""
+        """GET /ready: 200 when every model has at least one healthy replica and the router is not draining."""
+        if self.draining:
+            return _json_response(503, {"status": "draining"})
         down = sorted(m for m, g in self.replicas.by_model.items() if not any(r.healthy for r in g.replicas))
         if down:
             return _json_response(503, {"status": "not ready", "models_without_healthy_replica": down})
@@ -356,7 +360,10 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
 
     Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Its shutdown timeout is the drain: how long running handlers may finish once the sites close.
+    router = app.get(ROUTER_KEY)
+    drain_s = router.settings.drain_timeout_s if router is not None else 60.0
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
