@@ -88,9 +88,9 @@ def install(
     ] = DEFAULT_TARGET,
     force: Annotated[bool, typer.Option("--force", help="Replace skills of the same name already there.")] = False,
 ) -> None:
-    """Copy the skills where a coding assistant looks (default .claude/skills).
+    """Copy the skills where a coding assistant looks for them.
 
-    One folder per skill (SKILL.md with its front matter, then instructions, reference and
+    Default: .claude/skills. One folder per skill (SKILL.md with its front matter, then instructions, reference and
     examples); a skill already there is kept unless --force.
     """
     with user_errors():
