@@ -239,6 +239,7 @@ def test_public_api_is_pinned() -> None:
             "NoReplicaAvailable",
             "PromptTooLong",
             "RequestError",
+            "RequestTimeout",
             "RouterError",
             "Unauthorized",
             "UnknownModel",
