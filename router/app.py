@@ -10,7 +10,9 @@ request.
 
 Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
 (`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
-answered here; any other path or method gets an OpenAI-style 404 or 405.
+answered here; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
+/admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
+method gets an OpenAI-style 404 or 405.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ from gpufleet.router import errors, guard
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.kvevents import runtime as kvevents_runtime
+from gpufleet.router.membership import ConfigReloader, admin_routes
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
-from gpufleet.router.replicas import ReplicaSet
+from gpufleet.router.replicas import MembershipChange, ReplicaSet
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
-from gpufleet.router.upstream.request import COMPLETION_PATHS
+from gpufleet.router.upstream.request import COMPLETION_PATHS, UpstreamTarget
 
 __all__ = ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
 
@@ -84,6 +87,8 @@ class Router:
         policy: Policy | None = None,
         admin_token: str | None = None,
         environ: Mapping[str, str] | None = None,
+        config_path: str | Path | None = None,
+        reload_interval_s: float = 1.0,
     ) -> None:
         self.config = config
         s = self.settings = config.settings
@@ -108,6 +113,41 @@ class Router:
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
         self.proxy.kv = self.kv
+        self.draining = False
+        """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
+        self.replicas.subscribe(self._membership_changed)
+        self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
+
+    # -- membership -----------------------------------------------------------------------
+    def _membership_changed(self, change: MembershipChange) -> None:
+        """Replicas joined or left (`ReplicaSet.replace`): health records, metrics, policy, connections."""
+        for r in change.removed:
+            self.health.remove(r.id)
+            self.metrics.remove_replica(r.id)
+            self.policy.on_replica_removed(r.id)
+            if self.kv is not None:
+                self.kv.index.remove_replica(r.id)
+            t = UpstreamTarget(r.url)
+            if not any(x.host == t.host and x.port == t.port for x in self.replicas.targets.values()):
+                self.upstream.forget(t.host, t.port, t.tls)
+            self.metrics.membership.labels(change.source, "removed").inc()
+        for r in change.added:
+            self.health.add(r)
+            if self.kv is not None:  # its event stream is not subscribed yet: it routes approximately
+                self.kv.index.add_replica(r.id, r.kv_capacity_tokens // self.kv.block_size)
+            self.metrics.add_replica(r.id)
+            self.metrics.membership.labels(change.source, "added").inc()
+        if change.updated:
+            self.metrics.membership.labels(change.source, "updated").inc(len(change.updated))
+        s = change.summary()
+        log.info(
+            "membership of %s: added %s, removed %s, updated %s; %d replicas",
+            change.source,
+            ",".join(s["added"]) or "-",
+            ",".join(s["removed"]) or "-",
+            ",".join(s["updated"]) or "-",
+            len(self.replicas),
+        )
 
     # -- health hooks ---------------------------------------------------------------------
     def _ejected(self, r: ReplicaState, kind: str, reason: str) -> None:
@@ -141,7 +181,9 @@ class Router:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
         self.checker = HealthChecker(self.health, self.replicas, self.session)
-        task = asyncio.create_task(self.checker.run())
+        tasks = [asyncio.create_task(self.checker.run())]
+        if self.reloader is not None and self.reloader.interval_s > 0:
+            tasks.append(asyncio.create_task(self.reloader.run()))
         if self.kv is not None:
             await self.kv.start()
         try:
@@ -149,11 +191,12 @@ class Router:
         finally:
             if self.kv is not None:
                 await self.kv.stop()
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            for task in tasks:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
             await self.session.close()
             await self.upstream.close()
             if self.cache is not None:
@@ -180,7 +223,9 @@ class Router:
         return _json_response(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """GET /ready: 200 when every model has at least one healthy replica."""
+        """GET /ready: 200 when every model has at least one healthy replica and the router is not draining."""
+        if self.draining:
+            return _json_response(503, {"status": "draining"})
         down = sorted(m for m, g in self.replicas.by_model.items() if not any(r.healthy for r in g.replicas))
         if down:
             return _json_response(503, {"status": "not ready", "models_without_healthy_replica": down})
@@ -192,7 +237,8 @@ class Router:
             body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
 
-    def _authorize_admin(self, request: web.Request) -> None:
+    def authorize_admin(self, request: web.Request) -> None:
+        """Raise `Unauthorized` / `Forbidden` unless the request carries the admin bearer token."""
         if self.admin_token is None:
             raise errors.Forbidden("admin endpoints are disabled: no admin token is configured")
         auth = request.headers.get("Authorization", "")
@@ -209,7 +255,7 @@ class Router:
     async def admin_replicas(self, request: web.Request) -> web.Response:
         """GET /admin/replicas: state, load, health and estimated cached blocks of every replica."""
         try:
-            self._authorize_admin(request)
+            self.authorize_admin(request)
         except errors.RouterError as exc:
             return error_response(exc)
         rows = []
@@ -218,6 +264,7 @@ class Router:
             rows.append(
                 {
                     "id": r.id,
+                    "source": self.replicas.source_of(r.id),
                     "model": r.model,
                     "pool": r.pool,
                     "priority": r.priority,
@@ -246,7 +293,8 @@ _ROUTES = {
     "/health": "GET",
     "/ready": "GET",
     "/metrics": "GET",
-    "/admin/replicas": "GET",
+    "/admin/replicas": "GET, POST, PUT",
+    "/admin/reload": "POST",
 }
 
 
@@ -254,7 +302,7 @@ async def _not_found(request: web.Request) -> web.Response:
     """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
     # The path as sent: `/admin%2freplicas` is not `/admin/replicas` (an encoded slash is no slash).
     raw = request.raw_path.split("?", 1)[0]
-    allowed = _ROUTES.get(raw)
+    allowed = _ROUTES.get(raw) or ("DELETE" if raw.startswith("/admin/replicas/") else None)
     shown = raw if len(raw) <= 200 else raw[:200] + "..."
     exc = errors.RequestError(
         f"{shown} takes {allowed}, not {request.method}" if allowed else f"no route for {request.method} {shown}"
@@ -303,9 +351,22 @@ def create_app(
     policy: Policy | None = None,
     admin_token: str | None = None,
     environ: Mapping[str, str] | None = None,
+    config_path: str | Path | None = None,
+    reload_interval_s: float = 1.0,
 ) -> web.Application:
-    """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`."""
-    router = Router(config, policy=policy, admin_token=admin_token, environ=environ)
+    """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`.
+
+    With `config_path` (the file `config` was read from) the router reloads its replicas from it
+    when it changes (polled every `reload_interval_s`; 0: only on SIGHUP or `POST /admin/reload`).
+    """
+    router = Router(
+        config,
+        policy=policy,
+        admin_token=admin_token,
+        environ=environ,
+        config_path=config_path,
+        reload_interval_s=reload_interval_s,
+    )
     # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
     app = web.Application(client_max_size=config.settings.max_body_bytes, middlewares=[_json_errors])
     app[ROUTER_KEY] = router
@@ -325,6 +386,8 @@ def create_app(
     app.router.add_get("/ready", router.ready, expect_handler=_expect)
     app.router.add_get("/metrics", router.metrics_endpoint, expect_handler=_expect)
     app.router.add_get("/admin/replicas", router.admin_replicas, expect_handler=_expect)
+    for method, path, handler in admin_routes(router):
+        app.router.add_route(method, path, handler, expect_handler=_expect)
     app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)
     return app
 
@@ -335,12 +398,16 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
     Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
     A router app is served by `guard.GuardedAppRunner` (`router.server` limits and timeouts).
     """
+    # Its shutdown timeout is the drain: how long running handlers may finish once the sites close.
     router = app.get(ROUTER_KEY)
     runner: web.AppRunner
     if router is not None:  # the router's own server: connection limits, timeouts, JSON protocol errors
-        runner = guard.GuardedAppRunner(app, router.settings.server, handler_cancellation=True, access_log=None)
+        drain_s = router.settings.drain_timeout_s
+        runner = guard.GuardedAppRunner(
+            app, router.settings.server, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
+        )
     else:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=60.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -353,6 +353,9 @@ class RouterSettings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM/SIGINT: how long in-flight requests may take to finish"
+    )
 
     @model_validator(mode="before")
     @classmethod

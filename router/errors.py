@@ -9,6 +9,7 @@
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
     │   ├── RequestTimeout      408   the body did not arrive within server.body_timeout_s
+    │   ├── MembershipConflict  409   an admin change to a replica another source owns
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
     ├── NoReplicaAvailable            no replica of the model can take the request now
     │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "Forbidden",
     "MalformedRequest",
+    "MembershipConflict",
     "NoHealthyReplica",
     "NoReplicaAvailable",
     "PromptTooLong",
@@ -119,6 +121,13 @@ class RequestTimeout(RequestError):
 
     status = 408
     code = "request_timeout"
+
+
+class MembershipConflict(RequestError):
+    """An admin membership change names a replica that another source (discovery) owns."""
+
+    status = 409
+    code = "membership_conflict"
 
 
 class BodyTooLarge(RequestError):

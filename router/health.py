@@ -179,20 +179,38 @@ class HealthTracker:
         self.on_suspect = on_suspect
         self._records: dict[str, _Record] = {}
         self._replicas: dict[str, ReplicaState] = {}
+        self._left: dict[str, ReplicaState] = {}
+        """Replicas that left the set (by id, the state object that left): late reports about them
+        (requests still in flight, a check already running) change nothing."""
         for r in replicas:
             self._rec(r)
 
     def _rec(self, replica: ReplicaState) -> _Record:
+        if self._left.get(replica.id) is replica:
+            return _Record(backoff_s=self.settings.backoff_initial_s)  # not kept
         rec = self._records.get(replica.id)
         if rec is None:  # a replica added at run time (live membership)
             rec = self._records[replica.id] = _Record(backoff_s=self.settings.backoff_initial_s)
             self._replicas[replica.id] = replica
         return rec
 
+    def _gone(self, replica: ReplicaState) -> bool:
+        return self._left.get(replica.id) is replica
+
+    def add(self, replica: ReplicaState) -> None:
+        """Track a replica that joined (a fresh record; one that stays keeps its own)."""
+        if self._left.get(replica.id) is not replica:
+            self._left.pop(replica.id, None)
+        self._rec(replica)
+
     def forget(self, replica_id: str) -> None:
-        """Drop a replica that left the set."""
+        """Drop a replica that left the set; later reports about that state object are ignored."""
         self._records.pop(replica_id, None)
-        self._replicas.pop(replica_id, None)
+        gone = self._replicas.pop(replica_id, None)
+        if gone is not None:
+            self._left[replica_id] = gone
+
+    remove = forget
 
     def record(self, replica_id: str) -> tuple[int, float, float]:
         """(consecutive failures, seconds until re-admission is allowed, current backoff) for views."""
@@ -257,6 +275,8 @@ class HealthTracker:
 
     def check_passed(self, replica: ReplicaState) -> bool:
         """An active check succeeded; returns True when this re-admitted the replica."""
+        if self._gone(replica):  # it left the set while the check ran: it stays out
+            return False
         rec = self._rec(replica)
         if replica.healthy:
             rec.failures = 0

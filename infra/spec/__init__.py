@@ -39,6 +39,7 @@ __all__ = [
     "FleetIssue",
     "GcpCloud",
     "KubernetesCloud",
+    "KvOffload",
     "LocalCloud",
     "Nodepool",
     "SourceMap",
@@ -156,6 +157,16 @@ class Autoscaling(_Strict):
     )
 
 
+class KvOffload(_Strict):
+    """A second (CPU) and third (local disk) KV-cache tier per replica (docs/fleet-reference.md)."""
+
+    cpu_gib: float = Field(0, ge=0, description="host-memory KV tier per replica, GiB (all its GPUs together)")
+    disk_gib: float = Field(0, ge=0, description="local-disk KV tier per replica, GiB (lmcache, hicache)")
+    backend: Literal["native", "lmcache", "hicache"] | None = Field(
+        None, description="vLLM: native (default) or lmcache; SGLang: hicache (default)"
+    )
+
+
 class Deployment(_Strict):
     name: str
     model: str
@@ -170,9 +181,17 @@ class Deployment(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_concurrent_requests: int = Field(256, ge=1, description="engine's --max-num-seqs / --max-running-requests")
     port: int = Field(8000, ge=1, le=65535)
+    kv_offload: KvOffload | None = Field(None, description="CPU (and disk) KV tiers; default: GPU only")
     autoscaling: Autoscaling | None = Field(None, description="none: the deployment stays at min_replicas")
 
     _name = field_validator("name")(_dns_label)
+
+    @property
+    def offload_backend(self) -> str | None:
+        """The KV offload backend in effect, None without a tier."""
+        if self.kv_offload is None:
+            return None
+        return self.kv_offload.backend or ("native" if self.engine == "vllm" else "hicache")
 
     @property
     def resolved_image(self) -> str:

@@ -11,6 +11,7 @@ from gpufleet.router import (
     errors,
     health,
     loader,
+    membership,
     prediction_cache,
     prefix,
     proxy,
@@ -212,7 +213,20 @@ def test_loader_reports_missing_file_and_bad_yaml(tmp_path) -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(app.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
     assert sorted(proxy.__all__) == ["JSON", "Proxy", "ProxyRequest", "error_response"]
-    assert sorted(replicas.__all__) == ["ModelReplicas", "ReplicaSet"]
+    assert sorted(replicas.__all__) == [
+        "CONFIG_SOURCE",
+        "MembershipChange",
+        "MembershipListener",
+        "ModelReplicas",
+        "ReplicaSet",
+    ]
+    assert sorted(membership.__all__) == [
+        "ConfigReloader",
+        "ReloadResult",
+        "admin_routes",
+        "parse_replica",
+        "parse_replicas",
+    ]
     # The policies' API is pinned in test_router_plugins.py.
     assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
@@ -235,6 +249,7 @@ def test_public_api_is_pinned() -> None:
             "ConfigError",
             "Forbidden",
             "MalformedRequest",
+            "MembershipConflict",
             "NoHealthyReplica",
             "NoReplicaAvailable",
             "PromptTooLong",

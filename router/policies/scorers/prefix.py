@@ -121,6 +121,9 @@ class PrefixScorer(Scorer):
         if idx is not None:
             idx.clear()
 
+    def on_replica_removed(self, replica_id: str) -> None:
+        self._indexes.pop(replica_id, None)  # its memory goes with it
+
     def cached_blocks(self, replica_id: str) -> int:
         if self.kv is not None and self.kv.exact(replica_id):
             return self.kv.blocks(replica_id)
