@@ -326,28 +326,25 @@ class KvIndex:
                 self._expire(now)
             held = self._holders[GPU].get
             pending = self._pending
-            i = 0
+            # One `&` and one comparison per block while every candidate still matches; a
+            # replica's depth is recorded once, when it drops out (`alive ^ h` are those dropping).
             if pending:
                 pend = pending.get
-                for k in block_keys:
-                    h = held(k, 0) | pend(k, 0)
-                    gone = alive & ~h
-                    if gone:
-                        depth[gone] = i
-                        alive &= h
+                for i, k in enumerate(block_keys):
+                    h = (held(k, 0) | pend(k, 0)) & alive
+                    if h != alive:
+                        depth[alive ^ h] = i
+                        alive = h
                         if not alive:
                             break
-                    i += 1
             else:
-                for k in block_keys:
-                    h = held(k, 0)
-                    gone = alive & ~h
-                    if gone:
-                        depth[gone] = i
-                        alive &= h
+                for i, k in enumerate(block_keys):
+                    h = held(k, 0) & alive
+                    if h != alive:
+                        depth[alive ^ h] = i
+                        alive = h
                         if not alive:
                             break
-                    i += 1
             n_full = len(block_keys)
         else:
             n_full = 0
