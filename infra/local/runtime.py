@@ -208,6 +208,13 @@ class LocalRuntime:
             "--chars-per-token": self.settings.chars_per_token,
             "--port-file": self.workdir / f"{rep.id}.port",
         }
+        tiers = perf.kv_tiers
+        if tiers is not None:  # the deployment's kv_offload, as the plan sized it for this pool
+            flags["--cpu-kv-capacity-tokens"] = tiers.cpu_kv_tokens
+            flags["--cpu-load-tokens-per-s"] = tiers.cpu_hit_tokens_per_s
+            if tiers.disk_kv_tokens:
+                flags["--disk-kv-capacity-tokens"] = tiers.disk_kv_tokens
+                flags["--disk-load-tokens-per-s"] = tiers.disk_hit_tokens_per_s
         argv = [self.python, "-m", "gpufleet.infra.cli.replica_sim", "replica-sim"]
         argv += [arg for flag, value in flags.items() for arg in (flag, str(value))]
         return [*argv, "--standby"] if rep.role == "warm" else argv
