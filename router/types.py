@@ -71,6 +71,12 @@ class ReplicaState:
     None until a sample arrives (or when the replica does not export it)."""
     kv_usage_samples: int = 0
     """Number of KV-usage samples taken so far: a policy applies each new sample once."""
+    prefill_tokens_per_s: float | None = None
+    """The plan's prefill rate for this replica's machine (None when unknown)."""
+    decode_tokens_per_s: float | None = None
+    """The plan's per-request decode rate for this replica's machine (None when unknown)."""
+    suspect: bool = False
+    """A replica failure was seen and no success since: routed to only when nothing else is available."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:

@@ -39,6 +39,22 @@ def register_replica_sim(app: typer.Typer) -> None:
             str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
         ] = "GPUFLEET_SIM_ADMIN_TOKEN",
         standby: Annotated[bool, typer.Option(help="start as a warm standby: 503 until POST /admin/promote")] = False,
+        tokenizer: Annotated[
+            Path | None,
+            typer.Option(
+                help="the model's tokenizer.json (or its directory): tokenize as vLLM does (chat template too)"
+            ),
+        ] = None,
+        chat_template: Annotated[
+            Path | None, typer.Option(help="chat template file (default: tokenizer_config.json's)")
+        ] = None,
+        kv_events_port: Annotated[
+            int | None,
+            typer.Option(help="publish vLLM KV events (ZMQ PUB) on this port of --host (needs --tokenizer; 0: any)"),
+        ] = None,
+        kv_events_replay_port: Annotated[
+            int | None, typer.Option(help="serve vLLM's KV-event replay (ZMQ ROUTER) on this port")
+        ] = None,
         port_file: Annotated[
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
         ] = None,
@@ -50,11 +66,13 @@ def register_replica_sim(app: typer.Typer) -> None:
         """
         import asyncio
 
+        import zmq
+
         from gpufleet.router import kvmodel
         from gpufleet.router.replica import SimSettings
         from gpufleet.router.replica.app import serve
 
-        with user_errors(kvmodel.AdmissionError, ValueError, OSError):
+        with user_errors(kvmodel.AdmissionError, ValueError, OSError, zmq.ZMQError):
             settings = SimSettings(
                 model=model,
                 replica_id=replica_id,
@@ -68,8 +86,16 @@ def register_replica_sim(app: typer.Typer) -> None:
                 chars_per_token=chars_per_token,
                 admin_token=os.environ.get(admin_token_env) or None,
                 standby=standby,
+                tokenizer=str(tokenizer) if tokenizer else None,
+                chat_template=str(chat_template) if chat_template else None,
+                kv_events_endpoint=f"tcp://{host}:{kv_events_port}" if kv_events_port is not None else None,
+                kv_events_replay_endpoint=(
+                    f"tcp://{host}:{kv_events_replay_port}" if kv_events_replay_port is not None else None
+                ),
                 exit_on_die=True,
             )
+            if kv_events_port is not None and tokenizer is None:
+                raise UserError("replica-sim: --kv-events-port needs --tokenizer (KV events carry token ids)")
             try:
                 settings.engine_params()
             except ValueError as exc:

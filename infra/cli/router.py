@@ -22,11 +22,19 @@ def serve(
     ],
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 inside a container)")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="port to listen on [default: settings.port of the config]")] = None,
+    reload_interval: Annotated[
+        float,
+        typer.Option(
+            "--reload-interval", metavar="<s>", help="seconds between checks of the config file for changes (0: off)"
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve the OpenAI-compatible router described by a router config file.
 
     The config's `settings.plugins` (and the `gpufleet.router.plugins` entry points) are imported
-    while it is read, so its policy may name the plugins they register.
+    while it is read, so its policy may name the plugins they register. The replicas are reloaded
+    from the file when it changes, on SIGHUP and on `POST /admin/reload`; a file that does not
+    load is refused (every problem logged) and the running replicas stay.
     """
     # Import inside the command: the router image has only the `router` extra, and
     # `gpufleet --help` must not pay for aiohttp.
@@ -40,10 +48,12 @@ def serve(
         listen_port = port if port is not None else cfg.settings.port
         if not 0 <= listen_port <= 65535:
             raise UserError(f"--port {listen_port}: must be between 0 and 65535")
-        _run(cfg, host, listen_port)
+        if reload_interval < 0:
+            raise UserError(f"--reload-interval {reload_interval:g}: must be 0 (off) or more seconds")
+        _run(cfg, host, listen_port, config, reload_interval)
 
 
-def _run(cfg: RouterConfig, host: str, port: int) -> None:
+def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s: float) -> None:
     import asyncio
     import gc
     import logging
@@ -54,12 +64,19 @@ def _run(cfg: RouterConfig, host: str, port: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
-        app = create_app(cfg)
+        app = create_app(cfg, config_path=path, reload_interval_s=reload_interval_s)
         try:
             runner, bound = await start(app, host, port)
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         router = app[ROUTER_KEY]
+        # Before the start line: whoever reads it may signal at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if router.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, router.reloader.reload)
         # Everything allocated so far lives as long as the process: move it out of the
         # collector's sight so full collections (and their latency spikes) stay short.
         gc.collect()
@@ -73,10 +90,6 @@ def _run(cfg: RouterConfig, host: str, port: int) -> None:
         )
         if router.admin_token is None:
             console.print("admin endpoints disabled (no admin token configured)", style="yellow")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         try:
             await stop.wait()
         finally:

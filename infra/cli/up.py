@@ -18,7 +18,18 @@ if TYPE_CHECKING:
     from gpufleet.infra.plan import Plan
     from gpufleet.router.config import RouterSettings
 
-DEFAULT_LOCAL_FLEET = Path("stacks/local/fleet.yaml")
+# The embedded default is package data, so `gpufleet demo` runs from any directory after
+# `pip install gpufleet[router]`; stacks/local/fleet.yaml is a copy kept equal by a test.
+EMBEDDED_FLEET = "data/fleets/local.yaml"
+
+
+@contextmanager
+def embedded_fleet() -> Iterator[Path]:
+    """The embedded default fleet (package data) as a file path for as long as the block runs."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("gpufleet.infra").joinpath(EMBEDDED_FLEET)) as path:
+        yield path
 
 
 def _plan(file: Path) -> Plan:
@@ -151,7 +162,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        file: Annotated[Path, typer.Argument(help="local fleet declaration")] = DEFAULT_LOCAL_FLEET,
+        file: Annotated[
+            Path | None,
+            typer.Argument(help="local fleet declaration (default: the embedded one, stacks/local/fleet.yaml)"),
+        ] = None,
         requests: Annotated[int, typer.Option(help="requests per policy run")] = 300,
         load: Annotated[
             float,
@@ -177,7 +191,12 @@ def register(app: typer.Typer) -> None:
         if load <= 0 or (rate is not None and rate <= 0):
             with user_errors():
                 raise UserError("--load and --rate must be > 0")
-        plan = _plan(file)
+        if file is None:
+            with embedded_fleet() as embedded:
+                plan = _plan(embedded)
+            file = Path("stacks/local/fleet.yaml")  # the name the embedded fleet is known by
+        else:
+            plan = _plan(file)
         if not demo_mod.traffic_weights(plan):
             with user_errors():
                 raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")

@@ -10,9 +10,69 @@ from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan
 
-__all__ = ["ENGINE_HEALTH_PATH", "engine_command", "headless_service", "model_pdb", "model_statefulset"]
+__all__ = [
+    "ENGINE_HEALTH_PATH",
+    "KV_DISK_PATH",
+    "engine_command",
+    "headless_service",
+    "kv_offload_args",
+    "kv_offload_env",
+    "model_pdb",
+    "model_statefulset",
+]
 
 ENGINE_HEALTH_PATH = "/health"  # both vLLM and SGLang serve GET /health
+KV_DISK_PATH = "/kv-disk"  # where a disk KV tier lives in the engine container
+_LMCACHE_CONNECTOR = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+
+
+def kv_offload_args(dep: DeploymentPlan) -> list[str]:
+    """The engine flags of the deployment's KV tiers (none without `kv_offload`).
+
+    vLLM native: `--kv-offloading-backend native --kv-offloading-size GiB` (vLLM's CacheConfig:
+    the size is the replica's total over its TP ranks). vLLM lmcache: the LMCache connector
+    (`--kv-transfer-config`), sized by LMCache's environment (`kv_offload_env`). SGLang:
+    `--enable-hierarchical-cache --hicache-size GB` (per TP rank, whole GB) and, with a disk
+    tier, `--hicache-storage-backend file`.
+    """
+    off = dep.kv_offload
+    if off is None:
+        return []
+    backend = off.backend or ("native" if dep.engine == "vllm" else "hicache")
+    if backend == "native":
+        return ["--kv-offloading-backend", "native", "--kv-offloading-size", f"{off.cpu_gib:g}"]
+    if backend == "lmcache":
+        return ["--kv-transfer-config", _LMCACHE_CONNECTOR]
+    per_rank_gb = max(1, int(off.cpu_gib * 2**30 / 1e9 / dep.gpus_per_replica))
+    args = [
+        "--enable-hierarchical-cache",
+        "--hicache-size",
+        str(per_rank_gb),
+        "--hicache-write-policy",
+        "write_through",
+    ]
+    if off.disk_gib:
+        args += ["--hicache-storage-backend", "file"]
+    return args
+
+
+def kv_offload_env(dep: DeploymentPlan) -> list[dict[str, str]]:
+    """The engine environment of the deployment's KV tiers (LMCache's sizes, SGLang's file store)."""
+    off = dep.kv_offload
+    if off is None:
+        return []
+    backend = off.backend or ("native" if dep.engine == "vllm" else "hicache")
+    env: list[tuple[str, str]] = []
+    if backend == "lmcache":
+        env += [("LMCACHE_LOCAL_CPU", "True"), ("LMCACHE_MAX_LOCAL_CPU_SIZE", f"{off.cpu_gib:g}")]
+        if off.disk_gib:
+            env += [
+                ("LMCACHE_LOCAL_DISK", f"file://{KV_DISK_PATH}/"),
+                ("LMCACHE_MAX_LOCAL_DISK_SIZE", f"{off.disk_gib:g}"),
+            ]
+    elif backend == "hicache" and off.disk_gib:
+        env.append(("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", KV_DISK_PATH))
+    return [{"name": k, "value": v} for k, v in env]
 
 
 def engine_command(dep: DeploymentPlan) -> list[str]:
@@ -41,7 +101,7 @@ def engine_command(dep: DeploymentPlan) -> list[str]:
             "--max-running-requests", str(dep.max_concurrent_requests),
             "--enable-metrics",
         ]  # fmt: skip
-    return [*cmd, *dep.engine_args]
+    return [*cmd, *kv_offload_args(dep), *dep.engine_args]
 
 
 def _affinity(
@@ -93,6 +153,29 @@ def model_statefulset(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}}
         )
 
+    env += kv_offload_env(dep)
+    requests: dict[str, str] = {GPU_RESOURCE: gpus}
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    claims: list[dict[str, Any]] = []
+    tiers = next((pp.kv_tiers for pp in dep.pools if pp.pool == pool.name), None)
+    if tiers is not None:
+        # The CPU tier is pinned host memory: the scheduler must find it on the node.
+        requests["memory"] = f"{tiers.host_memory_gib:g}Gi"
+        if tiers.disk_gib:
+            mounts.append({"name": "kv-disk", "mountPath": KV_DISK_PATH})
+            size = f"{tiers.disk_gib:g}Gi"
+            if tiers.disk_medium == "local_nvme":
+                requests["ephemeral-storage"] = size
+                volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": size}})
+            else:
+                claims.append(
+                    {
+                        "metadata": {"name": "kv-disk"},
+                        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+                    }
+                )
+
     def probe(period_s: int, failures: int) -> dict[str, Any]:
         return _k8s.http_probe(ENGINE_HEALTH_PATH, "http", period_s=period_s, timeout_s=5, failures=failures)
 
@@ -122,7 +205,7 @@ def model_statefulset(
                             "args": engine_command(dep)[1:],
                             "ports": [{"name": "http", "containerPort": dep.port, "protocol": "TCP"}],
                             "env": env,
-                            "resources": {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}},
+                            "resources": {"requests": requests, "limits": {GPU_RESOURCE: gpus}},
                             # Loading weights takes minutes: the startup probe allows 30.
                             "startupProbe": probe(10, 180),
                             "readinessProbe": probe(5, 3),
@@ -130,6 +213,7 @@ def model_statefulset(
                             "volumeMounts": [
                                 {"name": "shm", "mountPath": "/dev/shm"},
                                 {"name": "cache", "mountPath": "/cache"},
+                                *mounts,
                             ],
                         }
                     ],
@@ -137,9 +221,11 @@ def model_statefulset(
                         # Tensor parallelism talks through shared memory; the default 64Mi is too small.
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
                         {"name": "cache", "emptyDir": {}},
+                        *volumes,
                     ],
                 },
             },
+            **({"volumeClaimTemplates": claims} if claims else {}),
         },
     }
 

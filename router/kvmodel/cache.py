@@ -14,7 +14,7 @@ class PrefixCache:
     Invariant: `used_blocks <= num_blocks` always; a block with references is never evicted.
     """
 
-    __slots__ = ("_private", "_ref", "_lru", "evicted", "num_blocks")
+    __slots__ = ("_private", "_ref", "_lru", "evicted", "log", "num_blocks")
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -24,6 +24,8 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()  # hashed blocks with no user, oldest first
         self._private = 0  # blocks held by requests and not (yet) shareable
         self.evicted = 0
+        self.log: list[tuple[str, int, str, int]] | None = None
+        """When a list: ("removed", hash, "", -1) is appended per evicted block (KV events)."""
 
     @property
     def used_blocks(self) -> int:
@@ -105,3 +107,5 @@ class PrefixCache:
             h, _ = self._lru.popitem(last=False)
             del self._ref[h]
             self.evicted += 1
+            if self.log is not None:
+                self.log.append(("removed", h, "", -1))

@@ -47,9 +47,13 @@ class ReplicaEngine:
     client goes away. Times are floats in seconds on any monotonic origin.
     """
 
-    def __init__(self, params: EngineParams) -> None:
+    def __init__(self, params: EngineParams, *, record_kv_events: bool = False) -> None:
         self.params = params
         self.cache = PrefixCache(params.num_blocks)
+        # What vLLM would publish as KV events, in order: ("stored", hash, request id, block
+        # index) when a block becomes shareable, ("removed", hash, "", -1) when it is evicted.
+        self._kv_log: list[tuple[str, int, str, int]] | None = [] if record_kv_events else None
+        self.cache.log = self._kv_log
         self.stats = EngineStats()
         self._waiting: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}  # insertion order = admission order
@@ -71,6 +75,15 @@ class ReplicaEngine:
     def kv_usage(self) -> float:
         """Fraction of KV blocks in use by requests (0..1)."""
         return self.cache.pinned_blocks / self.cache.num_blocks
+
+    def drain_kv_events(self) -> list[tuple[str, int, str, int]]:
+        """The KV events since the last call, in order (empty unless built with `record_kv_events`)."""
+        log = self._kv_log
+        if not log:
+            return []
+        out = log.copy()
+        log.clear()
+        return out
 
     def next_event_time(self) -> float | None:
         """When the step in progress ends, or None when the engine is idle."""
@@ -237,6 +250,8 @@ class ReplicaEngine:
                 if self.cache.register(h):
                     run.pinned.append(h)
                     run.private -= 1
+                    if self._kv_log is not None:
+                        self._kv_log.append(("stored", h, rid, run.registered))
                 run.registered += 1
             if run.computed >= run.req.prompt_tokens:
                 run.generated = 1

@@ -251,6 +251,8 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
                 "context_length": s.max_model_len,
                 "page_size": s.block_size_tokens,
                 "version": "gpufleet-replica-sim",
+                "kv_events_endpoint": sim.publisher.endpoint if sim.publisher else None,
+                "kv_events_replay_endpoint": sim.publisher.replay_endpoint if sim.publisher else None,
             }
         )
 

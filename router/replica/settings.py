@@ -29,6 +29,14 @@ class SimSettings:
     standby: bool = False
     """Start as a warm standby: loaded and listening, but /health and requests answer 503 until
     `POST /admin/promote` (how the local runtime holds warm replicas the router skips)."""
+    tokenizer: str | None = None
+    """The model's tokenizer.json (or its directory): prompts are tokenized as vLLM does (chat
+    template included) and blocks hashed from token ids; needed to publish KV events."""
+    chat_template: str | None = None
+    kv_events_endpoint: str | None = None
+    """Publish vLLM KV events on this ZMQ PUB endpoint (e.g. tcp://127.0.0.1:5557; port 0 or * for any)."""
+    kv_events_replay_endpoint: str | None = None
+    kv_events_topic: str = "kv-events"
     exit_on_die: bool = False
     """`POST /admin/die` ends the process (CLI) instead of closing the listener (in-process use)."""
 
