@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make image-rootfs`: the router (and controller) image built without a container runtime or a
 # base image from a registry. mmdebstrap lays a Debian bookworm root filesystem from Debian's own
-# packages (python3.11, python3.11-venv, ca-certificates), the locked wheels and the project's
+# packages (python3.11, python3.11-venv, ca-certificates, libstdc++6), the locked wheels and the project's
 # wheel are installed offline into the same venv as the Containerfiles' (/opt/gpufleet), and umoci
 # packs the tree as an OCI image (entrypoint, user 65532, labels) in an OCI archive.
 #
@@ -75,15 +75,16 @@ for name in ${IMAGES:-router controller}; do
   cp "$wheel" "$lock" "$wheels/"
 
   # 3. The root filesystem. essential: no apt, no perl beyond perl-base; docs, man pages and
-  #    locales are never unpacked. The hook installs the venv offline as the image's own Python,
+  #    locales are never unpacked. libstdc++6: the C++ runtime the tokenizers and pyzmq wheels
+  #    load (the Containerfiles' debian-slim base has it through apt). The hook installs the venv offline as the image's own Python,
   #    adds the numeric user and removes the venv-making packages again (pip's wheels included).
   rootfs="$OUT/$name/rootfs"
   rm -rf "$OUT/$name"
   mkdir -p "$OUT/$name"
-  say "$name: mmdebstrap bookworm (python3.11, python3.11-venv, ca-certificates)"
+  say "$name: mmdebstrap bookworm (python3.11, python3.11-venv, ca-certificates, libstdc++6)"
   SOURCE_DATE_EPOCH="$(git log -1 --format=%ct 2>/dev/null || date +%s)" \
   mmdebstrap --mode=root --variant=essential --quiet \
-    --include=python3.11,python3.11-venv,ca-certificates \
+    --include=python3.11,python3.11-venv,ca-certificates,libstdc++6 \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \

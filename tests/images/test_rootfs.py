@@ -2,7 +2,8 @@
 as a container runtime would run it: the OCI config's entrypoint, user and environment, on a
 read-only root with a tmpfs at /tmp, in front of a real `gpufleet replica-sim` on loopback.
 
-Builds once per session (about 1.5 min here: the Debian download and the offline venv install).
+Builds once per session: 1.5 min on an idle 2-core machine (85 s of CPU: the Debian download and
+unpack, the offline venv install), 6-7 min when the cores are shared with other work.
 Skips, with the reason, where mmdebstrap/umoci are missing or the tests do not run as root.
 """
 
@@ -35,10 +36,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[2]
 GPUFLEET = Path(sys.executable).parent / "gpufleet"
-# Stated bounds (the sizes measured when they were set: rootfs 360 MiB, archive 81 MiB). The
-# kubernetes client is a third of the rootfs; the rest is Debian's python3.11 and the router extra.
-MAX_ROOTFS_MIB = 420
-MAX_ARCHIVE_MIB = 110
+# Stated bounds; measured when set: rootfs 375 MiB (venv 229 MiB, the kubernetes client 126 MiB
+# of it), OCI archive (gzip layer) 96 MiB. The rest is Debian's python3.11 and its libraries.
+MAX_ROOTFS_MIB = 450
+MAX_ARCHIVE_MIB = 120
 CLOUD_OR_BUILD = re.compile(r"^(boto3|botocore|s3transfer|google-.*|grpcio.*|pulumi.*|moto|pip|setuptools|wheel)$")
 COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "cpp", "ld", "as", "make", "x86_64-linux-gnu-gcc-12", "tcc")
 
