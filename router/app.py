@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gpufleet.router import errors
+from gpufleet.router import errors, guard
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.kvevents import runtime as kvevents_runtime
@@ -113,6 +113,8 @@ class Router:
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
         self.proxy.kv = self.kv
+        self.draining = False
+        """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
         self.replicas.subscribe(self._membership_changed)
         self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
 
@@ -221,7 +223,9 @@ class Router:
         return _json_response(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """GET /ready: 200 when every model has at least one healthy replica."""
+        """GET /ready: 200 when every model has at least one healthy replica and the router is not draining."""
+        if self.draining:
+            return _json_response(503, {"status": "draining"})
         down = sorted(m for m, g in self.replicas.by_model.items() if not any(r.healthy for r in g.replicas))
         if down:
             return _json_response(503, {"status": "not ready", "models_without_healthy_replica": down})
@@ -243,7 +247,9 @@ class Router:
             raise errors.Unauthorized(
                 "admin endpoints need `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
             )
-        if not hmac.compare_digest(value.strip().encode(), self.admin_token.encode()):
+        # aiohttp decodes header bytes with surrogateescape: compare the bytes the client sent
+        given = value.strip().encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self.admin_token.encode("utf-8", "surrogateescape")):
             raise errors.Forbidden("admin token rejected")
 
     async def admin_replicas(self, request: web.Request) -> web.Response:
@@ -294,14 +300,49 @@ _ROUTES = {
 
 async def _not_found(request: web.Request) -> web.Response:
     """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
-    allowed = _ROUTES.get(request.path) or ("DELETE" if request.path.startswith("/admin/replicas/") else None)
+    # The path as sent: `/admin%2freplicas` is not `/admin/replicas` (an encoded slash is no slash).
+    raw = request.raw_path.split("?", 1)[0]
+    allowed = _ROUTES.get(raw) or ("DELETE" if raw.startswith("/admin/replicas/") else None)
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."
     exc = errors.RequestError(
-        f"{request.path} takes {allowed}, not {request.method}"
-        if allowed
-        else f"no route for {request.method} {request.path}"
+        f"{shown} takes {allowed}, not {request.method}" if allowed else f"no route for {request.method} {shown}"
     )
     exc.status, exc.code = (405, "method_not_allowed") if allowed else (404, "not_found")
     return error_response(exc, {"Allow": allowed} if allowed else None)
+
+
+def _http_exception_as_json(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (no route, unknown Expect, ...) in the API's JSON shape."""
+    err = errors.RequestError(exc.reason or "bad request")
+    err.status = exc.status
+    err.code = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}.get(exc.status)
+    return error_response(err)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error aiohttp raises itself (a request target no route can match: CONNECT, `OPTIONS *`)
+    is answered as JSON, like the router's own."""
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_exception_as_json(exc)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is honoured as aiohttp does; any other expectation gets a JSON 417."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version == aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's body has not started
+        return None
+    resp = _http_exception_as_json(web.HTTPExpectationFailed(reason="Unknown Expect"))
+    resp.force_close()
+    return resp
 
 
 def create_app(
@@ -327,7 +368,7 @@ def create_app(
         reload_interval_s=reload_interval_s,
     )
     # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
-    app = web.Application(client_max_size=config.settings.max_body_bytes)
+    app = web.Application(client_max_size=config.settings.max_body_bytes, middlewares=[_json_errors])
     app[ROUTER_KEY] = router
     app.cleanup_ctx.append(router.lifespan)
     proxy = router.proxy
@@ -338,16 +379,16 @@ def create_app(
     async def completions(request: web.Request) -> web.StreamResponse:
         return await proxy.handle(request, "/v1/completions")
 
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", router.models)
-    app.router.add_get("/health", router.health_endpoint)
-    app.router.add_get("/ready", router.ready)
-    app.router.add_get("/metrics", router.metrics_endpoint)
-    app.router.add_get("/admin/replicas", router.admin_replicas)
+    app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)
+    app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_get("/v1/models", router.models, expect_handler=_expect)
+    app.router.add_get("/health", router.health_endpoint, expect_handler=_expect)
+    app.router.add_get("/ready", router.ready, expect_handler=_expect)
+    app.router.add_get("/metrics", router.metrics_endpoint, expect_handler=_expect)
+    app.router.add_get("/admin/replicas", router.admin_replicas, expect_handler=_expect)
     for method, path, handler in admin_routes(router):
-        app.router.add_route(method, path, handler)
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+        app.router.add_route(method, path, handler, expect_handler=_expect)
+    app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)
     return app
 
 
@@ -355,8 +396,18 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
     """Serve `app` on host:port (0 = a free port); returns the runner (call `cleanup()`) and the port.
 
     Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
+    A router app is served by `guard.GuardedAppRunner` (`router.server` limits and timeouts).
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Its shutdown timeout is the drain: how long running handlers may finish once the sites close.
+    router = app.get(ROUTER_KEY)
+    runner: web.AppRunner
+    if router is not None:  # the router's own server: connection limits, timeouts, JSON protocol errors
+        drain_s = router.settings.drain_timeout_s
+        runner = guard.GuardedAppRunner(
+            app, router.settings.server, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
+        )
+    else:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=60.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -91,7 +91,7 @@ def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
     out = [0] * n
     h = 0
     for i in range(n):
-        h = xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode(), seed=h)
+        h = xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass"), seed=h)
         out[i] = h
     return tuple(out)
 

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import Counter
 
-from gpufleet.router import errors, wire
+from gpufleet.router import errors, guard, wire
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.health import Failure, HealthTracker, classify_status
 from gpufleet.router.metrics import RouterMetrics
@@ -196,12 +198,31 @@ class Proxy:
         except errors.RouterError as exc:
             self.metrics.rejections.labels(str(exc.status)).inc()
             extra = {"x-gpufleet-cache": cache_state} if cache_state else None
-            return error_response(exc, extra)
+            resp = error_response(exc, extra)
+            if isinstance(exc, errors.RequestTimeout):
+                # Answer and close now: waiting for the rest of a late body (aiohttp lingers) is
+                # what the timeout is there to stop, and it must not be read as the next request.
+                resp.force_close()
+                await resp.prepare(request)
+                await resp.write_eof()
+                if request.transport is not None:
+                    request.transport.close()
+            return resp
+        except asyncio.CancelledError:
+            # The client disconnected (handler cancellation): the upstream request was dropped too.
+            self.metrics.cancelled.labels("disconnect").inc()
+            log.debug("request to %s cancelled: the client went away", path)
+            raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            raise  # the client went away mid-answer: nothing left to tell it
-        except Exception:
-            # A bug of ours must still answer in the API's shape, and must not leak details.
-            log.exception("unexpected error while proxying %s", path)
+            # the client went away mid-answer: nothing left to tell it
+            self.metrics.cancelled.labels("write_failed").inc()
+            log.debug("request to %s cancelled: the client closed the connection mid-answer", path)
+            raise
+        except Exception as exc:
+            # A bug of ours must still answer in the API's shape, and must not leak details; the
+            # traceback is logged at most once per kind of error per interval.
+            key = "bug:" + type(exc).__name__
+            guard.CLIENT_ERRORS.line(logging.ERROR, key, "unexpected error while proxying %s", path, exc_info=True)
             self.metrics.rejections.labels("500").inc()
             return error_response(errors.RouterError("internal router error"))
 
@@ -209,10 +230,19 @@ class Proxy:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        timeout_s = self.settings.server.body_timeout_s
         try:
-            raw = await request.read()  # the app's client_max_size is the same limit
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()  # the app's client_max_size is the same limit
         except web.HTTPRequestEntityTooLarge:
             raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
+        except TimeoutError:
+            raise errors.RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
+        except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, aiohttp.ClientPayloadError) as exc:
+            # a body that does not inflate (Content-Encoding) or breaks its chunked framing
+            cause = exc.__cause__ or exc
+            what = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+            raise errors.MalformedRequest(f"request body could not be read: {str(what).strip()[:160]}") from None
         return raw, wire.parse_body(raw)
 
     # -- route and retry --------------------------------------------------------------------

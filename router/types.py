@@ -32,7 +32,8 @@ except ModuleNotFoundError:  # pragma: no cover
 
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process (unlike `hash()`), for rendezvous ties."""
-    return xxh3_64_intdigest(text.encode())
+    # surrogatepass: a header decoded with surrogateescape (non-UTF-8 bytes) still hashes
+    return xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(slots=True)
@@ -75,6 +76,10 @@ class ReplicaState:
     """The plan's prefill rate for this replica's machine (None when unknown)."""
     decode_tokens_per_s: float | None = None
     """The plan's per-request decode rate for this replica's machine (None when unknown)."""
+    cpu_kv_capacity_tokens: int = 0
+    """KV tokens of the replica's CPU tier (the plan's kv_offload; 0: GPU only)."""
+    cpu_load_tokens_per_s: float | None = None
+    """The plan's rate a CPU-tier hit moves back to the GPU (None: no tier)."""
     suspect: bool = False
     """A replica failure was seen and no success since: routed to only when nothing else is available."""
     id_hash: int = field(default=0)

@@ -17,15 +17,46 @@ from gpufleet.router.config import SessionSettings
 __all__ = ["clamp_output", "output_budget", "parse_body", "session_id", "usage_from_sse_chunk", "usage_numbers"]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; `MalformedRequest` when it is not one."""
+    """The request body as a JSON object of valid Unicode text; `MalformedRequest` when it is not one.
+
+    Refused, each with a 400 saying why: bytes that are not UTF-8, JSON that does not parse,
+    nesting deeper than the parser's recursion limit, `NaN`/`Infinity` (not JSON), integers
+    too long to convert, and strings with a lone surrogate escape (`"\ud800"`: not text, so no
+    engine can tokenize it; engines answer those with a 500).
+    """
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.MalformedRequest(f"request body is not UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise errors.MalformedRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise errors.MalformedRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer over the conversion limit
+        raise errors.MalformedRequest(f"request body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(body, dict):
         raise errors.MalformedRequest("request body must be a JSON object")
+    if "\\u" in text and _has_lone_surrogate(body):
+        raise errors.MalformedRequest("request body has a lone UTF-16 surrogate escape: it is not valid Unicode text")
     return body
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    """True when a key or string anywhere in `body` cannot be encoded as UTF-8."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (RecursionError, ValueError):
+        raise errors.MalformedRequest("request body is nested too deeply") from None
+    return False
 
 
 def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool) -> bool:

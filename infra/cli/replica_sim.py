@@ -34,6 +34,12 @@ def register_replica_sim(app: typer.Typer) -> None:
         max_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step")] = 8192,
         max_model_len: Annotated[int, typer.Option(help="longest prompt + output, in tokens")] = 32_768,
         block_size_tokens: Annotated[int, typer.Option(help="KV block size in tokens (match the router's)")] = 16,
+        cpu_kv_capacity_tokens: Annotated[
+            int, typer.Option(help="KV tokens of a CPU tier below the GPU (kv_offload; 0: none)")
+        ] = 0,
+        cpu_load_tokens_per_s: Annotated[float, typer.Option(help="rate a CPU-tier hit moves to the GPU")] = 0.0,
+        disk_kv_capacity_tokens: Annotated[int, typer.Option(help="KV tokens of a disk tier below the CPU")] = 0,
+        disk_load_tokens_per_s: Annotated[float, typer.Option(help="rate a disk-tier hit moves to the GPU")] = 0.0,
         chars_per_token: Annotated[float, typer.Option(help="characters per token (match the router's)")] = 4.0,
         admin_token_env: Annotated[
             str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
@@ -83,6 +89,10 @@ def register_replica_sim(app: typer.Typer) -> None:
                 max_batched_tokens=max_batched_tokens,
                 max_model_len=max_model_len,
                 block_size_tokens=block_size_tokens,
+                cpu_kv_capacity_tokens=cpu_kv_capacity_tokens,
+                cpu_load_tokens_per_s=cpu_load_tokens_per_s,
+                disk_kv_capacity_tokens=disk_kv_capacity_tokens,
+                disk_load_tokens_per_s=disk_load_tokens_per_s,
                 chars_per_token=chars_per_token,
                 admin_token=os.environ.get(admin_token_env) or None,
                 standby=standby,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,6 +11,9 @@ import typer
 from gpufleet.infra.cli._common import UserError, console, group, user_errors
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gpufleet.router.app import Router
     from gpufleet.router.config import RouterConfig
 
 router_app = group("The KV-cache-aware OpenAI-compatible router.")
@@ -22,6 +26,15 @@ def serve(
     ],
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 inside a container)")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="port to listen on [default: settings.port of the config]")] = None,
+    standby: Annotated[
+        bool,
+        typer.Option(
+            "--standby",
+            hidden=True,
+            help="hot spare (the local runtime's): import everything, then wait for SIGUSR1 before reading "
+            "the config and listening",
+        ),
+    ] = False,
     reload_interval: Annotated[
         float,
         typer.Option(
@@ -41,6 +54,8 @@ def serve(
     from gpufleet.router import errors, loader
     from gpufleet.router.policies import registry
 
+    if standby:
+        _wait_for_go()
     with user_errors(errors.ConfigError, registry.PluginError):
         cfg = loader.load_router_config(config)
         if not cfg.replicas:
@@ -53,10 +68,42 @@ def serve(
         _run(cfg, host, listen_port, config, reload_interval)
 
 
+def _wait_for_go() -> None:
+    """A hot spare: pay every import now (they are most of a router's start-up), then block until
+    SIGUSR1; the config is read after it, so the spare serves the membership of that moment."""
+    import signal
+
+    import gpufleet.router.app  # noqa: F401 - imported for its cost, before the wait
+
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    console.print("router standby: ready, waiting for SIGUSR1", highlight=False)  # the runtime waits for this line
+    signal.sigwait({signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+async def _drain(router: Router, runner: web.AppRunner, timeout_s: float) -> None:
+    """Readiness 503, the listener closed, in-flight requests given `timeout_s` to finish, then stop.
+
+    aiohttp's cleanup closes the sites (no new connections), closes idle keep-alive connections,
+    lets running handlers (streams included) finish for up to the runner's shutdown timeout
+    (`settings.drain_timeout_s`, set by `router.app.start`), then cancels them; the upstream pool
+    closes last, in the app's lifespan.
+    """
+    router.draining = True
+    busy = sum(r.in_flight for r in router.replicas)
+    console.print(f"draining: {busy} request(s) in flight, up to {timeout_s:g}s", highlight=False)
+    await runner.cleanup()
+    left = sum(r.in_flight for r in router.replicas)
+    console.print(f"drained ({left} request(s) cut)" if left else "drained", highlight=False)
+
+
 def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s: float) -> None:
     import asyncio
     import gc
     import logging
+    import os
     import signal
 
     from gpufleet.router.app import ROUTER_KEY, create_app, start
@@ -73,8 +120,15 @@ def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s:
         # Before the start line: whoever reads it may signal at once.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: do not wait for the streams
+                console.print("second signal: stopping now", style="yellow")
+                os._exit(1)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         if router.reloader is not None:
             loop.add_signal_handler(signal.SIGHUP, router.reloader.reload)
         # Everything allocated so far lives as long as the process: move it out of the
@@ -93,7 +147,7 @@ def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s:
         try:
             await stop.wait()
         finally:
-            await runner.cleanup()
+            await _drain(router, runner, cfg.settings.drain_timeout_s)
 
     try:
         import uvloop  # the router extra installs it: about twice the proxy throughput per core

@@ -70,6 +70,31 @@ def _replica_table(rt: LocalRuntime) -> Any:
     return t
 
 
+class _Signals:
+    """`up`'s SIGINT/SIGTERM: during start-up both stop at once (KeyboardInterrupt); once the fleet
+    runs the first asks for a drain, the second forces (every child SIGKILLed)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.rt: LocalRuntime | None = None
+        self.count = 0
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.count += 1
+        if self.rt is None:
+            raise KeyboardInterrupt
+        if self.count == 1:
+            self.stop.set()
+            return
+        console.print("second signal: stopping now", style="yellow")
+        self.rt.force()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self)
+            signal.signal(signal.SIGTERM, self)
+
+
 def _install_sigterm() -> None:
     """SIGTERM stops `up` the way Ctrl-C does (via KeyboardInterrupt in the main thread)."""
 
@@ -109,19 +134,29 @@ def register(app: typer.Typer) -> None:
             float, typer.Option(help="seconds a simulated replica or the router may take to start")
         ] = 60.0,
         supervise_interval_s: Annotated[float, typer.Option(help="seconds between supervision rounds")] = 1.0,
+        autoscale: Annotated[
+            bool,
+            typer.Option(
+                help="run the autoscaling decision each round: replicas between min and max by pool priority "
+                "(off: standbys are promoted for min_replicas and by load)"
+            ),
+        ] = True,
     ) -> None:
         """Run a local fleet: replicas, standbys, router; until Ctrl-C.
 
         Every pool of the declaration must be `cloud: local`: simulated vLLM replicas, warm
         standbys and the router run as processes of this machine, supervised and restarted.
+        Ctrl-C or SIGTERM drains (in-flight requests finish within router.drain_timeout_s);
+        a second one stops at once.
         """
         plan = _plan(file)
         if port is not None and not 0 <= port <= 65535:
             with user_errors():
                 raise UserError(f"--port {port}: must be between 0 and 65535")
-        _install_sigterm()
+        signals = _Signals()
+        signals.install()
         rt = None
-        failed = False
+        drained = True
         try:
             rt = _start(
                 plan,
@@ -129,6 +164,7 @@ def register(app: typer.Typer) -> None:
                 router_port=port,
                 ready_timeout_s=ready_timeout_s,
                 on_event=lambda m: console.print(f"[yellow]{m}[/]", highlight=False),
+                autoscale=autoscale,
             )
             console.print(_replica_table(rt))
             env = rt.settings.admin_token.env
@@ -136,29 +172,29 @@ def register(app: typer.Typer) -> None:
                 f"router for fleet [bold]{plan.fleet}[/] (policy {rt.settings.policy}) listening on {rt.endpoint}",
                 highlight=False,
             )
-            console.print(f"OpenAI base URL: {rt.endpoint}/v1   (Ctrl-C to stop)", highlight=False)
+            console.print(f"OpenAI base URL: {rt.endpoint}/v1   (Ctrl-C to drain and stop)", highlight=False)
             if env:
                 console.print(
                     f"admin endpoints: bearer token from ${env} (set it before `gpufleet up` to know it)",
                     highlight=False,
                 )
-            stop = threading.Event()
-            while not stop.wait(supervise_interval_s):
+            signals.rt = rt
+            if signals.count:  # a signal during the last lines above
+                signals.stop.set()
+            while not signals.stop.wait(supervise_interval_s):
                 rt.check()
-                if rt.router_proc is not None and rt.router_proc.poll() is not None:
-                    # without its router the fleet serves nobody: stop it all rather than linger
-                    failed = True
-                    break
+            timeout = rt.settings.drain_timeout_s
+            console.print(
+                f"draining: in-flight requests have up to {timeout:g}s (Ctrl-C again to stop now)", highlight=False
+            )
+            drained = rt.drain()
         except KeyboardInterrupt:
             pass
         finally:
             if rt is not None:
                 n = len(rt.pids())
                 rt.stop()
-                console.print(f"stopped {n} processes", highlight=False)
-        if failed:
-            with user_errors():
-                raise UserError("the router exited; the fleet was stopped")
+                console.print(f"stopped {n} processes" + ("" if drained else " (drain timed out)"), highlight=False)
 
     @app.command("demo")
     def demo(

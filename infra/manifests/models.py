@@ -3,18 +3,22 @@ plan's replica ids, and per deployment its headless Service and PodDisruptionBud
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from gpufleet.infra import names
 from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan
+from gpufleet.router.config import KvEventsSettings
 
 __all__ = [
     "ENGINE_HEALTH_PATH",
     "KV_DISK_PATH",
     "engine_command",
     "headless_service",
+    "kv_events_args",
+    "kv_events_ports",
     "kv_offload_args",
     "kv_offload_env",
     "model_pdb",
@@ -75,7 +79,34 @@ def kv_offload_env(dep: DeploymentPlan) -> list[dict[str, str]]:
     return [{"name": k, "value": v} for k, v in env]
 
 
-def engine_command(dep: DeploymentPlan) -> list[str]:
+def kv_events_args(kv: KvEventsSettings | None) -> list[str]:
+    """`--kv-events-config` when the router reads KV events (precise mode): a ZMQ PUB on
+    `kv.port` and the replay ROUTER on `kv.replay_port`, the router's topic. vLLM and SGLang take
+    the same flag and JSON (vLLM's `KVEventsConfig`)."""
+    if kv is None or not kv.enabled:
+        return []
+    config: dict[str, Any] = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{kv.port}",
+        "topic": kv.topic,
+    }
+    if kv.replay_port is not None:
+        config["replay_endpoint"] = f"tcp://*:{kv.replay_port}"
+    return ["--kv-events-config", json.dumps(config, separators=(",", ":"))]
+
+
+def kv_events_ports(kv: KvEventsSettings | None) -> list[dict[str, Any]]:
+    """The engine container's KV-event ports (none unless precise mode is on)."""
+    if kv is None or not kv.enabled:
+        return []
+    ports = [{"name": "kv-events", "containerPort": kv.port, "protocol": "TCP"}]
+    if kv.replay_port is not None:
+        ports.append({"name": "kv-replay", "containerPort": kv.replay_port, "protocol": "TCP"})
+    return ports
+
+
+def engine_command(dep: DeploymentPlan, kv_events: KvEventsSettings | None = None) -> list[str]:
     """The engine's command line from the plan (vLLM `vllm serve` or SGLang `launch_server`)."""
     if dep.engine == "vllm":
         cmd = [
@@ -101,7 +132,7 @@ def engine_command(dep: DeploymentPlan) -> list[str]:
             "--max-running-requests", str(dep.max_concurrent_requests),
             "--enable-metrics",
         ]  # fmt: skip
-    return [*cmd, *kv_offload_args(dep), *dep.engine_args]
+    return [*cmd, *kv_offload_args(dep), *kv_events_args(kv_events), *dep.engine_args]
 
 
 def _affinity(
@@ -201,9 +232,12 @@ def model_statefulset(
                         {
                             "name": "engine",
                             "image": dep.image,
-                            "command": engine_command(dep)[:1],
-                            "args": engine_command(dep)[1:],
-                            "ports": [{"name": "http", "containerPort": dep.port, "protocol": "TCP"}],
+                            "command": engine_command(dep, plan.router.kv_events)[:1],
+                            "args": engine_command(dep, plan.router.kv_events)[1:],
+                            "ports": [
+                                {"name": "http", "containerPort": dep.port, "protocol": "TCP"},
+                                *kv_events_ports(plan.router.kv_events),
+                            ],
                             "env": env,
                             "resources": {"requests": requests, "limits": {GPU_RESOURCE: gpus}},
                             # Loading weights takes minutes: the startup probe allows 30.

@@ -326,28 +326,25 @@ class KvIndex:
                 self._expire(now)
             held = self._holders[GPU].get
             pending = self._pending
-            i = 0
+            # One `&` and one comparison per block while every candidate still matches; a
+            # replica's depth is recorded once, when it drops out (`alive ^ h` are those dropping).
             if pending:
                 pend = pending.get
-                for k in block_keys:
-                    h = held(k, 0) | pend(k, 0)
-                    gone = alive & ~h
-                    if gone:
-                        depth[gone] = i
-                        alive &= h
+                for i, k in enumerate(block_keys):
+                    h = (held(k, 0) | pend(k, 0)) & alive
+                    if h != alive:
+                        depth[alive ^ h] = i
+                        alive = h
                         if not alive:
                             break
-                    i += 1
             else:
-                for k in block_keys:
-                    h = held(k, 0)
-                    gone = alive & ~h
-                    if gone:
-                        depth[gone] = i
-                        alive &= h
+                for i, k in enumerate(block_keys):
+                    h = held(k, 0) & alive
+                    if h != alive:
+                        depth[alive ^ h] = i
+                        alive = h
                         if not alive:
                             break
-                    i += 1
             n_full = len(block_keys)
         else:
             n_full = 0
@@ -372,6 +369,19 @@ class KvIndex:
             for rb in self.replicas.values()
             if rb.exact and rb.awaiting_since_s is not None and now - rb.awaiting_since_s > bound_s
         ]
+
+    def held_from(self, block_keys: Sequence[int], replica_id: str, start: int, medium: str) -> int:
+        """How many of `block_keys[start:]`, leading, the replica holds in `medium` (a lower tier)."""
+        rb = self.replicas.get(replica_id)
+        holders = self._holders.get(medium)
+        if rb is None or not holders:
+            return 0
+        bit, n = rb.bit, 0
+        for k in block_keys[start:]:
+            if not holders.get(k, 0) & bit:
+                break
+            n += 1
+        return n
 
     def blocks(self, replica_id: str, medium: str = GPU) -> int:
         """Distinct keys the replica holds in `medium`."""

@@ -155,6 +155,7 @@ _ARRAY_TYPES: dict[str, type[Any]] = {
     "BlockRemoved": LegacyBlockRemoved,
     "AllBlocksCleared": LegacyAllBlocksCleared,
 }
+_OPTIONAL = {"BlockStored": ("lora_id", "medium", "lora_name"), "BlockRemoved": ("medium",)}
 _current = msgspec.msgpack.Decoder(KVEventBatch)
 _legacy = msgspec.msgpack.Decoder(LegacyKVEventBatch)
 _generic = msgspec.msgpack.Decoder()
@@ -216,6 +217,10 @@ def _decode_leniently(payload: bytes) -> DecodeResult:
         if tag not in _TAGS:
             out.unknown_tags += 1
             continue
+        if types is _MAP_TYPES:
+            # SGLang (and omit_defaults publishers) leave out optional fields that are None.
+            for name in _OPTIONAL.get(tag, ()):
+                ev.setdefault(name, None)
         try:
             out.events.append(msgspec.convert(ev, types[tag]))
         except msgspec.ValidationError:

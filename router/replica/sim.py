@@ -338,11 +338,18 @@ class ReplicaSim:
         """Count a finished request in the metrics."""
         self.metrics.record(job.finish_reason, job.prompt.tokens, arrival, first, end, generated)
 
-    def usage(self, job: Job, cached: int, generated: int) -> dict[str, Any]:
-        """The OpenAI `usage` object of a finished request."""
+    def usage(self, job: Job, cached: int, generated: int, cpu: int = 0, disk: int = 0) -> dict[str, Any]:
+        """The OpenAI `usage` object of a finished request.
+
+        `cached_tokens` counts every tier (as vLLM's counts local and connector hits); with a
+        lower tier, `gpufleet_cached_tokens_by_tier` splits it into gpu, cpu and disk.
+        """
+        details: dict[str, Any] = {"cached_tokens": cached}
+        if self.engine.cpu is not None:
+            details["gpufleet_cached_tokens_by_tier"] = {"gpu": cached - cpu - disk, "cpu": cpu, "disk": disk}
         return {
             "prompt_tokens": job.prompt.tokens,
             "completion_tokens": generated,
             "total_tokens": job.prompt.tokens + generated,
-            "prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_tokens_details": details,
         }

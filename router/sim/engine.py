@@ -46,6 +46,8 @@ class RequestRecord:
     outcome: str = "pending"
     """ok, rejected (no replica could take it), failed (the engine refused it)."""
     cached_tokens: int = 0
+    """Every tier's; of them `tier_cached_tokens` came from the CPU or disk tier."""
+    tier_cached_tokens: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
 
@@ -220,6 +222,7 @@ def simulate(
                 lv = live[ev.request_id]
                 lv.rec.first_token_s = ev.time
                 lv.rec.cached_tokens = ev.cached_tokens
+                lv.rec.tier_cached_tokens = ev.cpu_cached_tokens + ev.disk_cached_tokens
                 states_by[lv.router][lv.state_i].prefill_done(lv.prefill)
             elif kind is _FINISHED:
                 lv = live.pop(ev.request_id)

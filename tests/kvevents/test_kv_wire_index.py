@@ -196,3 +196,23 @@ def test_watchdog_finds_exact_replicas_silent_after_a_request():
     idx.expect("r1", [1, 2], now=10.0)
     idx.heard("r1", 11.0)
     assert idx.silent(14.0, 5.0) == [] and idx.silent(16.0, 5.0) == ["r0"]
+
+
+def test_sglang_shaped_batches_decode():
+    # SGLang: the same tags, `attn_dp_rank` in the batch's third slot, None fields omitted,
+    # extra fields of its own (cache_salt, session_id) that the router does not need.
+    raw = [
+        1.5,
+        [
+            {"type": "BlockStored", "block_hashes": [-5], "parent_block_hash": None, "token_ids": [1, 2, 3, 4],
+             "block_size": 4, "lora_id": None, "session_id": "s1"},
+            {"type": "BlockRemoved", "block_hashes": [-5]},
+        ],
+        None,
+    ]  # fmt: skip
+    res = wire.decode_batch(msgspec.msgpack.encode(raw))
+    assert res.malformed == 0 and len(res.events) == 2
+    assert res.events[0].medium is None and res.events[0].block_hashes == [-5]
+    idx = _index()
+    idx.apply("r0", res.events[:1])
+    assert idx.match(keys.block_keys([1, 2, 3, 4], BS), ["r0"]) == [1]

@@ -93,6 +93,15 @@ def test_models_health_and_ready(replicas, make_router) -> None:
     assert httpx.get(rr.url + "/ready").status_code == 200
 
 
+def test_a_draining_router_is_not_ready_and_its_drain_timeout_bounds_shutdown(replicas, make_router) -> None:
+    rr = make_router(replica_configs(replicas(1)), {"drain_timeout_s": 7})
+    rr.router.draining = True
+    r = httpx.get(rr.url + "/ready")
+    assert r.status_code == 503 and r.json() == {"status": "draining"}
+    assert httpx.get(rr.url + "/health").status_code == 200  # alive, only not taking new traffic
+    assert rr.runner._shutdown_timeout == 7  # aiohttp's wait for running handlers once the sites close
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
