@@ -46,8 +46,8 @@ work="$(mktemp -d "$OUT/.work.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 say "building the gpufleet $VERSION wheel"
 mkdir -p "$work/src" "$work/dist"
-cp -r pyproject.toml setup.py README.md infra router provider_adapters "$work/src/"
-find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
+# The tree less what .dockerignore keeps from the Containerfiles' builds.
+tar -C "$ROOT" $(grep -v '^#' .dockerignore | sed -n 's/^\(.\+\)$/--exclude=\1/p') -cf - . | tar -C "$work/src" -xf -
 "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$work/dist" "$work/src" >"$work/pip.log" 2>&1 \
   || { cat "$work/pip.log" >&2; die "could not build the wheel"; }
 wheel="$(ls "$work/dist"/gpufleet-"$VERSION"-*.whl)"
