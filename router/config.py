@@ -467,6 +467,10 @@ class ReplicaConfig(_Strict):
     max_concurrent_requests: int = Field(ge=1)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's prefill rate")
     decode_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's per-request decode rate")
+    cpu_kv_capacity_tokens: int = Field(default=0, ge=0, description="KV tokens of its CPU tier (kv_offload)")
+    cpu_load_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="the plan's rate a CPU-tier hit moves to the GPU"
+    )
     kv_events_endpoint: str | None = Field(
         default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
     )
