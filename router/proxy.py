@@ -80,6 +80,11 @@ def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = No
     return web.Response(status=exc.status, body=exc.to_body(), content_type=JSON, headers=headers)
 
 
+_CACHED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The generating endpoints whose vLLM requests take `cache_salt` (embeddings keep no prefix cache).
+_SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+
+
 @dataclass(slots=True, eq=False)
 class ProxyRequest:
     """One proxied request as every attempt on a replica needs it, built once after validation."""
@@ -147,7 +152,7 @@ class Proxy:
 
     # -- validate, features, clamp, cache ---------------------------------------------------
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
-        """Handle POST /v1/chat/completions and /v1/completions."""
+        """Handle POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings."""
         cache_state: str | None = None
         try:
             raw, body = await self._read_json(request)
@@ -158,14 +163,16 @@ class Proxy:
             if group is None:
                 raise errors.UnknownModel(f"model {model!r} is not served by this fleet", param="model")
             chat = path.endswith("chat/completions")
+            field = wire.ENDPOINTS[path][0]
             if chat and not isinstance(body.get("messages"), list):
                 raise errors.MalformedRequest("`messages` must be a list", param="messages")
-            if not chat and not isinstance(body.get("prompt"), (str, list)):
-                raise errors.MalformedRequest("`prompt` must be a string or a list", param="prompt")
+            if not chat and not isinstance(body.get(field), (str, list)):
+                raise errors.MalformedRequest(f"`{field}` must be a string or a list", param=field)
             stream = body.get("stream") is True
             s = self.settings
             tenant = self.tenants.tenant(request.headers, _peer(request))
-            salt = self.tenants.salt(tenant) if tenant is not None and s.tenant_isolation == "kv" else None
+            salted = tenant is not None and s.tenant_isolation == "kv" and path in _SALTED_PATHS
+            salt = self.tenants.salt(tenant) if salted and tenant is not None else None
             features = features_from_body(
                 body,
                 model=model,
@@ -176,10 +183,11 @@ class Proxy:
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
                 features = await self.kv.refine(body, features, len(raw))
-            reencode = wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat)
+            reencode = wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path)
 
             key = None
-            if self.cache is not None and is_cacheable(body):
+            # Answers are replayed in the chat/completions shapes: the other endpoints are not cached.
+            if self.cache is not None and path in _CACHED_PATHS and is_cacheable(body):
                 if "no-cache" in request.headers.get("Cache-Control", "").lower():
                     cache_state = "bypass"
                 elif tenant is None and s.prediction_cache.require_tenant:
@@ -202,7 +210,7 @@ class Proxy:
                     raw = _append_field(raw, "cache_salt", salt)
             if reencode:
                 raw = json.dumps(body, separators=(",", ":")).encode()
-            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, chat)
+            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, path)
             req = ProxyRequest(
                 request,
                 path,
