@@ -8,7 +8,7 @@ build as many routers as they like. `start(app, host, port)` runs it on an `AppR
 handler cancellation, so a client that disconnects cancels the handler and with it the upstream
 request.
 
-Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
+Routes: POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings go to the request pipeline
 (`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
 answered here; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
 /admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
@@ -382,8 +382,16 @@ def create_app(
     async def completions(request: web.Request) -> web.StreamResponse:
         return await proxy.handle(request, "/v1/completions")
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/responses")
+
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/embeddings")
+
     app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)
     app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_post("/v1/responses", responses, expect_handler=_expect)
+    app.router.add_post("/v1/embeddings", embeddings, expect_handler=_expect)
     app.router.add_get("/v1/models", router.models, expect_handler=_expect)
     app.router.add_get("/health", router.health_endpoint, expect_handler=_expect)
     app.router.add_get("/ready", router.ready, expect_handler=_expect)

@@ -75,6 +75,9 @@ def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = No
     return web.Response(status=exc.status, body=exc.to_body(), content_type=JSON, headers=headers)
 
 
+_CACHED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
 @dataclass(slots=True, eq=False)
 class ProxyRequest:
     """One proxied request as every attempt on a replica needs it, built once after validation."""
@@ -140,7 +143,7 @@ class Proxy:
 
     # -- validate, features, clamp, cache ---------------------------------------------------
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
-        """Handle POST /v1/chat/completions and /v1/completions."""
+        """Handle POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings."""
         cache_state: str | None = None
         try:
             raw, body = await self._read_json(request)
@@ -151,10 +154,11 @@ class Proxy:
             if group is None:
                 raise errors.UnknownModel(f"model {model!r} is not served by this fleet", param="model")
             chat = path.endswith("chat/completions")
+            field = wire.ENDPOINTS[path][0]
             if chat and not isinstance(body.get("messages"), list):
                 raise errors.MalformedRequest("`messages` must be a list", param="messages")
-            if not chat and not isinstance(body.get("prompt"), (str, list)):
-                raise errors.MalformedRequest("`prompt` must be a string or a list", param="prompt")
+            if not chat and not isinstance(body.get(field), (str, list)):
+                raise errors.MalformedRequest(f"`{field}` must be a string or a list", param=field)
             stream = body.get("stream") is True
             s = self.settings
             features = features_from_body(
@@ -166,11 +170,12 @@ class Proxy:
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
                 features = await self.kv.refine(body, features, len(raw))
-            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat):
+            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path):
                 raw = json.dumps(body, separators=(",", ":")).encode()
 
             key = None
-            if self.cache is not None and is_cacheable(body):
+            # Answers are replayed in the chat/completions shapes: the other endpoints are not cached.
+            if self.cache is not None and path in _CACHED_PATHS and is_cacheable(body):
                 if "no-cache" in request.headers.get("Cache-Control", "").lower():
                     cache_state = "bypass"
                 else:
@@ -181,7 +186,7 @@ class Proxy:
                         return await _answer_from_cache(request, hit, body, stream)
                     cache_state = "miss"
                 self.metrics.cache.labels(cache_state).inc()
-            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, chat)
+            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, path)
             req = ProxyRequest(
                 request,
                 path,
