@@ -150,7 +150,10 @@ class Router:
         for r in change.added:
             self.health.add(r)
             if self.kv is not None:  # its event stream is not subscribed yet: it routes approximately
-                self.kv.index.add_replica(r.id, r.kv_capacity_tokens // self.kv.block_size)
+                bs = self.kv.block_size
+                self.kv.index.add_replica(
+                    r.id, r.kv_capacity_tokens // bs, tier_capacity_blocks=r.cpu_kv_capacity_tokens // bs
+                )
             self.metrics.add_replica(r.id)
             self.metrics.membership.labels(change.source, "added").inc()
         if change.updated:
