@@ -31,7 +31,7 @@ def render(
 
     replicas = []
     for dep in plan.deployments:
-        kv = {p.pool: p.kv_cache_tokens_per_replica for p in dep.pools}
+        perf = {p.pool: p for p in dep.pools}
         for r in dep.replicas:
             replicas.append(
                 ReplicaConfig(
@@ -41,9 +41,11 @@ def render(
                     model=dep.model,
                     pool=r.pool,
                     priority=r.priority,
-                    kv_capacity_tokens=kv[r.pool],
+                    kv_capacity_tokens=perf[r.pool].kv_cache_tokens_per_replica,
                     max_model_len=dep.max_model_len,
                     max_concurrent_requests=dep.max_concurrent_requests,
+                    prefill_tokens_per_s=perf[r.pool].prefill_tokens_per_s or None,
+                    decode_tokens_per_s=perf[r.pool].decode_tokens_per_s or None,
                 )
             )
     return RouterConfig(fleet=plan.fleet, settings=settings or plan.router, replicas=replicas)

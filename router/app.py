@@ -30,12 +30,14 @@ from aiohttp import web
 
 from gpufleet.router import errors
 from gpufleet.router.config import AdminToken, RouterConfig
+from gpufleet.router.engine_load import EngineLoadScraper
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import ReplicaSet
+from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
 from gpufleet.router.upstream.request import COMPLETION_PATHS
@@ -94,11 +96,15 @@ class Router:
         except ValueError as exc:
             raise errors.ConfigError(str(exc)) from None
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
+        tokens = self.metrics.session_tokens
+        self.sessions = SessionBinder(s.session, environ, on_token=lambda why: tokens.labels(why).inc())
         self.health = HealthTracker(s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted)
         self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
-        self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+        self.proxy = Proxy(
+            s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache, self.sessions
+        )
 
     # -- health hooks ---------------------------------------------------------------------
     def _ejected(self, r: ReplicaState) -> None:
@@ -127,17 +133,28 @@ class Router:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
         )
         self.checker = HealthChecker(self.health, self.replicas, self.session)
-        task = asyncio.create_task(self.checker.run())
+        tasks = [asyncio.create_task(self.checker.run())]
+        s = self.settings
+        if s.engine_metrics_interval_s > 0:
+            scrapes = self.metrics.engine_scrapes
+            scraper = EngineLoadScraper(
+                lambda: self.replicas,
+                self.session,
+                interval_s=s.engine_metrics_interval_s,
+                timeout_s=s.engine_metrics_timeout_s,
+                clock=self.policy.clock,
+                on_result=lambda r, result: scrapes.labels(r.id, result).inc(),
+            )
+            tasks.append(asyncio.create_task(scraper.run()))
         try:
             yield
         finally:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.session.close()
             await self.upstream.close()
+            await self.sessions.close()
             if self.cache is not None:
                 await self.cache.close()
 
@@ -211,6 +228,14 @@ class Router:
                     "max_model_len": r.max_model_len,
                     "estimated_cached_blocks": self.policy.cached_blocks(r.id),
                     "kv_usage": r.kv_usage,
+                    "engine_load": {
+                        "waiting": r.engine_waiting,
+                        "running": r.engine_running,
+                        "kv_usage": r.engine_kv_usage,
+                        "age_s": round(self.policy.clock() - r.engine_sampled_at, 3)
+                        if r.engine_sampled_at > float("-inf")
+                        else None,
+                    },
                     "consecutive_failures": failures,
                     "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,

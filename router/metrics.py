@@ -104,6 +104,18 @@ class RouterMetrics:
         self.healthy = Gauge(
             p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r
         )
+        self.session_tokens = Counter(
+            p + "session_tokens",
+            "Session tokens received, by verdict (valid, forged, expired, malformed: only valid ones route)",
+            ["result"],
+            registry=r,
+        )
+        self.engine_scrapes = Counter(
+            p + "engine_metrics_scrapes",
+            "Reads of replicas' /metrics for engine-reported load, by result (ok, failed, no_load_metrics)",
+            ["replica", "result"],
+            registry=r,
+        )
         self.policy = policy
         self.replica: dict[str, ReplicaMetrics] = {}
         for rid, _model in replicas:
@@ -113,6 +125,8 @@ class RouterMetrics:
             self.ejections.labels(rid)
         for result in ("hit", "miss", "bypass"):
             self.cache.labels(result)
+        for result in ("valid", "forged", "expired", "malformed"):
+            self.session_tokens.labels(result)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -45,6 +45,7 @@ from gpufleet.router.prediction_cache import (
 )
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.replicas import ModelReplicas, ReplicaSet
+from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
 from gpufleet.router.upstream import UpstreamClientError, UpstreamPool, UpstreamResponse
 from gpufleet.router.upstream.request import HOP_BY_HOP, forward_headers
@@ -87,11 +88,15 @@ class _Retryable(Exception):
     """An attempt failed before any byte reached the client: try another replica."""
 
 
-def _response_headers(upstream: UpstreamResponse, replica: str, cache: str | None) -> dict[str, str]:
+def _response_headers(
+    upstream: UpstreamResponse, replica: str, cache: str | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     out = {k: v for k, v in upstream.headers if k.lower() not in HOP_BY_HOP}
     out["x-gpufleet-replica"] = replica
     if cache is not None:
         out["x-gpufleet-cache"] = cache
+    if extra:
+        out.update(extra)
     return out
 
 
@@ -107,8 +112,10 @@ class Proxy:
         health: HealthTracker,
         upstream: UpstreamPool,
         cache: PredictionCache | RedisPredictionCache | None,
+        sessions: SessionBinder | None = None,
     ) -> None:
         self.settings = settings
+        self.sessions = sessions
         self.replicas = replicas
         self.policy = policy
         self.metrics = metrics
@@ -144,6 +151,9 @@ class Proxy:
                 chars_per_token=s.chars_per_token,
                 session_id=wire.session_id(request.headers, body, s.session),
             )
+            if features.session_id is not None and self.sessions is not None:
+                token = request.headers.get(s.session.token_header)
+                features.session_replica = await self.sessions.resolve(token, features.session_id)
             if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat):
                 raw = json.dumps(body, separators=(",", ":")).encode()
 
@@ -235,6 +245,15 @@ class Proxy:
         if d.spilled:
             m.spills.labels(features.model, r.pool).inc()
         self.policy.on_routed(features, d)
+        if features.session_id is not None and self.sessions is not None:
+            self.sessions.bound(features.session_id, r.id)
+
+    def _session_headers(self, req: ProxyRequest, replica: str) -> dict[str, str] | None:
+        """The signed session token naming `replica`, for a request with a session id."""
+        sid = req.features.session_id
+        if sid is None or self.sessions is None:
+            return None
+        return self.sessions.headers(sid, replica)
 
     def _timed_out(self, r: ReplicaState) -> errors.UpstreamTimeout:
         """Count a timeout against the replica and build the 504 to raise."""
@@ -321,9 +340,8 @@ class Proxy:
                         await self.cache.store(req.cache_key, data)
                 self._count(r.id, resp.status)
                 rm.latency.observe(loop.time() - t0)
-                return web.Response(
-                    status=resp.status, body=data, headers=_response_headers(resp, r.id, req.cache_state)
-                )
+                headers = _response_headers(resp, r.id, req.cache_state, self._session_headers(req, r.id))
+                return web.Response(status=resp.status, body=data, headers=headers)
             finally:
                 # Closing (not releasing) drops the upstream connection when the answer was not
                 # read to the end: that is how a cancelled client cancels the replica's work.
@@ -347,7 +365,8 @@ class Proxy:
         away raises out of here (write error or cancellation), which closes the upstream.
         """
         loop = asyncio.get_running_loop()
-        out = web.StreamResponse(status=resp.status, headers=_response_headers(resp, r.id, req.cache_state))
+        headers = _response_headers(resp, r.id, req.cache_state, self._session_headers(req, r.id))
+        out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(req.request)
         key = req.cache_key
         assembler = SSEAssembler() if key is not None else None

@@ -33,6 +33,8 @@ def _replica_state(config: ReplicaConfig) -> ReplicaState:
         max_model_len=config.max_model_len,
         max_concurrent_requests=config.max_concurrent_requests,
         url=config.url.rstrip("/"),
+        prefill_tokens_per_s=config.prefill_tokens_per_s or 0.0,
+        decode_tokens_per_s=config.decode_tokens_per_s or 0.0,
     )
 
 
