@@ -24,10 +24,13 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "GpuModel",
+    "HostLink",
     "MachineType",
+    "NetworkDisk",
     "ModelInfo",
     "bundled",
     "load",
+    "machine_family",
 ]
 
 GIB = 1024**3
@@ -63,6 +66,36 @@ class MachineType(_Frozen):
     usd_per_hour: float = Field(ge=0, description="on-demand, reference region")
     spot_usd_per_hour: float | None = Field(None, ge=0, description="spot estimate, reference region")
     regions: tuple[str, ...] = ()
+    local_nvme_gib: float = Field(0, ge=0, description="instance-store NVMe per node (0: none)")
+
+
+class HostLink(_Frozen):
+    """How fast a GPU of a machine family reads host memory (a CPU-tier KV hit), and local NVMe."""
+
+    pcie_gen: int = Field(ge=3, le=6)
+    host_to_device_gb_per_s: float = Field(gt=0, description="effective per GPU, pinned host memory")
+    nvme_read_gb_per_s: float = Field(2.0, gt=0, description="local NVMe read per node")
+    source: str
+
+
+class NetworkDisk(_Frozen):
+    """The cloud's block storage, when a disk tier does not fit the node's local NVMe."""
+
+    name: str
+    usd_per_gib_month: float = Field(ge=0)
+    read_gb_per_s: float = Field(gt=0)
+    source: str
+
+
+def machine_family(name: str) -> str:
+    """`g6e.12xlarge` -> `g6e`, `a3-highgpu-8g` -> `a3`."""
+    return name.replace("-", ".").split(".")[0]
+
+
+# When the catalog has no link for a machine (an existing cluster's own nodes): PCIe Gen4 x16.
+DEFAULT_HOST_LINK = HostLink(
+    pcie_gen=4, host_to_device_gb_per_s=25.0, nvme_read_gb_per_s=2.0, source="assumed: PCIe Gen4 x16"
+)
 
 
 class ModelInfo(_Frozen):
@@ -94,8 +127,12 @@ class Catalog:
         models: Mapping[str, ModelInfo],
         sources: Iterable[str] = (),
         as_of: str = "",
+        host_links: Mapping[tuple[str, str], HostLink] | None = None,
+        network_disks: Mapping[str, NetworkDisk] | None = None,
     ) -> None:
         self.as_of = as_of
+        self.host_links = dict(host_links or {})
+        self.network_disks = dict(network_disks or {})
         self.gpus = dict(gpus)
         self.machines = dict(machines)
         self.models = dict(models)
@@ -119,6 +156,12 @@ class Catalog:
             return sorted(self._by_name)
         return sorted(n for (c, n) in self.machines if c == cloud)
 
+    def host_link(self, machine: MachineType | None) -> HostLink:
+        """The host-to-GPU link of the machine's family (DEFAULT_HOST_LINK when unknown)."""
+        if machine is None:
+            return DEFAULT_HOST_LINK
+        return self.host_links.get((machine.cloud, machine_family(machine.name)), DEFAULT_HOST_LINK)
+
     def gpu(self, name: str) -> GpuModel | None:
         return self.gpus.get(name)
 
@@ -128,11 +171,12 @@ class Catalog:
     def extended(self, paths: Iterable[str | Path]) -> Catalog:
         """A new catalog with the user's files layered over this one."""
         gpus, machines, models = dict(self.gpus), dict(self.machines), dict(self.models)
+        links, disks = dict(self.host_links), dict(self.network_disks)
         sources = list(self.sources)
         for path in paths:
-            _merge_file(Path(path), gpus, machines, models)
+            _merge_file(Path(path), gpus, machines, models, links, disks)
             sources.append(str(path))
-        return Catalog(gpus, machines, models, sources, self.as_of)
+        return Catalog(gpus, machines, models, sources, self.as_of, links, disks)
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
@@ -151,8 +195,13 @@ def _merge(
     gpus: dict[str, GpuModel],
     machines: dict[tuple[str, str], MachineType],
     models: dict[str, ModelInfo],
+    links: dict[tuple[str, str], HostLink],
+    disks: dict[str, NetworkDisk],
 ) -> None:
-    allowed = {"schema", "as_of", "sources", "cloud", "reference_region", "regions", "gpus", "machines", "models"}
+    allowed = {
+        "schema", "as_of", "sources", "cloud", "reference_region", "regions", "gpus", "machines", "models",
+        "host_links", "network_disk",
+    }  # fmt: skip
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise CatalogError(f"{origin}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -165,6 +214,12 @@ def _merge(
         for name, facts in machine_entries.items():
             m = MachineType(cloud=data["cloud"], name=str(name), **facts)
             machines[(m.cloud, m.name)] = m
+        if (data.get("host_links") or data.get("network_disk")) and data.get("cloud") not in ("aws", "gcp"):
+            raise CatalogError(f"{origin}: `host_links` and `network_disk` need `cloud: aws` or `cloud: gcp`")
+        for family, facts in (data.get("host_links") or {}).items():
+            links[(data["cloud"], str(family))] = HostLink(**facts)
+        if data.get("network_disk"):
+            disks[data["cloud"]] = NetworkDisk(**data["network_disk"])
         for name, facts in (data.get("models") or {}).items():
             models[str(name)] = ModelInfo(name=str(name), **facts)
     except (ValidationError, TypeError) as exc:
@@ -176,12 +231,14 @@ def _merge_file(
     gpus: dict[str, GpuModel],
     machines: dict[tuple[str, str], MachineType],
     models: dict[str, ModelInfo],
+    links: dict[tuple[str, str], HostLink],
+    disks: dict[str, NetworkDisk],
 ) -> None:
     try:
         text = path.read_text()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read catalog file: {exc.strerror}") from None
-    _merge(_read_yaml(text, str(path)), str(path), gpus, machines, models)
+    _merge(_read_yaml(text, str(path)), str(path), gpus, machines, models, links, disks)
 
 
 @functools.cache
@@ -190,15 +247,17 @@ def bundled() -> Catalog:
     gpus: dict[str, GpuModel] = {}
     machines: dict[tuple[str, str], MachineType] = {}
     models: dict[str, ModelInfo] = {}
+    links: dict[tuple[str, str], HostLink] = {}
+    disks: dict[str, NetworkDisk] = {}
     pkg = resources.files("gpufleet.infra") / "data"
     sources, dates = [], []
     for name in ("gpus.yaml", "aws.yaml", "gcp.yaml", "models.yaml"):
         origin = f"gpufleet/infra/data/{name}"
         data = _read_yaml((pkg / name).read_text(), origin)
-        _merge(data, origin, gpus, machines, models)
+        _merge(data, origin, gpus, machines, models, links, disks)
         sources.append(origin)
         dates.append(str(data.get("as_of", "")))
-    catalog = Catalog(gpus, machines, models, sources, as_of=min(dates))
+    catalog = Catalog(gpus, machines, models, sources, as_of=min(dates), host_links=links, network_disks=disks)
     for m in catalog.machines.values():
         if m.gpu not in catalog.gpus:
             raise CatalogError(f"bundled catalog: machine {m.name} names unknown GPU {m.gpu}")

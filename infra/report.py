@@ -131,6 +131,46 @@ def _signed_usd(x: float) -> str:
     return ("+" if x > 0 else "-" if x < 0 else "±") + f"${abs(x):,.2f}"
 
 
+_TIER_COLUMNS = (
+    "deployment",
+    "pool",
+    "backend",
+    "GPU KV tokens",
+    "CPU KV tokens",
+    "CPU hit (link)",
+    "disk KV tokens",
+    "disk hit",
+    "host mem GiB",
+    "tier $/mo",
+)
+
+
+def kv_tier_rows(plan: Plan) -> list[tuple[str, ...]]:
+    """Per deployment and pool: each tier's tokens per replica, the rate a hit moves at, its cost."""
+    rows = []
+    for d in plan.deployments:
+        for pp in d.pools:
+            t = pp.kv_tiers
+            if t is None:
+                continue
+            disk = f"{t.disk_medium} {t.disk_hit_gb_per_s:g} GB/s" if t.disk_medium else "-"
+            rows.append(
+                (
+                    d.name,
+                    pp.pool,
+                    t.backend,
+                    f"{pp.kv_cache_tokens_per_replica:,}",
+                    f"{t.cpu_kv_tokens:,}",
+                    f"PCIe Gen{t.pcie_gen} {t.cpu_hit_gb_per_s:g} GB/s",
+                    f"{t.disk_kv_tokens:,}",
+                    disk,
+                    f"{t.host_memory_gib:g}",
+                    _usd(t.usd_per_hour * HOURS_PER_MONTH),
+                )
+            )
+    return rows
+
+
 def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     """The plan as rich tables: pools, deployments, cost, warnings."""
     pools = Table(title=f"Fleet {plan.fleet}: nodepools", title_justify="left")
@@ -200,6 +240,15 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
             str(d.replicas_if_top_pool_lost),
         )
 
+    tier_rows = kv_tier_rows(plan)
+    tier_table = None
+    if tier_rows:
+        tier_table = Table(title="KV tiers per replica (kv_offload)", title_justify="left")
+        for col in _TIER_COLUMNS:
+            tier_table.add_column(col, justify="left" if col in ("deployment", "pool", "backend") else "right")
+        for r in tier_rows:
+            tier_table.add_row(*r)
+
     cost = Table(title="cost", title_justify="left")
     cost.add_column("")
     cost.add_column("per hour", justify="right")
@@ -214,7 +263,7 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     )
     cost.add_row("peak (max nodes)", _usd(c.peak_usd_per_hour), _usd(c.peak_usd_per_month))
 
-    parts: list[Any] = [pools, deps, cost]
+    parts: list[Any] = [pools, deps, *([tier_table] if tier_table else []), cost]
     if change:
         pct = change.delta_percent
         parts.append(
@@ -230,6 +279,17 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
         parts.append(Text("warnings:", style="bold yellow"))
         parts.extend(Text(f"  - {w.subject}: {w.message} [{w.code}]", style="yellow") for w in plan.warnings)
     return Group(*parts)
+
+
+def _mermaid_cost(plan: Plan) -> list[str]:
+    """Cost by pool (baseline + warm per month) as a mermaid pie chart, which GitHub renders."""
+    slices = [(p.name, round((p.baseline_usd_per_hour + p.warm_usd_per_hour) * HOURS_PER_MONTH, 2)) for p in plan.pools]
+    slices = [(name, usd) for name, usd in slices if usd > 0]
+    if not slices:
+        return []
+    lines = ["", "```mermaid", "pie showData", "    title Monthly cost by pool, baseline + warm (USD)"]
+    lines += [f'    "{name}" : {usd:.2f}' for name, usd in sorted(slices, key=lambda x: -x[1])]
+    return [*lines, "```"]
 
 
 def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
@@ -286,6 +346,11 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
         lines.append(
             f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
         )
+    lines += _mermaid_cost(plan)
+    tier_rows = kv_tier_rows(plan)
+    if tier_rows:
+        lines += ["", "| " + " | ".join(_TIER_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(_TIER_COLUMNS) - 3)]
+        lines += ["| " + " | ".join(r) + " |" for r in tier_rows]
     if change and change.deployments:
         lines += ["", "**Deployment changes**", ""] + [f"- `{n}`: {w}" for n, w in change.deployments]
     if plan.warnings:

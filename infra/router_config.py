@@ -31,6 +31,7 @@ def render(
 
     replicas = []
     for dep in plan.deployments:
+        kv = {p.pool: p.kv_cache_tokens_per_replica for p in dep.pools}
         perf = {p.pool: p for p in dep.pools}
         for r in dep.replicas:
             replicas.append(
@@ -41,7 +42,7 @@ def render(
                     model=dep.model,
                     pool=r.pool,
                     priority=r.priority,
-                    kv_capacity_tokens=perf[r.pool].kv_cache_tokens_per_replica,
+                    kv_capacity_tokens=kv[r.pool],
                     max_model_len=dep.max_model_len,
                     max_concurrent_requests=dep.max_concurrent_requests,
                     prefill_tokens_per_s=perf[r.pool].prefill_tokens_per_s or None,

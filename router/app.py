@@ -10,7 +10,9 @@ request.
 
 Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
 (`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
-answered here; any other path or method gets an OpenAI-style 404 or 405.
+answered here; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
+/admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
+method gets an OpenAI-style 404 or 405.
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ from gpufleet.router import errors
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.engine_load import EngineLoadScraper
 from gpufleet.router.health import HealthChecker, HealthTracker
+from gpufleet.router.kvevents import runtime as kvevents_runtime
+from gpufleet.router.membership import ConfigReloader, admin_routes
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
-from gpufleet.router.replicas import ReplicaSet
+from gpufleet.router.replicas import MembershipChange, ReplicaSet
 from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
-from gpufleet.router.upstream.request import COMPLETION_PATHS
+from gpufleet.router.upstream.request import COMPLETION_PATHS, UpstreamTarget
 
 __all__ = ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
 
@@ -85,12 +89,19 @@ class Router:
         policy: Policy | None = None,
         admin_token: str | None = None,
         environ: Mapping[str, str] | None = None,
+        config_path: str | Path | None = None,
+        reload_interval_s: float = 1.0,
     ) -> None:
         self.config = config
         s = self.settings = config.settings
         self.replicas = ReplicaSet(config.replicas)
-        self.policy = policy or registry.make(s.policy, s)
-        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), self.policy.name)
+        self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), policy.name if policy else s.policy)
+        # Precise mode (KV events) when enabled and a tokenizer loads; else None, said once in the log.
+        self.kv = kvevents_runtime.build(config, self.metrics.registry)
+        kv_ctx: dict[str, Any] = {"kv_index": self.kv.index} if self.kv is not None else {}
+        self.policy = policy or registry.make(s.policy, s, **kv_ctx)
+        if policy is not None and self.kv is not None:
+            policy.bind(clock=policy.clock, kv_index=self.kv.index)
         try:
             self.cache = make_prediction_cache(s.prediction_cache, environ) if s.prediction_cache.enabled else None
         except ValueError as exc:
@@ -98,20 +109,63 @@ class Router:
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
         tokens = self.metrics.session_tokens
         self.sessions = SessionBinder(s.session, environ, on_token=lambda why: tokens.labels(why).inc())
-        self.health = HealthTracker(s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted)
+        self.health = HealthTracker(
+            s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted, on_suspect=self._suspect
+        )
         self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(
             s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache, self.sessions
         )
+        self.proxy.kv = self.kv
+        self.draining = False
+        """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
+        self.replicas.subscribe(self._membership_changed)
+        self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
+
+    # -- membership -----------------------------------------------------------------------
+    def _membership_changed(self, change: MembershipChange) -> None:
+        """Replicas joined or left (`ReplicaSet.replace`): health records, metrics, policy, connections."""
+        for r in change.removed:
+            self.health.remove(r.id)
+            self.metrics.remove_replica(r.id)
+            self.policy.on_replica_removed(r.id)
+            if self.kv is not None:
+                self.kv.index.remove_replica(r.id)
+            t = UpstreamTarget(r.url)
+            if not any(x.host == t.host and x.port == t.port for x in self.replicas.targets.values()):
+                self.upstream.forget(t.host, t.port, t.tls)
+            self.metrics.membership.labels(change.source, "removed").inc()
+        for r in change.added:
+            self.health.add(r)
+            if self.kv is not None:  # its event stream is not subscribed yet: it routes approximately
+                self.kv.index.add_replica(r.id, r.kv_capacity_tokens // self.kv.block_size)
+            self.metrics.add_replica(r.id)
+            self.metrics.membership.labels(change.source, "added").inc()
+        if change.updated:
+            self.metrics.membership.labels(change.source, "updated").inc(len(change.updated))
+        s = change.summary()
+        log.info(
+            "membership of %s: added %s, removed %s, updated %s; %d replicas",
+            change.source,
+            ",".join(s["added"]) or "-",
+            ",".join(s["removed"]) or "-",
+            ",".join(s["updated"]) or "-",
+            len(self.replicas),
+        )
 
     # -- health hooks ---------------------------------------------------------------------
-    def _ejected(self, r: ReplicaState) -> None:
-        log.warning("replica %s ejected", r.id)
+    def _ejected(self, r: ReplicaState, kind: str, reason: str) -> None:
+        log.warning("replica %s ejected: %s", r.id, reason)
         self.metrics.ejections.labels(r.id).inc()
+        self.metrics.ejection_reasons.labels(kind).inc()
         self.metrics.healthy.labels(r.id).set(0)
         self.policy.on_replica_reset(r.id)  # whatever it held is no longer a safe prediction
+
+    def _suspect(self, r: ReplicaState) -> None:
+        if self.checker is not None:
+            self.checker.probe_soon(r)  # a hung or dead replica is out within one check timeout
 
     def _readmitted(self, r: ReplicaState) -> None:
         log.info("replica %s re-admitted", r.id)
@@ -146,12 +200,21 @@ class Router:
                 on_result=lambda r, result: scrapes.labels(r.id, result).inc(),
             )
             tasks.append(asyncio.create_task(scraper.run()))
+        if self.reloader is not None and self.reloader.interval_s > 0:
+            tasks.append(asyncio.create_task(self.reloader.run()))
+        if self.kv is not None:
+            await self.kv.start()
         try:
             yield
         finally:
+            if self.kv is not None:
+                await self.kv.stop()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
             await self.session.close()
             await self.upstream.close()
             await self.sessions.close()
@@ -179,7 +242,9 @@ class Router:
         return _json_response(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """GET /ready: 200 when every model has at least one healthy replica."""
+        """GET /ready: 200 when every model has at least one healthy replica and the router is not draining."""
+        if self.draining:
+            return _json_response(503, {"status": "draining"})
         down = sorted(m for m, g in self.replicas.by_model.items() if not any(r.healthy for r in g.replicas))
         if down:
             return _json_response(503, {"status": "not ready", "models_without_healthy_replica": down})
@@ -191,7 +256,8 @@ class Router:
             body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
 
-    def _authorize_admin(self, request: web.Request) -> None:
+    def authorize_admin(self, request: web.Request) -> None:
+        """Raise `Unauthorized` / `Forbidden` unless the request carries the admin bearer token."""
         if self.admin_token is None:
             raise errors.Forbidden("admin endpoints are disabled: no admin token is configured")
         auth = request.headers.get("Authorization", "")
@@ -206,7 +272,7 @@ class Router:
     async def admin_replicas(self, request: web.Request) -> web.Response:
         """GET /admin/replicas: state, load, health and estimated cached blocks of every replica."""
         try:
-            self._authorize_admin(request)
+            self.authorize_admin(request)
         except errors.RouterError as exc:
             return error_response(exc)
         rows = []
@@ -215,6 +281,7 @@ class Router:
             rows.append(
                 {
                     "id": r.id,
+                    "source": self.replicas.source_of(r.id),
                     "model": r.model,
                     "pool": r.pool,
                     "priority": r.priority,
@@ -239,6 +306,7 @@ class Router:
                     "consecutive_failures": failures,
                     "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,
+                    "kv_state": self.kv.admin_view(r.id) if self.kv is not None else {"state": "approximate"},
                 }
             )
         return _json_response(200, {"policy": self.policy.name, "replicas": rows})
@@ -250,13 +318,14 @@ _ROUTES = {
     "/health": "GET",
     "/ready": "GET",
     "/metrics": "GET",
-    "/admin/replicas": "GET",
+    "/admin/replicas": "GET, POST, PUT",
+    "/admin/reload": "POST",
 }
 
 
 async def _not_found(request: web.Request) -> web.Response:
     """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
-    allowed = _ROUTES.get(request.path)
+    allowed = _ROUTES.get(request.path) or ("DELETE" if request.path.startswith("/admin/replicas/") else None)
     exc = errors.RequestError(
         f"{request.path} takes {allowed}, not {request.method}"
         if allowed
@@ -272,9 +341,22 @@ def create_app(
     policy: Policy | None = None,
     admin_token: str | None = None,
     environ: Mapping[str, str] | None = None,
+    config_path: str | Path | None = None,
+    reload_interval_s: float = 1.0,
 ) -> web.Application:
-    """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`."""
-    router = Router(config, policy=policy, admin_token=admin_token, environ=environ)
+    """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`.
+
+    With `config_path` (the file `config` was read from) the router reloads its replicas from it
+    when it changes (polled every `reload_interval_s`; 0: only on SIGHUP or `POST /admin/reload`).
+    """
+    router = Router(
+        config,
+        policy=policy,
+        admin_token=admin_token,
+        environ=environ,
+        config_path=config_path,
+        reload_interval_s=reload_interval_s,
+    )
     # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
     app = web.Application(client_max_size=config.settings.max_body_bytes)
     app[ROUTER_KEY] = router
@@ -294,6 +376,8 @@ def create_app(
     app.router.add_get("/ready", router.ready)
     app.router.add_get("/metrics", router.metrics_endpoint)
     app.router.add_get("/admin/replicas", router.admin_replicas)
+    for method, path, handler in admin_routes(router):
+        app.router.add_route(method, path, handler)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
@@ -303,7 +387,10 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
 
     Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Its shutdown timeout is the drain: how long running handlers may finish once the sites close.
+    router = app.get(ROUTER_KEY)
+    drain_s = router.settings.drain_timeout_s if router is not None else 60.0
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -27,12 +27,15 @@ __all__ = [
     "AdminToken",
     "CacheAwareSettings",
     "FilterRef",
+    "FirstByteSettings",
     "HealthSettings",
+    "KvEventsSettings",
     "PickerRef",
     "PredictionCacheSettings",
     "ProfileSettings",
     "ReplicaConfig",
     "RouterConfig",
+    "RetrySettings",
     "RouterSettings",
     "ScorerRef",
     "SessionSecret",
@@ -146,15 +149,104 @@ class SessionSettings(_Strict):
 
 
 class HealthSettings(_Strict):
+    """Active checks and outlier ejection (Envoy's outlier detection is the model: router/health.py)."""
+
     interval_s: float = Field(default=5.0, gt=0, description="active health check period")
     timeout_s: float = Field(default=2.0, gt=0)
-    eject_after_failures: int = Field(default=1, ge=1, description="consecutive failures before a replica is ejected")
+    eject_after_failures: int = Field(
+        default=3,
+        ge=1,
+        description="consecutive replica failures (connect, reset, timeout, 502/503/504) before a replica is "
+        "ejected; the engine answering an error for a request is never one",
+    )
+    max_ejection_percent: float = Field(
+        default=50.0,
+        ge=0,
+        le=100,
+        description="most of a model's replicas that outlier detection may hold ejected at once (at least one); "
+        "a failed active check ejects regardless",
+    )
+    success_rate_stdev_factor: float = Field(
+        default=1.9, gt=0, description="eject a replica whose success rate is this many stdevs below its peers'"
+    )
+    success_rate_min_requests: int = Field(
+        default=20, ge=1, description="requests a replica needs in an interval to take part in success-rate detection"
+    )
+    success_rate_min_replicas: int = Field(
+        default=3, ge=2, description="replicas with enough requests for success-rate detection to run"
+    )
+    failure_percentage_threshold: float = Field(
+        default=85.0,
+        gt=0,
+        le=100,
+        description="eject a replica whose share of 5xx answers (any cause) in an interval is at least this",
+    )
+    outlier_interval_s: float = Field(default=10.0, gt=0, description="window of the success-rate checks")
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     scrape_kv_usage: bool = Field(
         default=False,
         description="on every check, also read the replica's KV-cache usage from its /metrics "
         "(vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc) into the router's view of it",
+    )
+
+
+class FirstByteSettings(_Strict):
+    """The first-byte deadline of each attempt, from what the plan knows about the replica.
+
+    deadline = max(floor_s, factor * (prompt + queued prefill tokens) / prefill rate), plus for a
+    non-streaming request its output budget at the decode rate (the answer comes at the end).
+    When it passes before the replica sent anything, the attempt is retried elsewhere and the
+    replica counts a failure (it is suspect: checked at once).
+    """
+
+    enabled: bool = True
+    floor_s: float = Field(default=5.0, gt=0, description="the least any attempt is given")
+    factor: float = Field(default=4.0, ge=1, description="slack over the expected time")
+    default_prefill_tokens_per_s: float = Field(
+        default=2000.0, gt=0, description="prefill rate of a replica whose plan gives none"
+    )
+    default_decode_tokens_per_s: float = Field(
+        default=20.0, gt=0, description="per-request decode rate of a replica whose plan gives none"
+    )
+
+
+class RetrySettings(_Strict):
+    """The retry budget (Envoy's `retry_budget`): retries in flight at most this share of requests in flight."""
+
+    budget_percent: float = Field(default=20.0, ge=0, le=100)
+    min_retry_concurrency: int = Field(default=3, ge=0, description="retries always allowed in flight at once")
+
+
+class KvEventsSettings(_Strict):
+    """Precise prefix routing from the engines' KV-cache events (docs/router.md, "KV events")."""
+
+    enabled: bool = Field(default=False, description="subscribe to every replica's KV-event stream")
+    tokenizer: str | None = Field(
+        default=None,
+        description="the model's tokenizer.json (or its directory, with tokenizer_config.json); "
+        "without it precise mode stays off and routing is approximate",
+    )
+    chat_template: str | None = Field(
+        default=None, description="a chat template file (default: tokenizer_config.json's chat_template)"
+    )
+    block_size: int | None = Field(
+        default=None, ge=1, le=4096, description="the engines' KV block size in tokens (default: block_size_tokens)"
+    )
+    port: int = Field(default=5557, ge=1, le=65535, description="engines' PUB port, for replicas without an endpoint")
+    replay_port: int | None = Field(
+        default=5558, ge=1, le=65535, description="engines' replay ROUTER port (None: no replay, a gap resets)"
+    )
+    topic: str = Field(default="kv-events", description="the engines' `topic`")
+    silence_s: float = Field(
+        default=5.0, gt=0, description="a replica sent a request and silent this long falls back to approximate"
+    )
+    replay_timeout_s: float = Field(default=1.0, gt=0, description="bound on one replay request")
+    pending_ttl_s: float = Field(
+        default=10.0, ge=0, description="how long a routed prompt's blocks count as held before the engine confirms"
+    )
+    tokenize_inline_chars: int = Field(
+        default=8192, ge=0, description="bodies up to this size are tokenized on the event loop, longer in threads"
     )
 
 
@@ -296,12 +388,18 @@ class RouterSettings(_Strict):
         "(waiting and running requests, KV usage); 0: never",
     )
     engine_metrics_timeout_s: float = Field(default=1.0, gt=0, description="bound on one /metrics read")
+    kv_events: KvEventsSettings = Field(default_factory=KvEventsSettings)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10, description="retries on another replica before the first byte")
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    first_byte: FirstByteSettings = Field(default_factory=FirstByteSettings)
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM/SIGINT: how long in-flight requests may take to finish"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -353,12 +451,12 @@ class ReplicaConfig(_Strict):
     kv_capacity_tokens: int = Field(ge=0)
     max_model_len: int = Field(ge=1)
     max_concurrent_requests: int = Field(ge=1)
-    prefill_tokens_per_s: float | None = Field(
-        default=None, gt=0, description="prompt tokens per second the replica prefills (from the plan)"
+    prefill_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's prefill rate")
+    decode_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's per-request decode rate")
+    kv_events_endpoint: str | None = Field(
+        default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
     )
-    decode_tokens_per_s: float | None = Field(
-        default=None, gt=0, description="tokens per second one sequence decodes alone (from the plan)"
-    )
+    kv_events_replay_endpoint: str | None = Field(default=None, description="its replay ROUTER endpoint")
 
 
 class RouterConfig(_Strict):

@@ -8,6 +8,7 @@
     │   ├── Unauthorized        401   admin endpoint without a bearer token
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
+    │   ├── MembershipConflict  409   an admin change to a replica another source owns
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
     ├── NoReplicaAvailable            no replica of the model can take the request now
     │   ├── AllSaturated        429   every healthy replica at max_concurrent_requests (Retry-After)
@@ -15,6 +16,9 @@
     └── UpstreamError                 a replica failed
         ├── UpstreamFailed      502   every attempt failed before the first byte (retries exhausted)
         └── UpstreamTimeout     504   the replica did not answer within request_timeout_s
+
+A replica's own error answer (the engine refused this input) is not a router error: it is
+passed on with the replica's status, reshaped by `replica_error_body` into the same JSON shape.
 
 Messages never contain secrets: not tokens, not Authorization values, not request bodies.
 """
@@ -26,10 +30,12 @@ from typing import Any
 
 __all__ = [
     "AllSaturated",
+    "replica_error_body",
     "BodyTooLarge",
     "ConfigError",
     "Forbidden",
     "MalformedRequest",
+    "MembershipConflict",
     "NoHealthyReplica",
     "NoReplicaAvailable",
     "PromptTooLong",
@@ -108,6 +114,13 @@ class UnknownModel(RequestError):
     code = "model_not_found"
 
 
+class MembershipConflict(RequestError):
+    """An admin membership change names a replica that another source (discovery) owns."""
+
+    status = 409
+    code = "membership_conflict"
+
+
 class BodyTooLarge(RequestError):
     """The body is over settings.max_body_bytes."""
 
@@ -155,3 +168,41 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def replica_error_body(status: int, data: bytes) -> bytes:
+    """A replica's error answer in the documented shape: {"error": {"message", "type", "param", "code"}}.
+
+    vLLM answers `{"object": "error", "message", "type", "param", "code"}` (newer versions and
+    OpenAI nest it under "error"); SGLang similar; anything else (HTML from a proxy, plain text)
+    becomes a message naming the status. The replica's own message is kept: it is about the
+    client's input.
+    """
+    doc: Any = None
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        pass
+    inner = doc.get("error") if isinstance(doc, dict) else None
+    src = inner if isinstance(inner, dict) else doc if isinstance(doc, dict) else {}
+    message = src.get("message")
+    if not isinstance(message, str) or not message:
+        message = f"the replica answered HTTP {status}"
+    etype = src.get("type")
+    default_type = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    err = {
+        "message": message,
+        "type": etype if isinstance(etype, str) and etype else default_type,
+        "param": src.get("param") if isinstance(src.get("param"), str) else None,
+        "code": src.get("code") if isinstance(src.get("code"), (str, int)) else None,
+    }
+    return json.dumps({"error": err}).encode()

@@ -100,6 +100,19 @@ class RouterMetrics:
         self.rejections = Counter(
             p + "rejected", "Requests answered with an error by the router itself", ["status"], registry=r
         )
+        self.retry_budget_exhausted = Counter(
+            p + "retry_budget_exhausted", "Requests failed because the retry budget was spent", registry=r
+        )
+        self.request_failures = Counter(
+            p + "replica_request_errors",
+            "Error answers of engines for a request's input (passed on; not held against the replica)",
+            ["status"],
+            registry=r,
+        )
+        self.ejection_reasons = Counter(p + "ejection_reasons", "Ejections by kind of reason", ["reason"], registry=r)
+        self.cancelled = Counter(
+            p + "cancelled", "Requests whose client went away before the answer was complete", ["stage"], registry=r
+        )
         self.in_flight = Gauge(p + "in_flight", "Requests in flight per replica", ["replica"], registry=r)
         self.healthy = Gauge(
             p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r
@@ -118,15 +131,39 @@ class RouterMetrics:
         )
         self.policy = policy
         self.replica: dict[str, ReplicaMetrics] = {}
+        self.membership = Counter(
+            p + "membership_changes",
+            "Replicas that joined, left or were updated, by source",
+            ["source", "change"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            p + "config_reloads", "Router config file reloads, by result (ok, error)", ["result"], registry=r
+        )
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
         for rid, _model in replicas:
-            # Pre-create children so every replica shows up at once and lookups are cached.
-            self.replica[rid] = ReplicaMetrics(self, rid)
-            self.healthy.labels(rid).set(1)
-            self.ejections.labels(rid)
+            self.add_replica(rid)
         for result in ("hit", "miss", "bypass"):
             self.cache.labels(result)
         for result in ("valid", "forged", "expired", "malformed"):
             self.session_tokens.labels(result)
+
+    def add_replica(self, rid: str) -> None:
+        """A replica joined: its children exist at once, and lookups are cached."""
+        if rid not in self.replica:
+            self.replica[rid] = ReplicaMetrics(self, rid)
+        self.healthy.labels(rid).set(1)
+        self.ejections.labels(rid)
+
+    def remove_replica(self, rid: str) -> None:
+        """A replica left: its gauges go (counters stay, as Prometheus counters do; its
+        `ReplicaMetrics` stays too, for requests still in flight there and for an id that returns)."""
+        for gauge in (self.healthy, self.in_flight):
+            try:
+                gauge.remove(rid)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

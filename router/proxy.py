@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -31,7 +31,7 @@ from prometheus_client import Counter
 
 from gpufleet.router import errors, wire
 from gpufleet.router.config import RouterSettings
-from gpufleet.router.health import HealthTracker
+from gpufleet.router.health import Failure, HealthTracker, classify_status
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy
 from gpufleet.router.prediction_cache import (
@@ -47,8 +47,17 @@ from gpufleet.router.prefix import features_from_body
 from gpufleet.router.replicas import ModelReplicas, ReplicaSet
 from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
-from gpufleet.router.upstream import UpstreamClientError, UpstreamPool, UpstreamResponse
+from gpufleet.router.upstream import (
+    UpstreamClientError,
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
 from gpufleet.router.upstream.request import HOP_BY_HOP, forward_headers
+
+if TYPE_CHECKING:
+    from gpufleet.router.kvevents.runtime import KvEvents
 
 __all__ = ["JSON", "Proxy", "ProxyRequest", "error_response"]
 
@@ -82,10 +91,16 @@ class ProxyRequest:
     """Where to store the answer in the prediction cache; None when it is not cached."""
     cache_state: str | None
     """The `x-gpufleet-cache` header value: miss, bypass or None."""
+    output_budget: int
+    """The most tokens the answer may have (max_tokens, else what the context leaves)."""
 
 
 class _Retryable(Exception):
-    """An attempt failed before any byte reached the client: try another replica."""
+    """An attempt failed by a replica failure before any byte reached the client: try another replica."""
+
+    def __init__(self, kind: Failure, detail: str) -> None:
+        super().__init__(f"{kind.value}: {detail}")
+        self.kind = kind
 
 
 def _response_headers(
@@ -122,8 +137,11 @@ class Proxy:
         self.health = health
         self.upstream = upstream
         self.cache = cache
+        self.kv: KvEvents | None = None
         self._m_requests: dict[tuple[str, int], Counter] = {}
         self._m_decisions: dict[str, Counter] = {}
+        self._in_flight = 0
+        self._retries_in_flight = 0
 
     # -- validate, features, clamp, cache ---------------------------------------------------
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
@@ -151,6 +169,8 @@ class Proxy:
                 chars_per_token=s.chars_per_token,
                 session_id=wire.session_id(request.headers, body, s.session),
             )
+            if self.kv is not None:  # precise mode: the engine's tokens and block keys
+                features = await self.kv.refine(body, features, len(raw))
             if features.session_id is not None and self.sessions is not None:
                 token = request.headers.get(s.session.token_header)
                 features.session_replica = await self.sessions.resolve(token, features.session_id)
@@ -169,8 +189,18 @@ class Proxy:
                         return await _answer_from_cache(request, hit, body, stream)
                     cache_state = "miss"
                 self.metrics.cache.labels(cache_state).inc()
+            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, chat)
             req = ProxyRequest(
-                request, path, features, group, raw, forward_headers(request.headers.items()), stream, key, cache_state
+                request,
+                path,
+                features,
+                group,
+                raw,
+                forward_headers(request.headers.items()),
+                stream,
+                key,
+                cache_state,
+                budget,
             )
             return await self._route(req)
         except errors.RouterError as exc:
@@ -196,36 +226,68 @@ class Proxy:
         return raw, wire.parse_body(raw)
 
     # -- route and retry --------------------------------------------------------------------
+    def _retry_allowed(self) -> bool:
+        """The retry budget: retries in flight stay under a share of the requests in flight."""
+        b = self.settings.retry
+        return self._retries_in_flight < max(b.min_retry_concurrency, b.budget_percent / 100 * self._in_flight)
+
     async def _route(self, req: ProxyRequest) -> web.StreamResponse:
         features = req.features
         candidates: list[ReplicaState] = req.group.replicas
         failures: list[str] = []
-        while True:
-            decision = self.policy.choose(features, candidates)
-            r = decision.replica
-            if r is None:
-                if failures:
-                    raise errors.UpstreamFailed(
-                        f"no replica answered: {'; '.join(failures)}", headers={"Retry-After": "1"}
+        timeouts = 0
+        self._in_flight += 1
+        try:
+            while True:
+                pool = candidates
+                if any(x.suspect for x in pool):
+                    # A suspect replica is being checked: keep off it while anything else can serve.
+                    trusted = [x for x in pool if not x.suspect]
+                    if any(x.available for x in trusted):
+                        pool = trusted
+                decision = self.policy.choose(features, pool)
+                r = decision.replica
+                if r is None:
+                    if failures:
+                        raise errors.UpstreamFailed(
+                            f"no replica answered: {'; '.join(failures)}", headers={"Retry-After": "1"}
+                        )
+                    if decision.outcome is Outcome.SATURATED:
+                        raise errors.AllSaturated(
+                            f"every replica of {features.model!r} is at its concurrency limit; retry shortly",
+                            headers={"Retry-After": "1"},
+                        )
+                    raise errors.NoHealthyReplica(
+                        f"no healthy replica serves {features.model!r} right now", headers={"Retry-After": "5"}
                     )
-                if decision.outcome is Outcome.SATURATED:
-                    raise errors.AllSaturated(
-                        f"every replica of {features.model!r} is at its concurrency limit; retry shortly",
-                        headers={"Retry-After": "1"},
-                    )
-                raise errors.NoHealthyReplica(
-                    f"no healthy replica serves {features.model!r} right now", headers={"Retry-After": "5"}
-                )
-            self._on_decision(req, r, decision)
-            try:
-                return await self._attempt(req, r, decision)
-            except _Retryable as exc:
-                failures.append(f"{r.id}: {exc}")
-                self.health.failure(r)
-                if len(failures) > self.settings.max_retries:
-                    raise errors.UpstreamFailed(f"no replica answered: {'; '.join(failures)}") from None
-                self.metrics.retries.labels(r.id).inc()
-                candidates = [x for x in candidates if x is not r]
+                retry = bool(failures)
+                if retry:
+                    self._retries_in_flight += 1
+                self._on_decision(req, r, decision)
+                try:
+                    return await self._attempt(req, r, decision)
+                except _Retryable as exc:
+                    failures.append(f"{r.id}: {exc}")
+                    timeouts += exc.kind is Failure.FIRST_BYTE
+                    if len(failures) > self.settings.max_retries:
+                        if timeouts == len(failures):
+                            raise errors.UpstreamTimeout(
+                                f"no replica answered in time: {'; '.join(failures)}"
+                            ) from None
+                        raise errors.UpstreamFailed(f"no replica answered: {'; '.join(failures)}") from None
+                    if not self._retry_allowed():
+                        self.metrics.retry_budget_exhausted.inc()
+                        raise errors.UpstreamFailed(
+                            f"no replica answered and the retry budget is spent: {'; '.join(failures)}",
+                            headers={"Retry-After": "1"},
+                        ) from None
+                    self.metrics.retries.labels(r.id).inc()
+                    candidates = [x for x in candidates if x is not r]
+                finally:
+                    if retry:
+                        self._retries_in_flight -= 1
+        finally:
+            self._in_flight -= 1
 
     def _on_decision(self, req: ProxyRequest, r: ReplicaState, d: Decision) -> None:
         features = req.features
@@ -255,11 +317,33 @@ class Proxy:
             return None
         return self.sessions.headers(sid, replica)
 
-    def _timed_out(self, r: ReplicaState) -> errors.UpstreamTimeout:
-        """Count a timeout against the replica and build the 504 to raise."""
-        self.health.failure(r)
+    def first_byte_deadline_s(self, req: ProxyRequest, r: ReplicaState) -> float:
+        """Seconds the attempt on `r` may take to its first byte (the whole answer when not streamed).
+
+        The prompt's prefill and the prefill queued ahead of it at the replica's planned rate, for a
+        non-streamed answer also its output budget at the decode rate, times `first_byte.factor`,
+        at least `first_byte.floor_s`; never more than `request_timeout_s`.
+        """
+        s = self.settings
+        fb = s.first_byte
+        if not fb.enabled:
+            return s.request_timeout_s
+        tokens = req.features.prompt_tokens + r.queued_prefill_tokens
+        expected = tokens / (r.prefill_tokens_per_s or fb.default_prefill_tokens_per_s)
+        if not req.stream:
+            expected += req.output_budget / (r.decode_tokens_per_s or fb.default_decode_tokens_per_s)
+        return min(s.request_timeout_s, max(fb.floor_s, fb.factor * expected))
+
+    def _failed(self, r: ReplicaState, kind: Failure, detail: str) -> _Retryable:
+        """Count a replica failure and build the exception that retries the request elsewhere."""
+        self.health.failure(r, kind, detail)
+        return _Retryable(kind, detail)
+
+    def _timed_out(self, r: ReplicaState, after_s: float) -> errors.UpstreamTimeout:
+        """Count a timeout after the first byte against the replica and build the 504 to raise."""
+        self.health.failure(r, Failure.TIMEOUT, f"no answer in {after_s:g}s")
         self._count(r.id, 504)
-        return errors.UpstreamTimeout(f"replica {r.id} did not answer within {self.settings.request_timeout_s:g}s")
+        return errors.UpstreamTimeout(f"replica {r.id} did not answer within {after_s:g}s")
 
     def _count(self, replica: str, status: int) -> None:
         key = (replica, status)
@@ -279,10 +363,13 @@ class Proxy:
 
     # -- one attempt on one replica ---------------------------------------------------------
     async def _attempt(self, req: ProxyRequest, r: ReplicaState, decision: Decision) -> web.StreamResponse:
-        """One try on one replica. Raises _Retryable when nothing has reached the client yet."""
+        """One try on one replica. Raises _Retryable when it failed before anything reached the client."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         rm = self.metrics.replica[r.id]
+        first_byte_s = self.first_byte_deadline_s(req, r)
+        timeout_s = self.settings.request_timeout_s
+        final = first_byte_s >= timeout_s  # the request timeout itself: a timeout is then a 504
         r.begin(decision.prefill_tokens)
         gauge = rm.in_flight
         gauge.inc()
@@ -295,16 +382,23 @@ class Proxy:
             head = target.head(req.path, req.headers, len(req.body))
             try:
                 resp = await self.upstream.post(
-                    target.host, target.port, head, req.body, timeout_s=self.settings.request_timeout_s, tls=target.tls
+                    target.host, target.port, head, req.body, timeout_s=first_byte_s, tls=target.tls
                 )
             except TimeoutError:
-                raise self._timed_out(r) from None
+                if final:
+                    raise self._timed_out(r, timeout_s) from None
+                raise self._failed(r, Failure.FIRST_BYTE, f"nothing in {first_byte_s:.1f}s") from None
+            except UpstreamConnectError as exc:
+                raise self._failed(r, Failure.CONNECT, str(exc)) from None
+            except UpstreamProtocolError as exc:
+                raise self._failed(r, Failure.PROTOCOL, str(exc)) from None
             except UpstreamClientError as exc:
-                raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+                raise self._failed(r, Failure.RESET, str(exc)) from None
             try:
-                if resp.status >= 500:
+                kind = classify_status(resp.status)
+                if kind is not None and kind.retryable:
                     self._count(r.id, resp.status)
-                    raise _Retryable(f"HTTP {resp.status}")
+                    raise self._failed(r, kind, f"HTTP {resp.status}")
                 ctype = resp.header("Content-Type")
                 is_sse = req.stream and resp.status == 200 and ctype.startswith("text/event-stream")
                 try:
@@ -312,32 +406,52 @@ class Proxy:
                     # here nothing has reached the client, so a failure can still be retried.
                     data = await (resp.readany() if is_sse else resp.read())
                 except TimeoutError:
-                    raise self._timed_out(r) from None
+                    if final:
+                        raise self._timed_out(r, timeout_s) from None
+                    raise self._failed(r, Failure.FIRST_BYTE, f"nothing in {first_byte_s:.1f}s") from None
+                except UpstreamProtocolError as exc:
+                    raise self._failed(r, Failure.PROTOCOL, str(exc)) from None
                 except UpstreamClientError as exc:
-                    raise _Retryable(f"{type(exc).__name__} before the first byte") from None
+                    raise self._failed(r, Failure.RESET, f"{exc} before the first byte") from None
                 if is_sse and not data:
-                    raise _Retryable("stream closed before the first byte")
+                    raise self._failed(r, Failure.RESET, "stream closed before the first byte")
                 r.prefill_done(decision.prefill_tokens)
                 prefilled = True
                 rm.ttft.observe(loop.time() - t0)
                 if is_sse:
+                    resp.set_deadline(t0 + timeout_s)  # the first byte came: the rest has the request timeout
                     out, ok, output_tokens = await self._relay_stream(req, resp, data, r, t0)
                     drained = ok
                     return out
                 drained = True
+                if kind is not None:
+                    # The engine answered an error for this input: the client's answer, passed on in
+                    # the API's error shape; never retried, never held against the replica.
+                    self.health.answered_error(r, resp.status)
+                    self._count(r.id, resp.status)
+                    rm.latency.observe(loop.time() - t0)
+                    self.metrics.request_failures.labels(str(resp.status)).inc()
+                    headers = _response_headers(resp, r.id, req.cache_state)
+                    headers.pop("Content-Type", None)
+                    headers.pop("Content-Encoding", None)
+                    return web.Response(
+                        status=resp.status,
+                        body=errors.replica_error_body(resp.status, data),
+                        content_type=JSON,
+                        headers=headers,
+                    )
                 # A compressed answer (we never ask for one) is passed through untouched, but
                 # is neither parsed for usage nor cached.
                 plain = not resp.header("Content-Encoding")
-                if resp.status == 200:
-                    ok = True
-                    self.health.success(r)
-                    if plain and b'"usage"' in data:
-                        try:
-                            output_tokens = self._record_usage(r, json.loads(data).get("usage"))
-                        except (ValueError, AttributeError):
-                            pass
-                    if plain and req.cache_key is not None and self.cache is not None:
-                        await self.cache.store(req.cache_key, data)
+                ok = True
+                self.health.success(r)
+                if plain and b'"usage"' in data:
+                    try:
+                        output_tokens = self._record_usage(r, json.loads(data).get("usage"))
+                    except (ValueError, AttributeError):
+                        pass
+                if plain and req.cache_key is not None and self.cache is not None:
+                    await self.cache.store(req.cache_key, data)
                 self._count(r.id, resp.status)
                 rm.latency.observe(loop.time() - t0)
                 headers = _response_headers(resp, r.id, req.cache_state, self._session_headers(req, r.id))
@@ -387,7 +501,8 @@ class Proxy:
         if failed is not None:
             # The replica broke mid-stream: the client already has bytes, so no retry. Say so
             # in the stream (as vLLM does) and leave out [DONE], so clients see it is truncated.
-            self.health.failure(r)
+            kind = Failure.TIMEOUT if isinstance(failed, TimeoutError) else Failure.RESET
+            self.health.failure(r, kind, "mid-stream")
             err = errors.UpstreamFailed(f"replica {r.id} failed mid-stream ({type(failed).__name__})")
             await out.write(b"data: " + err.to_body() + b"\n\n")
         ok = failed is None

@@ -74,10 +74,16 @@ class ReplicaState:
     None until a sample arrives (or when the replica does not export it)."""
     kv_usage_samples: int = 0
     """Number of KV-usage samples taken so far: a policy applies each new sample once."""
-    prefill_tokens_per_s: float = 0.0
-    """Prompt tokens per second the replica prefills, from the plan (0: not known)."""
-    decode_tokens_per_s: float = 0.0
-    """Tokens per second one sequence decodes when alone, from the plan (0: not known)."""
+    prefill_tokens_per_s: float | None = None
+    """The plan's prefill rate for this replica's machine (None when unknown)."""
+    decode_tokens_per_s: float | None = None
+    """The plan's per-request decode rate for this replica's machine (None when unknown)."""
+    cpu_kv_capacity_tokens: int = 0
+    """KV tokens of the replica's CPU tier (the plan's kv_offload; 0: GPU only)."""
+    cpu_load_tokens_per_s: float | None = None
+    """The plan's rate a CPU-tier hit moves back to the GPU (None: no tier)."""
+    suspect: bool = False
+    """A replica failure was seen and no success since: routed to only when nothing else is available."""
     queued_requests: int = 0
     """This router's requests sent here that have not produced their first token yet."""
     engine_waiting: int = 0

@@ -14,7 +14,7 @@ from typing import Any
 from gpufleet.router import errors
 from gpufleet.router.config import SessionSettings
 
-__all__ = ["clamp_output", "parse_body", "session_id", "usage_from_sse_chunk", "usage_numbers"]
+__all__ = ["clamp_output", "output_budget", "parse_body", "session_id", "usage_from_sse_chunk", "usage_numbers"]
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -50,6 +50,13 @@ def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: boo
             body[field] = limit - prompt_tokens
             changed = True
     return changed
+
+
+def output_budget(body: Mapping[str, Any], prompt_tokens: int, limit: int, chat: bool) -> int:
+    """The most tokens the answer may have: the (clamped) budget asked for, else what the context leaves."""
+    asked = [body.get(f) for f in (("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))]
+    given = [v for v in asked if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(given) if given else max(1, limit - prompt_tokens)
 
 
 def session_id(headers: Mapping[str, str], body: Mapping[str, Any], settings: SessionSettings) -> str | None:

@@ -15,7 +15,19 @@ from typing import Annotated
 
 import typer
 
-from gpufleet.infra.cli import bench, catalog, controller, discover, fleet, preview, render, replica_sim, router, up
+from gpufleet.infra.cli import (
+    bench,
+    catalog,
+    controller,
+    discover,
+    fleet,
+    init,
+    preview,
+    render,
+    replica_sim,
+    router,
+    up,
+)
 from gpufleet.infra.cli._common import group
 
 
@@ -52,7 +64,7 @@ def _root(
     """
 
 
-for _module in (fleet, render, preview, up, router, replica_sim, discover, catalog, controller, bench):
+for _module in (init, fleet, render, preview, up, router, replica_sim, discover, catalog, controller, bench):
     _module.register(app)
 
 

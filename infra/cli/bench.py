@@ -153,6 +153,19 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--replicas", help="simulate this many replicas instead of the plan's")
         ] = None,
         seed: _Seed = 0,
+        kv_state: Annotated[
+            str,
+            typer.Option(
+                "--kv-state", help="approximate (the router's own guesses) or events (engines' KV events, precise)"
+            ),
+        ] = "approximate",
+        routers: Annotated[
+            int,
+            typer.Option("--routers", min=1, help="independent router instances splitting the traffic at random"),
+        ] = 1,
+        event_delay_ms: Annotated[
+            float, typer.Option("--event-delay-ms", min=0, help="delay of engine KV events to the routers")
+        ] = 20.0,
         output: _Output = "table",
         out: OutOpt = None,
         plot: Annotated[
@@ -172,6 +185,8 @@ def register(app: typer.Typer) -> None:
         output, out = _json_out(json_out, output, out)
         with user_errors(*_domain_errors()):
             names = report.parse_policies(policies)
+            if kv_state not in ("approximate", "events"):
+                raise UserError(f"--kv-state must be approximate or events, not {kv_state!r}")
             sim_fleet, wl = _fleet_and_workload(
                 fleet, deployment, workload, trace, requests=requests, seed=seed, rate=rate, replicas=replicas
             )
@@ -184,10 +199,15 @@ def register(app: typer.Typer) -> None:
                     load=load,
                     seed=seed,
                     progress=lambda n, done: bar.update(tasks[n], completed=done),
+                    kv_state=kv_state,
+                    routers=routers,
+                    event_delay_s=event_delay_ms / 1000,
                 )
 
             def show(target: Any) -> None:
                 target.print(report.results_table(run))
+                if kv_state != "approximate" or routers > 1:
+                    target.print(f"kv state {kv_state}, {routers} router(s), events delayed {event_delay_ms:g} ms")
                 target.print(f"offered load {run.load:.2f} (as generated: {run.natural_load:.2f})")
                 target.print("goals for cache_aware:")
                 for line in report.goals_lines(run):

@@ -29,9 +29,15 @@ PLAN_FORMATS = {
     "table": "for people",
     "json": "for tools (schema gpufleet.plan/v1)",
     "markdown": "a pull-request comment",
+    "infracost-json": "Infracost's JSON output format (infracost comment, infracost output)",
 }
 
 FileArg = Annotated[Path, typer.Argument(help="The fleet declaration (fleet.yaml).", show_default=False)]
+
+
+def _n(count: int, word: str) -> str:
+    """`1 pool`, `2 pools`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
@@ -44,10 +50,12 @@ def validate(file: FileArg, catalog: CatalogOpt = None) -> None:
     with user_errors(*declaration_errors()):
         p = plan_mod.compile_file(file, catalog)
     console.print(
-        f"[green]ok[/] {file}: fleet {p.fleet}, {len(p.pools)} pools, {len(p.deployments)} deployments, "
-        f"{len(p.warnings)} warning(s)",
+        f"[green]ok[/] {file}: fleet {p.fleet}, {_n(len(p.pools), 'pool')}, {_n(len(p.deployments), 'deployment')}, "
+        f"{len(p.warnings)} warning{'' if len(p.warnings) == 1 else 's'}" + (":" if p.warnings else ""),
         highlight=False,
     )
+    for w in p.warnings:
+        console.print(f"  [yellow]warning[/] {w.subject}: {w.message} ({w.code})", highlight=False, soft_wrap=True)
 
 
 def plan(
@@ -103,9 +111,14 @@ def plan(
     from gpufleet.infra import report
 
     output = legacy_format(format_old, "-f/--format", PLAN_FORMATS, output)
+    if max_monthly_usd is not None and max_monthly_usd < 0:
+        raise typer.BadParameter(
+            f"{max_monthly_usd:g} is negative; a budget is $0 or more", param_hint="--max-monthly-usd"
+        )
     with user_errors(*declaration_errors()):
         p = plan_mod.compile_file(file, catalog)
         change = None
+        old = None
         if compare is not None:
             try:
                 old = json.loads(compare.read_text())
@@ -127,27 +140,56 @@ def plan(
         if findings is not None:
             _print_findings(findings, target)
 
+    budget = None
+    if max_monthly_usd is not None:
+        committed = report.monthly_committed(p)
+        budget = {
+            "max_monthly_usd": max_monthly_usd,
+            "monthly_committed_usd": committed,
+            "over": committed > max_monthly_usd,
+        }
+
     text: str | None = None
     if output == "json":
-        text = json.dumps(_plan_json(p, change, capacity, findings), indent=2) + "\n"
+        data = _plan_json(p, change, capacity, findings)
+        if budget is not None:
+            data["budget"] = budget
+        text = json.dumps(data, indent=2) + "\n"
+    elif output == "infracost-json":
+        from gpufleet.infra import infracost
+
+        text = json.dumps(infracost.document(p, str(file), old), indent=2) + "\n"
     elif output == "markdown":
         text = report.markdown(p, change)
         if capacity is not None:
             text += _capacity_markdown(capacity)
         if findings is not None:
             text += _findings_markdown(findings)
+        if budget is not None:
+            text += _budget_markdown(budget)
     emit(show, text, out)
     if findings and any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
 
-    if max_monthly_usd is not None:
-        committed = report.monthly_committed(p)
-        if committed > max_monthly_usd:
+    if budget is not None:
+        committed, limit = budget["monthly_committed_usd"], budget["max_monthly_usd"]
+        if budget["over"]:
             err_console.print(
-                f"[bold red]over budget:[/] baseline + warm is ${committed:,.2f}/month, above --max-monthly-usd ${max_monthly_usd:,.2f}",
+                f"[bold red]over budget:[/] baseline + warm is ${committed:,.2f}/month, above --max-monthly-usd ${limit:,.2f}",
                 highlight=False,
             )
             raise typer.Exit(EXIT_OVER_BUDGET)
+        err_console.print(
+            f"within budget: baseline + warm is ${committed:,.2f}/month, --max-monthly-usd ${limit:,.2f}",
+            highlight=False,
+        )
+
+
+def _budget_markdown(budget: dict[str, Any]) -> str:
+    committed, limit = budget["monthly_committed_usd"], budget["max_monthly_usd"]
+    verdict = "**over budget**" if budget["over"] else "within budget"
+    mark = ":x:" if budget["over"] else ":white_check_mark:"
+    return f"\n{mark} Budget gate: {verdict}: baseline + warm ${committed:,.2f}/month against a limit of ${limit:,.2f}/month.\n"
 
 
 def _plan_json(p: Any, change: Any, capacity: dict[str, Any] | None, findings: list[Any] | None) -> dict[str, Any]:

@@ -34,11 +34,33 @@ def register_replica_sim(app: typer.Typer) -> None:
         max_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step")] = 8192,
         max_model_len: Annotated[int, typer.Option(help="longest prompt + output, in tokens")] = 32_768,
         block_size_tokens: Annotated[int, typer.Option(help="KV block size in tokens (match the router's)")] = 16,
+        cpu_kv_capacity_tokens: Annotated[
+            int, typer.Option(help="KV tokens of a CPU tier below the GPU (kv_offload; 0: none)")
+        ] = 0,
+        cpu_load_tokens_per_s: Annotated[float, typer.Option(help="rate a CPU-tier hit moves to the GPU")] = 0.0,
+        disk_kv_capacity_tokens: Annotated[int, typer.Option(help="KV tokens of a disk tier below the CPU")] = 0,
+        disk_load_tokens_per_s: Annotated[float, typer.Option(help="rate a disk-tier hit moves to the GPU")] = 0.0,
         chars_per_token: Annotated[float, typer.Option(help="characters per token (match the router's)")] = 4.0,
         admin_token_env: Annotated[
             str, typer.Option(help="environment variable holding the bearer token for /admin/* (unset: admin off)")
         ] = "GPUFLEET_SIM_ADMIN_TOKEN",
         standby: Annotated[bool, typer.Option(help="start as a warm standby: 503 until POST /admin/promote")] = False,
+        tokenizer: Annotated[
+            Path | None,
+            typer.Option(
+                help="the model's tokenizer.json (or its directory): tokenize as vLLM does (chat template too)"
+            ),
+        ] = None,
+        chat_template: Annotated[
+            Path | None, typer.Option(help="chat template file (default: tokenizer_config.json's)")
+        ] = None,
+        kv_events_port: Annotated[
+            int | None,
+            typer.Option(help="publish vLLM KV events (ZMQ PUB) on this port of --host (needs --tokenizer; 0: any)"),
+        ] = None,
+        kv_events_replay_port: Annotated[
+            int | None, typer.Option(help="serve vLLM's KV-event replay (ZMQ ROUTER) on this port")
+        ] = None,
         port_file: Annotated[
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
         ] = None,
@@ -50,11 +72,13 @@ def register_replica_sim(app: typer.Typer) -> None:
         """
         import asyncio
 
+        import zmq
+
         from gpufleet.router import kvmodel
         from gpufleet.router.replica import SimSettings
         from gpufleet.router.replica.app import serve
 
-        with user_errors(kvmodel.AdmissionError, ValueError, OSError):
+        with user_errors(kvmodel.AdmissionError, ValueError, OSError, zmq.ZMQError):
             settings = SimSettings(
                 model=model,
                 replica_id=replica_id,
@@ -65,11 +89,23 @@ def register_replica_sim(app: typer.Typer) -> None:
                 max_batched_tokens=max_batched_tokens,
                 max_model_len=max_model_len,
                 block_size_tokens=block_size_tokens,
+                cpu_kv_capacity_tokens=cpu_kv_capacity_tokens,
+                cpu_load_tokens_per_s=cpu_load_tokens_per_s,
+                disk_kv_capacity_tokens=disk_kv_capacity_tokens,
+                disk_load_tokens_per_s=disk_load_tokens_per_s,
                 chars_per_token=chars_per_token,
                 admin_token=os.environ.get(admin_token_env) or None,
                 standby=standby,
+                tokenizer=str(tokenizer) if tokenizer else None,
+                chat_template=str(chat_template) if chat_template else None,
+                kv_events_endpoint=f"tcp://{host}:{kv_events_port}" if kv_events_port is not None else None,
+                kv_events_replay_endpoint=(
+                    f"tcp://{host}:{kv_events_replay_port}" if kv_events_replay_port is not None else None
+                ),
                 exit_on_die=True,
             )
+            if kv_events_port is not None and tokenizer is None:
+                raise UserError("replica-sim: --kv-events-port needs --tokenizer (KV events carry token ids)")
             try:
                 settings.engine_params()
             except ValueError as exc:

@@ -18,7 +18,18 @@ if TYPE_CHECKING:
     from gpufleet.infra.plan import Plan
     from gpufleet.router.config import RouterSettings
 
-DEFAULT_LOCAL_FLEET = Path("stacks/local/fleet.yaml")
+# The embedded default is package data, so `gpufleet demo` runs from any directory after
+# `pip install gpufleet[router]`; stacks/local/fleet.yaml is a copy kept equal by a test.
+EMBEDDED_FLEET = "data/fleets/local.yaml"
+
+
+@contextmanager
+def embedded_fleet() -> Iterator[Path]:
+    """The embedded default fleet (package data) as a file path for as long as the block runs."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("gpufleet.infra").joinpath(EMBEDDED_FLEET)) as path:
+        yield path
 
 
 def _plan(file: Path) -> Plan:
@@ -57,6 +68,31 @@ def _replica_table(rt: LocalRuntime) -> Any:
         role = r.role if r.state != "dead" else "dead"
         t.add_row(r.id, r.deployment, r.pool, str(r.priority), role, r.url)
     return t
+
+
+class _Signals:
+    """`up`'s SIGINT/SIGTERM: during start-up both stop at once (KeyboardInterrupt); once the fleet
+    runs the first asks for a drain, the second forces (every child SIGKILLed)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.rt: LocalRuntime | None = None
+        self.count = 0
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.count += 1
+        if self.rt is None:
+            raise KeyboardInterrupt
+        if self.count == 1:
+            self.stop.set()
+            return
+        console.print("second signal: stopping now", style="yellow")
+        self.rt.force()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self)
+            signal.signal(signal.SIGTERM, self)
 
 
 def _install_sigterm() -> None:
@@ -103,14 +139,17 @@ def register(app: typer.Typer) -> None:
 
         Every pool of the declaration must be `cloud: local`: simulated vLLM replicas, warm
         standbys and the router run as processes of this machine, supervised and restarted.
+        Ctrl-C or SIGTERM drains (in-flight requests finish within router.drain_timeout_s);
+        a second one stops at once.
         """
         plan = _plan(file)
         if port is not None and not 0 <= port <= 65535:
             with user_errors():
                 raise UserError(f"--port {port}: must be between 0 and 65535")
-        _install_sigterm()
+        signals = _Signals()
+        signals.install()
         rt = None
-        failed = False
+        drained = True
         try:
             rt = _start(
                 plan,
@@ -125,33 +164,36 @@ def register(app: typer.Typer) -> None:
                 f"router for fleet [bold]{plan.fleet}[/] (policy {rt.settings.policy}) listening on {rt.endpoint}",
                 highlight=False,
             )
-            console.print(f"OpenAI base URL: {rt.endpoint}/v1   (Ctrl-C to stop)", highlight=False)
+            console.print(f"OpenAI base URL: {rt.endpoint}/v1   (Ctrl-C to drain and stop)", highlight=False)
             if env:
                 console.print(
                     f"admin endpoints: bearer token from ${env} (set it before `gpufleet up` to know it)",
                     highlight=False,
                 )
-            stop = threading.Event()
-            while not stop.wait(supervise_interval_s):
+            signals.rt = rt
+            if signals.count:  # a signal during the last lines above
+                signals.stop.set()
+            while not signals.stop.wait(supervise_interval_s):
                 rt.check()
-                if rt.router_proc is not None and rt.router_proc.poll() is not None:
-                    # without its router the fleet serves nobody: stop it all rather than linger
-                    failed = True
-                    break
+            timeout = rt.settings.drain_timeout_s
+            console.print(
+                f"draining: in-flight requests have up to {timeout:g}s (Ctrl-C again to stop now)", highlight=False
+            )
+            drained = rt.drain()
         except KeyboardInterrupt:
             pass
         finally:
             if rt is not None:
                 n = len(rt.pids())
                 rt.stop()
-                console.print(f"stopped {n} processes", highlight=False)
-        if failed:
-            with user_errors():
-                raise UserError("the router exited; the fleet was stopped")
+                console.print(f"stopped {n} processes" + ("" if drained else " (drain timed out)"), highlight=False)
 
     @app.command("demo")
     def demo(
-        file: Annotated[Path, typer.Argument(help="local fleet declaration")] = DEFAULT_LOCAL_FLEET,
+        file: Annotated[
+            Path | None,
+            typer.Argument(help="local fleet declaration (default: the embedded one, stacks/local/fleet.yaml)"),
+        ] = None,
         requests: Annotated[int, typer.Option(help="requests per policy run")] = 300,
         load: Annotated[
             float,
@@ -177,7 +219,12 @@ def register(app: typer.Typer) -> None:
         if load <= 0 or (rate is not None and rate <= 0):
             with user_errors():
                 raise UserError("--load and --rate must be > 0")
-        plan = _plan(file)
+        if file is None:
+            with embedded_fleet() as embedded:
+                plan = _plan(embedded)
+            file = Path("stacks/local/fleet.yaml")  # the name the embedded fleet is known by
+        else:
+            plan = _plan(file)
         if not demo_mod.traffic_weights(plan):
             with user_errors():
                 raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")

@@ -34,6 +34,16 @@ class LocalReplica:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
     promoted_at: float | None = None
+    gpus: str | None = None
+    """CUDA_VISIBLE_DEVICES of an engine replica (kept across restarts)."""
+    started_at: float = 0.0
+    ready_by: float | None = None
+    """While (re)starting: when it must be ready, else it counts as a failed start."""
+    restart_at: float | None = None
+    """While dead: when the supervisor starts it again (backoff)."""
+    backoff_s: float = 0.0
+    exits: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    """(time, exit code) of its recent exits: a crash loop is several in a short time."""
 
     @property
     def pid(self) -> int | None:

@@ -44,11 +44,52 @@ from gpufleet.infra.local.supervisor import Supervisor
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPerf, ReplicaPlan
 from gpufleet.router.config import RouterConfig, RouterSettings
 
-__all__ = ["SIM_ADMIN_ENV", "LocalRuntime", "LocalRuntimeError", "check_local"]
+__all__ = [
+    "SIM_ADMIN_ENV",
+    "WORKDIR_PREFIX",
+    "LocalRuntime",
+    "LocalRuntimeError",
+    "check_local",
+    "remove_stale_workdirs",
+]
 
 SIM_ADMIN_ENV = "GPUFLEET_SIM_ADMIN_TOKEN"
 """The variable through which simulated replicas get their admin token (for promotion)."""
 _LISTEN_RE = re.compile(r"listening on (http://[^\s:]+:(\d+))")
+WORKDIR_PREFIX = "gpufleet-up-"
+_OWNER_FILE = "owner"
+ROUTER_RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+"""Delays before restarting a router that died (the next one when it dies again within 30 s)."""
+
+
+def _proc_start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a pid from a reused one)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
+    """Remove work directories of `gpufleet up` runs whose process is gone (killed with SIGKILL).
+
+    Each run writes `owner` (its pid and start time) into its directory; a directory without
+    one, or whose owner still runs, is left alone.
+    """
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for d in root.glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid_s, ticks = (d / _OWNER_FILE).read_text().split()
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            continue
+        if processes.pid_alive(pid) and _proc_start_ticks(pid) == ticks:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 class LocalRuntimeError(Exception):
@@ -94,9 +135,13 @@ class LocalRuntime:
         self.python = python
         self.on_event = on_event
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="gpufleet-up-"))
+        self.events: list[str] = []
+        stale = remove_stale_workdirs() if workdir is None else []
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        if self._own_workdir:
+            (self.workdir / _OWNER_FILE).write_text(f"{os.getpid()} {_proc_start_ticks(os.getpid())}")
         self.sim_admin_token = secrets.token_urlsafe(24)
         env_name = self.settings.admin_token.env
         self.router_admin_token: str | None = (
@@ -106,7 +151,15 @@ class LocalRuntime:
         self.router_proc: subprocess.Popen[bytes] | None = None
         self.router_url = ""
         self.router_config: RouterConfig | None = None
-        self.events: list[str] = []
+        self._router_bound_port: int | None = None
+        self.router_log = self.workdir / "logs" / "router.log"
+        self.router_spare: tuple[subprocess.Popen[bytes], Path] | None = None
+        """A hot-spare router (imports done, waiting for SIGUSR1) that takes over when the router dies."""
+        self._router_spawned = 0
+        self._router_deaths: list[float] = []
+        self._router_watch: threading.Thread | None = None
+        self.draining = False
+        """Set by `drain`: the router drains, nothing is restarted any more."""
         self._next_port = self._base_port
         self._next_gpu = 0
         self.lock = threading.RLock()
@@ -115,6 +168,8 @@ class LocalRuntime:
         self.supervisor = Supervisor(
             self, waiting_per_replica=scale_up_waiting_per_replica, utilization=scale_up_utilization
         )
+        for d in stale:
+            self.emit(f"removed stale work directory {d} (left by a gpufleet up that was killed)")
 
     def emit(self, msg: str) -> None:
         """Record a runtime event (a death, a promotion) and pass it to `on_event`."""
@@ -130,13 +185,13 @@ class LocalRuntime:
             return p
         return 0
 
-    def _sim_argv(self, rep: LocalReplica, dep: DeploymentPlan, perf: PoolPerf) -> list[str]:
+    def _sim_argv(self, rep: LocalReplica, dep: DeploymentPlan, perf: PoolPerf, port: int) -> list[str]:
         """`gpufleet replica-sim` shaped by the pool's machine, speaking the router's blocks and tokens."""
         flags = {
             "--model": dep.model,
             "--replica-id": rep.id,
             "--host": self.host,
-            "--port": self._port(),
+            "--port": port,
             "--kv-capacity-tokens": perf.kv_cache_tokens_per_replica,
             "--prefill-tokens-per-s": perf.prefill_tokens_per_s,
             "--decode-tokens-per-s": perf.decode_tokens_per_s,
@@ -146,22 +201,36 @@ class LocalRuntime:
             "--chars-per-token": self.settings.chars_per_token,
             "--port-file": self.workdir / f"{rep.id}.port",
         }
+        tiers = perf.kv_tiers
+        if tiers is not None:  # the deployment's kv_offload, as the plan sized it for this pool
+            flags["--cpu-kv-capacity-tokens"] = tiers.cpu_kv_tokens
+            flags["--cpu-load-tokens-per-s"] = tiers.cpu_hit_tokens_per_s
+            if tiers.disk_kv_tokens:
+                flags["--disk-kv-capacity-tokens"] = tiers.disk_kv_tokens
+                flags["--disk-load-tokens-per-s"] = tiers.disk_hit_tokens_per_s
         argv = [self.python, "-m", "gpufleet.infra.cli.replica_sim", "replica-sim"]
         argv += [arg for flag, value in flags.items() for arg in (flag, str(value))]
         return [*argv, "--standby"] if rep.role == "warm" else argv
 
     def start_replica(self, rep: LocalReplica) -> None:
-        """Start the process of `rep` (a simulated replica or the pool's engine); `wait_replica` waits for it."""
+        """Start the process of `rep` (a simulated replica or the pool's engine); `wait_replica` waits for it.
+
+        A replica that ran before starts again on its port (the router keeps its URL), its engine
+        on the same GPUs; its previous log is kept beside the new one (`.prev.log`)."""
         dep = self.plan.deployment(rep.deployment)
         perf = pool_perf(dep, rep.pool)
         rep.log_path = self.workdir / "logs" / f"{rep.id}.log"
+        if rep.log_path.exists():
+            rep.log_path.replace(rep.log_path.with_suffix(".prev.log"))
+        (self.workdir / f"{rep.id}.port").unlink(missing_ok=True)
+        rep.started_at = time.monotonic()
         if rep.kind == "sim":
-            argv = self._sim_argv(rep, dep, perf)
+            argv = self._sim_argv(rep, dep, perf, rep.port or self._port())
             rep.proc = processes.spawn(argv, rep.log_path, self.workdir, {SIM_ADMIN_ENV: self.sim_admin_token})
             return
         pool = self.plan.pool(rep.pool)
         assert pool.engine_command is not None
-        port = self._port() or processes.free_port(self.host)
+        port = rep.port or self._port() or processes.free_port(self.host)
         values = {
             "model": dep.model,
             "port": port,
@@ -174,34 +243,47 @@ class LocalRuntime:
             argv = processes.fill_engine_command(pool.engine_command, values)
         except ValueError as exc:
             raise LocalRuntimeError(str(exc)) from None
-        gpus = ",".join(str(self._next_gpu + i) for i in range(dep.gpus_per_replica))
-        self._next_gpu += dep.gpus_per_replica
-        rep.proc = processes.spawn(argv, rep.log_path, self.workdir, {"CUDA_VISIBLE_DEVICES": gpus})
+        if rep.gpus is None:
+            rep.gpus = ",".join(str(self._next_gpu + i) for i in range(dep.gpus_per_replica))
+            self._next_gpu += dep.gpus_per_replica
+        rep.proc = processes.spawn(argv, rep.log_path, self.workdir, {"CUDA_VISIBLE_DEVICES": rep.gpus})
         rep.port = port
         rep.url = f"http://{processes.url_host(self.host)}:{port}"
+
+    def replica_ready(self, rep: LocalReplica) -> bool:
+        """Check once whether `rep` is ready (port file written, or the engine's /health 200); if so, mark it."""
+        if rep.kind == "sim":
+            port_file = self.workdir / f"{rep.id}.port"
+            if not (port_file.exists() and (txt := port_file.read_text().strip())):
+                return False
+            rep.port = int(txt)
+            rep.url = f"http://{processes.url_host(self.host)}:{rep.port}"
+        else:
+            try:
+                if httpx.get(rep.url + "/health", timeout=1.0, trust_env=False).status_code != 200:
+                    return False
+            except httpx.HTTPError:
+                return False
+        rep.state = "active" if rep.role == "active" else "warm"
+        rep.ready_by = None
+        return True
 
     def wait_replica(self, rep: LocalReplica, deadline: float) -> None:
         """Wait until `rep` is ready (its port file is written, or its engine's /health answers 200)."""
         assert rep.proc is not None
-        port_file = self.workdir / f"{rep.id}.port"
         while time.monotonic() < deadline:
             code = rep.proc.poll()
             if code is not None:
                 tail = processes.log_tail(rep.log_path)
                 raise LocalRuntimeError(f"replica {rep.id} exited with code {code} while starting{tail}")
-            if rep.kind == "sim":
-                if port_file.exists() and (txt := port_file.read_text().strip()):
-                    rep.port = int(txt)
-                    rep.url = f"http://{processes.url_host(self.host)}:{rep.port}"
-                    rep.state = "active" if rep.role == "active" else "warm"
-                    return
-            else:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(rep.url + "/health", timeout=1.0, trust_env=False).status_code == 200:
-                        rep.state = "active"
-                        return
+            if self.replica_ready(rep):
+                return
             time.sleep(0.05)
         raise LocalRuntimeError(f"replica {rep.id} did not become ready in time{processes.log_tail(rep.log_path)}")
+
+    def ready_timeout(self, rep: LocalReplica) -> float:
+        """Seconds `rep` may take to start."""
+        return self.engine_ready_timeout_s if rep.kind == "engine" else self.ready_timeout_s
 
     def stop_replica(self, rep: LocalReplica, sig: int | None = None, grace_s: float = 5.0) -> bool:
         """Stop the process of `rep`: `sig` to its group then wait, or (no `sig`) SIGTERM, SIGKILL after
@@ -229,8 +311,7 @@ class LocalRuntime:
         for rep in self.replicas:  # start them all first: they load in parallel
             self.start_replica(rep)
         for rep in self.replicas:
-            timeout = self.engine_ready_timeout_s if rep.kind == "engine" else self.ready_timeout_s
-            self.wait_replica(rep, time.monotonic() + timeout)
+            self.wait_replica(rep, time.monotonic() + self.ready_timeout(rep))
             progress(f"replica {rep.id} ({rep.role}) on {rep.url}")
         for pool in self.plan.pools:
             if pool.warm_nodes and pool.engine_command:
@@ -238,6 +319,9 @@ class LocalRuntime:
         self._start_router()
         progress(f"router on {self.router_url}")
         self._wait_router_view(time.monotonic() + self.ready_timeout_s)
+        self.router_spare = self._spawn_router(standby=True)
+        self._router_watch = threading.Thread(target=self._watch_router, name="router-watch", daemon=True)
+        self._router_watch.start()
 
     # -- the router ----------------------------------------------------------------------
     def router_config_for_run(self) -> RouterConfig:
@@ -262,30 +346,102 @@ class LocalRuntime:
         urls = {r.id: r.url for r in self.replicas}
         return router_config.render(plan, urls, self.settings)
 
-    def _start_router(self) -> None:
+    def _write_router_config(self) -> Path:
         cfg = self.router_config_for_run()
         self.router_config = cfg
         path = self.workdir / "router.yaml"
-        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+        tmp.replace(path)  # a router reading it never sees half a file
+        return path
+
+    def _spawn_router(self, standby: bool) -> tuple[subprocess.Popen[bytes], Path]:
+        """A router process: listening at once, or (`standby`) a hot spare waiting for SIGUSR1."""
         env: dict[str, str] = {}
         if self.settings.admin_token.env and self.router_admin_token:
             env[self.settings.admin_token.env] = self.router_admin_token
-        log = self.workdir / "logs" / "router.log"
+        self._router_spawned += 1
+        n = self._router_spawned
+        log = self.workdir / "logs" / ("router.log" if n == 1 else f"router-{n}.log")
+        port = self._router_bound_port if self._router_bound_port is not None else self.router_port
+        path = self.workdir / "router.yaml"
         argv = processes.cli_argv(
-            self.python, "router", "serve", "--config", str(path), "--host", self.host, "--port", str(self.router_port)
+            self.python, "router", "serve", "--config", str(path), "--host", self.host, "--port", str(port)
         )
-        self.router_proc = processes.spawn(argv, log, self.workdir, env)
+        return processes.spawn([*argv, "--standby"] if standby else argv, log, self.workdir, env), log
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], log: Path) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            code = self.router_proc.poll()
+            code = proc.poll()
             if code is not None:
                 raise LocalRuntimeError(f"router exited with code {code} while starting{processes.log_tail(log)}")
             m = _LISTEN_RE.search(log.read_text(errors="replace")) if log.exists() else None
             if m:
                 self.router_url = f"http://{processes.url_host(self.host)}:{m.group(2)}"
+                self._router_bound_port = int(m.group(2))  # a restarted router listens where clients know it
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise LocalRuntimeError(f"router did not start listening in time{processes.log_tail(log)}")
+
+    def _start_router(self) -> None:
+        """Start a router from scratch (config rendered now) and wait until it listens."""
+        self._write_router_config()
+        self.router_proc, self.router_log = self._spawn_router(standby=False)
+        self._wait_listening(self.router_proc, self.router_log)
+
+    def _take_over(self) -> bool:
+        """Make the hot spare the router: the config of this moment, SIGUSR1, wait until it listens."""
+        spare, self.router_spare = self.router_spare, None
+        if spare is None:
+            return False
+        # SIGUSR1 before the spare blocks it would kill it: wait for its line (it may still be importing)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while spare[0].poll() is None and b"router standby: ready" not in spare[1].read_bytes():
+            if time.monotonic() > deadline:
+                processes.terminate([spare[0]], 1.0)
+                return False
+            time.sleep(0.02)
+        if spare[0].poll() is not None:
+            return False
+        self._write_router_config()
+        os.kill(spare[0].pid, signal.SIGUSR1)
+        self.router_proc, self.router_log = spare
+        self._wait_listening(*spare)
+        return True
+
+    def _watch_router(self) -> None:
+        """Restart the router when it dies (replicas keep running): at once, by waking a hot spare
+        that has paid its imports already (a cold start takes seconds on a busy machine), then with
+        backoff if it keeps dying. Runs on its own thread from start to stop: the spares are spawned
+        here, and the parent-death signal follows the thread that spawned a child."""
+        while True:
+            proc = self.router_proc
+            if proc is None:
+                return
+            code = proc.wait()
+            now = time.monotonic()
+            if self.stopped or self.draining:
+                return
+            self._router_deaths = [t for t in self._router_deaths if now - t < 30.0] + [now]
+            n = len(self._router_deaths)
+            delay = ROUTER_RESTART_BACKOFF_S[min(n, len(ROUTER_RESTART_BACKOFF_S)) - 1]
+            tail = processes.log_tail(self.router_log, 3)
+            loop = f"; crash loop: {n} exits in 30s" if n >= 3 else ""
+            self.emit(f"router exited with code {code}{loop}; restarting in {delay:g}s{tail}")
+            time.sleep(delay)
+            with self.lock:
+                if self.stopped or self.draining:
+                    return
+                try:
+                    how = "hot spare" if self._take_over() else "cold start"
+                except LocalRuntimeError as exc:
+                    self.emit(f"router restart failed: {exc}")
+                    continue
+                finally:
+                    if self.router_spare is None and not (self.stopped or self.draining):
+                        self.router_spare = self._spawn_router(standby=True)
+            self.emit(f"router restarted on {self.router_url} ({how}, {time.monotonic() - now:.1f}s after it exited)")
 
     def router_rows(self) -> list[dict[str, object]]:
         """The router's view of every replica (its `/admin/replicas` rows: health, in-flight, ...)."""
@@ -333,6 +489,8 @@ class LocalRuntime:
     def pids(self) -> list[int]:
         """Process ids of every child still tracked (router included)."""
         procs = [r.proc for r in self.replicas if r.proc is not None] + ([self.router_proc] if self.router_proc else [])
+        if self.router_spare is not None:
+            procs.append(self.router_spare[0])
         return [p.pid for p in procs]
 
     # -- supervision (gpufleet.infra.local.supervisor) -----------------------------------
@@ -349,8 +507,34 @@ class LocalRuntime:
         with self.lock:
             return [rep.id for rep in self.replicas if rep.pool == pool and self.stop_replica(rep, sig)]
 
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop gracefully: the router drains (readiness 503, no new connections, in-flight requests
+        finish within `timeout_s`, default `settings.drain_timeout_s`), then every process stops.
+        True if the router finished draining in time. `force` (e.g. from a second Ctrl-C) cuts it short."""
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        self.draining = True
+        proc = self.router_proc
+        drained = True
+        if proc is not None and proc.poll() is None:
+            processes.signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout_s + 5.0)  # the router cuts what is left at timeout_s itself
+            except subprocess.TimeoutExpired:
+                drained = False
+        self.stop()
+        return drained
+
+    def force(self) -> None:
+        """SIGKILL every child now (the second signal during a drain); `stop` then only reaps."""
+        self.draining = True
+        spare = [self.router_spare[0]] if self.router_spare is not None else []
+        for p in [self.router_proc, *spare, *(r.proc for r in self.replicas)]:
+            if p is not None and p.poll() is None:
+                processes.signal_group(p, signal.SIGKILL)
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop the router and every replica: SIGTERM to each process group, SIGKILL after `grace_s`."""
+        self.draining = True  # the router watcher must not restart what is being stopped
         with self.lock:
             if self.stopped:
                 return
@@ -358,6 +542,8 @@ class LocalRuntime:
             procs = ([self.router_proc] if self.router_proc is not None else []) + [
                 r.proc for r in self.replicas if r.proc is not None
             ]
+            if self.router_spare is not None:
+                procs.append(self.router_spare[0])
             processes.terminate(procs, grace_s)
             # an engine's group may hold grandchildren (its workers): make sure none is left
             for r in self.replicas:

@@ -1,6 +1,11 @@
-"""Supervision of the local runtime: health of the replica processes, promotion of warm standbys.
+"""Supervision of the local runtime: restarts of dead replicas, promotion of warm standbys.
 
-A round of `Supervisor.check` marks a replica whose process exited as dead; a deployment left
+A round of `Supervisor.check` marks a replica whose process exited as dead and schedules its
+restart on the same port (so the router's config stays right) after a backoff: 0.5 s, doubling
+up to 30 s, back to 0.5 s once it has run 60 s; three exits within that minute are reported as a
+crash loop, with the last lines of its log. A replica that does not become ready within its
+start timeout is killed and counts as an exit. A deployment with fewer live replicas than
+`min_replicas` is reported when it falls below and when it is back. A deployment left
 with fewer live replicas than `min_replicas` (a replica died, or its whole top pool failed) gets
 standby replicas promoted at once, in failover order. A deployment whose replicas queue more than
 `waiting_per_replica` requests each (vLLM's `vllm:num_requests_waiting`), or whose request slots
@@ -21,7 +26,14 @@ if TYPE_CHECKING:
     from gpufleet.infra.local.layout import LocalReplica
     from gpufleet.infra.local.runtime import LocalRuntime
 
-__all__ = ["Supervisor"]
+__all__ = ["BACKOFF_INITIAL_S", "BACKOFF_MAX_S", "CRASH_LOOP_EXITS", "RESET_AFTER_S", "Supervisor"]
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+RESET_AFTER_S = 60.0
+"""A replica that ran this long before exiting starts again with the initial backoff."""
+CRASH_LOOP_EXITS = 3
+"""Exits within RESET_AFTER_S that make a crash loop."""
 
 
 class Supervisor:
@@ -31,6 +43,8 @@ class Supervisor:
         self.rt = runtime
         self.waiting_per_replica = waiting_per_replica
         self.utilization = utilization
+        self.short_since: dict[str, float] = {}
+        """Deployments below min_replicas, since when."""
 
     def promote(self, deployment: str, reason: str) -> LocalReplica | None:
         """Promote the first live standby of `deployment`, in its failover order."""
@@ -78,22 +92,78 @@ class Supervisor:
             return sum(int(cast(int, row["in_flight"])) for row in rows) / cap if cap else 0.0
         return 0.0
 
+    def _died(self, rep: LocalReplica, code: int, now: float, how: str) -> None:
+        """Mark `rep` dead and schedule its restart with backoff; report a crash loop."""
+        if now - rep.started_at >= RESET_AFTER_S:
+            rep.backoff_s = 0.0
+        rep.exits = [e for e in rep.exits if now - e[0] < RESET_AFTER_S] + [(now, code)]
+        rep.backoff_s = BACKOFF_INITIAL_S if rep.backoff_s == 0 else min(BACKOFF_MAX_S, rep.backoff_s * 2)
+        rep.state, rep.restart_at, rep.ready_by = "dead", now + rep.backoff_s, None
+        from gpufleet.infra.local import processes
+
+        ran = now - rep.started_at
+        msg = f"replica {rep.id} (pool {rep.pool}) {how} with code {code} after {ran:.1f}s"
+        if len(rep.exits) >= CRASH_LOOP_EXITS:
+            msg += f"; crash loop: {len(rep.exits)} exits in {RESET_AFTER_S:.0f}s{processes.log_tail(rep.log_path, 3)}"
+        self.rt.emit(f"{msg}; restarting in {rep.backoff_s:g}s")
+
+    def _heal(self, now: float) -> None:
+        """Deaths, failed starts, restarts due, starts that became ready."""
+        rt = self.rt
+        for rep in rt.replicas:
+            if rep.proc is None or rep.state == "stopped":
+                continue
+            code = rep.proc.poll()
+            if rep.state in ("active", "warm", "starting") and code is not None:
+                self._died(rep, code, now, "exited" if rep.state != "starting" else "exited while starting")
+            elif rep.state == "starting" and rep.ready_by is not None:
+                if rt.replica_ready(rep):
+                    rt.emit(f"replica {rep.id} (pool {rep.pool}) restarted on {rep.url} ({rep.role})")
+                elif now > rep.ready_by:
+                    rt.stop_replica(rep, grace_s=1.0)
+                    self._died(rep, rep.proc.returncode or -9, now, "did not become ready; killed")
+            if rep.state == "dead" and rep.restart_at is not None and now >= rep.restart_at:
+                rep.restart_at = None
+                rep.state = "starting"
+                rep.ready_by = now + rt.ready_timeout(rep)
+                try:
+                    rt.start_replica(rep)
+                except Exception as exc:  # a start that cannot even spawn is an exit like any other
+                    self._died(rep, -1, now, f"could not start ({exc})")
+
+    def _report_strength(self, now: float) -> None:
+        """Say when a deployment falls below min_replicas (and why), and when it is back."""
+        rt = self.rt
+        for dep in rt.plan.deployments:
+            mine = [r for r in rt.replicas if r.deployment == dep.name]
+            live = [r for r in mine if r.state == "active" and r.running]
+            if len(live) < dep.min_replicas and dep.name not in self.short_since:
+                self.short_since[dep.name] = now
+                down = [r for r in mine if r.role == "active" and r.state in ("dead", "starting")]
+                why = ", ".join(
+                    f"{r.id} {'restarting' if r.state == 'starting' else f'dead (restart in {max(0.0, (r.restart_at or now) - now):.1f}s)'}"
+                    for r in down
+                )
+                rt.emit(
+                    f"{dep.name} runs below min_replicas: {len(live)} of {dep.min_replicas} live ({why or 'none started'})"
+                )
+            elif len(live) >= dep.min_replicas and dep.name in self.short_since:
+                took = now - self.short_since.pop(dep.name)
+                rt.emit(f"{dep.name} back at min_replicas: {len(live)} live after {took:.1f}s")
+
     def check(self, load: bool = True) -> list[str]:
-        """One supervision round: mark dead replicas, promote standbys where a deployment is short.
+        """One supervision round: restart dead replicas, promote standbys where a deployment is short.
 
         Returns the events of this round. `load` also polls replica queues for load-based growth.
         """
         rt = self.rt
         before = len(rt.events)
         with rt.lock:
-            if rt.stopped:
+            if rt.stopped or rt.draining:
                 return []
-            for rep in rt.replicas:
-                if rep.proc is not None and rep.state in ("active", "warm", "starting") and rep.proc.poll() is not None:
-                    rep.state = "dead"
-                    rt.emit(f"replica {rep.id} (pool {rep.pool}) exited with code {rep.proc.returncode}")
-            if rt.router_proc is not None and rt.router_proc.poll() is not None:
-                rt.emit(f"router exited with code {rt.router_proc.returncode}")
+            now = time.monotonic()
+            self._heal(now)
+            self._report_strength(now)
             for dep in rt.plan.deployments:
                 live = [r for r in rt.replicas if r.deployment == dep.name and r.state == "active"]
                 short = dep.min_replicas - len(live)
@@ -121,4 +191,5 @@ class Supervisor:
                         self.promote(dep.name, f"{waiting:.0f} requests waiting on {len(live)} replicas")
                     elif busy >= self.utilization:
                         self.promote(dep.name, f"router has {busy:.0%} of its replicas' request slots in flight")
+            self._report_strength(time.monotonic())
         return rt.events[before:]

@@ -3,19 +3,110 @@ plan's replica ids, and per deployment its headless Service and PodDisruptionBud
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from gpufleet.infra import names
 from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_DEPLOYMENT, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPlan
+from gpufleet.router.config import KvEventsSettings
 
-__all__ = ["ENGINE_HEALTH_PATH", "engine_command", "headless_service", "model_pdb", "model_statefulset"]
+__all__ = [
+    "ENGINE_HEALTH_PATH",
+    "KV_DISK_PATH",
+    "engine_command",
+    "headless_service",
+    "kv_events_args",
+    "kv_events_ports",
+    "kv_offload_args",
+    "kv_offload_env",
+    "model_pdb",
+    "model_statefulset",
+]
 
 ENGINE_HEALTH_PATH = "/health"  # both vLLM and SGLang serve GET /health
+KV_DISK_PATH = "/kv-disk"  # where a disk KV tier lives in the engine container
+_LMCACHE_CONNECTOR = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
 
 
-def engine_command(dep: DeploymentPlan) -> list[str]:
+def kv_offload_args(dep: DeploymentPlan) -> list[str]:
+    """The engine flags of the deployment's KV tiers (none without `kv_offload`).
+
+    vLLM native: `--kv-offloading-backend native --kv-offloading-size GiB` (vLLM's CacheConfig:
+    the size is the replica's total over its TP ranks). vLLM lmcache: the LMCache connector
+    (`--kv-transfer-config`), sized by LMCache's environment (`kv_offload_env`). SGLang:
+    `--enable-hierarchical-cache --hicache-size GB` (per TP rank, whole GB) and, with a disk
+    tier, `--hicache-storage-backend file`.
+    """
+    off = dep.kv_offload
+    if off is None:
+        return []
+    backend = off.backend or ("native" if dep.engine == "vllm" else "hicache")
+    if backend == "native":
+        return ["--kv-offloading-backend", "native", "--kv-offloading-size", f"{off.cpu_gib:g}"]
+    if backend == "lmcache":
+        return ["--kv-transfer-config", _LMCACHE_CONNECTOR]
+    per_rank_gb = max(1, int(off.cpu_gib * 2**30 / 1e9 / dep.gpus_per_replica))
+    args = [
+        "--enable-hierarchical-cache",
+        "--hicache-size",
+        str(per_rank_gb),
+        "--hicache-write-policy",
+        "write_through",
+    ]
+    if off.disk_gib:
+        args += ["--hicache-storage-backend", "file"]
+    return args
+
+
+def kv_offload_env(dep: DeploymentPlan) -> list[dict[str, str]]:
+    """The engine environment of the deployment's KV tiers (LMCache's sizes, SGLang's file store)."""
+    off = dep.kv_offload
+    if off is None:
+        return []
+    backend = off.backend or ("native" if dep.engine == "vllm" else "hicache")
+    env: list[tuple[str, str]] = []
+    if backend == "lmcache":
+        env += [("LMCACHE_LOCAL_CPU", "True"), ("LMCACHE_MAX_LOCAL_CPU_SIZE", f"{off.cpu_gib:g}")]
+        if off.disk_gib:
+            env += [
+                ("LMCACHE_LOCAL_DISK", f"file://{KV_DISK_PATH}/"),
+                ("LMCACHE_MAX_LOCAL_DISK_SIZE", f"{off.disk_gib:g}"),
+            ]
+    elif backend == "hicache" and off.disk_gib:
+        env.append(("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", KV_DISK_PATH))
+    return [{"name": k, "value": v} for k, v in env]
+
+
+def kv_events_args(kv: KvEventsSettings | None) -> list[str]:
+    """`--kv-events-config` when the router reads KV events (precise mode): a ZMQ PUB on
+    `kv.port` and the replay ROUTER on `kv.replay_port`, the router's topic. vLLM and SGLang take
+    the same flag and JSON (vLLM's `KVEventsConfig`)."""
+    if kv is None or not kv.enabled:
+        return []
+    config: dict[str, Any] = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{kv.port}",
+        "topic": kv.topic,
+    }
+    if kv.replay_port is not None:
+        config["replay_endpoint"] = f"tcp://*:{kv.replay_port}"
+    return ["--kv-events-config", json.dumps(config, separators=(",", ":"))]
+
+
+def kv_events_ports(kv: KvEventsSettings | None) -> list[dict[str, Any]]:
+    """The engine container's KV-event ports (none unless precise mode is on)."""
+    if kv is None or not kv.enabled:
+        return []
+    ports = [{"name": "kv-events", "containerPort": kv.port, "protocol": "TCP"}]
+    if kv.replay_port is not None:
+        ports.append({"name": "kv-replay", "containerPort": kv.replay_port, "protocol": "TCP"})
+    return ports
+
+
+def engine_command(dep: DeploymentPlan, kv_events: KvEventsSettings | None = None) -> list[str]:
     """The engine's command line from the plan (vLLM `vllm serve` or SGLang `launch_server`)."""
     if dep.engine == "vllm":
         cmd = [
@@ -41,7 +132,7 @@ def engine_command(dep: DeploymentPlan) -> list[str]:
             "--max-running-requests", str(dep.max_concurrent_requests),
             "--enable-metrics",
         ]  # fmt: skip
-    return [*cmd, *dep.engine_args]
+    return [*cmd, *kv_offload_args(dep), *kv_events_args(kv_events), *dep.engine_args]
 
 
 def _affinity(
@@ -93,6 +184,29 @@ def model_statefulset(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}}
         )
 
+    env += kv_offload_env(dep)
+    requests: dict[str, str] = {GPU_RESOURCE: gpus}
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    claims: list[dict[str, Any]] = []
+    tiers = next((pp.kv_tiers for pp in dep.pools if pp.pool == pool.name), None)
+    if tiers is not None:
+        # The CPU tier is pinned host memory: the scheduler must find it on the node.
+        requests["memory"] = f"{tiers.host_memory_gib:g}Gi"
+        if tiers.disk_gib:
+            mounts.append({"name": "kv-disk", "mountPath": KV_DISK_PATH})
+            size = f"{tiers.disk_gib:g}Gi"
+            if tiers.disk_medium == "local_nvme":
+                requests["ephemeral-storage"] = size
+                volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": size}})
+            else:
+                claims.append(
+                    {
+                        "metadata": {"name": "kv-disk"},
+                        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+                    }
+                )
+
     def probe(period_s: int, failures: int) -> dict[str, Any]:
         return _k8s.http_probe(ENGINE_HEALTH_PATH, "http", period_s=period_s, timeout_s=5, failures=failures)
 
@@ -118,11 +232,14 @@ def model_statefulset(
                         {
                             "name": "engine",
                             "image": dep.image,
-                            "command": engine_command(dep)[:1],
-                            "args": engine_command(dep)[1:],
-                            "ports": [{"name": "http", "containerPort": dep.port, "protocol": "TCP"}],
+                            "command": engine_command(dep, plan.router.kv_events)[:1],
+                            "args": engine_command(dep, plan.router.kv_events)[1:],
+                            "ports": [
+                                {"name": "http", "containerPort": dep.port, "protocol": "TCP"},
+                                *kv_events_ports(plan.router.kv_events),
+                            ],
                             "env": env,
-                            "resources": {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}},
+                            "resources": {"requests": requests, "limits": {GPU_RESOURCE: gpus}},
                             # Loading weights takes minutes: the startup probe allows 30.
                             "startupProbe": probe(10, 180),
                             "readinessProbe": probe(5, 3),
@@ -130,6 +247,7 @@ def model_statefulset(
                             "volumeMounts": [
                                 {"name": "shm", "mountPath": "/dev/shm"},
                                 {"name": "cache", "mountPath": "/cache"},
+                                *mounts,
                             ],
                         }
                     ],
@@ -137,9 +255,11 @@ def model_statefulset(
                         # Tensor parallelism talks through shared memory; the default 64Mi is too small.
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
                         {"name": "cache", "emptyDir": {}},
+                        *volumes,
                     ],
                 },
             },
+            **({"volumeClaimTemplates": claims} if claims else {}),
         },
     }
 

@@ -56,8 +56,22 @@ def replica_url(plan: Plan, replica: ReplicaPlan) -> str:
     return f"http://{host}:{dep.port}"
 
 
+TOKENIZER_DIR = "/tokenizer"  # where the router's tokenizer is fetched to (precise mode)
+
+
+def _single_model(plan: Plan) -> str | None:
+    models = {d.model for d in plan.deployments}
+    return models.pop() if len(models) == 1 else None
+
+
 def router_config(plan: Plan) -> RouterConfig:
-    """The router config for the Kubernetes backends (replicas at their pod DNS names)."""
+    """The router config for the Kubernetes backends (replicas at their pod DNS names).
+
+    Precise mode without a tokenizer path gets the one the router's init container fetches
+    (`router_deployment`), when the fleet serves one model."""
+    if plan.router.kv_events.enabled and plan.router.kv_events.tokenizer is None and _single_model(plan):
+        kv = plan.router.kv_events.model_copy(update={"tokenizer": TOKENIZER_DIR})
+        plan = plan.model_copy(update={"router": plan.router.model_copy(update={"kv_events": kv})})
     k8s_plan = plan.model_copy(
         update={
             "deployments": [
@@ -125,6 +139,39 @@ def router_deployment(
         )
     port = settings.port
     digest = hashlib.sha256(_config_text(cfg).encode()).hexdigest()[:16]
+    init: list[dict[str, Any]] = []
+    model = _single_model(plan)
+    if settings.kv_events.enabled and settings.kv_events.tokenizer == TOKENIZER_DIR and model is not None:
+        # Precise mode tokenizes as the engine does: fetch the model's tokenizer files (not its
+        # weights) from the hub at start, with the same HF token secret the engines use.
+        hf_env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}]
+        if options.hf_token_secret:
+            hf_env.append(
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": options.hf_token_secret, "key": "token"}}}
+            )
+        init.append(
+            {
+                "name": "tokenizer",
+                "image": options.router_image,
+                "command": ["python", "-c"],
+                "args": [
+                    "import sys; from huggingface_hub import hf_hub_download as d\n"
+                    "for f in ('tokenizer.json', 'tokenizer_config.json'):\n"
+                    "    d(sys.argv[1], f, local_dir=sys.argv[2])",
+                    model,
+                    TOKENIZER_DIR,
+                ],
+                "env": hf_env,
+                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+                "securityContext": _k8s.restricted_security(),
+                "volumeMounts": [
+                    {"name": "tokenizer", "mountPath": TOKENIZER_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }
+        )
+        mounts.append({"name": "tokenizer", "mountPath": TOKENIZER_DIR, "readOnly": True})
+        volumes += [{"name": "tokenizer", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
 
     def probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
         return _k8s.http_probe(path, "http", period_s=period_s, timeout_s=2, failures=failures)
@@ -147,6 +194,7 @@ def router_deployment(
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     **_k8s.off_gpu_nodes(plan),
+                    **({"initContainers": init} if init else {}),
                     "containers": [
                         {
                             "name": "router",

@@ -16,6 +16,7 @@ from gpufleet.infra.plan.cost import usd
 from gpufleet.infra.plan.model import DeploymentPlan, PlanWarning, PoolPerf, PoolPlan, ReplicaPlan
 from gpufleet.infra.plan.placement import DeploymentFit, Packing
 from gpufleet.infra.plan.pools import PoolMachine, pool_region
+from gpufleet.infra.plan.tiers import tier_plan
 
 __all__ = ["DECODE_BW_EFFICIENCY", "PREFILL_MFU", "deployment_plans", "pool_plans"]
 
@@ -62,6 +63,20 @@ def pool_plans(
         baseline = max(pool.min_nodes, packed.opened_nodes)
         warm = min(pool.warm_nodes, pool.max_nodes - baseline)
         warnings += _pool_warnings(pool, packed.opened_nodes, baseline, warm)
+        gpu_kv = cpu_kv = disk_kv = 0
+        tier_usd = peak_tier_usd = 0.0
+        for fit in fits:
+            if pool.name not in fit.failover:
+                continue
+            tiers = tier_plan(fit.spec, fit.model, machine)
+            n = sum(p.replicas for p in packing.placements[fit.spec.name] if p.pool == pool.name)
+            gpu_kv += n * fit.kv_tokens[pool.name]
+            if tiers is not None:
+                cpu_kv += n * tiers.cpu_kv_tokens
+                disk_kv += n * tiers.disk_kv_tokens
+                tier_usd += n * tiers.usd_per_hour
+                per_node = machine.gpus_per_node // fit.spec.gpus_per_replica
+                peak_tier_usd = max(peak_tier_usd, pool.max_nodes * per_node * tiers.usd_per_hour)
         pools.append(
             PoolPlan(
                 name=pool.name,
@@ -84,9 +99,13 @@ def pool_plans(
                 taints=list(pool.taints),
                 engine_command=pool.engine_command,
                 gpus_used_baseline=packed.gpus_used,
-                baseline_usd_per_hour=usd(baseline * price),
+                gpu_kv_tokens_baseline=gpu_kv,
+                cpu_kv_tokens_baseline=cpu_kv,
+                disk_kv_tokens_baseline=disk_kv,
+                kv_tier_usd_per_hour=usd(tier_usd),
+                baseline_usd_per_hour=usd(baseline * price + tier_usd),
                 warm_usd_per_hour=usd(warm * price),
-                peak_usd_per_hour=usd(pool.max_nodes * price),
+                peak_usd_per_hour=usd(pool.max_nodes * price + max(tier_usd, peak_tier_usd)),
             )
         )
     used = {name for fit in fits for name in fit.failover}
@@ -109,6 +128,7 @@ def _perf(fit: DeploymentFit, pool: spec.Nodepool, machine: PoolMachine) -> Pool
         kv_cache_tokens_per_replica=fit.kv_tokens[pool.name],
         prefill_tokens_per_s=round(prefill, 1),
         decode_tokens_per_s=round(decode, 2),
+        kv_tiers=tier_plan(dep, model, machine),
     )
 
 
@@ -179,6 +199,7 @@ def deployment_plans(
                 engine_args=list(dep.engine_args),
                 weight_bytes=fit.model.weight_bytes,
                 kv_bytes_per_token=fit.model.kv_bytes_per_token,
+                kv_offload=dep.kv_offload,
                 failover=usable,
                 placement=placement,
                 kv_cache_tokens_per_replica=fit.kv_tokens[usable[0]],
@@ -186,6 +207,7 @@ def deployment_plans(
                 replicas=replicas,
                 capacity_replicas=min(capacity, dep.max_replicas),
                 replicas_if_top_pool_lost=lost,
+                autoscaling=dep.autoscaling,
             )
         )
     return deployments, warnings

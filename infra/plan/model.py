@@ -19,6 +19,7 @@ __all__ = [
     "PLAN_SCHEMA",
     "Cost",
     "DeploymentPlan",
+    "KvTierPlan",
     "Placement",
     "Plan",
     "PlanWarning",
@@ -66,9 +67,34 @@ class PoolPlan(_Data):
     taints: list[spec.Taint]
     engine_command: list[str] | None = None
     gpus_used_baseline: int
+    gpu_kv_tokens_baseline: int = Field(0, description="KV tokens of the baseline replicas on the pool, GPU tier")
+    cpu_kv_tokens_baseline: int = 0
+    disk_kv_tokens_baseline: int = 0
+    kv_tier_usd_per_hour: float = Field(0.0, description="provisioned disk of the baseline replicas' tiers")
     baseline_usd_per_hour: float
     warm_usd_per_hour: float
     peak_usd_per_hour: float
+
+
+class KvTierPlan(_Data):
+    """A replica's KV tiers below the GPU (`kv_offload`): capacity, the rate a hit moves at, cost."""
+
+    backend: Literal["native", "lmcache", "hicache"]
+    cpu_gib: float
+    disk_gib: float
+    cpu_kv_tokens: int
+    disk_kv_tokens: int
+    pcie_gen: int
+    cpu_hit_gb_per_s: float = Field(description="host-to-GPU rate of a CPU hit, all the replica's GPUs")
+    cpu_hit_tokens_per_s: float
+    host_link_source: str
+    disk_medium: str | None = Field(description="local_nvme (on the node) or the cloud's block storage")
+    disk_hit_gb_per_s: float
+    disk_hit_tokens_per_s: float
+    disk_source: str
+    load_latency_s: float = Field(description="fixed cost of one load from a lower tier")
+    host_memory_gib: float = Field(description="engine + CPU tier: the replica's host memory request")
+    usd_per_hour: float = Field(description="per replica: 0 for host memory and local NVMe")
 
 
 class PoolPerf(_Data):
@@ -80,6 +106,7 @@ class PoolPerf(_Data):
     kv_cache_tokens_per_replica: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    kv_tiers: KvTierPlan | None = None
 
 
 class Placement(_Data):
@@ -117,6 +144,7 @@ class DeploymentPlan(_Data):
     engine_args: list[str]
     weight_bytes: int
     kv_bytes_per_token: int
+    kv_offload: spec.KvOffload | None = None
     failover: list[str] = Field(description="pools in the order replicas and traffic use them")
     placement: list[Placement]
     kv_cache_tokens_per_replica: int = Field(description="in the first pool of the failover order")
@@ -126,6 +154,9 @@ class DeploymentPlan(_Data):
         description="replicas that fit all its pools at max_nodes, after the others' baseline"
     )
     replicas_if_top_pool_lost: int
+    autoscaling: spec.Autoscaling | None = Field(
+        None, description="how it scales between min_replicas and max_replicas; none: it stays at min_replicas"
+    )
 
 
 class Cost(_Data):

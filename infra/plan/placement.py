@@ -19,6 +19,7 @@ from gpufleet.infra import catalog as catalog_mod
 from gpufleet.infra import spec
 from gpufleet.infra.plan.model import Placement
 from gpufleet.infra.plan.pools import PoolMachine
+from gpufleet.infra.plan.tiers import ram_problem
 
 __all__ = ["DeploymentFit", "Packing", "PoolPacking", "deployment_fits", "place"]
 
@@ -124,6 +125,7 @@ def deployment_fits(
         listed = dep.nodepools if dep.nodepools is not None else [p.name for p in fleet.nodepools]
         usable: list[str] = []
         kv: dict[str, int] = {}
+        ram_short = False
         for name in (p for p in listed if p in declared_pools):
             machine = machines.get(name)
             if machine is None:
@@ -159,10 +161,16 @@ def deployment_fits(
                         )
                     )
                 continue
+            problem = ram_problem(dep, name, machine)
+            if problem is not None:
+                # A declared tier that does not fit is an error on every pool it would use.
+                issues.append(smap.issue(loc + ("kv_offload", "cpu_gib"), problem))
+                ram_short = True
+                continue
             usable.append(name)
             kv[name] = kv_tokens
         if not usable:
-            if not explicit:
+            if not explicit and not ram_short:
                 issues.append(
                     smap.issue(
                         loc + ("model",),

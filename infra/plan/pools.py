@@ -25,6 +25,11 @@ class PoolMachine:
     gpus_per_node: int
     usd_per_node_hour: float
     price_source: str
+    ram_gib: float | None = None
+    """Host memory per node (None: not in the catalog; a CPU KV tier cannot be checked)."""
+    local_nvme_gib: float = 0.0
+    host_link: catalog_mod.HostLink = catalog_mod.DEFAULT_HOST_LINK
+    network_disk: catalog_mod.NetworkDisk | None = None
 
 
 def pool_region(fleet: spec.Fleet, pool: spec.Nodepool) -> str | None:
@@ -112,5 +117,15 @@ def pool_machines(
             )
             continue
         price, source = _price(pool, machine)
-        out[pool.name] = PoolMachine(gpu_name, gpu, gpus, price, source)
+        out[pool.name] = PoolMachine(
+            gpu_name,
+            gpu,
+            gpus,
+            price,
+            source,
+            ram_gib=machine.ram_gib if machine else None,
+            local_nvme_gib=machine.local_nvme_gib if machine else 0.0,
+            host_link=catalog.host_link(machine),
+            network_disk=catalog.network_disks.get(machine.cloud) if machine else None,
+        )
     return out

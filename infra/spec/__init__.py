@@ -29,6 +29,8 @@ from gpufleet.infra.spec.issues import FleetError, FleetIssue, SourceMap, field_
 from gpufleet.router.config import RouterSettings
 
 __all__ = [
+    "AUTOSCALING_SIGNALS",
+    "Autoscaling",
     "AwsCloud",
     "Clouds",
     "Deployment",
@@ -37,6 +39,7 @@ __all__ = [
     "FleetIssue",
     "GcpCloud",
     "KubernetesCloud",
+    "KvOffload",
     "LocalCloud",
     "Nodepool",
     "SourceMap",
@@ -134,6 +137,36 @@ class Nodepool(_Strict):
     _name = field_validator("name")(_dns_label)
 
 
+AUTOSCALING_SIGNALS = ("in_flight", "queued_prefill_tokens", "ttft_p90_s")
+"""The load signals a deployment may scale on (the router's, per replica or over a window)."""
+
+
+class Autoscaling(_Strict):
+    """How a deployment scales between min_replicas and max_replicas (`infra.controller.autoscale`)."""
+
+    signal: Literal["in_flight", "queued_prefill_tokens", "ttft_p90_s"] = Field(
+        description="in_flight: requests in flight per replica; queued_prefill_tokens: prompt tokens "
+        "waiting for prefill per replica; ttft_p90_s: the deployment's p90 time to first token"
+    )
+    target: float = Field(gt=0, description="the signal's value per replica (seconds for ttft_p90_s) to hold")
+    scale_up_delay_s: float = Field(30.0, ge=0, description="the signal must ask for more replicas this long")
+    scale_down_delay_s: float = Field(300.0, ge=0, description="the signal must ask for fewer replicas this long")
+    tolerance: float = Field(0.1, ge=0, lt=1, description="no change while signal / target is within 1 +- tolerance")
+    pending_timeout_s: float = Field(
+        300.0, gt=0, description="a replica Pending longer than this marks its pool full: scale-up moves on"
+    )
+
+
+class KvOffload(_Strict):
+    """A second (CPU) and third (local disk) KV-cache tier per replica (docs/fleet-reference.md)."""
+
+    cpu_gib: float = Field(0, ge=0, description="host-memory KV tier per replica, GiB (all its GPUs together)")
+    disk_gib: float = Field(0, ge=0, description="local-disk KV tier per replica, GiB (lmcache, hicache)")
+    backend: Literal["native", "lmcache", "hicache"] | None = Field(
+        None, description="vLLM: native (default) or lmcache; SGLang: hicache (default)"
+    )
+
+
 class Deployment(_Strict):
     name: str
     model: str
@@ -148,8 +181,17 @@ class Deployment(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_concurrent_requests: int = Field(256, ge=1, description="engine's --max-num-seqs / --max-running-requests")
     port: int = Field(8000, ge=1, le=65535)
+    kv_offload: KvOffload | None = Field(None, description="CPU (and disk) KV tiers; default: GPU only")
+    autoscaling: Autoscaling | None = Field(None, description="none: the deployment stays at min_replicas")
 
     _name = field_validator("name")(_dns_label)
+
+    @property
+    def offload_backend(self) -> str | None:
+        """The KV offload backend in effect, None without a tier."""
+        if self.kv_offload is None:
+            return None
+        return self.kv_offload.backend or ("native" if self.engine == "vllm" else "hicache")
 
     @property
     def resolved_image(self) -> str:

@@ -10,7 +10,11 @@ from gpufleet.infra.spec.issues import FleetIssue, SourceMap
 if TYPE_CHECKING:
     from gpufleet.infra.spec import Clouds, Deployment, Nodepool
 
-__all__ = ["cross_check", "duplicate_names"]
+__all__ = ["OFFLOAD_BACKENDS", "cross_check", "duplicate_names", "offload_issues"]
+
+# What each engine can offload to, and which of its backends have a disk tier.
+OFFLOAD_BACKENDS = {"vllm": ("native", "lmcache"), "sglang": ("hicache",)}
+_DISK_BACKENDS = ("lmcache", "hicache")
 
 
 def duplicate_names(section: str, items: list[tuple[int, Any]], smap: SourceMap) -> list[FleetIssue]:
@@ -89,4 +93,43 @@ def cross_check(
                 )
         if dep.nodepools is not None and len(set(dep.nodepools)) != len(dep.nodepools):
             issues.append(smap.issue(loc + ("nodepools",), "lists a pool more than once"))
+        auto = dep.autoscaling
+        if auto is not None and auto.signal == "in_flight" and auto.target > dep.max_concurrent_requests:
+            issues.append(
+                smap.issue(
+                    loc + ("autoscaling", "target"),
+                    f"{auto.target:g} requests in flight per replica can never be reached: a replica runs at most "
+                    f"max_concurrent_requests = {dep.max_concurrent_requests}",
+                )
+            )
+        issues.extend(offload_issues(i, dep, smap))
+    return issues
+
+
+def offload_issues(i: int, dep: Deployment, smap: SourceMap) -> list[FleetIssue]:
+    """The engine supports the declared KV offload backend, and the tier has a size it can use."""
+    off = dep.kv_offload
+    if off is None:
+        return []
+    loc = ("deployments", i, "kv_offload")
+    backend = dep.offload_backend
+    allowed = OFFLOAD_BACKENDS[dep.engine]
+    if backend not in allowed:
+        return [
+            smap.issue(
+                loc + ("backend",),
+                f"{backend!r} is not a KV offload backend of {dep.engine}; allowed: {', '.join(allowed)}",
+            )
+        ]
+    issues = []
+    if off.disk_gib and backend not in _DISK_BACKENDS:
+        issues.append(
+            smap.issue(
+                loc + ("disk_gib",),
+                f"backend {backend!r} offloads to CPU memory only; a disk tier needs {' or '.join(_DISK_BACKENDS)}",
+            )
+        )
+    if off.cpu_gib <= 0:
+        # Every backend stages through host memory: native and hicache size their CPU pool from it.
+        issues.append(smap.issue(loc + ("cpu_gib",), "must be above 0: every offload backend has a CPU tier"))
     return issues

@@ -21,6 +21,17 @@ Prefix cache (after vLLM's paged block pool)
     engine never needs preemption; a request that cannot get its blocks waits (first come, first
     served), and one that could never fit is refused by `admit`.
 
+Lower tiers (after vLLM's native CPU offloading, LMCache, SGLang's hierarchical cache)
+    With `cpu_capacity_tokens` (and `disk_capacity_tokens`), blocks the GPU evicts move to a
+    CPU LRU (`TierCache`), and blocks the CPU tier evicts move to disk. A request whose leading
+    blocks continue below the GPU loads them back instead of prefilling them, when that is
+    faster: of that run it loads the prefix minimising `tier_load_latency_s + blocks x block
+    size / tier rate - blocks x block size / prefill rate` (nothing when no prefix gains, so a
+    short hit or a slow tier is recomputed). The load takes GPU blocks like a prefill; while it
+    runs the request waits (other requests keep being scheduled) and the PCIe copy overlaps the
+    batch's compute. The blocks stay in the CPU tier too. `cached_tokens` counts every tier;
+    events and stats split out the CPU and disk shares.
+
 Continuous batching (after vLLM's v1 scheduler with chunked prefill)
     Time advances in engine steps. Each step has a token budget (`max_batched_tokens`): every
     decoding request takes one token, then requests still in prefill take chunks of their
@@ -37,11 +48,11 @@ Events
     `next_event_time()` says when to call again. `cancel` frees a request's slot and blocks at
     once (a disconnected client must not keep using the replica).
 
-Modules: `values` (parameters, requests, events, counters), `cache` (`PrefixCache`), `engine`
+Modules: `values` (parameters, requests, events, counters), `cache` (`PrefixCache`, `TierCache`), `engine`
 (`ReplicaEngine`); every name is importable from `gpufleet.router.kvmodel` itself.
 """
 
-from gpufleet.router.kvmodel.cache import PrefixCache
+from gpufleet.router.kvmodel.cache import PrefixCache, TierCache
 from gpufleet.router.kvmodel.engine import ReplicaEngine
 from gpufleet.router.kvmodel.values import (
     AdmissionError,
@@ -61,6 +72,7 @@ __all__ = [
     "Event",
     "EventKind",
     "PrefixCache",
+    "TierCache",
     "ReplicaEngine",
     "RequestView",
 ]

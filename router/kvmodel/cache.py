@@ -5,7 +5,56 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "TierCache"]
+
+
+class TierCache:
+    """A KV tier below the GPU (CPU memory, local disk): an LRU of block hashes of bounded size.
+
+    Blocks the GPU evicts are `put` here; what this tier evicts goes to `lower` (disk below CPU)
+    or is gone. A hit is `touch`ed (the block is copied back to the GPU and stays here too, as
+    vLLM's CPU offloading and SGLang's write-through host cache keep it).
+    """
+
+    __slots__ = ("_lru", "evicted", "log", "lower", "medium", "num_blocks")
+
+    def __init__(self, num_blocks: int, medium: str, lower: TierCache | None = None) -> None:
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        self.num_blocks = num_blocks
+        self.medium = medium
+        self.lower = lower
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self.evicted = 0
+        self.log: list[tuple[str, int, str, int]] | None = None
+        """When a list: ("stored:<medium>", hash, "", -1) / ("removed:<medium>", hash, "", -1) (KV events)."""
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def put(self, block_hash: int) -> None:
+        """Keep a block the tier above evicted (most recently used); spill the oldest when full."""
+        if block_hash in self._lru:
+            self._lru.move_to_end(block_hash)
+            return
+        self._lru[block_hash] = None
+        if self.log is not None:
+            self.log.append((f"stored:{self.medium}", block_hash, "", -1))
+        while len(self._lru) > self.num_blocks:
+            old, _ = self._lru.popitem(last=False)
+            self.evicted += 1
+            if self.log is not None:
+                self.log.append((f"removed:{self.medium}", old, "", -1))
+            if self.lower is not None:
+                self.lower.put(old)
+
+    def touch(self, block_hash: int) -> None:
+        """A hit: the block is the most recently used of the tier."""
+        if block_hash in self._lru:
+            self._lru.move_to_end(block_hash)
 
 
 class PrefixCache:
@@ -14,7 +63,7 @@ class PrefixCache:
     Invariant: `used_blocks <= num_blocks` always; a block with references is never evicted.
     """
 
-    __slots__ = ("_private", "_ref", "_lru", "evicted", "num_blocks")
+    __slots__ = ("_private", "_ref", "_lru", "evicted", "log", "num_blocks", "spill")
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -24,6 +73,10 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()  # hashed blocks with no user, oldest first
         self._private = 0  # blocks held by requests and not (yet) shareable
         self.evicted = 0
+        self.log: list[tuple[str, int, str, int]] | None = None
+        """When a list: ("removed", hash, "", -1) is appended per evicted block (KV events)."""
+        self.spill: TierCache | None = None
+        """The tier below (CPU): evicted blocks move there instead of being lost."""
 
     @property
     def used_blocks(self) -> int:
@@ -105,3 +158,7 @@ class PrefixCache:
             h, _ = self._lru.popitem(last=False)
             del self._ref[h]
             self.evicted += 1
+            if self.log is not None:
+                self.log.append(("removed", h, "", -1))
+            if self.spill is not None:
+                self.spill.put(h)

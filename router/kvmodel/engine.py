@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpufleet.router.kvmodel.cache import PrefixCache
+from gpufleet.router.kvmodel.cache import PrefixCache, TierCache
 from gpufleet.router.kvmodel.values import (
     AdmissionError,
     EngineParams,
@@ -30,6 +31,9 @@ class _Running:
     pinned: list[int] = field(default_factory=list)
     private: int = 0
     registered: int = 0  # leading hashed blocks pinned or registered by this request
+    cpu_tokens: int = 0  # of cached_tokens, loaded from the CPU tier
+    disk_tokens: int = 0  # of cached_tokens, loaded from disk
+    ready_at: float = 0.0  # lower-tier loads done; no prefill before
 
 
 @dataclass(slots=True)
@@ -47,9 +51,20 @@ class ReplicaEngine:
     client goes away. Times are floats in seconds on any monotonic origin.
     """
 
-    def __init__(self, params: EngineParams) -> None:
+    def __init__(self, params: EngineParams, *, record_kv_events: bool = False) -> None:
         self.params = params
         self.cache = PrefixCache(params.num_blocks)
+        bs = params.block_size_tokens
+        disk = TierCache(params.disk_capacity_tokens // bs, "DISK") if params.disk_capacity_tokens >= bs else None
+        self.cpu: TierCache | None = (
+            TierCache(params.cpu_capacity_tokens // bs, "CPU", disk) if params.cpu_capacity_tokens >= bs else None
+        )
+        self.disk = disk if self.cpu is not None else None
+        self.cache.spill = self.cpu
+        # What vLLM would publish as KV events, in order: ("stored", hash, request id, block
+        # index) when a block becomes shareable, ("removed", hash, "", -1) when it is evicted.
+        self._kv_log: list[tuple[str, int, str, int]] | None = [] if record_kv_events else None
+        self.cache.log = self._kv_log
         self.stats = EngineStats()
         self._waiting: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}  # insertion order = admission order
@@ -71,6 +86,15 @@ class ReplicaEngine:
     def kv_usage(self) -> float:
         """Fraction of KV blocks in use by requests (0..1)."""
         return self.cache.pinned_blocks / self.cache.num_blocks
+
+    def drain_kv_events(self) -> list[tuple[str, int, str, int]]:
+        """The KV events since the last call, in order (empty unless built with `record_kv_events`)."""
+        log = self._kv_log
+        if not log:
+            return []
+        out = log.copy()
+        log.clear()
+        return out
 
     def next_event_time(self) -> float | None:
         """When the step in progress ends, or None when the engine is idle."""
@@ -109,7 +133,10 @@ class ReplicaEngine:
             raise AdmissionError(f"duplicate request id {req.id!r}")
         self._now = max(self._now, now)
         self._waiting.append(_Running(req=req, arrival=now))
-        if self._step is None:
+        step = self._step
+        if step is None or (not step.prefill and not step.decode):
+            # Idle, or only waiting for a lower-tier load: the newcomer need not wait for it.
+            self._step = None
             self._schedule(self._now)
 
     def cancel(self, request_id: str, now: float) -> bool:
@@ -152,15 +179,45 @@ class ReplicaEngine:
     def _blocks_needed(self, req: EngineRequest) -> int:
         return math.ceil((req.prompt_tokens + req.output_tokens) / self.params.block_size_tokens)
 
-    def _try_start(self, run: _Running) -> bool:
-        """Pin the cached prefix and reserve the rest of the sequence's blocks, if they fit."""
+    def _lower_hits(self, hashes: Sequence[int]) -> list[float]:
+        """Per leading block of `hashes` found below the GPU (CPU, then disk): its load seconds."""
+        p = self.params
+        cpu, disk = self.cpu, self.disk
+        out: list[float] = []
+        if cpu is None:
+            return out
+        bs = p.block_size_tokens
+        for h in hashes:
+            if h in cpu:
+                out.append(bs / p.cpu_load_tokens_per_s)
+            elif disk is not None and h in disk:
+                out.append(bs / p.disk_load_tokens_per_s)
+            else:
+                break
+        return out
+
+    def _try_start(self, run: _Running, start: float) -> bool:
+        """Pin the cached prefix and reserve the rest of the sequence's blocks, if they fit.
+
+        Blocks found below the GPU are loaded back when that is faster than prefilling them:
+        of the leading run found in the CPU and disk tiers, the engine loads the prefix that
+        minimises `tier_load_latency_s + load time - prefill time` (none when no prefix gains).
+        """
         p = self.params
         req = run.req
-        hashes = req.block_hashes[: req.prompt_tokens // p.block_size_tokens]
+        bs = p.block_size_tokens
+        hashes = req.block_hashes[: req.prompt_tokens // bs]
         hit_blocks = self.cache.match(hashes)
         # vLLM always computes at least the last prompt token, so a full hit drops a block.
-        max_cached_blocks = (req.prompt_tokens - 1) // p.block_size_tokens
+        max_cached_blocks = (req.prompt_tokens - 1) // bs
         hit_blocks = min(hit_blocks, max_cached_blocks)
+        lower = self._lower_hits(hashes[hit_blocks:max_cached_blocks])
+        load_blocks, best, gain = 0, 0.0, p.tier_load_latency_s
+        recompute = bs / p.prefill_tokens_per_s
+        for j, t in enumerate(lower):
+            gain += t - recompute
+            if gain < best:
+                best, load_blocks = gain, j + 1
         hit = list(hashes[:hit_blocks])
         new_blocks = self._blocks_needed(req) - hit_blocks
         if not self.cache.can_allocate(hit, new_blocks):
@@ -169,10 +226,25 @@ class ReplicaEngine:
         run.pinned = hit
         run.private = new_blocks
         run.registered = hit_blocks
-        run.cached_tokens = hit_blocks * p.block_size_tokens
+        cpu_blocks = disk_blocks = 0
+        for h in hashes[hit_blocks : hit_blocks + load_blocks]:
+            if self.cpu is not None and h in self.cpu:
+                self.cpu.touch(h)
+                cpu_blocks += 1
+            else:
+                if self.disk is not None:
+                    self.disk.touch(h)
+                disk_blocks += 1
+        run.cpu_tokens, run.disk_tokens = cpu_blocks * bs, disk_blocks * bs
+        load_s = p.load_time_s(run.cpu_tokens, run.disk_tokens)
+        run.ready_at = start + load_s
+        run.cached_tokens = (hit_blocks + load_blocks) * bs
         run.computed = run.cached_tokens
         self.stats.prefix_cache_queries += req.prompt_tokens
-        self.stats.prefix_cache_hits += run.cached_tokens
+        self.stats.prefix_cache_hits += hit_blocks * bs
+        self.stats.cpu_cache_hits += run.cpu_tokens
+        self.stats.disk_cache_hits += run.disk_tokens
+        self.stats.tier_load_s += load_s
         self.stats.prompt_tokens += req.prompt_tokens
         return True
 
@@ -188,29 +260,44 @@ class ReplicaEngine:
                     break
                 decode.append(rid)
                 budget -= 1
+        loading = False
         for rid, run in self._running.items():
             left = run.req.prompt_tokens - run.computed
+            if left > 0 and run.ready_at > start:
+                loading = True  # its blocks are still on their way from a lower tier
+                continue
             if left > 0 and budget > 0:
                 chunk = min(left, budget)
                 prefill[rid] = chunk
                 budget -= chunk
         while self._waiting and budget > 0 and len(self._running) < p.max_running:
             head = self._waiting[0]
-            if not self._try_start(head):
+            if not self._try_start(head, start):
                 break  # first come, first served: the head waits for memory
             self._waiting.popleft()
             self._running[head.req.id] = head
+            if head.ready_at > start:
+                loading = True
+                continue
             chunk = min(head.req.prompt_tokens - head.computed, budget)
             prefill[head.req.id] = chunk
             budget -= chunk
         if not decode and not prefill:
+            if loading:
+                # Nothing to compute until a load lands: an empty step up to the first one.
+                ready = min(r.ready_at for r in self._running.values() if r.ready_at > start)
+                self._step = _Step(end=ready, prefill={}, decode=[])
             return
         prefill_tokens = sum(prefill.values())
         duration = prefill_tokens / p.prefill_tokens_per_s
         if decode:
             duration += (1.0 + p.decode_batch_penalty * (len(decode) - 1)) / p.decode_tokens_per_s
+        end = start + duration
+        if loading:
+            # A load landing mid-step is picked up when the step ends, or sooner if it was idle.
+            end = end if duration > 0 else min(r.ready_at for r in self._running.values() if r.ready_at > start)
         self.stats.steps += 1
-        self._step = _Step(end=start + duration, prefill=prefill, decode=decode)
+        self._step = _Step(end=end, prefill=prefill, decode=decode)
 
     def _complete(self, step: _Step, events: list[Event]) -> None:
         p = self.params
@@ -237,11 +324,15 @@ class ReplicaEngine:
                 if self.cache.register(h):
                     run.pinned.append(h)
                     run.private -= 1
+                    if self._kv_log is not None:
+                        self._kv_log.append(("stored", h, rid, run.registered))
                 run.registered += 1
             if run.computed >= run.req.prompt_tokens:
                 run.generated = 1
                 self.stats.generation_tokens += 1
-                events.append(Event(EventKind.FIRST_TOKEN, rid, t, 1, run.cached_tokens))
+                events.append(
+                    Event(EventKind.FIRST_TOKEN, rid, t, 1, run.cached_tokens, run.cpu_tokens, run.disk_tokens)
+                )
                 if run.generated >= run.req.output_tokens:
                     self._finish(run, t, events)
         self.stats.evicted_blocks = self.cache.evicted
@@ -250,4 +341,6 @@ class ReplicaEngine:
         del self._running[run.req.id]
         self.cache.release(run.pinned, run.private)
         self.stats.finished += 1
-        events.append(Event(EventKind.FINISHED, run.req.id, t, run.generated, run.cached_tokens))
+        events.append(
+            Event(EventKind.FINISHED, run.req.id, t, run.generated, run.cached_tokens, run.cpu_tokens, run.disk_tokens)
+        )

@@ -30,6 +30,15 @@ class EngineParams:
     max_model_len: int = 1 << 20
     decode_batch_penalty: float = 0.01
     """Relative cost of each extra decoding sequence in a step (KV reads grow with the batch)."""
+    cpu_capacity_tokens: int = 0
+    """KV tokens of the CPU tier (0: none): blocks the GPU evicts move there."""
+    cpu_load_tokens_per_s: float = 0.0
+    """Rate a CPU hit moves back to the GPU (host link), tokens per second."""
+    disk_capacity_tokens: int = 0
+    """KV tokens of the disk tier below the CPU (0: none): blocks the CPU tier evicts move there."""
+    disk_load_tokens_per_s: float = 0.0
+    tier_load_latency_s: float = 0.002
+    """Fixed cost of one load from a lower tier (a scheduler round, the DMA set-up)."""
 
     def __post_init__(self) -> None:
         if self.block_size_tokens < 1:
@@ -42,6 +51,23 @@ class EngineParams:
             raise ValueError("max_running, max_batched_tokens and max_model_len must be >= 1")
         if self.decode_batch_penalty < 0:
             raise ValueError("decode_batch_penalty must be >= 0")
+        if self.cpu_capacity_tokens < 0 or self.disk_capacity_tokens < 0 or self.tier_load_latency_s < 0:
+            raise ValueError("tier capacities and tier_load_latency_s must be >= 0")
+        if self.cpu_capacity_tokens and self.cpu_load_tokens_per_s <= 0:
+            raise ValueError("a CPU tier needs cpu_load_tokens_per_s > 0")
+        if self.disk_capacity_tokens and (self.disk_load_tokens_per_s <= 0 or not self.cpu_capacity_tokens):
+            raise ValueError("a disk tier needs disk_load_tokens_per_s > 0 and a CPU tier above it")
+
+    def load_time_s(self, cpu_tokens: int, disk_tokens: int) -> float:
+        """Time to bring `cpu_tokens` from the CPU tier and `disk_tokens` from disk to the GPU."""
+        if not cpu_tokens and not disk_tokens:
+            return 0.0
+        t = self.tier_load_latency_s
+        if cpu_tokens:
+            t += cpu_tokens / self.cpu_load_tokens_per_s
+        if disk_tokens:
+            t += disk_tokens / self.disk_load_tokens_per_s
+        return t
 
     @property
     def num_blocks(self) -> int:
@@ -78,7 +104,11 @@ class Event:
     output_tokens: int
     """Tokens generated so far by this request (1 at FIRST_TOKEN)."""
     cached_tokens: int = 0
-    """Prompt tokens served from the prefix cache (set on FIRST_TOKEN and FINISHED)."""
+    """Prompt tokens served from the prefix cache, every tier (set on FIRST_TOKEN and FINISHED)."""
+    cpu_cached_tokens: int = 0
+    """Of `cached_tokens`, those loaded from the CPU tier."""
+    disk_cached_tokens: int = 0
+    """Of `cached_tokens`, those loaded from the disk tier."""
 
 
 @dataclass(slots=True)
@@ -87,6 +117,11 @@ class EngineStats:
 
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    """GPU hits (vLLM's `prefix_cache_hits`); lower tiers below (vLLM's `external_prefix_cache_hits`)."""
+    cpu_cache_hits: int = 0
+    disk_cache_hits: int = 0
+    tier_load_s: float = 0.0
+    """Seconds requests spent waiting for lower-tier loads."""
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: int = 0

@@ -20,6 +20,7 @@ called by the live server and the simulator alike, never with I/O inside:
     on_routed(features, decision)            the request was sent to decision.replica
     on_completed(features, replica, ok=..., output_tokens=...)
     on_replica_reset(replica_id)             the replica lost its cache (ejected, restarted)
+    on_replica_removed(replica_id)           the replica left the set (default: on_replica_reset)
     bind(clock=..., **context)               the simulator's clock and engines, for a prebuilt policy
 """
 
@@ -108,6 +109,11 @@ class Hooks:
 
     def on_replica_reset(self, replica_id: str) -> None:
         """The replica lost its KV cache (ejected or restarted): forget what it held."""
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        """The replica left the set (membership): drop what is kept about it. It may come back
+        later under the same id as a new engine, so the default forgets its cache."""
+        self.on_replica_reset(replica_id)
 
     def bind(self, *, clock: Callable[[], float], **context: Any) -> None:
         """Run on `clock` with `context` from now on (the simulator, for a policy built before it)."""

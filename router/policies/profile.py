@@ -90,6 +90,11 @@ class ProfilePolicy(Policy):
         self._on_routed = [p.on_routed for p in parts if _overrides(p, "on_routed")]
         self._on_completed = [p.on_completed for p in parts if _overrides(p, "on_completed")]
         self._on_reset = [p.on_replica_reset for p in parts if _overrides(p, "on_replica_reset")]
+        self._on_removed = [
+            p.on_replica_removed
+            for p in parts
+            if _overrides(p, "on_replica_removed") or _overrides(p, "on_replica_reset")
+        ]
 
     def costs(self, c: Candidates) -> Sequence[float]:
         """The weighted cost of every candidate (module docs), in estimated prefill tokens."""
@@ -115,6 +120,10 @@ class ProfilePolicy(Policy):
 
     def on_replica_reset(self, replica_id: str) -> None:
         for hook in self._on_reset:
+            hook(replica_id)
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        for hook in self._on_removed:
             hook(replica_id)
 
     def bind(self, *, clock: Callable[[], float], **context: Any) -> None:

@@ -128,7 +128,7 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
             "created": created,
             "model": job.model,
             "choices": [choice],
-            "usage": sim.usage(job, ev.cached_tokens, ev.output_tokens),
+            "usage": sim.usage(job, ev.cached_tokens, ev.output_tokens, ev.cpu_cached_tokens, ev.disk_cached_tokens),
         }
         return web.json_response(out, headers={"x-request-id": job.request_id})
 
@@ -178,7 +178,9 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
                 "created": created,
                 "model": job.model,
                 "choices": [],
-                "usage": sim.usage(job, ev.cached_tokens, ev.output_tokens),
+                "usage": sim.usage(
+                    job, ev.cached_tokens, ev.output_tokens, ev.cpu_cached_tokens, ev.disk_cached_tokens
+                ),
             }
             await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
@@ -251,6 +253,8 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
                 "context_length": s.max_model_len,
                 "page_size": s.block_size_tokens,
                 "version": "gpufleet-replica-sim",
+                "kv_events_endpoint": sim.publisher.endpoint if sim.publisher else None,
+                "kv_events_replay_endpoint": sim.publisher.replay_endpoint if sim.publisher else None,
             }
         )
 

@@ -51,6 +51,18 @@ class _EngineCollector(Collector):
         yield gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (vLLM v0 name).", eng.kv_usage)
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in queried tokens.", st.prefix_cache_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", st.prefix_cache_hits)
+        if eng.cpu is not None:
+            # vLLM's names for the hits a KV connector (the offload tier) serves.
+            yield counter(
+                "vllm:external_prefix_cache_queries",
+                "External prefix cache queries, in queried tokens.",
+                st.prefix_cache_queries - st.prefix_cache_hits,
+            )
+            yield counter(
+                "vllm:external_prefix_cache_hits",
+                "External prefix cache hits (CPU and disk tiers), in cached tokens.",
+                st.cpu_cache_hits + st.disk_cache_hits,
+            )
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", st.prompt_tokens)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.", st.generation_tokens)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions (never: memory is reserved).", 0)

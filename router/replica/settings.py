@@ -24,11 +24,25 @@ class SimSettings:
     block_size_tokens: int = 16
     chars_per_token: float = 4.0
     decode_batch_penalty: float = 0.01
+    cpu_kv_capacity_tokens: int = 0
+    """KV tokens of the CPU tier (kv_offload; 0: GPU only)."""
+    cpu_load_tokens_per_s: float = 0.0
+    disk_kv_capacity_tokens: int = 0
+    disk_load_tokens_per_s: float = 0.0
+    tier_load_latency_s: float = 0.002
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token for /admin/*; None disables the admin endpoints."""
     standby: bool = False
     """Start as a warm standby: loaded and listening, but /health and requests answer 503 until
     `POST /admin/promote` (how the local runtime holds warm replicas the router skips)."""
+    tokenizer: str | None = None
+    """The model's tokenizer.json (or its directory): prompts are tokenized as vLLM does (chat
+    template included) and blocks hashed from token ids; needed to publish KV events."""
+    chat_template: str | None = None
+    kv_events_endpoint: str | None = None
+    """Publish vLLM KV events on this ZMQ PUB endpoint (e.g. tcp://127.0.0.1:5557; port 0 or * for any)."""
+    kv_events_replay_endpoint: str | None = None
+    kv_events_topic: str = "kv-events"
     exit_on_die: bool = False
     """`POST /admin/die` ends the process (CLI) instead of closing the listener (in-process use)."""
 
@@ -43,6 +57,11 @@ class SimSettings:
             max_batched_tokens=self.max_batched_tokens,
             max_model_len=self.max_model_len,
             decode_batch_penalty=self.decode_batch_penalty,
+            cpu_capacity_tokens=self.cpu_kv_capacity_tokens,
+            cpu_load_tokens_per_s=self.cpu_load_tokens_per_s,
+            disk_capacity_tokens=self.disk_kv_capacity_tokens,
+            disk_load_tokens_per_s=self.disk_load_tokens_per_s,
+            tier_load_latency_s=self.tier_load_latency_s,
         )
 
     @property

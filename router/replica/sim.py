@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
 import uuid
@@ -19,6 +20,9 @@ from typing import Any
 import xxhash
 
 from gpufleet.router import kvmodel
+from gpufleet.router.kvevents import wire
+from gpufleet.router.kvevents.publisher import EventPublisher
+from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.prefix import block_hashes, render_prompt
 from gpufleet.router.replica.metrics import ReplicaMetrics
 from gpufleet.router.replica.settings import FailureMode, SimSettings
@@ -33,6 +37,11 @@ _VOCAB = (
     "way well down should because each just those people how too little state good very make world"
 ).split()
 _TOKEN_ID_SPACE = 151_936  # Qwen-sized vocabulary, so ids look like a real tokenizer's
+
+
+def _any_port(endpoint: str) -> str:
+    """Port 0 means any free port, which ZMQ spells `*`."""
+    return endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint
 
 
 class BadRequest(Exception):
@@ -51,6 +60,22 @@ class Prompt:
     tokens: int
     hashes: tuple[int, ...]
     seed: int
+    token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids when the replica has a tokenizer (KV events carry them)."""
+
+
+def engine_block_hashes(token_ids: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Chained block hashes the way vLLM makes them (sha256 of the parent hash and the block's
+    tokens, low 64 bits as an int): deliberately not the router's function, so that the router
+    must key blocks by their tokens, as it has to with a real engine."""
+    out: list[int] = []
+    parent = b"\0" * 8
+    for i in range(len(token_ids) // block_size):
+        chunk = token_ids[i * block_size : (i + 1) * block_size]
+        digest = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little") for t in chunk)).digest()
+        parent = digest[-8:]
+        out.append(int.from_bytes(parent, "big"))
+    return tuple(out)
 
 
 @dataclass
@@ -76,7 +101,16 @@ class ReplicaSim:
 
     def __init__(self, settings: SimSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.engine = kvmodel.ReplicaEngine(settings.engine_params())
+        publish = settings.kv_events_endpoint is not None
+        if publish and settings.tokenizer is None:
+            raise ValueError("publishing KV events needs a tokenizer (their token_ids are the engine's tokens)")
+        self.engine = kvmodel.ReplicaEngine(settings.engine_params(), record_kv_events=publish)
+        self.tokenizer = (
+            PromptTokenizer(settings.tokenizer, chat_template=settings.chat_template) if settings.tokenizer else None
+        )
+        self.publisher: EventPublisher | None = None
+        self._tokens: dict[str, tuple[int, ...]] = {}
+        self._hashes: dict[str, tuple[int, ...]] = {}
         self.failure = FailureMode()
         self.standby = settings.standby
         self._clock = clock
@@ -94,6 +128,14 @@ class ReplicaSim:
     async def start(self) -> None:
         """Start the driver task (call inside the serving event loop)."""
         self._wake = asyncio.Event()
+        s = self.settings
+        if s.kv_events_endpoint is not None and self.publisher is None:
+            self.publisher = EventPublisher(
+                _any_port(s.kv_events_endpoint),
+                _any_port(s.kv_events_replay_endpoint) if s.kv_events_replay_endpoint else None,
+                topic=s.kv_events_topic,
+            )
+            await self.publisher.start()
         self._driver = asyncio.create_task(self._drive(), name=f"replica-sim-driver:{self.settings.replica_id}")
 
     async def stop(self) -> None:
@@ -103,6 +145,49 @@ class ReplicaSim:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
             self._driver = None
+        if self.publisher is not None:
+            await self.publisher.close()
+            self.publisher = None
+        if self.tokenizer is not None:
+            self.tokenizer.close()
+
+    def _publish(self) -> None:
+        """Publish what the engine stored and evicted since the last call, as one vLLM batch."""
+        if self.publisher is None:
+            return
+        log = self.engine.drain_kv_events()
+        if not log:
+            return
+        bs = self.settings.block_size_tokens
+        events: list[wire.BlockStored | wire.BlockRemoved | wire.AllBlocksCleared] = []
+        run: list[tuple[str, int, str, int]] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            if run[0][0] == "removed":
+                events.append(wire.BlockRemoved([h for _, h, _, _ in run], wire.MEDIUM_GPU))
+            else:
+                rid, first = run[0][2], run[0][3]
+                ids = self._tokens.get(rid)
+                hashes = self._hashes.get(rid)
+                if ids is not None and hashes is not None:
+                    parent = hashes[first - 1] if first > 0 else None
+                    tokens = list(ids[first * bs : (first + len(run)) * bs])
+                    events.append(
+                        wire.BlockStored([h for _, h, _, _ in run], parent, tokens, bs, None, wire.MEDIUM_GPU, None)
+                    )
+            run.clear()
+
+        for item in log:
+            if run and (
+                item[0] != run[-1][0] or (item[0] == "stored" and (item[2] != run[-1][2] or item[3] != run[-1][3] + 1))
+            ):
+                flush()
+            run.append(item)
+        flush()
+        if events:
+            self.publisher.publish(events, time.time())
 
     async def _drive(self) -> None:
         assert self._wake is not None
@@ -114,7 +199,9 @@ class ReplicaSim:
             if delay is None or delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), delay)
-            for ev in self.engine.step(self.now()):
+            events = self.engine.step(self.now())
+            self._publish()
+            for ev in events:
                 q = self._queues.get(ev.request_id)
                 if q is not None:
                     q.put_nowait(ev)
@@ -131,6 +218,10 @@ class ReplicaSim:
             self.engine.admit(req, self.now())
         except kvmodel.AdmissionError as exc:
             raise BadRequest(400, str(exc)) from None
+        if job.prompt.token_ids is not None:
+            self._tokens[job.request_id] = job.prompt.token_ids
+            self._hashes[job.request_id] = job.prompt.hashes
+        self._publish()
         q: asyncio.Queue[kvmodel.Event] = asyncio.Queue()
         self._queues[job.request_id] = q
         if self._wake is not None:
@@ -140,6 +231,8 @@ class ReplicaSim:
     def forget(self, request_id: str) -> None:
         """The handler is done with a request; cancel it in the engine if still there."""
         self._queues.pop(request_id, None)
+        self._tokens.pop(request_id, None)
+        self._hashes.pop(request_id, None)
         if self.engine.cancel(request_id, self.now()) and self._wake is not None:
             self._wake.set()
 
@@ -148,6 +241,11 @@ class ReplicaSim:
         """Render, count and hash a request's prompt the way the router does."""
         s = self.settings
         text = render_prompt(body)
+        if self.tokenizer is not None:
+            ids = tuple(self.tokenizer.encode_body(body))
+            hashes = engine_block_hashes(ids, s.block_size_tokens)
+            seed = xxhash.xxh3_64_intdigest(text.encode())
+            return Prompt(text=text, tokens=max(1, len(ids)), hashes=hashes, seed=seed, token_ids=ids)
         prompt = body.get("prompt")
         if "messages" not in body and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = len(prompt)  # token ids are counted as given
@@ -240,11 +338,18 @@ class ReplicaSim:
         """Count a finished request in the metrics."""
         self.metrics.record(job.finish_reason, job.prompt.tokens, arrival, first, end, generated)
 
-    def usage(self, job: Job, cached: int, generated: int) -> dict[str, Any]:
-        """The OpenAI `usage` object of a finished request."""
+    def usage(self, job: Job, cached: int, generated: int, cpu: int = 0, disk: int = 0) -> dict[str, Any]:
+        """The OpenAI `usage` object of a finished request.
+
+        `cached_tokens` counts every tier (as vLLM's counts local and connector hits); with a
+        lower tier, `gpufleet_cached_tokens_by_tier` splits it into gpu, cpu and disk.
+        """
+        details: dict[str, Any] = {"cached_tokens": cached}
+        if self.engine.cpu is not None:
+            details["gpufleet_cached_tokens_by_tier"] = {"gpu": cached - cpu - disk, "cpu": cpu, "disk": disk}
         return {
             "prompt_tokens": job.prompt.tokens,
             "completion_tokens": generated,
             "total_tokens": job.prompt.tokens + generated,
-            "prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_tokens_details": details,
         }

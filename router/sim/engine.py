@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpufleet.router import kvmodel
+from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.sim.fleet import SimFleet
 from gpufleet.router.types import Decision, RequestFeatures
 from gpufleet.router.workloads.types import SimRequest, Workload
 
-__all__ = ["RequestRecord", "ReplicaRecord", "SimResult", "simulate"]
+__all__ = ["KV_STATES", "RequestRecord", "ReplicaRecord", "SimResult", "simulate"]
 
 _FIRST = kvmodel.EventKind.FIRST_TOKEN
 _FINISHED = kvmodel.EventKind.FINISHED
@@ -43,6 +46,8 @@ class RequestRecord:
     outcome: str = "pending"
     """ok, rejected (no replica could take it), failed (the engine refused it)."""
     cached_tokens: int = 0
+    """Every tier's; of them `tier_cached_tokens` came from the CPU or disk tier."""
+    tier_cached_tokens: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
 
@@ -89,14 +94,21 @@ class _Live:
     features: RequestFeatures
     state_i: int
     prefill: int
+    router: int = 0
 
 
-def _preload(workload: Workload, engines: list[kvmodel.ReplicaEngine]) -> None:
+KV_STATES = ("approximate", "events")
+
+
+def _preload(workload: Workload, engines: list[kvmodel.ReplicaEngine]) -> list[list[int]]:
     """Put the blocks of the workload's preload prompts in every engine's cache (evictable, as a
-    finished request leaves them), before the first arrival. The policy is told they were routed
-    to every replica (`on_routed`), as when the router itself sent the warm-up."""
+    finished request leaves them), before the first arrival; per engine, the blocks it stored.
+    The policy is told they were routed to every replica (`on_routed`), as when the router itself
+    sent the warm-up."""
+    out: list[list[int]] = []
     for e in engines:
         cache = e.cache
+        out.append(stored := [])
         for f in workload.preload:
             hashes = f.block_hashes[: f.prompt_tokens // e.params.block_size_tokens]
             hit = hashes[: cache.match(hashes)]
@@ -106,6 +118,8 @@ def _preload(workload: Workload, engines: list[kvmodel.ReplicaEngine]) -> None:
             cache.acquire(hit, len(new))
             registered = [h for h in new if cache.register(h)]
             cache.release([*hit, *registered], len(new) - len(registered))
+            stored.extend(registered)
+    return out
 
 
 def simulate(
@@ -117,31 +131,87 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     record_decisions: bool = False,
     on_decision: Callable[[Policy, SimRequest, Decision], None] | None = None,
+    kv_state: str = "approximate",
+    routers: int = 1,
+    event_delay_s: float = 0.02,
 ) -> SimResult:
     """Run `workload` through `fleet` with `policy` (a registered name, a profile of the fleet's
     settings, or an object; either gets the simulator's clock and engines as context).
 
     `progress(n)` is called with the number of requests routed so far, every 256 requests.
     `on_decision` sees each decision before it is applied (tests check the oracle with it).
+
+    `kv_state="events"`: each router's prefix scorer reads a `KvIndex` fed by the engines' KV
+    events (blocks stored and evicted), delivered `event_delay_s` after the engine step that
+    made them. `routers=N`: N independent router instances (own policy objects, own view of
+    in-flight load), each request sent to one of them at random (seeded); every router gets
+    every engine's events.
     """
+    if kv_state not in KV_STATES:
+        raise ValueError(f"kv_state must be one of {', '.join(KV_STATES)}, not {kv_state!r}")
+    if routers < 1:
+        raise ValueError("routers must be >= 1")
+    if routers > 1 and not isinstance(policy, str):
+        raise ValueError("several routers need a policy name (each builds its own)")
+    events_mode = kv_state == "events"
     now = 0.0
-    engines = [kvmodel.ReplicaEngine(spec.engine) for spec in fleet.replicas]
-    states = [spec.state() for spec in fleet.replicas]
+    engines = [kvmodel.ReplicaEngine(spec.engine, record_kv_events=events_mode) for spec in fleet.replicas]
+    states_by = [[spec.state() for spec in fleet.replicas] for _ in range(routers)]
+    states = states_by[0]
     by_id = {spec.id: e for spec, e in zip(fleet.replicas, engines)}
     index = {spec.id: i for i, spec in enumerate(fleet.replicas)}
+    ids = [spec.id for spec in fleet.replicas]
 
     def clock() -> float:
         return now
 
-    if isinstance(policy, str):
-        pol = registry.make(policy, fleet.settings, seed=seed, clock=clock, engines=by_id)
-    else:
-        pol = policy
-        pol.bind(clock=clock, engines=by_id)
-    _preload(workload, engines)
-    for f in workload.preload:  # served through this router: its policy saw them go everywhere
-        for st in states:
-            pol.on_routed(f, Decision(st, reason="preload", prefill_tokens=f.prompt_tokens))
+    kv_indexes: list[KvIndex] = []
+    if events_mode:
+        bs = fleet.settings.block_size_tokens
+        for _ in range(routers):
+            kv = KvIndex(bs, pending_ttl_s=fleet.settings.kv_events.pending_ttl_s)
+            for spec in fleet.replicas:
+                kv.add_replica(spec.id, spec.engine.num_blocks, exact=True)
+            kv_indexes.append(kv)
+    pols: list[Policy] = []
+    for r_i in range(routers):
+        kv_ctx: dict[str, Any] = {"kv_index": kv_indexes[r_i]} if events_mode else {}
+        if isinstance(policy, str):
+            pols.append(registry.make(policy, fleet.settings, seed=seed + r_i, clock=clock, engines=by_id, **kv_ctx))
+        else:
+            policy.bind(clock=clock, engines=by_id, **kv_ctx)
+            pols.append(policy)
+    pol = pols[0]
+    pick_router = random.Random(seed).randrange
+    deliveries: list[tuple[float, int, int, list[tuple[str, int, str, int]]]] = []
+    dseq = 0
+
+    def collect(i: int) -> None:
+        nonlocal dseq
+        log = engines[i].drain_kv_events()
+        if log:
+            dseq += 1
+            heapq.heappush(deliveries, (now + event_delay_s, dseq, i, log))
+
+    def deliver() -> None:
+        _, _, i, log = heapq.heappop(deliveries)
+        rid = ids[i]
+        for kv in kv_indexes:
+            for kind, h, _, _ in log:
+                if kind == "stored":
+                    kv.stored(rid, (h,), (h,))
+                else:
+                    kv.removed(rid, (h,))
+
+    for i, stored in enumerate(_preload(workload, engines)):
+        for kv in kv_indexes:  # events mode: the engines published these blocks when they cached them
+            for h in stored:
+                kv.stored(ids[i], (h,), (h,))
+    for p_i, p in enumerate(pols):  # served through the router(s): the policies saw them go everywhere
+        for f in workload.preload:
+            for st in states_by[p_i]:
+                p.on_routed(f, Decision(st, reason="preload", prefill_tokens=f.prompt_tokens))
+
     reps = [ReplicaRecord(spec.id, num_blocks=e.cache.num_blocks) for spec, e in zip(fleet.replicas, engines)]
     records: list[RequestRecord] = []
     decisions: list[tuple[str, str, Decision]] = []
@@ -161,12 +231,14 @@ def simulate(
     next_load = load_every if load_every > 0 else math.inf
 
     def sample_usage() -> None:
-        for st, e in zip(states, engines):
-            st.report_kv_usage(e.kv_usage)
+        for sts in states_by:
+            for st, e in zip(sts, engines):
+                st.report_kv_usage(e.kv_usage)
 
     def sample_load() -> None:
-        for st, e in zip(states, engines):
-            st.report_engine_load(e.num_waiting, e.num_running, e.kv_usage, now)
+        for sts in states_by:
+            for st, e in zip(sts, engines):
+                st.report_engine_load(e.num_waiting, e.num_running, e.kv_usage, now)
 
     def schedule(i: int) -> None:
         nonlocal seq
@@ -177,11 +249,11 @@ def simulate(
             heapq.heappush(heap, (t, seq, i))
 
     def finish(lv: _Live, outcome: str, output_tokens: int) -> None:
-        st = states[lv.state_i]
+        st = states_by[lv.router][lv.state_i]
         if lv.rec.first_token_s is None:
             st.prefill_done(lv.prefill)
         st.end()
-        pol.on_completed(lv.features, st, ok=outcome == "ok", output_tokens=output_tokens)
+        pols[lv.router].on_completed(lv.features, st, ok=outcome == "ok", output_tokens=output_tokens)
 
     def run_engine(i: int, t: float) -> None:
         e = engines[i]
@@ -191,7 +263,8 @@ def simulate(
                 lv = live[ev.request_id]
                 lv.rec.first_token_s = ev.time
                 lv.rec.cached_tokens = ev.cached_tokens
-                states[lv.state_i].prefill_done(lv.prefill)
+                lv.rec.tier_cached_tokens = ev.cpu_cached_tokens + ev.disk_cached_tokens
+                states_by[lv.router][lv.state_i].prefill_done(lv.prefill)
             elif kind is _FINISHED:
                 lv = live.pop(ev.request_id)
                 lv.rec.finish_s = ev.time
@@ -201,13 +274,20 @@ def simulate(
         used = e.cache.used_blocks
         if used > rep.max_used_blocks:
             rep.max_used_blocks = used
+        if events_mode:
+            collect(i)
 
     def advance(until: float) -> None:
         nonlocal now, next_sample, next_load
         while True:
-            if not heap and until == math.inf:
+            if not heap and not deliveries and until == math.inf:
                 break  # nothing left to run: later samples could not change anything
             t_next = heap[0][0] if heap else math.inf
+            if deliveries and deliveries[0][0] <= until and deliveries[0][0] <= t_next:
+                if not (next_sample <= until and next_sample < deliveries[0][0]):
+                    now = max(now, deliveries[0][0])
+                    deliver()
+                    continue
             if next_sample <= until and next_sample < t_next and next_sample <= next_load:
                 sample_usage()
                 next_sample += sample_every
@@ -219,7 +299,7 @@ def simulate(
                     sample_load()
                     next_load += max(1, math.floor((until - next_load) / load_every)) * load_every
                     continue
-                now = next_load
+                now = max(now, next_load)
                 sample_load()
                 next_load += load_every
                 continue
@@ -239,6 +319,8 @@ def simulate(
         f = req.features
         rec = RequestRecord(req.id, req.arrival_s, f.prompt_tokens, req.output_tokens)
         records.append(rec)
+        r_i = pick_router(routers) if routers > 1 else 0
+        pol, states = pols[r_i], states_by[r_i]
         d = pol.choose(f, states)
         if on_decision is not None:
             on_decision(pol, req, d)
@@ -252,13 +334,15 @@ def simulate(
             decisions.append((req.id, r.id, d))
         pol.on_routed(f, d)
         r.begin(d.prefill_tokens)
-        lv = _Live(rec, f, i, d.prefill_tokens)
+        lv = _Live(rec, f, i, d.prefill_tokens, r_i)
         try:
             engines[i].admit(kvmodel.EngineRequest(req.id, f.prompt_tokens, req.output_tokens, f.block_hashes), now)
         except kvmodel.AdmissionError:
             rec.outcome = "failed"
             finish(lv, "failed", 0)
             continue
+        if events_mode:
+            collect(i)
         live[req.id] = lv
         rep = reps[i]
         rep.requests += 1

@@ -44,6 +44,8 @@ class ReplicaSpec:
             max_concurrent_requests=self.max_concurrent_requests,
             prefill_tokens_per_s=self.engine.prefill_tokens_per_s,
             decode_tokens_per_s=self.engine.decode_tokens_per_s,
+            cpu_kv_capacity_tokens=self.engine.cpu_capacity_tokens,
+            cpu_load_tokens_per_s=self.engine.cpu_load_tokens_per_s,
         )
 
 
@@ -63,6 +65,29 @@ class SimFleet:
     @property
     def usd_per_hour(self) -> float:
         return sum(r.gpus * r.usd_per_gpu_hour for r in self.replicas)
+
+    def with_kv_tiers(
+        self,
+        cpu_capacity_tokens: int,
+        cpu_load_tokens_per_s: float,
+        disk_capacity_tokens: int = 0,
+        disk_load_tokens_per_s: float = 0.0,
+    ) -> SimFleet:
+        """The same fleet with (or, given 0, without) lower KV tiers on every replica."""
+        reps = tuple(
+            replace(
+                r,
+                engine=replace(
+                    r.engine,
+                    cpu_capacity_tokens=cpu_capacity_tokens,
+                    cpu_load_tokens_per_s=cpu_load_tokens_per_s if cpu_capacity_tokens else 0.0,
+                    disk_capacity_tokens=disk_capacity_tokens,
+                    disk_load_tokens_per_s=disk_load_tokens_per_s if disk_capacity_tokens else 0.0,
+                ),
+            )
+            for r in self.replicas
+        )
+        return SimFleet(self.name, reps, self.settings)
 
     def with_replicas(self, n: int) -> SimFleet:
         """The same fleet resized to `n` replicas (copies of the first pool's replica shape)."""
@@ -97,6 +122,16 @@ def fleet_from_plan(plan: Any, deployment: str, *, replicas: int | None = None, 
             max_running=min(max_running, dep.max_concurrent_requests),
             max_model_len=dep.max_model_len,
         )
+        tiers = pp.kv_tiers
+        if tiers is not None:
+            engine = replace(
+                engine,
+                cpu_capacity_tokens=tiers.cpu_kv_tokens,
+                cpu_load_tokens_per_s=tiers.cpu_hit_tokens_per_s,
+                disk_capacity_tokens=tiers.disk_kv_tokens,
+                disk_load_tokens_per_s=tiers.disk_hit_tokens_per_s if tiers.disk_kv_tokens else 0.0,
+                tier_load_latency_s=tiers.load_latency_s,
+            )
         specs.append(
             ReplicaSpec(
                 id=rp.id,

@@ -63,6 +63,8 @@ class PolicySummary:
     prefill_gpu_s: float
     prefill_usd: float
     requests_per_replica: tuple[int, ...]
+    tier_hit_ratio: float = 0.0
+    """Of `hit_ratio`, the share served from the CPU and disk tiers (kv_offload)."""
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -109,6 +111,7 @@ def summarize(result: SimResult) -> PolicySummary:
         prefill_gpu_s=gpu_s,
         prefill_usd=usd,
         requests_per_replica=tuple(rep.requests for rep in result.replicas),
+        tier_hit_ratio=sum(r.tier_cached_tokens for r in ok) / prompt if prompt else 0.0,
     )
 
 

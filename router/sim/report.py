@@ -69,8 +69,12 @@ def run_policies(
     load: float | None = None,
     seed: int = 0,
     progress: Callable[[str, int], None] | None = None,
+    kv_state: str = "approximate",
+    routers: int = 1,
+    event_delay_s: float = 0.02,
 ) -> BenchRun:
-    """Scale `workload` to `load` (if given) and simulate every policy on it."""
+    """Scale `workload` to `load` (if given) and simulate every policy on it (`engine.simulate`
+    says what `kv_state`, `routers` and `event_delay_s` do)."""
     natural = metrics.offered_load(workload, fleet)
     if load is not None:
         if load <= 0:
@@ -81,7 +85,16 @@ def run_policies(
     ttfts: dict[str, list[float]] = {}
     for name in policies:
         cb = (lambda n, _name=name: progress(_name, n)) if progress else None
-        res = engine.simulate(workload, fleet, name, seed=seed, progress=cb)
+        res = engine.simulate(
+            workload,
+            fleet,
+            name,
+            seed=seed,
+            progress=cb,
+            kv_state=kv_state,
+            routers=routers,
+            event_delay_s=event_delay_s,
+        )
         summaries[name] = metrics.summarize(res)
         ttfts[name] = sorted(r.ttft_s for r in res.records if r.outcome == "ok" and r.ttft_s is not None)
     return BenchRun(

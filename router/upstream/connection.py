@@ -133,6 +133,12 @@ class Connection(asyncio.Protocol):
             self._fail(err)
         self.close()
 
+    def set_deadline(self, deadline: float) -> None:
+        """Re-arm the request's deadline (the first byte came: the rest gets the request timeout)."""
+        self.cancel_timer()
+        if not self.closed:
+            self._timer = self.loop.call_at(deadline, self._timed_out)
+
     def cancel_timer(self) -> None:
         """Disarm the request's deadline."""
         if self._timer is not None:
@@ -329,6 +335,10 @@ class UpstreamResponse:
             if k.lower() == low:
                 return v
         return default
+
+    def set_deadline(self, deadline: float) -> None:
+        """Move the request's deadline (loop time) for the rest of the answer."""
+        self._conn.set_deadline(deadline)
 
     async def readany(self) -> bytes:
         """The next piece of the body as it arrives; b"" at its end."""

@@ -95,6 +95,11 @@ class UpstreamPool:
             return UpstreamResponse(conn, self, key)
         raise AssertionError("unreachable")
 
+    def forget(self, host: str, port: int, tls: bool = False) -> None:
+        """Close the idle connections to one endpoint (a replica that left); busy ones close on release."""
+        for conn in self._idle.pop((host, port, tls), ()):
+            conn.close()
+
     async def close(self) -> None:
         """Close every idle connection; later releases close theirs."""
         self._closed = True

@@ -143,7 +143,7 @@ def test_shell_completion_completes_commands_and_formats():
         return runner.invoke(app, [], env=env, prog_name="gpufleet").stdout.split()
 
     assert complete("gpufleet pl") == ["plan"]
-    assert complete("gpufleet plan fleet.yaml -o ") == ["table", "json", "markdown"]
+    assert complete("gpufleet plan fleet.yaml -o ") == ["table", "json", "markdown", "infracost-json"]
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="gpufleet")
     assert script.exit_code == 0 and "_GPUFLEET_COMPLETE=complete_bash" in script.stdout
 

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_validate_accepts_a_good_file(write_fleet):
     result = runner.invoke(app, ["validate", str(write_fleet())])
     assert result.exit_code == 0, result.output
-    assert "ok" in result.output and "2 pools, 1 deployments" in result.output
+    assert "ok" in result.output and "2 pools, 1 deployment," in result.output
 
 
 def test_validate_lists_every_problem_and_exits_1_without_traceback(write_fleet):

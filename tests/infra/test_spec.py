@@ -135,3 +135,54 @@ def test_engine_command_only_on_local_pools():
         "fleet.yaml:19: nodepools[1].engine_command: only `local` pools run an engine command; this pool is gcp"
         in problems(text)
     )
+
+
+AUTO = BASE + "    max_concurrent_requests: 64\n    autoscaling:\n"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            "      signal: queue_depth\n      target: 8\n",
+            "fleet.yaml:30: deployments[0].autoscaling.signal: 'queue_depth' is not allowed; expected 'in_flight', "
+            "'queued_prefill_tokens' or 'ttft_p90_s'",
+        ),
+        (
+            "      signal: in_flight\n      target: 0\n",
+            "fleet.yaml:31: deployments[0].autoscaling.target: input should be greater than 0 (found 0)",
+        ),
+        (
+            "      signal: in_flight\n      target: 100\n",
+            "fleet.yaml:31: deployments[0].autoscaling.target: 100 requests in flight per replica can never be "
+            "reached: a replica runs at most max_concurrent_requests = 64",
+        ),
+        (
+            "      signal: in_flight\n      target: 8\n      scale_up_delay_s: -1\n",
+            "fleet.yaml:32: deployments[0].autoscaling.scale_up_delay_s: input should be greater than or equal to 0 "
+            "(found -1)",
+        ),
+        (
+            "      signal: in_flight\n      target: 8\n      cooldown: 5\n",
+            "fleet.yaml:32: deployments[0].autoscaling.cooldown: unknown field; allowed: pending_timeout_s, "
+            "scale_down_delay_s, scale_up_delay_s, signal, target, tolerance",
+        ),
+    ],
+)
+def test_bad_autoscaling_names_line_field_and_allowed(lines: str, expected: str):
+    assert expected in problems(AUTO + lines)
+
+
+def test_autoscaling_reaches_the_plan():
+    from gpufleet.infra import plan
+
+    fleet_text = AUTO + "      signal: ttft_p90_s\n      target: 0.5\n      scale_down_delay_s: 120\n"
+    fleet, _ = spec.load_text(fleet_text)
+    dep = plan.compile_fleet(fleet).deployment("llama-8b")
+    assert dep.autoscaling is not None
+    assert (dep.autoscaling.signal, dep.autoscaling.target, dep.autoscaling.scale_down_delay_s) == (
+        "ttft_p90_s",
+        0.5,
+        120,
+    )
+    assert dep.autoscaling.scale_up_delay_s == 30

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -79,7 +84,7 @@ def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
     rt = LocalRuntime(p, router_port=0, workdir=tmp_path / "w")
     with rt:
         pids = rt.pids()
-        assert len(pids) == 4 and all(alive(x) for x in pids)
+        assert len(pids) == 5 and all(alive(x) for x in pids)  # 3 replicas, the router, its hot spare
         # standby is known to the router but not routed to
         assert rt.router_view() == {"qwen-top-0": True, "qwen-next-0": True, "qwen-next-warm0": False}
         served = {
@@ -163,3 +168,68 @@ def test_router_saturation_promotes_a_standby(tmp_path):
         assert promoted and "request slots in flight" in promoted[0]
         for t in threads:
             t.join()
+
+
+def _until(rt: LocalRuntime, pred, timeout_s: float = 20.0) -> list[str]:
+    """Supervision rounds until `pred()` holds; every event they produced."""
+    events: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events += rt.check(load=False)
+        if pred():
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout_s}s; events: {events}")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_replica_is_restarted_on_its_port_and_serves_again(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w") as rt:
+        top = rt.replicas[0]
+        old_pid, url = top.pid, top.url
+        assert rt.stop_replica(top, signal.SIGKILL)
+        events = _until(rt, lambda: top.state == "active" and top.pid != old_pid)
+        assert any("qwen-top-0 (pool top) exited with code -9" in e and "restarting in 0.5s" in e for e in events)
+        assert any("qwen runs below min_replicas: 1 of 2 live" in e for e in events)
+        assert any("qwen-top-0 (pool top) restarted on " + url in e for e in events)
+        assert top.url == url and alive(top.pid)
+        assert rt.wait_routable(["qwen-top-0"], timeout_s=10)
+        r = httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat("again"), timeout=10)
+        assert r.status_code == 200 and r.headers["x-gpufleet-replica"] == "qwen-top-0"
+
+
+@pytest.mark.slow
+def test_a_crash_loop_is_reported_with_growing_backoff(tmp_path):
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w") as rt:
+        top = rt.replicas[0]
+        deaths: list[str] = []
+        for _ in range(3):
+            pid = top.pid
+            rt.stop_replica(top, signal.SIGKILL)
+            events = _until(rt, lambda pid=pid: top.state == "active" and top.pid != pid)
+            deaths += [e for e in events if "qwen-top-0 (pool top) exited" in e]
+        assert [re.search(r"restarting in ([\d.]+)s", e).group(1) for e in deaths] == ["0.5", "1", "2"]
+        assert "crash loop: 3 exits in 60s" in deaths[-1] and "crash loop" not in deaths[1]
+
+
+def test_a_stale_work_directory_of_a_killed_up_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "gpufleet-up-stale"
+    (stale / "logs").mkdir(parents=True)
+    (stale / "owner").write_text(f"{dead.pid} 1")
+    foreign = tmp_path / "gpufleet-up-noowner"  # not ours to judge: no owner file
+    foreign.mkdir()
+    p = plan.compile_file(str(write_fleet(tmp_path)))
+    rt = LocalRuntime(p)
+    try:
+        assert not stale.exists() and foreign.exists()
+        assert any(f"removed stale work directory {stale}" in e for e in rt.events)
+        # a live run's directory is not stale
+        assert local.runtime.remove_stale_workdirs(tmp_path) == [] and rt.workdir.exists()
+    finally:
+        rt.stop()
+    assert not rt.workdir.exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +90,7 @@ def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
     proc, endpoint = _start_up(write_fleet(tmp_path))
     kids = _children(proc.pid)
     try:
-        assert len(kids) == 4  # three replicas (one standby) and the router
+        assert len(kids) == 5  # three replicas (one standby), the router and its hot spare
         body = {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi " * 30}], "max_tokens": 3}
         for _ in range(3):
             r = httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10)
@@ -97,7 +99,7 @@ def test_gpufleet_up_serves_then_sigterm_leaves_no_process(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
-        assert "stopped 4 processes" in out
+        assert "stopped 5 processes" in out
         assert not [k for k in kids if alive(k)]
     finally:
         _reap(proc, kids)
@@ -108,7 +110,7 @@ def test_killing_up_outright_still_leaves_no_orphans(tmp_path):
     proc, _endpoint = _start_up(write_fleet(tmp_path))
     kids = _children(proc.pid)
     try:
-        assert len(kids) == 4
+        assert len(kids) == 5
         proc.kill()  # no chance to clean up: the children's parent-death signal must do it
         proc.wait()
         deadline = time.monotonic() + 10
@@ -149,17 +151,107 @@ def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     assert re.search(r"tore down \d+ processes, 0 left", out)
 
 
+def _router_pid(kids: list[int]) -> int:
+    """The serving router among `kids` (not its hot spare)."""
+    cmd = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids}
+    router = [k for k in kids if b"router\x00serve" in cmd[k] and b"--standby" not in cmd[k]]
+    assert len(router) == 1
+    return router[0]
+
+
 @pytest.mark.slow
-def test_up_stops_the_fleet_and_fails_when_its_router_dies(tmp_path):
-    proc, _endpoint = _start_up(write_fleet(tmp_path))
+def test_a_sigkilled_router_is_restarted_replicas_keep_running_and_requests_resume(tmp_path):
+    proc, endpoint = _start_up(write_fleet(tmp_path))
     kids = _children(proc.pid)
     try:
-        router = [k for k in kids if b"router\x00serve" in Path(f"/proc/{k}/cmdline").read_bytes()]
-        assert len(router) == 1
-        os.kill(router[0], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 1
-        assert "the router exited; the fleet was stopped" in out
+        router = _router_pid(kids)
+        replicas = [k for k in kids if k != router]
+        body = {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi " * 30}], "max_tokens": 3}
+        assert httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        os.kill(router, signal.SIGKILL)
+        killed = time.monotonic()
+        ok = None
+        while time.monotonic() - killed < 30 and ok is None:
+            try:
+                r = httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10)
+                if r.status_code == 200:
+                    ok = time.monotonic() - killed
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert ok is not None, "no request succeeded at the same endpoint after the router was killed"
+        for _ in range(5):  # the next requests succeed too
+            assert httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        assert all(alive(k) for k in replicas)  # the replicas kept running (and the spare took over)
+        new_kids = _children(proc.pid)
+        assert router not in new_kids and set(replicas) < set(new_kids) and len(new_kids) == 5  # a new spare
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "router exited with code -9; restarting in 0s" in out
+        assert "router restarted on " + endpoint + " (hot spare" in out
+        assert not [k for k in _children(proc.pid) if alive(k)] and not [k for k in new_kids if alive(k)]
+    finally:
+        _reap(proc, kids + _children(proc.pid))
+
+
+def _stream(endpoint: str, max_tokens: int, out: dict, started: threading.Event) -> None:
+    """One streamed completion; records the tokens received and whether [DONE] came."""
+    body = {
+        "model": "Qwen/Qwen3-0.6B",
+        "prompt": "tell me a long story",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    tokens, done = 0, False
+    try:
+        with httpx.stream("POST", endpoint + "/v1/completions", json=body, timeout=60) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("text"):
+                        tokens += 1
+                        started.set()
+                    out["finish"] = choices[0].get("finish_reason") or out.get("finish")
+    except httpx.HTTPError as exc:
+        out["error"] = repr(exc)
+    out["tokens"], out["done"] = tokens, done
+
+
+@pytest.mark.slow
+def test_sigint_drains_twelve_long_streams_to_completion_then_stops(tmp_path):
+    # a router that takes in-flight requests to the end: 600 tokens at ~110 tokens/s is ~5.5 s per stream
+    fleet = write_fleet(tmp_path, router="  drain_timeout_s: 60\n")
+    proc, endpoint = _start_up(fleet)
+    kids = _children(proc.pid)
+    try:
+        results: list[dict] = [{} for _ in range(12)]
+        firsts = [threading.Event() for _ in range(12)]
+        threads = [threading.Thread(target=_stream, args=(endpoint, 600, results[i], firsts[i])) for i in range(12)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in firsts), results
+        proc.send_signal(signal.SIGINT)
+        # the listener stops accepting while the streams go on
+        refused = False
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and not refused:
+            try:
+                httpx.get(endpoint + "/health", timeout=1)
+                time.sleep(0.1)
+            except httpx.TransportError:
+                refused = True
+        assert refused and any(t.is_alive() for t in threads)
+        for t in threads:
+            t.join(60)
+        got = [(r.get("status"), r.get("tokens"), r.get("finish"), r.get("done")) for r in results]
+        assert got == [(200, 600, "length", True)] * 12, results
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "draining: in-flight requests have up to 60s" in out and "stopped 5 processes" in out
         assert not [k for k in kids if alive(k)]
     finally:
         _reap(proc, kids)

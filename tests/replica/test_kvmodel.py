@@ -44,6 +44,7 @@ def test_public_api_is_pinned():
         "Event",
         "EventKind",
         "PrefixCache",
+        "TierCache",
         "ReplicaEngine",
         "RequestView",
     }

@@ -58,7 +58,7 @@ class LoopThread:
 class FakeReplica:
     """A small OpenAI-compatible server with knobs for timing and failure injection.
 
-    mode: "ok"; "500" (answers 500); "drop" (closes the connection without answering);
+    mode: "ok"; "500" / "503" (answers that status); "drop" (closes the connection without answering);
     "hang" (never answers); "drop_mid_stream" (sends one chunk, then drops the connection).
     """
 
@@ -99,8 +99,10 @@ class FakeReplica:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
-        if self.mode == "500":
-            return web.json_response({"error": {"message": "boom"}}, status=500)
+        if self.mode in ("500", "503"):
+            # vLLM's error body: the router passes it on in the OpenAI shape
+            doc = {"object": "error", "message": "boom", "type": "InternalServerError", "param": None, "code": 500}
+            return web.json_response(doc, status=int(self.mode))
         if self.mode == "drop":
             assert request.transport is not None
             request.transport.close()

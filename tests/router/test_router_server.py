@@ -93,6 +93,15 @@ def test_models_health_and_ready(replicas, make_router) -> None:
     assert httpx.get(rr.url + "/ready").status_code == 200
 
 
+def test_a_draining_router_is_not_ready_and_its_drain_timeout_bounds_shutdown(replicas, make_router) -> None:
+    rr = make_router(replica_configs(replicas(1)), {"drain_timeout_s": 7})
+    rr.router.draining = True
+    r = httpx.get(rr.url + "/ready")
+    assert r.status_code == 503 and r.json() == {"status": "draining"}
+    assert httpx.get(rr.url + "/health").status_code == 200  # alive, only not taking new traffic
+    assert rr.runner._shutdown_timeout == 7  # aiohttp's wait for running handlers once the sites close
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
@@ -188,10 +197,11 @@ def test_bad_max_tokens_is_400(replicas, make_router) -> None:
 # -- retries, ejection, health ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["500", "drop"])
+@pytest.mark.parametrize("mode", ["503", "drop"])
 def test_failure_before_first_byte_is_retried_on_another_replica_and_ejects(replicas, make_router, mode) -> None:
     bad, good = replicas(1, mode=mode)[0], replicas(1)[0]
-    rr = make_router(replica_configs([bad, good]), settings={"policy": "round_robin", "health": SLOW_HEALTH})
+    health = {**SLOW_HEALTH, "eject_after_failures": 1}
+    rr = make_router(replica_configs([bad, good]), settings={"policy": "round_robin", "health": health})
     r = post(rr.url, chat("x"))
     assert r.status_code == 200 and r.headers["x-gpufleet-replica"] == good.name
     assert len(bad.requests) == 1
@@ -201,8 +211,24 @@ def test_failure_before_first_byte_is_retried_on_another_replica_and_ejects(repl
     assert len(bad.requests) == 1
 
 
+def test_an_engine_error_for_the_input_is_passed_on_not_retried_and_not_held_against_the_replica(
+    replicas, make_router
+) -> None:
+    bad, good = replicas(1, mode="500")[0], replicas(1)[0]
+    health = {**SLOW_HEALTH, "eject_after_failures": 1}
+    rr = make_router(replica_configs([bad, good]), settings={"policy": "round_robin", "health": health})
+    got = [post(rr.url, chat(f"x{i}")) for i in range(6)]
+    failed = [g for g in got if g.status_code != 200]
+    assert len(failed) == 3 and len(bad.requests) == 3 and len(good.requests) == 3  # no retries
+    for g in failed:
+        assert g.status_code == 500 and g.headers["x-gpufleet-replica"] == "r0"
+        assert error_of(g) == {"message": "boom", "type": "InternalServerError", "param": None, "code": 500}
+    assert all(r.healthy for r in rr.router.replicas)
+    assert 'gpufleet_router_ejections_total{replica="r0"} 0.0' in httpx.get(rr.url + "/metrics").text
+
+
 def test_retries_are_bounded_and_then_502(replicas, make_router) -> None:
-    reps = replicas(4, mode="500")
+    reps = replicas(4, mode="503")
     rr = make_router(replica_configs(reps), settings={"max_retries": 1, "health": SLOW_HEALTH})
     r = post(rr.url, chat("x"))
     assert r.status_code == 502 and error_of(r)["code"] == "upstream_failed"
@@ -507,3 +533,73 @@ def test_retry_past_a_dead_top_pool_counts_as_a_spill(replicas, make_router) -> 
     r = post(rr.url, chat("after the top pool died"))
     assert r.status_code == 200 and r.headers["x-gpufleet-replica"] == low[0].name
     assert 'gpufleet_router_spills_total{model="m",pool="low"} 1.0' in httpx.get(rr.url + "/metrics").text
+
+
+# -- first-byte deadline, retry budget ------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hung_replica_holds_a_request_for_one_first_byte_deadline_then_it_is_retried(
+    replicas, make_router, stream
+) -> None:
+    hung, good = replicas(1, mode="hang")[0], replicas(1)[0]
+    settings = {
+        "policy": "round_robin",
+        "health": SLOW_HEALTH,
+        "first_byte": {"floor_s": 0.4, "factor": 1.0},
+        "request_timeout_s": 60,
+    }
+    rr = make_router(replica_configs([hung, good]), settings=settings)
+    t0 = time.monotonic()
+    r = post(rr.url, chat("x", stream=stream, max_tokens=4))  # unstreamed: 4 tokens at 20/s fit the floor
+    took = time.monotonic() - t0
+    assert r.status_code == 200 and r.headers["x-gpufleet-replica"] == good.name
+    assert len(hung.requests) == 1 and 0.4 <= took < 2.0
+    assert 'gpufleet_router_retries_total{replica="r0"} 1.0' in httpx.get(rr.url + "/metrics").text
+
+
+def test_a_suspect_replica_is_checked_at_once_and_ejected_when_the_check_fails(replicas, make_router) -> None:
+    hung, good = replicas(1, mode="hang", health_status=503)[0], replicas(1)[0]
+    settings = {"policy": "round_robin", "health": SLOW_HEALTH, "first_byte": {"floor_s": 0.3, "factor": 1.0}}
+    rr = make_router(replica_configs([hung, good]), settings=settings)
+    assert post(rr.url, chat("x", stream=True)).headers["x-gpufleet-replica"] == good.name
+    # the regular check is 60 s away: the failed attempt itself asked for this one
+    assert wait_for(lambda: not rr.router.replicas[0].healthy, timeout=2)
+    assert 'gpufleet_router_ejection_reasons_total{reason="active_check"} 1.0' in httpx.get(rr.url + "/metrics").text
+
+
+def test_first_byte_deadline_follows_the_plans_rates_and_the_queue(replicas, make_router) -> None:
+    from gpufleet.router.proxy import ProxyRequest
+    from gpufleet.router.types import RequestFeatures
+
+    rr = make_router(replica_configs(replicas(1)), settings={"first_byte": {"floor_s": 1, "factor": 2}})
+    r = rr.router.replicas[0]
+    r.prefill_tokens_per_s, r.decode_tokens_per_s = 1000.0, 50.0
+    group = rr.router.replicas.by_model["m"]
+
+    def req(tokens: int, stream: bool, budget: int) -> ProxyRequest:
+        f = RequestFeatures(model="m", prompt_tokens=tokens)
+        return ProxyRequest(None, "/v1/chat/completions", f, group, b"", b"", stream, None, None, budget)  # type: ignore[arg-type]
+
+    p = rr.router.proxy
+    assert p.first_byte_deadline_s(req(100, True, 10), r) == 1  # the floor
+    assert p.first_byte_deadline_s(req(4000, True, 10), r) == pytest.approx(8)  # 2 x 4000/1000
+    r.queued_prefill_tokens = 6000
+    assert p.first_byte_deadline_s(req(4000, True, 10), r) == pytest.approx(20)  # the queue ahead counts
+    assert p.first_byte_deadline_s(req(4000, False, 500), r) == pytest.approx(40)  # + 500/50 decode, x 2
+    assert p.first_byte_deadline_s(req(10**9, False, 500), r) == rr.router.settings.request_timeout_s
+
+
+def test_retries_stop_when_the_retry_budget_is_spent(replicas, make_router) -> None:
+    bad, good = replicas(1, mode="drop")[0], replicas(1)[0]
+    settings = {
+        "policy": "round_robin",
+        "health": {**SLOW_HEALTH, "eject_after_failures": 10},
+        "retry": {"budget_percent": 0, "min_retry_concurrency": 0},
+    }
+    rr = make_router(replica_configs([bad, good]), settings=settings)
+    got = [post(rr.url, chat(f"x{i}")) for i in range(2)]
+    failed = [g for g in got if g.status_code != 200]
+    assert len(failed) == 1 and "retry budget" in error_of(failed[0])["message"]
+    assert good.requests and len(bad.requests) == 1
+    assert "gpufleet_router_retry_budget_exhausted_total 1.0" in httpx.get(rr.url + "/metrics").text

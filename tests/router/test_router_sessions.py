@@ -15,7 +15,7 @@ from tests.router.router_fakes import chat, replica_configs, serve_process
 SECRET = "test-session-secret-0123456789"
 ENV = {"GPUFLEET_SESSION_SECRET": SECRET}
 # No active checks during a test: ejection comes from the proxied requests only.
-QUIET = {"health": {"interval_s": 60, "timeout_s": 0.5, "backoff_initial_s": 60, "backoff_max_s": 60}}
+QUIET = {"health": {"interval_s": 60, "timeout_s": 5, "backoff_initial_s": 60, "backoff_max_s": 60}}
 
 
 def turn(url: str, sid: str | None, text: str, *, system: str = "A long shared system prompt. " * 8, **headers: str):  # type: ignore[no-untyped-def]

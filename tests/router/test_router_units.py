@@ -11,6 +11,7 @@ from gpufleet.router import (
     errors,
     health,
     loader,
+    membership,
     prediction_cache,
     prefix,
     proxy,
@@ -132,7 +133,8 @@ def test_ejection_after_threshold_backoff_doubles_and_readmission_waits_for_it()
     r = ReplicaState(id="r", model="m")
     s = HealthSettings(eject_after_failures=2, backoff_initial_s=1, backoff_max_s=3)
     ejected: list[str] = []
-    t = health.HealthTracker(s, [r], clock=lambda: now[0], on_eject=lambda x: ejected.append(x.id))
+    peer = ReplicaState(id="peer", model="m")
+    t = health.HealthTracker(s, [r, peer], clock=lambda: now[0], on_eject=lambda x, kind, why: ejected.append(x.id))
     assert not t.failure(r) and r.healthy
     assert t.failure(r) and not r.healthy and ejected == ["r"]
     assert not t.check_passed(r)  # still inside the 1 s backoff
@@ -150,7 +152,7 @@ def test_ejection_after_threshold_backoff_doubles_and_readmission_waits_for_it()
 
 def test_success_resets_failures() -> None:
     r = ReplicaState(id="r", model="m")
-    t = health.HealthTracker(HealthSettings(eject_after_failures=2), [r])
+    t = health.HealthTracker(HealthSettings(eject_after_failures=2), [r, ReplicaState(id="peer", model="m")])
     t.failure(r)
     t.success(r)
     assert not t.failure(r) and r.healthy
@@ -211,7 +213,20 @@ def test_loader_reports_missing_file_and_bad_yaml(tmp_path) -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(app.__all__) == ["ROUTER_KEY", "Router", "create_app", "resolve_admin_token", "start"]
     assert sorted(proxy.__all__) == ["JSON", "Proxy", "ProxyRequest", "error_response"]
-    assert sorted(replicas.__all__) == ["ModelReplicas", "ReplicaSet"]
+    assert sorted(replicas.__all__) == [
+        "CONFIG_SOURCE",
+        "MembershipChange",
+        "MembershipListener",
+        "ModelReplicas",
+        "ReplicaSet",
+    ]
+    assert sorted(membership.__all__) == [
+        "ConfigReloader",
+        "ReloadResult",
+        "admin_routes",
+        "parse_replica",
+        "parse_replicas",
+    ]
     # The policies' API is pinned in test_router_plugins.py.
     assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
@@ -234,6 +249,7 @@ def test_public_api_is_pinned() -> None:
             "ConfigError",
             "Forbidden",
             "MalformedRequest",
+            "MembershipConflict",
             "NoHealthyReplica",
             "NoReplicaAvailable",
             "PromptTooLong",
@@ -244,6 +260,7 @@ def test_public_api_is_pinned() -> None:
             "UpstreamError",
             "UpstreamFailed",
             "UpstreamTimeout",
+            "replica_error_body",
         ]
     )
     assert sorted(upstream.__all__) == sorted(
@@ -266,6 +283,8 @@ def test_every_error_in_the_tree_is_drawn_in_the_errors_docstring_with_its_statu
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert name in doc
+        if not isinstance(cls, type):
+            continue  # a function (replica_error_body)
         if cls.__subclasses__() == [] and cls is not errors.ConfigError:
             assert f"{name}" in doc and str(cls.status) in doc.split(name, 1)[1].split("\n", 1)[0]
 

@@ -8,11 +8,19 @@ inserts its blocks (`on_routed`); generated tokens push older prefixes out (`on_
 ejected or restarted replica starts empty (`on_replica_reset`). A match shorter than
 `min_match_blocks` counts as none. This scorer also tells the profile how many blocks matched
 (`Candidates.matched_blocks`), which its decision reports.
+
+Events mode (precise): when the policy is built with a `kv_index` in its context (a
+`gpufleet.router.kvevents.index.KvIndex` fed by the engines' KV events), every replica whose
+event stream is live is matched against that one index, in one walk for all of them, and a
+routed request marks its blocks pending there (`KvIndex.expect`) until the engine's events
+confirm them. Replicas whose stream is not live (not yet heard, or silent past the watchdog's
+bound) keep using their approximate index, as without events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +28,9 @@ from gpufleet.router.policies import registry
 from gpufleet.router.policies.base import Candidates, PluginContext, Scorer
 from gpufleet.router.prefix import PrefixIndex
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
+
+if TYPE_CHECKING:
+    from gpufleet.router.kvevents.index import KvIndex
 
 __all__ = ["PrefixScorer"]
 
@@ -40,6 +51,13 @@ class PrefixScorer(Scorer):
         self.min_match_blocks = params.min_match_blocks
         self.block_size_tokens = ctx.settings.block_size_tokens
         self._indexes: dict[str, PrefixIndex] = {}
+        self.kv: KvIndex | None = ctx.context.get("kv_index")
+        self._clock: Callable[[], float] = ctx.clock
+
+    def bind(self, *, clock: Callable[[], float], **context: Any) -> None:
+        self._clock = clock
+        if "kv_index" in context:
+            self.kv = context["kv_index"]
 
     def index(self, replica: ReplicaState) -> PrefixIndex:
         """The replica's prefix index, sized from its declared KV capacity on first use."""
@@ -54,8 +72,12 @@ class PrefixScorer(Scorer):
         replicas = candidates.replicas
         if hashes:
             get = self._indexes.get
-            # `or`: an index not made yet (or still empty) comes from `index`, which makes it.
-            matched = [(get(r.id) or self.index(r)).match(hashes) for r in replicas]
+            kv = self.kv
+            if kv is None:
+                # `or`: an index not made yet (or still empty) comes from `index`, which makes it.
+                matched = [(get(r.id) or self.index(r)).match(hashes) for r in replicas]
+            else:
+                matched = self._match_events(kv, hashes, replicas)
             if self.min_match_blocks > 1:  # 0 and 1 leave every match as it is
                 min_match = self.min_match_blocks
                 matched = [m if m >= min_match else 0 for m in matched]
@@ -66,14 +88,31 @@ class PrefixScorer(Scorer):
         bt = self.block_size_tokens
         return [prompt - m * bt if m * bt < prompt else 0 for m in matched]
 
+    def _match_events(self, kv: KvIndex, hashes: Sequence[int], replicas: Sequence[ReplicaState]) -> list[int]:
+        """Exact replicas from the one events index (one walk), the others from their own index."""
+        exact = kv.exact
+        live = [r.id for r in replicas if exact(r.id)]
+        if len(live) == len(replicas):
+            return kv.match(hashes, live, self._clock())
+        by_id = dict(zip(live, kv.match(hashes, live, self._clock()))) if live else {}
+        get = self._indexes.get
+        return [
+            m if (m := by_id.get(r.id)) is not None else (get(r.id) or self.index(r)).match(hashes) for r in replicas
+        ]
+
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
-        if decision.replica is not None and features.block_hashes:
-            self.index(decision.replica).insert(features.block_hashes)
+        r = decision.replica
+        if r is not None and features.block_hashes:
+            kv = self.kv
+            if kv is not None and kv.exact(r.id):
+                kv.expect(r.id, features.block_hashes, self._clock())
+            else:
+                self.index(r).insert(features.block_hashes)
 
     def on_completed(
         self, features: RequestFeatures, replica: ReplicaState, *, ok: bool, output_tokens: int = 0
     ) -> None:
-        if ok and output_tokens > 0:
+        if ok and output_tokens > 0 and not (self.kv is not None and self.kv.exact(replica.id)):
             # Generated tokens occupy KV blocks too and push older prefixes out.
             self.index(replica).consume(output_tokens // self.block_size_tokens)
 
@@ -82,7 +121,12 @@ class PrefixScorer(Scorer):
         if idx is not None:
             idx.clear()
 
+    def on_replica_removed(self, replica_id: str) -> None:
+        self._indexes.pop(replica_id, None)  # its memory goes with it
+
     def cached_blocks(self, replica_id: str) -> int:
+        if self.kv is not None and self.kv.exact(replica_id):
+            return self.kv.blocks(replica_id)
         idx = self._indexes.get(replica_id)
         return len(idx) if idx is not None else 0
 

@@ -1,0 +1,72 @@
+"""The router's own block keys: a chained hash of each full block of token ids.
+
+    key[0] = xxh3_64(tokens[0:B],   seed = root)
+    key[i] = xxh3_64(tokens[iB:(i+1)B], seed = key[i-1])
+
+with the token ids as 4-byte little-endian integers (8 bytes for a vocabulary past 2**32) and
+`root` 0 for a plain prompt. Equal key at position i means equal tokens up to block i, which is
+what an engine's paged prefix cache shares. The router computes the keys of a prompt from its
+own tokenization and the keys of an engine's `BlockStored` event from the event's `token_ids`
+and the key of its parent block, so the engine's hash function and seed (vLLM's
+`PYTHONHASHSEED`, sha256 or not) never have to match the router's.
+
+A block whose hash covers more than its tokens (vLLM's `extra_keys`: a LoRA name, a cache salt,
+multimodal item hashes) gets its extra keys folded into the seed, so it never matches a plain
+prompt's block with the same tokens: the engine could not reuse it for one either.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from xxhash import xxh3_64_intdigest
+
+__all__ = ["block_keys", "extra_seed"]
+
+
+def _as_bytes(token_ids: Sequence[int]) -> tuple[memoryview, int]:
+    try:
+        arr = array("I", token_ids)
+    except OverflowError:
+        arr = array("Q", token_ids)
+    return memoryview(arr).cast("B"), arr.itemsize
+
+
+def block_keys(
+    token_ids: Sequence[int],
+    block_size: int,
+    parent: int = 0,
+    extras: Sequence[Any] | None = None,
+) -> list[int]:
+    """Chained keys of every full `block_size`-token block of `token_ids`, continuing from `parent`.
+
+    `extras[i]` (if given and not None) is folded into block i's seed (module docs). A trailing
+    partial block has no key: engines share only full blocks.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    n = len(token_ids) // block_size
+    if n == 0:
+        return []
+    buf, width = _as_bytes(token_ids if len(token_ids) == n * block_size else token_ids[: n * block_size])
+    step = block_size * width
+    out = [0] * n
+    h = parent
+    if extras is None:
+        for i in range(n):
+            h = xxh3_64_intdigest(buf[i * step : (i + 1) * step], seed=h)
+            out[i] = h
+        return out
+    for i in range(n):
+        extra = extras[i] if i < len(extras) else None
+        seed = h if extra is None else extra_seed(h, extra)
+        h = xxh3_64_intdigest(buf[i * step : (i + 1) * step], seed=seed)
+        out[i] = h
+    return out
+
+
+def extra_seed(parent: int, extra: Any) -> int:
+    """The seed of a block whose hash also covers `extra` (a tuple of str/int/bytes/tuples)."""
+    return xxh3_64_intdigest(repr(extra).encode(), seed=parent) or 1

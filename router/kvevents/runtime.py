@@ -1,0 +1,122 @@
+"""Precise mode in the server: tokenizer, index and event streams, built from the router config.
+
+`build(config, registry)` returns a `KvEvents` when `settings.kv_events.enabled` and a tokenizer
+loads, else None with one clear log line saying why routing stays approximate. The server passes
+`KvEvents.index` to the policy (`kv_index` context: the prefix scorer's source), starts and stops
+`streams` in its lifespan, and calls `refine` on every request's features: the prompt's tokens
+and block keys as the engine will see them replace the character-based estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+
+from gpufleet.router.config import ReplicaConfig, RouterConfig
+from gpufleet.router.kvevents import keys
+from gpufleet.router.kvevents.index import KvIndex
+from gpufleet.router.kvevents.subscriber import EventStreams, KvEventMetrics, StreamEndpoint
+from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
+from gpufleet.router.types import RequestFeatures
+
+__all__ = ["KvEvents", "build", "endpoint_of"]
+
+log = logging.getLogger("gpufleet.router.kvevents")
+
+
+def endpoint_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> StreamEndpoint | None:
+    """The replica's stream endpoints: as configured, else its url's host with the given ports."""
+    if replica.kv_events_endpoint is not None:
+        return StreamEndpoint(replica.kv_events_endpoint, replica.kv_events_replay_endpoint)
+    host = urlsplit(replica.url).hostname
+    if not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    replay = f"tcp://{host}:{replay_port}" if replay_port is not None else None
+    return StreamEndpoint(f"tcp://{host}:{port}", replay)
+
+
+class KvEvents:
+    """The server's precise-mode parts (module docs)."""
+
+    def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer, registry: CollectorRegistry) -> None:
+        s = config.settings
+        ke = s.kv_events
+        self.block_size = ke.block_size or s.block_size_tokens
+        self.tokenizer = tokenizer
+        self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
+        endpoints: dict[str, StreamEndpoint] = {}
+        for r in config.replicas:
+            self.index.add_replica(r.id, r.kv_capacity_tokens // self.block_size)
+            ep = endpoint_of(r, ke.port, ke.replay_port)
+            if ep is not None:
+                endpoints[r.id] = ep
+        self.metrics = KvEventMetrics(registry, endpoints)
+        self.streams = EventStreams(
+            self.index,
+            endpoints,
+            self.metrics,
+            topic=ke.topic,
+            silence_s=ke.silence_s,
+            replay_timeout_s=ke.replay_timeout_s,
+        )
+
+    async def refine(self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int) -> RequestFeatures:
+        """The features with the prompt's real token count and block keys (unchanged if unreadable)."""
+        ids = await self.tokenizer.encode_async(body, size_hint)
+        if not ids:
+            return features
+        bk = keys.block_keys(ids, self.block_size)
+        features.block_hashes = tuple(bk)
+        features.prompt_tokens = len(ids)
+        if bk:
+            features.affinity_key = bk[0]
+        return features
+
+    async def start(self) -> None:
+        await self.streams.start()
+
+    async def stop(self) -> None:
+        await self.streams.stop()
+        self.tokenizer.close()
+
+    def admin_view(self, replica_id: str) -> dict[str, Any] | None:
+        return self.streams.admin_view(replica_id)
+
+
+def build(config: RouterConfig, registry: CollectorRegistry) -> KvEvents | None:
+    """Precise mode if enabled and possible, else None (logged once: approximate routing)."""
+    s = config.settings
+    ke = s.kv_events
+    if not ke.enabled:
+        return None
+    if ke.block_size is not None and ke.block_size != s.block_size_tokens:
+        log.warning(
+            "kv events: block_size %d differs from block_size_tokens %d: the engines' block size (%d) is used",
+            ke.block_size,
+            s.block_size_tokens,
+            ke.block_size,
+        )
+    if ke.tokenizer is None:
+        log.warning(
+            "kv events: precise mode is off: no tokenizer configured (router.kv_events.tokenizer); "
+            "routing stays approximate"
+        )
+        return None
+    try:
+        tok = PromptTokenizer(ke.tokenizer, chat_template=ke.chat_template, inline_chars=ke.tokenize_inline_chars)
+    except TokenizerError as exc:
+        log.warning("kv events: precise mode is off: %s; routing stays approximate", exc)
+        return None
+    if not tok.has_template:
+        log.warning(
+            "kv events: %s has no chat template: chat prompts are tokenized without one and will not match "
+            "an engine that has one (set router.kv_events.chat_template)",
+            tok.path,
+        )
+    return KvEvents(config, tok, registry)

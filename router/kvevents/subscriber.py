@@ -1,0 +1,343 @@
+"""The router's side of the KV-event streams: one ZMQ SUB per replica, replay, reset, watchdog.
+
+Per replica (`EventStreams.run`, one task each):
+
+- SUB on the replica's endpoint, subscribed to the topic; every message is three frames
+  `(topic, seq, payload)` (`gpufleet.router.kvevents.wire`). Anything else is counted
+  (`malformed`) and skipped; a payload's unreadable events are counted (`malformed`,
+  `unknown_tag`) and the rest applied.
+- Sequence numbers: a duplicate (seq <= last, e.g. after a replay) is skipped; seq 0 after a
+  higher one means the engine restarted, so its index is cleared. A gap asks the replica's replay
+  endpoint (a DEALER speaking to vLLM's ROUTER: `[b"", start]`, answers `[b"", seq, payload]`
+  until `END_SEQ`) for the missing batches, waiting at most `replay_timeout_s`; if the replay
+  cannot fill the gap (no endpoint, timeout, the buffer rolled over) the replica's index is reset
+  (`resets`): forgetting is safe, a wrong belief is not.
+- State: a replica is `events` (exact) once its stream has spoken, `approximate` before. The
+  watchdog flips a replica back to `approximate` when a request was routed to it more than
+  `silence_s` ago and nothing arrived since: one warning log line, the gauge
+  `gpufleet_router_kv_state{replica,state}` and the admin view say so. The next message makes it
+  exact again (after the gap handling above).
+
+Nothing here raises out of a task on bad input or a dead peer: sockets reconnect by themselves
+(ZMQ), and an unexpected error is logged once per replica and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gpufleet.router.kvevents import wire
+from gpufleet.router.kvevents.index import KvIndex
+
+__all__ = ["EventStreams", "KvEventMetrics", "StreamEndpoint", "StreamStatus"]
+
+log = logging.getLogger("gpufleet.router.kvevents")
+
+STATES = ("events", "approximate")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEndpoint:
+    """Where one replica publishes: the PUB endpoint and, optionally, its replay ROUTER."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+
+
+@dataclass(slots=True)
+class StreamStatus:
+    """One replica's stream, as the admin view shows it."""
+
+    endpoint: StreamEndpoint
+    last_seq: int | None = None
+    messages: int = 0
+    replays: int = 0
+    resets: int = 0
+    malformed: int = 0
+    unknown_tags: int = 0
+    fallbacks: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class KvEventMetrics:
+    """The KV-event metrics, on the router's registry."""
+
+    def __init__(self, registry: CollectorRegistry, replicas: Iterable[str]) -> None:
+        p = "gpufleet_router_"
+        self.state = Gauge(
+            p + "kv_state",
+            "1 for the replica's KV-state source: events (exact, from its KV-event stream) or approximate",
+            ["replica", "state"],
+            registry=registry,
+        )
+        self.messages = Counter(p + "kv_event_batches", "KV-event batches applied", ["replica"], registry=registry)
+        self.problems = Counter(
+            p + "kv_event_problems",
+            "KV-event input the router could not use, by kind: malformed, unknown_tag, unknown_block, "
+            "unknown_parent, skipped, gap, replay, reset, fallback",
+            ["replica", "kind"],
+            registry=registry,
+        )
+        for rid in replicas:
+            self.set_state(rid, False)
+            self.messages.labels(rid)
+
+    def set_state(self, replica_id: str, exact: bool) -> None:
+        self.state.labels(replica_id, "events").set(1 if exact else 0)
+        self.state.labels(replica_id, "approximate").set(0 if exact else 1)
+
+    def problem(self, replica_id: str, kind: str, n: int = 1) -> None:
+        if n > 0:
+            self.problems.labels(replica_id, kind).inc(n)
+
+
+class EventStreams:
+    """Every replica's KV-event subscriber and the watchdog, fed into one `KvIndex`."""
+
+    def __init__(
+        self,
+        index: KvIndex,
+        endpoints: Mapping[str, StreamEndpoint],
+        metrics: KvEventMetrics,
+        *,
+        topic: str = "kv-events",
+        silence_s: float = 5.0,
+        replay_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.index = index
+        self.metrics = metrics
+        self.topic = topic.encode()
+        self.silence_s = silence_s
+        self.replay_timeout_s = replay_timeout_s
+        self.clock = clock
+        self.status: dict[str, StreamStatus] = {rid: StreamStatus(ep) for rid, ep in endpoints.items()}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._counted: dict[str, tuple[int, int, int, int]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect every subscriber and start the watchdog (inside the serving loop)."""
+        self._ctx = zmq.asyncio.Context()
+        for rid in self.status:
+            self._tasks.append(asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="kv-events-watchdog"))
+        log.info(
+            "kv events: subscribing to %d replicas; each routes approximately until its stream speaks",
+            len(self.status),
+        )
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    # -- one replica ------------------------------------------------------------------------------
+    async def _subscribe(self, rid: str) -> None:
+        assert self._ctx is not None
+        st = self.status[rid]
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        sub.connect(st.endpoint.endpoint)
+        replay: zmq.asyncio.Socket | None = None
+        logged = False
+        try:
+            if st.endpoint.replay_endpoint is not None:
+                # What the engine did before this router started: its replay buffer from seq 0.
+                replay = self._replay_socket(st.endpoint.replay_endpoint)
+                if not await self._replay_from(rid, replay, 0, None):
+                    replay.close(linger=0)  # it may answer late: a later replay starts a new socket
+                    replay = None
+            while True:
+                frames = await sub.recv_multipart()
+                try:
+                    replay = await self._handle(rid, frames, replay)
+                except Exception:  # a bug must not end the stream: log once, count, go on
+                    self.metrics.problem(rid, "error")
+                    if not logged:
+                        log.exception("kv events: replica %s: error applying a message", rid)
+                        logged = True
+        finally:
+            sub.close(linger=0)
+            if replay is not None:
+                replay.close(linger=0)
+
+    def _replay_socket(self, endpoint: str) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        return sock
+
+    async def _handle(
+        self, rid: str, frames: list[bytes], replay: zmq.asyncio.Socket | None
+    ) -> zmq.asyncio.Socket | None:
+        st = self.status[rid]
+        seq = wire.seq_from_bytes(frames[1]) if len(frames) == 3 else None
+        if seq is None or seq < 0:
+            st.malformed += 1
+            self.metrics.problem(rid, "malformed")
+            return replay
+        last = st.last_seq
+        if last is not None:
+            if seq == 0 and last > 0:
+                log.warning("kv events: replica %s restarted its sequence: its index is reset", rid)
+                self._reset(rid)
+                last = None
+            elif seq <= last:
+                return replay  # already applied (a replay overlapped the live stream)
+            elif seq > last + 1:
+                self.metrics.problem(rid, "gap")
+                if st.endpoint.replay_endpoint is not None:
+                    if replay is None:
+                        replay = self._replay_socket(st.endpoint.replay_endpoint)
+                    filled = await self._replay_from(rid, replay, last + 1, seq)
+                    if not filled:
+                        # A DEALER with an unanswered request would hold stale answers: start anew.
+                        replay.close(linger=0)
+                        replay = None
+                if st.last_seq is None or st.last_seq < seq - 1:
+                    log.warning(
+                        "kv events: replica %s missed batches %d..%d and replay could not fill them: index reset",
+                        rid,
+                        (st.last_seq if st.last_seq is not None else last) + 1,
+                        seq - 1,
+                    )
+                    self._reset(rid)
+        self._apply(rid, seq, frames[2])
+        return replay
+
+    async def _replay_from(self, rid: str, sock: zmq.asyncio.Socket, start: int, upto: int | None) -> bool:
+        """Ask for every batch from `start`; apply those in order. True when it reached `upto - 1`."""
+        st = self.status[rid]
+        st.replays += 1
+        self.metrics.problem(rid, "replay")
+        await sock.send_multipart((b"", start.to_bytes(8, "big")))
+        deadline = self.clock() + self.replay_timeout_s
+        while True:
+            left = deadline - self.clock()
+            if left <= 0 or not await sock.poll(left * 1000):
+                return False
+            frames = await sock.recv_multipart()
+            if frames and frames[0] == b"":
+                frames = frames[1:]
+            if len(frames) != 2:
+                st.malformed += 1
+                self.metrics.problem(rid, "malformed")
+                continue
+            seq = wire.seq_from_bytes(frames[0])
+            if seq is None:
+                st.malformed += 1
+                self.metrics.problem(rid, "malformed")
+                continue
+            if seq < 0:  # END_SEQ
+                return upto is None or (st.last_seq is not None and st.last_seq >= upto - 1)
+            if upto is not None and seq >= upto:
+                continue  # the live stream delivers it
+            last = st.last_seq
+            if last is not None and seq <= last:
+                continue
+            if last is not None and seq != last + 1:
+                return False  # the buffer no longer holds what is missing
+            if last is None and start > 0 and seq != start:
+                return False
+            self._apply(rid, seq, frames[1])
+
+    def _apply(self, rid: str, seq: int, payload: bytes) -> None:
+        st = self.status[rid]
+        res = wire.decode_batch(payload)
+        st.last_seq = seq
+        st.messages += 1
+        if res.malformed:
+            st.malformed += res.malformed
+            self.metrics.problem(rid, "malformed", res.malformed)
+        if res.unknown_tags:
+            st.unknown_tags += res.unknown_tags
+            self.metrics.problem(rid, "unknown_tag", res.unknown_tags)
+        index = self.index
+        index.apply(rid, res.events, self.clock())
+        self.metrics.messages.labels(rid).inc()
+        rb = index.replicas.get(rid)
+        if rb is not None:
+            c = rb.counters
+            now = (c.unknown_blocks, c.unknown_parent, c.skipped, c.overflows)
+            before = self._counted.get(rid, (0, 0, 0, 0))
+            for kind, n, b in zip(("unknown_block", "unknown_parent", "skipped", "overflow"), now, before):
+                self.metrics.problem(rid, kind, n - b)
+            self._counted[rid] = now
+        if index.set_exact(rid, True):
+            self.metrics.set_state(rid, True)
+            log.info("kv events: replica %s routes from its KV events (exact)", rid)
+
+    def _reset(self, rid: str) -> None:
+        st = self.status[rid]
+        st.resets += 1
+        st.last_seq = None
+        self.metrics.problem(rid, "reset")
+        self.index.clear(rid)
+
+    # -- the watchdog -------------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        period = max(0.05, min(1.0, self.silence_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.check()
+
+    def check(self) -> list[str]:
+        """Fall back to approximate for every exact replica silent past the bound; returns them."""
+        silent = self.index.silent(self.clock(), self.silence_s)
+        for rid in silent:
+            if self.index.set_exact(rid, False):
+                st = self.status.get(rid)
+                if st is not None:
+                    st.fallbacks += 1
+                self.metrics.set_state(rid, False)
+                self.metrics.problem(rid, "fallback")
+                log.warning(
+                    "kv events: replica %s sent no KV event for %.1f s after a request: routing it approximately",
+                    rid,
+                    self.silence_s,
+                )
+        return silent
+
+    def admin_view(self, rid: str) -> dict[str, Any] | None:
+        """The replica's KV-state row for /admin/replicas (None when it has no stream)."""
+        st = self.status.get(rid)
+        if st is None:
+            return None
+        rb = self.index.replicas.get(rid)
+        c = rb.counters if rb is not None else None
+        return {
+            "state": "events" if self.index.exact(rid) else "approximate",
+            "endpoint": st.endpoint.endpoint,
+            "replay_endpoint": st.endpoint.replay_endpoint,
+            "last_seq": st.last_seq,
+            "batches": st.messages,
+            "blocks": self.index.blocks(rid),
+            "replays": st.replays,
+            "resets": st.resets,
+            "fallbacks": st.fallbacks,
+            "malformed": st.malformed,
+            "unknown_tags": st.unknown_tags,
+            "unknown_blocks": c.unknown_blocks if c else 0,
+            "unknown_parent": c.unknown_parent if c else 0,
+            "skipped": c.skipped if c else 0,
+        }
