@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/replica_sim.py
 	$(PY) bench/router_overhead.py
 	$(PY) bench/controller_sim.py
+	$(PY) bench/autoscale_sim.py
 	$(PY) bench/routing.py
 
 preview: $(STAMP)

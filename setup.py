@@ -8,7 +8,12 @@ import os
 
 from setuptools import setup
 
-FOLDERS = {"gpufleet.infra": "infra", "gpufleet.provider_adapters": "provider_adapters", "gpufleet.router": "router"}
+FOLDERS = {
+    "gpufleet.infra": "infra",
+    "gpufleet.provider_adapters": "provider_adapters",
+    "gpufleet.router": "router",
+    "gpufleet.skills": "skills",  # data: the Agent Skills (`gpufleet skills install`)
+}
 
 
 def _packages() -> list[str]:

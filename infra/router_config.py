@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from gpufleet.infra.plan import Plan, ReplicaPlan
+from gpufleet.infra.plan import KvTierPlan, Plan, ReplicaPlan
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
 
 __all__ = ["render"]
+
+
+def _tiers(tiers: KvTierPlan | None) -> dict[str, float]:
+    """What the router's prefix scorer needs of a replica's CPU tier (nothing without one)."""
+    if tiers is None:
+        return {}
+    return {"cpu_kv_capacity_tokens": tiers.cpu_kv_tokens, "cpu_load_tokens_per_s": tiers.cpu_hit_tokens_per_s}
 
 
 def render(
@@ -47,6 +54,7 @@ def render(
                     max_concurrent_requests=dep.max_concurrent_requests,
                     prefill_tokens_per_s=perf[r.pool].prefill_tokens_per_s or None,
                     decode_tokens_per_s=perf[r.pool].decode_tokens_per_s or None,
+                    **_tiers(perf[r.pool].kv_tiers),
                 )
             )
     return RouterConfig(fleet=plan.fleet, settings=settings or plan.router, replicas=replicas)

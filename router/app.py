@@ -8,7 +8,7 @@ build as many routers as they like. `start(app, host, port)` runs it on an `AppR
 handler cancellation, so a client that disconnects cancels the handler and with it the upstream
 request.
 
-Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
+Routes: POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings go to the request pipeline
 (`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
 answered here; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
 /admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gpufleet.router import errors
+from gpufleet.router import errors, guard
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.engine_load import EngineLoadScraper
 from gpufleet.router.health import HealthChecker, HealthTracker
@@ -266,7 +266,9 @@ class Router:
             raise errors.Unauthorized(
                 "admin endpoints need `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
             )
-        if not hmac.compare_digest(value.strip().encode(), self.admin_token.encode()):
+        # aiohttp decodes header bytes with surrogateescape: compare the bytes the client sent
+        given = value.strip().encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self.admin_token.encode("utf-8", "surrogateescape")):
             raise errors.Forbidden("admin token rejected")
 
     async def admin_replicas(self, request: web.Request) -> web.Response:
@@ -325,14 +327,49 @@ _ROUTES = {
 
 async def _not_found(request: web.Request) -> web.Response:
     """Unknown path: 404; known path, wrong method: 405 with Allow. Both as OpenAI-style JSON."""
-    allowed = _ROUTES.get(request.path) or ("DELETE" if request.path.startswith("/admin/replicas/") else None)
+    # The path as sent: `/admin%2freplicas` is not `/admin/replicas` (an encoded slash is no slash).
+    raw = request.raw_path.split("?", 1)[0]
+    allowed = _ROUTES.get(raw) or ("DELETE" if raw.startswith("/admin/replicas/") else None)
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."
     exc = errors.RequestError(
-        f"{request.path} takes {allowed}, not {request.method}"
-        if allowed
-        else f"no route for {request.method} {request.path}"
+        f"{shown} takes {allowed}, not {request.method}" if allowed else f"no route for {request.method} {shown}"
     )
     exc.status, exc.code = (405, "method_not_allowed") if allowed else (404, "not_found")
     return error_response(exc, {"Allow": allowed} if allowed else None)
+
+
+def _http_exception_as_json(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (no route, unknown Expect, ...) in the API's JSON shape."""
+    err = errors.RequestError(exc.reason or "bad request")
+    err.status = exc.status
+    err.code = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}.get(exc.status)
+    return error_response(err)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error aiohttp raises itself (a request target no route can match: CONNECT, `OPTIONS *`)
+    is answered as JSON, like the router's own."""
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_exception_as_json(exc)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is honoured as aiohttp does; any other expectation gets a JSON 417."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version == aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's body has not started
+        return None
+    resp = _http_exception_as_json(web.HTTPExpectationFailed(reason="Unknown Expect"))
+    resp.force_close()
+    return resp
 
 
 def create_app(
@@ -358,7 +395,7 @@ def create_app(
         reload_interval_s=reload_interval_s,
     )
     # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
-    app = web.Application(client_max_size=config.settings.max_body_bytes)
+    app = web.Application(client_max_size=config.settings.max_body_bytes, middlewares=[_json_errors])
     app[ROUTER_KEY] = router
     app.cleanup_ctx.append(router.lifespan)
     proxy = router.proxy
@@ -369,16 +406,24 @@ def create_app(
     async def completions(request: web.Request) -> web.StreamResponse:
         return await proxy.handle(request, "/v1/completions")
 
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", router.models)
-    app.router.add_get("/health", router.health_endpoint)
-    app.router.add_get("/ready", router.ready)
-    app.router.add_get("/metrics", router.metrics_endpoint)
-    app.router.add_get("/admin/replicas", router.admin_replicas)
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/responses")
+
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/embeddings")
+
+    app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)
+    app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_post("/v1/responses", responses, expect_handler=_expect)
+    app.router.add_post("/v1/embeddings", embeddings, expect_handler=_expect)
+    app.router.add_get("/v1/models", router.models, expect_handler=_expect)
+    app.router.add_get("/health", router.health_endpoint, expect_handler=_expect)
+    app.router.add_get("/ready", router.ready, expect_handler=_expect)
+    app.router.add_get("/metrics", router.metrics_endpoint, expect_handler=_expect)
+    app.router.add_get("/admin/replicas", router.admin_replicas, expect_handler=_expect)
     for method, path, handler in admin_routes(router):
-        app.router.add_route(method, path, handler)
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+        app.router.add_route(method, path, handler, expect_handler=_expect)
+    app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)
     return app
 
 
@@ -386,11 +431,18 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
     """Serve `app` on host:port (0 = a free port); returns the runner (call `cleanup()`) and the port.
 
     Handler cancellation is on: a client disconnect cancels the handler and the upstream request.
+    A router app is served by `guard.GuardedAppRunner` (`router.server` limits and timeouts).
     """
     # Its shutdown timeout is the drain: how long running handlers may finish once the sites close.
     router = app.get(ROUTER_KEY)
-    drain_s = router.settings.drain_timeout_s if router is not None else 60.0
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s)
+    runner: web.AppRunner
+    if router is not None:  # the router's own server: connection limits, timeouts, JSON protocol errors
+        drain_s = router.settings.drain_timeout_s
+        runner = guard.GuardedAppRunner(
+            app, router.settings.server, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
+        )
+    else:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=60.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

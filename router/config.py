@@ -38,6 +38,7 @@ __all__ = [
     "RetrySettings",
     "RouterSettings",
     "ScorerRef",
+    "ServerSettings",
     "SessionSecret",
     "SessionSettings",
 ]
@@ -250,6 +251,18 @@ class KvEventsSettings(_Strict):
     )
 
 
+class ServerSettings(_Strict):
+    """Client-side connection limits of the router's HTTP server (production-proxy defaults)."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0, description="time to receive a request's head")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request's body")
+    idle_timeout_s: float = Field(default=75.0, gt=0, description="keep-alive connection idle between requests")
+    max_connections: int = Field(
+        default=10_000, ge=1, description="open client connections; more are closed at once (clamped to the fd limit)"
+    )
+    max_header_bytes: int = Field(default=16_384, ge=1024, description="bound on one header line")
+
+
 class AdminToken(_Strict):
     """Where the admin bearer token comes from: a reference, never the value."""
 
@@ -395,6 +408,7 @@ class RouterSettings(_Strict):
     max_retries: int = Field(default=2, ge=0, le=10, description="retries on another replica before the first byte")
     retry: RetrySettings = Field(default_factory=RetrySettings)
     first_byte: FirstByteSettings = Field(default_factory=FirstByteSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
     drain_timeout_s: float = Field(
@@ -453,6 +467,10 @@ class ReplicaConfig(_Strict):
     max_concurrent_requests: int = Field(ge=1)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's prefill rate")
     decode_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's per-request decode rate")
+    cpu_kv_capacity_tokens: int = Field(default=0, ge=0, description="KV tokens of its CPU tier (kv_offload)")
+    cpu_load_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="the plan's rate a CPU-tier hit moves to the GPU"
+    )
     kv_events_endpoint: str | None = Field(
         default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
     )

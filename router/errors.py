@@ -8,6 +8,7 @@
     │   ├── Unauthorized        401   admin endpoint without a bearer token
     │   ├── Forbidden           403   wrong admin token, or admin disabled (no token configured)
     │   ├── UnknownModel        404   no replica serves the requested model
+    │   ├── RequestTimeout      408   the body did not arrive within server.body_timeout_s
     │   ├── MembershipConflict  409   an admin change to a replica another source owns
     │   └── BodyTooLarge        413   body over settings.max_body_bytes
     ├── NoReplicaAvailable            no replica of the model can take the request now
@@ -40,6 +41,7 @@ __all__ = [
     "NoReplicaAvailable",
     "PromptTooLong",
     "RequestError",
+    "RequestTimeout",
     "RouterError",
     "Unauthorized",
     "UnknownModel",
@@ -112,6 +114,13 @@ class UnknownModel(RequestError):
 
     status = 404
     code = "model_not_found"
+
+
+class RequestTimeout(RequestError):
+    """The request body did not arrive within server.body_timeout_s."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class MembershipConflict(RequestError):

@@ -61,7 +61,8 @@ def tenant_of(authorization: str | None) -> str:
     """The tenant id of a request: a hash of its API key, never the key itself."""
     if not authorization:
         return ANONYMOUS_TENANT
-    return hashlib.sha256(authorization.strip().encode()).hexdigest()[:32]
+    # surrogateescape: aiohttp decoded the header's bytes so; non-UTF-8 keys hash as the bytes sent
+    return hashlib.sha256(authorization.strip().encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def is_cacheable(body: Mapping[str, Any]) -> bool:
@@ -81,7 +82,7 @@ def cache_key(tenant: str, model: str, body: Mapping[str, Any]) -> str:
     text = json.dumps(norm, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     h = hashlib.sha256()
     for part in (tenant, model, text):
-        h.update(part.encode())
+        h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()
 

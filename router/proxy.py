@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import Counter
 
-from gpufleet.router import errors, wire
+from gpufleet.router import errors, guard, wire
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.health import Failure, HealthTracker, classify_status
 from gpufleet.router.metrics import RouterMetrics
@@ -72,6 +74,9 @@ def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = No
     if extra:
         headers.update(extra)
     return web.Response(status=exc.status, body=exc.to_body(), content_type=JSON, headers=headers)
+
+
+_CACHED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass(slots=True, eq=False)
@@ -145,7 +150,7 @@ class Proxy:
 
     # -- validate, features, clamp, cache ---------------------------------------------------
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
-        """Handle POST /v1/chat/completions and /v1/completions."""
+        """Handle POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings."""
         cache_state: str | None = None
         try:
             raw, body = await self._read_json(request)
@@ -156,10 +161,11 @@ class Proxy:
             if group is None:
                 raise errors.UnknownModel(f"model {model!r} is not served by this fleet", param="model")
             chat = path.endswith("chat/completions")
+            field = wire.ENDPOINTS[path][0]
             if chat and not isinstance(body.get("messages"), list):
                 raise errors.MalformedRequest("`messages` must be a list", param="messages")
-            if not chat and not isinstance(body.get("prompt"), (str, list)):
-                raise errors.MalformedRequest("`prompt` must be a string or a list", param="prompt")
+            if not chat and not isinstance(body.get(field), (str, list)):
+                raise errors.MalformedRequest(f"`{field}` must be a string or a list", param=field)
             stream = body.get("stream") is True
             s = self.settings
             features = features_from_body(
@@ -174,11 +180,12 @@ class Proxy:
             if features.session_id is not None and self.sessions is not None:
                 token = request.headers.get(s.session.token_header)
                 features.session_replica = await self.sessions.resolve(token, features.session_id)
-            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, chat):
+            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path):
                 raw = json.dumps(body, separators=(",", ":")).encode()
 
             key = None
-            if self.cache is not None and is_cacheable(body):
+            # Answers are replayed in the chat/completions shapes: the other endpoints are not cached.
+            if self.cache is not None and path in _CACHED_PATHS and is_cacheable(body):
                 if "no-cache" in request.headers.get("Cache-Control", "").lower():
                     cache_state = "bypass"
                 else:
@@ -189,7 +196,7 @@ class Proxy:
                         return await _answer_from_cache(request, hit, body, stream)
                     cache_state = "miss"
                 self.metrics.cache.labels(cache_state).inc()
-            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, chat)
+            budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, path)
             req = ProxyRequest(
                 request,
                 path,
@@ -206,12 +213,31 @@ class Proxy:
         except errors.RouterError as exc:
             self.metrics.rejections.labels(str(exc.status)).inc()
             extra = {"x-gpufleet-cache": cache_state} if cache_state else None
-            return error_response(exc, extra)
+            resp = error_response(exc, extra)
+            if isinstance(exc, errors.RequestTimeout):
+                # Answer and close now: waiting for the rest of a late body (aiohttp lingers) is
+                # what the timeout is there to stop, and it must not be read as the next request.
+                resp.force_close()
+                await resp.prepare(request)
+                await resp.write_eof()
+                if request.transport is not None:
+                    request.transport.close()
+            return resp
+        except asyncio.CancelledError:
+            # The client disconnected (handler cancellation): the upstream request was dropped too.
+            self.metrics.cancelled.labels("disconnect").inc()
+            log.debug("request to %s cancelled: the client went away", path)
+            raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            raise  # the client went away mid-answer: nothing left to tell it
-        except Exception:
-            # A bug of ours must still answer in the API's shape, and must not leak details.
-            log.exception("unexpected error while proxying %s", path)
+            # the client went away mid-answer: nothing left to tell it
+            self.metrics.cancelled.labels("write_failed").inc()
+            log.debug("request to %s cancelled: the client closed the connection mid-answer", path)
+            raise
+        except Exception as exc:
+            # A bug of ours must still answer in the API's shape, and must not leak details; the
+            # traceback is logged at most once per kind of error per interval.
+            key = "bug:" + type(exc).__name__
+            guard.CLIENT_ERRORS.line(logging.ERROR, key, "unexpected error while proxying %s", path, exc_info=True)
             self.metrics.rejections.labels("500").inc()
             return error_response(errors.RouterError("internal router error"))
 
@@ -219,10 +245,19 @@ class Proxy:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        timeout_s = self.settings.server.body_timeout_s
         try:
-            raw = await request.read()  # the app's client_max_size is the same limit
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()  # the app's client_max_size is the same limit
         except web.HTTPRequestEntityTooLarge:
             raise errors.BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
+        except TimeoutError:
+            raise errors.RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
+        except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, aiohttp.ClientPayloadError) as exc:
+            # a body that does not inflate (Content-Encoding) or breaks its chunked framing
+            cause = exc.__cause__ or exc
+            what = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+            raise errors.MalformedRequest(f"request body could not be read: {str(what).strip()[:160]}") from None
         return raw, wire.parse_body(raw)
 
     # -- route and retry --------------------------------------------------------------------

@@ -61,6 +61,8 @@ def _replica_state(config: ReplicaConfig) -> ReplicaState:
         url=config.url.rstrip("/"),
         prefill_tokens_per_s=config.prefill_tokens_per_s,
         decode_tokens_per_s=config.decode_tokens_per_s,
+        cpu_kv_capacity_tokens=config.cpu_kv_capacity_tokens,
+        cpu_load_tokens_per_s=config.cpu_load_tokens_per_s,
     )
 
 

@@ -32,7 +32,8 @@ except ModuleNotFoundError:  # pragma: no cover
 
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process (unlike `hash()`), for rendezvous ties."""
-    return xxh3_64_intdigest(text.encode())
+    # surrogatepass: a header decoded with surrogateescape (non-UTF-8 bytes) still hashes
+    return xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(slots=True)

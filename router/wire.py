@@ -17,30 +17,78 @@ from gpufleet.router.config import SessionSettings
 __all__ = ["clamp_output", "output_budget", "parse_body", "session_id", "usage_from_sse_chunk", "usage_numbers"]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; `MalformedRequest` when it is not one."""
+    """The request body as a JSON object of valid Unicode text; `MalformedRequest` when it is not one.
+
+    Refused, each with a 400 saying why: bytes that are not UTF-8, JSON that does not parse,
+    nesting deeper than the parser's recursion limit, `NaN`/`Infinity` (not JSON), integers
+    too long to convert, and strings with a lone surrogate escape (`"\ud800"`: not text, so no
+    engine can tokenize it; engines answer those with a 500).
+    """
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.MalformedRequest(f"request body is not UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise errors.MalformedRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise errors.MalformedRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer over the conversion limit
+        raise errors.MalformedRequest(f"request body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(body, dict):
         raise errors.MalformedRequest("request body must be a JSON object")
+    if "\\u" in text and _has_lone_surrogate(body):
+        raise errors.MalformedRequest("request body has a lone UTF-16 surrogate escape: it is not valid Unicode text")
     return body
 
 
-def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool) -> bool:
+def _has_lone_surrogate(body: Any) -> bool:
+    """True when a key or string anywhere in `body` cannot be encoded as UTF-8."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (RecursionError, ValueError):
+        raise errors.MalformedRequest("request body is nested too deeply") from None
+    return False
+
+
+# Per proxied endpoint: the body field holding the prompt, and the fields holding the output budget.
+ENDPOINTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "/v1/chat/completions": ("messages", ("max_tokens", "max_completion_tokens")),
+    "/v1/completions": ("prompt", ("max_tokens",)),
+    "/v1/responses": ("input", ("max_output_tokens",)),
+    "/v1/embeddings": ("input", ()),
+}
+
+
+def _budget_fields(chat: bool | str) -> tuple[str, tuple[str, ...]]:
+    if isinstance(chat, str):
+        return ENDPOINTS[chat]
+    return ENDPOINTS["/v1/chat/completions" if chat else "/v1/completions"]
+
+
+def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool | str) -> bool:
     """Clamp the output budget so prompt + output fit `limit` (max_model_len); True if `body` changed.
 
-    Raises `PromptTooLong` when the prompt alone does not fit, `MalformedRequest` for a budget
-    that is not a positive integer.
+    `chat` is True/False for chat/completions, or the endpoint's path (`ENDPOINTS`). Raises
+    `PromptTooLong` when the prompt alone does not fit, `MalformedRequest` for a budget that is
+    not a positive integer.
     """
+    param, fields = _budget_fields(chat)
     if prompt_tokens >= limit:
         raise errors.PromptTooLong(
             f"the prompt (about {prompt_tokens} tokens) does not fit this model's context of {limit} tokens",
-            param="messages" if chat else "prompt",
+            param=param,
         )
     changed = False
-    for field in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+    for field in fields:
         v = body.get(field)
         if v is None:
             continue
@@ -52,9 +100,11 @@ def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: boo
     return changed
 
 
-def output_budget(body: Mapping[str, Any], prompt_tokens: int, limit: int, chat: bool) -> int:
+def output_budget(body: Mapping[str, Any], prompt_tokens: int, limit: int, chat: bool | str) -> int:
     """The most tokens the answer may have: the (clamped) budget asked for, else what the context leaves."""
-    asked = [body.get(f) for f in (("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))]
+    if chat == "/v1/embeddings":
+        return 1  # an embedding generates no tokens: only its prompt's prefill counts
+    asked = [body.get(f) for f in _budget_fields(chat)[1]]
     given = [v for v in asked if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     return min(given) if given else max(1, limit - prompt_tokens)
 

@@ -26,6 +26,7 @@ from gpufleet.infra.cli import (
     render,
     replica_sim,
     router,
+    skills,
     up,
 )
 from gpufleet.infra.cli._common import group
@@ -64,7 +65,7 @@ def _root(
     """
 
 
-for _module in (init, fleet, render, preview, up, router, replica_sim, discover, catalog, controller, bench):
+for _module in (init, fleet, render, preview, up, router, replica_sim, discover, catalog, controller, bench, skills):
     _module.register(app)
 
 

@@ -22,6 +22,8 @@ from gpufleet.infra.cli.render_manifests import register_manifests
 
 render_app = group("Render the plan for a backend: router config, manifests.")
 
+DEFAULT_URL_TEMPLATE = f"http://{names.replica_host('{id}', '{deployment}', '{namespace}')}:{{port}}"
+
 CONFIG_FORMATS = {"yaml": "what `router serve --config` reads", "json": "the same data as JSON"}
 
 
@@ -38,7 +40,7 @@ def router_config(
             help="Base URL of each replica; {id}, {deployment}, {pool}, {index}, {port}, {namespace} are filled "
             "in [default: the in-cluster Service, http://{id}.{deployment}.{namespace}.svc.cluster.local:{port}].",
         ),
-    ] = f"http://{names.replica_host('{id}', '{deployment}', '{namespace}')}:{{port}}",
+    ] = DEFAULT_URL_TEMPLATE,
     catalog: CatalogOpt = None,
 ) -> None:
     """Write the router's config from the plan.
@@ -55,6 +57,14 @@ def router_config(
 
     with user_errors(*declaration_errors()):
         p = plan_mod.compile_file(file, catalog)
+        if url_template == DEFAULT_URL_TEMPLATE and p.pools and all(pool.cloud == "local" for pool in p.pools):
+            # In-cluster Service names do not resolve here, and a local replica's port is only
+            # chosen when `gpufleet up` starts it (up renders the router's config itself).
+            raise UserError(
+                f"{file}: every pool is `cloud: local`, so there are no Service URLs to write and replica "
+                "ports are chosen when `gpufleet up` starts them; run `gpufleet up` (it serves the router), "
+                "or give --url-template for replicas you run yourself, e.g. 'http://127.0.0.1:{port}'"
+            )
         ports = {d.name: d.port for d in p.deployments}
 
         def url(r) -> str:

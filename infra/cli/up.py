@@ -134,6 +134,13 @@ def register(app: typer.Typer) -> None:
             float, typer.Option(help="seconds a simulated replica or the router may take to start")
         ] = 60.0,
         supervise_interval_s: Annotated[float, typer.Option(help="seconds between supervision rounds")] = 1.0,
+        autoscale: Annotated[
+            bool,
+            typer.Option(
+                help="run the autoscaling decision each round: replicas between min and max by pool priority "
+                "(off: standbys are promoted for min_replicas and by load)"
+            ),
+        ] = True,
     ) -> None:
         """Run a local fleet: replicas, standbys, router; until Ctrl-C.
 
@@ -157,6 +164,7 @@ def register(app: typer.Typer) -> None:
                 router_port=port,
                 ready_timeout_s=ready_timeout_s,
                 on_event=lambda m: console.print(f"[yellow]{m}[/]", highlight=False),
+                autoscale=autoscale,
             )
             console.print(_replica_table(rt))
             env = rt.settings.admin_token.env

@@ -296,12 +296,11 @@ def scale(
         desired = bounded if want is None else want
         desired_out[dep.name] = desired
         mem = memory.get(dep.name, DeploymentMemory())
-        total = cur_total
+        total = bounded  # outside min/max: back inside at once; the signal then moves it on
         auto = dep.autoscaling
         if bounded != cur_total:
-            total = bounded  # outside min/max: at once
-            mem = replace(mem, up_since_s=None, down_since_s=None, last_change_s=now_s)
-        elif desired > cur_total:
+            mem = replace(mem, last_change_s=now_s)
+        if desired > total:
             since = mem.up_since_s if mem.up_since_s is not None else now_s
             mem = replace(mem, up_since_s=since, down_since_s=None)
             delay = auto.scale_up_delay_s if auto else 0.0
@@ -310,7 +309,7 @@ def scale(
                 mem = replace(mem, up_since_s=None, last_change_s=now_s)
             else:
                 notes.append((dep.name, f"scale up to {desired} in {delay - (now_s - since):.0f}s"))
-        elif desired < cur_total:
+        elif desired < total:
             since = mem.down_since_s if mem.down_since_s is not None else now_s
             mem = replace(mem, down_since_s=since, up_since_s=None)
             delay = auto.scale_down_delay_s if auto else 0.0
@@ -371,11 +370,11 @@ def scale(
         if placed < dep.min_replicas:
             notes.append((dep.name, f"below min_replicas: {placed} of {dep.min_replicas} placed"))
 
-    actions = tuple(
-        ScaleAction(k[0], k[1], current[k], targets[k], reasons.get(k, "rebalance"))
-        for k in targets
-        if targets[k] != current[k]
-    )
+    # Removals first, lowest priority first; then additions, highest priority first.
+    prio = {(d.name, s.pool): s.priority for d in facts.deployments for s in d.chain}
+    changed = [k for k in targets if targets[k] != current[k]]
+    changed.sort(key=lambda k: (targets[k] > current[k], prio[k] if targets[k] < current[k] else -prio[k]))
+    actions = tuple(ScaleAction(k[0], k[1], current[k], targets[k], reasons.get(k, "rebalance")) for k in changed)
     return ScaleDecision(
         targets=targets,
         actions=actions,

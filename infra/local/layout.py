@@ -30,7 +30,7 @@ class LocalReplica:
     kind: Literal["sim", "engine"]
     port: int = 0
     url: str = ""
-    state: Literal["starting", "active", "warm", "dead", "stopped"] = "starting"
+    state: Literal["starting", "active", "warm", "dead", "retiring", "stopped"] = "starting"
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
     promoted_at: float | None = None
@@ -44,6 +44,12 @@ class LocalReplica:
     backoff_s: float = 0.0
     exits: list[tuple[float, int]] = field(default_factory=list, repr=False)
     """(time, exit code) of its recent exits: a crash loop is several in a short time."""
+    fresh: bool = False
+    """Added at run time (autoscaling) and not ready yet: not in the router's membership."""
+    unready_since: float | None = None
+    """Asked for and not ready since then (new, or dead): how long a slot has been Pending."""
+    retire_by: float | None = None
+    """While retiring (out of the router, finishing its requests): when it is stopped regardless."""
 
     @property
     def pid(self) -> int | None:

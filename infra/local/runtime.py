@@ -38,7 +38,9 @@ import httpx
 import yaml
 
 from gpufleet.infra import router_config
+from gpufleet.infra.controller.autoscale import AutoscaleSettings
 from gpufleet.infra.local import processes
+from gpufleet.infra.local.autoscaler import LocalAutoscaler
 from gpufleet.infra.local.layout import LocalReplica, layout, pool_perf
 from gpufleet.infra.local.supervisor import Supervisor
 from gpufleet.infra.plan import DeploymentPlan, Plan, PoolPerf, ReplicaPlan
@@ -122,6 +124,8 @@ class LocalRuntime:
         scale_up_utilization: float = 0.9,
         python: str = sys.executable,
         on_event: Callable[[str], None] | None = None,
+        autoscale: bool = False,
+        autoscale_settings: AutoscaleSettings | None = None,
     ) -> None:
         check_local(plan)
         self.plan = plan
@@ -168,6 +172,9 @@ class LocalRuntime:
         self.supervisor = Supervisor(
             self, waiting_per_replica=scale_up_waiting_per_replica, utilization=scale_up_utilization
         )
+        self.autoscaler: LocalAutoscaler | None = LocalAutoscaler(self, autoscale_settings) if autoscale else None
+        """With `autoscale`: each supervision round runs `controller.autoscale.scale` (standby
+        promotion by load and for min_replicas is then its job)."""
         for d in stale:
             self.emit(f"removed stale work directory {d} (left by a gpufleet up that was killed)")
 
@@ -324,27 +331,40 @@ class LocalRuntime:
         self._router_watch.start()
 
     # -- the router ----------------------------------------------------------------------
+    def members(self) -> list[LocalReplica]:
+        """The replicas the router should know: all but new ones not ready yet and retiring ones
+        (a dead replica keeps its place: it restarts on the same URL)."""
+        return [r for r in self.replicas if not r.fresh and r.state not in ("retiring", "stopped")]
+
     def router_config_for_run(self) -> RouterConfig:
-        """The router config: `router_config.render` over the plan plus the standby replicas."""
-        warm: dict[str, list[ReplicaPlan]] = {}
-        for rep in self.replicas:
-            if rep.role == "warm":
-                idx = len(warm.setdefault(rep.deployment, []))
-                warm[rep.deployment].append(
-                    ReplicaPlan(
-                        id=rep.id, deployment=rep.deployment, pool=rep.pool, priority=rep.priority, index=1000 + idx
-                    )
-                )
+        """The router config: `router_config.render` over the plan with the runtime's members
+        (planned replicas, standbys, replicas added by autoscaling) in place of the plan's list."""
+        by_dep: dict[str, list[ReplicaPlan]] = {}
+        for rep in self.members():
+            mine = by_dep.setdefault(rep.deployment, [])
+            mine.append(
+                ReplicaPlan(id=rep.id, deployment=rep.deployment, pool=rep.pool, priority=rep.priority, index=len(mine))
+            )
         plan = self.plan.model_copy(
             update={
                 "deployments": [
-                    d.model_copy(update={"replicas": [*d.replicas, *warm.get(d.name, [])]})
-                    for d in self.plan.deployments
+                    d.model_copy(update={"replicas": by_dep.get(d.name, [])}) for d in self.plan.deployments
                 ]
             }
         )
         urls = {r.id: r.url for r in self.replicas}
         return router_config.render(plan, urls, self.settings)
+
+    def update_router_membership(self) -> bool:
+        """Tell the running router the members changed: rewrite its config file (atomically; a
+        restarted router reads it too) and SIGHUP it to reload now. True if the router was told."""
+        with self.lock:
+            if self.router_proc is None or self.router_proc.poll() is not None:
+                return False
+            self._write_router_config()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.router_proc.pid, signal.SIGHUP)
+            return True
 
     def _write_router_config(self) -> Path:
         cfg = self.router_config_for_run()

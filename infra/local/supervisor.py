@@ -99,6 +99,8 @@ class Supervisor:
         rep.exits = [e for e in rep.exits if now - e[0] < RESET_AFTER_S] + [(now, code)]
         rep.backoff_s = BACKOFF_INITIAL_S if rep.backoff_s == 0 else min(BACKOFF_MAX_S, rep.backoff_s * 2)
         rep.state, rep.restart_at, rep.ready_by = "dead", now + rep.backoff_s, None
+        if rep.role == "active" and rep.unready_since is None:
+            rep.unready_since = now
         from gpufleet.infra.local import processes
 
         ran = now - rep.started_at
@@ -107,10 +109,12 @@ class Supervisor:
             msg += f"; crash loop: {len(rep.exits)} exits in {RESET_AFTER_S:.0f}s{processes.log_tail(rep.log_path, 3)}"
         self.rt.emit(f"{msg}; restarting in {rep.backoff_s:g}s")
 
-    def _heal(self, now: float) -> None:
-        """Deaths, failed starts, restarts due, starts that became ready."""
+    def _heal(self, now: float) -> bool:
+        """Deaths, failed starts, restarts due, starts that became ready. True if a new replica
+        became ready (it joins the router's membership)."""
         rt = self.rt
-        for rep in rt.replicas:
+        joined = False
+        for rep in list(rt.replicas):
             if rep.proc is None or rep.state == "stopped":
                 continue
             code = rep.proc.poll()
@@ -118,7 +122,10 @@ class Supervisor:
                 self._died(rep, code, now, "exited" if rep.state != "starting" else "exited while starting")
             elif rep.state == "starting" and rep.ready_by is not None:
                 if rt.replica_ready(rep):
-                    rt.emit(f"replica {rep.id} (pool {rep.pool}) restarted on {rep.url} ({rep.role})")
+                    how = "ready" if rep.fresh else "restarted"
+                    rt.emit(f"replica {rep.id} (pool {rep.pool}) {how} on {rep.url} ({rep.role})")
+                    joined |= rep.fresh
+                    rep.fresh, rep.unready_since = False, None
                 elif now > rep.ready_by:
                     rt.stop_replica(rep, grace_s=1.0)
                     self._died(rep, rep.proc.returncode or -9, now, "did not become ready; killed")
@@ -130,6 +137,7 @@ class Supervisor:
                     rt.start_replica(rep)
                 except Exception as exc:  # a start that cannot even spawn is an exit like any other
                     self._died(rep, -1, now, f"could not start ({exc})")
+        return joined
 
     def _report_strength(self, now: float) -> None:
         """Say when a deployment falls below min_replicas (and why), and when it is back."""
@@ -162,8 +170,16 @@ class Supervisor:
             if rt.stopped or rt.draining:
                 return []
             now = time.monotonic()
-            self._heal(now)
+            joined = self._heal(now)
             self._report_strength(now)
+            if rt.autoscaler is not None:  # the autoscaling decision replaces the promotions below
+                rt.autoscaler.round()
+                if joined:
+                    rt.update_router_membership()
+                self._report_strength(time.monotonic())
+                return rt.events[before:]
+            if joined:
+                rt.update_router_membership()
             for dep in rt.plan.deployments:
                 live = [r for r in rt.replicas if r.deployment == dep.name and r.state == "active"]
                 short = dep.min_replicas - len(live)

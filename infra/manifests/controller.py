@@ -11,6 +11,7 @@ from typing import Any
 
 from gpufleet.infra import names
 from gpufleet.infra.manifests import _k8s
+from gpufleet.infra.manifests import pools as _pools
 from gpufleet.infra.manifests.router import CONFIG_DIR
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan
@@ -49,7 +50,13 @@ def _labels(plan: Plan) -> dict[str, str]:
 
 
 def _plan_text(plan: Plan) -> str:
-    return json.dumps(plan.to_json_dict(), indent=2, sort_keys=True) + "\n"
+    data = plan.to_json_dict()
+    # A CapacityBuffer holds a buffered pool's declared warm nodes: the controller's placeholder
+    # floor there is 0, so its extra warmth comes on top of the buffer instead of doubling it.
+    for pool_json, pool in zip(data["pools"], plan.pools):
+        if _pools.buffered(plan, pool):
+            pool_json["warm_nodes"] = 0
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def controller_configmap(plan: Plan) -> dict[str, Any]:

@@ -370,6 +370,19 @@ class KvIndex:
             if rb.exact and rb.awaiting_since_s is not None and now - rb.awaiting_since_s > bound_s
         ]
 
+    def held_from(self, block_keys: Sequence[int], replica_id: str, start: int, medium: str) -> int:
+        """How many of `block_keys[start:]`, leading, the replica holds in `medium` (a lower tier)."""
+        rb = self.replicas.get(replica_id)
+        holders = self._holders.get(medium)
+        if rb is None or not holders:
+            return 0
+        bit, n = rb.bit, 0
+        for k in block_keys[start:]:
+            if not holders.get(k, 0) & bit:
+                break
+            n += 1
+        return n
+
     def blocks(self, replica_id: str, medium: str = GPU) -> int:
         """Distinct keys the replica holds in `medium`."""
         rb = self.replicas.get(replica_id)

@@ -80,7 +80,7 @@ class PluginContext:
 class Candidates:
     """The replicas a profile scores for one request, and what its scorers share about them."""
 
-    __slots__ = ("features", "matched_blocks", "reason", "replicas")
+    __slots__ = ("features", "matched_blocks", "reason", "replicas", "uncached_tokens")
 
     def __init__(self, features: RequestFeatures, replicas: Sequence[ReplicaState]) -> None:
         self.features = features
@@ -91,6 +91,9 @@ class Candidates:
         """Per replica, the prompt's leading blocks it is predicted to hold: set by the scorer that
         `provides_matches` (the prefix scorer), read by scorers that depend on it and by the
         profile for its `Decision`."""
+        self.uncached_tokens: list[float] | None = None
+        """Per replica, the prefill-token equivalent of the prompt's part it does not hold on its GPU
+        (a lower tier's transfer cost included): set with `matched_blocks` by the prefix scorer."""
 
 
 class Hooks:

@@ -13,7 +13,8 @@ from yarl import URL
 
 __all__ = ["COMPLETION_PATHS", "HOP_BY_HOP", "UpstreamTarget", "forward_headers"]
 
-COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Every path the router proxies (router.wire.ENDPOINTS): request lines are built once per replica.
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 """The OpenAI-compatible paths the router proxies to a replica."""
 
 # RFC 9110 hop-by-hop headers, plus ones the proxy recomputes itself.
@@ -36,15 +37,23 @@ HOP_BY_HOP = frozenset(
     )
 )
 """Headers that are not passed on, in either direction (lower case)."""
-_HOP_BY_HOP_AND_TYPE = HOP_BY_HOP | {"content-type"}
+_HOP_BY_HOP_AND_TYPE = HOP_BY_HOP | {"content-type", "content-encoding"}
 
 
 def forward_headers(headers: Iterable[tuple[str, str]]) -> bytes:
-    """The client's end-to-end headers as request-head lines (Content-Type is set by the proxy)."""
+    """The client's end-to-end headers as request-head lines.
+
+    Not forwarded: the hop-by-hop headers, every header the `Connection` header names (RFC 9110
+    §7.6.1), `Content-Type` and `Content-Length` (the proxy sets them) and `Content-Encoding`
+    (the server inflated the body, so the forwarded body is plain).
+    """
+    items = list(headers)
+    drop = _HOP_BY_HOP_AND_TYPE
+    named = [v for k, v in items if k.lower() == "connection"]
+    if named:
+        drop = drop | {t.strip().lower() for v in named for t in v.split(",") if t.strip()}
     # aiohttp decoded the header bytes as UTF-8 with surrogateescape: encode them back alike.
-    return "".join(f"{k}: {v}\r\n" for k, v in headers if k.lower() not in _HOP_BY_HOP_AND_TYPE).encode(
-        "utf-8", "surrogateescape"
-    )
+    return "".join(f"{k}: {v}\r\n" for k, v in items if k.lower() not in drop).encode("utf-8", "surrogateescape")
 
 
 class UpstreamTarget:

@@ -290,3 +290,11 @@ def test_facts_from_the_local_plan() -> None:
     }
     d = a.scale(f, observed, {}, a.AutoscaleState(), 0.0)
     assert not d.actions
+
+
+def test_actions_list_removals_lowest_priority_first_then_additions_highest_first() -> None:
+    f = facts(auto(target=10))
+    down = a.scale(f, obs(top=4, mid=3, low=2), {"llama": a.LoadSample(0, 20)}, a.AutoscaleState(), 0.0)
+    assert [(x.pool, x.target) for x in down.actions] == [("low", 0), ("mid", 0), ("top", 2)]
+    up = a.scale(f, obs(top=1), {"llama": a.LoadSample(0, 90)}, a.AutoscaleState(), 0.0)
+    assert [(x.pool, x.target) for x in up.actions] == [("top", 4), ("mid", 3), ("low", 2)]

@@ -137,3 +137,16 @@ def test_tables_show_the_tiers():
     p = compile_text(text("{cpu_gib: 64}"))
     out = report.markdown(p)
     assert "524,288" in out and "PCIe Gen4" in out
+
+
+def test_the_router_config_carries_each_replicas_cpu_tier_from_the_plan():
+    from gpufleet.infra import router_config
+    from gpufleet.router.replicas import ReplicaSet
+
+    p = compile_text(text("{cpu_gib: 64}"))
+    cfg = router_config.render(p, lambda r: f"http://{r.id}:8000")
+    t = p.deployment("llama").pools[0].kv_tiers
+    assert all(r.cpu_kv_capacity_tokens == t.cpu_kv_tokens for r in cfg.replicas)
+    assert all(r.cpu_load_tokens_per_s == t.cpu_hit_tokens_per_s for r in cfg.replicas)
+    states = list(ReplicaSet(cfg.replicas))
+    assert states[0].cpu_kv_capacity_tokens == t.cpu_kv_tokens

@@ -55,3 +55,15 @@ def test_validate_says_1_deployment_not_1_deployments():
     res = runner.invoke(app, ["validate", str(FLEET)])
     assert res.exit_code == 0
     assert "2 pools, 1 deployment," in res.output
+
+
+def test_render_router_config_of_a_local_fleet_says_why_it_has_no_urls(tmp_path):
+    res = runner.invoke(app, ["init", "--model", "Qwen/Qwen3-0.6B", "--cloud", "local", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    fleet = str(tmp_path / "fleet.yaml")
+    refused = runner.invoke(app, ["render", "router-config", fleet])
+    assert refused.exit_code == 1
+    assert "gpufleet up" in refused.output and "--url-template" in refused.output
+    given = runner.invoke(app, ["render", "router-config", fleet, "--url-template", "http://127.0.0.1:{port}"])
+    assert given.exit_code == 0, given.output
+    assert "url: http://127.0.0.1:8000" in given.stdout

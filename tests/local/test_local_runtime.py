@@ -233,3 +233,73 @@ def test_a_stale_work_directory_of_a_killed_up_is_removed(tmp_path, monkeypatch)
     finally:
         rt.stop()
     assert not rt.workdir.exists()
+
+
+AUTOSCALED = """\
+fleet: t-auto
+clouds:
+  local: {host: 127.0.0.1}
+nodepools:
+  - {name: top, cloud: local, instance_type: g6.xlarge, priority: 10, min_nodes: 1, max_nodes: 2}
+  - {name: next, cloud: local, instance_type: g5.xlarge, priority: 5, min_nodes: 0, max_nodes: 3, warm_nodes: 1}
+deployments:
+  - name: qwen
+    model: Qwen/Qwen3-0.6B
+    min_replicas: 1
+    max_replicas: 4
+    max_model_len: 4096
+    max_concurrent_requests: 16
+    autoscaling: {signal: in_flight, target: 2, scale_up_delay_s: 0, scale_down_delay_s: 1}
+router:
+  health: {interval_s: 0.2, timeout_s: 1.0, backoff_initial_s: 0.2, backoff_max_s: 0.5}
+"""
+
+
+def _active(rt: LocalRuntime) -> dict[str, int]:
+    out = {"top": 0, "next": 0}
+    for r in rt.replicas:
+        if r.role == "active" and r.state == "active":
+            out[r.pool] += 1
+    return out
+
+
+@pytest.mark.slow
+def test_autoscaling_fills_the_top_pool_then_the_next_and_scales_down_lowest_first(tmp_path):
+    (tmp_path / "fleet.yaml").write_text(AUTOSCALED)
+    p = plan.compile_file(str(tmp_path / "fleet.yaml"))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w", autoscale=True) as rt:
+        assert _active(rt) == {"top": 1, "next": 0}
+        body = {"model": "Qwen/Qwen3-0.6B", "prompt": "a long one", "max_tokens": 1500, "ignore_eos": True}
+        done: list[int] = []
+
+        def call() -> None:
+            r = httpx.post(rt.endpoint + "/v1/completions", json=body, timeout=120)
+            done.append(r.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        # 8 in flight at 2 per replica: 4 replicas, the top pool's 2 first, then 2 in the next pool
+        events = _until(rt, lambda: _active(rt) == {"top": 2, "next": 2}, timeout_s=60)
+        assert any("promoted warm replica qwen-next-warm0 (pool next)" in e for e in events)
+        assert any("starting replica qwen-top-1 (pool top)" in e for e in events)
+        new_next = [r.id for r in rt.replicas if r.pool == "next" and r.role == "active" and r.id != "qwen-next-warm0"]
+        assert len(new_next) == 1
+        assert rt.wait_routable(["qwen-top-1", "qwen-next-warm0", *new_next], timeout_s=15)
+        for t in threads:
+            t.join(120)
+        assert done == [200] * 8
+        # idle: back to min_replicas, the next pool emptied first, its warm standby given back
+        events = _until(
+            rt,
+            lambda: (
+                _active(rt) == {"top": 1, "next": 0}
+                and any(r.pool == "next" and r.role == "warm" and r.state == "warm" for r in rt.replicas)
+            ),
+            timeout_s=60,
+        )
+        downs = [e for e in events if e.startswith("autoscale qwen on")]
+        assert downs and "next" in downs[0]
+        assert rt.router_view().get(new_next[0]) is None  # it left the router
+        r = httpx.post(rt.endpoint + "/v1/completions", json={**body, "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200

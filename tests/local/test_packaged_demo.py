@@ -22,7 +22,7 @@ def test_the_stacks_copy_of_the_embedded_fleet_equals_the_package_data():
 
 @pytest.mark.slow
 def test_demo_runs_from_another_directory_when_installed_from_the_wheel(tmp_path):
-    """Build the wheel, install it (without the repository on the path) and run the demo in tmp."""
+    """Build the wheel, install it (without the repository on the path), install the skills and run the demo in tmp."""
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
@@ -31,7 +31,9 @@ def test_demo_runs_from_another_directory_when_installed_from_the_wheel(tmp_path
         timeout=240,
     )
     (wheel,) = wheels.glob("gpufleet-*.whl")
-    assert "gpufleet/infra/data/fleets/local.yaml" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gpufleet/infra/data/fleets/local.yaml" in names
+    assert "gpufleet/skills/gpufleet-plan-ci/SKILL.md" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
@@ -59,6 +61,17 @@ def test_demo_runs_from_another_directory_when_installed_from_the_wheel(tmp_path
         check=True,
     )
     assert where.stdout.strip().startswith(str(venv)), where.stdout  # the wheel's copy, not the repository's
+
+    skills = subprocess.run(
+        [str(venv / "bin" / "gpufleet"), "skills", "install", "--target", "assistant"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert skills.returncode == 0, skills.stderr
+    assert (work / "assistant" / "gpufleet-plan-ci" / "SKILL.md").is_file()
 
     done = subprocess.run(
         [str(venv / "bin" / "gpufleet"), "demo", "--requests", "20"],

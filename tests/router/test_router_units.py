@@ -254,6 +254,7 @@ def test_public_api_is_pinned() -> None:
             "NoReplicaAvailable",
             "PromptTooLong",
             "RequestError",
+            "RequestTimeout",
             "RouterError",
             "Unauthorized",
             "UnknownModel",

@@ -7,8 +7,9 @@ greedy choice by `ttft` alone leaves a replica's cache as soon as a queue forms 
 the re-prefill with everyone's later first tokens: charging the added work once more keeps
 requests on their cache until the queue costs more than twice the prefill saved (measured in
 docs/routing.md, *cache_aware*). With equal cache credit on equally fast replicas it is the same
-everywhere, so the cost still reduces to the load balance. The matched blocks come from the
-profile's `prefix` scorer (without one, the whole prompt).
+everywhere, so the cost still reduces to the load balance. The uncached prompt comes from the
+profile's `prefix` scorer (`Candidates.uncached_tokens`, a lower tier's transfer included; without
+one, the whole prompt).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class AddedPrefill(Scorer):
         matched = candidates.matched_blocks
         rate = self.default_rate
         reps = candidates.replicas
+        uncached = candidates.uncached_tokens
+        if uncached is not None:
+            return [u / (r.prefill_tokens_per_s or rate) for r, u in zip(reps, uncached)]
         if matched is None:
             return [prompt / (r.prefill_tokens_per_s or rate) for r in reps]
         return [max(0, prompt - m * bt) / (r.prefill_tokens_per_s or rate) for r, m in zip(reps, matched)]

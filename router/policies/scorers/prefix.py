@@ -15,6 +15,18 @@ event stream is live is matched against that one index, in one walk for all of t
 routed request marks its blocks pending there (`KvIndex.expect`) until the engine's events
 confirm them. Replicas whose stream is not live (not yet heard, or silent past the watchdog's
 bound) keep using their approximate index, as without events.
+
+Lower KV tiers (a replica with `cpu_kv_capacity_tokens`, the plan's kv_offload): a hit in the
+CPU tier is not free, it costs its transfer. In the same unit (prefill tokens), the blocks that
+continue the GPU match in the CPU tier count as
+
+    tier_tokens x prefill_tokens_per_s / cpu_load_tokens_per_s + tier_load_latency_s x prefill_tokens_per_s
+
+instead of `tier_tokens` (and as `tier_tokens` when that is less: the engine then recomputes).
+Approximate mode predicts the tier with a second index per replica, of GPU + CPU capacity:
+what it matches beyond the GPU index is in the CPU tier (blocks the GPU evicted move there).
+Events mode reads the tier exactly from the engine's `medium="CPU"` events when the replica
+publishes them, and falls back to the prediction when it does not.
 """
 
 from __future__ import annotations
@@ -46,11 +58,16 @@ class PrefixScorer(Scorer):
         min_match_blocks: int = Field(
             default=1, ge=0, description="below this many matched blocks a match counts as none"
         )
+        tier_load_latency_s: float = Field(
+            default=0.002, ge=0, description="fixed cost of one load from a lower tier, seconds"
+        )
 
     def __init__(self, params: Params, ctx: PluginContext) -> None:
         self.min_match_blocks = params.min_match_blocks
+        self.tier_load_latency_s = params.tier_load_latency_s
         self.block_size_tokens = ctx.settings.block_size_tokens
         self._indexes: dict[str, PrefixIndex] = {}
+        self._deep: dict[str, PrefixIndex] = {}  # GPU + CPU tier, for replicas with a CPU tier
         self.kv: KvIndex | None = ctx.context.get("kv_index")
         self._clock: Callable[[], float] = ctx.clock
 
@@ -65,6 +82,34 @@ class PrefixScorer(Scorer):
         if idx is None:
             idx = self._indexes[replica.id] = PrefixIndex(replica.kv_capacity_tokens // self.block_size_tokens)
         return idx
+
+    def deep_index(self, replica: ReplicaState) -> PrefixIndex | None:
+        """The replica's GPU + CPU-tier prediction (None without a CPU tier)."""
+        if not replica.cpu_kv_capacity_tokens:
+            return None
+        idx = self._deep.get(replica.id)
+        if idx is None:
+            blocks = (replica.kv_capacity_tokens + replica.cpu_kv_capacity_tokens) // self.block_size_tokens
+            idx = self._deep[replica.id] = PrefixIndex(blocks)
+        return idx
+
+    def _tier_saving(self, r: ReplicaState, hashes: Sequence[int], m: int, prompt: int) -> float:
+        """Prefill tokens a CPU-tier continuation of a GPU match of `m` blocks saves on `r`."""
+        rate, prefill = r.cpu_load_tokens_per_s, r.prefill_tokens_per_s
+        deep = self.deep_index(r)
+        if deep is None or not rate or not prefill:
+            return 0.0
+        bt = self.block_size_tokens
+        kv = self.kv
+        if kv is not None and kv.exact(r.id) and kv.blocks(r.id, "CPU"):
+            more = kv.held_from(hashes, r.id, m, "CPU")
+        else:
+            more = max(0, deep.match(hashes) - m)
+        tier_tokens = min(more * bt, max(0, prompt - 1 - m * bt))
+        if tier_tokens <= 0:
+            return 0.0
+        cost = tier_tokens * prefill / rate + self.tier_load_latency_s * prefill
+        return tier_tokens - cost if cost < tier_tokens else 0.0
 
     def score(self, candidates: Candidates) -> Sequence[float]:
         f = candidates.features
@@ -86,7 +131,13 @@ class PrefixScorer(Scorer):
         candidates.matched_blocks = matched
         prompt = f.prompt_tokens
         bt = self.block_size_tokens
-        return [prompt - m * bt if m * bt < prompt else 0 for m in matched]
+        out: list[float] = [prompt - m * bt if m * bt < prompt else 0 for m in matched]
+        if hashes:
+            for i, r in enumerate(replicas):
+                if r.cpu_kv_capacity_tokens:
+                    out[i] -= self._tier_saving(r, hashes, matched[i], prompt)
+        candidates.uncached_tokens = out
+        return out
 
     def _match_events(self, kv: KvIndex, hashes: Sequence[int], replicas: Sequence[ReplicaState]) -> list[int]:
         """Exact replicas from the one events index (one walk), the others from their own index."""
@@ -108,6 +159,9 @@ class PrefixScorer(Scorer):
                 kv.expect(r.id, features.block_hashes, self._clock())
             else:
                 self.index(r).insert(features.block_hashes)
+            deep = self.deep_index(r)
+            if deep is not None:
+                deep.insert(features.block_hashes)
 
     def on_completed(
         self, features: RequestFeatures, replica: ReplicaState, *, ok: bool, output_tokens: int = 0
@@ -115,14 +169,20 @@ class PrefixScorer(Scorer):
         if ok and output_tokens > 0 and not (self.kv is not None and self.kv.exact(replica.id)):
             # Generated tokens occupy KV blocks too and push older prefixes out.
             self.index(replica).consume(output_tokens // self.block_size_tokens)
+        if ok and output_tokens > 0:
+            deep = self.deep_index(replica)
+            if deep is not None:
+                deep.consume(output_tokens // self.block_size_tokens)
 
     def on_replica_reset(self, replica_id: str) -> None:
-        idx = self._indexes.get(replica_id)
-        if idx is not None:
-            idx.clear()
+        for indexes in (self._indexes, self._deep):
+            idx = indexes.get(replica_id)
+            if idx is not None:
+                idx.clear()
 
     def on_replica_removed(self, replica_id: str) -> None:
         self._indexes.pop(replica_id, None)  # its memory goes with it
+        self._deep.pop(replica_id, None)
 
     def cached_blocks(self, replica_id: str) -> int:
         if self.kv is not None and self.kv.exact(replica_id):

@@ -22,8 +22,9 @@ reported beyond this router's own requests *at the sample* is the other routers'
 older than `stale_after_s` is ignored. Foreign waiting requests are priced at the mean uncached
 prefill of the requests this router routed (it sees the same traffic mix).
 
-The uncached prompt comes from `Candidates.matched_blocks`, set by the scorer that provides
-matches (`prefix`, approximate or from engine events); without one the whole prompt is uncached.
+The uncached prompt comes from the scorer that provides matches (`prefix`, approximate or from
+engine events): `Candidates.uncached_tokens` (a lower KV tier's transfer cost included), else
+`matched_blocks`; without one the whole prompt is uncached.
 With equal cache credit everywhere the score orders replicas by the work queued on them and their
 decode load alone: the best load balance. A replica without rates in its config falls back to
 `default_prefill_tokens_per_s` and `default_decode_tokens_per_s`.
@@ -71,7 +72,7 @@ class TtftScorer(Scorer):
         """Mean uncached prefill of the requests routed so far (EWMA): the price of a foreign request."""
         self._routed = 0
 
-    def estimate(self, r: ReplicaState, uncached_tokens: int, now: float) -> float:
+    def estimate(self, r: ReplicaState, uncached_tokens: float, now: float) -> float:
         """Estimated seconds to first token of a request needing `uncached_tokens` of prefill on `r`."""
         p = self.params
         ahead = float(r.queued_prefill_tokens)
@@ -92,9 +93,12 @@ class TtftScorer(Scorer):
     def score(self, candidates: Candidates) -> Sequence[float]:
         prompt = candidates.features.prompt_tokens
         bt = self.block_size_tokens
-        matched = candidates.matched_blocks
         now = self.clock()
         estimate = self.estimate
+        uncached = candidates.uncached_tokens
+        if uncached is not None:
+            return [estimate(r, u, now) for r, u in zip(candidates.replicas, uncached)]
+        matched = candidates.matched_blocks
         if matched is None:
             return [estimate(r, prompt, now) for r in candidates.replicas]
         return [estimate(r, max(0, prompt - m * bt), now) for r, m in zip(candidates.replicas, matched)]

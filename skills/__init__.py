@@ -1,0 +1,1 @@
+"""The Agent Skills shipped with gpufleet (data only: `gpufleet skills install` copies them)."""
