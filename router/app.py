@@ -42,6 +42,7 @@ from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import MembershipChange, ReplicaSet
 from gpufleet.router.sessions import SessionBinder
+from gpufleet.router.tenant import TenantResolver
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
 from gpufleet.router.upstream.request import COMPLETION_PATHS, UpstreamTarget
@@ -116,7 +117,15 @@ class Router:
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
         self.proxy = Proxy(
-            s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache, self.sessions
+            s,
+            self.replicas,
+            self.policy,
+            self.metrics,
+            self.health,
+            self.upstream,
+            self.cache,
+            TenantResolver(s.tenant, environ),
+            sessions=self.sessions,
         )
         self.proxy.kv = self.kv
         self.draining = False

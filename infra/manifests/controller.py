@@ -251,6 +251,9 @@ def controller_deployment(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAU
     digest = hashlib.sha256(_plan_text(plan).encode()).hexdigest()[:16]
     mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": name}}]
+    tmp_mount, tmp_volume = _k8s.writable_tmp()
+    mounts.append(tmp_mount)
+    volumes.append(tmp_volume)
     if options.controller_kubeconfig_secret:
         mounts.append({"name": "kubeconfig", "mountPath": KUBECONFIG_DIR, "readOnly": True})
         volumes.append({"name": "kubeconfig", "secret": {"secretName": options.controller_kubeconfig_secret}})
