@@ -26,9 +26,12 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 __all__ = [
     "AdminToken",
     "CacheAwareSettings",
+    "DiscoverySettings",
+    "DiscoveryTarget",
     "FilterRef",
     "FirstByteSettings",
     "HealthSettings",
+    "KubernetesDiscovery",
     "KvEventsSettings",
     "PickerRef",
     "PredictionCacheSettings",
@@ -40,6 +43,8 @@ __all__ = [
     "ScorerRef",
     "ServerSettings",
     "SessionSettings",
+    "TenantHeader",
+    "TenantSettings",
 ]
 
 
@@ -69,6 +74,9 @@ class PredictionCacheSettings(_Strict):
         description="environment variable holding the redis URL (it may carry a password, so never the URL itself)",
     )
     key_prefix: str = Field(default="gpufleet:pc:", description="prefix of the redis keys")
+    require_tenant: bool = Field(
+        default=True, description="cache only requests that name a tenant (anonymous ones would share answers)"
+    )
 
 
 class CacheAwareSettings(_Strict):
@@ -212,6 +220,50 @@ class ServerSettings(_Strict):
     max_header_bytes: int = Field(default=16_384, ge=1024, description="bound on one header line")
 
 
+class TenantHeader(_Strict):
+    """A request header that names the tenant; `trusted_cidrs` limits who may set it (a gateway)."""
+
+    name: str = Field(min_length=1)
+    trusted_cidrs: list[str] = Field(
+        default_factory=list,
+        description="peer addresses allowed to set it (a gateway that authenticated the client); empty: anyone, "
+        "for a credential header whose value is a secret",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("trusted_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (like 10.0.0.0/8 or 127.0.0.1/32)") from None
+        return value
+
+
+def _default_tenant_headers() -> list[TenantHeader]:
+    return [TenantHeader(name=n) for n in ("authorization", "api-key", "x-api-key")]
+
+
+class TenantSettings(_Strict):
+    """How the router tells tenants apart: the first of `headers` present (a hash of its value)."""
+
+    headers: list[TenantHeader] = Field(default_factory=_default_tenant_headers, min_length=1)
+    salt_key_env: str = Field(
+        default="GPUFLEET_CACHE_SALT_KEY",
+        min_length=1,
+        description="environment variable holding the key the kv isolation's cache_salt is derived from "
+        "(set the same one on every router instance; without it each process draws its own)",
+    )
+
+
 class AdminToken(_Strict):
     """Where the admin bearer token comes from: a reference, never the value."""
 
@@ -351,6 +403,15 @@ class RouterSettings(_Strict):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     first_byte: FirstByteSettings = Field(default_factory=FirstByteSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    tenant: TenantSettings = Field(default_factory=TenantSettings)
+    tenant_isolation: Literal["none", "prediction_cache", "kv"] = Field(
+        default="kv",
+        description="none: tenants share every cache; prediction_cache: cached answers per tenant; kv: also "
+        "the engines' prefix cache (vLLM cache_salt) and the router's prefix index (docs/router.md)",
+    )
+    hide_cached_tokens: bool = Field(
+        default=False, description="drop usage.prompt_tokens_details.cached_tokens from answers to clients"
+    )
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
     drain_timeout_s: float = Field(
@@ -419,6 +480,55 @@ class ReplicaConfig(_Strict):
     kv_events_replay_endpoint: str | None = Field(default=None, description="its replay ROUTER endpoint")
 
 
+class DiscoveryTarget(_Strict):
+    """One (deployment, pool) whose ready Kubernetes endpoints join the router, with what the plan
+    knows about its replicas (nothing of this is read from the pod)."""
+
+    deployment: str = Field(min_length=1, description="the value of the deployment label")
+    pool: str = Field(min_length=1, description="the value of the pool label")
+    model: str = Field(min_length=1)
+    priority: int
+    kv_capacity_tokens: int = Field(ge=0)
+    max_model_len: int = Field(ge=1)
+    max_concurrent_requests: int = Field(ge=1)
+    prefill_tokens_per_s: float | None = Field(default=None, gt=0)
+    decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    port: str | int = Field(
+        default="http", description="the EndpointSlice port (name or number) of the engine's HTTP API"
+    )
+    scheme: Literal["http", "https"] = "http"
+
+
+class KubernetesDiscovery(_Strict):
+    """Watch `discovery.k8s.io/v1` EndpointSlices in one namespace (docs/router.md)."""
+
+    namespace: str = Field(min_length=1)
+    label_selector: str = Field(
+        min_length=1, description="selects the slices of the fleet's (deployment, pool) Services"
+    )
+    deployment_label: str = Field(default="gpufleet.io/deployment", min_length=1)
+    pool_label: str = Field(default="gpufleet.io/pool", min_length=1)
+    targets: list[DiscoveryTarget] = Field(min_length=1)
+    kubeconfig: str | None = Field(default=None, description="kubeconfig file; none: the in-cluster service account")
+    watch_timeout_s: int = Field(default=300, ge=1, description="server-side timeout of one watch request")
+    backoff_initial_s: float = Field(default=0.5, gt=0, description="first wait after an API error")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="longest wait between retries")
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> KubernetesDiscovery:
+        keys = [(t.deployment, t.pool) for t in self.targets]
+        dup = sorted({f"{d}/{p}" for d, p in keys if keys.count((d, p)) > 1})
+        if dup:
+            raise ValueError(f"duplicate (deployment, pool) targets: {', '.join(dup)}")
+        return self
+
+
+class DiscoverySettings(_Strict):
+    """Where replicas are discovered at run time, besides the listed `replicas`."""
+
+    kubernetes: KubernetesDiscovery | None = None
+
+
 class RouterConfig(_Strict):
     """Everything the router needs, rendered from the plan."""
 
@@ -426,6 +536,7 @@ class RouterConfig(_Strict):
     fleet: str
     settings: RouterSettings = Field(default_factory=RouterSettings)
     replicas: list[ReplicaConfig]
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
