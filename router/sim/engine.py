@@ -171,7 +171,12 @@ def simulate(
         for _ in range(routers):
             kv = KvIndex(bs, pending_ttl_s=fleet.settings.kv_events.pending_ttl_s)
             for spec in fleet.replicas:
-                kv.add_replica(spec.id, spec.engine.num_blocks, exact=True)
+                kv.add_replica(
+                    spec.id,
+                    spec.engine.num_blocks,
+                    exact=True,
+                    tier_capacity_blocks=spec.engine.cpu_capacity_tokens // bs,
+                )
             kv_indexes.append(kv)
     pols: list[Policy] = []
     for r_i in range(routers):
@@ -200,8 +205,14 @@ def simulate(
             for kind, h, _, _ in log:
                 if kind == "stored":
                     kv.stored(rid, (h,), (h,))
-                else:
+                elif kind == "removed":
                     kv.removed(rid, (h,))
+                else:  # a lower tier's "stored:CPU" / "removed:DISK"
+                    what, medium = kind.split(":", 1)
+                    if what == "stored":
+                        kv.stored(rid, (h,), (h,), medium)
+                    else:
+                        kv.removed(rid, (h,), medium)
 
     for i, stored in enumerate(_preload(workload, engines)):
         for kv in kv_indexes:  # events mode: the engines published these blocks when they cached them
