@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast lint typecheck bench preview clean
+.PHONY: install demo test test-fast lint typecheck bench preview clean lock images image-rootfs
 
-$(STAMP): pyproject.toml setup.py
+# The locked versions (images/locks/dev.txt) are constraints: tests run what the images ship.
+$(STAMP): pyproject.toml setup.py images/locks/dev.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c images/locks/dev.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -43,11 +44,23 @@ preview: $(STAMP)
 
 # mypy --strict on the router and the pure core of infra (the modules listed in TYPED).
 TYPED := -p gpufleet.router -p gpufleet.infra.spec -m gpufleet.infra.catalog -p gpufleet.infra.plan -m gpufleet.infra.names \
-	-m gpufleet.infra.router_config -p gpufleet.infra.manifests -m gpufleet.infra.controller.autoscale
+	-m gpufleet.infra.router_config -p gpufleet.infra.manifests -m gpufleet.infra.controller.autoscale -m gpufleet.infra.version
 typecheck: $(STAMP)
 	@mkdir -p build/mypy/gpufleet
 	@for d in infra router provider_adapters; do ln -sfn ../../../$$d build/mypy/gpufleet/$$d; done
 	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml $(TYPED)
+
+# Re-pin every Python dependency (images/locks/*.txt) after changing pyproject.toml.
+lock: $(STAMP)
+	$(PY) images/lock.py
+
+# The router and controller images with docker or podman (REGISTRY=..., PUSH=1): images/README.md.
+images:
+	bash images/build.sh
+
+# The same images without a container runtime: Debian packages (mmdebstrap) + umoci, as root.
+image-rootfs: $(STAMP)
+	PYTHON=$(PY) bash images/rootfs.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -8,7 +8,7 @@ build as many routers as they like. `start(app, host, port)` runs it on an `AppR
 handler cancellation, so a client that disconnects cancels the handler and with it the upstream
 request.
 
-Routes: POST /v1/chat/completions and /v1/completions go to the request pipeline
+Routes: POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings go to the request pipeline
 (`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
 answered here; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
 /admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
@@ -40,6 +40,7 @@ from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import MembershipChange, ReplicaSet
+from gpufleet.router.tenant import TenantResolver
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
 from gpufleet.router.upstream.request import COMPLETION_PATHS, UpstreamTarget
@@ -111,7 +112,16 @@ class Router:
         self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
-        self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+        self.proxy = Proxy(
+            s,
+            self.replicas,
+            self.policy,
+            self.metrics,
+            self.health,
+            self.upstream,
+            self.cache,
+            TenantResolver(s.tenant, environ),
+        )
         self.proxy.kv = self.kv
         self.draining = False
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
@@ -379,8 +389,16 @@ def create_app(
     async def completions(request: web.Request) -> web.StreamResponse:
         return await proxy.handle(request, "/v1/completions")
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/responses")
+
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, "/v1/embeddings")
+
     app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)
     app.router.add_post("/v1/completions", completions, expect_handler=_expect)
+    app.router.add_post("/v1/responses", responses, expect_handler=_expect)
+    app.router.add_post("/v1/embeddings", embeddings, expect_handler=_expect)
     app.router.add_get("/v1/models", router.models, expect_handler=_expect)
     app.router.add_get("/health", router.health_endpoint, expect_handler=_expect)
     app.router.add_get("/ready", router.ready, expect_handler=_expect)

@@ -39,7 +39,7 @@ def _content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, Mapping):
                 kind = part.get("type")
-                if kind == "text":
+                if kind in ("text", "input_text", "output_text"):  # chat parts; Responses API parts
                     parts.append(str(part.get("text", "")))
                 elif kind == "image_url":
                     url = part.get("image_url")
@@ -52,11 +52,43 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+def _render_input(body: Mapping[str, Any]) -> str:
+    """The `input` of a Responses (with its `instructions` as the system turn) or Embeddings body.
+
+    Message items render as chat messages do, so a shared instructions + history prefix maps to
+    the same blocks; a list of strings or token ids (embeddings) renders whole, in order.
+    """
+    out: list[str] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        out += ["system", _ROLE_SEP, instructions, _MSG_SEP]
+    items = body.get("input")
+    if isinstance(items, str):
+        if out:  # a Responses turn: the input is the user's message
+            out += ["user", _ROLE_SEP, items, _MSG_SEP]
+        else:
+            out.append(items)
+        return "".join(out)
+    if not isinstance(items, list):
+        return "".join(out)
+    for item in items:
+        if isinstance(item, Mapping) and "role" in item:
+            out += [str(item.get("role", "")), _ROLE_SEP, _content_text(item.get("content")), _MSG_SEP]
+        elif isinstance(item, Mapping):  # function calls and their outputs: their JSON-ish text
+            out += [str(item), _MSG_SEP]
+        elif isinstance(item, list):  # embeddings: a list of token-id lists
+            out += [" ".join(str(t) for t in item), _MSG_SEP]
+        else:  # embeddings: strings, or one list of token ids
+            out += [str(item), " " if isinstance(item, int) else _MSG_SEP]
+    return "".join(out)
+
+
 def render_prompt(body: Mapping[str, Any]) -> str:
     """Render a chat or completions request body to the text whose prefix the KV cache shares.
 
     Chat: every message as `role<US>content<RS>`, in order (tool calls included as JSON-ish
-    text). Completions: the `prompt` string (or the first of a list of strings).
+    text). Completions: the `prompt` string (or the first of a list of strings). Responses and
+    Embeddings: `instructions` and `input` (`_render_input`).
     """
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -71,6 +103,8 @@ def render_prompt(body: Mapping[str, Any]) -> str:
                 out.append(str(m["tool_calls"]))
             out.append(_MSG_SEP)
         return "".join(out)
+    if "input" in body:
+        return _render_input(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return prompt
@@ -83,13 +117,13 @@ def render_prompt(body: Mapping[str, Any]) -> str:
     return ""
 
 
-def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
-    """Chained xxhash of every full `block_chars`-character block of `text`."""
+def block_hashes(text: str, block_chars: int, seed: int = 0) -> tuple[int, ...]:
+    """Chained xxhash of every full `block_chars`-character block of `text` (the chain starts at `seed`)."""
     if block_chars <= 0:
         raise ValueError("block_chars must be positive")
     n = len(text) // block_chars
     out = [0] * n
-    h = 0
+    h = seed
     for i in range(n):
         h = xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass"), seed=h)
         out[i] = h
@@ -103,11 +137,16 @@ def features_from_body(
     block_size_tokens: int,
     chars_per_token: float,
     session_id: str | None = None,
+    salt: str | None = None,
 ) -> RequestFeatures:
-    """Build the policy's view of a request from its parsed body."""
+    """Build the policy's view of a request from its parsed body.
+
+    With `salt` (a tenant's, under `tenant_isolation: kv`) the block chain starts from it, so
+    equal prompts of two tenants share no block, as in the engines' salted caches.
+    """
     text = render_prompt(body)
     block_chars = max(1, int(block_size_tokens * chars_per_token))
-    hashes = block_hashes(text, block_chars)
+    hashes = block_hashes(text, block_chars, stable_hash(salt) if salt else 0)
     if hashes:
         key = hashes[0]
     else:

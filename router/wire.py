@@ -59,19 +59,36 @@ def _has_lone_surrogate(body: Any) -> bool:
     return False
 
 
-def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool) -> bool:
+# Per proxied endpoint: the body field holding the prompt, and the fields holding the output budget.
+ENDPOINTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "/v1/chat/completions": ("messages", ("max_tokens", "max_completion_tokens")),
+    "/v1/completions": ("prompt", ("max_tokens",)),
+    "/v1/responses": ("input", ("max_output_tokens",)),
+    "/v1/embeddings": ("input", ()),
+}
+
+
+def _budget_fields(chat: bool | str) -> tuple[str, tuple[str, ...]]:
+    if isinstance(chat, str):
+        return ENDPOINTS[chat]
+    return ENDPOINTS["/v1/chat/completions" if chat else "/v1/completions"]
+
+
+def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: bool | str) -> bool:
     """Clamp the output budget so prompt + output fit `limit` (max_model_len); True if `body` changed.
 
-    Raises `PromptTooLong` when the prompt alone does not fit, `MalformedRequest` for a budget
-    that is not a positive integer.
+    `chat` is True/False for chat/completions, or the endpoint's path (`ENDPOINTS`). Raises
+    `PromptTooLong` when the prompt alone does not fit, `MalformedRequest` for a budget that is
+    not a positive integer.
     """
+    param, fields = _budget_fields(chat)
     if prompt_tokens >= limit:
         raise errors.PromptTooLong(
             f"the prompt (about {prompt_tokens} tokens) does not fit this model's context of {limit} tokens",
-            param="messages" if chat else "prompt",
+            param=param,
         )
     changed = False
-    for field in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+    for field in fields:
         v = body.get(field)
         if v is None:
             continue
@@ -83,9 +100,11 @@ def clamp_output(body: dict[str, Any], prompt_tokens: int, limit: int, chat: boo
     return changed
 
 
-def output_budget(body: Mapping[str, Any], prompt_tokens: int, limit: int, chat: bool) -> int:
+def output_budget(body: Mapping[str, Any], prompt_tokens: int, limit: int, chat: bool | str) -> int:
     """The most tokens the answer may have: the (clamped) budget asked for, else what the context leaves."""
-    asked = [body.get(f) for f in (("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))]
+    if chat == "/v1/embeddings":
+        return 1  # an embedding generates no tokens: only its prompt's prefill counts
+    asked = [body.get(f) for f in _budget_fields(chat)[1]]
     given = [v for v in asked if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     return min(given) if given else max(1, limit - prompt_tokens)
 

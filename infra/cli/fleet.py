@@ -255,6 +255,19 @@ def _capacity(
         "usd_per_replica_month": round(result.usd_per_replica_month, 2),
         "replicas": dict(result.replicas),
         "monthly_saving_usd": None if result.monthly_saving_usd is None else round(result.monthly_saving_usd, 2),
+        **(
+            {
+                "offload": {
+                    "replicas_with": result.replicas.get("cache_aware"),
+                    "replicas_without": result.without_offload,
+                    "monthly_saving_usd": (
+                        None if result.offload_saving_usd is None else round(result.offload_saving_usd, 2)
+                    ),
+                }
+            }
+            if result.has_offload
+            else {}
+        ),
     }
 
 
@@ -279,7 +292,24 @@ def _capacity_text(c: dict) -> tuple[str, str, list[tuple[str, str, str]]]:
         f"capacity for {c['deployment']}: {c['workload']} ({c['requests']} requests at {c['arrival_rps']} req/s), "
         f"TTFT p99 <= {c['ttft_p99_s']} s"
     )
-    return head, summary, [(pol, need(pol), cost(pol)) for pol in c["replicas"]]
+    rows = [(pol, need(pol), cost(pol)) for pol in c["replicas"]]
+    off = c.get("offload")
+    if off is not None:
+        n = off["replicas_without"]
+        rows.append(
+            (
+                "cache_aware without kv_offload",
+                "more than 64" if n is None else str(n),
+                "-" if n is None else f"${n * c['usd_per_replica_month']:,.2f}",
+            )
+        )
+        s = off["monthly_saving_usd"]
+        summary += (
+            f"; the KV offload tier saves ${s:,.2f}/month ({n} -> {off['replicas_with']} replicas)"
+            if s is not None
+            else "; offload saving not computed: a variant did not meet the target within 64 replicas"
+        )
+    return head, summary, rows
 
 
 def _capacity_markdown(c: dict) -> str:

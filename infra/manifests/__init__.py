@@ -28,6 +28,8 @@ not read it); per deployment its headless Service, PodDisruptionBudget and one S
 per pool of its failover order in this cluster (replicas = the plan's placement there, 0 for
 failover-only pools). The router (ConfigMap, ServiceAccount, Deployment, Service) runs in the
 cluster of the highest-priority pool, and so does the warm-capacity / failover controller.
+With `warm_capacity: capacity_buffer` or `karpenter:` on a cloud, `autoscalers` adds the
+CapacityBuffers (and their PodTemplates) and the Karpenter NodePools (no expander ConfigMap then).
 
 Modules: `_k8s` (options, clusters, metadata, labels, probes, affinities), `pools` (namespace,
 priority classes, placeholders, device plugin, expander), `models` (StatefulSets, Services,
@@ -43,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from gpufleet.infra.manifests import controller, models, pools, router
+from gpufleet.infra.manifests import autoscalers, controller, models, pools, router
 from gpufleet.infra.manifests._k8s import (
     DEFAULT_OPTIONS,
     GPU_TAINT,
@@ -54,7 +56,8 @@ from gpufleet.infra.manifests._k8s import (
     pool_taints,
     router_cluster,
 )
-from gpufleet.infra.manifests.controller import *  # noqa: F403 - the public API of each module, in its __all__
+from gpufleet.infra.manifests.autoscalers import *  # noqa: F403 - the public API of each module, in its __all__
+from gpufleet.infra.manifests.controller import *  # noqa: F403
 from gpufleet.infra.manifests.models import *  # noqa: F403
 from gpufleet.infra.manifests.pools import *  # noqa: F403
 from gpufleet.infra.manifests.router import *  # noqa: F403
@@ -72,6 +75,7 @@ __all__ = [
     "pool_taints",
     "router_cluster",
 ]
+__all__ += autoscalers.__all__
 __all__ += controller.__all__
 __all__ += models.__all__
 __all__ += pools.__all__
@@ -81,11 +85,12 @@ __all__ += router.__all__
 def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = DEFAULT_OPTIONS) -> list[dict[str, Any]]:
     """Every object of one cluster, in apply order (namespace and priority classes first)."""
     objs = [pools.namespace(plan), pools.placeholder_priority_class(plan), pools.serving_priority_class(plan)]
-    if cluster.cloud != "gcp":
+    if cluster.cloud != "gcp" and autoscalers.karpenter_settings(plan, cluster.cloud) is None:
         objs.append(pools.expander_configmap(plan, cluster, options))
     if cluster.cloud == "aws" and options.install_device_plugin:
         objs.append(pools.nvidia_device_plugin(plan, cluster, options))
     objs += [pools.placeholder_deployment(plan, p, options) for p in pools.placeholder_pools(plan, cluster.pools)]
+    objs += autoscalers.autoscaler_objects(plan, cluster, options)
     for dep in plan.deployments:
         in_cluster = [plan.pool(n) for n in dep.failover if n in cluster.pool_names]
         if not in_cluster:

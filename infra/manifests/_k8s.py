@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpufleet.infra import names
+from gpufleet.infra import names, version
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_FLEET, LABEL_POOL, LABEL_PRIORITY
 from gpufleet.infra.plan import Plan, PoolPlan
 
@@ -30,6 +30,7 @@ __all__ = [
     "router_cluster",
     "scrape_annotations",
     "tolerations",
+    "writable_tmp",
 ]
 
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
@@ -39,7 +40,8 @@ GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 class ManifestOptions:
     """Deployment choices that are not part of the fleet declaration."""
 
-    router_image: str = "ghcr.io/gpufleet/gpufleet-router:0.1.0"
+    # Default images: the project's own, tagged with the package version (infra/version.py).
+    router_image: str = version.ROUTER_IMAGE
     router_replicas: int = 1
     router_service_type: str = "ClusterIP"
     placeholder_image: str = "registry.k8s.io/pause:3.10"
@@ -51,8 +53,8 @@ class ManifestOptions:
     device_plugin_image: str = "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"
     # The warm-capacity / failover controller (`gpufleet controller run`), in the router's cluster.
     controller: bool = True
-    # An image with `gpufleet[router,kubernetes]` and the cloud extras (`aws`, `gcp`) installed.
-    controller_image: str = "ghcr.io/gpufleet/gpufleet-controller:0.1.0"
+    # An image with `gpufleet[controller]` (aws, gcp, kubernetes) installed: images/controller.
+    controller_image: str = version.CONTROLLER_IMAGE
     # IAM role for IRSA (controller on EKS): lets it resize EKS node groups.
     controller_aws_role_arn: str | None = None
     # Google service account for Workload Identity (controller on GKE): lets it resize instance groups.
@@ -202,6 +204,13 @@ def http_probe(path: str, port: str, *, period_s: int, timeout_s: int, failures:
         "timeoutSeconds": timeout_s,
         "failureThreshold": failures,
     }
+
+
+def writable_tmp() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume mount and volume of a small emptyDir at /tmp: the root filesystem is read-only
+    (`restricted_security`), and Python's tempfile needs one directory it may write (the kubernetes
+    client writes a kubeconfig's inline certificates there). The images set HOME=/tmp too."""
+    return {"name": "tmp", "mountPath": "/tmp"}, {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}
 
 
 def restricted_security() -> dict[str, Any]:

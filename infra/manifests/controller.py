@@ -11,6 +11,7 @@ from typing import Any
 
 from gpufleet.infra import names
 from gpufleet.infra.manifests import _k8s
+from gpufleet.infra.manifests import pools as _pools
 from gpufleet.infra.manifests.router import CONFIG_DIR
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan
@@ -49,7 +50,13 @@ def _labels(plan: Plan) -> dict[str, str]:
 
 
 def _plan_text(plan: Plan) -> str:
-    return json.dumps(plan.to_json_dict(), indent=2, sort_keys=True) + "\n"
+    data = plan.to_json_dict()
+    # A CapacityBuffer holds a buffered pool's declared warm nodes: the controller's placeholder
+    # floor there is 0, so its extra warmth comes on top of the buffer instead of doubling it.
+    for pool_json, pool in zip(data["pools"], plan.pools):
+        if _pools.buffered(plan, pool):
+            pool_json["warm_nodes"] = 0
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def controller_configmap(plan: Plan) -> dict[str, Any]:
@@ -244,6 +251,9 @@ def controller_deployment(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAU
     digest = hashlib.sha256(_plan_text(plan).encode()).hexdigest()[:16]
     mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": name}}]
+    tmp_mount, tmp_volume = _k8s.writable_tmp()
+    mounts.append(tmp_mount)
+    volumes.append(tmp_volume)
     if options.controller_kubeconfig_secret:
         mounts.append({"name": "kubeconfig", "mountPath": KUBECONFIG_DIR, "readOnly": True})
         volumes.append({"name": "kubeconfig", "secret": {"secretName": options.controller_kubeconfig_secret}})

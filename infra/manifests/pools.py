@@ -15,6 +15,7 @@ from gpufleet.infra.names import GPU_RESOURCE, LABEL_FLEET, LABEL_POOL
 from gpufleet.infra.plan import Plan, PoolPlan
 
 __all__ = [
+    "buffered",
     "PLACEHOLDER_PRIORITY",
     "SERVING_PRIORITY",
     "expander_configmap",
@@ -72,6 +73,12 @@ def serving_priority_class(plan: Plan) -> dict[str, Any]:
     )
 
 
+def buffered(plan: Plan, pool: PoolPlan) -> bool:
+    """Whether the pool's declared warm nodes are held by a CapacityBuffer (`autoscalers`), not pause pods."""
+    cfg = getattr(plan.clouds, pool.cloud, None)
+    return cfg is not None and getattr(cfg, "warm_capacity", "placeholders") == "capacity_buffer"
+
+
 def placeholder_deployment(
     plan: Plan, pool: PoolPlan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS
 ) -> dict[str, Any]:
@@ -84,7 +91,9 @@ def placeholder_deployment(
         "kind": "Deployment",
         "metadata": _k8s.meta(plan, name, labels),
         "spec": {
-            "replicas": pool.warm_nodes,
+            # A CapacityBuffer holds the declared warm nodes of a buffered pool; the controller
+            # may still scale this Deployment for warmth above them.
+            "replicas": 0 if buffered(plan, pool) else pool.warm_nodes,
             "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, names.LABEL_NAME: name}},
             "template": {
                 "metadata": {"labels": {LABEL_FLEET: plan.fleet, **labels}},

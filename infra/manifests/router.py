@@ -124,6 +124,9 @@ def router_deployment(
     env: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}}]
+    tmp_mount, tmp_volume = _k8s.writable_tmp()
+    mounts.append(tmp_mount)
+    volumes.append(tmp_volume)
     token = settings.admin_token
     if token.file is not None:
         # subPath mounts just the one file: a directory mount would hide what else is there.

@@ -18,9 +18,12 @@ import pulumi_kubernetes as k8s
 
 __all__ = ["KINDS", "apply_object", "eks_kubeconfig", "gke_kubeconfig"]
 
+CUSTOM_GROUPS = ("autoscaling.x-k8s.io", "karpenter.sh")
+
 KINDS: dict[tuple[str, str], type[pulumi.CustomResource]] = {
     ("v1", "Namespace"): k8s.core.v1.Namespace,
     ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,
+    ("v1", "PodTemplate"): k8s.core.v1.PodTemplate,
     ("v1", "Secret"): k8s.core.v1.Secret,
     ("v1", "Service"): k8s.core.v1.Service,
     ("v1", "ServiceAccount"): k8s.core.v1.ServiceAccount,
@@ -43,6 +46,12 @@ def _snake(name: str) -> str:
 def apply_object(resource_name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
     """Register `obj` (a Kubernetes object dict) under `resource_name` with `opts`."""
     cls = KINDS.get((obj["apiVersion"], obj["kind"]))
+    if cls is None and obj["apiVersion"].split("/")[0] in CUSTOM_GROUPS:
+        # Custom resources (CapacityBuffer, Karpenter NodePool): their CRDs come with the autoscaler.
+        fields = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+        return k8s.apiextensions.CustomResource(
+            resource_name, api_version=obj["apiVersion"], kind=obj["kind"], opts=opts, **fields
+        )
     if cls is None:
         raise ValueError(f"no Pulumi class for {obj['apiVersion']} {obj['kind']}")
     kwargs = {_snake(k): v for k, v in obj.items() if k not in ("apiVersion", "kind")}

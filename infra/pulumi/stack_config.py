@@ -9,14 +9,14 @@ Keys (namespace `gpufleet`):
 | fleetFile            | or a path to a fleet.yaml, relative to the stack directory            |
 | adminToken (secret)  | the router's admin bearer token; becomes a Kubernetes Secret          |
 | hfToken (secret)     | optional Hugging Face token for gated models (HF_TOKEN in replicas)   |
-| routerImage          | image with `gpufleet[router]` installed                               |
+| routerImage          | router image (default: images/router, tagged with the version)        |
 | routerReplicas       | router pods (default 1: each keeps its own prefix index)              |
 | routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
 | installDevicePlugin  | EKS: run NVIDIA's device plugin DaemonSet (default true)              |
 | controller           | install the warm-capacity / failover controller (default true)        |
-| controllerImage      | image with `gpufleet[router,kubernetes,aws,gcp]` installed            |
+| controllerImage      | controller image (default: images/controller, same tag)               |
 | controllerAwsRoleArn | IAM role for IRSA (controller on EKS): node-group scaling             |
 | controllerGcpServiceAccount | Google SA for Workload Identity (controller on GKE)            |
 | controllerProviderNames | object POOL -> node group / instance group name                    |

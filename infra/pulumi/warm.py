@@ -58,6 +58,19 @@ class WarmCapacity(pulumi.ComponentResource):
                 ),
             )
             counts[pool.name] = pool.warm_nodes
+        # A buffered pool's warm nodes: its CapacityBuffer and PodTemplate (manifests.autoscalers).
+        for pool in args.pools:
+            if manifests.buffered(args.plan, pool) and pool.warm_nodes > 0:
+                template = apply_object(
+                    f"{name}-{pool.name}-buffer-template",
+                    manifests.buffer_pod_template(args.plan, pool, args.options),
+                    child,
+                )
+                apply_object(
+                    f"{name}-{pool.name}-buffer",
+                    manifests.capacity_buffer(args.plan, pool),
+                    pulumi.ResourceOptions(parent=self, depends_on=[template, low_res]),
+                )
         self.placeholder_priority_class = pulumi.Output.from_input(low["metadata"]["name"])
         self.serving_priority_class = pulumi.Output.from_input(high["metadata"]["name"])
         self.placeholders = pulumi.Output.from_input(counts)

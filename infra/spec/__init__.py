@@ -38,6 +38,7 @@ __all__ = [
     "FleetError",
     "FleetIssue",
     "GcpCloud",
+    "Karpenter",
     "KubernetesCloud",
     "KvOffload",
     "LocalCloud",
@@ -67,6 +68,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+WarmCapacityMode = Literal["placeholders", "capacity_buffer"]
+_WARM_CAPACITY_HELP = (
+    "how declared warm nodes are held: placeholders (pause pods with a negative PriorityClass) or "
+    "capacity_buffer (autoscaling.x-k8s.io CapacityBuffer objects, for autoscalers that implement them)"
+)
+
+
+class Karpenter(_Strict):
+    """The cluster provisions nodes with Karpenter: one karpenter.sh/v1 NodePool per gpufleet pool."""
+
+    node_class: str = Field("default", description="the NodeClass every NodePool references")
+    node_class_kind: str = "EC2NodeClass"
+    node_class_group: str = "karpenter.k8s.aws"
+    consolidate_after: str = Field("10m", pattern=r"^(([0-9]+(s|m|h))+|Never)$")
+
+
 class AwsCloud(_Strict):
     region: str
     cluster: str = Field(description="EKS cluster name (existing, or created when create_cluster)")
@@ -74,6 +91,8 @@ class AwsCloud(_Strict):
     subnet_ids: list[str] = []
     node_role_arn: str | None = Field(None, description="IAM role for node groups; created when omitted")
     kubernetes_version: str | None = None
+    warm_capacity: WarmCapacityMode = Field("placeholders", description=_WARM_CAPACITY_HELP)
+    karpenter: Karpenter | None = Field(None, description="render Karpenter NodePools, weight from pool priority")
 
 
 class GcpCloud(_Strict):
@@ -83,11 +102,14 @@ class GcpCloud(_Strict):
     create_cluster: bool = False
     network: str | None = None
     service_account: str | None = None
+    warm_capacity: WarmCapacityMode = Field("placeholders", description=_WARM_CAPACITY_HELP)
 
 
 class KubernetesCloud(_Strict):
     context: str | None = Field(None, description="kubeconfig context of the existing cluster")
     kubeconfig: str | None = Field(None, description="path to a kubeconfig; default: the usual lookup")
+    warm_capacity: WarmCapacityMode = Field("placeholders", description=_WARM_CAPACITY_HELP)
+    karpenter: Karpenter | None = Field(None, description="render Karpenter NodePools, weight from pool priority")
 
 
 class LocalCloud(_Strict):

@@ -179,19 +179,19 @@ class ReplicaEngine:
     def _blocks_needed(self, req: EngineRequest) -> int:
         return math.ceil((req.prompt_tokens + req.output_tokens) / self.params.block_size_tokens)
 
-    def _lower_hits(self, hashes: Sequence[int]) -> list[float]:
-        """Per leading block of `hashes` found below the GPU (CPU, then disk): its load seconds."""
+    def _lower_hits(self, hashes: Sequence[int]) -> list[tuple[bool, float]]:
+        """Per leading block of `hashes` found below the GPU: (in the CPU tier, else disk; load seconds)."""
         p = self.params
         cpu, disk = self.cpu, self.disk
-        out: list[float] = []
+        out: list[tuple[bool, float]] = []
         if cpu is None:
             return out
         bs = p.block_size_tokens
         for h in hashes:
             if h in cpu:
-                out.append(bs / p.cpu_load_tokens_per_s)
+                out.append((True, bs / p.cpu_load_tokens_per_s))
             elif disk is not None and h in disk:
-                out.append(bs / p.disk_load_tokens_per_s)
+                out.append((False, bs / p.disk_load_tokens_per_s))
             else:
                 break
         return out
@@ -214,7 +214,7 @@ class ReplicaEngine:
         lower = self._lower_hits(hashes[hit_blocks:max_cached_blocks])
         load_blocks, best, gain = 0, 0.0, p.tier_load_latency_s
         recompute = bs / p.prefill_tokens_per_s
-        for j, t in enumerate(lower):
+        for j, (_, t) in enumerate(lower):
             gain += t - recompute
             if gain < best:
                 best, load_blocks = gain, j + 1
@@ -222,19 +222,19 @@ class ReplicaEngine:
         new_blocks = self._blocks_needed(req) - hit_blocks
         if not self.cache.can_allocate(hit, new_blocks):
             return False
+        # The blocks to load are touched first: the GPU's evictions below spill into the CPU
+        # tier and must not push out what this request is about to read.
+        loads = hashes[hit_blocks : hit_blocks + load_blocks]
+        cpu_blocks = sum(1 for in_cpu, _ in lower[:load_blocks] if in_cpu)
+        disk_blocks = load_blocks - cpu_blocks
+        for h, (in_cpu, _) in zip(loads, lower):
+            tier = self.cpu if in_cpu else self.disk
+            if tier is not None:
+                tier.touch(h)
         self.cache.acquire(hit, new_blocks)
         run.pinned = hit
         run.private = new_blocks
         run.registered = hit_blocks
-        cpu_blocks = disk_blocks = 0
-        for h in hashes[hit_blocks : hit_blocks + load_blocks]:
-            if self.cpu is not None and h in self.cpu:
-                self.cpu.touch(h)
-                cpu_blocks += 1
-            else:
-                if self.disk is not None:
-                    self.disk.touch(h)
-                disk_blocks += 1
         run.cpu_tokens, run.disk_tokens = cpu_blocks * bs, disk_blocks * bs
         load_s = p.load_time_s(run.cpu_tokens, run.disk_tokens)
         run.ready_at = start + load_s

@@ -4,6 +4,8 @@
 TTFT p99 meets the target with nothing rejected, then bisects between the last miss and the first
 hit (p99 falls as replicas are added; the bisection assumes so). `compare` does it for
 `round_robin` and `cache_aware` and prices the difference per month from the plan's GPU prices.
+When the deployment has a CPU KV tier (kv_offload), `compare` also sizes `cache_aware` on the same
+replicas without it, so the plan says how many replicas the tier saves and what that is worth.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ class CapacityResult:
     ttft_p99_s: float
     replicas: dict[str, int | None]
     usd_per_replica_month: float
+    without_offload: int | None = None
+    """cache_aware's replicas on the same replicas without their KV offload tier (None: no tier, or > max)."""
+    has_offload: bool = False
+
+    @property
+    def offload_saving_usd(self) -> float | None:
+        """cache_aware's monthly cost without the tier minus with it (None when not comparable)."""
+        ca = self.replicas.get("cache_aware")
+        if not self.has_offload or ca is None or self.without_offload is None:
+            return None
+        return (self.without_offload - ca) * self.usd_per_replica_month
 
     @property
     def monthly_saving_usd(self) -> float | None:
@@ -84,8 +97,15 @@ def compare(
 ) -> CapacityResult:
     """Replicas needed under each policy, and the monthly price of one replica."""
     base = fleet.replicas[0]
+    tiered = base.engine.cpu_capacity_tokens > 0
+    without = None
+    if tiered:
+        gpu_only = fleet.with_kv_tiers(0, 0.0)
+        without = replicas_needed(workload, gpu_only, "cache_aware", ttft_p99_s, max_replicas=max_replicas, seed=seed)
     return CapacityResult(
         ttft_p99_s,
         {p: replicas_needed(workload, fleet, p, ttft_p99_s, max_replicas=max_replicas, seed=seed) for p in policies},
         base.gpus * base.usd_per_gpu_hour * HOURS_PER_MONTH,
+        without,
+        tiered,
     )

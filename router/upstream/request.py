@@ -13,7 +13,8 @@ from yarl import URL
 
 __all__ = ["COMPLETION_PATHS", "HOP_BY_HOP", "UpstreamTarget", "forward_headers"]
 
-COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Every path the router proxies (router.wire.ENDPOINTS): request lines are built once per replica.
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 """The OpenAI-compatible paths the router proxies to a replica."""
 
 # RFC 9110 hop-by-hop headers, plus ones the proxy recomputes itself.

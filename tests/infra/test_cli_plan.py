@@ -231,3 +231,20 @@ def test_plan_capacity_from_a_malformed_trace_names_the_line(write_fleet, tmp_pa
     result = runner.invoke(app, ["plan", str(write_fleet()), "--trace", str(trace), "--ttft-p99-s", "1"])
     assert result.exit_code == 1
     assert f"{trace}:2" in result.output and "Traceback" not in result.output
+
+
+def test_plan_capacity_with_kv_offload_reports_replicas_with_and_without_the_tier(write_fleet):
+    text = BASE.replace("    max_model_len: 16384\n", "    max_model_len: 16384\n    kv_offload: {cpu_gib: 32}\n")
+    path = str(write_fleet(text))
+    args = ["plan", path, "-o", "json", "--workload", "multiturn", "--ttft-p99-s", "1.0", "--requests", "200"]
+    result = runner.invoke(app, [*args, "--rps", "20"])
+    assert result.exit_code == 0, result.output
+    cap = json.loads(result.stdout)["capacity"]
+    off = cap["offload"]
+    assert off["replicas_with"] == cap["replicas"]["cache_aware"]
+    assert off["replicas_without"] is not None and off["replicas_without"] >= off["replicas_with"]
+    assert off["monthly_saving_usd"] == round(
+        (off["replicas_without"] - off["replicas_with"]) * cap["usd_per_replica_month"], 2
+    )
+    table = runner.invoke(app, [*args[:2], *args[4:], "--rps", "20"])
+    assert table.exit_code == 0 and "without kv_offload" in table.output

@@ -136,3 +136,14 @@ def test_params_reject_a_tier_without_a_rate():
         params(cpu_capacity_tokens=1024)
     with pytest.raises(ValueError):
         params(disk_capacity_tokens=1024, disk_load_tokens_per_s=1.0)
+
+
+def test_blocks_being_loaded_survive_the_spill_their_own_allocation_causes():
+    # A small CPU tier: making room on the GPU for the request spills blocks into the CPU tier,
+    # which must not push out the blocks this same request is loading from it.
+    eng = ReplicaEngine(params(cpu_capacity_tokens=20 * BS, cpu_load_tokens_per_s=200_000.0))
+    fill_and_evict(eng)
+    ev, ttft = run_one(eng, req("c", 1, 40), 20.0)
+    assert ev.cpu_cached_tokens > 0 and ev.disk_cached_tokens == 0
+    computed = 40 * BS + 8 - ev.cached_tokens
+    assert ttft == pytest.approx(0.001 + ev.cpu_cached_tokens / 200_000 + computed / 10_000, rel=1e-9)

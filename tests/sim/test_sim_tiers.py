@@ -34,3 +34,20 @@ def test_fleet_from_plan_gives_each_engine_its_pools_tiers():
     assert f.replicas[0].state().cpu_kv_capacity_tokens == tiers.cpu_kv_tokens
     plain = fleet.fleet_from_plan(p, "plain").replicas[0].engine
     assert plain.cpu_capacity_tokens == 0
+
+
+def test_capacity_sizes_cache_aware_with_and_without_the_tier():
+    from gpufleet.router.sim import capacity
+
+    work = generators.mix(240, seed=3, rate_rps=40.0)
+    base = fleet.uniform_fleet(1, kv_capacity_tokens=12_000, prefill_tokens_per_s=20_000, decode_tokens_per_s=200)
+    tiered = base.with_kv_tiers(200_000, 400_000.0)
+    res = capacity.compare(work, tiered, 2.0, policies=("cache_aware",), max_replicas=16)
+    assert res.has_offload
+    with_tier, without = res.replicas["cache_aware"], res.without_offload
+    assert with_tier is not None and without is not None and without >= with_tier
+    # `without_offload` is exactly what the GPU-only fleet needs.
+    assert without == capacity.replicas_needed(work, base, "cache_aware", 2.0, max_replicas=16)
+    assert res.offload_saving_usd == (without - with_tier) * res.usd_per_replica_month
+    plain = capacity.compare(work, base, 2.0, policies=("cache_aware",), max_replicas=16)
+    assert not plain.has_offload and plain.offload_saving_usd is None
