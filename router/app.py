@@ -40,6 +40,7 @@ from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import MembershipChange, ReplicaSet
+from gpufleet.router.tenant import TenantResolver
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
 from gpufleet.router.upstream.request import COMPLETION_PATHS, UpstreamTarget
@@ -111,7 +112,16 @@ class Router:
         self.upstream = UpstreamPool(connect_timeout_s=s.connect_timeout_s)  # the proxied requests
         self.session: aiohttp.ClientSession | None = None  # health checks only; opened by the lifespan
         self.checker: HealthChecker | None = None
-        self.proxy = Proxy(s, self.replicas, self.policy, self.metrics, self.health, self.upstream, self.cache)
+        self.proxy = Proxy(
+            s,
+            self.replicas,
+            self.policy,
+            self.metrics,
+            self.health,
+            self.upstream,
+            self.cache,
+            TenantResolver(s.tenant, environ),
+        )
         self.proxy.kv = self.kv
         self.draining = False
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""

@@ -40,6 +40,8 @@ __all__ = [
     "ScorerRef",
     "ServerSettings",
     "SessionSettings",
+    "TenantHeader",
+    "TenantSettings",
 ]
 
 
@@ -69,6 +71,9 @@ class PredictionCacheSettings(_Strict):
         description="environment variable holding the redis URL (it may carry a password, so never the URL itself)",
     )
     key_prefix: str = Field(default="gpufleet:pc:", description="prefix of the redis keys")
+    require_tenant: bool = Field(
+        default=True, description="cache only requests that name a tenant (anonymous ones would share answers)"
+    )
 
 
 class CacheAwareSettings(_Strict):
@@ -212,6 +217,50 @@ class ServerSettings(_Strict):
     max_header_bytes: int = Field(default=16_384, ge=1024, description="bound on one header line")
 
 
+class TenantHeader(_Strict):
+    """A request header that names the tenant; `trusted_cidrs` limits who may set it (a gateway)."""
+
+    name: str = Field(min_length=1)
+    trusted_cidrs: list[str] = Field(
+        default_factory=list,
+        description="peer addresses allowed to set it (a gateway that authenticated the client); empty: anyone, "
+        "for a credential header whose value is a secret",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("trusted_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (like 10.0.0.0/8 or 127.0.0.1/32)") from None
+        return value
+
+
+def _default_tenant_headers() -> list[TenantHeader]:
+    return [TenantHeader(name=n) for n in ("authorization", "api-key", "x-api-key")]
+
+
+class TenantSettings(_Strict):
+    """How the router tells tenants apart: the first of `headers` present (a hash of its value)."""
+
+    headers: list[TenantHeader] = Field(default_factory=_default_tenant_headers, min_length=1)
+    salt_key_env: str = Field(
+        default="GPUFLEET_CACHE_SALT_KEY",
+        min_length=1,
+        description="environment variable holding the key the kv isolation's cache_salt is derived from "
+        "(set the same one on every router instance; without it each process draws its own)",
+    )
+
+
 class AdminToken(_Strict):
     """Where the admin bearer token comes from: a reference, never the value."""
 
@@ -351,6 +400,15 @@ class RouterSettings(_Strict):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     first_byte: FirstByteSettings = Field(default_factory=FirstByteSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    tenant: TenantSettings = Field(default_factory=TenantSettings)
+    tenant_isolation: Literal["none", "prediction_cache", "kv"] = Field(
+        default="kv",
+        description="none: tenants share every cache; prediction_cache: cached answers per tenant; kv: also "
+        "the engines' prefix cache (vLLM cache_salt) and the router's prefix index (docs/router.md)",
+    )
+    hide_cached_tokens: bool = Field(
+        default=False, description="drop usage.prompt_tokens_details.cached_tokens from answers to clients"
+    )
     admin_token: AdminToken = Field(default_factory=lambda: AdminToken(env="GPUFLEET_ADMIN_TOKEN"))
     port: int = Field(default=8080, ge=1, le=65535)
     drain_timeout_s: float = Field(

@@ -3,7 +3,10 @@
 A request is *cacheable* when it asks for one choice (`n` absent or 1) and is deterministic
 (`temperature == 0`, or a `seed` is given). The key is a SHA-256 over
 
-    tenant  : SHA-256 of the request's Authorization value ("anonymous" without one)
+    tenant  : the request's tenant (`gpufleet.router.tenant`: a hash of the first configured
+              identity header present; "anonymous" without one, and then, by default
+              (`prediction_cache.require_tenant`), the request is not cached at all)
+    path    : the endpoint (/v1/chat/completions and /v1/completions never share an answer)
     model   : the requested model
     body    : the JSON body with keys sorted and the transport-only fields (`stream`,
               `stream_options`) removed, so a streamed and a plain request share an answer
@@ -76,12 +79,16 @@ def is_cacheable(body: Mapping[str, Any]) -> bool:
     return isinstance(t, (int, float)) and not isinstance(t, bool) and t == 0
 
 
-def cache_key(tenant: str, model: str, body: Mapping[str, Any]) -> str:
-    """SHA-256 of tenant, model and the normalised body."""
+def cache_key(tenant: str, model: str, body: Mapping[str, Any], *, path: str = "") -> str:
+    """SHA-256 of tenant, request path, model and the normalised body.
+
+    The path is in it because the same body means different things at different endpoints
+    (a chat answer is no completions answer).
+    """
     norm = {k: v for k, v in body.items() if k not in _TRANSPORT_FIELDS}
     text = json.dumps(norm, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     h = hashlib.sha256()
-    for part in (tenant, model, text):
+    for part in (tenant, path, model, text):
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()

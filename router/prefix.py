@@ -117,13 +117,13 @@ def render_prompt(body: Mapping[str, Any]) -> str:
     return ""
 
 
-def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
-    """Chained xxhash of every full `block_chars`-character block of `text`."""
+def block_hashes(text: str, block_chars: int, seed: int = 0) -> tuple[int, ...]:
+    """Chained xxhash of every full `block_chars`-character block of `text` (the chain starts at `seed`)."""
     if block_chars <= 0:
         raise ValueError("block_chars must be positive")
     n = len(text) // block_chars
     out = [0] * n
-    h = 0
+    h = seed
     for i in range(n):
         h = xxh3_64_intdigest(text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass"), seed=h)
         out[i] = h
@@ -137,11 +137,16 @@ def features_from_body(
     block_size_tokens: int,
     chars_per_token: float,
     session_id: str | None = None,
+    salt: str | None = None,
 ) -> RequestFeatures:
-    """Build the policy's view of a request from its parsed body."""
+    """Build the policy's view of a request from its parsed body.
+
+    With `salt` (a tenant's, under `tenant_isolation: kv`) the block chain starts from it, so
+    equal prompts of two tenants share no block, as in the engines' salted caches.
+    """
     text = render_prompt(body)
     block_chars = max(1, int(block_size_tokens * chars_per_token))
-    hashes = block_hashes(text, block_chars)
+    hashes = block_hashes(text, block_chars, stable_hash(salt) if salt else 0)
     if hashes:
         key = hashes[0]
     else:

@@ -21,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,16 +40,17 @@ from gpufleet.router.health import Failure, HealthTracker, classify_status
 from gpufleet.router.metrics import RouterMetrics
 from gpufleet.router.policies import Policy
 from gpufleet.router.prediction_cache import (
+    ANONYMOUS_TENANT,
     PredictionCache,
     RedisPredictionCache,
     SSEAssembler,
     cache_key,
     is_cacheable,
     replay_sse,
-    tenant_of,
 )
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.replicas import ModelReplicas, ReplicaSet
+from gpufleet.router.tenant import CachedTokensFilter, TenantResolver, hide_cached_tokens
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
 from gpufleet.router.upstream import (
     UpstreamClientError,
@@ -65,6 +69,7 @@ __all__ = ["JSON", "Proxy", "ProxyRequest", "error_response"]
 log = logging.getLogger("gpufleet.router")
 
 JSON = "application/json"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = None) -> web.Response:
@@ -76,6 +81,8 @@ def error_response(exc: errors.RouterError, extra: Mapping[str, str] | None = No
 
 
 _CACHED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The generating endpoints whose vLLM requests take `cache_salt` (embeddings keep no prefix cache).
+_SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
 @dataclass(slots=True, eq=False)
@@ -127,8 +134,10 @@ class Proxy:
         health: HealthTracker,
         upstream: UpstreamPool,
         cache: PredictionCache | RedisPredictionCache | None,
+        tenants: TenantResolver | None = None,
     ) -> None:
         self.settings = settings
+        self.tenants = tenants or TenantResolver(settings.tenant)
         self.replicas = replicas
         self.policy = policy
         self.metrics = metrics
@@ -161,31 +170,46 @@ class Proxy:
                 raise errors.MalformedRequest(f"`{field}` must be a string or a list", param=field)
             stream = body.get("stream") is True
             s = self.settings
+            tenant = self.tenants.tenant(request.headers, _peer(request))
+            salted = tenant is not None and s.tenant_isolation == "kv" and path in _SALTED_PATHS
+            salt = self.tenants.salt(tenant) if salted and tenant is not None else None
             features = features_from_body(
                 body,
                 model=model,
                 block_size_tokens=s.block_size_tokens,
                 chars_per_token=s.chars_per_token,
                 session_id=wire.session_id(request.headers, body, s.session),
+                salt=salt,
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
                 features = await self.kv.refine(body, features, len(raw))
-            if wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path):
-                raw = json.dumps(body, separators=(",", ":")).encode()
+            reencode = wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path)
 
             key = None
             # Answers are replayed in the chat/completions shapes: the other endpoints are not cached.
             if self.cache is not None and path in _CACHED_PATHS and is_cacheable(body):
                 if "no-cache" in request.headers.get("Cache-Control", "").lower():
                     cache_state = "bypass"
+                elif tenant is None and s.prediction_cache.require_tenant:
+                    cache_state = "bypass"  # anonymous answers would be shared by every anonymous client
                 else:
-                    key = cache_key(tenant_of(request.headers.get("Authorization")), model, body)
+                    scope = ANONYMOUS_TENANT if s.tenant_isolation == "none" or tenant is None else tenant
+                    key = cache_key(scope, model, body, path=path)
                     hit = await self.cache.lookup(key)
                     if hit is not None:
                         self.metrics.cache.labels("hit").inc()
-                        return await _answer_from_cache(request, hit, body, stream)
+                        return await self._answer_from_cache(request, hit, body, stream)
                     cache_state = "miss"
                 self.metrics.cache.labels(cache_state).inc()
+            if salt is not None:
+                # After the cache key (a salt differs per router without a shared key; the
+                # tenant is in the key already). A client's own cache_salt is replaced.
+                reencode = reencode or "cache_salt" in body
+                body["cache_salt"] = salt
+                if not reencode:
+                    raw = _append_field(raw, "cache_salt", salt)
+            if reencode:
+                raw = json.dumps(body, separators=(",", ":")).encode()
             budget = wire.output_budget(body, features.prompt_tokens, group.max_model_len, path)
             req = ProxyRequest(
                 request,
@@ -470,6 +494,8 @@ class Proxy:
                     await self.cache.store(req.cache_key, data)
                 self._count(r.id, resp.status)
                 rm.latency.observe(loop.time() - t0)
+                if plain and self.settings.hide_cached_tokens:
+                    data = hide_cached_tokens(data)
                 return web.Response(
                     status=resp.status, body=data, headers=_response_headers(resp, r.id, req.cache_state)
                 )
@@ -487,6 +513,30 @@ class Proxy:
             gauge.dec()
             self.policy.on_completed(req.features, r, ok=ok, output_tokens=output_tokens)
 
+    async def _answer_from_cache(
+        self, request: web.Request, answer: bytes, body: Mapping[str, Any], stream: bool
+    ) -> web.StreamResponse:
+        """A cached answer as a new one: its own id, `created` and `x-request-id` (as an engine gives)."""
+        doc = json.loads(answer)
+        doc["id"] = _fresh_id(doc.get("id"))
+        doc["created"] = int(time.time())
+        answer = json.dumps(doc, separators=(",", ":")).encode()
+        if self.settings.hide_cached_tokens:
+            answer = hide_cached_tokens(answer)
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        headers = {"x-gpufleet-cache": "hit", "x-request-id": request_id}
+        if not stream:
+            return web.Response(body=answer, content_type=JSON, headers=headers)
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        out = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        for event in replay_sse(answer, include_usage=include_usage):
+            await out.write(event)
+        await out.write_eof()
+        return out
+
     async def _relay_stream(
         self, req: ProxyRequest, resp: UpstreamResponse, first: bytes, r: ReplicaState, t0: float
     ) -> tuple[web.StreamResponse, bool, int]:
@@ -503,17 +553,30 @@ class Proxy:
         usage = None
         chunk = first
         failed: BaseException | None = None
+        hide = CachedTokensFilter() if self.settings.hide_cached_tokens else None
         while chunk:
             if assembler is not None:
                 assembler.feed(chunk)
             else:
                 usage = wire.usage_from_sse_chunk(chunk) or usage
+            if hide is not None:
+                chunk = hide.feed(chunk)
+                if not chunk:
+                    chunk = b" "  # nothing complete yet; keep the loop going
+                    try:
+                        chunk = await resp.readany()
+                    except (TimeoutError, UpstreamClientError) as exc:
+                        failed = exc
+                        break
+                    continue
             await out.write(chunk)
             try:
                 chunk = await resp.readany()
             except (TimeoutError, UpstreamClientError) as exc:
                 failed = exc
                 break
+        if hide is not None and (rest := hide.flush()):
+            await out.write(rest)
         if failed is not None:
             # The replica broke mid-stream: the client already has bytes, so no retry. Say so
             # in the stream (as vLLM does) and leave out [DONE], so clients see it is truncated.
@@ -536,17 +599,24 @@ class Proxy:
         return out, ok, output_tokens
 
 
-async def _answer_from_cache(
-    request: web.Request, answer: bytes, body: Mapping[str, Any], stream: bool
-) -> web.StreamResponse:
-    headers = {"x-gpufleet-cache": "hit"}
-    if not stream:
-        return web.Response(body=answer, content_type=JSON, headers=headers)
-    opts = body.get("stream_options")
-    include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-    out = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await out.prepare(request)
-    for event in replay_sse(answer, include_usage=include_usage):
-        await out.write(event)
-    await out.write_eof()
-    return out
+def _peer(request: web.Request) -> str | None:
+    """The TCP peer's address (never a forwarded-for header: a client can write those)."""
+    t = request.transport
+    peer = t.get_extra_info("peername") if t is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def _append_field(raw: bytes, name: str, value: str) -> bytes:
+    """`raw` (a JSON object) with one more string field at its end, without re-encoding it."""
+    end = raw.rstrip()
+    if not end.endswith(b"}"):  # cannot happen for a parsed object; never guess
+        raise ValueError("not a JSON object")
+    inner = end[:-1].rstrip()
+    sep = b"" if inner.endswith(b"{") else b","
+    return inner + sep + json.dumps(name).encode() + b":" + json.dumps(value).encode() + b"}"
+
+
+def _fresh_id(old: Any) -> str:
+    """A new completion id shaped like the cached one's (`chatcmpl-...`, `cmpl-...`)."""
+    prefix = old.split("-", 1)[0] if isinstance(old, str) and "-" in old else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex}"

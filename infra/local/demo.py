@@ -225,6 +225,8 @@ class _Demo:
                     on_result=lambda _r: advance(),
                     rate_per_s=self.rate,
                     arrival_seed=arrival_seed,
+                    # one client with an API key: the prediction cache caches only named tenants
+                    headers={"Authorization": "Bearer gpufleet-demo"},
                 )
             )
         wall = time.perf_counter() - t0

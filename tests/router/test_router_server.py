@@ -288,7 +288,7 @@ def test_client_disconnect_before_first_byte_cancels_the_upstream_request(replic
 
 # -- prediction cache -------------------------------------------------------------------------
 
-PC = {"prediction_cache": {"enabled": True}}
+PC = {"prediction_cache": {"enabled": True, "require_tenant": False}}  # the mechanics; tenants: test_router_tenants
 
 
 def test_identical_deterministic_request_is_answered_from_the_cache(replicas, make_router) -> None:
@@ -298,7 +298,9 @@ def test_identical_deterministic_request_is_answered_from_the_cache(replicas, ma
     first = post(rr.url, body)
     second = post(rr.url, body)
     assert first.headers["x-gpufleet-cache"] == "miss" and second.headers["x-gpufleet-cache"] == "hit"
-    assert second.json() == first.json()
+    assert second.json()["choices"] == first.json()["choices"]
+    assert second.json()["id"] != first.json()["id"] and second.json()["id"].startswith("c1") is False
+    assert second.headers["x-request-id"]
     assert len(reps[0].requests) == 1
 
 
@@ -315,12 +317,12 @@ def test_seeded_request_is_cacheable_but_sampled_or_multi_choice_is_not(replicas
 
 def test_a_tenant_never_gets_another_tenants_cached_answer(replicas, make_router) -> None:
     reps = replicas(1)
-    rr = make_router(replica_configs(reps), settings=PC)
+    rr = make_router(replica_configs(reps), settings={"prediction_cache": {"enabled": True}})
     body = chat("secret question", temperature=0)
     a = post(rr.url, body, headers={"Authorization": "Bearer key-A"})
     b = post(rr.url, body, headers={"Authorization": "Bearer key-B"})
     anon = post(rr.url, body)
-    assert [x.headers["x-gpufleet-cache"] for x in (a, b, anon)] == ["miss", "miss", "miss"]
+    assert [x.headers["x-gpufleet-cache"] for x in (a, b, anon)] == ["miss", "miss", "bypass"]
     assert len(reps[0].requests) == 3
     assert post(rr.url, body, headers={"Authorization": "Bearer key-A"}).headers["x-gpufleet-cache"] == "hit"
 
