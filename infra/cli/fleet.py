@@ -206,8 +206,15 @@ def _plan_json(p: Any, change: Any, capacity: dict[str, Any] | None, findings: l
             "new_usd_per_month": change.new_usd_per_month,
             "delta_usd_per_month": change.delta_usd_per_month,
             "pools": [
-                {"name": d.name, "status": d.status, "delta_usd_per_month": d.delta_usd_per_month} for d in change.pools
+                {
+                    "name": d.name,
+                    "status": d.status,
+                    "delta_usd_per_month": d.delta_usd_per_month,
+                    "changed": list(d.fields),
+                }
+                for d in change.pools
             ],
+            "deployments": [{"name": n, "changed": what} for n, what in change.deployments],
         }
     return data
 
