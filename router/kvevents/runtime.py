@@ -52,7 +52,11 @@ class KvEvents:
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
         endpoints: dict[str, StreamEndpoint] = {}
         for r in config.replicas:
-            self.index.add_replica(r.id, r.kv_capacity_tokens // self.block_size)
+            self.index.add_replica(
+                r.id,
+                r.kv_capacity_tokens // self.block_size,
+                tier_capacity_blocks=r.cpu_kv_capacity_tokens // self.block_size,
+            )
             ep = endpoint_of(r, ke.port, ke.replay_port)
             if ep is not None:
                 endpoints[r.id] = ep
@@ -81,7 +85,10 @@ class KvEvents:
     def replica_added(self, replica: ReplicaConfig) -> None:
         """A replica joined: track it and subscribe to its stream (approximate until it speaks)."""
         ke = self.settings.kv_events
-        self.index.add_replica(replica.id, replica.kv_capacity_tokens // self.block_size)
+        bs = self.block_size
+        self.index.add_replica(
+            replica.id, replica.kv_capacity_tokens // bs, tier_capacity_blocks=replica.cpu_kv_capacity_tokens // bs
+        )
         ep = endpoint_of(replica, ke.port, ke.replay_port)
         if ep is not None:
             self.streams.add(replica.id, ep)
