@@ -7,7 +7,7 @@ and in money, and the total monthly change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +32,56 @@ class PoolDiff:
     new_nodes: tuple[int, int, int] | None
     old_usd_per_month: float  # baseline + warm
     new_usd_per_month: float
+    fields: tuple[str, ...] = ()  # what changed, `field old -> new`
 
     @property
     def delta_usd_per_month(self) -> float:
         return round(self.new_usd_per_month - self.old_usd_per_month, 2)
+
+
+# The declared and compiled fields a change of which `--compare` names.
+_POOL_FIELDS = (
+    "cloud",
+    "region",
+    "zones",
+    "instance_type",
+    "gpu",
+    "gpus_per_node",
+    "capacity_type",
+    "priority",
+    "min_nodes",
+    "baseline_nodes",
+    "warm_nodes",
+    "max_nodes",
+    "usd_per_node_hour",
+    "labels",
+    "taints",
+)
+_DEPLOYMENT_FIELDS = (
+    "model",
+    "engine",
+    "image",
+    "gpus_per_replica",
+    "min_replicas",
+    "max_replicas",
+    "max_model_len",
+    "max_concurrent_requests",
+    "gpu_memory_utilization",
+    "engine_args",
+    "failover",
+    "kv_cache_tokens_per_replica",
+    "replicas_if_top_pool_lost",
+)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if k in new and old.get(k) != new.get(k)]
 
 
 @dataclass(frozen=True)
@@ -88,15 +134,16 @@ def diff(old: Mapping[str, Any], new: Plan) -> PlanDiff:
         if o is None:
             pools.append(PoolDiff(p["name"], "added", None, _pool_nodes(p), 0.0, _pool_month(p)))
             continue
-        same = _pool_nodes(o) == _pool_nodes(p) and float(o["usd_per_node_hour"]) == float(p["usd_per_node_hour"])
+        fields = _changed(o, p, _POOL_FIELDS)
         pools.append(
             PoolDiff(
                 p["name"],
-                "unchanged" if same else "changed",
+                "changed" if fields else "unchanged",
                 _pool_nodes(o),
                 _pool_nodes(p),
                 _pool_month(o),
                 _pool_month(p),
+                tuple(fields),
             )
         )
     for name, o in old_pools.items():
@@ -108,10 +155,7 @@ def diff(old: Mapping[str, Any], new: Plan) -> PlanDiff:
         if o is None:
             deps.append((d["name"], "added"))
             continue
-        changes = []
-        for key in ("min_replicas", "max_replicas", "kv_cache_tokens_per_replica", "model"):
-            if o.get(key) != d.get(key):
-                changes.append(f"{key} {o.get(key)} -> {d.get(key)}")
+        changes = _changed(o, d, _DEPLOYMENT_FIELDS)
         if o.get("placement") != d.get("placement"):
             fmt = lambda pl: ", ".join(f"{x['pool']}:{x['replicas']}" for x in pl or [])  # noqa: E731
             changes.append(f"placement {fmt(o.get('placement'))} -> {fmt(d.get('placement'))}")
@@ -173,26 +217,29 @@ def kv_tier_rows(plan: Plan) -> list[tuple[str, ...]]:
 
 def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     """The plan as rich tables: pools, deployments, cost, warnings."""
+    # Two narrower tables per subject rather than one wide one, so that at 80 columns nothing that
+    # must be read whole (a dollar amount, a model or pool name) is cut: those cells never wrap;
+    # the other cells and the headers wrap.
+    whole = {"no_wrap": True, "overflow": "fold"}
+    part = {"overflow": "fold"}
     pools = Table(title=f"Fleet {plan.fleet}: nodepools", title_justify="left")
-    for col, just in [
-        ("pool", "left"),
-        ("cloud", "left"),
-        ("region", "left"),
-        ("machine", "left"),
-        ("GPUs/node", "right"),
-        ("prio", "right"),
-        ("nodes min/base/warm/max", "right"),
-        ("$/node-h", "right"),
-        ("baseline $/mo", "right"),
-        ("warm $/mo", "right"),
-        ("peak $/mo", "right"),
+    for col, just, keep in [
+        ("pool", "left", True),
+        ("cloud", "left", False),
+        ("region", "left", False),
+        ("machine", "left", True),
+        ("GPUs/node", "right", False),
+        ("prio", "right", False),
+        ("nodes min / base / warm / max", "right", False),
     ]:
-        pools.add_column(col, justify=just)  # type: ignore[arg-type]
-    if change:
-        pools.add_column("change $/mo", justify="right")
+        pools.add_column(col, justify=just, **(whole if keep else part))  # type: ignore[arg-type]
+    money = Table(title="nodepool cost", title_justify="left")
+    money.add_column("pool", **whole)  # type: ignore[arg-type]
+    for col in ("$/node-h", "baseline $/mo", "warm $/mo", "peak $/mo", *(("change $/mo",) if change else ())):
+        money.add_column(col, justify="right", **whole)  # type: ignore[arg-type]
     by_name = {d.name: d for d in change.pools} if change else {}
     for p in sorted(plan.pools, key=lambda p: -p.priority):
-        row = [
+        pools.add_row(
             p.name,
             p.cloud,
             p.region or "-",
@@ -200,6 +247,9 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
             f"{p.gpus_per_node}x {p.gpu}",
             str(p.priority),
             f"{p.min_nodes}/{p.baseline_nodes}/{p.warm_nodes}/{p.max_nodes}",
+        )
+        row = [
+            p.name,
             f"{p.usd_per_node_hour:,.2f}",
             _usd(p.baseline_usd_per_hour * HOURS_PER_MONTH),
             _usd(p.warm_usd_per_hour * HOURS_PER_MONTH),
@@ -208,25 +258,24 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
         if change:
             d = by_name.get(p.name)
             row.append("new" if d and d.status == "added" else _signed_usd(d.delta_usd_per_month) if d else "")
-        pools.add_row(*row)
+        money.add_row(*row)
     if change:
         for d in change.pools:
             if d.status == "removed":
-                pools.add_row(Text(d.name, style="strike"), *[""] * 10, _signed_usd(d.delta_usd_per_month))
+                money.add_row(Text(d.name, style="strike"), *[""] * 4, _signed_usd(d.delta_usd_per_month))
 
     deps = Table(title="deployments", title_justify="left")
-    for col in (
-        "deployment",
-        "model",
-        "engine",
-        "GPUs/replica",
-        "replicas min/max",
-        "baseline placement",
-        "failover order",
-        "KV tokens/replica",
-        "if top pool lost",
+    for col, keep in (
+        ("deployment", True),
+        ("model", True),
+        ("engine", False),
+        ("GPUs per replica", False),
+        ("replicas min / max", False),
     ):
-        deps.add_column(col)
+        deps.add_column(col, **(whole if keep else part))  # type: ignore[arg-type]
+    routes = Table(title="deployments: placement and failover", title_justify="left")
+    for col in ("deployment", "baseline placement", "failover order", "KV tokens per replica", "if top pool lost"):
+        routes.add_column(col, **(whole if col in ("deployment", "KV tokens per replica") else part))  # type: ignore[arg-type]
     for d in plan.deployments:
         deps.add_row(
             d.name,
@@ -234,6 +283,9 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
             d.engine,
             str(d.gpus_per_replica),
             f"{d.min_replicas}/{d.max_replicas}",
+        )
+        routes.add_row(
+            d.name,
             ", ".join(f"{x.pool}: {x.replicas}" for x in d.placement) or "-",
             " > ".join(d.failover),
             f"{d.kv_cache_tokens_per_replica:,}",
@@ -251,8 +303,8 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
 
     cost = Table(title="cost", title_justify="left")
     cost.add_column("")
-    cost.add_column("per hour", justify="right")
-    cost.add_column(f"per month ({HOURS_PER_MONTH} h)", justify="right")
+    cost.add_column("per hour", justify="right", **whole)  # type: ignore[arg-type]
+    cost.add_column(f"per month ({HOURS_PER_MONTH} h)", justify="right", **whole)  # type: ignore[arg-type]
     c = plan.cost
     cost.add_row("baseline (min nodes)", _usd(c.baseline_usd_per_hour), _usd(c.baseline_usd_per_month))
     cost.add_row("warm (held ready)", _usd(c.warm_usd_per_hour), _usd(c.warm_usd_per_month))
@@ -263,7 +315,7 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     )
     cost.add_row("peak (max nodes)", _usd(c.peak_usd_per_hour), _usd(c.peak_usd_per_month))
 
-    parts: list[Any] = [pools, deps, *([tier_table] if tier_table else []), cost]
+    parts: list[Any] = [pools, money, deps, routes, *([tier_table] if tier_table else []), cost]
     if change:
         pct = change.delta_percent
         parts.append(
@@ -273,6 +325,9 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
                 style="bold",
             )
         )
+        for pd in change.pools:
+            if pd.fields:
+                parts.append(Text(f"  pool {pd.name}: {'; '.join(pd.fields)}"))
         for name, what in change.deployments:
             parts.append(Text(f"  deployment {name}: {what}"))
     if plan.warnings:
@@ -351,6 +406,10 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
     if tier_rows:
         lines += ["", "| " + " | ".join(_TIER_COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(_TIER_COLUMNS) - 3)]
         lines += ["| " + " | ".join(r) + " |" for r in tier_rows]
+    if change and any(pd.fields for pd in change.pools):
+        lines += ["", "**Pool changes**", ""] + [
+            f"- `{pd.name}`: {'; '.join(pd.fields)}" for pd in change.pools if pd.fields
+        ]
     if change and change.deployments:
         lines += ["", "**Deployment changes**", ""] + [f"- `{n}`: {w}" for n, w in change.deployments]
     if plan.warnings:

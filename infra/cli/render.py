@@ -83,7 +83,9 @@ def router_config(
         cfg = router_config_mod.render(p, url)
     data = cfg.model_dump(mode="json", by_alias=True)
     text = json.dumps(data, indent=2) + "\n" if output == "json" else yaml.safe_dump(data, sort_keys=False)
-    write_output(text, out, f"{len(cfg.replicas)} replicas, policy {cfg.settings.policy}")
+    write_output(
+        text, out, f"{len(cfg.replicas)} replica{'' if len(cfg.replicas) == 1 else 's'}, policy {cfg.settings.policy}"
+    )
 
 
 register_manifests(render_app)

@@ -58,8 +58,8 @@ def serve(
         _wait_for_go()
     with user_errors(errors.ConfigError, registry.PluginError):
         cfg = loader.load_router_config(config)
-        if not cfg.replicas:
-            raise UserError(f"{config}: replicas: the config lists no replica to route to")
+        if not cfg.replicas and cfg.discovery.kubernetes is None:
+            raise UserError(f"{config}: replicas: the config lists no replica to route to, and no discovery")
         listen_port = port if port is not None else cfg.settings.port
         if not 0 <= listen_port <= 65535:
             raise UserError(f"--port {listen_port}: must be between 0 and 65535")
@@ -138,7 +138,7 @@ def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s:
         plugins = f"plugins {', '.join(cfg.settings.plugins)}, " if cfg.settings.plugins else ""
         console.print(
             f"gpufleet router for fleet [bold]{cfg.fleet}[/]: policy {router.policy.name}, {plugins}"
-            f"{len(router.replicas)} replicas, {len(router.replicas.by_model)} models, listening on http://{host}:{bound}",
+            f"{_n(len(router.replicas), 'replica')}, {_n(len(router.replicas.by_model), 'model')}, listening on http://{host}:{bound}",
             highlight=False,
             soft_wrap=True,  # never wrap: scripts read the URL from this line
         )
@@ -155,6 +155,10 @@ def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s:
         asyncio.run(main())
     else:
         uvloop.run(main())
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def register(app: typer.Typer) -> None:

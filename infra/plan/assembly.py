@@ -150,10 +150,13 @@ def _deployment_warnings(
     elif len(rows) > 1:
         warn(
             "baseline_spills",
-            f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline replicas spill past pool {top}",
+            f"{sum(c for _, c in rows[1:])} of {dep.min_replicas} baseline {'replica' if dep.min_replicas == 1 else 'replicas'} spill past pool {top}",
         )
     if lost < dep.min_replicas and len(fit.failover) > 1:
-        warn("failover_short", f"if pool {top} is lost, only {lost} of {dep.min_replicas} replicas fit the other pools")
+        warn(
+            "failover_short",
+            f"if pool {top} is lost, only {lost} of {dep.min_replicas} {'replica' if dep.min_replicas == 1 else 'replicas'} fit the other pools",
+        )
     if capacity < dep.max_replicas:
         warn("max_replicas_unreachable", f"max_replicas {dep.max_replicas} but its pools hold {capacity} at max_nodes")
     return out

@@ -212,7 +212,7 @@ def place(
             issues.append(
                 smap.issue(
                     ("deployments", fit.index, "min_replicas"),
-                    f"{dep.min_replicas} replicas do not fit: pools {', '.join(fit.failover)} hold {placed} at their max_nodes "
+                    f"{dep.min_replicas} {'replica does' if dep.min_replicas == 1 else 'replicas do'} not fit: pools {', '.join(fit.failover)} hold {placed} at their max_nodes "
                     f"(after the deployments declared before it); raise max_nodes or add a pool",
                 )
             )

@@ -65,6 +65,8 @@ class ReplicaBlocks:
     bit: int
     capacity_blocks: int
     exact: bool = False
+    tier_capacity_blocks: int = 0
+    """Bound of each lower tier's map (CPU, DISK: a kv_offload tier); 0: `capacity_blocks`."""
     by_medium: dict[str, dict[Any, int]] = field(default_factory=dict)
     """medium -> engine block hash -> router key."""
     refs: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -94,18 +96,24 @@ class KvIndex:
         self._next_bit = 0
 
     # -- membership -------------------------------------------------------------------------
-    def add_replica(self, replica_id: str, capacity_blocks: int, *, exact: bool = False) -> ReplicaBlocks:
-        """Track `replica_id` (idempotent); its maps hold at most `capacity_blocks` entries each."""
+    def add_replica(
+        self, replica_id: str, capacity_blocks: int, *, exact: bool = False, tier_capacity_blocks: int = 0
+    ) -> ReplicaBlocks:
+        """Track `replica_id` (idempotent); its GPU map holds at most `capacity_blocks` entries and
+        each lower tier's `tier_capacity_blocks` (0: `capacity_blocks`)."""
         rb = self.replicas.get(replica_id)
         if rb is not None:
             rb.capacity_blocks = capacity_blocks
+            rb.tier_capacity_blocks = max(0, tier_capacity_blocks)
             return rb
         if self._free_bits:
             bit = self._free_bits.pop()
         else:
             bit = 1 << self._next_bit
             self._next_bit += 1
-        rb = self.replicas[replica_id] = ReplicaBlocks(replica_id, bit, max(0, capacity_blocks), exact)
+        rb = self.replicas[replica_id] = ReplicaBlocks(
+            replica_id, bit, max(0, capacity_blocks), exact, max(0, tier_capacity_blocks)
+        )
         return rb
 
     def remove_replica(self, replica_id: str) -> None:
@@ -159,10 +167,18 @@ class KvIndex:
         hashes = ev.block_hashes
         if not hashes:
             return
+        medium = _medium(ev.medium)
+        if medium != GPU and not ev.token_ids:
+            # vLLM's offloading connector announces a CPU copy by hash only (no tokens, block
+            # size 0): the block was keyed when it was stored on the GPU.
+            known = [(h, k) for h in hashes if (k := self._key_of(rb, h, GPU)) is not None]
+            rb.counters.unknown_blocks += len(hashes) - len(known)
+            if known:
+                self.stored(rb.id, [h for h, _ in known], [k for _, k in known], medium)
+            return
         if ev.block_size != self.block_size or len(ev.token_ids) != len(hashes) * ev.block_size:
             rb.counters.skipped += 1
             return
-        medium = _medium(ev.medium)
         parent = 0
         if ev.parent_block_hash is not None:
             found = self._key_of(rb, ev.parent_block_hash, medium)
@@ -209,7 +225,7 @@ class KvIndex:
             if n == 0:
                 holders[k] = holders.get(k, 0) | bit
         rb.counters.stored += len(hashes)
-        cap = rb.capacity_blocks
+        cap = rb.capacity_blocks if medium == GPU else (rb.tier_capacity_blocks or rb.capacity_blocks)
         if len(by_hash) > cap:
             self._shrink(rb, medium, len(by_hash) - cap)
 

@@ -52,7 +52,11 @@ class KvEvents:
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
         endpoints: dict[str, StreamEndpoint] = {}
         for r in config.replicas:
-            self.index.add_replica(r.id, r.kv_capacity_tokens // self.block_size)
+            self.index.add_replica(
+                r.id,
+                r.kv_capacity_tokens // self.block_size,
+                tier_capacity_blocks=r.cpu_kv_capacity_tokens // self.block_size,
+            )
             ep = endpoint_of(r, ke.port, ke.replay_port)
             if ep is not None:
                 endpoints[r.id] = ep

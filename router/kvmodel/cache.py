@@ -40,16 +40,17 @@ class TierCache:
         if block_hash in self._lru:
             self._lru.move_to_end(block_hash)
             return
+        # Room first, then the block: the events never say the tier holds more than it can.
+        while len(self._lru) >= self.num_blocks:
+            old, _ = self._lru.popitem(last=False)
+            self.evicted += 1
+            if self.lower is not None:
+                self.lower.put(old)
+            if self.log is not None:
+                self.log.append((f"removed:{self.medium}", old, "", -1))
         self._lru[block_hash] = None
         if self.log is not None:
             self.log.append((f"stored:{self.medium}", block_hash, "", -1))
-        while len(self._lru) > self.num_blocks:
-            old, _ = self._lru.popitem(last=False)
-            self.evicted += 1
-            if self.log is not None:
-                self.log.append((f"removed:{self.medium}", old, "", -1))
-            if self.lower is not None:
-                self.lower.put(old)
 
     def touch(self, block_hash: int) -> None:
         """A hit: the block is the most recently used of the tier."""
@@ -158,7 +159,8 @@ class PrefixCache:
             h, _ = self._lru.popitem(last=False)
             del self._ref[h]
             self.evicted += 1
+            if self.spill is not None:
+                # Copied down before the GPU copy goes (its events name it while it is still known).
+                self.spill.put(h)
             if self.log is not None:
                 self.log.append(("removed", h, "", -1))
-            if self.spill is not None:
-                self.spill.put(h)

@@ -65,6 +65,10 @@ class ReplicaEngine:
         # index) when a block becomes shareable, ("removed", hash, "", -1) when it is evicted.
         self._kv_log: list[tuple[str, int, str, int]] | None = [] if record_kv_events else None
         self.cache.log = self._kv_log
+        for tier in (self.cpu, self.disk):
+            if tier is not None:
+                # ("stored:CPU", hash, "", -1) and ("removed:CPU", ...), as vLLM's offloading connector reports.
+                tier.log = self._kv_log
         self.stats = EngineStats()
         self._waiting: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}  # insertion order = admission order

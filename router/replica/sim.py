@@ -165,8 +165,18 @@ class ReplicaSim:
         def flush() -> None:
             if not run:
                 return
-            if run[0][0] == "removed":
+            kind = run[0][0]
+            if kind == "removed":
                 events.append(wire.BlockRemoved([h for _, h, _, _ in run], wire.MEDIUM_GPU))
+            elif ":" in kind:
+                # A lower tier (kv_offload), as vLLM's offloading connector reports it: hashes and
+                # the medium only (no parent, no tokens, block size 0).
+                what, medium = kind.split(":", 1)
+                tier_hashes: list[int | bytes] = [h for _, h, _, _ in run]
+                if what == "removed":
+                    events.append(wire.BlockRemoved(tier_hashes, medium))
+                else:
+                    events.append(wire.BlockStored(tier_hashes, None, [], 0, None, medium, None))
             else:
                 rid, first = run[0][2], run[0][3]
                 ids = self._tokens.get(rid)

@@ -149,7 +149,12 @@ def simulate(
         for _ in range(routers):
             kv = KvIndex(bs, pending_ttl_s=fleet.settings.kv_events.pending_ttl_s)
             for spec in fleet.replicas:
-                kv.add_replica(spec.id, spec.engine.num_blocks, exact=True)
+                kv.add_replica(
+                    spec.id,
+                    spec.engine.num_blocks,
+                    exact=True,
+                    tier_capacity_blocks=spec.engine.cpu_capacity_tokens // bs,
+                )
             kv_indexes.append(kv)
     pols: list[Policy] = []
     for r_i in range(routers):
@@ -178,8 +183,14 @@ def simulate(
             for kind, h, _, _ in log:
                 if kind == "stored":
                     kv.stored(rid, (h,), (h,))
-                else:
+                elif kind == "removed":
                     kv.removed(rid, (h,))
+                else:  # a lower tier's "stored:CPU" / "removed:DISK"
+                    what, medium = kind.split(":", 1)
+                    if what == "stored":
+                        kv.stored(rid, (h,), (h,), medium)
+                    else:
+                        kv.removed(rid, (h,), medium)
 
     reps = [ReplicaRecord(spec.id, num_blocks=e.cache.num_blocks) for spec, e in zip(fleet.replicas, engines)]
     records: list[RequestRecord] = []
