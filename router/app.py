@@ -142,18 +142,17 @@ class Router:
             self.metrics.remove_replica(r.id)
             self.policy.on_replica_removed(r.id)
             if self.kv is not None:
-                self.kv.index.remove_replica(r.id)
+                self.kv.replica_removed(r.id)
             t = UpstreamTarget(r.url)
             if not any(x.host == t.host and x.port == t.port for x in self.replicas.targets.values()):
                 self.upstream.forget(t.host, t.port, t.tls)
             self.metrics.membership.labels(change.source, "removed").inc()
         for r in change.added:
             self.health.add(r)
-            if self.kv is not None:  # its event stream is not subscribed yet: it routes approximately
-                bs = self.kv.block_size
-                self.kv.index.add_replica(
-                    r.id, r.kv_capacity_tokens // bs, tier_capacity_blocks=r.cpu_kv_capacity_tokens // bs
-                )
+            if self.kv is not None:  # it routes approximately until its event stream speaks
+                cfg = next((c for c in self.replicas.configs(change.source) if c.id == r.id), None)
+                if cfg is not None:
+                    self.kv.replica_added(cfg)
             self.metrics.add_replica(r.id)
             self.metrics.membership.labels(change.source, "added").inc()
         if change.updated:
