@@ -32,6 +32,7 @@ from aiohttp import web
 
 from gpufleet.router import errors, guard
 from gpufleet.router.config import AdminToken, RouterConfig
+from gpufleet.router.discovery import EndpointSliceWatcher
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.kvevents import runtime as kvevents_runtime
 from gpufleet.router.membership import ConfigReloader, admin_routes
@@ -90,6 +91,7 @@ class Router:
         environ: Mapping[str, str] | None = None,
         config_path: str | Path | None = None,
         reload_interval_s: float = 1.0,
+        kube_api_client: Any = None,
     ) -> None:
         self.config = config
         s = self.settings = config.settings
@@ -127,6 +129,10 @@ class Router:
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
         self.replicas.subscribe(self._membership_changed)
         self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
+        k8s = config.discovery.kubernetes
+        self.discovery = (
+            EndpointSliceWatcher(k8s, self.replicas, self.metrics, api_client=kube_api_client) if k8s else None
+        )
 
     # -- membership -----------------------------------------------------------------------
     def _membership_changed(self, change: MembershipChange) -> None:
@@ -199,9 +205,13 @@ class Router:
             tasks.append(asyncio.create_task(self.reloader.run()))
         if self.kv is not None:
             await self.kv.start()
+        if self.discovery is not None:
+            self.discovery.start(asyncio.get_running_loop())
         try:
             yield
         finally:
+            if self.discovery is not None:
+                await asyncio.to_thread(self.discovery.stop)
             if self.kv is not None:
                 await self.kv.stop()
             for task in tasks:
@@ -366,11 +376,14 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     config_path: str | Path | None = None,
     reload_interval_s: float = 1.0,
+    kube_api_client: Any = None,
 ) -> web.Application:
     """Build the router application. The `Router` is reachable as `app[ROUTER_KEY]`.
 
     With `config_path` (the file `config` was read from) the router reloads its replicas from it
     when it changes (polled every `reload_interval_s`; 0: only on SIGHUP or `POST /admin/reload`).
+    With `config.discovery.kubernetes` it watches EndpointSlices (`kube_api_client`: a kubernetes
+    `ApiClient` to use, else one from the discovery's kubeconfig or the in-cluster account).
     """
     router = Router(
         config,
@@ -379,6 +392,7 @@ def create_app(
         environ=environ,
         config_path=config_path,
         reload_interval_s=reload_interval_s,
+        kube_api_client=kube_api_client,
     )
     # client_max_size bounds what aiohttp buffers for a body: it is the router's body limit.
     app = web.Application(client_max_size=config.settings.max_body_bytes, middlewares=[_json_errors])

@@ -125,6 +125,24 @@ class RouterMetrics:
             ["source", "change"],
             registry=r,
         )
+        self.discovery_events = Counter(
+            p + "discovery_events", "EndpointSlice watch events, by type", ["type"], registry=r
+        )
+        self.discovery_relists = Counter(
+            p + "discovery_lists",
+            "EndpointSlice lists, by cause (list: a start or re-list; gone: after a 410)",
+            ["reason"],
+            registry=r,
+        )
+        self.discovery_errors = Counter(
+            p + "discovery_errors", "Kubernetes API errors of discovery, by status", ["status"], registry=r
+        )
+        self.discovery_ignored = Gauge(
+            p + "discovery_ignored_endpoints",
+            "Endpoints discovery leaves out now, by reason (unknown_labels, no_port, no_address, id_conflict)",
+            ["reason"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             p + "config_reloads", "Router config file reloads, by result (ok, error)", ["result"], registry=r
         )

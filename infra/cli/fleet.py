@@ -100,6 +100,13 @@ def plan(
             "with the environment's credentials; exit 1 on an error finding.",
         ),
     ] = False,
+    allow_unchecked: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unchecked",
+            help="With --live: exit 0 even when a pool could not be checked (no credentials, no API access).",
+        ),
+    ] = False,
     format_old: Annotated[str | None, typer.Option("--format", "-f", hidden=True)] = None,
 ) -> None:
     """Compile a declaration: placement, KV, failover, cost.
@@ -169,6 +176,16 @@ def plan(
             text += _budget_markdown(budget)
     emit(show, text, out)
     if findings and any(f.severity == "error" for f in findings):
+        raise typer.Exit(1)
+    unchecked = sorted({f.pool for f in findings or [] if f.check == "unchecked" and f.severity != "info"})
+    if unchecked and not allow_unchecked:
+        # A check that could not run is not a pass: CI must not go green on missing credentials.
+        err_console.print(
+            f"[bold red]error:[/] --live could not check pool(s) {', '.join(unchecked)} (see above); "
+            "give --allow-unchecked to accept that",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1)
 
     if budget is not None:

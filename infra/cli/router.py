@@ -58,8 +58,8 @@ def serve(
         _wait_for_go()
     with user_errors(errors.ConfigError, registry.PluginError):
         cfg = loader.load_router_config(config)
-        if not cfg.replicas:
-            raise UserError(f"{config}: replicas: the config lists no replica to route to")
+        if not cfg.replicas and cfg.discovery.kubernetes is None:
+            raise UserError(f"{config}: replicas: the config lists no replica to route to, and no discovery")
         listen_port = port if port is not None else cfg.settings.port
         if not 0 <= listen_port <= 65535:
             raise UserError(f"--port {listen_port}: must be between 0 and 65535")

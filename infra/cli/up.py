@@ -95,6 +95,26 @@ class _Signals:
             signal.signal(signal.SIGTERM, self)
 
 
+def _check_router_port(plan: Plan, port: int | None) -> None:
+    """Refuse at once when the router's port is taken: before any replica starts, not after."""
+    import socket
+
+    want = plan.router.port if port is None else port
+    if not want:
+        return
+    host = plan.clouds.local.host if plan.clouds.local is not None else "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, want))
+        except OSError as exc:
+            with user_errors():
+                raise UserError(
+                    f"router port {want} on {host} is not free ({exc.strerror}); stop what holds it, "
+                    "or give --port 0 for any free port (or another --port)"
+                ) from None
+
+
 def _install_sigterm() -> None:
     """SIGTERM stops `up` the way Ctrl-C does (via KeyboardInterrupt in the main thread)."""
 
@@ -153,6 +173,7 @@ def register(app: typer.Typer) -> None:
         if port is not None and not 0 <= port <= 65535:
             with user_errors():
                 raise UserError(f"--port {port}: must be between 0 and 65535")
+        _check_router_port(plan, port)
         signals = _Signals()
         signals.install()
         rt = None

@@ -27,9 +27,9 @@ __all__ = ["build_app", "listen", "serve"]
 _ADMIN_FAIL_MODES = ("ok", "status", "hang", "drop")
 
 
-def _error(status: int, message: str, type_: str = "BadRequestError") -> web.Response:
+def _error(status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> web.Response:
     """vLLM's error body."""
-    body = {"object": "error", "message": message, "type": type_, "param": None, "code": status}
+    body = {"object": "error", "message": message, "type": type_, "param": param, "code": status}
     return web.json_response(body, status=status)
 
 
@@ -89,7 +89,7 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
             arrival = sim.now()
             queue = sim.submit(job)
         except BadRequest as exc:
-            return _error(exc.status, exc.message, exc.type)
+            return _error(exc.status, exc.message, exc.type, exc.param)
         try:
             if job.stream:
                 return await _stream(request, job, queue, arrival)

@@ -47,9 +47,9 @@ def _any_port(endpoint: str) -> str:
 class BadRequest(Exception):
     """A request the replica refuses, with vLLM's status, message and error type."""
 
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError") -> None:
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
 @dataclass
@@ -287,8 +287,14 @@ class ReplicaSim:
             if isinstance(p, list) and isinstance(p[0], str) and len(p) > 1:
                 raise BadRequest(400, "replica-sim serves one prompt per request")
         n = body.get("n", 1)
-        if n != 1:
-            raise BadRequest(400, "replica-sim supports only n=1")
+        if n is not None and n != 1:
+            raise BadRequest(400, "replica-sim supports only n=1", param="n")
+        # No log-probabilities are simulated: asking for them is refused, not answered with nulls.
+        lp = body.get("logprobs")
+        if (lp is not None and lp is not False) or body.get("top_logprobs") is not None:
+            param = "logprobs" if lp is not None and lp is not False else "top_logprobs"
+            raise BadRequest(400, "replica-sim does not compute logprobs; leave `logprobs` unset", param=param)
+        stops = self._stops(body.get("stop"))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(400, "`stream` must be a boolean")
@@ -317,10 +323,37 @@ class ReplicaSim:
             out, reason = max_tokens, "length"
         else:
             out, reason = natural, "stop"
+        if stops:
+            cut = self._stop_at(prompt.seed, out, stops)
+            if cut is not None:
+                out, reason = cut, "stop"
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         return Job(kind, model, prompt, out, reason, stream, include_usage, rid)
+
+    @staticmethod
+    def _stops(stop: Any) -> list[str]:
+        """The `stop` sequences (a string or a list of up to 4 non-empty strings; null or [] for none)."""
+        if stop is None:
+            return []
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, list) or len(items) > 4 or not all(isinstance(x, str) and x for x in items):
+            raise BadRequest(400, "`stop` must be a string or a list of at most 4 non-empty strings", param="stop")
+        return items
+
+    def _stop_at(self, seed: int, out: int, stops: list[str]) -> int | None:
+        """Tokens generated before the first stop sequence appears in the answer (None: it never does).
+
+        As an engine does, the answer ends before the stop sequence, which is not returned; the
+        token in which it begins is dropped whole.
+        """
+        text = ""
+        for i in range(out):
+            text += self.token_text(seed, i)
+            if any(stop in text for stop in stops):
+                return i
+        return None
 
     # -- output --------------------------------------------------------------------------
     @staticmethod

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["HttpError", "JsonServer", "Request"]
+__all__ = ["HttpError", "JsonServer", "Request", "Stream"]
 
 
 class HttpError(Exception):
@@ -30,6 +30,15 @@ class Request:
         self.query = query
         self.body = body
         self.headers = headers
+
+
+class Stream:
+    """Returned by a route to answer 200 with a chunked body: one JSON document per line, as the
+    Kubernetes API server streams watch events. `events` is iterated outside the server's lock;
+    it yields a dict to send or None (nothing to send yet: the server checks it is not stopping)."""
+
+    def __init__(self, events: Iterator[dict[str, Any] | None]) -> None:
+        self.events = events
 
 
 Route = Callable[[Request], Any]
@@ -90,12 +99,35 @@ class JsonServer:
                             except HttpError as exc:
                                 status, payload = exc.status, exc.body
                             break
+                if isinstance(payload, Stream):
+                    self._stream(payload)
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _stream(self, stream: Stream) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for event in stream.events:
+                        if server._httpd is None:  # stopping
+                            break
+                        if event is None:
+                            continue
+                        line = json.dumps(event).encode() + b"\n"
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except OSError:  # the client went away
+                    pass
+                self.close_connection = True
 
             def do_GET(self) -> None:
                 self._serve("GET")

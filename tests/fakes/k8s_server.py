@@ -1,7 +1,9 @@
 """A stateful fake Kubernetes API server, for the REAL kubernetes Python client.
 
 Serves nodes (list/get/patch), pods (list across namespaces and per namespace, get),
-deployments (list/get) and their scale subresource (get/patch/put), with label selectors
+deployments (list/get) and their scale subresource (get/patch/put), and (k8s_workloads.py)
+Services, StatefulSets with their scale subresource, and EndpointSlices with list and watch
+(chunked events, 410 Gone after `expire_watches()`), with label selectors
 (`k=v`, `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`) and field selectors
 (`status.phase`, `spec.nodeName`, `metadata.name`, `metadata.namespace`, with `=`, `==`, `!=`).
 
@@ -24,6 +26,7 @@ import re
 from typing import Any
 
 from tests.fakes._http import HttpError, JsonServer, Request
+from tests.fakes.k8s_workloads import WorkloadsMixin
 
 __all__ = ["GPU", "FakeKubernetes", "field_selector_matches", "label_selector_matches"]
 
@@ -117,7 +120,7 @@ def pod_gpus(pod: dict[str, Any]) -> int:
     return total
 
 
-class FakeKubernetes(JsonServer):
+class FakeKubernetes(WorkloadsMixin, JsonServer):
     """The fake API server and its objects. Helpers mutate state the way controllers would."""
 
     def __init__(self) -> None:
@@ -140,6 +143,7 @@ class FakeKubernetes(JsonServer):
         self.route("PATCH", _APPS_NS + r"/deployments/(?P<name>[^/]+)/scale", self._set_scale)
         self.route("PUT", _APPS_NS + r"/deployments/(?P<name>[^/]+)/scale", self._set_scale)
         self.forbidden: set[str] = set()  # path prefixes answering 403, to test RBAC errors
+        self._init_workloads()  # Services, StatefulSets, EndpointSlices (k8s_workloads.py)
 
     # ------------------------------------------------------------------ scenario helpers
 
@@ -231,6 +235,7 @@ class FakeKubernetes(JsonServer):
             owner = _owner(pod)
             if owner and (namespace, owner) in self.deployments:
                 self._reconcile(self.deployments[(namespace, owner)])
+            self.recreate_owned(namespace, pod)
             self.schedule_pending()
 
     def add_deployment(
@@ -349,6 +354,7 @@ class FakeKubernetes(JsonServer):
             ]
             for pod in sorted(pending, key=_is_placeholder):
                 self._schedule(pod)
+            self.sync_endpoint_slices()
 
     def _reconcile(self, dep: dict[str, Any]) -> None:
         ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]

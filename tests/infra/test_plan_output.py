@@ -122,3 +122,23 @@ def test_compare_lists_the_changed_pool_and_deployment_fields(tmp_path):
     assert data["compare"]["deployments"][0]["name"] == "llama-8b"
     table = runner.invoke(app, ["plan", str(new), "--compare", str(old_json)], env={"COLUMNS": "200"})
     assert "pool gcp-h100: instance_type a3-highgpu-8g -> a3-megagpu-8g" in table.output
+
+
+def test_plan_live_without_credentials_fails_unless_unchecked_is_accepted(tmp_path, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet: live\nclouds: {aws: {region: us-west-2, cluster: c}}\nnodepools:\n"
+        "  - {name: h100, cloud: aws, zones: [us-west-2a], instance_type: p5.48xlarge, priority: 1, max_nodes: 2}\n"
+        "deployments:\n  - {name: d, model: Qwen/Qwen3-8B, min_replicas: 1, max_replicas: 2}\n"
+    )
+    strict = runner.invoke(app, ["plan", str(fleet), "--live"])
+    assert strict.exit_code == 1, strict.output
+    assert "could not check pool(s) h100" in strict.output and "--allow-unchecked" in strict.output
+    lenient = runner.invoke(app, ["plan", str(fleet), "--live", "--allow-unchecked"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "unchecked" in lenient.output
