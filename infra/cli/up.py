@@ -128,8 +128,8 @@ def _install_sigterm() -> None:
 class _RichDemoUI:
     """`gpufleet.infra.local.demo.DemoUI` on the console: progress bars, tables, one-line errors."""
 
-    def start(self, plan: Plan, label: str, settings: RouterSettings) -> LocalRuntime:
-        return _start(plan, label, router_port=0, settings=settings)
+    def start(self, plan: Plan, label: str, settings: RouterSettings, autoscale: bool = False) -> LocalRuntime:
+        return _start(plan, label, router_port=0, settings=settings, autoscale=autoscale)
 
     @contextmanager
     def batch(self, label: str, total: int) -> Iterator[Callable[[], None]]:
@@ -234,11 +234,17 @@ def register(app: typer.Typer) -> None:
         concurrency: Annotated[int, typer.Option(help="cap on requests in flight")] = 64,
         seed: Annotated[int, typer.Option(help="workload seed")] = 0,
         max_tokens: Annotated[int, typer.Option(help="tokens generated per request")] = 16,
+        motion: Annotated[
+            bool, typer.Option(help="end with the motion phase: autoscaling under a ramp, a router killed mid-traffic")
+        ] = True,
+        plot: Annotated[Path | None, typer.Option(help="write the motion phase's timeline as a PNG here")] = None,
     ) -> None:
-        """Run the local demo: policies compared, then a failover.
+        """Run the local demo: policies compared, a failover, the fleet in motion.
 
         Brings the local fleet up, compares round_robin with cache_aware on a mixed workload,
-        then kills the preferred pools to show the spill-over; no cloud, no credentials.
+        kills the preferred pools to show the spill-over, then autoscales a deployment from its
+        top pool into the next under a load ramp and kills the router mid-traffic; no cloud, no
+        credentials.
         """
         from gpufleet.infra.local import demo as demo_mod
 
@@ -258,7 +264,14 @@ def register(app: typer.Typer) -> None:
             with user_errors():
                 raise UserError(f"{file}: no deployment has a baseline replica (min_replicas >= 1) to send traffic to")
         opts = demo_mod.DemoOptions(
-            requests=requests, load=load, rate=rate, concurrency=concurrency, seed=seed, max_tokens=max_tokens
+            requests=requests,
+            load=load,
+            rate=rate,
+            concurrency=concurrency,
+            seed=seed,
+            max_tokens=max_tokens,
+            motion=motion,
+            plot=str(plot) if plot else None,
         )
         _install_sigterm()
         result = demo_mod.run_demo(plan, opts, _RichDemoUI())

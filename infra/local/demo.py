@@ -35,7 +35,7 @@ __all__ = ["DemoOptions", "DemoResult", "DemoUI", "Row", "run_demo", "summary_ta
 class DemoUI(Protocol):
     """What the demo shows while it runs (the CLI implements it with rich)."""
 
-    def start(self, plan: Plan, label: str, settings: RouterSettings) -> LocalRuntime:
+    def start(self, plan: Plan, label: str, settings: RouterSettings, autoscale: bool = False) -> LocalRuntime:
         """Start a runtime for `plan` with `settings` (showing its progress), router on any free port."""
         ...
 
@@ -61,6 +61,10 @@ class DemoOptions:
     concurrency: int = 64
     seed: int = 0
     max_tokens: int = 16
+    motion: bool = True
+    """Run the motion phase (autoscaling under a ramp, a router killed mid-traffic) at the end."""
+    plot: str | None = None
+    """Write the motion phase's timeline as a PNG here."""
 
 
 @dataclass
@@ -88,6 +92,8 @@ class DemoResult:
     processes: int = 0
     left: list[int] = field(default_factory=list)
     """Pids of children still alive after teardown (none expected)."""
+    motion: Any = None
+    """The motion phase's `gpufleet.infra.local.motion.MotionResult` (None when skipped)."""
 
 
 def traffic_weights(plan: Plan) -> dict[str, float]:
@@ -299,6 +305,23 @@ class _Demo:
             )
         )
 
+    def motion(self, result: DemoResult) -> None:
+        """The motion phase on a fleet of its own (`gpufleet.infra.local.motion`); the others stop first."""
+        from gpufleet.infra.local import motion
+
+        for rt in self.runtimes:
+            rt.stop()
+
+        def factory(mplan: Plan) -> LocalRuntime:
+            rt = self.ui.start(mplan, f"starting {mplan.fleet} (autoscaling)", mplan.router, autoscale=True)
+            self.runtimes.append(rt)
+            return rt
+
+        result.motion = motion.run_motion(self.plan, factory, self.ui.show)
+        if self.opts.plot:
+            motion.plot(result.motion, self.opts.plot)
+            self.ui.show(f"wrote {self.opts.plot}")
+
     def teardown(self, result: DemoResult, started: float) -> None:
         """Stop every runtime and count the children still alive."""
         pids = [p for rt in self.runtimes for p in rt.pids()]
@@ -323,6 +346,8 @@ def run_demo(plan: Plan, opts: DemoOptions, ui: DemoUI) -> DemoResult:
     try:
         demo.compare_policies(result)
         demo.spill_over(result)
+        if opts.motion:
+            demo.motion(result)
     except KeyboardInterrupt:
         result.interrupted = True
         ui.show("[yellow]interrupted[/]")

@@ -45,7 +45,7 @@ class KvEvents:
     """The server's precise-mode parts (module docs)."""
 
     def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer, registry: CollectorRegistry) -> None:
-        s = config.settings
+        s = self.settings = config.settings
         ke = s.kv_events
         self.block_size = ke.block_size or s.block_size_tokens
         self.tokenizer = tokenizer
@@ -81,6 +81,22 @@ class KvEvents:
         if bk:
             features.affinity_key = bk[0]
         return features
+
+    def replica_added(self, replica: ReplicaConfig) -> None:
+        """A replica joined: track it and subscribe to its stream (approximate until it speaks)."""
+        ke = self.settings.kv_events
+        bs = self.block_size
+        self.index.add_replica(
+            replica.id, replica.kv_capacity_tokens // bs, tier_capacity_blocks=replica.cpu_kv_capacity_tokens // bs
+        )
+        ep = endpoint_of(replica, ke.port, ke.replay_port)
+        if ep is not None:
+            self.streams.add(replica.id, ep)
+
+    def replica_removed(self, replica_id: str) -> None:
+        """A replica left: stop its stream and forget its blocks."""
+        self.streams.remove(replica_id)
+        self.index.remove_replica(replica_id)
 
     async def start(self) -> None:
         await self.streams.start()

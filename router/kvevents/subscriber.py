@@ -124,6 +124,7 @@ class EventStreams:
         self.status: dict[str, StreamStatus] = {rid: StreamStatus(ep) for rid, ep in endpoints.items()}
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._by_replica: dict[str, asyncio.Task[None]] = {}
         self._counted: dict[str, tuple[int, int, int, int]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -131,14 +132,34 @@ class EventStreams:
         """Connect every subscriber and start the watchdog (inside the serving loop)."""
         self._ctx = zmq.asyncio.Context()
         for rid in self.status:
-            self._tasks.append(asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}"))
+            self._by_replica[rid] = asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}")
         self._tasks.append(asyncio.create_task(self._watchdog(), name="kv-events-watchdog"))
         log.info(
             "kv events: subscribing to %d replicas; each routes approximately until its stream speaks",
             len(self.status),
         )
 
+    def add(self, rid: str, endpoint: StreamEndpoint) -> None:
+        """Subscribe to a replica that joined (membership change); a running stream is restarted."""
+        self.remove(rid)
+        self.status[rid] = StreamStatus(endpoint)
+        self.metrics.set_state(rid, False)
+        if self._ctx is not None:
+            self._by_replica[rid] = asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}")
+
+    def remove(self, rid: str) -> None:
+        """Stop the stream of a replica that left."""
+        task = self._by_replica.pop(rid, None)
+        if task is not None:
+            task.cancel()
+        self.status.pop(rid, None)
+        self._counted.pop(rid, None)
+
     async def stop(self) -> None:
+        for t in self._by_replica.values():
+            t.cancel()
+        self._tasks.extend(self._by_replica.values())
+        self._by_replica.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -151,8 +172,9 @@ class EventStreams:
 
     # -- one replica ------------------------------------------------------------------------------
     async def _subscribe(self, rid: str) -> None:
-        assert self._ctx is not None
-        st = self.status[rid]
+        st = self.status.get(rid)
+        if self._ctx is None or st is None:
+            return
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
@@ -262,7 +284,9 @@ class EventStreams:
             self._apply(rid, seq, frames[1])
 
     def _apply(self, rid: str, seq: int, payload: bytes) -> None:
-        st = self.status[rid]
+        st = self.status.get(rid)
+        if st is None:  # the replica left while this message was on its way
+            return
         res = wire.decode_batch(payload)
         st.last_seq = seq
         st.messages += 1

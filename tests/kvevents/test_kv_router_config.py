@@ -64,3 +64,15 @@ def test_with_a_tokenizer_the_prefix_scorer_reads_the_events_index(tmp_path):
     r.kv.index.set_exact("r1", True)
     d = r.policy.choose(f, state)
     assert d.replica is not None and d.replica.id == "r1" and d.matched_blocks == 1
+
+
+def test_membership_changes_reach_the_events_index_and_streams(tmp_path):
+    tok_dir = tiny_tokenizer_files(tmp_path / "tok")
+    cfg = _cfg({"enabled": True, "tokenizer": str(tok_dir)})
+    r = router_app.Router(cfg, admin_token="t")
+    new = cfg.replicas[1].model_copy(
+        update={"id": "r9", "url": "http://10.0.0.9:8000", "kv_events_endpoint": "tcp://10.0.0.9:6000"}
+    )
+    r.replicas.replace([cfg.replicas[0], new])
+    assert set(r.kv.streams.status) == {"r0", "r9"} and set(r.kv.index.replicas) == {"r0", "r9"}
+    assert r.kv.streams.status["r9"].endpoint.endpoint == "tcp://10.0.0.9:6000"

@@ -198,3 +198,29 @@ def test_publisher_bytes_are_vllms_framing_and_structs():
             await pub.close()
 
     asyncio.run(run())
+
+
+def test_a_replica_that_joins_later_is_subscribed_and_one_that_leaves_is_dropped():
+    async def run():
+        async with Rig() as rig:
+            pub2 = EventPublisher("tcp://127.0.0.1:*")
+            await pub2.start()
+            try:
+                rig.index.add_replica("r1", 1000)
+                rig.metrics.set_state("r1", False)
+                rig.streams.add("r1", StreamEndpoint(pub2.endpoint))
+                end = time.monotonic() + 5
+                while not rig.index.exact("r1"):
+                    assert time.monotonic() < end, "the new replica's stream was never heard"
+                    pub2.publish([_stored(1, None)], time.time())
+                    await asyncio.sleep(0.05)
+                rig.streams.remove("r1")
+                rig.index.remove_replica("r1")
+                assert "r1" not in rig.streams.status and rig.streams.admin_view("r1") is None
+                pub2.publish([_stored(2, 1)], time.time())
+                await asyncio.sleep(0.1)
+                assert not rig.index.exact("r1") and rig.index.exact("r0")
+            finally:
+                await pub2.close()
+
+    asyncio.run(run())

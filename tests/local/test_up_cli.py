@@ -132,7 +132,9 @@ def _all_row(out: str, run: str) -> list[str]:
 def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     # three replicas in the preferred pool, so where a prefix lands matters; enough retries to pass all three once lost
     fleet = write_fleet(tmp_path, top=3, router="  max_retries: 3\n")
-    r = CliRunner().invoke(app, ["demo", str(fleet), "--requests", "60", "--rate", "30", "--max-tokens", "2"])
+    r = CliRunner().invoke(
+        app, ["demo", str(fleet), "--requests", "60", "--rate", "30", "--max-tokens", "2", "--no-motion"]
+    )
     out = r.output
     assert r.exit_code == 0, out
     rr, ca = _all_row(out, "round_robin"), _all_row(out, "cache_aware")
@@ -255,3 +257,35 @@ def test_sigint_drains_twelve_long_streams_to_completion_then_stops(tmp_path):
         assert not [k for k in kids if alive(k)]
     finally:
         _reap(proc, kids)
+
+
+@pytest.mark.slow
+def test_demo_motion_scales_the_top_pool_to_its_limit_spills_scales_down_lower_first_and_survives_a_router_kill(
+    tmp_path,
+):
+    from gpufleet.infra import plan as plan_mod
+    from gpufleet.infra.local import LocalRuntime, motion
+
+    # the embedded demo fleet: an 8B model decodes slowly enough that a client holds its slot
+    p = plan_mod.compile_file(str(ROOT / "stacks/local/fleet.yaml"))
+    started: list[LocalRuntime] = []
+
+    def factory(mplan):
+        rt = LocalRuntime(mplan, router_port=0, workdir=tmp_path / "w", autoscale=True)
+        started.append(rt.start())
+        return rt
+
+    shown: list[object] = []
+    res = motion.run_motion(p, factory, shown.append)
+    # the top pool to its 4 slots, then the next pool's 2 warm ones
+    assert res.peak_ready == {"local-l4": 4, "local-l40s": 2}
+    assert sum(s.served.get("local-l40s", 0) for s in res.samples) > 0  # traffic spilled there
+    ev = res.events
+    assert any("promoted warm replica llama-8b-local-l40s-warm0" in e for e in ev)
+    first_next_down = next(i for i, e in enumerate(ev) if e.startswith("autoscale llama-8b on local-l40s: 2 ->"))
+    first_top_down = next(i for i, e in enumerate(ev) if e.startswith("autoscale llama-8b on local-l4: 4 ->"))
+    assert first_next_down < first_top_down  # the lower pool scales down first
+    assert res.router_killed_at_s is not None and res.ok_after_kill > 0
+    assert res.first_ok_after_kill_s is not None and res.first_ok_after_kill_s < 5
+    assert res.errors <= res.cut_by_kill + 30  # other failures only around the kill (clients retry every 0.1 s)
+    assert not [pid for rt in started for pid in rt.pids() if alive(pid)]
