@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/cache_aware_sweep.py
 
-Each row is gpufleet's own `cache_aware` profile with other parameters (the fleet's
+Each row is gpufleet's own `cache_aware_tokens` profile (the default before the TTFT estimate) with
+other parameters (the fleet's
 `router.cache_aware` section: the weight of its `queued_prefill` and `in_flight` scorers and the
 latter's `cost_tokens`), on the synthetic workloads of bench/routing.py; the SGLang model is shown
 for reference.
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 settings = base.settings.model_copy(update={"cache_aware": ca})
                 fl = fleet_mod.SimFleet(base.name, base.replicas, settings)
-                s = metrics.summarize(engine.simulate(wl, fl, "cache_aware"))
+                s = metrics.summarize(engine.simulate(wl, fl, "cache_aware_tokens"))
                 rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"].append(f"{s.ttft_p99_s:.2f} ({s.hit_ratio:.2f})")
                 bar.advance(task)
     for name, cells in rows.items():

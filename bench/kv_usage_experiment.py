@@ -7,11 +7,12 @@ The trace is cut into consecutive windows of `--window` requests (each replayed 
 scaled to `--load`), so a variant is judged over several independent runs, not one: a single
 2,000-request run moves by several percent from any small change in routing.
 
-Variants (every one is gpufleet's `cache_aware` profile with the router's settings, composed with
+Variants (every one is gpufleet's `cache_aware_tokens` profile, the default profile when this was
+measured, with the router's settings, composed with
 one scorer swapped or added, and gets the KV usage the way the live router would:
 `health.scrape_kv_usage`, one sample per health interval):
 
-- `cache_aware`: as shipped (ignores the signal);
+- `cache_aware_tokens`: as registered (ignores the signal);
 - `shrink_free`: its `prefix` scorer's index limited at each sample to the blocks running requests
   leave free, `capacity x (1 - usage)` (scorer `shrink_free_prefix`, below);
 - `shrink_pinned`: the same plus the prompt blocks of the router's own in-flight requests on that
@@ -43,7 +44,7 @@ from rich.table import Table
 from gpufleet.router.config import ProfileSettings, RouterSettings, ScorerRef
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.base import Candidates, PluginContext
-from gpufleet.router.policies.profile import cache_aware_profile
+from gpufleet.router.policies.profile import cache_aware_tokens_profile
 from gpufleet.router.policies.scorers.prefix import PrefixScorer
 from gpufleet.router.sim import engine, metrics, trace
 from gpufleet.router.sim import fleet as fleet_mod
@@ -135,7 +136,7 @@ registry.register("exact_prefix", ExactPrefix)
 
 def _swap_prefix(scorer: str) -> Callable[[RouterSettings, float], ProfileSettings]:
     def build(settings: RouterSettings, pressure_weight: float) -> ProfileSettings:
-        p = cache_aware_profile(settings)
+        p = cache_aware_tokens_profile(settings)
         scorers = [s.model_copy(update={"type": scorer}) if s.type == "prefix" else s for s in p.scorers]
         return p.model_copy(update={"scorers": scorers})
 
@@ -143,12 +144,12 @@ def _swap_prefix(scorer: str) -> Callable[[RouterSettings, float], ProfileSettin
 
 
 def _memory_wait(settings: RouterSettings, pressure_weight: float) -> ProfileSettings:
-    p = cache_aware_profile(settings)
+    p = cache_aware_tokens_profile(settings)
     return p.model_copy(update={"scorers": [*p.scorers, ScorerRef(type="kv_usage", weight=pressure_weight)]})
 
 
 VARIANTS: dict[str, Callable[[RouterSettings, float], ProfileSettings] | None] = {
-    "cache_aware": None,  # as shipped
+    "cache_aware_tokens": None,  # as registered (the default when this experiment was run)
     "shrink_free": _swap_prefix("shrink_free_prefix"),
     "shrink_pinned": _swap_prefix("shrink_pinned_prefix"),
     "memory_wait": _memory_wait,

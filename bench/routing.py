@@ -27,7 +27,7 @@ from gpufleet.router.workloads.types import Workload
 
 HERE = Path(__file__).resolve().parent
 TRACES = HERE.parent.parent / "shared" / "traces" / "mooncake"
-SYNTHETIC = ("shared_prompts", "rag", "multiturn", "mix")
+SYNTHETIC = ("shared_prompts", "rag", "multiturn", "mix", "hot_prefix")
 LOADS = (0.8, 2.0)
 
 

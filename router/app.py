@@ -33,6 +33,7 @@ from aiohttp import web
 from gpufleet.router import errors, guard
 from gpufleet.router.config import AdminToken, RouterConfig
 from gpufleet.router.discovery import EndpointSliceWatcher
+from gpufleet.router.engine_load import EngineLoadScraper
 from gpufleet.router.health import HealthChecker, HealthTracker
 from gpufleet.router.kvevents import runtime as kvevents_runtime
 from gpufleet.router.membership import ConfigReloader, admin_routes
@@ -41,6 +42,7 @@ from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import JSON, Proxy, error_response
 from gpufleet.router.replicas import MembershipChange, ReplicaSet
+from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.tenant import TenantResolver
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
@@ -108,6 +110,8 @@ class Router:
         except ValueError as exc:
             raise errors.ConfigError(str(exc)) from None
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
+        tokens = self.metrics.session_tokens
+        self.sessions = SessionBinder(s.session, environ, on_token=lambda why: tokens.labels(why).inc())
         self.health = HealthTracker(
             s.health, self.replicas, on_eject=self._ejected, on_readmit=self._readmitted, on_suspect=self._suspect
         )
@@ -123,6 +127,7 @@ class Router:
             self.upstream,
             self.cache,
             TenantResolver(s.tenant, environ),
+            sessions=self.sessions,
         )
         self.proxy.kv = self.kv
         self.draining = False
@@ -200,6 +205,18 @@ class Router:
         )
         self.checker = HealthChecker(self.health, self.replicas, self.session)
         tasks = [asyncio.create_task(self.checker.run())]
+        s = self.settings
+        if s.engine_metrics_interval_s > 0:
+            scrapes = self.metrics.engine_scrapes
+            scraper = EngineLoadScraper(
+                lambda: self.replicas,
+                self.session,
+                interval_s=s.engine_metrics_interval_s,
+                timeout_s=s.engine_metrics_timeout_s,
+                clock=self.policy.clock,
+                on_result=lambda r, result: scrapes.labels(r.id, result).inc(),
+            )
+            tasks.append(asyncio.create_task(scraper.run()))
         if self.reloader is not None and self.reloader.interval_s > 0:
             tasks.append(asyncio.create_task(self.reloader.run()))
         if self.kv is not None:
@@ -221,6 +238,7 @@ class Router:
                     pass
             await self.session.close()
             await self.upstream.close()
+            await self.sessions.close()
             if self.cache is not None:
                 await self.cache.close()
 
@@ -300,6 +318,14 @@ class Router:
                     "max_model_len": r.max_model_len,
                     "estimated_cached_blocks": self.policy.cached_blocks(r.id),
                     "kv_usage": r.kv_usage,
+                    "engine_load": {
+                        "waiting": r.engine_waiting,
+                        "running": r.engine_running,
+                        "kv_usage": r.engine_kv_usage,
+                        "age_s": round(self.policy.clock() - r.engine_sampled_at, 3)
+                        if r.engine_sampled_at > float("-inf")
+                        else None,
+                    },
                     "consecutive_failures": failures,
                     "readmit_in_s": round(readmit_in, 3),
                     "backoff_s": backoff,

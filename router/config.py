@@ -42,6 +42,7 @@ __all__ = [
     "RouterSettings",
     "ScorerRef",
     "ServerSettings",
+    "SessionSecret",
     "SessionSettings",
     "TenantHeader",
     "TenantSettings",
@@ -80,12 +81,24 @@ class PredictionCacheSettings(_Strict):
 
 
 class CacheAwareSettings(_Strict):
-    """The parameters of the `cache_aware` profile: how prefill work saved weighs against queued work."""
+    """The parameters of the `cache_aware` profile (TTFT estimate) and of `cache_aware_tokens` (the
+    previous default: prefill work saved against queued work, in tokens)."""
+
+    # 0.5 from the simulator (docs/routing.md, *cache_aware*): 0 (greedy TTFT) left caches as soon
+    # as a queue formed (mix @ 0.8 p99 5.4 s); 1 and 2 piled a hot prefix up (shared_prompts @ 2.0).
+    added_prefill_weight: float = Field(
+        default=0.5,
+        ge=0,
+        description="cache_aware: weight of the prefill seconds a request adds to a replica (the wait it "
+        "causes for requests behind it) against its own estimated TTFT",
+    )
 
     # 0.5 from bench/cache_aware_sweep.py (docs/routing.md): 1.0 sent turns away from their cache
     # on memory-bound fleets; 0.25 starts piling a hot prefix onto one replica.
     load_weight: float = Field(
-        default=0.5, ge=0, description="weight of a replica's queued prefill tokens against matched prefix tokens"
+        default=0.5,
+        ge=0,
+        description="cache_aware_tokens: weight of a replica's queued prefill tokens against matched prefix tokens",
     )
     min_match_blocks: int = Field(
         default=1, ge=0, description="below this many matched blocks a request is routed by load alone"
@@ -93,17 +106,55 @@ class CacheAwareSettings(_Strict):
     in_flight_cost_tokens: int = Field(
         default=64,
         ge=0,
-        description="prefill-token equivalent of each in-flight request (its share of decode time) in the load term",
+        description="cache_aware_tokens: prefill-token equivalent of each in-flight request (its share of decode "
+        "time) in the load term",
     )
 
 
+class SessionSecret(_Strict):
+    """Where the key that signs session tokens comes from: a reference, never the value."""
+
+    env: str | None = Field(
+        default="GPUFLEET_SESSION_SECRET", description="environment variable holding the key (at least 16 bytes)"
+    )
+    file: str | None = Field(default=None, description="file holding the key (wins over env)")
+
+
 class SessionSettings(_Strict):
-    """The parameters of the `session` policy (and where the server reads a session id)."""
+    """Session affinity: where the server reads a session id, and how a session keeps its replica.
+
+    Used by the `session` policy and by the `session_affinity` picker of the default profile."""
 
     header: str = Field(default="x-session-id", min_length=1, description="request header carrying the session id")
     use_body_user: bool = Field(default=True, description="fall back to the body's `user` field as session id")
     max_sessions: int = Field(default=100_000, ge=1, description="bound on remembered sessions (LRU)")
     ttl_s: float = Field(default=3600.0, gt=0)
+    # 0.1 from the simulator (docs/routing.md, *cache_aware*): on multiturn @ 0.8, 0.5 s tripled
+    # cache_aware's TTFT p99 (sessions waited behind queues), 0.05-0.1 s kept it at the oracle's.
+    max_penalty_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="a session leaves its replica when that replica's estimated TTFT is worse than the best "
+        "replica's by more than this many seconds (or it is unavailable); then it stays on the new one",
+    )
+    token_header: str = Field(
+        default="x-gpufleet-session",
+        min_length=1,
+        description="response (and request) header of the signed session token naming the session's replica",
+    )
+    secret: SessionSecret = Field(
+        default_factory=SessionSecret,
+        description="the HMAC key every router replica signs and checks session tokens with (none: no tokens)",
+    )
+    binding: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: each router remembers its sessions (plus tokens); redis: bindings shared by every "
+        "router, for clients that cannot echo the token header",
+    )
+    redis_url_env: str = Field(
+        default="GPUFLEET_SESSION_REDIS_URL", min_length=1, description="environment variable holding the redis URL"
+    )
+    key_prefix: str = Field(default="gpufleet:session:", description="prefix of the redis keys")
 
 
 class HealthSettings(_Strict):
@@ -173,7 +224,9 @@ class RetrySettings(_Strict):
     """The retry budget (Envoy's `retry_budget`): retries in flight at most this share of requests in flight."""
 
     budget_percent: float = Field(default=20.0, ge=0, le=100)
-    min_retry_concurrency: int = Field(default=3, ge=0, description="retries always allowed in flight at once")
+    # 10, not Envoy's 3: when a replica hangs, every request it holds passes its first-byte
+    # deadline at about the same moment, and on a small fleet 20 % of in-flight is a handful.
+    min_retry_concurrency: int = Field(default=10, ge=0, description="retries always allowed in flight at once")
 
 
 class KvEventsSettings(_Strict):
@@ -395,6 +448,13 @@ class RouterSettings(_Strict):
     session: SessionSettings = Field(default_factory=SessionSettings)
     prediction_cache: PredictionCacheSettings = Field(default_factory=PredictionCacheSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    engine_metrics_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="how often the router reads each replica's /metrics for its engine-reported load "
+        "(waiting and running requests, KV usage); 0: never",
+    )
+    engine_metrics_timeout_s: float = Field(default=1.0, gt=0, description="bound on one /metrics read")
     kv_events: KvEventsSettings = Field(default_factory=KvEventsSettings)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)

@@ -117,6 +117,18 @@ class RouterMetrics:
         self.healthy = Gauge(
             p + "replica_healthy", "1 when the replica is admitted, 0 when ejected", ["replica"], registry=r
         )
+        self.session_tokens = Counter(
+            p + "session_tokens",
+            "Session tokens received, by verdict (valid, forged, expired, malformed: only valid ones route)",
+            ["result"],
+            registry=r,
+        )
+        self.engine_scrapes = Counter(
+            p + "engine_metrics_scrapes",
+            "Reads of replicas' /metrics for engine-reported load, by result (ok, failed, no_load_metrics)",
+            ["replica", "result"],
+            registry=r,
+        )
         self.policy = policy
         self.replica: dict[str, ReplicaMetrics] = {}
         self.membership = Counter(
@@ -152,6 +164,8 @@ class RouterMetrics:
             self.add_replica(rid)
         for result in ("hit", "miss", "bypass"):
             self.cache.labels(result)
+        for result in ("valid", "forged", "expired", "malformed"):
+            self.session_tokens.labels(result)
 
     def add_replica(self, rid: str) -> None:
         """A replica joined: its children exist at once, and lookups are cached."""

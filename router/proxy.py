@@ -50,6 +50,7 @@ from gpufleet.router.prediction_cache import (
 )
 from gpufleet.router.prefix import features_from_body
 from gpufleet.router.replicas import ModelReplicas, ReplicaSet
+from gpufleet.router.sessions import SessionBinder
 from gpufleet.router.tenant import CachedTokensFilter, TenantResolver, hide_cached_tokens
 from gpufleet.router.types import Decision, Outcome, ReplicaState, RequestFeatures
 from gpufleet.router.upstream import (
@@ -114,11 +115,15 @@ class _Retryable(Exception):
         self.kind = kind
 
 
-def _response_headers(upstream: UpstreamResponse, replica: str, cache: str | None) -> dict[str, str]:
+def _response_headers(
+    upstream: UpstreamResponse, replica: str, cache: str | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     out = {k: v for k, v in upstream.headers if k.lower() not in HOP_BY_HOP}
     out["x-gpufleet-replica"] = replica
     if cache is not None:
         out["x-gpufleet-cache"] = cache
+    if extra:
+        out.update(extra)
     return out
 
 
@@ -135,8 +140,10 @@ class Proxy:
         upstream: UpstreamPool,
         cache: PredictionCache | RedisPredictionCache | None,
         tenants: TenantResolver | None = None,
+        sessions: SessionBinder | None = None,
     ) -> None:
         self.settings = settings
+        self.sessions = sessions
         self.tenants = tenants or TenantResolver(settings.tenant)
         self.replicas = replicas
         self.policy = policy
@@ -183,6 +190,9 @@ class Proxy:
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
                 features = await self.kv.refine(body, features, len(raw))
+            if features.session_id is not None and self.sessions is not None:
+                token = request.headers.get(s.session.token_header)
+                features.session_replica = await self.sessions.resolve(token, features.session_id)
             reencode = wire.clamp_output(body, features.prompt_tokens, group.max_model_len, path)
 
             key = None
@@ -356,6 +366,15 @@ class Proxy:
         if d.spilled:
             m.spills.labels(features.model, r.pool).inc()
         self.policy.on_routed(features, d)
+        if features.session_id is not None and self.sessions is not None:
+            self.sessions.bound(features.session_id, r.id)
+
+    def _session_headers(self, req: ProxyRequest, replica: str) -> dict[str, str] | None:
+        """The signed session token naming `replica`, for a request with a session id."""
+        sid = req.features.session_id
+        if sid is None or self.sessions is None:
+            return None
+        return self.sessions.headers(sid, replica)
 
     def first_byte_deadline_s(self, req: ProxyRequest, r: ReplicaState) -> float:
         """Seconds the attempt on `r` may take to its first byte (the whole answer when not streamed).
@@ -496,9 +515,8 @@ class Proxy:
                 rm.latency.observe(loop.time() - t0)
                 if plain and self.settings.hide_cached_tokens:
                     data = hide_cached_tokens(data)
-                return web.Response(
-                    status=resp.status, body=data, headers=_response_headers(resp, r.id, req.cache_state)
-                )
+                headers = _response_headers(resp, r.id, req.cache_state, self._session_headers(req, r.id))
+                return web.Response(status=resp.status, body=data, headers=headers)
             finally:
                 # Closing (not releasing) drops the upstream connection when the answer was not
                 # read to the end: that is how a cancelled client cancels the replica's work.
@@ -546,7 +564,8 @@ class Proxy:
         away raises out of here (write error or cancellation), which closes the upstream.
         """
         loop = asyncio.get_running_loop()
-        out = web.StreamResponse(status=resp.status, headers=_response_headers(resp, r.id, req.cache_state))
+        headers = _response_headers(resp, r.id, req.cache_state, self._session_headers(req, r.id))
+        out = web.StreamResponse(status=resp.status, headers=headers)
         await out.prepare(req.request)
         key = req.cache_key
         assembler = SSEAssembler() if key is not None else None

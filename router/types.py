@@ -48,6 +48,9 @@ class RequestFeatures:
     session_id: str | None = None
     affinity_key: int = 0
     """Deterministic key for rendezvous tie-breaks (first block hash, else a hash of the prompt)."""
+    session_replica: str | None = None
+    """The replica the session is bound to as the server learned it before routing (a verified
+    session token, or the shared Redis binding); None: the policy's own memory decides."""
 
 
 @dataclass(slots=True, eq=False)
@@ -82,6 +85,20 @@ class ReplicaState:
     """The plan's rate a CPU-tier hit moves back to the GPU (None: no tier)."""
     suspect: bool = False
     """A replica failure was seen and no success since: routed to only when nothing else is available."""
+    queued_requests: int = 0
+    """This router's requests sent here that have not produced their first token yet."""
+    engine_waiting: int = 0
+    """Requests waiting in the engine's queue at the last engine-load sample (every router's)."""
+    engine_running: int = 0
+    """Requests running in the engine's batch at the last engine-load sample (every router's)."""
+    engine_kv_usage: float | None = None
+    """KV-cache usage (0..1) at the last engine-load sample; None without one."""
+    engine_sampled_at: float = float("-inf")
+    """When the last engine-load sample was taken (the policy's clock); -inf: never."""
+    sampled_in_flight: int = 0
+    """This router's `in_flight` when the last engine-load sample was taken."""
+    sampled_queued: int = 0
+    """This router's `queued_requests` when the last engine-load sample was taken."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -101,11 +118,32 @@ class ReplicaState:
     def begin(self, prefill_tokens: int) -> None:
         """A request was sent here with `prefill_tokens` of (estimated) uncached prompt."""
         self.in_flight += 1
+        self.queued_requests += 1
         self.queued_prefill_tokens += prefill_tokens
 
     def prefill_done(self, prefill_tokens: int) -> None:
-        """The request's first byte arrived: its prefill no longer queues ahead of others."""
+        """The request's first byte arrived (or it ended without one): its prefill no longer
+        queues ahead of others. Called once per request."""
         self.queued_prefill_tokens = max(0, self.queued_prefill_tokens - prefill_tokens)
+        self.queued_requests = max(0, self.queued_requests - 1)
+
+    def report_engine_load(self, waiting: int, running: int, kv_usage: float | None, now: float) -> None:
+        """Record an engine-load sample (the engine's /metrics, every router's requests) taken at
+        `now`, together with this router's own counts at that moment, so that a policy can tell
+        the requests of other routers (sample minus own-at-sample) from its own (exact, now)."""
+        self.engine_waiting = max(0, waiting)
+        self.engine_running = max(0, running)
+        self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
+        self.engine_sampled_at = now
+        self.sampled_in_flight = self.in_flight
+        self.sampled_queued = self.queued_requests
+
+    def foreign_load(self) -> tuple[int, int]:
+        """(waiting, running) requests of *other* routers at the last engine-load sample: what the
+        engine reported beyond this router's own requests then (0, 0 without a sample)."""
+        foreign = max(0, self.engine_waiting + self.engine_running - self.sampled_in_flight)
+        waiting = min(foreign, max(0, self.engine_waiting - self.sampled_queued))
+        return waiting, foreign - waiting
 
     def report_kv_usage(self, usage: float) -> None:
         """Record a KV-usage sample from the replica (clamped to 0..1)."""

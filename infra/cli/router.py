@@ -142,6 +142,7 @@ def _run(cfg: RouterConfig, host: str, port: int, path: Path, reload_interval_s:
             highlight=False,
             soft_wrap=True,  # never wrap: scripts read the URL from this line
         )
+        console.print(router.sessions.describe(), highlight=False)
         if router.admin_token is None:
             console.print("admin endpoints disabled (no admin token configured)", style="yellow")
         try:

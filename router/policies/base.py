@@ -6,10 +6,13 @@ A *profile* (`profile.ProfilePolicy`) routes a request in three steps, each a pl
     Scorer.score(candidates)          -> one cost per candidate      # prefix, queued_prefill, ...
     Picker.pick(candidates, costs)    -> index of the chosen one     # min_cost
 
-Every score is in one unit, **estimated prefill tokens** (lower is better): the prefill a request
-would still need on that replica, or the prefill work queued ahead of it there. That is what makes
-a profile's weights comparable: weight 0.5 on `queued_prefill` says a token of someone else's
-queued prefill costs this request half as much as a token of its own.
+Every score is a cost, lower is better, and the scorers of one profile share one unit, so that
+its weights are comparable. The default profile `cache_aware` scores in **seconds** of estimated
+time to first token (`ttft`); the load and prefix scorers of `cache_aware_tokens` score in
+**estimated prefill tokens** (the prefill a request would still need on that replica, or the
+prefill work queued ahead of it there): weight 0.5 on `queued_prefill` says a token of someone
+else's queued prefill costs this request half as much as a token of its own. A scorer at weight 0
+still runs, for what it tells the others (`prefix` provides the matched blocks).
 
 Every plugin (and every whole `Policy`) may implement the lifecycle hooks of `Hooks`; they are
 called by the live server and the simulator alike, never with I/O inside:
@@ -77,15 +80,20 @@ class PluginContext:
 class Candidates:
     """The replicas a profile scores for one request, and what its scorers share about them."""
 
-    __slots__ = ("features", "matched_blocks", "replicas")
+    __slots__ = ("features", "matched_blocks", "reason", "replicas", "uncached_tokens")
 
     def __init__(self, features: RequestFeatures, replicas: Sequence[ReplicaState]) -> None:
         self.features = features
         self.replicas = replicas
+        self.reason: str | None = None
+        """Set by a picker that chose for a reason of its own (`session`): the decision's reason."""
         self.matched_blocks: list[int] | None = None
         """Per replica, the prompt's leading blocks it is predicted to hold: set by the scorer that
         `provides_matches` (the prefix scorer), read by scorers that depend on it and by the
         profile for its `Decision`."""
+        self.uncached_tokens: list[float] | None = None
+        """Per replica, the prefill-token equivalent of the prompt's part it does not hold on its GPU
+        (a lower tier's transfer cost included): set with `matched_blocks` by the prefix scorer."""
 
 
 class Hooks:
@@ -138,7 +146,7 @@ class Filter(Component, ABC):
 
 
 class Scorer(Component, ABC):
-    """Costs every candidate in estimated prefill tokens; lower is better."""
+    """Costs every candidate (in its profile's unit: seconds or prefill tokens); lower is better."""
 
     kind: ClassVar[str] = "scorer"
     provides_matches: ClassVar[bool] = False

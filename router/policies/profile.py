@@ -3,30 +3,46 @@
 A profile (`config.ProfileSettings`, a `router.profiles` entry or a registered profile) runs
 
     kept    = the filters, in order                          (pool_priority at least)
-    cost[r] = sum over its scorers of weight x score[r]      (estimated prefill tokens)
+    cost[r] = sum over its scorers of weight x score[r]      (one unit per profile)
     choice  = the picker's choice over cost                  (min_cost: lowest, rendezvous ties)
 
 Adjacent scorers of equal weight are added before they are weighted, `w * (a + b)` rather than
 `w * a + w * b`, and the weighted terms are added left to right: that is how the cost was always
-written, and floating-point sums depend on the order. The decision's reason is `prefix` when the
-chosen replica is predicted to hold part of the prompt, else `load`.
+written, and floating-point sums depend on the order. The decision's reason is the picker's when
+it gives one (`session`, `session_moved`), else `prefix` when the chosen replica is predicted to
+hold part of the prompt, else `load`.
 
 `cache_aware` (the default) is the profile
+
+    filter         pool_priority
+    prefix         weight 0, min_match_blocks     (provides the matched blocks, costs nothing itself)
+    ttft           weight 1                       (estimated seconds to first token)
+    added_prefill  weight added_prefill_weight    (seconds of prefill the request adds there)
+    picker         session_affinity               (a session stays unless it costs > session.max_penalty_s)
+
+i.e. cost = the request's estimated time to first token on the replica (the prefill queued ahead
+of it, own and engine-reported, its own uncached prompt at the replica's prefill rate, and the
+slowdown from the sequences the replica decodes: `scorers/ttft.py`) plus half the prefill it adds
+there, which the requests behind it wait for (`scorers/added_prefill.py`; 0.5 measured in
+docs/routing.md). A hot prefix stays on a replica that holds it until waiting there costs more
+than prefilling it elsewhere; with equal cache credit on equally fast replicas the cost is the
+best load balance. Sessions keep their replica within a penalty bound
+(`pickers/session_affinity.py`). Its parameters are `cache_aware.min_match_blocks`,
+`cache_aware.added_prefill_weight` and the `session:` block.
+
+`cache_aware_tokens` is the previous default, kept by name so its results stay reproducible:
 
     queued_prefill   weight load_weight
     in_flight        weight load_weight, cost_tokens = in_flight_cost_tokens
     prefix           weight 1,           min_match_blocks
-
-with its parameters from the `cache_aware:` block of the settings, i.e.
+    picker           min_cost
 
     cost = load_weight * (queued_prefill_tokens + in_flight * in_flight_cost_tokens)
            + (prompt_tokens - matched_blocks * block_size_tokens)
 
 prefill work saved by the replica's predicted cache against the work already queued on it (the
-idea behind Dynamo's overlap-vs-load cost, with llm-d's scorers in one unit). A hot prefix stays
-on the replica that holds it until that replica's queue costs more than prefilling elsewhere;
-then a second replica takes it and both hold it. The prediction per replica is bounded by that
-replica's declared KV capacity, unlike SGLang's global tree-size bound.
+idea behind Dynamo's overlap-vs-load cost, with llm-d's scorers in one unit). The prediction per
+replica is bounded by that replica's declared KV capacity, unlike SGLang's global tree-size bound.
 """
 
 from __future__ import annotations
@@ -47,7 +63,7 @@ from gpufleet.router.policies.base import Candidates, Component, Filter, Hooks, 
 from gpufleet.router.policies.policy import Policy
 from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
 
-__all__ = ["ProfilePolicy", "cache_aware_profile"]
+__all__ = ["ProfilePolicy", "cache_aware_profile", "cache_aware_tokens_profile"]
 
 
 def _overrides(part: Component, hook: str) -> bool:
@@ -90,7 +106,7 @@ class ProfilePolicy(Policy):
         c = Candidates(features, tier)
         i = self.picker.pick(c, self._costs(c))
         m = c.matched_blocks[i] if c.matched_blocks is not None else 0
-        return Decision(tier[i], reason="prefix" if m else "load", matched_blocks=m)
+        return Decision(tier[i], reason=c.reason or ("prefix" if m else "load"), matched_blocks=m)
 
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
         for hook in self._on_routed:
@@ -153,7 +169,21 @@ def _compile_costs(
 
 
 def cache_aware_profile(settings: RouterSettings) -> ProfileSettings:
-    """The `cache_aware` profile with the settings' `cache_aware:` parameters (module docs)."""
+    """The `cache_aware` profile with the settings' `cache_aware:` and `session:` parameters (module docs)."""
+    ca = settings.cache_aware
+    return ProfileSettings(
+        filters=[FilterRef(type="pool_priority")],
+        scorers=[
+            ScorerRef(type="prefix", weight=0.0, params={"min_match_blocks": ca.min_match_blocks}),
+            ScorerRef(type="ttft"),
+            ScorerRef(type="added_prefill", weight=ca.added_prefill_weight),
+        ],
+        picker=PickerRef(type="session_affinity"),
+    )
+
+
+def cache_aware_tokens_profile(settings: RouterSettings) -> ProfileSettings:
+    """The `cache_aware_tokens` profile (the previous default) with the `cache_aware:` parameters."""
     ca = settings.cache_aware
     return ProfileSettings(
         filters=[FilterRef(type="pool_priority")],
@@ -167,3 +197,4 @@ def cache_aware_profile(settings: RouterSettings) -> ProfileSettings:
 
 
 registry.register("cache_aware", cache_aware_profile, kind="profile", params=CacheAwareSettings)
+registry.register("cache_aware_tokens", cache_aware_tokens_profile, kind="profile", params=CacheAwareSettings)

@@ -100,6 +100,28 @@ class _Live:
 KV_STATES = ("approximate", "events")
 
 
+def _preload(workload: Workload, engines: list[kvmodel.ReplicaEngine]) -> list[list[int]]:
+    """Put the blocks of the workload's preload prompts in every engine's cache (evictable, as a
+    finished request leaves them), before the first arrival; per engine, the blocks it stored.
+    The policy is told they were routed to every replica (`on_routed`), as when the router itself
+    sent the warm-up."""
+    out: list[list[int]] = []
+    for e in engines:
+        cache = e.cache
+        out.append(stored := [])
+        for f in workload.preload:
+            hashes = f.block_hashes[: f.prompt_tokens // e.params.block_size_tokens]
+            hit = hashes[: cache.match(hashes)]
+            new = hashes[len(hit) :]
+            if not cache.can_allocate(hit, len(new)):
+                continue  # a replica too small for the prompt simply does not hold it
+            cache.acquire(hit, len(new))
+            registered = [h for h in new if cache.register(h)]
+            cache.release([*hit, *registered], len(new) - len(registered))
+            stored.extend(registered)
+    return out
+
+
 def simulate(
     workload: Workload,
     fleet: SimFleet,
@@ -192,6 +214,15 @@ def simulate(
                     else:
                         kv.removed(rid, (h,), medium)
 
+    for i, stored in enumerate(_preload(workload, engines)):
+        for kv in kv_indexes:  # events mode: the engines published these blocks when they cached them
+            for h in stored:
+                kv.stored(ids[i], (h,), (h,))
+    for p_i, p in enumerate(pols):  # served through the router(s): the policies saw them go everywhere
+        for f in workload.preload:
+            for st in states_by[p_i]:
+                p.on_routed(f, Decision(st, reason="preload", prefill_tokens=f.prompt_tokens))
+
     reps = [ReplicaRecord(spec.id, num_blocks=e.cache.num_blocks) for spec, e in zip(fleet.replicas, engines)]
     records: list[RequestRecord] = []
     decisions: list[tuple[str, str, Decision]] = []
@@ -205,10 +236,20 @@ def simulate(
     sample_every = fleet.settings.health.interval_s
     next_sample = sample_every if fleet.settings.health.scrape_kv_usage else math.inf
 
+    # Engine-reported load, as the live router scrapes it every `engine_metrics_interval_s`
+    # (`router.engine_load`): waiting and running requests and KV usage, stale in between.
+    load_every = fleet.settings.engine_metrics_interval_s
+    next_load = load_every if load_every > 0 else math.inf
+
     def sample_usage() -> None:
         for sts in states_by:
             for st, e in zip(sts, engines):
                 st.report_kv_usage(e.kv_usage)
+
+    def sample_load() -> None:
+        for sts in states_by:
+            for st, e in zip(sts, engines):
+                st.report_engine_load(e.num_waiting, e.num_running, e.kv_usage, now)
 
     def schedule(i: int) -> None:
         nonlocal seq
@@ -248,7 +289,7 @@ def simulate(
             collect(i)
 
     def advance(until: float) -> None:
-        nonlocal now, next_sample
+        nonlocal now, next_sample, next_load
         while True:
             if not heap and not deliveries and until == math.inf:
                 break  # nothing left to run: later samples could not change anything
@@ -258,9 +299,20 @@ def simulate(
                     now = max(now, deliveries[0][0])
                     deliver()
                     continue
-            if next_sample <= until and next_sample < t_next:
+            if next_sample <= until and next_sample < t_next and next_sample <= next_load:
                 sample_usage()
                 next_sample += sample_every
+                continue
+            if next_load <= until and next_load < t_next:
+                if not heap:
+                    # Idle engines: every sample until `until` would read the same zeros.
+                    now = max(now, next_load)
+                    sample_load()
+                    next_load += max(1, math.floor((until - next_load) / load_every)) * load_every
+                    continue
+                now = max(now, next_load)
+                sample_load()
+                next_load += load_every
                 continue
             if t_next > until:
                 break

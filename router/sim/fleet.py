@@ -42,6 +42,8 @@ class ReplicaSpec:
             kv_capacity_tokens=self.engine.kv_capacity_tokens,
             max_model_len=self.engine.max_model_len,
             max_concurrent_requests=self.max_concurrent_requests,
+            prefill_tokens_per_s=self.engine.prefill_tokens_per_s,
+            decode_tokens_per_s=self.engine.decode_tokens_per_s,
             cpu_kv_capacity_tokens=self.engine.cpu_capacity_tokens,
             cpu_load_tokens_per_s=self.engine.cpu_load_tokens_per_s,
         )

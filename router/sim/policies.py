@@ -349,6 +349,7 @@ DEFAULT_ORDER = (
     "session",
     "consistent_hash",
     "sglang_cache_aware",
+    "cache_aware_tokens",
     "cache_aware",
     "oracle",
 )

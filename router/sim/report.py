@@ -210,10 +210,13 @@ _COLORS = {
 }
 
 
-def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> None:
+def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 100) -> None:
     """TTFT CDFs per run (a grid, log scale) above a heat map of hit ratios (policy x run).
 
-    Saved as a palette PNG so that a dozen runs stay small enough to commit with the docs.
+    Legible for one run as for a dozen: the figure is at least 7 inches wide, the legend wraps
+    into as many rows as it needs above the grid, and the saved area is the drawn one (titles,
+    legend and tick labels are never cut off). Saved as a palette PNG so that a dozen runs
+    stay small enough to commit with the docs.
     """
     import io
 
@@ -227,8 +230,12 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
     ncols = min(4, max(1, len(runs)))
     nrows = math.ceil(len(runs) / ncols)
     policies = list(dict.fromkeys(p for r in runs for p in r.summaries))
-    fig = plt.figure(figsize=(3.4 * ncols, 2.6 * nrows + 0.35 * len(policies) + 1.5))
-    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[2.6] * nrows + [0.35 * len(policies) + 1.0])
+    width = max(7.0, 3.6 * ncols)
+    legend_cols = max(1, min(len(policies), int(width // 1.7)))
+    legend_rows = math.ceil(len(policies) / legend_cols) if policies else 0
+    heat_h = 0.3 * len(policies) + 1.2
+    fig = plt.figure(figsize=(width, 3.0 * nrows + heat_h + 0.3 * legend_rows + 0.6))
+    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[3.0] * nrows + [heat_h])
     colors = {p: _COLORS.get(p, plt.cm.tab10(i % 10)) for i, p in enumerate(policies)}
     for k, run in enumerate(runs):
         ax = fig.add_subplot(grid[k // ncols, k % ncols])
@@ -247,32 +254,36 @@ def plot_runs(runs: Sequence[BenchRun], path: str | Path, *, dpi: int = 70) -> N
                 label=name,
             )
         ax.set_xscale("log")
-        ax.set_title(f"{run.workload} @ load {run.load:.1f}", fontsize=8)
-        ax.tick_params(labelsize=6)
+        ax.set_title(f"TTFT CDF: {run.workload} @ load {run.load:.1f}", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(True, which="major", alpha=0.3)
         if k % ncols == 0:
-            ax.set_ylabel("fraction", fontsize=7)
+            ax.set_ylabel("fraction of requests", fontsize=8)
         if k // ncols == nrows - 1:
-            ax.set_xlabel("TTFT (s)", fontsize=7)
-    handles = [Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(policies), 8), fontsize=7, frameon=False)
+            ax.set_xlabel("TTFT (s)", fontsize=8)
     hm = fig.add_subplot(grid[nrows, :])
     data = [[r.summaries[p].hit_ratio if p in r.summaries else float("nan") for r in runs] for p in policies]
     hm.imshow(data, aspect="auto", cmap="Blues", vmin=0, vmax=1)
-    hm.set_yticks(range(len(policies)), policies, fontsize=7)
+    hm.set_yticks(range(len(policies)), policies, fontsize=8)
     hm.set_xticks(
         range(len(runs)),
         [f"{r.workload}\n@{r.load:.1f} (inf {r.infinite_cache_hit_ratio:.2f})" for r in runs],
-        fontsize=6,
+        fontsize=7,
     )
     for i, row in enumerate(data):
         for j, v in enumerate(row):
             if not math.isnan(v):
-                hm.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.6 else "black")
-    hm.set_title("prefix-hit ratio (inf = infinite-cache ceiling)", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+                hm.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
+    hm.set_title("prefix-hit ratio (inf = infinite-cache ceiling)", fontsize=9)
+    top = 1 - (0.3 * legend_rows + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, top))
+    handles = [Line2D([], [], color=colors[p], label=p, linestyle="--" if p == "oracle" else "-") for p in policies]
+    fig.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=legend_cols, fontsize=8, frameon=False
+    )
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    # bbox_inches="tight": the saved area grows to whatever was drawn, so nothing is cut off.
+    fig.savefig(buf, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     buf.seek(0)
     Image.open(buf).convert("RGB").quantize(colors=128).save(path, format="PNG", optimize=True)

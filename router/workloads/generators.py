@@ -13,6 +13,8 @@ chat body itself (`keep_bodies=True`, for live benchmarks over HTTP). Text comes
     multiturn       conversations with a session id; each turn re-sends the whole history plus the
                     new message after an exponential think time
     mix             the three together, a third of the traffic each
+    hot_prefix      one ~3k-token system prompt on 70 % of the requests, already cached on every
+                    replica (`Workload.preload`); the rest carry prompts of their own
     demo            the traffic of `gpufleet demo` (`mixed.demo_spec`) with Poisson arrivals
 Arrivals are Poisson at `rate_rps`; `Workload.scaled(factor)` compresses time for `--load`. Trace
 replay lives in `gpufleet.router.sim.trace`.
@@ -35,6 +37,7 @@ __all__ = [
     "WORKLOADS",
     "demo",
     "expected_shared_fraction",
+    "hot_prefix",
     "make_workload",
     "mix",
     "multiturn",
@@ -204,6 +207,45 @@ def mix(
     return Workload("mix", reqs, {"parts": [w.name for w in parts]})
 
 
+def hot_prefix(
+    n_requests: int = 2000,
+    *,
+    seed: int = 0,
+    rate_rps: float = 10.0,
+    hot_fraction: float = 0.7,
+    prefix_tokens: int = 3000,
+    question_tokens: tuple[int, int] = (40, 400),
+    other_tokens: tuple[int, int] = (300, 2000),
+    output_tokens: tuple[int, int] = (20, 200),
+    settings: RouterSettings | None = None,
+    keep_bodies: bool = False,
+) -> Workload:
+    """One hot system prompt on `hot_fraction` of the requests, held by every replica from the start.
+
+    The hot requests are the prefix plus a question; the others a prompt of their own (no sharing).
+    Every replica has served the bare prefix before the first arrival (`Workload.preload`), so the
+    best choice is the best load balance: a router that believes only the replicas it sent the
+    prefix to hold it piles the hot traffic onto them.
+    """
+    s, rng, pool = _setup(seed, settings)
+    system = pool.segment("hot-system", prefix_tokens)
+    t = 0.0
+    reqs: list[SimRequest] = []
+    for i in range(n_requests):
+        t += rng.expovariate(rate_rps)
+        if rng.random() < hot_fraction:
+            sys_text = system
+            q = pool.segment(f"hq{seed}-{i}", rng.randint(*question_tokens))
+        else:
+            sys_text = pool.segment(f"ho{seed}-{i}", rng.randint(*other_tokens))
+            q = pool.segment(f"hoq{seed}-{i}", rng.randint(*question_tokens))
+        msgs = [{"role": "system", "content": sys_text}, {"role": "user", "content": q}]
+        reqs.append(_request(f"hp-{i}", t, msgs, rng.randint(*output_tokens), s, keep_bodies))
+    warm = _features({"model": MODEL, "messages": [{"role": "system", "content": system}]}, s)
+    params = dict(hot_fraction=hot_fraction, prefix_tokens=prefix_tokens, other_tokens=other_tokens)
+    return Workload("hot_prefix", reqs, params, preload=(warm,))
+
+
 def demo(
     n_requests: int = 2000,
     *,
@@ -236,6 +278,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "rag": rag,
     "multiturn": multiturn,
     "mix": mix,
+    "hot_prefix": hot_prefix,
     "demo": demo,
 }
 

@@ -55,6 +55,9 @@ class Workload:
     name: str
     requests: list[SimRequest]
     params: dict[str, Any] = field(default_factory=dict)
+    preload: tuple[RequestFeatures, ...] = ()
+    """Prompts every replica served, through the router, before the first arrival: their KV blocks
+    are cached on every replica when the workload starts, and the policy saw them routed there."""
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -77,11 +80,11 @@ class Workload:
             raise ValueError("time scale factor must be positive")
         t0 = self.requests[0].arrival_s if self.requests else 0.0
         reqs = [replace(r, arrival_s=t0 + (r.arrival_s - t0) * factor) for r in self.requests]
-        return Workload(self.name, reqs, {**self.params, "time_scale": factor})
+        return Workload(self.name, reqs, {**self.params, "time_scale": factor}, self.preload)
 
     def head(self, n: int) -> Workload:
         """The first `n` requests."""
-        return Workload(self.name, self.requests[:n], dict(self.params))
+        return Workload(self.name, self.requests[:n], dict(self.params), self.preload)
 
     def work_requests(self) -> list[WorkRequest]:
         """The requests as the HTTP driver sends them (needs bodies: build with `keep_bodies=True`).

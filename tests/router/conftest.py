@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,7 +14,7 @@ import pytest
 
 from gpufleet.router import app as router_app
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
-from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter
+from tests.router.router_fakes import FakeReplica, LoopThread, RunningRouter, free_port
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +61,36 @@ def make_router(loop_thread: LoopThread) -> Iterator[Callable[..., RunningRouter
     yield make
     for rr in started:
         loop_thread.run(rr.runner.cleanup())
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free loopback port for the session (skipped without one, failed in CI)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not on PATH: .ci/run installs it")
+        pytest.skip("redis-server is not on PATH (.ci/run installs it; locally: apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -101,7 +101,7 @@ def test_a_fleet_composes_a_profile_with_a_user_scorer(plugin_path: Path) -> Non
         (
             {"scorer": "user_prefer"},
             "fleet.yaml:36: router.profiles.sticky.scorers[1].type: unknown scorer 'user_prefer'; "
-            "registered scorers: in_flight, kv_usage, prefix, queued_prefill, user_prefers",
+            "registered scorers: added_prefill, in_flight, kv_usage, prefix, queued_prefill, ttft, user_prefers",
         ),
         (
             {"replica": "x, weight_x: 2"},

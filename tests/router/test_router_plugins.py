@@ -1,7 +1,9 @@
 """Routing plugins: each filter, scorer and picker on a table; profiles; the open registry.
 
-The pin: the `cache_aware` profile computes, bit for bit, the cost the router always used and so
-makes the same choices (compared with a reference implementation on random states).
+The pin: the `cache_aware_tokens` profile (the default until the TTFT estimate replaced it)
+computes, bit for bit, the cost the router used before and so makes the same choices (compared
+with a reference implementation on random states). `cache_aware` is pinned to its own reference:
+the TTFT estimate of `scorers/ttft.py` plus half the added prefill.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def test_min_cost_picks_the_lowest_and_breaks_ties_by_rendezvous(costs: list[flo
             assert i == max(ties, key=lambda j: rendezvous(key, rs[j].id_hash))
 
 
-# -- the pin: cache_aware as a profile is today's formula, bit for bit -----------------------------
+# -- the pin: cache_aware_tokens is the previous default's formula, bit for bit ---------------------
 
 
 def _reference_costs(
@@ -204,13 +206,15 @@ def _reference_pick(features: RequestFeatures, tier: Sequence[ReplicaState], cos
 
 
 @pytest.mark.parametrize("load_weight", [0.5, 0.3, 0.7, 1.0, 0.0, 1 / 3, 2.5])
-def test_cache_aware_profile_costs_and_choices_are_the_reference_formula_bit_for_bit(load_weight: float) -> None:
+def test_cache_aware_tokens_profile_costs_and_choices_are_the_reference_formula_bit_for_bit(
+    load_weight: float,
+) -> None:
     rng = random.Random(int(load_weight * 1000))
     ca = CacheAwareSettings(
         load_weight=load_weight, min_match_blocks=rng.choice([0, 1, 3]), in_flight_cost_tokens=rng.choice([0, 64, 37])
     )
     settings = RouterSettings(cache_aware=ca)
-    policy = registry.make("cache_aware", settings)
+    policy = registry.make("cache_aware_tokens", settings)
     assert isinstance(policy, ProfilePolicy)
     prefix = next(s for s in policy.scorers if isinstance(s, PrefixScorer))
     rs = [rep(i, kv=rng.choice([320, 1600, 16_000])) for i in range(rng.choice([1, 4, 16]))]
@@ -232,8 +236,9 @@ def test_cache_aware_profile_costs_and_choices_are_the_reference_formula_bit_for
             policy.on_completed(f, d.replica, ok=True, output_tokens=rng.randrange(0, 200))  # type: ignore[arg-type]
 
 
-def test_a_profile_decision_reports_matched_blocks_and_prefill_like_cache_aware() -> None:
-    p = registry.make("cache_aware", S)
+@pytest.mark.parametrize("name", ["cache_aware", "cache_aware_tokens"])
+def test_a_profile_decision_reports_matched_blocks_and_prefill_like_cache_aware(name: str) -> None:
+    p = registry.make(name, S)
     rs = [rep(0), rep(1)]
     f = feats(range(1, 11))
     first = p.choose(f, rs)
@@ -416,14 +421,24 @@ def test_a_plugin_that_fails_to_build_is_named_in_the_error() -> None:
 
 
 def test_settings_blocks_are_the_params_of_the_named_profile_and_policy() -> None:
-    s = RouterSettings.model_validate({"cache_aware": {"load_weight": 0.25, "min_match_blocks": 2}})
-    p = registry.make("cache_aware", s)
+    s = RouterSettings.model_validate(
+        {"cache_aware": {"load_weight": 0.25, "min_match_blocks": 2, "added_prefill_weight": 0.75}}
+    )
+    p = registry.make("cache_aware_tokens", s)
     assert isinstance(p, ProfilePolicy)
     assert [(r.type, r.weight, r.params) for r in p.profile.scorers] == [
         ("queued_prefill", 0.25, {}),
         ("in_flight", 0.25, {"cost_tokens": 64}),
         ("prefix", 1.0, {"min_match_blocks": 2}),
     ]
+    p = registry.make("cache_aware", s)
+    assert isinstance(p, ProfilePolicy)
+    assert [(r.type, r.weight, r.params) for r in p.profile.scorers] == [
+        ("prefix", 0.0, {"min_match_blocks": 2}),
+        ("ttft", 1.0, {}),
+        ("added_prefill", 0.75, {}),
+    ]
+    assert p.profile.picker.type == "session_affinity"
     assert "kv_usage" in registry.names("scorer")
 
 
@@ -471,10 +486,17 @@ def test_public_api_is_pinned() -> None:
     assert sorted(base.__all__) == sorted(
         ["Candidates", "Component", "Filter", "Hooks", "Picker", "PluginContext", "PluginError", "Scorer", "rendezvous"]
     )
-    assert policy.__all__ == ["Policy"] and sorted(profile.__all__) == ["ProfilePolicy", "cache_aware_profile"]
+    assert policy.__all__ == ["Policy"] and sorted(profile.__all__) == [
+        "ProfilePolicy",
+        "cache_aware_profile",
+        "cache_aware_tokens_profile",
+    ]
     assert "Policy" in policies.__all__ and "registry" in policies.__all__
-    assert registry.names("filter") == ["pool_priority"] and registry.names("picker") == ["min_cost"]
-    assert {"prefix", "queued_prefill", "in_flight", "kv_usage"} <= set(registry.names("scorer"))
+    assert registry.names("filter") == ["pool_priority"]
+    assert registry.names("picker") == ["min_cost", "session_affinity"]
+    assert {"prefix", "queued_prefill", "in_flight", "kv_usage", "ttft", "added_prefill"} <= set(
+        registry.names("scorer")
+    )
     modules = [policies, base, policy, profile, registry]
     modules += [getattr(policies, n) for n in policies.__all__ if not n[0].isupper()]
     for mod in modules:

@@ -44,7 +44,7 @@ def route(policy, f, replicas):  # type: ignore[no-untyped-def]
 
 
 def test_registry_has_every_declared_policy_with_one_signature() -> None:
-    shipped = {"round_robin", "random", "least_load", "session", "cache_aware"}
+    shipped = {"round_robin", "random", "least_load", "session", "cache_aware", "cache_aware_tokens"}
     assert set(ROUTER_POLICIES) == shipped | {"consistent_hash", "sglang_cache_aware"}
     assert set(registry.policy_names(context=("engines",))) == set(ROUTER_POLICIES) | {"oracle"}
     rs = reps(3)

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
@@ -16,49 +9,11 @@ from gpufleet.router import errors
 from gpufleet.router.app import Router
 from gpufleet.router.config import PredictionCacheSettings, RouterConfig, RouterSettings
 from gpufleet.router.prediction_cache import make_prediction_cache
-from tests.router.router_fakes import chat, replica_configs
+from tests.router.router_fakes import chat, free_port, replica_configs
 
 pytestmark = pytest.mark.redis
 
 URL_ENV = "GPUFLEET_PREDICTION_CACHE_REDIS_URL"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not on PATH: .ci/run installs it")
-        pytest.skip("redis-server is not on PATH (.ci/run installs it; locally: apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def settings(**kw) -> dict:  # type: ignore[no-untyped-def]
@@ -90,7 +45,7 @@ def test_redis_backend_keeps_tenants_apart(replicas, make_router, redis_url) -> 
 
 def test_unreachable_redis_serves_without_the_cache(replicas, make_router) -> None:
     reps = replicas(1)
-    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     rr = make_router(replica_configs(reps), settings=settings(), environ={URL_ENV: dead})
     body = chat("still served", temperature=0)
     for _ in range(2):

@@ -52,6 +52,11 @@ def test_bench_sim_prints_a_table_writes_json_and_a_plot_and_states_the_goals(tm
             assert isinstance(pol[key], float)
     assert {g["name"] for g in run0["goals"]} >= {"hit >= 0.95 x oracle", "p99 <= least_load (+noise)"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    # Legible for a single run: room for the legend, titles and labels (was 238 x 483 px).
+    width, height = Image.open(png).size
+    assert width >= 640 and height >= 480, (width, height)
 
 
 def test_bench_sim_replays_a_trace_file(tmp_path: Path) -> None:

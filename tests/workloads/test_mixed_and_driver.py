@@ -90,6 +90,7 @@ def test_public_api_is_pinned():
         "WORKLOADS",
         "demo",
         "expected_shared_fraction",
+        "hot_prefix",
         "make_workload",
         "mix",
         "multiturn",

@@ -136,6 +136,7 @@ class PrefixScorer(Scorer):
             for i, r in enumerate(replicas):
                 if r.cpu_kv_capacity_tokens:
                     out[i] -= self._tier_saving(r, hashes, matched[i], prompt)
+        candidates.uncached_tokens = out
         return out
 
     def _match_events(self, kv: KvIndex, hashes: Sequence[int], replicas: Sequence[ReplicaState]) -> list[int]:

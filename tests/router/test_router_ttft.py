@@ -1,0 +1,211 @@
+"""The default profile's plugins on tables: the `ttft` and `added_prefill` scorers, the `session_affinity` picker,
+and `cache_aware` against its reference formula on random states."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from gpufleet.router.config import RouterSettings
+from gpufleet.router.policies import registry
+from gpufleet.router.policies.base import Candidates, PluginContext
+from gpufleet.router.policies.filters.pool_priority import PoolPriority
+from gpufleet.router.policies.least_load import least_loaded
+from gpufleet.router.policies.pickers.session_affinity import SessionAffinity
+from gpufleet.router.policies.profile import ProfilePolicy
+from gpufleet.router.policies.scorers.added_prefill import AddedPrefill
+from gpufleet.router.policies.scorers.prefix import PrefixScorer
+from gpufleet.router.policies.scorers.ttft import TtftScorer
+from gpufleet.router.types import Decision, ReplicaState, RequestFeatures
+
+S = RouterSettings()
+NOW = [100.0]
+CTX = PluginContext(S, clock=lambda: NOW[0])
+
+
+def rep(i: int, *, prefill: float = 10_000.0, decode: float = 50.0, **kw: int) -> ReplicaState:
+    r = ReplicaState(id=f"r{i}", model="m", kv_capacity_tokens=16_000)
+    r.prefill_tokens_per_s, r.decode_tokens_per_s = prefill, decode
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def cands(rs: list[ReplicaState], prompt: int = 1000, matched: list[int] | None = None, sid: str | None = None):  # type: ignore[no-untyped-def]
+    c = Candidates(RequestFeatures("m", prompt_tokens=prompt, session_id=sid, affinity_key=3), rs)
+    c.matched_blocks = matched
+    return c
+
+
+def ttft() -> TtftScorer:
+    return TtftScorer(TtftScorer.Params(), CTX)
+
+
+# -- ttft ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "prompt", "matched", "expected_s"),
+    [
+        ({}, 1000, 0, 1000 / 10_000),  # idle: the own prefill
+        ({}, 1000, 50, 200 / 10_000),  # 50 blocks of 16 cached: 200 tokens left
+        ({"queued_prefill_tokens": 4000, "in_flight": 1, "queued_requests": 1}, 1000, 0, 0.5),  # queue ahead
+        # two decoding: one step of (1 + 0.01) / 50 s per 8192-token chunk of work
+        ({"in_flight": 2}, 1000, 0, 0.1 + 1.01 / 50),
+        ({"in_flight": 2, "queued_prefill_tokens": 9000, "queued_requests": 0}, 1000, 0, 1.0 + 2 * 1.01 / 50),
+    ],
+)
+def test_ttft_estimates_queue_own_prefill_and_decode_slowdown(state, prompt, matched, expected_s) -> None:  # type: ignore[no-untyped-def]
+    got = ttft().score(cands([rep(0, **state)], prompt, [matched]))
+    assert got[0] == pytest.approx(expected_s)
+
+
+def test_ttft_uses_each_replicas_own_rates_and_the_whole_prompt_without_a_prefix_scorer() -> None:
+    fast, slow = rep(0, prefill=20_000.0), rep(1, prefill=5_000.0)
+    assert ttft().score(cands([fast, slow], 1000, None)) == pytest.approx([0.05, 0.2])
+    unknown = ReplicaState(id="u", model="m")  # no rates in its config: the defaults
+    assert ttft().score(cands([unknown], 1000, None)) == pytest.approx([0.1])
+
+
+def test_ttft_adds_other_routers_load_from_a_fresh_engine_sample_only() -> None:
+    sc = ttft()
+    sc.on_routed(RequestFeatures("m"), Decision(rep(9), prefill_tokens=2000))  # mean foreign prefill 2000
+    r = rep(0)
+    r.report_engine_load(waiting=3, running=0, kv_usage=None, now=NOW[0])  # none of them ours
+    assert sc.score(cands([r], 1000, [0]))[0] == pytest.approx((3 * 2000 + 1000) / 10_000)
+    r.report_engine_load(waiting=0, running=4, kv_usage=None, now=NOW[0])
+    assert sc.score(cands([r], 1000, [0]))[0] == pytest.approx(0.1 + 1.03 / 50)
+    r.engine_sampled_at = NOW[0] - 2.5  # older than stale_after_s: ignored
+    assert sc.score(cands([r], 1000, [0]))[0] == pytest.approx(0.1)
+
+
+def test_with_equal_cache_credit_the_cost_is_the_best_load_balance() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        rs = [
+            rep(
+                i,
+                in_flight=rng.randrange(0, 6),
+                queued_prefill_tokens=rng.choice([0, rng.randrange(0, 20_000)]),
+            )
+            for i in range(rng.randrange(2, 8))
+        ]
+        for r in rs:
+            r.queued_requests = min(r.in_flight, r.queued_prefill_tokens // 2000)
+        m = rng.randrange(0, 60)
+        c = cands(rs, 1000, [m] * len(rs))
+        costs = ttft().score(c)
+        best = min(range(len(rs)), key=costs.__getitem__)
+        # Nobody has less work queued and fewer decodes at once (the cost is monotone in both).
+        for r in rs:
+            dominated = r.queued_prefill_tokens < rs[best].queued_prefill_tokens and (
+                r.in_flight - r.queued_requests
+            ) <= (rs[best].in_flight - rs[best].queued_requests)
+            assert not dominated
+        # All idle but one: the idle ones tie and least_load would pick among the same.
+        if all(r.in_flight == 0 and r.queued_prefill_tokens == 0 for r in rs[1:]) and rs[0].in_flight:
+            assert best != 0 and least_loaded(rs, 3) is not rs[0]
+
+
+def test_added_prefill_is_the_uncached_prompt_in_seconds_of_each_replica() -> None:
+    sc = AddedPrefill(AddedPrefill.Params(), CTX)
+    assert sc.score(cands([rep(0), rep(1, prefill=2000.0)], 1000, [10, 0])) == pytest.approx([0.084, 0.5])
+
+
+# -- session_affinity ---------------------------------------------------------------------------------
+
+
+def picker(**kw: float) -> SessionAffinity:
+    return SessionAffinity(SessionAffinity.Params(**kw), CTX)
+
+
+@pytest.mark.parametrize(
+    ("costs", "bound", "expected", "reason"),
+    [
+        ([0.3, 0.2, 0.25], "r0", 0, "session"),  # 0.1 worse: within the default penalty
+        ([0.31, 0.2, 0.25], "r0", 1, "session_moved"),  # 0.11 worse: moves to the best
+        ([0.3, 0.2], "r5", 1, "session_moved"),  # its replica is not a candidate (filtered out)
+        ([0.3, 0.2], None, 1, None),  # a new session: the best
+    ],
+)
+def test_session_affinity_stays_within_the_penalty_else_moves(costs, bound, expected, reason) -> None:  # type: ignore[no-untyped-def]
+    p = picker()
+    rs = [rep(i) for i in range(len(costs))]
+    c = cands(rs, sid="s")
+    c.features.session_replica = bound
+    assert p.pick(c, costs) == expected and c.reason == reason
+
+
+def test_session_affinity_remembers_rebinds_after_a_move_and_expires() -> None:
+    p = picker(max_penalty_s=0.05)
+    rs = [rep(0), rep(1)]
+
+    def route(costs: list[float]) -> int:
+        c = cands(rs, sid="s")
+        i = p.pick(c, costs)
+        p.on_routed(c.features, Decision(rs[i]))
+        return i
+
+    assert route([0.1, 0.2]) == 0
+    assert route([0.14, 0.1]) == 0  # sticky within 0.05
+    assert route([0.2, 0.1]) == 1  # moved ...
+    assert route([0.1, 0.12]) == 1  # ... and stays
+    NOW[0] += S.session.ttl_s + 1
+    try:
+        assert route([0.1, 0.12]) == 0  # expired: a new session
+    finally:
+        NOW[0] -= S.session.ttl_s + 1
+    # Requests without a session id get the best, and are not remembered.
+    c = cands(rs)
+    assert p.pick(c, [0.2, 0.1]) == 1 and len(p) == 1
+
+
+def test_session_memory_is_bounded() -> None:
+    s = RouterSettings.model_validate({"session": {"max_sessions": 3}})
+    p = SessionAffinity(SessionAffinity.Params(), PluginContext(s))
+    for k in range(10):
+        p.on_routed(RequestFeatures("m", session_id=f"s{k}"), Decision(rep(0)))
+    assert len(p) == 3
+
+
+# -- cache_aware against its reference ----------------------------------------------------------------
+
+
+def _reference(f: RequestFeatures, tier: list[ReplicaState], prefix: PrefixScorer, mean: float) -> list[float]:
+    out = []
+    for r in tier:
+        m = prefix.index(r).match(f.block_hashes) if f.block_hashes else 0
+        own = max(0, f.prompt_tokens - m * 16)
+        ahead = r.queued_prefill_tokens
+        dec = r.in_flight - r.queued_requests
+        work = ahead + own
+        est = work / r.prefill_tokens_per_s
+        if dec > 0:
+            est += max(1, math.ceil(work / 8192)) * (1 + 0.01 * (dec - 1)) / r.decode_tokens_per_s
+        out.append(est + 0.5 * own / r.prefill_tokens_per_s)
+    return out
+
+
+def test_cache_aware_is_ttft_plus_half_the_added_prefill_on_random_states() -> None:
+    rng = random.Random(11)
+    policy = registry.make("cache_aware", S)
+    assert isinstance(policy, ProfilePolicy)
+    prefix = next(s for s in policy.scorers if isinstance(s, PrefixScorer))
+    sc = next(s for s in policy.scorers if isinstance(s, TtftScorer))
+    rs = [rep(i, prefill=rng.choice([5000.0, 20_000.0]), decode=rng.choice([30.0, 80.0])) for i in range(6)]
+    prompts = [[rng.randrange(1, 10) * 1000 + j for j in range(rng.randrange(1, 40))] for _ in range(10)]
+    for _ in range(300):
+        blocks = rng.choice(prompts)
+        f = RequestFeatures("m", tuple(blocks), len(blocks) * 16 + 5, affinity_key=rng.randrange(9))
+        for r in rs:
+            r.in_flight = rng.randrange(0, 5)
+            r.queued_requests = rng.randrange(0, r.in_flight + 1)
+            r.queued_prefill_tokens = rng.randrange(0, 9000) if r.queued_requests else 0
+        tier, _ = PoolPriority().filter(f, rs)
+        expected = _reference(f, list(tier), prefix, sc.mean_prefill_tokens)
+        assert policy.costs(Candidates(f, tier)) == pytest.approx(expected, rel=1e-12)
+        d = policy.choose(f, rs)
+        assert d.replica is tier[min(range(len(tier)), key=expected.__getitem__)] or expected.count(min(expected)) > 1
+        policy.on_routed(f, d)
