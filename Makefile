@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/controller_sim.py
 	$(PY) bench/autoscale_sim.py
 	$(PY) bench/routing.py
+	$(PY) bench/soak.py
 
 preview: $(STAMP)
 	$(VENV)/bin/gpufleet preview stacks/multicloud

@@ -224,7 +224,9 @@ class RetrySettings(_Strict):
     """The retry budget (Envoy's `retry_budget`): retries in flight at most this share of requests in flight."""
 
     budget_percent: float = Field(default=20.0, ge=0, le=100)
-    min_retry_concurrency: int = Field(default=3, ge=0, description="retries always allowed in flight at once")
+    # 10, not Envoy's 3: when a replica hangs, every request it holds passes its first-byte
+    # deadline at about the same moment, and on a small fleet 20 % of in-flight is a handful.
+    min_retry_concurrency: int = Field(default=10, ge=0, description="retries always allowed in flight at once")
 
 
 class KvEventsSettings(_Strict):

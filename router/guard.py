@@ -175,8 +175,7 @@ class _GuardedHandler(RequestHandler):
                 408, "Request Timeout", f"no complete request head within {s.header_timeout_s:g}s", "request_timeout"
             )
         )
-        self.force_close()
-        self.transport.close()
+        self.force_close()  # closes the transport (after the write is flushed) and drops it
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's own exception log: a client's broken body is one quiet line, a bug a rate-limited traceback."""

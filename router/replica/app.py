@@ -22,9 +22,11 @@ from gpufleet.router.prefix import render_prompt
 from gpufleet.router.replica.settings import FailureMode, SimSettings
 from gpufleet.router.replica.sim import BadRequest, Job, ReplicaSim
 
-__all__ = ["build_app", "listen", "serve"]
+__all__ = ["POISON_ENV", "build_app", "listen", "serve"]
 
 _ADMIN_FAIL_MODES = ("ok", "status", "hang", "drop")
+POISON_ENV = "GPUFLEET_SIM_POISON"
+"""A marker: a prompt containing it is answered 500, as an engine that fails on one input."""
 
 
 def _error(status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> web.Response:
@@ -60,6 +62,7 @@ async def _apply_failure(sim: ReplicaSim, request: web.Request, consume: bool = 
 def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.Application:
     """The aiohttp application serving `sim`. `on_die` is what `POST /admin/die` does in-process."""
     s = sim.settings
+    poison = os.environ.get(POISON_ENV, "")
     app = web.Application(client_max_size=64 * 1024 * 1024)
 
     async def _startup(_: web.Application) -> None:
@@ -84,6 +87,10 @@ def build_app(sim: ReplicaSim, on_die: Callable[[], None] | None = None) -> web.
             body = await request.json(loads=json.loads)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "request body is not valid JSON")
+        if poison and poison in render_prompt(body if isinstance(body, dict) else {}):
+            # An engine bug on one input (as a lone surrogate crashed vLLM's tokenizer): a 500
+            # for this request only; the replica stays well (fault injection for bench/soak.py).
+            return _error(500, "engine failed on this input", "InternalServerError")
         try:
             job = sim.parse(body, kind)
             arrival = sim.now()

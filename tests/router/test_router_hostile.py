@@ -122,7 +122,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
         return False, data
 
 
-def test_idle_sockets_and_slow_heads_are_closed_at_the_header_timeout_with_a_408(router) -> None:  # type: ignore[no-untyped-def]
+def test_idle_sockets_and_slow_heads_are_closed_at_the_header_timeout_with_a_408(router, logs) -> None:  # type: ignore[no-untyped-def]
     _, port, _ = router
     idle, slow = _open(port), _open(port)
     slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
@@ -131,6 +131,8 @@ def test_idle_sockets_and_slow_heads_are_closed_at_the_header_timeout_with_a_408
         closed, data = _closed_within(s, 4)
         assert closed and data.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in data
     assert time.monotonic() - t0 < 3
+    time.sleep(0.2)
+    assert [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR] == []
 
 
 def test_a_short_body_gets_408_at_the_body_timeout(replicas, make_router) -> None:
