@@ -247,6 +247,8 @@ def plot(results: list[dict[str, Any]], be: list[dict[str, Any]], path: Path) ->
             ax.scatter(range(len(keys)), ceil, marker="_", s=400, color="black", label="infinite cache", zorder=3)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"{t.replace('_trace', '')}\nload {ld:g}" for t, ld in keys], fontsize=8)
+        if metric == "ttft_p50_s":
+            ax.set_yscale("log")
         ax.set_title(f"{label}, cache_aware", fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[2]

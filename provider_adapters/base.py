@@ -32,6 +32,7 @@ __all__ = [
     "Progress",
     "ProviderAdapter",
     "QuotaInfo",
+    "ReplicaSetState",
     "ScaleRequest",
     "ScaleResult",
     "cannot_do_reason",
@@ -167,6 +168,15 @@ class PoolUtilisation(_Frozen):
     placeholders_running: int = Field(0, ge=0)
     placeholders_desired: int | None = Field(None, description="replicas of the placeholder Deployment")
     observed_at_s: float = Field(default_factory=time.time)
+
+
+class ReplicaSetState(_Frozen):
+    """One (deployment, pool) StatefulSet as the cluster sees it."""
+
+    name: str
+    replicas: int = Field(ge=0, description="spec.replicas: what is asked for")
+    ready: int = Field(ge=0, description="status.readyReplicas")
+    pending_pods: tuple[str, ...] = Field(default=(), description="its pods in phase Pending (not scheduled yet)")
 
 
 # --------------------------------------------------------------------------- can't-do table

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from gpufleet.infra import names
 from gpufleet.infra.names import GPU_RESOURCE, LABEL_COMPONENT, LABEL_POOL, PLACEHOLDER_COMPONENT
 from gpufleet.provider_adapters import base, errors
-from gpufleet.provider_adapters.base import PoolRef, PoolState, PoolUtilisation, ProviderAdapter
+from gpufleet.provider_adapters.base import PoolRef, PoolState, PoolUtilisation, ProviderAdapter, ReplicaSetState
 
 __all__ = ["KubernetesAdapter"]
 
@@ -188,7 +188,38 @@ class KubernetesAdapter(ProviderAdapter):
             nodes = self._core.list_node(label_selector=f"{LABEL_POOL}={ref.name}").items
         return PoolState(ref=ref, desired_nodes=len(nodes), ready_nodes=sum(1 for n in nodes if _is_ready(n)))
 
+    def replica_set(self, name: str) -> ReplicaSetState | None:
+        """A StatefulSet of replicas (`get`, so RBAC can name it) and its Pending pods; None if absent."""
+        try:
+            with self._errors():
+                sts = self._apps.read_namespaced_stateful_set(name, self.namespace)
+        except errors.NotFound:
+            return None
+        with self._errors():
+            pods = self._core.list_namespaced_pod(self.namespace, field_selector="status.phase=Pending").items
+        pending = tuple(
+            sorted(
+                p.metadata.name
+                for p in pods
+                if any(o.kind == "StatefulSet" and o.name == name for o in (p.metadata.owner_references or []))
+            )
+        )
+        status = sts.status
+        return ReplicaSetState(
+            name=name,
+            replicas=int(sts.spec.replicas or 0),
+            ready=int((status.ready_replicas if status else 0) or 0),
+            pending_pods=pending,
+        )
+
     # ------------------------------------------------------------------ acts
+
+    def scale_replica_set(self, name: str, replicas: int) -> None:
+        """Set a StatefulSet's replicas through its `scale` subresource."""
+        if replicas < 0:
+            raise errors.InvalidRequest("replicas must be >= 0", cloud="kubernetes", code="Invalid")
+        with self._errors():
+            self._apps.patch_namespaced_stateful_set_scale(name, self.namespace, {"spec": {"replicas": replicas}})
 
     def scale_placeholders(self, pool: str, replicas: int) -> int:
         """Set the placeholder Deployment's replicas; returns the previous count."""

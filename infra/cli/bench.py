@@ -236,8 +236,12 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 1.0,
         routers: Annotated[
-            str, typer.Option("--routers", help="comma-separated: gpufleet, sglang, vllm")
-        ] = "gpufleet,sglang,vllm",
+            str,
+            typer.Option(
+                "--routers",
+                help="comma-separated: gpufleet, gpufleet-events (precise mode, from the replicas' KV events), sglang, vllm",
+            ),
+        ] = "gpufleet,gpufleet-events,sglang,vllm",
         peers_venv: Annotated[
             Path | None,
             typer.Option(

@@ -57,6 +57,7 @@ def build_controller(
     provider_names: dict[str, str],
     node_scaling: bool,
     router_metrics: str | None,
+    autoscale: bool = True,
 ) -> Any:
     """Wire adapters for every pool of the plan into a `Controller`."""
     from gpufleet.infra.controller import decision, runtime
@@ -113,7 +114,33 @@ def build_controller(
     observer = runtime.Observer(
         facts, kube, nodes, router_metrics_url=router_metrics, replica_slots=runtime.replica_slots_from_plan(plan)
     )
-    return runtime.Controller(facts, settings, observer, dry_run=dry_run)
+    metrics = runtime.ControllerMetrics()
+    scaler = None
+    if autoscale:
+        scaler = _build_scaler(plan, kube, router_metrics, dry_run=dry_run, metrics=metrics)
+    return runtime.Controller(facts, settings, observer, dry_run=dry_run, metrics=metrics, scaler=scaler)
+
+
+def _build_scaler(plan: dict[str, Any], kube: dict[str, Any], router_metrics: str | None, **kw: Any) -> Any:
+    """The replica autoscaler over the plan's Kubernetes pools (StatefulSets through `scale`)."""
+    from gpufleet.infra.controller import autoscale, runtime, scaler
+
+    try:
+        facts = scaler.facts_from_plan_json(plan)
+    except (KeyError, ValueError, TypeError) as exc:
+        # A partial plan still drives the warm capacity; say once why replicas are not scaled.
+        console.print(f"[yellow]replica autoscaling off[/]: the plan lacks deployments' {exc!s}", highlight=False)
+        return None
+    k8s = {
+        name: k for name, k in kube.items() if next(p for p in plan["pools"] if p["name"] == name)["cloud"] != "local"
+    }
+
+    def load(now: float) -> dict[str, autoscale.LoadSample]:
+        if router_metrics is None:
+            return {}
+        return scaler.load_from_router(facts, runtime.router_in_flight(router_metrics, 5.0), now)
+
+    return scaler.ReplicaScaler(facts, k8s, load=load, **kw)
 
 
 def _print_round(controller: Any, decision: Any) -> None:
@@ -176,6 +203,9 @@ def run(
         typer.Option(metavar="<pool=name>", help="EKS node group / GCE instance group behind a pool (repeatable)"),
     ] = None,
     node_scaling: Annotated[bool, typer.Option(help="also raise node counts through the AWS/GCP adapters")] = True,
+    autoscale: Annotated[
+        bool, typer.Option(help="scale replicas per (deployment, pool) StatefulSet by pool priority")
+    ] = True,
     router_metrics: Annotated[
         str | None, typer.Option(metavar="<url>", help="router /metrics URL, for replica saturation")
     ] = None,
@@ -225,6 +255,7 @@ def run(
             provider_names=_pairs(provider_name, "--provider-name"),
             node_scaling=node_scaling,
             router_metrics=router_metrics,
+            autoscale=autoscale,
         )
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if metrics_port is not None:

@@ -239,7 +239,7 @@ def register(app: typer.Typer) -> None:
         ] = True,
         plot: Annotated[Path | None, typer.Option(help="write the motion phase's timeline as a PNG here")] = None,
     ) -> None:
-        """Run the local demo: policies compared, a failover, the fleet in motion.
+        """Run the local demo: policies, a failover, the fleet in motion.
 
         Brings the local fleet up, compares round_robin with cache_aware on a mixed workload,
         kills the preferred pools to show the spill-over, then autoscales a deployment from its

@@ -67,6 +67,9 @@ def _router_in_flight(url: str, timeout_s: float) -> dict[str, float]:
     return out
 
 
+router_in_flight = _router_in_flight
+
+
 class Observer:
     """Builds one `PoolSample` per pool from the adapters (and the router, when configured)."""
 
@@ -188,6 +191,18 @@ class ControllerMetrics:
         self.last_reconcile = Gauge(
             p + "last_reconcile_timestamp_seconds", "Unix time of the last reconcile", registry=r
         )
+        self.replica_actions = Counter(
+            p + "replica_actions",
+            "StatefulSet scale changes, by deployment, pool and outcome (applied, dry_run, failed)",
+            ["deployment", "pool", "outcome"],
+            registry=r,
+        )
+        self.replica_target = Gauge(
+            p + "replica_target",
+            "Replicas the autoscaler wants per deployment and pool",
+            ["deployment", "pool"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -207,8 +222,11 @@ class Controller:
         dry_run: bool = False,
         metrics: ControllerMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        scaler: Any = None,
     ) -> None:
+        """`scaler`: an `infra.controller.scaler.ReplicaScaler` run after the warm-capacity round."""
         self.facts = facts
+        self.scaler = scaler
         self.settings = settings
         self.observer = observer
         self.dry_run = dry_run
@@ -276,6 +294,8 @@ class Controller:
         # Only remember what happened: in dry-run nothing changed, so the next round starts afresh.
         if not self.dry_run:
             self.state = decision.state
+        if self.scaler is not None:
+            self.scaler.round()  # replicas per (deployment, pool): StatefulSets through their scale
         return decision
 
     def run(

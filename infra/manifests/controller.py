@@ -210,7 +210,8 @@ def controller_cluster_role_binding(plan: Plan) -> dict[str, Any]:
 
 
 def controller_role(plan: Plan) -> dict[str, Any]:
-    """In the fleet namespace: read and patch the scale of the placeholder Deployments only.
+    """In the fleet namespace: the scale of the placeholder Deployments, and of the replica
+    StatefulSets (read the set, patch its scale), each by name.
 
     `KubernetesAdapter` reads `deployments/scale` (`read_namespaced_deployment_scale`) and
     patches it (`patch_namespaced_deployment_scale`); it never reads or changes the
@@ -228,9 +229,29 @@ def controller_role(plan: Plan) -> dict[str, Any]:
                 "resources": ["deployments/scale"],
                 "resourceNames": [names.placeholder_name(p.name) for p in plan.pools],
                 "verbs": ["get", "patch"],
-            }
+            },
+            # The replica autoscaler (`infra.controller.scaler`): it reads each (deployment,
+            # pool) StatefulSet (`read_namespaced_stateful_set`) and patches only its scale
+            # (`patch_namespaced_stateful_set_scale`), named one by one like the placeholders.
+            {
+                "apiGroups": ["apps"],
+                "resources": ["statefulsets"],
+                "resourceNames": _replica_sets(plan),
+                "verbs": ["get"],
+            },
+            {
+                "apiGroups": ["apps"],
+                "resources": ["statefulsets/scale"],
+                "resourceNames": _replica_sets(plan),
+                "verbs": ["patch"],
+            },
         ],
     }
+
+
+def _replica_sets(plan: Plan) -> list[str]:
+    """Every (deployment, pool) StatefulSet of the plan's failover chains."""
+    return [names.replica_set_name(d.name, pool) for d in plan.deployments for pool in d.failover]
 
 
 def controller_role_binding(plan: Plan) -> dict[str, Any]:

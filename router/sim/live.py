@@ -42,7 +42,8 @@ from gpufleet.router.workloads.types import MODEL, Workload
 
 __all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live"]
 
-ROUTERS = ("gpufleet", "sglang", "vllm")
+ROUTERS = ("gpufleet", "gpufleet-events", "sglang", "vllm")
+"""`gpufleet-events`: gpufleet's router in precise mode, reading the replicas' vLLM KV events."""
 
 _CLI = [sys.executable, "-c", "from gpufleet.infra.cli import main; main()"]
 _PEER_ENV = {
@@ -148,8 +149,32 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> Non
     raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s ({last})")
 
 
-def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -> list[str]:
+def train_tokenizer(workload: Workload, directory: Path) -> Path:
+    """A byte-level BPE tokenizer (4k vocab) trained on the workload's own prompts, with a chat
+    template: what the replicas tokenize with when the run includes `gpufleet-events` (no model
+    is downloaded; every router then faces replicas that count tokens the same way)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gpufleet.router.prefix import render_prompt
+
+    texts = [render_prompt(w.body) for w in workload.work_requests()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, show_progress=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return directory
+
+
+def _start_replicas(
+    procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path, tokenizer: Path | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The replicas' URLs and, with a tokenizer, their KV-event (PUB, replay) endpoints."""
     urls = []
+    events: list[tuple[str, str]] = []
     s = fleet.settings
     pending = []
     for spec in fleet.replicas:
@@ -183,6 +208,10 @@ def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -
             "--chars-per-token",
             str(s.chars_per_token),
         ]
+        if tokenizer is not None:
+            pub, replay = free_port(), free_port()
+            cmd += ["--tokenizer", str(tokenizer), "--kv-events-port", str(pub), "--kv-events-replay-port", str(replay)]
+            events.append((f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{replay}"))
         pending.append((procs.start(cmd, tmp / f"{spec.id}.log"), port_file))
     for proc, port_file in pending:
         deadline = time.monotonic() + 30
@@ -193,18 +222,30 @@ def _start_replicas(procs: _Procs, fleet: SimFleet, speedup: float, tmp: Path) -
         url = f"http://127.0.0.1:{int(port_file.read_text().strip())}"
         _wait_http(url + "/health", 30, proc)
         urls.append(url)
-    return urls
+    return urls, events
 
 
 def _start_router(
-    router: str, procs: _Procs, fleet: SimFleet, urls: list[str], tmp: Path, peer: list[str] | None
+    router: str,
+    procs: _Procs,
+    fleet: SimFleet,
+    urls: list[str],
+    tmp: Path,
+    peer: list[str] | None,
+    events: list[tuple[str, str]] | None = None,
+    tokenizer: Path | None = None,
 ) -> str:
     port = free_port()
     log = tmp / f"router-{router}.log"
-    if router == "gpufleet":
-        from gpufleet.router.config import ReplicaConfig, RouterConfig
+    if router in ("gpufleet", "gpufleet-events"):
+        from gpufleet.router.config import KvEventsSettings, ReplicaConfig, RouterConfig
 
-        settings = fleet.settings.model_copy(update={"policy": "cache_aware"})
+        update: dict[str, object] = {"policy": "cache_aware"}
+        precise = router == "gpufleet-events" and events and tokenizer is not None
+        if precise:
+            update["kv_events"] = KvEventsSettings(enabled=True, tokenizer=str(tokenizer))
+        settings = fleet.settings.model_copy(update=update)
+        ends = events if precise and events else [(None, None)] * len(urls)
         cfg = RouterConfig(
             fleet=fleet.name,
             settings=settings,
@@ -219,8 +260,10 @@ def _start_router(
                     kv_capacity_tokens=spec.engine.kv_capacity_tokens,
                     max_model_len=spec.engine.max_model_len,
                     max_concurrent_requests=spec.max_concurrent_requests,
+                    kv_events_endpoint=ep,
+                    kv_events_replay_endpoint=replay,
                 )
-                for spec, url in zip(fleet.replicas, urls)
+                for spec, url, (ep, replay) in zip(fleet.replicas, urls, ends)
             ],
         )
         path = tmp / "router.json"
@@ -283,29 +326,47 @@ def run_live(
     """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas."""
     workload.work_requests()  # live runs need request bodies: fail before starting anything
     runs: list[LiveResult] = []
-    for router in routers:
-        peer, why = (None, "") if router == "gpufleet" else find_peer(router, peers_venv)
-        if router != "gpufleet" and peer is None:
-            runs.append(LiveResult(router, skipped=why))
-            continue
-        procs = _Procs()
-        with tempfile.TemporaryDirectory(prefix=f"gpufleet-live-{router}-") as d:
-            tmp = Path(d)
-            try:
-                urls = _start_replicas(procs, fleet, speedup, tmp)
-                base = _start_router(router, procs, fleet, urls, tmp, peer)
-                cb = (lambda n, _r=router: progress(_r, n)) if progress else None
-                results = _send(base, workload, speedup, cb)
-            except RuntimeError as exc:
-                tail = ""
-                with contextlib.suppress(OSError):
-                    tail = (tmp / f"router-{router}.log").read_text(errors="replace")[-300:]
-                runs.append(LiveResult(router, skipped=f"{exc}; log tail: {tail.strip()}" if tail else str(exc)))
-                continue
-            finally:
-                procs.stop()
-        runs.append(_summarize(router, results))
+    tok_dir = tempfile.TemporaryDirectory(prefix="gpufleet-live-tokenizer-") if "gpufleet-events" in routers else None
+    tokenizer = train_tokenizer(workload, Path(tok_dir.name)) if tok_dir is not None else None
+    try:
+        for router in routers:
+            runs.append(_run_one(router, workload, fleet, speedup, peers_venv, progress, tokenizer))
+    finally:
+        if tok_dir is not None:
+            tok_dir.cleanup()
     return runs
+
+
+def _run_one(
+    router: str,
+    workload: Workload,
+    fleet: SimFleet,
+    speedup: float,
+    peers_venv: Path | None,
+    progress: Callable[[str, int], None] | None,
+    tokenizer: Path | None,
+) -> LiveResult:
+    """One router in front of fresh replicas (all with the same tokenizer when there is one)."""
+    ours = router in ("gpufleet", "gpufleet-events")
+    peer, why = (None, "") if ours else find_peer(router, peers_venv)
+    if not ours and peer is None:
+        return LiveResult(router, skipped=why)
+    procs = _Procs()
+    with tempfile.TemporaryDirectory(prefix=f"gpufleet-live-{router}-") as d:
+        tmp = Path(d)
+        try:
+            urls, events = _start_replicas(procs, fleet, speedup, tmp, tokenizer)
+            base = _start_router(router, procs, fleet, urls, tmp, peer, events, tokenizer)
+            cb = (lambda n, _r=router: progress(_r, n)) if progress else None
+            results = _send(base, workload, speedup, cb)
+        except RuntimeError as exc:
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = (tmp / f"router-{router}.log").read_text(errors="replace")[-300:]
+            return LiveResult(router, skipped=f"{exc}; log tail: {tail.strip()}" if tail else str(exc))
+        finally:
+            procs.stop()
+    return _summarize(router, results)
 
 
 def _summarize(router: str, results: list[Result]) -> LiveResult:

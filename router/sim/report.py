@@ -139,6 +139,9 @@ def results_table(run: BenchRun) -> Table:
         "failed",
     ):
         t.add_column(col, justify="left" if col == "policy" else "right")
+    tiered = any(s.tier_hit_ratio > 0 for s in run.summaries.values())
+    if tiered:  # a kv_offload deployment: how much of the hit came from its CPU (and disk) tier
+        t.add_column("of it CPU/disk", justify="right")
     for s in run.summaries.values():
         t.add_row(
             s.policy,
@@ -154,6 +157,7 @@ def results_table(run: BenchRun) -> Table:
             f"{s.prefill_usd:.2f}",
             str(s.rejected),
             str(s.failed),
+            *([f"{s.tier_hit_ratio:.3f}"] if tiered else []),
         )
     return t
 

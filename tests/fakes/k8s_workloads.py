@@ -141,6 +141,9 @@ class WorkloadsMixin:
             else:
                 self._ready.discard((namespace, name))
             self._set_ready_condition(pod)
+            owner = _owner_of(pod)
+            if owner and owner[0] == "StatefulSet" and (namespace, owner[1]) in self.statefulsets:
+                self._reconcile_sts(self.statefulsets[(namespace, owner[1])])  # its readyReplicas
             self.sync_endpoint_slices()
 
     def expire_watches(self) -> None:

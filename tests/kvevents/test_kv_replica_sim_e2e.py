@@ -148,3 +148,21 @@ def test_router_routes_a_shared_prefix_from_replica_sim_events(tmp_path):
                 await r.cleanup()
 
     asyncio.run(run())
+
+
+def test_replica_sim_cli_refuses_events_without_a_tokenizer():
+    from typer.testing import CliRunner
+
+    from gpufleet.infra.cli import app
+
+    r = CliRunner().invoke(app, ["replica-sim", "--port", "0", "--kv-events-port", "0"])
+    assert r.exit_code == 1 and "--kv-events-port needs --tokenizer" in r.output
+
+
+def test_replica_sim_cli_names_a_missing_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from gpufleet.infra.cli import app
+
+    r = CliRunner().invoke(app, ["replica-sim", "--port", "0", "--tokenizer", str(tmp_path / "none.json")])
+    assert r.exit_code == 1 and "none.json" in r.output

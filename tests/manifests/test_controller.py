@@ -182,12 +182,24 @@ def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_r
     plan_file.write_text(cm["data"]["plan.json"])  # exactly what the pod mounts
     # The placeholder of the failover pool exists, empty, only because it follows in the chain.
     assert kube.deployments[(plan.namespace, "warm-h100-spot")]["spec"]["replicas"] == 0
+    # The rendered replica StatefulSets, one of them a replica short of the plan (a scale-down by
+    # hand): the autoscaler brings it back to min_replicas. Their pods are the serving load above.
+    sets = [o for o in objs if o["kind"] == "StatefulSet"]
+    for i, sts in enumerate(sets):
+        kube.add_statefulset(
+            sts["metadata"]["name"],
+            namespace=plan.namespace,
+            replicas=sts["spec"]["replicas"] - (1 if i == 0 and sts["spec"]["replicas"] else 0),
+            labels=sts["spec"]["selector"]["matchLabels"],
+        )
+    short = sets[0]["metadata"]["name"]
 
     res = CliRunner().invoke(app, _local_args(_container_argv(objs, plan), plan_file, kubeconfig))
 
     assert res.exit_code == 0, res.output
     assert kube.denied == []
     assert kube.deployments[(plan.namespace, "warm-h100-spot")]["spec"]["replicas"] == 1
+    assert kube.statefulsets[(plan.namespace, short)]["spec"]["replicas"] == sets[0]["spec"]["replicas"]
     assert "h100-spot" in res.output and "set_placeholders" in res.output
     granted = {(verb, group, resource)
                for role in (o for o in objs if o["kind"] in ("ClusterRole", "Role"))
@@ -202,6 +214,8 @@ def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_r
             ("list", "", "pods"),
             ("get", "apps", "deployments/scale"),
             ("patch", "apps", "deployments/scale"),
+            ("get", "apps", "statefulsets"),
+            ("patch", "apps", "statefulsets/scale"),
         }
     )
 

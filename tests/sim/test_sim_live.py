@@ -24,6 +24,14 @@ def _workload(n: int) -> tuple[Workload, fleet.SimFleet]:
 
 
 @pytest.mark.slow
+def test_gpufleet_events_routes_from_the_replicas_kv_events_over_http() -> None:
+    wl, f = _workload(30)
+    (res,) = live.run_live(wl, f, ("gpufleet-events",), speedup=8.0)
+    assert res.skipped is None and res.ok == 30 and res.errors == 0
+    assert res.hit_ratio > 0.3  # the replicas' events tell the router where the 3 system prompts are
+
+
+@pytest.mark.slow
 def test_gpufleet_router_serves_the_workload_over_http_and_reuses_prefixes() -> None:
     wl, f = _workload(30)
     done: list[int] = []
