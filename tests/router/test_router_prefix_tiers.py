@@ -87,3 +87,22 @@ def test_events_mode_reads_the_tier_from_cpu_medium_events():
     tier_tokens = 15 * 16
     cost = tier_tokens * PREFILL / 200_000.0 + 0.002 * PREFILL
     assert got[0] == pytest.approx(40 * 16 + 8 - 10 * 16 - (tier_tokens - cost))
+
+
+def test_cache_aware_prices_a_cpu_tier_hit_in_seconds_of_ttft():
+    from gpufleet.router.policies import registry
+
+    policy = registry.make("cache_aware", RouterSettings())
+    prefix = next(s for s in policy.scorers if isinstance(s, PrefixScorer))
+    tiered = rep(0, gpu_blocks=10, cpu_blocks=100)
+    plain = rep(1, gpu_blocks=10)
+    f = feats(40)
+    for r in (tiered, plain):
+        prefix.on_routed(f, Decision(r))
+    costs = policy.costs(Candidates(f, [tiered, plain]))
+    saving = 30 * 16 - (30 * 16 * PREFILL / 200_000.0 + 0.002 * PREFILL)
+    # Idle replicas: ttft (weight 1) and added_prefill (weight added_prefill_weight) are both the
+    # uncached work / prefill rate, so the tier saves (1 + weight) x saving / rate seconds.
+    w = RouterSettings().cache_aware.added_prefill_weight
+    assert costs[0] < costs[1]
+    assert costs[1] - costs[0] == pytest.approx((1 + w) * saving / PREFILL, rel=1e-9)
