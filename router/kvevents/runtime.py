@@ -49,6 +49,7 @@ class KvEvents:
         ke = s.kv_events
         self.block_size = ke.block_size or s.block_size_tokens
         self.tokenizer = tokenizer
+        self._tokenize_failed = False
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
         endpoints: dict[str, StreamEndpoint] = {}
         for r in config.replicas:
@@ -72,7 +73,13 @@ class KvEvents:
 
     async def refine(self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int) -> RequestFeatures:
         """The features with the prompt's real token count and block keys (unchanged if unreadable)."""
-        ids = await self.tokenizer.encode_async(body, size_hint)
+        try:
+            ids = await self.tokenizer.encode_async(body, size_hint)
+        except Exception:  # a tokenizer failure must not fail the request: route on the estimate
+            if not self._tokenize_failed:
+                log.exception("kv events: tokenizing a request failed; routing it on the character estimate")
+                self._tokenize_failed = True
+            return features
         if not ids:
             return features
         bk = keys.block_keys(ids, self.block_size)

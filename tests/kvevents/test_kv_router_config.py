@@ -76,3 +76,18 @@ def test_membership_changes_reach_the_events_index_and_streams(tmp_path):
     r.replicas.replace([cfg.replicas[0], new])
     assert set(r.kv.streams.status) == {"r0", "r9"} and set(r.kv.index.replicas) == {"r0", "r9"}
     assert r.kv.streams.status["r9"].endpoint.endpoint == "tcp://10.0.0.9:6000"
+
+
+def test_a_tokenizer_failure_routes_on_the_estimate(tmp_path, caplog):
+    import asyncio
+
+    tok_dir = tiny_tokenizer_files(tmp_path / "tok")
+    r = router_app.Router(_cfg({"enabled": True, "tokenizer": str(tok_dir)}), admin_token="t")
+
+    def boom(body):
+        raise RuntimeError("tokenizer crashed")
+
+    r.kv.tokenizer.encode_body = boom  # type: ignore[method-assign]
+    f0 = RequestFeatures(model="m", block_hashes=(1, 2), prompt_tokens=9)
+    f = asyncio.run(r.kv.refine({"prompt": "w1"}, f0, 10))
+    assert f.block_hashes == (1, 2) and f.prompt_tokens == 9
