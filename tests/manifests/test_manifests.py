@@ -226,3 +226,44 @@ def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mo
         assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"][
             "volumes"
         ]
+
+
+def test_render_manifests_hf_token_secret_is_a_reference_never_a_value(tmp_path):
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        _cli(),
+        [
+            "render",
+            "manifests",
+            str(STACKS / "multicloud" / "fleet.yaml"),
+            "--out",
+            str(out),
+            "--hf-token-secret",
+            "hf-gated",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    objs = [o for f in sorted(out.glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
+    engines = [o for o in objs if o["kind"] == "StatefulSet"]
+    assert engines
+    for sts in engines:
+        kubernetes_validate.validate(sts, K8S_VERSION, strict=True)
+        env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-gated", "key": "token"}},
+        }
+    assert not [o for o in objs if o["kind"] == "Secret"]  # the value is never written
+    bad = CliRunner().invoke(
+        _cli(),
+        [
+            "render",
+            "manifests",
+            str(STACKS / "multicloud" / "fleet.yaml"),
+            "--out",
+            str(out),
+            "--hf-token-secret",
+            "Bad_Name",
+        ],
+    )
+    assert bad.exit_code == 1 and "--hf-token-secret" in bad.output
