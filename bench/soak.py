@@ -19,7 +19,7 @@ different identity header), and completions. Phases, each a share of `--seconds`
     bad_input   the hostile corpus (router/workloads/hostile.py), every case, twice
     idle        2000 idle connections and 50 slow heads held open
 
-Per phase it counts, for the normal traffic: OK (a complete answer), clean errors (an HTTP error
+Per phase it counts, for the normal traffic (each request in the phase in which it ended): OK (a complete answer), clean errors (an HTTP error
 with a JSON body), broken streams (a stream cut after its first byte, ended with an error
 event), hangs (no answer within --hang-s), lost (no HTTP answer at all); and the replicas
 ejected (the router's ejections_total). Poison requests and corpus cases are counted apart: 5xx
@@ -78,6 +78,7 @@ router:
   health: {interval_s: 1.0, timeout_s: 1.0, backoff_initial_s: 1.0, backoff_max_s: 4.0}
   first_byte: {floor_s: 2.0, factor: 4.0}
   max_retries: 4
+  stream_idle_timeout_s: 5
   server: {header_timeout_s: 10, idle_timeout_s: 30}
 """.replace("MODEL_NAME", MODEL)
 
@@ -166,10 +167,9 @@ class Soak:
 
     async def _one(self, session: aiohttp.ClientSession, i: int) -> None:
         path, body, headers, kind = self._request(i)
-        ph = self.phase
-        assert ph is not None and self.rt is not None
-        ph.requests += 1
+        assert self.rt is not None
         t0 = time.monotonic()
+        errors: dict[str, int] = {}
         outcome = "ok"
         try:
             async with asyncio.timeout(self.hang_s):
@@ -177,7 +177,7 @@ class Soak:
                     data = await resp.read()
                     if resp.status != 200:
                         outcome = "clean_error" if _is_json_error(data) else "lost"
-                        ph.errors[str(resp.status)] = ph.errors.get(str(resp.status), 0) + 1
+                        errors[str(resp.status)] = 1
                     elif body.get("stream"):
                         outcome = "ok" if data.rstrip().endswith(b"data: [DONE]") else "broken_stream"
                     if kind == "deterministic" and resp.status == 200:
@@ -186,8 +186,13 @@ class Soak:
             outcome = "hang"
         except (aiohttp.ClientError, OSError) as exc:
             outcome = "broken_stream" if body.get("stream") and "Payload" in type(exc).__name__ else "lost"
-            ph.errors[type(exc).__name__] = ph.errors.get(type(exc).__name__, 0) + 1
+            errors[type(exc).__name__] = 1
         took = time.monotonic() - t0
+        ph = self.phase  # counted in the phase in which it ended, where its fault is
+        assert ph is not None
+        ph.requests += 1
+        for k, n in errors.items():
+            ph.errors[k] = ph.errors.get(k, 0) + n
         ph.max_latency_s = max(ph.max_latency_s, took)
         if outcome == "ok":
             ph.ok += 1

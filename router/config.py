@@ -460,6 +460,11 @@ class RouterSettings(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10, description="retries on another replica before the first byte")
+    stream_idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a stream that sends nothing this long after its first byte is ended with an error event",
+    )
     retry: RetrySettings = Field(default_factory=RetrySettings)
     first_byte: FirstByteSettings = Field(default_factory=FirstByteSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

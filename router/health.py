@@ -191,6 +191,8 @@ class HealthTracker:
         rec = self._records.get(replica.id)
         if rec is None:  # a replica added at run time (live membership)
             rec = self._records[replica.id] = _Record(backoff_s=self.settings.backoff_initial_s)
+        if self._replicas.get(replica.id) is not replica:
+            # live membership may rebuild a replica's state: the cap must count the current one
             self._replicas[replica.id] = replica
         return rec
 

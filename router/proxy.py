@@ -573,7 +573,11 @@ class Proxy:
         chunk = first
         failed: BaseException | None = None
         hide = CachedTokensFilter() if self.settings.hide_cached_tokens else None
+        idle_s = self.settings.stream_idle_timeout_s
+        end = t0 + self.settings.request_timeout_s
         while chunk:
+            # A stream that stalls (a hung replica) is cut after idle_s, not held to the end.
+            resp.set_deadline(min(end, loop.time() + idle_s))
             if assembler is not None:
                 assembler.feed(chunk)
             else:
@@ -600,7 +604,9 @@ class Proxy:
             # The replica broke mid-stream: the client already has bytes, so no retry. Say so
             # in the stream (as vLLM does) and leave out [DONE], so clients see it is truncated.
             kind = Failure.TIMEOUT if isinstance(failed, TimeoutError) else Failure.RESET
-            self.health.failure(r, kind, "mid-stream")
+            self.health.failure(
+                r, kind, f"no data for {idle_s:g}s mid-stream" if kind is Failure.TIMEOUT else "mid-stream"
+            )
             err = errors.UpstreamFailed(f"replica {r.id} failed mid-stream ({type(failed).__name__})")
             await out.write(b"data: " + err.to_body() + b"\n\n")
         ok = failed is None

@@ -132,7 +132,8 @@ def register_manifests(render_app: typer.Typer) -> None:
         shown.print(table)
         shown.print(
             f"create the router's admin token Secret yourself: kubectl -n {p.namespace} create secret generic "
-            f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)"',
+            f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)" '
+            '--from-literal=session-key="$(openssl rand -hex 32)"',
             highlight=False,
             soft_wrap=True,
         )

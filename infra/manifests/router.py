@@ -22,6 +22,7 @@ __all__ = [
     "ADMIN_TOKEN_KEY",
     "CONFIG_DIR",
     "ROUTER_CONFIG_KEY",
+    "SESSION_KEY_KEY",
     "admin_secret_name",
     "replica_url",
     "router_config",
@@ -36,6 +37,8 @@ ROUTER_CONFIG_KEY = "router.yaml"
 CONFIG_DIR = "/etc/gpufleet"  # where the router's config (and the controller's plan) is mounted
 ADMIN_TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
 ADMIN_TOKEN_KEY = "token"
+SESSION_KEY_KEY = "session-key"
+"""Key of the router Secret holding the session-token signing key every router replica shares."""
 
 
 def admin_secret_name(plan: Plan) -> str:
@@ -138,6 +141,16 @@ def router_deployment(
             {
                 "name": token.env or ADMIN_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}},
+            }
+        )
+    session_key = settings.session.secret
+    if session_key.file is None and session_key.env is not None:
+        # Every router replica signs and checks session tokens with the same key (optional: without
+        # it the routers issue no tokens and keep sessions each in its own memory).
+        env.append(
+            {
+                "name": session_key.env,
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": SESSION_KEY_KEY, "optional": True}},
             }
         )
     port = settings.port

@@ -18,7 +18,7 @@ import heapq
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpufleet.router import kvmodel
@@ -145,7 +145,9 @@ def simulate(
     events (blocks stored and evicted), delivered `event_delay_s` after the engine step that
     made them. `routers=N`: N independent router instances (own policy objects, own view of
     in-flight load), each request sent to one of them at random (seeded); every router gets
-    every engine's events.
+    every engine's events and samples every engine's load (`engine_metrics_interval_s`), and a
+    session's client echoes the session token of its last answer, so every router knows where
+    the session lives (`RequestFeatures.session_replica`).
     """
     if kv_state not in KV_STATES:
         raise ValueError(f"kv_state must be one of {', '.join(KV_STATES)}, not {kv_state!r}")
@@ -324,6 +326,7 @@ def simulate(
             run_engine(i, t)
             schedule(i)
 
+    session_home: dict[str, str] = {}
     for n, req in enumerate(workload.requests):
         advance(req.arrival_s)
         now = max(now, req.arrival_s)
@@ -332,6 +335,11 @@ def simulate(
         records.append(rec)
         r_i = pick_router(routers) if routers > 1 else 0
         pol, states = pols[r_i], states_by[r_i]
+        sid = f.session_id
+        if routers > 1 and sid is not None and (home := session_home.get(sid)) is not None:
+            # The client echoes the signed session token of its last answer (`router.sessions`),
+            # so whichever router takes the turn knows the session's replica.
+            f = replace(f, session_replica=home)
         d = pol.choose(f, states)
         if on_decision is not None:
             on_decision(pol, req, d)
@@ -341,6 +349,8 @@ def simulate(
             continue
         i = index[r.id]
         rec.replica = r.id
+        if sid is not None:
+            session_home[sid] = r.id
         if record_decisions:
             decisions.append((req.id, r.id, d))
         pol.on_routed(f, d)

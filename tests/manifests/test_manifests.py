@@ -182,8 +182,12 @@ def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mo
     kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     secret_name = token.get("secret", "llm-prod-router-admin")
+    # Every router replica shares the session-token key, from the same Secret (optional: no key, no tokens).
+    session = {"secretKeyRef": {"name": secret_name, "key": "session-key", "optional": True}}
+    assert {"name": "GPUFLEET_SESSION_SECRET", "valueFrom": session} in c["env"]
     if env_name:
-        assert c["env"] == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
+        admin = [e for e in c["env"] if e["name"] != "GPUFLEET_SESSION_SECRET"]
+        assert admin == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
     else:
         assert {"name": "admin-token", "mountPath": mount, "subPath": "token", "readOnly": True} in c["volumeMounts"]
         assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"][

@@ -138,3 +138,12 @@ def test_replicas_added_later_are_tracked_and_forgotten() -> None:
     t.forget("late")
     with pytest.raises(KeyError):
         t.record("late")
+
+
+def test_the_cap_counts_a_replicas_current_state_after_membership_rebuilt_it() -> None:
+    reps = fleet(4)
+    t, _ = tracker(reps, eject_after_failures=1, max_ejection_percent=50)
+    rebuilt = [ReplicaState(id=r.id, model="m") for r in reps]  # a reload made new state objects
+    for r in rebuilt:
+        t.failure(r, Failure.RESET)
+    assert sum(not r.healthy for r in rebuilt) == 2

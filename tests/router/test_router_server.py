@@ -605,3 +605,13 @@ def test_retries_stop_when_the_retry_budget_is_spent(replicas, make_router) -> N
     assert len(failed) == 1 and "retry budget" in error_of(failed[0])["message"]
     assert good.requests and len(bad.requests) == 1
     assert "gpufleet_router_retry_budget_exhausted_total 1.0" in httpx.get(rr.url + "/metrics").text
+
+
+def test_a_stream_that_stalls_after_its_first_byte_is_ended_at_the_idle_timeout(replicas, make_router) -> None:
+    reps = replicas(1, token_delay_s=5.0, n_tokens=3)
+    rr = make_router(replica_configs(reps), settings={"stream_idle_timeout_s": 0.4, "health": SLOW_HEALTH})
+    t0 = time.monotonic()
+    with httpx.stream("POST", rr.url + "/v1/chat/completions", json=chat("s", stream=True), timeout=10) as s:
+        body = b"".join(s.iter_raw())
+    assert time.monotonic() - t0 < 3
+    assert b"r0-w0" in body and b"upstream_failed" in body and b"[DONE]" not in body
