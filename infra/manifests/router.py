@@ -32,6 +32,7 @@ __all__ = [
     "router_configmap",
     "router_deployment",
     "router_objects",
+    "router_pdb",
     "router_role",
     "router_role_binding",
     "router_service",
@@ -289,7 +290,7 @@ def router_deployment(
                     "serviceAccountName": name,
                     "automountServiceAccountToken": cfg.discovery.kubernetes is not None,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    **_k8s.off_gpu_nodes(plan),
+                    **_router_placement(plan, options),
                     **({"initContainers": init} if init else {}),
                     "containers": [
                         {
@@ -323,6 +324,37 @@ def router_deployment(
     }
 
 
+def _router_placement(plan: Plan, options: _k8s.ManifestOptions) -> dict[str, Any]:
+    """Off the GPU nodes; with several router pods, preferably one per node (a node that goes
+    takes one router with it, not all)."""
+    placement = _k8s.off_gpu_nodes(plan)
+    if options.router_replicas < 2:
+        return placement
+    affinity = dict(placement.get("affinity", {}))
+    affinity["podAntiAffinity"] = {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {LABEL_FLEET: plan.fleet, **_labels(plan)}},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    }
+    return {"affinity": affinity}
+
+
+def router_pdb(plan: Plan) -> dict[str, Any]:
+    """With several router pods: voluntary disruptions (drains, upgrades) leave one serving."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {LABEL_FLEET: plan.fleet, **_labels(plan)}}},
+    }
+
+
 def router_service(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> dict[str, Any]:
     """The router's Service (ClusterIP by default)."""
     return {
@@ -347,4 +379,5 @@ def router_objects(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTI
         *rbac,
         router_deployment(plan, options, cfg),
         router_service(plan, options),
+        *([router_pdb(plan)] if options.router_replicas > 1 else []),
     ]

@@ -267,3 +267,21 @@ def test_render_manifests_hf_token_secret_is_a_reference_never_a_value(tmp_path)
         ],
     )
     assert bad.exit_code == 1 and "--hf-token-secret" in bad.output
+
+
+def test_several_router_pods_get_a_pdb_and_spread_over_nodes():
+    plan = PLANS["multicloud"]()
+    one = manifests.router_objects(plan, manifests.ManifestOptions(router_replicas=1))
+    assert not [o for o in one if o["kind"] == "PodDisruptionBudget"]
+    two = manifests.router_objects(plan, manifests.ManifestOptions(router_replicas=2))
+    pdb = next(o for o in two if o["kind"] == "PodDisruptionBudget")
+    dep = next(o for o in two if o["kind"] == "Deployment")
+    for obj in (pdb, dep):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    affinity = dep["spec"]["template"]["spec"]["affinity"]
+    term = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "nodeAffinity" in affinity  # still off the GPU nodes
