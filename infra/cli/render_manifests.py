@@ -60,6 +60,14 @@ def register_manifests(render_app: typer.Typer) -> None:
             str | None,
             typer.Option(metavar="<image>", help="Controller image (with gpufleet[router,kubernetes,aws,gcp])."),
         ] = None,
+        hf_token_secret: Annotated[
+            str | None,
+            typer.Option(
+                metavar="<secret>",
+                help="Secret (key `token`) the engines read HF_TOKEN from, for gated models; its value is never "
+                "written (kubectl create secret generic <secret> --from-literal=token=...).",
+            ),
+        ] = None,
     ) -> None:
         """Write the plan's Kubernetes objects, one file per cluster.
 
@@ -72,6 +80,7 @@ def register_manifests(render_app: typer.Typer) -> None:
         it with `kubectl create secret generic <fleet>-router-admin --from-literal=token=...`.
         """
         import json
+        import re
 
         from rich.table import Table
 
@@ -81,6 +90,12 @@ def register_manifests(render_app: typer.Typer) -> None:
         with user_errors(*declaration_errors()):
             p = plan_mod.compile_file(file, catalog)
             defaults = manifests.ManifestOptions()
+            if hf_token_secret is not None and not re.fullmatch(
+                r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", hf_token_secret
+            ):
+                raise UserError(
+                    f"--hf-token-secret {hf_token_secret!r}: not a Kubernetes object name (lowercase, digits, '-', '.')"
+                )
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
                 raise UserError(
                     f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort"
@@ -91,6 +106,7 @@ def register_manifests(render_app: typer.Typer) -> None:
                 router_service_type=router_service_type or defaults.router_service_type,
                 controller=controller,
                 controller_image=controller_image or defaults.controller_image,
+                hf_token_secret=hf_token_secret,
             )
             per_cluster = manifests.all_objects(p, options)
             if not per_cluster:
@@ -132,7 +148,8 @@ def register_manifests(render_app: typer.Typer) -> None:
         shown.print(table)
         shown.print(
             f"create the router's admin token Secret yourself: kubectl -n {p.namespace} create secret generic "
-            f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)"',
+            f'{manifests.admin_secret_name(p)} --from-literal=token="$(openssl rand -hex 32)" '
+            '--from-literal=session-key="$(openssl rand -hex 32)"',
             highlight=False,
             soft_wrap=True,
         )

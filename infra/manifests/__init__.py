@@ -97,6 +97,7 @@ def cluster_objects(plan: Plan, cluster: Cluster, options: ManifestOptions = DEF
             continue
         objs += [models.headless_service(plan, dep), models.model_pdb(plan, dep)]
         objs += [models.model_statefulset(plan, dep, p, options) for p in in_cluster]
+        objs += [models.pool_service(plan, dep, p) for p in in_cluster]
     home = router_cluster(plan)
     if home is not None and home.cloud == cluster.cloud:
         objs += router.router_objects(plan, options)

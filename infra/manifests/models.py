@@ -23,6 +23,7 @@ __all__ = [
     "kv_offload_env",
     "model_pdb",
     "model_statefulset",
+    "pool_service",
 ]
 
 ENGINE_HEALTH_PATH = "/health"  # both vLLM and SGLang serve GET /health
@@ -277,6 +278,23 @@ def headless_service(plan: Plan, dep: DeploymentPlan) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "selector": _dep_labels(plan, dep),
+            "ports": [{"name": "http", "port": dep.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pool_service(plan: Plan, dep: DeploymentPlan, pool: PoolPlan) -> dict[str, Any]:
+    """The headless Service of one (deployment, pool) StatefulSet: its EndpointSlices carry these
+    labels (fleet, deployment, pool), by which the router's discovery finds the plan's facts."""
+    set_name = names.replica_set_name(dep.name, pool.name)
+    labels = {names.LABEL_NAME: dep.name, LABEL_DEPLOYMENT: dep.name, LABEL_POOL: pool.name}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _k8s.meta(plan, set_name, labels),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {**_dep_labels(plan, dep), "app.kubernetes.io/instance": set_name},
             "ports": [{"name": "http", "port": dep.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -1,7 +1,9 @@
-"""The router in the cluster of the highest-priority pool: its config (the plan's replicas at
-their pod DNS names) in a ConfigMap, a ServiceAccount without API rights, the Deployment of
-`gpufleet router serve` and its Service. The admin-token Secret is never rendered (its value
-is a secret); the Pulumi component creates it from a Pulumi secret."""
+"""The router in the cluster of the highest-priority pool: its config in a ConfigMap (the
+replicas of its own cluster discovered from their EndpointSlices, the others at their pod DNS
+names), a ServiceAccount (with a Role to get/list/watch EndpointSlices in the fleet namespace
+when it discovers), the Deployment of `gpufleet router serve` and its Service. The admin-token
+Secret is never rendered (its value is a secret); the Pulumi component creates it from a Pulumi
+secret."""
 
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ from gpufleet.infra import router_config as router_config_mod
 from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan, ReplicaPlan
-from gpufleet.router.config import RouterConfig
+from gpufleet.router.config import DiscoverySettings, DiscoveryTarget, KubernetesDiscovery, RouterConfig
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
     "ADMIN_TOKEN_KEY",
     "CONFIG_DIR",
     "ROUTER_CONFIG_KEY",
+    "SESSION_KEY_KEY",
     "admin_secret_name",
+    "discovery_targets",
     "replica_url",
     "router_config",
     "router_configmap",
     "router_deployment",
     "router_objects",
+    "router_role",
+    "router_role_binding",
     "router_service",
     "router_service_account",
 ]
@@ -36,6 +42,8 @@ ROUTER_CONFIG_KEY = "router.yaml"
 CONFIG_DIR = "/etc/gpufleet"  # where the router's config (and the controller's plan) is mounted
 ADMIN_TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
 ADMIN_TOKEN_KEY = "token"
+SESSION_KEY_KEY = "session-key"
+"""Key of the router Secret holding the session-token signing key every router replica shares."""
 
 
 def admin_secret_name(plan: Plan) -> str:
@@ -65,22 +73,73 @@ def _single_model(plan: Plan) -> str | None:
 
 
 def router_config(plan: Plan) -> RouterConfig:
-    """The router config for the Kubernetes backends (replicas at their pod DNS names).
+    """The router config for the Kubernetes backends: the replicas of the router's own cluster
+    are discovered from their EndpointSlices (every replica between min and max, as it becomes
+    ready); the others are listed at their pod DNS names.
 
     Precise mode without a tokenizer path gets the one the router's init container fetches
     (`router_deployment`), when the fleet serves one model."""
     if plan.router.kv_events.enabled and plan.router.kv_events.tokenizer is None and _single_model(plan):
         kv = plan.router.kv_events.model_copy(update={"tokenizer": TOKENIZER_DIR})
         plan = plan.model_copy(update={"router": plan.router.model_copy(update={"kv_events": kv})})
+    found = _discovered(plan)
     k8s_plan = plan.model_copy(
         update={
             "deployments": [
-                d.model_copy(update={"replicas": [r for r in d.replicas if plan.pool(r.pool).cloud != "local"]})
+                d.model_copy(
+                    update={
+                        "replicas": [
+                            r for r in d.replicas if plan.pool(r.pool).cloud != "local" and r.pool not in found
+                        ]
+                    }
+                )
                 for d in plan.deployments
             ]
         }
     )
-    return router_config_mod.render(k8s_plan, lambda r: replica_url(plan, r))
+    cfg = router_config_mod.render(k8s_plan, lambda r: replica_url(plan, r))
+    targets = discovery_targets(plan)
+    if not targets:
+        return cfg
+    discovery = KubernetesDiscovery(
+        namespace=plan.namespace,
+        label_selector=f"{LABEL_FLEET}={plan.fleet},{names.LABEL_POOL}",
+        deployment_label=names.LABEL_DEPLOYMENT,
+        pool_label=names.LABEL_POOL,
+        targets=targets,
+    )
+    return cfg.model_copy(update={"discovery": DiscoverySettings(kubernetes=discovery)})
+
+
+def _discovered(plan: Plan) -> set[str]:
+    """The pools whose replicas the router discovers: those of its own cluster (it can watch
+    only its own API server; replicas elsewhere stay listed at their Multi-Cluster DNS names)."""
+    home = _k8s.router_cluster(plan)
+    return set(home.pool_names) if home is not None else set()
+
+
+def discovery_targets(plan: Plan) -> list[DiscoveryTarget]:
+    """Per (deployment, pool) of the router's cluster: what the plan knows of its replicas."""
+    pools = _discovered(plan)
+    out = []
+    for dep in plan.deployments:
+        for perf in dep.pools:
+            if perf.pool not in pools or perf.pool not in dep.failover:
+                continue
+            out.append(
+                DiscoveryTarget(
+                    deployment=dep.name,
+                    pool=perf.pool,
+                    model=dep.model,
+                    priority=plan.pool(perf.pool).priority,
+                    kv_capacity_tokens=perf.kv_cache_tokens_per_replica,
+                    max_model_len=dep.max_model_len,
+                    max_concurrent_requests=dep.max_concurrent_requests,
+                    prefill_tokens_per_s=perf.prefill_tokens_per_s or None,
+                    decode_tokens_per_s=perf.decode_tokens_per_s or None,
+                )
+            )
+    return out
 
 
 def _config_text(cfg: RouterConfig) -> str:
@@ -103,13 +162,37 @@ def router_configmap(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, A
 
 
 def router_service_account(plan: Plan) -> dict[str, Any]:
-    """The router reads its config from a mounted ConfigMap and talks to no Kubernetes API:
-    its least RBAC is none at all, and no API token is mounted."""
+    """The router's identity. Its API token is mounted only when it discovers replicas
+    (`router_role`); without discovery it talks to no Kubernetes API at all."""
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
-        "automountServiceAccountToken": False,
+        "automountServiceAccountToken": bool(discovery_targets(plan)),
+    }
+
+
+def router_role(plan: Plan) -> dict[str, Any]:
+    """What discovery calls, in the fleet namespace only: `list_namespaced_endpoint_slice`
+    (list, and watch)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ],
+    }
+
+
+def router_role_binding(plan: Plan) -> dict[str, Any]:
+    name = names.router_name(plan.fleet)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _k8s.meta(plan, name, _labels(plan)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": plan.namespace}],
     }
 
 
@@ -138,6 +221,16 @@ def router_deployment(
             {
                 "name": token.env or ADMIN_TOKEN_ENV,
                 "valueFrom": {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}},
+            }
+        )
+    session_key = settings.session.secret
+    if session_key.file is None and session_key.env is not None:
+        # Every router replica signs and checks session tokens with the same key (optional: without
+        # it the routers issue no tokens and keep sessions each in its own memory).
+        env.append(
+            {
+                "name": session_key.env,
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": SESSION_KEY_KEY, "optional": True}},
             }
         )
     port = settings.port
@@ -194,7 +287,7 @@ def router_deployment(
                 },
                 "spec": {
                     "serviceAccountName": name,
-                    "automountServiceAccountToken": False,
+                    "automountServiceAccountToken": cfg.discovery.kubernetes is not None,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     **_k8s.off_gpu_nodes(plan),
                     **({"initContainers": init} if init else {}),
@@ -247,9 +340,11 @@ def router_service(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTI
 def router_objects(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> list[dict[str, Any]]:
     """The router's objects, except the admin-token Secret (its value is never rendered)."""
     cfg = router_config(plan)
+    rbac = [router_role(plan), router_role_binding(plan)] if cfg.discovery.kubernetes is not None else []
     return [
         router_configmap(plan, cfg),
         router_service_account(plan),
+        *rbac,
         router_deployment(plan, options, cfg),
         router_service(plan, options),
     ]

@@ -54,6 +54,8 @@ class ModelDeployment(pulumi.ComponentResource):
                 ),
             )
             counts[pool_name] = obj["spec"]["replicas"]
+            # Its own Service: the router discovers the pool's ready pods by its EndpointSlices.
+            apply_object(f"{name}-{pool_name}-service", manifests.pool_service(plan, dep, plan.pool(pool_name)), child)
         self.service_name = pulumi.Output.from_input(svc["metadata"]["name"])
         self.replicas = pulumi.Output.from_input(counts)
         self.register_outputs({"service_name": self.service_name, "replicas": self.replicas})

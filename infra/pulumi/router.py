@@ -3,6 +3,8 @@ from a Pulumi secret, and `gpufleet router serve` with its ServiceAccount and Se
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 import pulumi
@@ -44,7 +46,14 @@ class CacheAwareRouter(pulumi.ComponentResource):
                 },
                 "type": "Opaque",
                 # Output.secret keeps the token encrypted in the state and out of previews.
-                "stringData": {manifests.ADMIN_TOKEN_KEY: pulumi.Output.secret(args.admin_token)},
+                "stringData": {
+                    manifests.ADMIN_TOKEN_KEY: pulumi.Output.secret(args.admin_token),
+                    # The routers' shared session-token key, derived from the admin token (one
+                    # secret to manage; the admin token is the stronger credential anyway).
+                    manifests.SESSION_KEY_KEY: pulumi.Output.secret(
+                        pulumi.Output.from_input(args.admin_token).apply(_session_key)
+                    ),
+                },
             },
             child,
         )
@@ -65,6 +74,11 @@ class CacheAwareRouter(pulumi.ComponentResource):
             self.endpoint = pulumi.Output.from_input(in_cluster)
         self.config = pulumi.Output.from_input(cfg.model_dump(mode="json", by_alias=True))
         self.register_outputs({"endpoint": self.endpoint, "config": self.config})
+
+
+def _session_key(admin_token: str) -> str:
+    """The session-token signing key for the routers: HMAC-SHA256 of a fixed label under the admin token."""
+    return hmac.new(admin_token.encode(), b"gpufleet-session-key/v1", hashlib.sha256).hexdigest()
 
 
 def _lb_url(status: object, port: int) -> str | None:

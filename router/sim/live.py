@@ -40,7 +40,7 @@ from gpufleet.router.workloads import driver, stats
 from gpufleet.router.workloads.driver import Result
 from gpufleet.router.workloads.types import MODEL, Workload
 
-__all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live"]
+__all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live", "train_tokenizer"]
 
 ROUTERS = ("gpufleet", "gpufleet-events", "sglang", "vllm")
 """`gpufleet-events`: gpufleet's router in precise mode, reading the replicas' vLLM KV events."""

@@ -118,8 +118,9 @@ def eks_cluster(tmp_path: Path) -> Iterator[tuple[plan_mod.Plan, list[dict[str, 
     the preferred pool; the API server enforces the rendered controller RBAC."""
     plan = _eks_plan()
     objs = manifests.all_objects(plan)["aws-ml-prod"]
-    role = next(o for o in objs if o["kind"] == "Role")
-    cluster_role = next(o for o in objs if o["kind"] == "ClusterRole")
+    controller = names.controller_name(plan.fleet)
+    role = next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == controller)
+    cluster_role = next(o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"] == controller)
     kube = RbacKubernetes(cluster_role, role)
     kube.start()
     try:
@@ -202,7 +203,8 @@ def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_r
     assert kube.statefulsets[(plan.namespace, short)]["spec"]["replicas"] == sets[0]["spec"]["replicas"]
     assert "h100-spot" in res.output and "set_placeholders" in res.output
     granted = {(verb, group, resource)
-               for role in (o for o in objs if o["kind"] in ("ClusterRole", "Role"))
+               for role in (o for o in objs if o["kind"] in ("ClusterRole", "Role")
+                            and o["metadata"]["name"] == names.controller_name(plan.fleet))
                for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
                for verb in rule["verbs"]}  # fmt: skip
     # Least privilege: every granted right was needed by this one round.
@@ -318,10 +320,12 @@ def test_turning_the_controller_off_renders_none_of_it():
     objs = [
         o for g in manifests.all_objects(_multicloud(), manifests.ManifestOptions(controller=False)).values() for o in g
     ]
+    router = names.router_name(_multicloud().fleet)  # the router's own Role (discovery) stays
     assert not [
         o
         for o in objs
-        if "controller" in o["metadata"]["name"] or o["kind"].endswith("Role") or o["kind"].endswith("Binding")
+        if "controller" in o["metadata"]["name"]
+        or ((o["kind"].endswith("Role") or o["kind"].endswith("Binding")) and o["metadata"]["name"] != router)
     ]
 
 
@@ -372,7 +376,8 @@ def test_in_cluster_controller_leaves_another_clusters_pool_alone_without_being_
     plan = _multicloud()
     objs = manifests.all_objects(plan)["aws-prod-eks"]
     kube = RbacKubernetes(
-        next(o for o in objs if o["kind"] == "ClusterRole"), next(o for o in objs if o["kind"] == "Role")
+        next(o for o in objs if o["kind"] == "ClusterRole"),
+        next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == names.controller_name(plan.fleet)),
     )
     kube.start()
     try:

@@ -12,12 +12,13 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from gpufleet.infra import manifests, router_config
+from gpufleet.infra import manifests, names, router_config
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.cli.render_manifests import register_manifests
 from gpufleet.infra.pulumi import Fleet, FleetArgs
 from gpufleet.infra.pulumi.mocks import sanitize
 from gpufleet.infra.pulumi.preview import run_program
+from gpufleet.router.config import RouterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ROOT / "stacks"
@@ -65,7 +66,28 @@ def test_replica_pods_are_the_plan_replica_ids_at_the_router_config_urls(plan):
         for k in range(sts["spec"]["replicas"]):
             pods[f"{sts['metadata']['name']}-{k}"] = sts
     cfg = manifests.router_config(plan)
-    assert sorted(pods) == sorted(r.id for r in cfg.replicas)
+    disc = cfg.discovery.kubernetes
+    targets = {(t.deployment, t.pool) for t in disc.targets} if disc is not None else set()
+    listed = {r.id for r in cfg.replicas}
+    assert listed <= set(pods)
+    for pod, sts in pods.items():
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        key = (labels[names.LABEL_DEPLOYMENT], labels[names.LABEL_POOL])
+        # Every baseline pod is either listed (another cluster) or discovered (the router's own).
+        assert (pod in listed) != (key in targets), pod
+        if key in targets:
+            # Its (deployment, pool) Service selects it, and its slices carry the labels discovery reads.
+            svc = next(
+                o
+                for o in objs
+                if o["kind"] == "Service"
+                and o["metadata"]["name"] == sts["metadata"]["name"]
+                and o["metadata"]["namespace"] == sts["metadata"]["namespace"]
+            )
+            assert svc["spec"]["selector"].items() <= labels.items()
+            svc_labels = svc["metadata"]["labels"]
+            assert (svc_labels[disc.deployment_label], svc_labels[disc.pool_label]) == key
+            assert svc_labels[names.LABEL_FLEET] == plan.fleet and disc.namespace == plan.namespace
     home = manifests.router_cluster(plan)
     for r in cfg.replicas:
         sts = pods[r.id]
@@ -94,8 +116,19 @@ def test_router_configmap_holds_the_rendered_router_config(plan):
         for o in g
         if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-router")
     )
-    expected = router_config.render(plan, lambda r: manifests.replica_url(plan, r))
-    assert yaml.safe_load(cm["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
+    got = RouterConfig.model_validate(yaml.safe_load(cm["data"]["router.yaml"]))
+    every = router_config.render(plan, lambda r: manifests.replica_url(plan, r))
+    disc = got.discovery.kubernetes
+    found = {t.pool for t in disc.targets} if disc is not None else set()
+    # Listed: the replicas outside the router's cluster, exactly as the one renderer writes them.
+    assert got.replicas == [r for r in every.replicas if r.pool not in found]
+    assert got.settings == every.settings and got.fleet == every.fleet
+    # Discovered: what the plan says of each (deployment, pool), the same facts a listed replica carries.
+    for r in every.replicas:
+        if r.pool in found:
+            t = next(t for t in disc.targets if (t.deployment, t.pool) == (r.deployment, r.pool))
+            facts = ("model", "priority", "kv_capacity_tokens", "max_model_len", "max_concurrent_requests")
+            assert [getattr(t, f) for f in facts] == [getattr(r, f) for f in facts]
 
 
 def test_pulumi_registers_exactly_the_rendered_objects():
@@ -182,10 +215,55 @@ def test_router_reads_the_admin_token_where_its_settings_say(token, env_name, mo
     kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     secret_name = token.get("secret", "llm-prod-router-admin")
+    # Every router replica shares the session-token key, from the same Secret (optional: no key, no tokens).
+    session = {"secretKeyRef": {"name": secret_name, "key": "session-key", "optional": True}}
+    assert {"name": "GPUFLEET_SESSION_SECRET", "valueFrom": session} in c["env"]
     if env_name:
-        assert c["env"] == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
+        admin = [e for e in c["env"] if e["name"] != "GPUFLEET_SESSION_SECRET"]
+        assert admin == [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "token"}}}]
     else:
         assert {"name": "admin-token", "mountPath": mount, "subPath": "token", "readOnly": True} in c["volumeMounts"]
         assert {"name": "admin-token", "secret": {"secretName": secret_name}} in dep["spec"]["template"]["spec"][
             "volumes"
         ]
+
+
+def test_render_manifests_hf_token_secret_is_a_reference_never_a_value(tmp_path):
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        _cli(),
+        [
+            "render",
+            "manifests",
+            str(STACKS / "multicloud" / "fleet.yaml"),
+            "--out",
+            str(out),
+            "--hf-token-secret",
+            "hf-gated",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    objs = [o for f in sorted(out.glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
+    engines = [o for o in objs if o["kind"] == "StatefulSet"]
+    assert engines
+    for sts in engines:
+        kubernetes_validate.validate(sts, K8S_VERSION, strict=True)
+        env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-gated", "key": "token"}},
+        }
+    assert not [o for o in objs if o["kind"] == "Secret"]  # the value is never written
+    bad = CliRunner().invoke(
+        _cli(),
+        [
+            "render",
+            "manifests",
+            str(STACKS / "multicloud" / "fleet.yaml"),
+            "--out",
+            str(out),
+            "--hf-token-secret",
+            "Bad_Name",
+        ],
+    )
+    assert bad.exit_code == 1 and "--hf-token-secret" in bad.output

@@ -251,11 +251,18 @@ def test_model_deployment_sglang_flags(run, gke_plan):
 def test_router_configmap_equals_the_rendered_router_config(run, multicloud_plan):
     reg = run(lambda: CacheAwareRouter("r", CacheAwareRouterArgs(multicloud_plan, admin_token="tok-abc")))
     cm = reg.one(CM, "llm-prod-router")
-    expected = router_config.render(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
-    assert yaml.safe_load(cm.inputs["data"]["router.yaml"]) == expected.model_dump(mode="json", by_alias=True)
-    assert [r["id"] for r in yaml.safe_load(cm.inputs["data"]["router.yaml"])["replicas"]] == [
-        f"llama-8b-aws-h100-{k}" for k in range(4)
-    ]
+    expected = manifests.router_config(multicloud_plan)  # the one builder `render manifests` uses too
+    got = yaml.safe_load(cm.inputs["data"]["router.yaml"])
+    assert got == expected.model_dump(mode="json", by_alias=True)
+    # The router's own cluster (EKS) is discovered by EndpointSlices, every pool of it; the GKE
+    # pool's replicas stay listed at their Multi-Cluster DNS names (none in the baseline).
+    every = router_config.render(multicloud_plan, lambda r: manifests.replica_url(multicloud_plan, r))
+    aws = {p.name for p in multicloud_plan.pools if p.cloud == "aws"}
+    assert got["replicas"] == [r.model_dump(mode="json") for r in every.replicas if r.pool not in aws]
+    targets = got["discovery"]["kubernetes"]["targets"]
+    assert {(t["deployment"], t["pool"]) for t in targets} == {
+        (d.name, p) for d in multicloud_plan.deployments for p in d.failover if p in aws
+    }
 
 
 def test_router_runs_serve_with_admin_token_from_secret_probes_and_scrape_annotations(run, multicloud_plan):
@@ -277,13 +284,23 @@ def test_router_runs_serve_with_admin_token_from_secret_probes_and_scrape_annota
     )
 
 
-def test_router_has_least_rbac_no_roles_and_no_api_token(run, multicloud_plan):
+def test_router_rbac_is_exactly_get_list_watch_of_endpointslices_in_its_namespace(run, multicloud_plan):
     reg = run(lambda: CacheAwareRouter("r", CacheAwareRouterArgs(multicloud_plan, admin_token="t")))
     sa = reg.one("kubernetes:core/v1:ServiceAccount").inputs
-    assert sa["automountServiceAccountToken"] is False
+    assert sa["automountServiceAccountToken"] is True  # discovery talks to the API server
     pod = reg.one(DEPLOY).inputs["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == sa["metadata"]["name"] and pod["automountServiceAccountToken"] is False
-    assert not [r for r in reg.resources if "rbac.authorization.k8s.io" in r.type]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] and pod["automountServiceAccountToken"] is True
+    rbac = [r for r in reg.resources if "rbac.authorization.k8s.io" in r.type]
+    assert sorted(r.inputs["kind"] for r in rbac) == ["Role", "RoleBinding"]  # no ClusterRole
+    role = next(r.inputs for r in rbac if r.inputs["kind"] == "Role")
+    assert role["metadata"]["namespace"] == multicloud_plan.namespace
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = next(r.inputs for r in rbac if r.inputs["kind"] == "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": multicloud_plan.namespace}
+    ]
 
 
 def test_invalid_declaration_fails_before_any_resource_is_registered(run):

@@ -89,10 +89,14 @@ def test_controller_rbac_is_exactly_list_nodes_and_pods_and_scale_of_placeholder
     ]
     role = reg.one(ROLE, "llm-prod-controller").inputs
     assert role["metadata"]["namespace"] == "gpufleet"
+    sets = [f"{d.name}-{p}" for d in multicloud_plan.deployments for p in d.failover]
     assert role["rules"] == [
         {"apiGroups": ["apps"], "resources": ["deployments/scale"],
          "resourceNames": ["warm-aws-h100", "warm-gcp-h100"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": sets, "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "resourceNames": sets, "verbs": ["patch"]},
     ]  # fmt: skip
+    assert sets == ["llama-8b-aws-h100", "llama-8b-gcp-h100"]
     subject = [{"kind": "ServiceAccount", "name": "llm-prod-controller", "namespace": "gpufleet"}]
     crb = reg.one(CRB, "llm-prod-controller").inputs
     assert crb["roleRef"] == {
@@ -204,7 +208,9 @@ def test_stack_config_turns_the_controller_off(run, eks_plan):
     config = {"gpufleet:adminToken": "t", "gpufleet:controller": "false", "gpufleet:fleetFile": "unused.yaml"}
     reg = run(program, config=config, secret_keys=["gpufleet:adminToken"])
     assert reg.result.outputs["controller"] is False
-    assert not reg.of_type(COMPONENT) and not [r for r in reg.resources if "rbac" in r.type]
+    assert not reg.of_type(COMPONENT)
+    # What RBAC remains is the router's own (EndpointSlice discovery), none of it the controller's.
+    assert not [r for r in reg.resources if "rbac" in r.type and "controller" in r.inputs["metadata"]["name"]]
     assert not [r for r in reg.of_type(DEPLOY) if r.inputs["metadata"]["name"] == "eks-llm-controller"]
 
 
