@@ -68,6 +68,21 @@ def register_manifests(render_app: typer.Typer) -> None:
                 "written (kubectl create secret generic <secret> --from-literal=token=...).",
             ),
         ] = None,
+        model_cache_storage_class: Annotated[
+            str | None,
+            typer.Option(
+                metavar="<class>",
+                help="Give each engine a PersistentVolumeClaim of this storage class "
+                "for its model cache (default: an emptyDir, refetched by every new pod).",
+            ),
+        ] = None,
+        model_cache_size: Annotated[
+            str, typer.Option(metavar="<size>", help="Size of each model-cache claim.")
+        ] = "200Gi",
+        model_cache_host_path: Annotated[
+            str | None,
+            typer.Option(metavar="<dir>", help="Keep the model cache in this directory of the node (hostPath)."),
+        ] = None,
     ) -> None:
         """Write the plan's Kubernetes objects, one file per cluster.
 
@@ -96,6 +111,12 @@ def register_manifests(render_app: typer.Typer) -> None:
                 raise UserError(
                     f"--hf-token-secret {hf_token_secret!r}: not a Kubernetes object name (lowercase, digits, '-', '.')"
                 )
+            if model_cache_storage_class is not None and model_cache_host_path is not None:
+                raise UserError("--model-cache-storage-class and --model-cache-host-path: give one of them")
+            if model_cache_host_path is not None and not model_cache_host_path.startswith("/"):
+                raise UserError(f"--model-cache-host-path {model_cache_host_path!r}: must be an absolute path")
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", model_cache_size):
+                raise UserError(f"--model-cache-size {model_cache_size!r}: a Kubernetes quantity, e.g. 200Gi")
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
                 raise UserError(
                     f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort"
@@ -107,6 +128,9 @@ def register_manifests(render_app: typer.Typer) -> None:
                 controller=controller,
                 controller_image=controller_image or defaults.controller_image,
                 hf_token_secret=hf_token_secret,
+                model_cache_storage_class=model_cache_storage_class,
+                model_cache_size=model_cache_size,
+                model_cache_host_path=model_cache_host_path,
             )
             per_cluster = manifests.all_objects(p, options)
             if not per_cluster:

@@ -47,6 +47,12 @@ class ManifestOptions:
     placeholder_image: str = "registry.k8s.io/pause:3.10"
     autoscaler_namespace: str = "kube-system"
     hf_token_secret: str | None = None
+    # The engines' model cache (/cache: HF_HOME): None keeps an emptyDir (weights are fetched
+    # again by every new pod); a storage class gives each replica a PersistentVolumeClaim of
+    # `model_cache_size` that outlives the pod; `model_cache_host_path` shares a node directory.
+    model_cache_storage_class: str | None = None
+    model_cache_size: str = "200Gi"
+    model_cache_host_path: str | None = None
     shm_size: str = "16Gi"
     # EKS (unlike GKE) does not run NVIDIA's device plugin; without it no node offers nvidia.com/gpu.
     install_device_plugin: bool = True

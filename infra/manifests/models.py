@@ -255,14 +255,39 @@ def model_statefulset(
                     "volumes": [
                         # Tensor parallelism talks through shared memory; the default 64Mi is too small.
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
-                        {"name": "cache", "emptyDir": {}},
+                        *_cache_volume(options),
                         *volumes,
                     ],
                 },
             },
-            **({"volumeClaimTemplates": claims} if claims else {}),
+            **({"volumeClaimTemplates": claims + _cache_claim(options)} if claims or _cache_claim(options) else {}),
         },
     }
+
+
+def _cache_claim(options: _k8s.ManifestOptions) -> list[dict[str, Any]]:
+    """A PersistentVolumeClaim per replica for the model cache, when a storage class is given."""
+    if options.model_cache_storage_class is None:
+        return []
+    return [
+        {
+            "metadata": {"name": "cache"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": options.model_cache_storage_class,
+                "resources": {"requests": {"storage": options.model_cache_size}},
+            },
+        }
+    ]
+
+
+def _cache_volume(options: _k8s.ManifestOptions) -> list[dict[str, Any]]:
+    """The pod volume of the model cache (none when a claim template provides it)."""
+    if options.model_cache_storage_class is not None:
+        return []
+    if options.model_cache_host_path is not None:
+        return [{"name": "cache", "hostPath": {"path": options.model_cache_host_path, "type": "DirectoryOrCreate"}}]
+    return [{"name": "cache", "emptyDir": {}}]
 
 
 def _model_meta(plan: Plan, name: str, dep: DeploymentPlan) -> dict[str, Any]:

@@ -285,3 +285,61 @@ def test_several_router_pods_get_a_pdb_and_spread_over_nodes():
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"].items() <= pod_labels.items()
     assert "nodeAffinity" in affinity  # still off the GPU nodes
+
+
+@pytest.mark.parametrize(
+    ("options", "volume", "claim"),
+    [
+        (manifests.ManifestOptions(), {"name": "cache", "emptyDir": {}}, None),
+        (
+            manifests.ManifestOptions(model_cache_host_path="/var/lib/gpufleet/models"),
+            {"name": "cache", "hostPath": {"path": "/var/lib/gpufleet/models", "type": "DirectoryOrCreate"}},
+            None,
+        ),
+        (manifests.ManifestOptions(model_cache_storage_class="gp3", model_cache_size="300Gi"), None, ("gp3", "300Gi")),
+    ],
+)
+def test_model_cache_is_an_emptydir_a_host_path_or_a_claim_per_replica(options, volume, claim):
+    plan = PLANS["multicloud"]()
+    dep = plan.deployments[0]
+    sts = manifests.model_statefulset(plan, dep, plan.pool(dep.failover[0]), options)
+    kubernetes_validate.validate(sts, K8S_VERSION, strict=True)
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["cache"] == "/cache"
+    cache = [v for v in pod["volumes"] if v["name"] == "cache"]
+    assert cache == ([volume] if volume else [])
+    claims = {c["metadata"]["name"]: c["spec"] for c in sts["spec"].get("volumeClaimTemplates", [])}
+    if claim is None:
+        assert "cache" not in claims
+    else:
+        assert claims["cache"]["storageClassName"] == claim[0]
+        assert claims["cache"]["resources"]["requests"]["storage"] == claim[1]
+
+
+def test_render_manifests_model_cache_options(tmp_path):
+    fleet = str(STACKS / "multicloud" / "fleet.yaml")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        _cli(), ["render", "manifests", fleet, "--out", str(out), "--model-cache-storage-class", "gp3"]
+    )
+    assert res.exit_code == 0, res.output
+    objs = [o for f in sorted(out.glob("*.yaml")) for o in yaml.safe_load_all(f.read_text()) if o]
+    for sts in (o for o in objs if o["kind"] == "StatefulSet"):
+        claims = {c["metadata"]["name"]: c for c in sts["spec"]["volumeClaimTemplates"]}
+        assert claims["cache"]["spec"]["storageClassName"] == "gp3"
+    both = CliRunner().invoke(
+        _cli(),
+        [
+            "render",
+            "manifests",
+            fleet,
+            "--out",
+            str(out),
+            "--model-cache-storage-class",
+            "gp3",
+            "--model-cache-host-path",
+            "/x",
+        ],
+    )
+    assert both.exit_code == 1 and "give one of them" in both.output
