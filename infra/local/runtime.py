@@ -518,9 +518,10 @@ class LocalRuntime:
         """One supervision round (`Supervisor.check`): the events it produced."""
         return self.supervisor.check(load)
 
-    def promote(self, deployment: str, reason: str) -> LocalReplica | None:
-        """Promote the first live standby of `deployment`, in its failover order (`Supervisor.promote`)."""
-        return self.supervisor.promote(deployment, reason)
+    def promote(self, deployment: str, reason: str, pool: str | None = None) -> LocalReplica | None:
+        """Promote the first live standby of `deployment` (of `pool`, when given), in its failover
+        order (`Supervisor.promote`)."""
+        return self.supervisor.promote(deployment, reason, pool=pool)
 
     def kill_pool(self, pool: str, sig: int = signal.SIGKILL) -> list[str]:
         """Kill every live replica process of `pool` (the demo's and tests' pool failure)."""
