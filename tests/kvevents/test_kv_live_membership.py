@@ -43,7 +43,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _sim(tok: Any, rid: str, endpoint: str = "tcp://127.0.0.1:0", replay: str | None = "tcp://127.0.0.1:0") -> ReplicaSim:
+def _sim(
+    tok: Any, rid: str, endpoint: str = "tcp://127.0.0.1:0", replay: str | None = "tcp://127.0.0.1:0"
+) -> ReplicaSim:
     return ReplicaSim(
         SimSettings(
             model="m",
@@ -123,7 +125,9 @@ def test_a_replica_sim_added_and_removed_through_the_admin_api(tmp_path) -> None
         sims = [_sim(tok, f"r{i}") for i in range(2)]
         served = [await listen(s, "127.0.0.1", 0) for s in sims]
         cfgs = [_config(f"r{i}", s, p) for i, (s, (_, p)) in enumerate(zip(sims, served))]
-        app = router_app.create_app(RouterConfig(fleet="t", settings=_settings(tok), replicas=cfgs[:1]), admin_token=TOKEN)
+        app = router_app.create_app(
+            RouterConfig(fleet="t", settings=_settings(tok), replicas=cfgs[:1]), admin_token=TOKEN
+        )
         runner, port = await router_app.start(app, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}"
         router = app[router_app.ROUTER_KEY]
