@@ -10,7 +10,7 @@ Keys (namespace `gpufleet`):
 | adminToken (secret)  | the router's admin bearer token; becomes a Kubernetes Secret          |
 | hfToken (secret)     | optional Hugging Face token for gated models (HF_TOKEN in replicas)   |
 | routerImage          | router image (default: images/router, tagged with the version)        |
-| routerReplicas       | router pods (default 1: each keeps its own prefix index)              |
+| routerReplicas       | router pods (default 2, with a PodDisruptionBudget and anti-affinity) |
 | routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
