@@ -71,8 +71,13 @@ class KvEvents:
             replay_timeout_s=ke.replay_timeout_s,
         )
 
-    async def refine(self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int) -> RequestFeatures:
-        """The features with the prompt's real token count and block keys (unchanged if unreadable)."""
+    async def refine(
+        self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int, salt: str | None = None
+    ) -> RequestFeatures:
+        """The features with the prompt's real token count and block keys (unchanged if unreadable).
+
+        The keys carry the `cache_salt` the engine will see: `salt` (the tenant's, set by the router),
+        else the client's own `cache_salt`, as vLLM folds it into the first block's hash."""
         try:
             ids = await self.tokenizer.encode_async(body, size_hint)
         except Exception:  # a tokenizer failure must not fail the request: route on the estimate
@@ -82,7 +87,10 @@ class KvEvents:
             return features
         if not ids:
             return features
-        bk = keys.block_keys(ids, self.block_size)
+        if salt is None:
+            own = body.get("cache_salt")
+            salt = own if isinstance(own, str) and own else None
+        bk = keys.prompt_keys(ids, self.block_size, salt)
         features.block_hashes = tuple(bk)
         features.prompt_tokens = len(ids)
         if bk:
