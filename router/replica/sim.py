@@ -67,9 +67,7 @@ class Prompt:
     """vLLM's per-request `cache_salt`: in the first block's hash, so only equal salts share blocks."""
 
 
-def engine_block_hashes(
-    token_ids: tuple[int, ...], block_size: int, cache_salt: str | None = None
-) -> tuple[int, ...]:
+def engine_block_hashes(token_ids: tuple[int, ...], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:
     """Chained block hashes the way vLLM makes them (sha256 of the parent hash, the block's tokens
     and its extra keys, low 64 bits as an int; `cache_salt` is the first block's extra key):
     deliberately not the router's function, so that the router must key blocks by their tokens, as
