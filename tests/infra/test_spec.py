@@ -217,3 +217,17 @@ def test_min_equal_to_max_is_fixed_and_a_declared_autoscaling_is_kept():
 @pytest.mark.parametrize(("mcr", "target"), [(1, 1), (2, 1), (5, 4), (256, 204)])
 def test_the_default_target_is_80_percent_of_max_concurrent_requests_rounded_down_at_least_one(mcr, target):
     assert spec.default_autoscaling(mcr).target == target
+
+
+def test_data_parallel_engines_need_kv_event_port_ranges_that_do_not_overlap():
+    dp = BASE + "    engine_args: [--data-parallel-size, '2']\n"
+    assert spec.load_text(dp)  # precise mode off: the ports are not used
+    on = dp + "router:\n  kv_events: {enabled: true}\n"
+    (msg,) = problems(on)
+    assert msg.startswith("fleet.yaml:") and "deployments[0].engine_args: --data-parallel-size 2" in msg
+    assert "rank 1's events endpoint tcp://*:5558 is also rank 0's replay endpoint" in msg
+    fleet, _ = spec.load_text(dp + "router:\n  kv_events: {enabled: true, replay_port: 5567}\n")
+    from gpufleet.infra import plan, router_config
+
+    cfg = router_config.render(plan.compile_fleet(fleet), lambda r: f"http://{r.id}:8000")
+    assert {r.data_parallel_size for r in cfg.replicas} == {2}  # the router subscribes both ranks
