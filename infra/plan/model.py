@@ -19,6 +19,7 @@ __all__ = [
     "PLAN_SCHEMA",
     "Cost",
     "DeploymentPlan",
+    "EngineResources",
     "KvTierPlan",
     "Placement",
     "Plan",
@@ -97,6 +98,18 @@ class KvTierPlan(_Data):
     usd_per_hour: float = Field(description="per replica: 0 for host memory and local NVMe")
 
 
+class EngineResources(_Data):
+    """A replica's CPU and host memory on one pool's nodes: the engine container's requests."""
+
+    cpu_millicores: int = Field(description="request: the replica's GPU share of the node's CPU left to pods")
+    memory_mib: int = Field(description="request and limit: its GPU share of the node's memory left to pods")
+    engine_memory_gib: float = Field(description="of memory_mib, what the engine itself needs (process, CUDA, staging)")
+    kv_tier_memory_gib: float = Field(description="of memory_mib, the CPU KV tier (kv_offload.cpu_gib)")
+    node_cpu_millicores: int = Field(description="per node: allocatable minus the system daemonsets' room")
+    node_memory_mib: int = Field(description="per node: allocatable minus the system daemonsets' room")
+    reserve: str = Field(description="whose kubelet reservation formula: eks, gke, or the larger of both")
+
+
 class PoolPerf(_Data):
     """What one replica of a deployment gets on one pool's machines."""
 
@@ -107,6 +120,7 @@ class PoolPerf(_Data):
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     kv_tiers: KvTierPlan | None = None
+    resources: EngineResources | None = Field(None, description="none when the catalog lacks the node's vCPU/RAM")
 
 
 class Placement(_Data):
@@ -155,8 +169,25 @@ class DeploymentPlan(_Data):
     )
     replicas_if_top_pool_lost: int
     autoscaling: spec.Autoscaling | None = Field(
-        None, description="how it scales between min_replicas and max_replicas; none: it stays at min_replicas"
+        None,
+        description="how it scales between min_replicas and max_replicas, declared or the default "
+        "(`spec.default_autoscaling`); none: max_replicas = min_replicas, it stays there",
     )
+    autoscaling_default: bool = Field(
+        False, description="no `autoscaling:` declared: `autoscaling` is the default (in_flight)"
+    )
+
+    def scaling_summary(self) -> str:
+        """One line: how the deployment scales (declared, default or fixed), as plan and `up` print it."""
+        a = self.autoscaling
+        if a is None:
+            return f"fixed at {self.min_replicas} (max_replicas = min_replicas)"
+        unit = "s" if a.signal == "ttft_p90_s" else " per replica"
+        how = f"{self.min_replicas}-{self.max_replicas} on {a.signal}, target {a.target:g}{unit}"
+        if self.autoscaling_default:
+            share = f"{spec.DEFAULT_IN_FLIGHT_SHARE:.0%} of max_concurrent_requests {self.max_concurrent_requests}"
+            return f"{how} (default: no autoscaling declared; {share})"
+        return how
 
 
 class Cost(_Data):
