@@ -15,7 +15,7 @@ Keys (namespace `gpufleet`):
 | modelCacheSize       | size of each model-cache claim (default 200Gi)                        |
 | modelCacheHostPath   | or keep the model cache in this node directory (default: emptyDir)    |
 | routerImage          | router image (default: images/router, tagged with the version)        |
-| routerReplicas       | router pods (default 1: each keeps its own prefix index)              |
+| routerReplicas       | router pods (default 2, with a PodDisruptionBudget and anti-affinity) |
 | routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
