@@ -14,7 +14,8 @@ discovered Service (`kubernetes:<namespace>/<service>`). One call changes a sour
 It validates the whole list first (nothing half-applied: a bad URL or an id another source owns
 raises `ConfigError` listing every problem), then diffs it by replica id:
 
-- a replica whose *identity* (URL, deployment, model, KV capacity, context length) is unchanged
+- a replica whose *identity* (URL, deployment, model, KV capacity, context length, KV-event
+  endpoints) is unchanged
   stays: the same `ReplicaState` object, so its prefix index, sessions, health record and load
   carry over; pool, priority and `max_concurrent_requests` are updated in place;
 - a replica that is gone, or whose identity changed (a new engine behind that id), leaves: its
@@ -68,7 +69,15 @@ def _replica_state(config: ReplicaConfig) -> ReplicaState:
 
 def _identity(c: ReplicaConfig) -> tuple[object, ...]:
     """What makes a replica the same engine: a change here means its cache and health are not its own."""
-    return (c.url.rstrip("/"), c.deployment, c.model, c.kv_capacity_tokens, c.max_model_len)
+    return (
+        c.url.rstrip("/"),
+        c.deployment,
+        c.model,
+        c.kv_capacity_tokens,
+        c.max_model_len,
+        c.kv_events_endpoint,
+        c.kv_events_replay_endpoint,
+    )
 
 
 @dataclass(slots=True, eq=False)

@@ -92,6 +92,14 @@ class KvEventMetrics:
             self.set_state(rid, False)
             self.messages.labels(rid)
 
+    def forget(self, replica_id: str) -> None:
+        """A replica left: its state gauge goes (its counters stay, as Prometheus counters do)."""
+        for state in STATES:
+            try:
+                self.state.remove(replica_id, state)
+            except KeyError:
+                pass
+
     def set_state(self, replica_id: str, exact: bool) -> None:
         self.state.labels(replica_id, "events").set(1 if exact else 0)
         self.state.labels(replica_id, "approximate").set(0 if exact else 1)
@@ -125,6 +133,7 @@ class EventStreams:
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._by_replica: dict[str, asyncio.Task[None]] = {}
+        self._leaving: set[asyncio.Task[None]] = set()  # cancelled streams of replicas that left
         self._counted: dict[str, tuple[int, int, int, int]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -148,17 +157,21 @@ class EventStreams:
             self._by_replica[rid] = asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}")
 
     def remove(self, rid: str) -> None:
-        """Stop the stream of a replica that left."""
+        """Stop the stream of a replica that left: its socket closes as its task ends."""
         task = self._by_replica.pop(rid, None)
         if task is not None:
             task.cancel()
+            self._leaving.add(task)
+            task.add_done_callback(self._leaving.discard)
         self.status.pop(rid, None)
         self._counted.pop(rid, None)
+        self.metrics.forget(rid)
 
     async def stop(self) -> None:
         for t in self._by_replica.values():
             t.cancel()
         self._tasks.extend(self._by_replica.values())
+        self._tasks.extend(self._leaving)
         self._by_replica.clear()
         for t in self._tasks:
             t.cancel()
