@@ -41,6 +41,7 @@ from gpufleet.router.kvevents import keys
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.policies import registry
+from gpufleet.router.sim.live import CHATML_SPECIAL, CHATML_TEMPLATE
 from gpufleet.router.types import ReplicaState, RequestFeatures
 
 BS = 16
@@ -62,14 +63,12 @@ def train_tokenizer(directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=8000, show_progress=False, special_tokens=list(CHATML_SPECIAL))
+    )
     path = directory / "tokenizer.json"
     tok.save(str(path))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"}
-        )
-    )
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     return path
 
 

@@ -66,7 +66,9 @@ class _TokenCacheCollector(Collector):
         tokens.add_metric(["hit"], c.hits)
         tokens.add_metric(["miss"], c.misses)
         yield tokens
-        yield GaugeMetricFamily("gpufleet_router_kv_token_cache_size_tokens", "Token ids held in the token cache", c.tokens)
+        yield GaugeMetricFamily(
+            "gpufleet_router_kv_token_cache_size_tokens", "Token ids held in the token cache", c.tokens
+        )
 
 
 class KvEvents:

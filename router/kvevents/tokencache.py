@@ -149,13 +149,13 @@ class ChunkedEncoder:
         missing = [i for i, ids in enumerate(found) if ids is None]
         encoded = 0
         if missing:
-            for i, ids in zip(missing, self.encode_many([parts[i] for i in missing])):
-                found[i] = ids
-                encoded += len(ids)
-                cache.put(scope, digests[i], ids)
+            for i, new in zip(missing, self.encode_many([parts[i] for i in missing])):
+                found[i] = new
+                encoded += len(new)
+                cache.put(scope, digests[i], new)
         out = array("I")
-        for ids in found:
-            assert ids is not None
-            out.extend(ids)
+        for part in found:
+            assert part is not None
+            out.extend(part)
         cache.count(len(out) - encoded, encoded)
         return out

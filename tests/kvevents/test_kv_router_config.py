@@ -84,10 +84,10 @@ def test_a_tokenizer_failure_routes_on_the_estimate(tmp_path, caplog):
     tok_dir = tiny_tokenizer_files(tmp_path / "tok")
     r = router_app.Router(_cfg({"enabled": True, "tokenizer": str(tok_dir)}), admin_token="t")
 
-    def boom(body):
+    def boom(body, scope=""):
         raise RuntimeError("tokenizer crashed")
 
-    r.kv.tokenizer.encode_body = boom  # type: ignore[method-assign]
+    r.kv.tokenizer.token_ids = boom  # type: ignore[method-assign]
     f0 = RequestFeatures(model="m", block_hashes=(1, 2), prompt_tokens=9)
     f = asyncio.run(r.kv.refine({"prompt": "w1"}, f0, 10))
     assert f.block_hashes == (1, 2) and f.prompt_tokens == 9
