@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +28,7 @@ from gpufleet.router.config import ReplicaConfig, RouterConfig
 from gpufleet.router.kvevents import keys
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.subscriber import EventStreams, KvEventMetrics, StreamEndpoint
-from gpufleet.router.kvevents.tokencache import ANONYMOUS, TokenCache
+from gpufleet.router.kvevents.tokencache import ANONYMOUS, Lookup, TokenCache
 from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
 from gpufleet.router.types import RequestFeatures
 
@@ -114,20 +114,24 @@ class KvEvents:
         )
 
     async def refine(
-        self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int, tenant: str | None = None
+        self, body: Mapping[str, Any], features: RequestFeatures, tenant: str | None = None
     ) -> RequestFeatures:
         """The features with the prompt's real token count and block keys (unchanged if unreadable,
-        or not tokenized within the deadline: module docs). `tenant` scopes the token cache."""
+        or not tokenized within the deadline: module docs). `tenant` scopes the token cache; only
+        text it misses longer than `tokenize_inline_chars` goes to the thread pool."""
         tok = self.tokenizer
         scope = tenant or ANONYMOUS
         try:
-            if size_hint <= tok.inline_chars:
-                ids = tok.token_ids(body, scope)
+            job = tok.prepare(body, scope)  # on the loop: render, and look the chunks up in the cache
+            if not isinstance(job, Lookup):
+                ids: Sequence[int] = job
+            elif job.pending_chars <= tok.inline_chars:
+                ids = job.finish()
             elif tok.busy():
                 self.fallbacks.labels("busy").inc()
                 return features
             else:
-                ids = await asyncio.wait_for(tok.encode_async(body, size_hint, scope), self.tokenize_deadline_s)
+                ids = await asyncio.wait_for(tok.finish_async(job), self.tokenize_deadline_s)
         except TimeoutError:
             self.fallbacks.labels("deadline").inc()
             return features

@@ -28,7 +28,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from xxhash import xxh3_128_digest
 
@@ -130,32 +130,80 @@ class ChunkedEncoder:
         out.append(text[start:])
         return out
 
-    def encode_many(self, texts: Sequence[str]) -> list[array[int]]:
-        """Each text's ids, encoded in one call (the library releases the GIL while it works)."""
-        return [array("I", e.ids) for e in self._encode_many(list(texts), add_special_tokens=False)]
+    def encode_many(self, texts: Sequence[str], *, special: bool = False) -> list[array[int]]:
+        """Each text's ids, encoded in one call (the library releases the GIL while it works);
+        `special`: with the tokenizer's special tokens added (its post-processor)."""
+        return [array("I", e.ids) for e in self._encode_many(list(texts), add_special_tokens=special)]
 
-    def encode_many_special(self, texts: Sequence[str]) -> list[array[int]]:
-        """`encode_many` with the tokenizer's special tokens added (its post-processor)."""
-        return [array("I", e.ids) for e in self._encode_many(list(texts), add_special_tokens=True)]
+    def lookup(self, text: str, scope: str = ANONYMOUS, wrap: Wrap | None = None) -> Lookup:
+        """What of `text` `scope`'s cache holds; `Lookup.finish` encodes the rest.
+
+        `wrap`: fixed ids to put before and after (a post-processor's). Cheap (string work about
+        as long as rendering the template): the event loop can run it.
+        """
+        cache = self.cache
+        if cache is None or self.pattern is None:
+            return Lookup(self, scope, [text], [], [None], wrap)
+        parts = self.chunks(text)
+        digests = [xxh3_128_digest(p.encode("utf-8", "surrogatepass")) for p in parts]
+        return Lookup(self, scope, parts, digests, [cache.get(scope, d) for d in digests], wrap)
 
     def encode(self, text: str, scope: str = ANONYMOUS) -> array[int]:
         """The ids of `text` (no special tokens added), reusing what `scope` encoded before."""
-        cache = self.cache
-        if cache is None or self.pattern is None:
-            return self.encode_many([text])[0]
-        parts = self.chunks(text)
-        digests = [xxh3_128_digest(p.encode("utf-8", "surrogatepass")) for p in parts]
-        found: list[array[int] | None] = [cache.get(scope, d) for d in digests]
+        return self.lookup(text, scope).finish()
+
+
+Wrap: TypeAlias = "tuple[array[int], array[int]]"
+"""Ids a post-processor puts before and after a text's own."""
+
+
+class Lookup:
+    """One text's chunks, those the cache held and those `finish` still has to encode.
+
+    With no cache (or no cut point) the text is one chunk to encode; `special_whole` encodes it
+    with the tokenizer's special tokens added instead (a post-processor that is not a fixed wrap).
+    """
+
+    __slots__ = ("_enc", "scope", "parts", "digests", "found", "wrap", "special_whole")
+
+    def __init__(
+        self,
+        enc: ChunkedEncoder,
+        scope: str,
+        parts: list[str],
+        digests: list[bytes],
+        found: list[array[int] | None],
+        wrap: Wrap | None,
+        special_whole: bool = False,
+    ) -> None:
+        self._enc, self.scope, self.parts, self.digests, self.found = enc, scope, parts, digests, found
+        self.wrap, self.special_whole = wrap, special_whole
+
+    @property
+    def pending_chars(self) -> int:
+        """Characters of text still to encode."""
+        return sum(len(p) for p, ids in zip(self.parts, self.found) if ids is None)
+
+    def finish(self) -> array[int]:
+        """The text's ids: the cached chunks' and the others', encoded now in one call (any thread)."""
+        found = self.found
         missing = [i for i, ids in enumerate(found) if ids is None]
+        hit = sum(len(ids) for ids in found if ids is not None)
         encoded = 0
         if missing:
-            for i, new in zip(missing, self.encode_many([parts[i] for i in missing])):
-                found[i] = new
-                encoded += len(new)
-                cache.put(scope, digests[i], new)
-        out = array("I")
+            new = self._enc.encode_many([self.parts[i] for i in missing], special=self.special_whole)
+            cache = self._enc.cache if self.digests else None
+            for i, ids in zip(missing, new):
+                found[i] = ids
+                encoded += len(ids)
+                if cache is not None:
+                    cache.put(self.scope, self.digests[i], ids)
+        out = array("I") if self.wrap is None else array("I", self.wrap[0])
         for part in found:
             assert part is not None
             out.extend(part)
-        cache.count(len(out) - encoded, encoded)
+        if self.wrap is not None:
+            out.extend(self.wrap[1])
+        if self.digests and self._enc.cache is not None:
+            self._enc.cache.count(hit, encoded)
         return out

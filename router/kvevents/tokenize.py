@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gpufleet.router.kvevents.tokencache import ANONYMOUS, ChunkedEncoder, TokenCache
+from gpufleet.router.kvevents.tokencache import ANONYMOUS, ChunkedEncoder, Lookup, TokenCache
 
 __all__ = ["PromptTokenizer", "TokenizerError"]
 
@@ -158,17 +158,16 @@ class PromptTokenizer:
             ctx.update({k: v for k, v in kwargs.items() if isinstance(k, str)})
         return str(self._template.render(**ctx))
 
-    def token_ids(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Sequence[int]:
-        """Token ids of a chat or completion body (empty when the body has no prompt the router can read).
-
-        Text is encoded through the token cache of `scope` (the tenant; module docs).
-        """
+    def prepare(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Lookup | Sequence[int]:
+        """A chat or completion body's prompt: the text's `Lookup` in `scope`'s token cache (the
+        tenant's), still to `finish`, or the ids when nothing is to be encoded (empty when the body
+        has no prompt the router can read). Cheap: renders the template and hashes the chunks."""
         if isinstance(body.get("messages"), list):
             try:
                 text = self.render_chat(body)
             except Exception:  # a template that rejects these messages: the engine will say why
                 return ()
-            return self._chunked.encode(text, scope)
+            return self._chunked.lookup(text, scope)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt:
             prompt = prompt[0] if isinstance(prompt[0], str) else prompt
@@ -176,10 +175,14 @@ class PromptTokenizer:
             return [t for t in prompt if isinstance(t, int)]
         if isinstance(prompt, str):
             if self._wrap is None:  # special tokens that depend on the text: encode it whole
-                return self._chunked.encode_many_special([prompt])[0]
-            head, tail = self._wrap
-            return head + self._chunked.encode(prompt, scope) + tail
+                return Lookup(self._chunked, scope, [prompt], [], [None], None, special_whole=True)
+            return self._chunked.lookup(prompt, scope, self._wrap)
         return ()
+
+    def token_ids(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Sequence[int]:
+        """Token ids of a chat or completion body, through `scope`'s token cache (`prepare`)."""
+        job = self.prepare(body, scope)
+        return job.finish() if isinstance(job, Lookup) else job
 
     def encode_body(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> list[int]:
         """`token_ids` as a list."""
@@ -192,16 +195,22 @@ class PromptTokenizer:
         """Every thread is taken and as many requests again wait: a new one would only queue."""
         return self.in_flight >= 2 * self.threads
 
-    async def encode_async(self, body: Mapping[str, Any], size_hint: int, scope: str = ANONYMOUS) -> Sequence[int]:
-        """`token_ids` inline for short bodies, in the thread pool for long ones (`size_hint` bytes).
+    async def encode_async(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Sequence[int]:
+        """`token_ids`, with the text left to encode (after the cache) encoded in the thread pool
+        when it is longer than `inline_chars`."""
+        job = self.prepare(body, scope)
+        if not isinstance(job, Lookup):
+            return job
+        if job.pending_chars <= self.inline_chars:
+            return job.finish()
+        return await self.finish_async(job)
 
-        Cancelling the wait (a deadline) leaves the thread to finish: its chunks still fill the cache.
-        """
-        if size_hint <= self.inline_chars:
-            return self.token_ids(body, scope)
+    async def finish_async(self, job: Lookup) -> array[int]:
+        """`job.finish()` in the thread pool. Cancelling the wait (a deadline) leaves the thread to
+        finish: its chunks still fill the cache."""
         loop = asyncio.get_running_loop()
         self.in_flight += 1
-        fut = loop.run_in_executor(self._pool, self.token_ids, body, scope)
+        fut = loop.run_in_executor(self._pool, job.finish)
         fut.add_done_callback(self._done)
         return await asyncio.shield(fut)
 

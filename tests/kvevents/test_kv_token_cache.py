@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
 from gpufleet.router.kvevents import keys, runtime
-from gpufleet.router.kvevents.tokencache import TokenCache
+from gpufleet.router.kvevents.tokencache import Lookup, TokenCache
 from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.types import RequestFeatures
 
@@ -185,38 +185,65 @@ def _kv(tok_dir: Path, deadline_s: float, registry: CollectorRegistry | None = N
 
 def test_a_slow_tokenization_is_routed_on_the_estimate_past_the_deadline_and_counted(tmp_path):
     kv = _kv(byte_level_bpe(tmp_path), deadline_s=0.05)
+    tok = kv.tokenizer
     release = threading.Event()
-    real = kv.tokenizer.token_ids
+    real = tok._chunked.encode_many
 
-    def slow(body, scope=""):
-        release.wait(5)
-        return real(body, scope)
+    def slow(texts, *, special=False):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(5)  # only the pool's encodes are slow
+        return real(texts, special=special)
 
-    kv.tokenizer.token_ids = slow  # type: ignore[method-assign]
+    tok._chunked.encode_many = slow  # type: ignore[method-assign]
     body = {"messages": _conversation(2)}
     f0 = RequestFeatures(model="m", block_hashes=(1, 2), prompt_tokens=9)
 
     async def go() -> tuple[RequestFeatures, RequestFeatures]:
-        f = await kv.refine(body, f0, size_hint=kv.tokenizer.inline_chars + 1)
+        f = await kv.refine(body, f0)
         # the other requests are not held: a short body is tokenized inline meanwhile
-        g = await kv.refine({"prompt": "hello"}, RequestFeatures(model="m", prompt_tokens=1), size_hint=10)
+        g = await kv.refine({"prompt": "hello"}, RequestFeatures(model="m", prompt_tokens=1))
         release.set()
         return f, g
 
+    tok.inline_chars = 100  # the conversation's text goes to the pool, "hello" does not
     f, g = asyncio.run(go())
     assert f.block_hashes == (1, 2) and f.prompt_tokens == 9
-    assert g.prompt_tokens == len(kv.tokenizer.encode_body({"prompt": "hello"}))
+    assert g.prompt_tokens == len(tok.encode_body({"prompt": "hello"}))
     assert kv.fallbacks.labels("deadline")._value.get() == 1
-    kv.tokenizer.close()
+    # the thread finished after the deadline: the next turn finds the conversation in the cache
+    tok._pool.shutdown(wait=True)
+    assert tok.cache is not None
+    hits = tok.cache.hits
+    n = len(tok.token_ids(body))
+    assert tok.cache.hits - hits == n
+    tok.close()
 
 
 def test_with_every_tokenizer_thread_busy_a_long_body_is_not_queued(tmp_path):
     kv = _kv(byte_level_bpe(tmp_path), deadline_s=5)
+    kv.tokenizer.inline_chars = 0
     kv.tokenizer.in_flight = 2 * kv.tokenizer.threads
     f0 = RequestFeatures(model="m", block_hashes=(7,), prompt_tokens=3)
-    f = asyncio.run(kv.refine({"prompt": "hello"}, f0, size_hint=kv.tokenizer.inline_chars + 1))
+    f = asyncio.run(kv.refine({"prompt": "hello"}, f0))
     assert f.block_hashes == (7,) and kv.fallbacks.labels("busy")._value.get() == 1
     kv.tokenizer.close()
+
+
+def test_a_cached_history_is_not_sent_to_the_thread_pool(tmp_path):
+    kv = _kv(byte_level_bpe(tmp_path), deadline_s=5)
+    tok = kv.tokenizer
+    conv = _conversation(4)
+    tok.token_ids({"messages": conv}, "t")
+    tok.inline_chars = 1_000  # the whole body is longer, its new message shorter
+    nxt = {"messages": [*conv, {"role": "user", "content": "and then?"}]}
+    job = tok.prepare(nxt, "t")
+    assert isinstance(job, Lookup) and 0 < job.pending_chars <= 1_000
+    tok.in_flight = 2 * tok.threads  # a pool hop would be refused as busy
+    f = asyncio.run(kv.refine(nxt, RequestFeatures(model="m", prompt_tokens=1), "t"))
+    assert f.prompt_tokens == len(tok.encode_text(tok.render_chat(nxt)))
+    assert kv.fallbacks.labels("busy")._value.get() == 0
+    tok.in_flight = 0
+    tok.close()
 
 
 def test_the_token_cache_is_on_the_metrics_page(tmp_path):
@@ -225,8 +252,8 @@ def test_the_token_cache_is_on_the_metrics_page(tmp_path):
     reg = CollectorRegistry()
     kv = _kv(byte_level_bpe(tmp_path), deadline_s=1, registry=reg)
     body = {"messages": _conversation(1)}
-    assert asyncio.run(kv.refine(body, RequestFeatures(model="m", prompt_tokens=1), 10)).block_hashes
-    asyncio.run(kv.refine(body, RequestFeatures(model="m", prompt_tokens=1), 10))
+    assert asyncio.run(kv.refine(body, RequestFeatures(model="m", prompt_tokens=1))).block_hashes
+    asyncio.run(kv.refine(body, RequestFeatures(model="m", prompt_tokens=1)))
     page = generate_latest(reg).decode()
     assert 'gpufleet_router_kv_token_cache_tokens_total{result="hit"}' in page
     assert "gpufleet_router_kv_token_cache_size_tokens" in page
