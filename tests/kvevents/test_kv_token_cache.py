@@ -239,7 +239,7 @@ def test_a_cached_history_is_not_sent_to_the_thread_pool(tmp_path):
     job = tok.prepare(nxt, "t")
     assert isinstance(job, Lookup) and 0 < job.pending_chars <= 1_000
     tok.in_flight = 2 * tok.threads  # a pool hop would be refused as busy
-    f = asyncio.run(kv.refine(nxt, RequestFeatures(model="m", prompt_tokens=1), "t"))
+    f = asyncio.run(kv.refine(nxt, RequestFeatures(model="m", prompt_tokens=1), tenant="t"))
     assert f.prompt_tokens == len(tok.encode_text(tok.render_chat(nxt)))
     assert kv.fallbacks.labels("busy")._value.get() == 0
     tok.in_flight = 0

@@ -1,141 +1,26 @@
-"""Replica health: failure classification, outlier ejection, active checks, backoff, re-admission.
+"""`HealthTracker`: failure counting, outlier ejection capped per model, backoff and re-admission.
 
-Failures are classified once, here (`Failure`, `classify_status`):
-
-- a *replica* failure: could not connect, connection reset or closed before an answer, a
-  timeout or a passed first-byte deadline, a response that is not HTTP, or 502/503/504 (the
-  replica is down, overloaded or a gateway in front of it failed). The attempt is retried on
-  another replica (before the first byte reached the client) and counts toward ejection.
-- a *request* failure: the engine answered an error for this input (4xx, 500 and any other 5xx).
-  It is the client's answer: passed through, never retried, never held against the replica,
-  which has just shown it is alive. One bad request cannot eject healthy replicas.
-- 429 (the replica is busy) is retried elsewhere but is no fault of the replica.
-
-Ejection works like Envoy's outlier detection:
-
-- *consecutive replica failures*: `health.eject_after_failures` in a row (any answer resets it);
-- *success-rate outliers*: every `outlier_interval_s`, replicas of a model with at least
-  `success_rate_min_requests` attempts (and at least `success_rate_min_replicas` such replicas)
-  whose rate of replica failures puts them `success_rate_stdev_factor` standard deviations below
-  the mean are ejected;
-- *failure percentage*: a replica whose share of 5xx answers of any cause reaches
-  `failure_percentage_threshold` (an engine that fails every input) is ejected;
-- all three are capped: at most `max_ejection_percent` of a model's replicas (at least one, when
-  it has two or more) are held ejected by outlier detection at once, so a fault that looks like
-  every replica's (or a flood of poison) cannot empty the pool;
-- a failed *active check* (`GET /health`) ejects regardless of the cap: it is a direct
-  observation, not an inference. A replica failure makes a replica *suspect* (routed to only when
-  nothing else is available) and triggers an immediate check, so a hung or dead replica is out
-  within one check timeout.
-
-An ejected replica is re-admitted only by an active check that passes after its backoff; each
-ejection that follows a re-admission without an intervening success doubles the backoff, up to
-`health.backoff_max_s`. Every ejection is logged with its reason. The bookkeeping here is pure
-(time is passed in), so it is unit-tested without a network; `HealthChecker` does the I/O.
-
-With `health.scrape_kv_usage`, each check that passes also reads the replica's KV-cache usage
-from its Prometheus `/metrics` (`parse_kv_usage`) into `ReplicaState.kv_usage`: a sample per
-interval, stale in between, which is exactly what the simulator gives policies too.
+Pure bookkeeping (the clock is passed in): consecutive replica failures, the success-rate and
+failure-percentage outliers of each `outlier_interval_s` window (`evaluate`), the per-model
+`max_ejection_percent` cap, and the doubling backoff before an active check may re-admit.
+The package docstring (`gpufleet.router.health`) states the rules in full.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING
 
 from gpufleet.router.config import HealthSettings
+from gpufleet.router.health.classify import Failure
 from gpufleet.router.types import ReplicaState
 
-if TYPE_CHECKING:
-    import aiohttp
-
-__all__ = [
-    "KV_USAGE_METRICS",
-    "Failure",
-    "HealthChecker",
-    "HealthTracker",
-    "classify_status",
-    "parse_kv_usage",
-]
+__all__ = ["HealthTracker", "OnEject"]
 
 log = logging.getLogger("gpufleet.router.health")
-
-
-class Failure(str, Enum):
-    """Why an attempt on a replica failed: the one classification every caller uses."""
-
-    CONNECT = "connect"
-    """Could not connect (refused, unreachable, connect timeout)."""
-    RESET = "reset"
-    """The connection was reset or closed before a complete answer."""
-    TIMEOUT = "timeout"
-    """The request timeout passed."""
-    FIRST_BYTE = "first_byte_deadline"
-    """Nothing came back within the attempt's first-byte deadline."""
-    PROTOCOL = "protocol"
-    """The answer was not HTTP/1.x."""
-    GATEWAY = "gateway"
-    """502, 503 or 504: the replica (or a gateway in front of it) is down or overloaded."""
-    BUSY = "busy"
-    """429: the replica is at capacity right now. Retried elsewhere; no fault of the replica."""
-    REQUEST = "request"
-    """The engine answered an error for this input: the client's answer, not the replica's fault."""
-
-    @property
-    def replica_fault(self) -> bool:
-        """True when it counts toward the replica's ejection."""
-        return self not in (Failure.BUSY, Failure.REQUEST)
-
-    @property
-    def retryable(self) -> bool:
-        """True when another replica may answer it (before any byte reached the client)."""
-        return self is not Failure.REQUEST
-
-
-def classify_status(status: int) -> Failure | None:
-    """The failure an HTTP status from a replica means, or None for a success (< 400)."""
-    if status < 400:
-        return None
-    if status in (502, 503, 504):
-        return Failure.GATEWAY
-    if status == 429:
-        return Failure.BUSY
-    return Failure.REQUEST
-
-
-KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-"""Gauges of the fraction of KV blocks in use, by preference: vLLM v1's name, then v0's."""
-
-
-def parse_kv_usage(text: str) -> float | None:
-    """KV-cache usage (0..1) from a Prometheus text exposition, or None if it has none.
-
-    Takes the first name of `KV_USAGE_METRICS` present; several series of it (one per engine
-    of a data-parallel server) are averaged. Malformed values are skipped.
-    """
-    for name in KV_USAGE_METRICS:
-        values: list[float] = []
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            rest = line[len(name) :]
-            if rest[:1] not in ("{", " "):
-                continue  # another metric whose name starts with this one
-            try:
-                value = float(rest.rsplit("}", 1)[-1].split()[0])
-            except (IndexError, ValueError):
-                continue
-            if value == value:  # not NaN
-                values.append(min(1.0, max(0.0, value)))
-        if values:
-            return sum(values) / len(values)
-    return None
 
 
 @dataclass(slots=True)
@@ -363,107 +248,3 @@ class HealthTracker:
             for _, rec in group:
                 rec.answered = rec.faults = rec.errors_5xx = 0
         return ejected
-
-
-class HealthChecker:
-    """Runs `GET {url}/health` on every replica every `interval_s` (the only I/O of this module).
-
-    A suspect replica is checked at once (`probe_soon`), outside the regular round.
-    """
-
-    def __init__(
-        self, tracker: HealthTracker, replicas: Sequence[ReplicaState], session: aiohttp.ClientSession
-    ) -> None:
-        self.tracker = tracker
-        self.replicas = replicas
-        self.session = session
-        self._probes: dict[str, asyncio.Task[bool]] = {}
-
-    async def check(self, replica: ReplicaState) -> bool:
-        """One check of one replica; updates the tracker. True when the replica answered 2xx."""
-        import aiohttp
-
-        s = self.tracker.settings
-        detail = ""
-        try:
-            async with self.session.get(
-                replica.url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=s.timeout_s)
-            ) as resp:
-                ok: bool = 200 <= resp.status < 300
-                detail = f"HTTP {resp.status}"
-        except TimeoutError:
-            ok, detail = False, f"no answer in {s.timeout_s:g}s"
-        except (aiohttp.ClientError, OSError) as exc:
-            ok, detail = False, type(exc).__name__
-        if ok:
-            self.tracker.check_passed(replica)
-            if s.scrape_kv_usage:
-                await self.scrape_kv_usage(replica)
-        else:
-            self.tracker.check_failed(replica, detail)
-        return ok
-
-    def probe_soon(self, replica: ReplicaState) -> None:
-        """Check `replica` now, once at a time (the tracker calls it for a suspect replica)."""
-        if replica.id in self._probes:
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(self.check(replica))
-        except RuntimeError:  # no loop (a unit test driving the tracker by hand)
-            return
-        self._probes[replica.id] = task
-        rid = replica.id
-
-        def done(_: asyncio.Task[bool]) -> None:
-            self._probes.pop(rid, None)
-
-        task.add_done_callback(done)
-
-    async def scrape_kv_usage(self, replica: ReplicaState) -> float | None:
-        """Read the replica's KV usage from `GET {url}/metrics` into its state; None if unavailable.
-
-        A replica without the metric (or a failed scrape) keeps its last sample: this is a
-        routing hint, not a health signal, so it never counts as a failure.
-        """
-        import aiohttp
-
-        try:
-            async with self.session.get(
-                replica.url.rstrip("/") + "/metrics",
-                timeout=aiohttp.ClientTimeout(total=self.tracker.settings.timeout_s),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                text = await resp.text()
-        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
-            return None
-        usage = parse_kv_usage(text)
-        if usage is not None:
-            replica.report_kv_usage(usage)
-        return usage
-
-    async def check_all(self) -> None:
-        """Check every replica concurrently."""
-        await asyncio.gather(*(self.check(r) for r in list(self.replicas)))
-
-    async def run(self) -> None:
-        """Check forever, every `interval_s`, and close the outlier window every `outlier_interval_s`;
-        cancelled by the app's cleanup."""
-        s = self.tracker.settings
-        loop = asyncio.get_running_loop()
-        next_window = loop.time() + s.outlier_interval_s
-        try:
-            while True:
-                try:
-                    await self.check_all()
-                    if loop.time() >= next_window:
-                        self.tracker.evaluate()
-                        next_window = loop.time() + s.outlier_interval_s
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a bug here must not stop health checking for good
-                    log.exception("health check round failed")
-                await asyncio.sleep(min(s.interval_s, max(0.0, next_window - loop.time()) or s.interval_s))
-        finally:
-            for task in list(self._probes.values()):
-                task.cancel()
