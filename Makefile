@@ -45,7 +45,7 @@ preview: $(STAMP)
 
 # mypy --strict on the router and the pure core of infra (the modules listed in TYPED).
 TYPED := -p gpufleet.router -p gpufleet.infra.spec -m gpufleet.infra.catalog -p gpufleet.infra.plan -m gpufleet.infra.names \
-	-m gpufleet.infra.router_config -p gpufleet.infra.manifests -m gpufleet.infra.controller.autoscale -m gpufleet.infra.version
+	-m gpufleet.infra.router_config -p gpufleet.infra.manifests -m gpufleet.infra.controller.autoscale -m gpufleet.infra.controller.router_load -m gpufleet.infra.version
 typecheck: $(STAMP)
 	@mkdir -p build/mypy/gpufleet
 	@for d in infra router provider_adapters; do ln -sfn ../../../$$d build/mypy/gpufleet/$$d; done

@@ -67,6 +67,9 @@ class MachineType(_Frozen):
     spot_usd_per_hour: float | None = Field(None, ge=0, description="spot estimate, reference region")
     regions: tuple[str, ...] = ()
     local_nvme_gib: float = Field(0, ge=0, description="instance-store NVMe per node (0: none)")
+    max_pods: int | None = Field(
+        None, ge=1, description="EKS: pods per node the VPC CNI allows (eni-max-pods); sizes the kubelet's reservation"
+    )
 
 
 class HostLink(_Frozen):

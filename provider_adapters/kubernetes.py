@@ -85,6 +85,7 @@ class KubernetesAdapter(ProviderAdapter):
             api_client = self._connect(k8s, kubeconfig, context)
         self._core = k8s.client.CoreV1Api(api_client)
         self._apps = k8s.client.AppsV1Api(api_client)
+        self._discovery = k8s.client.DiscoveryV1Api(api_client)
         self._api_exception = k8s.client.exceptions.ApiException
         urllib3 = base.lazy_import("urllib3", cloud="kubernetes")  # the kubernetes client's transport
         self._connection_errors = (OSError, urllib3.exceptions.HTTPError)
@@ -211,6 +212,27 @@ class KubernetesAdapter(ProviderAdapter):
             ready=int((status.ready_replicas if status else 0) or 0),
             pending_pods=pending,
         )
+
+    def service_endpoints(self, service: str, port_name: str) -> dict[str, tuple[str, int]]:
+        """The ready endpoints of a Service in the namespace, from its EndpointSlices
+        (`discovery.k8s.io/v1`, `list` by the `kubernetes.io/service-name` label): pod name (or
+        address) -> (address, number of the port named `port_name`). An endpoint whose
+        `conditions.ready` is unset counts as ready, as the API documents."""
+        with self._errors():
+            slices = self._discovery.list_namespaced_endpoint_slice(
+                self.namespace, label_selector=f"kubernetes.io/service-name={service}"
+            ).items
+        out: dict[str, tuple[str, int]] = {}
+        for sl in slices:
+            port = next((p.port for p in sl.ports or () if p.name == port_name and p.port), None)
+            if port is None:
+                continue
+            for ep in sl.endpoints or ():
+                if not ep.addresses or (ep.conditions is not None and ep.conditions.ready is False):
+                    continue
+                name = ep.target_ref.name if ep.target_ref is not None and ep.target_ref.name else ep.addresses[0]
+                out[name] = (ep.addresses[0], int(port))
+        return out
 
     # ------------------------------------------------------------------ acts
 

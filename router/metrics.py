@@ -2,17 +2,64 @@
 
 Names are prefixed `gpufleet_router_`. Replica-labelled children are created once per replica
 at start-up so the request path does not pay for label lookups.
+
+What the controller's autoscaler reads from every router pod (`infra/controller/router_load.py`),
+each per replica and each counting only this router's own requests (the controller sums them
+over the router pods):
+
+    gpufleet_router_in_flight                            requests in flight (gauge)
+    gpufleet_router_queued_prefill_tokens                estimated uncached prompt tokens of requests
+                                                         sent that have no first byte yet (gauge)
+    gpufleet_router_queued_requests                      those requests (gauge)
+    gpufleet_router_time_to_first_token_seconds          streamed requests: routing to the first
+                                                         SSE chunk (histogram, same buckets everywhere
+                                                         so the controller can add them up)
+
+The two queued gauges are read from the replicas' state at scrape time (`watch_replicas`), so the
+request path does not update them twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["ReplicaMetrics", "RouterMetrics"]
+if TYPE_CHECKING:
+    from gpufleet.router.types import ReplicaState
+
+__all__ = ["TTFT_BUCKETS", "ReplicaMetrics", "RouterMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 2.5, 5, 7.5, 10, 20, 40, 80)
+"""vLLM's `vllm:time_to_first_token_seconds` buckets: fine below a second, where TTFT targets sit."""
+
+
+class _QueuedCollector(Collector):
+    """The replicas' queued prefill (tokens, requests) as gauges, read when scraped."""
+
+    def __init__(self, source: Callable[[], Iterable[ReplicaState]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        tokens = GaugeMetricFamily(
+            "gpufleet_router_queued_prefill_tokens",
+            "Estimated uncached prompt tokens of this router's requests to a replica without a first byte yet",
+            labels=["replica"],
+        )
+        requests = GaugeMetricFamily(
+            "gpufleet_router_queued_requests",
+            "This router's requests to a replica without a first byte yet",
+            labels=["replica"],
+        )
+        for r in self.source():
+            tokens.add_metric([r.id], r.queued_prefill_tokens)
+            requests.add_metric([r.id], r.queued_requests)
+        yield tokens
+        yield requests
 
 
 class ReplicaMetrics:
@@ -25,12 +72,14 @@ class ReplicaMetrics:
         "prompt_tokens",
         "reported_cached_tokens",
         "reported_prompt_tokens",
+        "time_to_first_token",
         "ttft",
     )
 
     def __init__(self, m: RouterMetrics, rid: str) -> None:
         self.latency = m.latency.labels(rid)
         self.ttft = m.ttft.labels(rid)
+        self.time_to_first_token = m.time_to_first_token.labels(rid)
         self.in_flight = m.in_flight.labels(rid)
         self.predicted_hit_tokens = m.predicted_hit_tokens.labels(rid)
         self.prompt_tokens = m.prompt_tokens.labels(rid)
@@ -60,6 +109,13 @@ class RouterMetrics:
             "Time from routing to the replica's first byte, per replica",
             ["replica"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            p + "time_to_first_token_seconds",
+            "Streamed requests: time from routing to the replica's first SSE chunk, per replica",
+            ["replica"],
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.decisions = Counter(
@@ -166,6 +222,10 @@ class RouterMetrics:
             self.cache.labels(result)
         for result in ("valid", "forged", "expired", "malformed"):
             self.session_tokens.labels(result)
+
+    def watch_replicas(self, source: Callable[[], Iterable[ReplicaState]]) -> None:
+        """Export the queued prefill of the replicas `source()` returns at each scrape."""
+        self.registry.register(_QueuedCollector(source))
 
     def add_replica(self, rid: str) -> None:
         """A replica joined: its children exist at once, and lookups are cached."""

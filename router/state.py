@@ -59,6 +59,7 @@ class Router:
         s = self.settings = config.settings
         self.replicas = ReplicaSet(config.replicas)
         self.metrics = RouterMetrics(((r.id, r.model) for r in self.replicas), policy.name if policy else s.policy)
+        self.metrics.watch_replicas(lambda: self.replicas)  # queued prefill, read at each scrape
         # Precise mode (KV events) when enabled and a tokenizer loads; else None, said once in the log.
         self.kv = kvevents_runtime.build(config, self.metrics.registry)
         kv_ctx: dict[str, Any] = {"kv_index": self.kv.index} if self.kv is not None else {}

@@ -58,6 +58,10 @@ def build_controller(
     node_scaling: bool,
     router_metrics: str | None,
     autoscale: bool = True,
+    router_service: str | None = None,
+    router_port_name: str = "http",
+    router_timeout_s: float = 2.0,
+    ttft_window_s: float | None = None,
 ) -> Any:
     """Wire adapters for every pool of the plan into a `Controller`."""
     from gpufleet.infra.controller import decision, runtime
@@ -111,19 +115,48 @@ def build_controller(
                     provider_name=provider_names[name],
                 )
                 nodes[name] = runtime.NodeBinding(gcp.GcpAdapter(clouds["gcp"]["project"]), ref)
-    observer = runtime.Observer(
-        facts, kube, nodes, router_metrics_url=router_metrics, replica_slots=runtime.replica_slots_from_plan(plan)
-    )
     metrics = runtime.ControllerMetrics()
+    auto_settings = _autoscale_settings(ttft_window_s)
+    reader = None
+    if router_metrics and router_service:
+        raise UserError("--router-metrics and --router-service: give one (a fixed URL, or the pods of a Service)")
+    if router_metrics or router_service:
+        from gpufleet.infra.controller import router_load
+
+        if router_service:
+            # The router runs in the cluster of the highest-priority pool (infra/manifests/_k8s.py).
+            home = max(plan["pools"], key=lambda p: int(p.get("priority", 0)))
+            routers = router_load.service_routers(kube_for(home["cloud"]), router_service, port_name=router_port_name)
+        else:
+            routers = router_load.static_router(str(router_metrics))
+        reader = router_load.RouterLoadReader(
+            routers, timeout_s=router_timeout_s, window_s=auto_settings.ttft_window_s, metrics=metrics
+        )
+    observer = runtime.Observer(
+        facts, kube, nodes, router_load=reader, replica_slots=runtime.replica_slots_from_plan(plan)
+    )
     scaler = None
     if autoscale:
-        scaler = _build_scaler(plan, kube, router_metrics, dry_run=dry_run, metrics=metrics)
+        scaler = _build_scaler(plan, kube, reader, dry_run=dry_run, metrics=metrics, settings=auto_settings)
     return runtime.Controller(facts, settings, observer, dry_run=dry_run, metrics=metrics, scaler=scaler)
 
 
-def _build_scaler(plan: dict[str, Any], kube: dict[str, Any], router_metrics: str | None, **kw: Any) -> Any:
-    """The replica autoscaler over the plan's Kubernetes pools (StatefulSets through `scale`)."""
-    from gpufleet.infra.controller import autoscale, runtime, scaler
+def _autoscale_settings(ttft_window_s: float | None) -> Any:
+    from pydantic import ValidationError
+
+    from gpufleet.infra.controller import autoscale
+
+    try:
+        return autoscale.AutoscaleSettings(**({} if ttft_window_s is None else {"ttft_window_s": ttft_window_s}))
+    except ValidationError as exc:
+        raise UserError(f"--ttft-window-s: {exc.errors()[0]['msg']}") from None
+
+
+def _build_scaler(plan: dict[str, Any], kube: dict[str, Any], reader: Any, **kw: Any) -> Any:
+    """The replica autoscaler over the plan's Kubernetes pools (StatefulSets through `scale`).
+
+    It uses the routers' read the warm-capacity round of the same reconcile made (`reader.last`)."""
+    from gpufleet.infra.controller import autoscale, router_load, scaler
 
     try:
         facts = scaler.facts_from_plan_json(plan)
@@ -136,9 +169,7 @@ def _build_scaler(plan: dict[str, Any], kube: dict[str, Any], router_metrics: st
     }
 
     def load(now: float) -> dict[str, autoscale.LoadSample]:
-        if router_metrics is None:
-            return {}
-        return scaler.load_from_router(facts, runtime.router_in_flight(router_metrics, 5.0), now)
+        return router_load.samples(facts, reader.last if reader is not None else None)
 
     return scaler.ReplicaScaler(facts, k8s, load=load, **kw)
 
@@ -207,8 +238,20 @@ def run(
         bool, typer.Option(help="scale replicas per (deployment, pool) StatefulSet by pool priority")
     ] = True,
     router_metrics: Annotated[
-        str | None, typer.Option(metavar="<url>", help="router /metrics URL, for replica saturation")
+        str | None, typer.Option(metavar="<url>", help="one router's /metrics URL, for replica load")
     ] = None,
+    router_service: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<service>",
+            help="read every pod of this router Service (its EndpointSlices in the plan's namespace) and add up",
+        ),
+    ] = None,
+    router_port_name: Annotated[str, typer.Option(help="the router Service's port name")] = "http",
+    router_timeout_s: Annotated[
+        float, typer.Option(min=0.1, help="bound on each router pod's /metrics read, seconds")
+    ] = 2.0,
+    ttft_window_s: Annotated[float | None, typer.Option(help="ttft_p90_s: the window of the p90, seconds [60]")] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve the controller's Prometheus metrics on this port")
     ] = None,
@@ -216,8 +259,8 @@ def run(
 ) -> None:
     """Keep the next-priority pool warm before traffic spills over.
 
-    Watches pool utilisation (and the router's replica saturation) every round and warms, or
-    lets cool, the pools next in priority.
+    Watches pool utilisation (and the routers' replica load) every round and warms, or lets
+    cool, the pools next in priority; scales each deployment's replicas by pool priority.
     """
     import logging
     import signal
@@ -256,6 +299,10 @@ def run(
             node_scaling=node_scaling,
             router_metrics=router_metrics,
             autoscale=autoscale,
+            router_service=router_service,
+            router_port_name=router_port_name,
+            router_timeout_s=router_timeout_s,
+            ttft_window_s=ttft_window_s,
         )
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if metrics_port is not None:

@@ -95,7 +95,6 @@ def register_manifests(render_app: typer.Typer) -> None:
         it with `kubectl create secret generic <fleet>-router-admin --from-literal=token=...`.
         """
         import json
-        import re
 
         from rich.table import Table
 
@@ -105,18 +104,6 @@ def register_manifests(render_app: typer.Typer) -> None:
         with user_errors(*declaration_errors()):
             p = plan_mod.compile_file(file, catalog)
             defaults = manifests.ManifestOptions()
-            if hf_token_secret is not None and not re.fullmatch(
-                r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", hf_token_secret
-            ):
-                raise UserError(
-                    f"--hf-token-secret {hf_token_secret!r}: not a Kubernetes object name (lowercase, digits, '-', '.')"
-                )
-            if model_cache_storage_class is not None and model_cache_host_path is not None:
-                raise UserError("--model-cache-storage-class and --model-cache-host-path: give one of them")
-            if model_cache_host_path is not None and not model_cache_host_path.startswith("/"):
-                raise UserError(f"--model-cache-host-path {model_cache_host_path!r}: must be an absolute path")
-            if not re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", model_cache_size):
-                raise UserError(f"--model-cache-size {model_cache_size!r}: a Kubernetes quantity, e.g. 200Gi")
             if router_service_type is not None and router_service_type not in ("ClusterIP", "LoadBalancer", "NodePort"):
                 raise UserError(
                     f"--router-service-type {router_service_type!r}: expected ClusterIP, LoadBalancer or NodePort"
@@ -132,6 +119,9 @@ def register_manifests(render_app: typer.Typer) -> None:
                 model_cache_size=model_cache_size,
                 model_cache_host_path=model_cache_host_path,
             )
+            problems = manifests.engine_option_problems(options, lambda name: "--" + name.replace("_", "-"))
+            if problems:
+                raise UserError("; ".join(problems))
             per_cluster = manifests.all_objects(p, options)
             if not per_cluster:
                 raise UserError(f"{file}: no pool runs on Kubernetes (local pools have no manifests)")

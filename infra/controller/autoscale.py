@@ -14,7 +14,8 @@ Per deployment, one round:
    `desired = ceil(ready x ratio)`. For `in_flight` and `queued_prefill_tokens` the sample is the
    deployment's total, so `desired = ceil(total / target)`; for `ttft_p90_s` it is the p90 itself.
    Clamped to `[min_replicas, max_replicas]`. No `autoscaling:` declared: `desired = min_replicas`.
-   A missing or stale load sample holds the current count (bounds still apply).
+   A missing or stale load sample holds the current count (bounds still apply); a *partial* one
+   (a router pod did not answer) may raise the count, never lower it.
 3. **Hysteresis and cool-down.** Growth waits until `desired` has stayed above the current count
    for `scale_up_delay_s`; shrinking until it has stayed below for `scale_down_delay_s` *and* that
    long has passed since the last change of either direction. Being below `min_replicas` or above
@@ -72,6 +73,7 @@ class AutoscaleSettings(BaseModel):
     pending_timeout_s: float = Field(
         300.0, gt=0, description="for deployments without autoscaling: Pending this long marks a pool full"
     )
+    ttft_window_s: float = Field(60.0, gt=0, description="ttft_p90_s: the p90 is over the last this many seconds")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,9 @@ class LoadSample:
 
     observed_at_s: float
     value: float | None
+    partial: bool = False
+    """Some router pods could not be read: `value` may understate the load, so it may hold or
+    raise the count but never lower it."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,8 @@ def desired_replicas(facts: ScalingFacts, ready: int, current: int, sample: Load
         else:
             ratio = total / base / auto.target
             want = current if abs(ratio - 1) <= auto.tolerance else _ceil(total / auto.target)
+    if sample.partial:
+        want = max(want, current)  # a partial read can prove load, never its absence
     return max(facts.min_replicas, min(facts.max_replicas, want))
 
 

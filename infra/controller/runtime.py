@@ -1,8 +1,9 @@
 """The controller's reconcile loop: observe pools, `decide`, act, log, export metrics.
 
 Observation goes through the provider adapters only (Kubernetes for GPU use and placeholders,
-AWS/GCP for node counts) plus, optionally, the router's Prometheus endpoint for how full the
-replicas' request slots are. A pool whose observation fails gets no sample this round, and
+AWS/GCP for node counts) plus, optionally, every router pod's Prometheus endpoint for how full the
+replicas' request slots are (`router_load.RouterLoadReader`: read once per round, and the replica
+autoscaler uses that same read). A pool whose observation fails gets no sample this round, and
 `decide` takes no action on it. One failed action is logged and counted; the others still run.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from gpufleet.infra.controller.decision import (
     PoolSample,
     decide,
 )
+from gpufleet.infra.controller.router_load import RouterLoadReader
 
 __all__ = ["Controller", "ControllerMetrics", "NodeBinding", "Observer", "replica_slots_from_plan"]
 
@@ -53,23 +54,6 @@ def replica_slots_from_plan(plan: Mapping[str, Any]) -> dict[str, tuple[str, int
     return out
 
 
-def _router_in_flight(url: str, timeout_s: float) -> dict[str, float]:
-    """`gpufleet_router_in_flight` per replica from the router's /metrics (Prometheus text)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "gpufleet_router_in_flight":
-            for s in family.samples:
-                out[s.labels.get("replica", "")] = s.value
-    return out
-
-
-router_in_flight = _router_in_flight
-
-
 class Observer:
     """Builds one `PoolSample` per pool from the adapters (and the router, when configured)."""
 
@@ -79,36 +63,32 @@ class Observer:
         kube: Mapping[str, _KubeLike],
         nodes: Mapping[str, NodeBinding] | None = None,
         *,
-        router_metrics_url: str | None = None,
+        router_load: RouterLoadReader | None = None,
         replica_slots: Mapping[str, tuple[str, int]] | None = None,
         clock: Callable[[], float] = time.time,
-        timeout_s: float = 5.0,
     ) -> None:
         """`kube` maps a pool name to the Kubernetes adapter of the cluster it lives in."""
         self.facts = facts
         self.kube = dict(kube)
         self.nodes = dict(nodes or {})
-        self.router_metrics_url = router_metrics_url
+        self.router_load = router_load
         self.replica_slots = dict(replica_slots or {})
         self.clock = clock
-        self.timeout_s = timeout_s
         self.errors: list[tuple[str, str]] = []
 
     def _replica_load(self) -> dict[str, float]:
-        if not self.router_metrics_url:
+        if self.router_load is None:
             return {}
-        try:
-            in_flight = _router_in_flight(self.router_metrics_url, self.timeout_s)
-        except (OSError, ValueError) as exc:
-            # Without the router's view GPU pressure still works; say so rather than guess.
-            self.errors.append(("router", f"cannot read router metrics: {exc}"))
-            log.warning("cannot read router metrics at %s: %s", self.router_metrics_url, exc)
+        load = self.router_load.read()
+        self.errors.extend(self.router_load.errors)
+        if load is None:
+            # Without the routers' view GPU pressure still works; the reader said why (logged).
             return {}
         used: dict[str, float] = {}
         slots: dict[str, int] = {}
         for replica, (pool, n) in self.replica_slots.items():
             slots[pool] = slots.get(pool, 0) + n
-            used[pool] = used.get(pool, 0.0) + in_flight.get(replica, 0.0)
+            used[pool] = used.get(pool, 0.0) + load.in_flight.get(replica, 0.0)
         return {pool: used[pool] / slots[pool] for pool in slots if slots[pool] > 0}
 
     def observe(self) -> dict[str, PoolSample]:
@@ -202,6 +182,16 @@ class ControllerMetrics:
             "Replicas the autoscaler wants per deployment and pool",
             ["deployment", "pool"],
             registry=r,
+        )
+
+        self.router_scrapes = Counter(
+            p + "router_scrapes",
+            "Reads of a router pod's /metrics, by pod and result (ok, failed: left out of that round)",
+            ["router", "result"],
+            registry=r,
+        )
+        self.routers = Gauge(
+            p + "routers", "Router pods in the last read, by state (answered, failed)", ["state"], registry=r
         )
 
     def render(self) -> bytes:

@@ -7,10 +7,11 @@ One round:
               this scaler first saw each Pending, so `pending_timeout_s` needs no pod clock); a
               StatefulSet that does not exist in this cluster is a pool that cannot take replicas
               (a capacity error: the decision moves on to the next pool)
-    load      the deployment's signal from the router's /metrics: `in_flight` is the sum of
-              `gpufleet_router_in_flight` over the deployment's replicas (ids `<deployment>-<pool>-<i>`,
-              infra/names.py); a signal the router does not export yet has no sample, and the
-              decision then holds the count (bounds still apply)
+    load      the deployment's signal from every router pod's /metrics, added up
+              (`router_load`: in-flight and queued prefill tokens summed over the deployment's
+              replicas and the router pods, or the p90 time to first token of their merged
+              histograms over the window); no read: no sample, the decision holds the count
+              (bounds still apply); a partial read (a router pod failed) never lowers it
     decide    `autoscale.scale(...)`: targets by pool priority, hysteresis, cool-down, bounds
     act       `KubernetesAdapter.scale_replica_set(name, target)` for every changed target (not in
               dry-run); a failed patch is logged, counted, and marks that pool's capacity error
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 from gpufleet.infra import names
 from gpufleet.infra.controller import autoscale
 
-__all__ = ["ReplicaScaler", "facts_from_plan_json", "load_from_router"]
+__all__ = ["ReplicaScaler", "facts_from_plan_json"]
 
 log = logging.getLogger("gpufleet.controller.scaler")
 
@@ -39,21 +40,6 @@ Key = tuple[str, str]
 class _Kube(Protocol):
     def replica_set(self, name: str) -> Any: ...
     def scale_replica_set(self, name: str, replicas: int) -> None: ...
-
-
-def load_from_router(
-    facts: autoscale.AutoscaleFacts, in_flight: Mapping[str, float], now_s: float
-) -> dict[str, autoscale.LoadSample]:
-    """Per deployment with an `in_flight` signal: the sum of its replicas' in-flight requests."""
-    out: dict[str, autoscale.LoadSample] = {}
-    for dep in facts.deployments:
-        a = dep.autoscaling
-        if a is None or a.signal != "in_flight":
-            continue
-        prefixes = tuple(names.replica_set_name(dep.name, slot.pool) + "-" for slot in dep.chain)
-        total = sum(v for rid, v in in_flight.items() if rid.startswith(prefixes) and rid.rsplit("-", 1)[-1].isdigit())
-        out[dep.name] = autoscale.LoadSample(observed_at_s=now_s, value=total)
-    return out
 
 
 def facts_from_plan_json(plan: Mapping[str, Any]) -> autoscale.AutoscaleFacts:

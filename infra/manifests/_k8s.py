@@ -42,7 +42,8 @@ class ManifestOptions:
 
     # Default images: the project's own, tagged with the package version (infra/version.py).
     router_image: str = version.ROUTER_IMAGE
-    router_replicas: int = 1
+    # Two by default: a PodDisruptionBudget and a pod anti-affinity keep one serving (router.py).
+    router_replicas: int = 2
     router_service_type: str = "ClusterIP"
     placeholder_image: str = "registry.k8s.io/pause:3.10"
     autoscaler_namespace: str = "kube-system"

@@ -152,12 +152,10 @@ def controller_args(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPT
         "--metrics-host", "0.0.0.0",
     ]  # fmt: skip
     home = _k8s.router_cluster(plan)
-    # Each router pod gauges only its own in-flight requests and the Service reaches one pod
-    # per scrape: with several routers the saturation would be understated, so GPU pressure
-    # alone drives the controller then.
-    if options.router_replicas == 1 and home is not None:
-        url = f"http://{names.service_host(names.router_name(plan.fleet), plan.namespace)}:{plan.router.port}/metrics"
-        args += ["--router-metrics", url]
+    # Each router pod counts only its own requests and a scrape through the Service reaches one
+    # pod: the controller finds every router pod in the Service's EndpointSlices and adds them up.
+    if home is not None:
+        args += ["--router-service", names.router_name(plan.fleet)]
     if controller_node_scaling(plan, options):
         for pool, name in _scaled_provider_names(plan, options).items():
             args += ["--provider-name", f"{pool}={name}"]
@@ -211,7 +209,8 @@ def controller_cluster_role_binding(plan: Plan) -> dict[str, Any]:
 
 def controller_role(plan: Plan) -> dict[str, Any]:
     """In the fleet namespace: the scale of the placeholder Deployments, and of the replica
-    StatefulSets (read the set, patch its scale), each by name.
+    StatefulSets (read the set, patch its scale), each by name; and the list of EndpointSlices
+    that finds the router pods (`--router-service`).
 
     `KubernetesAdapter` reads `deployments/scale` (`read_namespaced_deployment_scale`) and
     patches it (`patch_namespaced_deployment_scale`); it never reads or changes the
@@ -245,6 +244,9 @@ def controller_role(plan: Plan) -> dict[str, Any]:
                 "resourceNames": _replica_sets(plan),
                 "verbs": ["patch"],
             },
+            # The router pods to read load from: the router Service's EndpointSlices, listed once
+            # a round by the `kubernetes.io/service-name` label (a list cannot be limited by name).
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
         ],
     }
 

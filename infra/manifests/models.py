@@ -4,6 +4,8 @@ plan's replica ids, and per deployment its headless Service and PodDisruptionBud
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 from gpufleet.infra import names
@@ -16,6 +18,8 @@ __all__ = [
     "ENGINE_HEALTH_PATH",
     "KV_DISK_PATH",
     "engine_command",
+    "engine_option_problems",
+    "engine_resources",
     "headless_service",
     "kv_events_args",
     "kv_events_ports",
@@ -178,7 +182,6 @@ def model_statefulset(
         "app.kubernetes.io/instance": set_name,
         LABEL_POOL: pool.name,
     }
-    gpus = str(dep.gpus_per_replica)
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
     if options.hf_token_secret:
         env.append(
@@ -186,14 +189,12 @@ def model_statefulset(
         )
 
     env += kv_offload_env(dep)
-    requests: dict[str, str] = {GPU_RESOURCE: gpus}
+    requests, limits = engine_resources(dep, pool, allowed)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     claims: list[dict[str, Any]] = []
     tiers = next((pp.kv_tiers for pp in dep.pools if pp.pool == pool.name), None)
     if tiers is not None:
-        # The CPU tier is pinned host memory: the scheduler must find it on the node.
-        requests["memory"] = f"{tiers.host_memory_gib:g}Gi"
         if tiers.disk_gib:
             mounts.append({"name": "kv-disk", "mountPath": KV_DISK_PATH})
             size = f"{tiers.disk_gib:g}Gi"
@@ -240,7 +241,7 @@ def model_statefulset(
                                 *kv_events_ports(plan.router.kv_events),
                             ],
                             "env": env,
-                            "resources": {"requests": requests, "limits": {GPU_RESOURCE: gpus}},
+                            "resources": {"requests": requests, "limits": limits},
                             # Loading weights takes minutes: the startup probe allows 30.
                             "startupProbe": probe(10, 180),
                             "readinessProbe": probe(5, 3),
@@ -263,6 +264,51 @@ def model_statefulset(
             **({"volumeClaimTemplates": claims + _cache_claim(options)} if claims or _cache_claim(options) else {}),
         },
     }
+
+
+def engine_resources(
+    dep: DeploymentPlan, pool: PoolPlan, allowed: list[PoolPlan]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The engine container's requests and limits: its GPUs, and the plan's CPU and memory share
+    (`PoolPerf.resources`) of the smallest node among the pools its affinity allows, so that a pod
+    spilled to a lower pool still fits there. The CPU KV tier lives inside the memory share; the
+    memory limit equals the request (no CPU limit: a throttled engine stalls every stream)."""
+    gpus = str(dep.gpus_per_replica)
+    requests: dict[str, str] = {GPU_RESOURCE: gpus}
+    limits: dict[str, str] = {GPU_RESOURCE: gpus}
+    names_allowed = {p.name for p in allowed} | {pool.name}
+    known = [pp.resources for pp in dep.pools if pp.pool in names_allowed and pp.resources is not None]
+    if known:
+        requests["cpu"] = f"{min(r.cpu_millicores for r in known)}m"
+        requests["memory"] = limits["memory"] = f"{min(r.memory_mib for r in known)}Mi"
+        return requests, limits
+    tiers = next((pp.kv_tiers for pp in dep.pools if pp.pool == pool.name), None)
+    if tiers is not None:
+        # No node facts (an existing cluster's own machines): still ask for the pinned CPU tier.
+        requests["memory"] = f"{tiers.host_memory_gib:g}Gi"
+    return requests, limits
+
+
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?")
+
+
+def engine_option_problems(options: _k8s.ManifestOptions, label: Callable[[str], str]) -> list[str]:
+    """Why the engines' options (HF token Secret, model cache) cannot work, one line each; `label`
+    names an option field the way its reader spells it (`--model-cache-size`, `gpufleet:modelCacheSize`)."""
+    out: list[str] = []
+    for name in ("hf_token_secret", "model_cache_storage_class"):
+        value = getattr(options, name)
+        if value is not None and not _OBJECT_NAME.fullmatch(value):
+            out.append(f"{label(name)} {value!r}: not a Kubernetes object name (lowercase letters, digits, '-', '.')")
+    if options.model_cache_storage_class is not None and options.model_cache_host_path is not None:
+        out.append(f"{label('model_cache_storage_class')} and {label('model_cache_host_path')}: give one of them")
+    host_path = options.model_cache_host_path
+    if host_path is not None and not host_path.startswith("/"):
+        out.append(f"{label('model_cache_host_path')} {host_path!r}: must be an absolute path")
+    if not _QUANTITY.fullmatch(options.model_cache_size):
+        out.append(f"{label('model_cache_size')} {options.model_cache_size!r}: a Kubernetes quantity, e.g. 200Gi")
+    return out
 
 
 def _cache_claim(options: _k8s.ManifestOptions) -> list[dict[str, Any]]:

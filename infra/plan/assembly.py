@@ -16,6 +16,7 @@ from gpufleet.infra.plan.cost import usd
 from gpufleet.infra.plan.model import DeploymentPlan, PlanWarning, PoolPerf, PoolPlan, ReplicaPlan
 from gpufleet.infra.plan.placement import DeploymentFit, Packing
 from gpufleet.infra.plan.pools import PoolMachine, pool_region
+from gpufleet.infra.plan.resources import cpu_short, engine_resources
 from gpufleet.infra.plan.tiers import tier_plan
 
 __all__ = ["DECODE_BW_EFFICIENCY", "PREFILL_MFU", "deployment_plans", "pool_plans"]
@@ -129,6 +130,7 @@ def _perf(fit: DeploymentFit, pool: spec.Nodepool, machine: PoolMachine) -> Pool
         prefill_tokens_per_s=round(prefill, 1),
         decode_tokens_per_s=round(decode, 2),
         kv_tiers=tier_plan(dep, model, machine),
+        resources=engine_resources(dep, machine),
     )
 
 
@@ -186,6 +188,10 @@ def deployment_plans(
         ]
         spots = [by_name[n].capacity_type == "spot" for n in usable]
         warnings += _deployment_warnings(fit, spots, rows, lost, capacity)
+        for n in usable:
+            short = cpu_short(dep, n, machines[n]) if by_name[n].cloud != "local" else None
+            if short is not None:
+                warnings.append(PlanWarning(code="engine_cpu_short", subject=dep.name, message=short))
         deployments.append(
             DeploymentPlan(
                 name=dep.name,

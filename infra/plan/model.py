@@ -19,6 +19,7 @@ __all__ = [
     "PLAN_SCHEMA",
     "Cost",
     "DeploymentPlan",
+    "EngineResources",
     "KvTierPlan",
     "Placement",
     "Plan",
@@ -97,6 +98,18 @@ class KvTierPlan(_Data):
     usd_per_hour: float = Field(description="per replica: 0 for host memory and local NVMe")
 
 
+class EngineResources(_Data):
+    """A replica's CPU and host memory on one pool's nodes: the engine container's requests."""
+
+    cpu_millicores: int = Field(description="request: the replica's GPU share of the node's CPU left to pods")
+    memory_mib: int = Field(description="request and limit: its GPU share of the node's memory left to pods")
+    engine_memory_gib: float = Field(description="of memory_mib, what the engine itself needs (process, CUDA, staging)")
+    kv_tier_memory_gib: float = Field(description="of memory_mib, the CPU KV tier (kv_offload.cpu_gib)")
+    node_cpu_millicores: int = Field(description="per node: allocatable minus the system daemonsets' room")
+    node_memory_mib: int = Field(description="per node: allocatable minus the system daemonsets' room")
+    reserve: str = Field(description="whose kubelet reservation formula: eks, gke, or the larger of both")
+
+
 class PoolPerf(_Data):
     """What one replica of a deployment gets on one pool's machines."""
 
@@ -107,6 +120,7 @@ class PoolPerf(_Data):
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     kv_tiers: KvTierPlan | None = None
+    resources: EngineResources | None = Field(None, description="none when the catalog lacks the node's vCPU/RAM")
 
 
 class Placement(_Data):

@@ -19,7 +19,7 @@ from gpufleet.infra import catalog as catalog_mod
 from gpufleet.infra import spec
 from gpufleet.infra.plan.model import Placement
 from gpufleet.infra.plan.pools import PoolMachine
-from gpufleet.infra.plan.tiers import ram_problem
+from gpufleet.infra.plan.resources import memory_problem
 
 __all__ = ["DeploymentFit", "Packing", "PoolPacking", "deployment_fits", "place"]
 
@@ -161,11 +161,15 @@ def deployment_fits(
                         )
                     )
                 continue
-            problem = ram_problem(dep, name, machine)
-            if problem is not None:
+            problem = memory_problem(dep, name, machine)
+            if problem is not None and dep.kv_offload is not None:
                 # A declared tier that does not fit is an error on every pool it would use.
                 issues.append(smap.issue(loc + ("kv_offload", "cpu_gib"), problem))
                 ram_short = True
+                continue
+            if problem is not None:
+                if explicit:
+                    issues.append(smap.issue(ref, problem))
                 continue
             usable.append(name)
             kv[name] = kv_tokens

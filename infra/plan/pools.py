@@ -27,6 +27,11 @@ class PoolMachine:
     price_source: str
     ram_gib: float | None = None
     """Host memory per node (None: not in the catalog; a CPU KV tier cannot be checked)."""
+    vcpus: int | None = None
+    """vCPUs per node (None: not in the catalog; the engine gets no CPU request)."""
+    cloud: str = "kubernetes"
+    max_pods: int | None = None
+    """EKS: pods per node the VPC CNI allows, which sizes the kubelet's memory reservation."""
     local_nvme_gib: float = 0.0
     host_link: catalog_mod.HostLink = catalog_mod.DEFAULT_HOST_LINK
     network_disk: catalog_mod.NetworkDisk | None = None
@@ -124,6 +129,9 @@ def pool_machines(
             price,
             source,
             ram_gib=machine.ram_gib if machine else None,
+            vcpus=machine.vcpus if machine else None,
+            cloud=pool.cloud,
+            max_pods=machine.max_pods if machine else None,
             local_nvme_gib=machine.local_nvme_gib if machine else 0.0,
             host_link=catalog.host_link(machine),
             network_disk=catalog.network_disks.get(machine.cloud) if machine else None,

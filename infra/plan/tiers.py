@@ -4,10 +4,9 @@ Pure arithmetic on the catalog's facts (docs/plan.md, "KV offload tiers"):
 
 - host memory of a replica = the engine's own (`ENGINE_HOST_BASE_GIB` + `ENGINE_HOST_PER_GPU_GIB`
   per GPU: the process, CUDA contexts, pinned staging buffers) + its CPU tier `cpu_gib`;
-- a node's usable host memory = its RAM minus what the kubelet and system reserve
-  (`node_reserved_gib`, the GKE reservation schedule, a fair bound on EKS too);
-- the CPU tier must fit: replicas per node x host memory per replica <= usable host memory
-  (the node full of this deployment's replicas: the other replicas on the node count);
+- the CPU tier must fit the replica's share of what its node leaves to pods, beside the
+  engine's own host memory (`resources.memory_problem`: the kubelet's reservation per cloud,
+  the system daemonsets, the replica's GPU share of the node);
 - CPU KV tokens = cpu_gib / KV bytes per token; a CPU hit moves at the machine family's host
   link (PCIe generation, catalog `host_links`) times the replica's GPUs (one x16 link each);
 - disk KV tokens = disk_gib / KV bytes per token; the disk is the node's local NVMe when the
@@ -30,7 +29,6 @@ __all__ = [
     "TIER_LOAD_LATENCY_S",
     "engine_host_gib",
     "node_reserved_gib",
-    "ram_problem",
     "tier_plan",
 ]
 
@@ -60,25 +58,6 @@ def node_reserved_gib(ram_gib: float) -> float:
 def engine_host_gib(dep: spec.Deployment) -> float:
     """Host memory the engine itself needs per replica, without any KV tier."""
     return ENGINE_HOST_BASE_GIB + ENGINE_HOST_PER_GPU_GIB * dep.gpus_per_replica
-
-
-def ram_problem(dep: spec.Deployment, pool: str, machine: PoolMachine) -> str | None:
-    """Why the CPU tier does not fit `pool`'s nodes, or None when it fits (or cannot be checked)."""
-    off = dep.kv_offload
-    if off is None or machine.ram_gib is None:
-        return None
-    per_node = machine.gpus_per_node // dep.gpus_per_replica
-    usable = machine.ram_gib - node_reserved_gib(machine.ram_gib)
-    engine = engine_host_gib(dep)
-    need = per_node * (engine + off.cpu_gib)
-    if need <= usable:
-        return None
-    fits = max(0.0, usable / per_node - engine)
-    return (
-        f"{off.cpu_gib:g} GiB per replica does not fit pool {pool!r}: {per_node} replica(s) per node x "
-        f"({engine:g} GiB engine + {off.cpu_gib:g} GiB tier) = {need:g} GiB > {usable:.1f} GiB usable of "
-        f"{machine.ram_gib:g} GiB RAM; at most {fits:.1f} GiB per replica"
-    )
 
 
 def tier_plan(dep: spec.Deployment, model: catalog_mod.ModelInfo, machine: PoolMachine) -> KvTierPlan | None:

@@ -9,8 +9,13 @@ Keys (namespace `gpufleet`):
 | fleetFile            | or a path to a fleet.yaml, relative to the stack directory            |
 | adminToken (secret)  | the router's admin bearer token; becomes a Kubernetes Secret          |
 | hfToken (secret)     | optional Hugging Face token for gated models (HF_TOKEN in replicas)   |
+| hfTokenSecret        | the Secret (key `token`) engines read HF_TOKEN from: an existing one, |
+|                      | or with hfToken the name of the one created (default <fleet>-hf-token) |
+| modelCacheStorageClass | a PersistentVolumeClaim per replica of this class for /cache        |
+| modelCacheSize       | size of each model-cache claim (default 200Gi)                        |
+| modelCacheHostPath   | or keep the model cache in this node directory (default: emptyDir)    |
 | routerImage          | router image (default: images/router, tagged with the version)        |
-| routerReplicas       | router pods (default 1: each keeps its own prefix index)              |
+| routerReplicas       | router pods (default 2, with a PodDisruptionBudget and anti-affinity) |
 | routerServiceType    | ClusterIP (default), LoadBalancer or NodePort                         |
 | autoscalerNamespace  | where cluster-autoscaler reads its priority expander (kube-system)    |
 | placeholderImage     | the pause image of warm-capacity placeholders                         |
@@ -52,6 +57,26 @@ def _str_map(cfg: pulumi.Config, key: str) -> dict[str, str]:
     return dict(value)
 
 
+# ManifestOptions field -> its stack config key.
+_ENGINE_KEYS = {
+    "hf_token_secret": "hfTokenSecret",
+    "model_cache_storage_class": "modelCacheStorageClass",
+    "model_cache_size": "modelCacheSize",
+    "model_cache_host_path": "modelCacheHostPath",
+}
+
+
+def _engine_options(cfg: pulumi.Config, options: manifests.ManifestOptions) -> manifests.ManifestOptions:
+    """The engines' HF token Secret and model cache, checked as `gpufleet render manifests` checks them."""
+    values = {name: cfg.get(key) or None for name, key in _ENGINE_KEYS.items()}
+    values["model_cache_size"] = values["model_cache_size"] or options.model_cache_size
+    options = dataclasses.replace(options, **values)
+    problems = manifests.engine_option_problems(options, lambda name: f"{NAMESPACE}:{_ENGINE_KEYS[name]}")
+    if problems:
+        raise pulumi.RunError("; ".join(problems))
+    return options
+
+
 def read(base_dir: str | Path | None = None) -> FleetArgs:
     """The `FleetArgs` of the current stack's config; a config mistake is a `pulumi.RunError`."""
     cfg = pulumi.Config(NAMESPACE)
@@ -85,6 +110,7 @@ def read(base_dir: str | Path | None = None) -> FleetArgs:
         controller_kubeconfig_secret=cfg.get("controllerKubeconfigSecret") or None,
         controller_kube_contexts=_str_map(cfg, "controllerKubeContexts"),
     )
+    options = _engine_options(cfg, options)
     return FleetArgs(
         admin_token=cfg.require_secret("adminToken"),
         fleet=cfg.get_object("fleet"),

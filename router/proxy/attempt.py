@@ -173,6 +173,7 @@ class Attempts:
                 prefilled = True
                 rm.ttft.observe(loop.time() - t0)
                 if is_sse:
+                    rm.time_to_first_token.observe(loop.time() - t0)
                     resp.set_deadline(t0 + timeout_s)  # the first byte came: the rest has the request timeout
                     out, ok, output_tokens = await relay_stream(self, req, resp, data, r, t0)
                     drained = ok

@@ -59,6 +59,8 @@ class Case:
     min_r: int = 2
     max_r: int = 10
     note: str | None = None
+    partial: bool = False
+    """The sample came from a partial read (a router pod did not answer)."""
 
 
 CASES = [
@@ -143,6 +145,46 @@ CASES = [
         {"mid": 1},
     ),
     Case(
+        "a partial read still scales up on the load it proves",
+        auto(target=10),
+        {"top": 2},
+        60,
+        {"top": 4, "mid": 2, "low": 0},
+        {"mid": 1},
+        partial=True,
+    ),
+    Case(
+        "a partial read never scales down: the routers not read may hold the load",
+        auto(target=10),
+        {"top": 4, "mid": 3, "low": 2},
+        5,
+        {"top": 4, "mid": 3, "low": 2},
+        partial=True,
+    ),
+    Case(
+        "a partial ttft read with no first token in the window holds",
+        auto("ttft_p90_s", target=0.5),
+        {"top": 4},
+        None,
+        {"top": 4, "mid": 0, "low": 0},
+        partial=True,
+    ),
+    Case(
+        "a partial read below min_replicas still restores it",
+        auto(target=10),
+        {"top": 1},
+        0,
+        {"top": 2, "mid": 0, "low": 0},
+        partial=True,
+    ),
+    Case(
+        "queued prefill tokens under target scale down from the lowest pool",
+        auto("queued_prefill_tokens", target=4000),
+        {"top": 4, "mid": 1},
+        8000,
+        {"top": 2, "mid": 0, "low": 0},
+    ),
+    Case(
         "pending replicas are kept while the ready ones run at target",
         auto(target=10),
         {"top": (4, 2)},
@@ -158,7 +200,7 @@ def test_scale_table(case: Case) -> None:
     load = (
         {}
         if case.value is None and case.autoscaling is not None and case.autoscaling.signal != "ttft_p90_s"
-        else {"llama": a.LoadSample(100.0, case.value)}
+        else {"llama": a.LoadSample(100.0, case.value, partial=case.partial)}
     )
     d = a.scale(f, obs(**case.observed), load, a.AutoscaleState(), 100.0)
     assert targets(d) == case.want

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gpufleet.infra.controller import decision as d
-from gpufleet.infra.controller import runtime
+from gpufleet.infra.controller import router_load, runtime
 from gpufleet.provider_adapters import base
 from gpufleet.router.metrics import RouterMetrics
 
@@ -86,7 +86,10 @@ def test_saturated_replicas_warm_the_next_pool(router_metrics: tuple[str, Router
     metrics.in_flight.labels("m-a-1").set(50)  # 110 of 128 slots: 86 %
     kube = StaticKube()
     observer = runtime.Observer(
-        FACTS, {"a": kube, "b": kube}, router_metrics_url=url, replica_slots=runtime.replica_slots_from_plan(PLAN)
+        FACTS,
+        {"a": kube, "b": kube},
+        router_load=router_load.RouterLoadReader(router_load.static_router(url)),
+        replica_slots=runtime.replica_slots_from_plan(PLAN),
     )
     samples = observer.observe()
     assert samples["a"].replica_load == pytest.approx(110 / 128) and samples["b"].replica_load is None
@@ -100,10 +103,9 @@ def test_unreachable_router_leaves_gpu_pressure_only() -> None:
     observer = runtime.Observer(
         FACTS,
         {"a": kube, "b": kube},
-        router_metrics_url="http://127.0.0.1:9/metrics",
+        router_load=router_load.RouterLoadReader(router_load.static_router("http://127.0.0.1:9/metrics"), timeout_s=1),
         replica_slots=runtime.replica_slots_from_plan(PLAN),
-        timeout_s=1,
     )
     samples = observer.observe()
     assert samples["a"].replica_load is None and samples["a"].gpu_pressure == 0.25
-    assert observer.errors and observer.errors[0][0] == "router"
+    assert observer.errors and "router metrics not read" in observer.errors[0][1]

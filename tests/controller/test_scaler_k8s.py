@@ -9,8 +9,9 @@ import pytest
 
 from gpufleet.infra import names, spec
 from gpufleet.infra.controller import autoscale as a
+from gpufleet.infra.controller.router_load import RouterLoad, samples
 from gpufleet.infra.controller.runtime import ControllerMetrics
-from gpufleet.infra.controller.scaler import ReplicaScaler, facts_from_plan_json, load_from_router
+from gpufleet.infra.controller.scaler import ReplicaScaler, facts_from_plan_json
 from gpufleet.provider_adapters.kubernetes import KubernetesAdapter
 from tests.fakes.k8s_server import FakeKubernetes
 
@@ -121,7 +122,8 @@ def test_a_missing_statefulset_counts_as_a_full_pool_and_dry_run_changes_nothing
 
 def test_router_in_flight_is_summed_per_deployment_and_plan_json_gives_the_facts() -> None:
     facts = _facts()
-    load = load_from_router(facts, {"llama-top-0": 3, "llama-mid-1": 2, "other-top-0": 9, "llama-top-x": 5}, 5.0)
+    in_flight = {"llama-top-0": 3.0, "llama-mid-1": 2.0, "other-top-0": 9.0, "llama-top-x": 5.0}
+    load = samples(facts, RouterLoad(5.0, in_flight, {}, None, ("router-0",), ()))
     assert load["llama"].value == 5 and load["llama"].observed_at_s == 5.0
     plan = {
         "pools": [

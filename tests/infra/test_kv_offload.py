@@ -70,14 +70,16 @@ def test_an_offload_the_engine_cannot_do_is_an_error_at_its_line(engine, offload
     assert any(m.startswith("fleet.yaml:19: deployments[0].kv_offload") and needle in m for m in msgs), msgs
 
 
-def test_a_cpu_tier_above_the_nodes_ram_after_engine_and_other_replicas_is_an_error():
-    # g6e.12xlarge: 384 GiB, 4 x L40S -> 4 replicas per node, each 6 + 2 GiB engine.
-    usable = 384 - tiers.node_reserved_gib(384)
-    most = usable / 4 - 8
+def test_a_cpu_tier_above_the_replicas_share_of_the_node_after_engine_is_an_error():
+    # g6e.12xlarge on EKS: 384 GiB, 4 x L40S, 292 pods -> the kubelet keeps 11 x 292 + 255 MiB and
+    # 100 MiB for eviction, system daemonsets 1 GiB; each replica (1 GPU) gets a quarter, 8 GiB engine.
+    left_mib = 384 * 1024 - (11 * 292 + 255) - 100 - 1024
+    most = (left_mib // 4) / 1024 - 8
     msgs = errors(text(f"{{cpu_gib: {most + 1:.0f}}}"))
     assert len(msgs) == 1
     assert msgs[0].startswith("fleet.yaml:19: deployments[0].kv_offload.cpu_gib:")
-    assert "4 replica(s) per node" in msgs[0] and "384 GiB RAM" in msgs[0] and f"at most {most:.1f} GiB" in msgs[0]
+    assert "(1 of 4 GPUs)" in msgs[0] and "384 GiB RAM" in msgs[0] and f"at most {most:.1f} GiB" in msgs[0]
+    assert "eks kubelet reservation" in msgs[0]
     compile_text(text(f"{{cpu_gib: {int(most)}}}"))  # just under: fits
 
 

@@ -160,7 +160,8 @@ def _container_argv(objs: list[dict[str, Any]], plan: plan_mod.Plan) -> list[str
 
 def _local_args(argv: list[str], plan_file: Path, kubeconfig: Path) -> list[str]:
     """The container's arguments, with the in-cluster bits swapped for local ones: the plan
-    file path, a kubeconfig for the fake server, no metrics listener and no router to read."""
+    file path, a kubeconfig for the fake server, no metrics listener (`--router-service` stays:
+    the router Service's EndpointSlices are listed under the rendered RBAC)."""
     args = list(argv[1:])
     out: list[str] = []
     skip = {"--metrics-port", "--metrics-host", "--router-metrics"}
@@ -218,6 +219,7 @@ def test_controller_under_the_rendered_rbac_warms_the_failover_pool_with_every_r
             ("patch", "apps", "deployments/scale"),
             ("get", "apps", "statefulsets"),
             ("patch", "apps", "statefulsets/scale"),
+            ("list", "discovery.k8s.io", "endpointslices"),  # the router pods (none run in this fake)
         }
     )
 
@@ -242,7 +244,7 @@ def test_the_fake_really_enforces_the_rendered_rbac(eks_cluster):
     [
         (_multicloud, manifests.ManifestOptions(),
          {"node_scaling": False, "kubeconfig": None, "kube_contexts": {}, "provider_names": {},
-          "router_metrics": "http://llm-prod-router.gpufleet.svc.cluster.local:8080/metrics"}),
+          "router_metrics": None, "router_service": "llm-prod-router"}),
         (_multicloud, manifests.ManifestOptions(controller_kubeconfig_secret="kc", controller_kube_contexts={"aws": "a", "gcp": "g"}),
          {"kubeconfig": "/etc/gpufleet/kube/config", "kube_contexts": {"aws": "a", "gcp": "g"}}),
         (_eks_plan, manifests.ManifestOptions(controller_aws_role_arn="arn:aws:iam::1:role/c", controller_provider_names={"h100-spot": "ng"}),

@@ -1,5 +1,5 @@
-"""The KV tiers in the engine pods: the engines' own flags and environment, the host memory the
-tier needs as a request, a disk tier's volume; every object valid against the Kubernetes schema,
+"""The KV tiers in the engine pods: the engines' own flags and environment, the tier inside the
+replica's memory request, a disk tier's volume; every object valid against the Kubernetes schema,
 and the Pulumi path registering the same objects."""
 
 from __future__ import annotations
@@ -77,12 +77,19 @@ def test_every_object_with_tiers_validates_against_the_kubernetes_schema(plan):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def test_vllm_native_gets_the_offloading_flags_and_a_memory_request_for_engine_plus_tier(plan):
+# g6e.12xlarge on EKS: what the node leaves to pods (kubelet 11 MiB x 292 pods + 255 MiB, 100 MiB
+# eviction, 1 GiB system daemonsets), a quarter of it per GPU.
+NODE_LEFT_MIB = 384 * 1024 - (11 * 292 + 255) - 100 - 1024
+
+
+def test_vllm_native_gets_the_offloading_flags_and_its_tier_inside_its_memory_share(plan):
     c = container(sts_of(plan, "native"))
     assert flag(c["args"], "--kv-offloading-backend") == "native"
     assert flag(c["args"], "--kv-offloading-size") == "64"
-    assert c["resources"]["requests"]["memory"] == "72Gi"  # 6 + 2 per GPU + 64
-    assert "memory" not in c["resources"]["limits"]
+    share = NODE_LEFT_MIB // 4
+    # The tier (64 GiB) and the engine (6 + 2 GiB) live inside the share: not added on top of it.
+    assert c["resources"]["requests"]["memory"] == c["resources"]["limits"]["memory"] == f"{share}Mi"
+    assert share >= 72 * 1024
 
 
 def test_lmcache_gets_the_connector_its_sizes_and_a_local_nvme_volume(plan):
@@ -113,7 +120,7 @@ def test_sglang_hicache_sizes_per_rank_and_a_disk_beyond_the_nvme_is_a_claim(pla
     # 2 replicas per node x 1500 GiB fit the node's 3800 GiB of instance store: an emptyDir there.
     assert plan.deployment("sgl").pools[0].kv_tiers.disk_medium == "local_nvme"
     assert "volumeClaimTemplates" not in sts["spec"]
-    assert c["resources"]["requests"]["memory"] == "110Gi"  # 6 + 2 x 2 per GPU + 100
+    assert c["resources"]["requests"]["memory"] == f"{NODE_LEFT_MIB * 2 // 4}Mi"  # 2 of 4 GPUs; holds 6 + 2 x 2 + 100
 
 
 def test_a_disk_tier_beyond_the_nodes_nvme_becomes_a_volume_claim():
@@ -131,10 +138,10 @@ def test_a_disk_tier_beyond_the_nodes_nvme_becomes_a_volume_claim():
     assert p.deployment("lmc").pools[0].kv_tiers.disk_medium == "gp3"
 
 
-def test_without_offload_no_tier_flags_or_memory_request(plan):
+def test_without_offload_no_tier_flags_and_the_same_memory_share(plan):
     c = container(sts_of(plan, "plain"))
     assert not any(a.startswith("--kv-offloading") or a == "--kv-transfer-config" for a in c["args"])
-    assert "memory" not in c["resources"]["requests"]
+    assert c["resources"]["requests"]["memory"] == container(sts_of(plan, "native"))["resources"]["requests"]["memory"]
 
 
 def test_pulumi_registers_the_engine_pods_with_their_tier_flags_and_requests(plan):
@@ -152,4 +159,4 @@ def test_pulumi_registers_the_engine_pods_with_their_tier_flags_and_requests(pla
         sts = sts_of(plan, dep)
         got = registered[sts["metadata"]["name"]]
         assert got == sanitize(sts)
-        assert got["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"].endswith("Gi")
+        assert got["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"].endswith("Mi")

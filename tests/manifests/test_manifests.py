@@ -269,11 +269,12 @@ def test_render_manifests_hf_token_secret_is_a_reference_never_a_value(tmp_path)
     assert bad.exit_code == 1 and "--hf-token-secret" in bad.output
 
 
-def test_several_router_pods_get_a_pdb_and_spread_over_nodes():
+def test_two_router_pods_by_default_with_a_pdb_and_spread_over_nodes():
     plan = PLANS["multicloud"]()
     one = manifests.router_objects(plan, manifests.ManifestOptions(router_replicas=1))
     assert not [o for o in one if o["kind"] == "PodDisruptionBudget"]
-    two = manifests.router_objects(plan, manifests.ManifestOptions(router_replicas=2))
+    two = manifests.router_objects(plan)  # the default
+    assert next(o for o in two if o["kind"] == "Deployment")["spec"]["replicas"] == 2
     pdb = next(o for o in two if o["kind"] == "PodDisruptionBudget")
     dep = next(o for o in two if o["kind"] == "Deployment")
     for obj in (pdb, dep):

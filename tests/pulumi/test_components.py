@@ -209,7 +209,13 @@ def test_model_deployment_vllm_replicas_flags_gpus_probes_and_priority(run, eks_
                         ("--gpu-memory-utilization", "0.9"), ("--max-num-seqs", "256")]:  # fmt: skip
         assert argv[argv.index(flag) + 1] == value
     assert "--enable-prefix-caching" in argv
-    assert c["resources"] == {"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}
+    # Half a p5.48xlarge (4 of 8 GPUs) of what the node leaves to pods; the memory limit is the request.
+    res = min((pp.resources for pp in dep.pools), key=lambda r: r.memory_mib)
+    assert c["resources"] == {
+        "requests": {"nvidia.com/gpu": "4", "cpu": f"{res.cpu_millicores}m", "memory": f"{res.memory_mib}Mi"},
+        "limits": {"nvidia.com/gpu": "4", "memory": f"{res.memory_mib}Mi"},
+    }
+    assert res.memory_mib == res.node_memory_mib // 2
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health"
     assert pod["priorityClassName"] == "eks-llm-serving"

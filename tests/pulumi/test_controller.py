@@ -10,7 +10,7 @@ from typing import Any
 import pulumi
 import pytest
 
-from gpufleet.infra import manifests
+from gpufleet.infra import manifests, names
 from gpufleet.infra import plan as plan_mod
 from gpufleet.infra.pulumi import (
     FailoverController,
@@ -54,7 +54,7 @@ def test_fleet_runs_the_controller_in_the_router_cluster_with_plan_probes_and_sc
     argv = _argv(reg, "llm-prod-controller")
     assert argv[:5] == ["gpufleet", "controller", "run", "--config", "/etc/gpufleet/plan.json"]
     assert _flag(argv, "--metrics-port") == ["9102"] and _flag(argv, "--metrics-host") == ["0.0.0.0"]
-    assert _flag(argv, "--router-metrics") == ["http://llm-prod-router.gpufleet.svc.cluster.local:8080/metrics"]
+    assert _flag(argv, "--router-service") == ["llm-prod-router"]  # every router pod, by its EndpointSlices
     # No cloud credentials configured: placeholders only, node scaling off.
     assert "--no-node-scaling" in argv
     pod = dep.inputs["spec"]["template"]
@@ -95,6 +95,7 @@ def test_controller_rbac_is_exactly_list_nodes_and_pods_and_scale_of_placeholder
          "resourceNames": ["warm-aws-h100", "warm-gcp-h100"], "verbs": ["get", "patch"]},
         {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": sets, "verbs": ["get"]},
         {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "resourceNames": sets, "verbs": ["patch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
     ]  # fmt: skip
     assert sets == ["llama-8b-aws-h100", "llama-8b-gcp-h100"]
     subject = [{"kind": "ServiceAccount", "name": "llm-prod-controller", "namespace": "gpufleet"}]
@@ -193,10 +194,11 @@ def test_kubeconfig_secret_reaches_the_other_cluster_with_its_own_service_accoun
     assert {"name": "kubeconfig", "secret": {"secretName": "controller-kubeconfig"}} in pod["volumes"]
 
 
-def test_several_router_pods_leave_router_saturation_out(eks_plan):
-    one = manifests.controller_args(eks_plan, manifests.ManifestOptions())
+def test_the_controller_reads_the_router_pods_whatever_their_number(eks_plan):
+    one = manifests.controller_args(eks_plan, manifests.ManifestOptions(router_replicas=1))
     many = manifests.controller_args(eks_plan, manifests.ManifestOptions(router_replicas=3))
-    assert "--router-metrics" in one and "--router-metrics" not in many
+    assert _flag(one, "--router-service") == _flag(many, "--router-service") == [names.router_name(eks_plan.fleet)]
+    assert "--router-metrics" not in one + many  # one Service URL would reach one pod per scrape
 
 
 def test_stack_config_turns_the_controller_off(run, eks_plan):
@@ -212,6 +214,26 @@ def test_stack_config_turns_the_controller_off(run, eks_plan):
     # What RBAC remains is the router's own (EndpointSlice discovery), none of it the controller's.
     assert not [r for r in reg.resources if "rbac" in r.type and "controller" in r.inputs["metadata"]["name"]]
     assert not [r for r in reg.of_type(DEPLOY) if r.inputs["metadata"]["name"] == "eks-llm-controller"]
+
+
+@pytest.mark.parametrize(("value", "pods"), [(None, 2), ("1", 1), ("3", 3)])
+def test_stack_config_runs_two_router_pods_with_a_pdb_by_default(run, eks_plan, value, pods):
+    def program():
+        args = stack_config.read()
+        Fleet("f", FleetArgs(admin_token=args.admin_token, plan=eks_plan, options=args.options))
+
+    config = {"gpufleet:adminToken": "t", "gpufleet:fleetFile": "unused.yaml"}
+    if value is not None:
+        config["gpufleet:routerReplicas"] = value
+    reg = run(program, config=config, secret_keys=["gpufleet:adminToken"])
+    router = reg.one(DEPLOY, names.router_name(eks_plan.fleet)).inputs
+    assert router["spec"]["replicas"] == pods
+    pdbs = reg.of_type("kubernetes:policy/v1:PodDisruptionBudget")
+    assert [p.inputs["metadata"]["name"] for p in pdbs if "router" in p.inputs["metadata"]["name"]] == (
+        [names.router_name(eks_plan.fleet)] if pods > 1 else []
+    )
+    anti = router["spec"]["template"]["spec"]["affinity"].get("podAntiAffinity")
+    assert (anti is not None) == (pods > 1)
 
 
 def test_stack_config_reads_controller_credentials_and_names(run, eks_plan):
