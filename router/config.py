@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from gpufleet.router.kvevents import ranks
 from gpufleet.router.settings.access import AdminToken, TenantHeader, TenantSettings
 from gpufleet.router.settings.base import Strict, field_error
 from gpufleet.router.settings.caching import KvEventsSettings, PredictionCacheSettings
@@ -195,6 +196,9 @@ class ReplicaConfig(Strict):
         default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
     )
     kv_events_replay_endpoint: str | None = Field(default=None, description="its replay ROUTER endpoint")
+    data_parallel_size: int = Field(
+        default=1, ge=1, le=1024, description="the engine's data-parallel ranks: one KV-event stream each (port + rank)"
+    )
 
 
 class RouterConfig(Strict):
@@ -214,4 +218,23 @@ class RouterConfig(Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"duplicate replica ids: {', '.join(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel_event_ports(self) -> RouterConfig:
+        """Every data-parallel rank's KV-event sockets must bind (vLLM offsets both ports by the rank)."""
+        ke = self.settings.kv_events
+        if not ke.enabled:
+            return self
+        default = (f"tcp://host:{ke.port}", f"tcp://host:{ke.replay_port}" if ke.replay_port is not None else None)
+        k8s = self.discovery.kubernetes
+        checks = [(f"replica {r.id}", r.kv_events_endpoint, r.kv_events_replay_endpoint, r.data_parallel_size)
+                  for r in self.replicas]  # fmt: skip
+        checks += [(f"discovery target {t.deployment}/{t.pool}", None, None, t.data_parallel_size)
+                   for t in (k8s.targets if k8s else [])]  # fmt: skip
+        for what, ep, replay, size in checks:
+            if size > 1:
+                problem = ranks.port_collision(ep or default[0], replay if ep else default[1], size)
+                if problem:
+                    raise ValueError(f"{what}: data_parallel_size {size}: {problem}")
         return self

@@ -369,6 +369,7 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
     issues.extend(
         checks.cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap)
     )
+    issues.extend(checks.data_parallel_issues(fleet.deployments, fleet.router, smap))
     if issues:
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field)))
     if base_dir is not None and fleet.catalog:

@@ -32,6 +32,7 @@ class DiscoveryTarget(Strict):
         default="http", description="the EndpointSlice port (name or number) of the engine's HTTP API"
     )
     scheme: Literal["http", "https"] = "http"
+    data_parallel_size: int = Field(default=1, ge=1, le=1024, description="the engines' data-parallel ranks")
 
 
 class KubernetesDiscovery(Strict):

@@ -186,3 +186,17 @@ def test_autoscaling_reaches_the_plan():
         120,
     )
     assert dep.autoscaling.scale_up_delay_s == 30
+
+
+def test_data_parallel_engines_need_kv_event_port_ranges_that_do_not_overlap():
+    dp = BASE + "    engine_args: [--data-parallel-size, '2']\n"
+    assert spec.load_text(dp)  # precise mode off: the ports are not used
+    on = dp + "router:\n  kv_events: {enabled: true}\n"
+    (msg,) = problems(on)
+    assert msg.startswith("fleet.yaml:") and "deployments[0].engine_args: --data-parallel-size 2" in msg
+    assert "rank 1's events endpoint tcp://*:5558 is also rank 0's replay endpoint" in msg
+    fleet, _ = spec.load_text(dp + "router:\n  kv_events: {enabled: true, replay_port: 5567}\n")
+    from gpufleet.infra import plan, router_config
+
+    cfg = router_config.render(plan.compile_fleet(fleet), lambda r: f"http://{r.id}:8000")
+    assert {r.data_parallel_size for r in cfg.replicas} == {2}  # the router subscribes both ranks
