@@ -12,13 +12,14 @@ import msgspec
 import pytest
 
 from gpufleet.router import app as router_app
-from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from gpufleet.router.config import RouterConfig, RouterSettings
 from gpufleet.router.kvevents import keys, wire
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.replica import SimSettings
 from gpufleet.router.replica.app import listen
 from gpufleet.router.replica.sim import ReplicaSim
 from tests.kvevents import vllm_structs as v
+from tests.kvevents.sims import chat_body, make_sim, replica_config
 
 pytestmark = pytest.mark.timeout(90)
 BS = 4
@@ -52,49 +53,14 @@ def test_an_engine_without_extra_keys_gives_salted_requests_no_credit() -> None:
     assert index.match(keys.prompt_keys(ids, BS), ["r0"])[0] == 4
 
 
-def _sim(tok: Any, rid: str) -> ReplicaSim:
-    return ReplicaSim(
-        SimSettings(
-            model="m",
-            replica_id=rid,
-            block_size_tokens=BS,
-            kv_capacity_tokens=4096,
-            prefill_tokens_per_s=200_000,
-            decode_tokens_per_s=2000,
-            tokenizer=str(tok),
-            kv_events_endpoint="tcp://127.0.0.1:0",
-            kv_events_replay_endpoint="tcp://127.0.0.1:0",
-        )
-    )
-
-
-def _body(words: list[str]) -> dict[str, Any]:
-    return {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": " ".join(words)}]}
-
-
 def test_tenant_b_gets_no_credit_for_tenant_as_blocks_in_events_mode(tmp_path) -> None:
     tok = v.tiny_tokenizer_files(tmp_path / "tok")
     prefix = [f"w{i}" for i in range(60)]
 
     async def run() -> None:
-        sims = [_sim(tok, f"r{i}") for i in range(2)]
+        sims = [make_sim(tok, f"r{i}") for i in range(2)]
         served = [await listen(s, "127.0.0.1", 0) for s in sims]
-        reps = [
-            ReplicaConfig(
-                id=f"r{i}",
-                url=f"http://127.0.0.1:{port}",
-                deployment="d",
-                model="m",
-                pool="p",
-                priority=0,
-                kv_capacity_tokens=4096,
-                max_model_len=32768,
-                max_concurrent_requests=64,
-                kv_events_endpoint=s.publisher.endpoint,
-                kv_events_replay_endpoint=s.publisher.replay_endpoint,
-            )
-            for i, (s, (_, port)) in enumerate(zip(sims, served))
-        ]
+        reps = [replica_config(f"r{i}", s, port) for i, (s, (_, port)) in enumerate(zip(sims, served))]
         # Default tenant isolation (kv); no pending credit: every hit below comes from the events.
         settings = RouterSettings(
             block_size_tokens=BS, kv_events={"enabled": True, "tokenizer": str(tok), "pending_ttl_s": 0}
@@ -110,7 +76,7 @@ def test_tenant_b_gets_no_credit_for_tenant_as_blocks_in_events_mode(tmp_path) -
 
         def salted_keys(headers: dict[str, str], words: list[str]) -> list[int]:
             tenant = router.proxy.tenants.tenant({k.lower(): x for k, x in headers.items()}, "127.0.0.1")
-            ids = router.kv.tokenizer.encode_body(_body(words))
+            ids = router.kv.tokenizer.encode_body(chat_body(words))
             return keys.prompt_keys(ids, BS, router.proxy.tenants.salt(tenant))
 
         def credited() -> float:
@@ -128,7 +94,7 @@ def test_tenant_b_gets_no_credit_for_tenant_as_blocks_in_events_mode(tmp_path) -
 
         try:
             async with aiohttp.ClientSession() as http:
-                async with http.post(url, json=_body(prefix), headers=a) as r:
+                async with http.post(url, json=chat_body(prefix), headers=a) as r:
                     assert r.status == 200
                     holder = r.headers["x-gpufleet-replica"]
                 ka = salted_keys(a, prefix)
@@ -136,11 +102,11 @@ def test_tenant_b_gets_no_credit_for_tenant_as_blocks_in_events_mode(tmp_path) -
                 assert router.kv.index.exact(holder)
                 # the index holds A's blocks under A's salt only
                 assert router.kv.index.match(salted_keys(b, prefix), [holder])[0] == 0
-                ids = router.kv.tokenizer.encode_body(_body(prefix))
+                ids = router.kv.tokenizer.encode_body(chat_body(prefix))
                 assert router.kv.index.match(keys.prompt_keys(ids, BS), [holder])[0] == 0
 
                 before = credited()
-                async with http.post(url, json=_body([*prefix, "b1"]), headers=b) as r:
+                async with http.post(url, json=chat_body([*prefix, "b1"]), headers=b) as r:
                     assert r.status == 200
                     b_holder = r.headers["x-gpufleet-replica"]
                     usage = (await r.json())["usage"]
@@ -148,14 +114,14 @@ def test_tenant_b_gets_no_credit_for_tenant_as_blocks_in_events_mode(tmp_path) -
                 assert usage["prompt_tokens_details"]["cached_tokens"] == 0  # and the engine shares none
 
                 before = credited()
-                async with http.post(url, json=_body([*prefix, "a2"]), headers=a) as r:
+                async with http.post(url, json=chat_body([*prefix, "a2"]), headers=a) as r:
                     assert r.headers["x-gpufleet-replica"] == holder
                     assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] >= 56
                 assert credited() - before >= 56  # A's own blocks still hit
 
                 await wait_held(salted_keys(b, prefix), b_holder)
                 before = credited()
-                async with http.post(url, json=_body([*prefix, "b2"]), headers=b) as r:
+                async with http.post(url, json=chat_body([*prefix, "b2"]), headers=b) as r:
                     assert r.headers["x-gpufleet-replica"] == b_holder
                     assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] >= 56
                 assert credited() - before >= 56  # and so do B's
@@ -172,7 +138,7 @@ def test_replica_sim_refuses_a_cache_salt_that_is_not_a_non_empty_string(tmp_pat
 
     sim = ReplicaSim(SimSettings(model="m", replica_id="r0"))
     with pytest.raises(BadRequest, match="cache_salt"):
-        sim.parse({**_body(["w1"]), "cache_salt": ""}, "chat")
-    salted = sim.parse({**_body(["w1"] * 80), "cache_salt": "s"}, "chat").prompt
-    plain = sim.parse(_body(["w1"] * 80), "chat").prompt
+        sim.parse({**chat_body(["w1"]), "cache_salt": ""}, "chat")
+    salted = sim.parse({**chat_body(["w1"] * 80), "cache_salt": "s"}, "chat").prompt
+    plain = sim.parse(chat_body(["w1"] * 80), "chat").prompt
     assert salted.hashes and not set(salted.hashes) & set(plain.hashes)
