@@ -41,6 +41,7 @@ from gpufleet.router.kvevents import keys
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.policies import registry
+from gpufleet.router.policies.scorers.prefix import PrefixScorer
 from gpufleet.router.types import ReplicaState, RequestFeatures
 
 BS = 16
@@ -128,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                     kv = KvIndex(BS, pending_ttl_s=0)
                     ctx = {"kv_index": kv} if mode == "events" else {}
                     pol = registry.make("cache_aware", settings, seed=0, **ctx)
+                    prefix = next(s for s in pol.scorers if isinstance(s, PrefixScorer))  # type: ignore[attr-defined]
                     for i, st in enumerate(states):
                         held = len(bk) if i == n_rep - 1 else len(bk) * i // n_rep
                         if mode == "events":
                             kv.add_replica(st.id, 1 << 17, exact=True)
                             kv.stored(st.id, bk[:held], bk[:held])
                         else:
-                            pol.scorers[-1].index(st).insert(bk[:held])  # type: ignore[attr-defined]
+                            prefix.index(st).insert(bk[:held])
                     reps = max(10, args.repeat // max(1, (len(bk) * n_rep) // 100_000))
                     ts: list[float] = []
                     wall: list[float] = []

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from gpufleet.infra.plan import KvTierPlan, Plan, ReplicaPlan
+from gpufleet.infra.plan import DeploymentPlan, KvTierPlan, Plan, ReplicaPlan
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from gpufleet.router.kvevents import ranks
 
-__all__ = ["render"]
+__all__ = ["data_parallel_size", "render"]
+
+
+def data_parallel_size(dep: DeploymentPlan) -> int:
+    """The data-parallel ranks of a vLLM deployment's engines (`--data-parallel-size` in its
+    `engine_args`; the plan has no such field): each publishes KV events on its own ports."""
+    return ranks.engine_data_parallel_size(dep.engine_args) if dep.engine == "vllm" else 1
 
 
 def _tiers(tiers: KvTierPlan | None) -> dict[str, float]:
@@ -54,6 +61,7 @@ def render(
                     max_concurrent_requests=dep.max_concurrent_requests,
                     prefill_tokens_per_s=perf[r.pool].prefill_tokens_per_s or None,
                     decode_tokens_per_s=perf[r.pool].decode_tokens_per_s or None,
+                    data_parallel_size=data_parallel_size(dep),
                     **_tiers(perf[r.pool].kv_tiers),
                 )
             )

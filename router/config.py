@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from gpufleet.router.kvevents import ranks
+
 __all__ = [
     "AdminToken",
     "CacheAwareSettings",
@@ -543,6 +545,9 @@ class ReplicaConfig(_Strict):
         default=None, description="the replica's KV-event PUB endpoint (tcp://host:port); default from its url"
     )
     kv_events_replay_endpoint: str | None = Field(default=None, description="its replay ROUTER endpoint")
+    data_parallel_size: int = Field(
+        default=1, ge=1, le=1024, description="the engine's data-parallel ranks: one KV-event stream each (port + rank)"
+    )
 
 
 class DiscoveryTarget(_Strict):
@@ -562,6 +567,7 @@ class DiscoveryTarget(_Strict):
         default="http", description="the EndpointSlice port (name or number) of the engine's HTTP API"
     )
     scheme: Literal["http", "https"] = "http"
+    data_parallel_size: int = Field(default=1, ge=1, le=1024, description="the engines' data-parallel ranks")
 
 
 class KubernetesDiscovery(_Strict):
@@ -611,4 +617,23 @@ class RouterConfig(_Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"duplicate replica ids: {', '.join(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel_event_ports(self) -> RouterConfig:
+        """Every data-parallel rank's KV-event sockets must bind (vLLM offsets both ports by the rank)."""
+        ke = self.settings.kv_events
+        if not ke.enabled:
+            return self
+        default = (f"tcp://host:{ke.port}", f"tcp://host:{ke.replay_port}" if ke.replay_port is not None else None)
+        k8s = self.discovery.kubernetes
+        checks = [(f"replica {r.id}", r.kv_events_endpoint, r.kv_events_replay_endpoint, r.data_parallel_size)
+                  for r in self.replicas]  # fmt: skip
+        checks += [(f"discovery target {t.deployment}/{t.pool}", None, None, t.data_parallel_size)
+                   for t in (k8s.targets if k8s else [])]  # fmt: skip
+        for what, ep, replay, size in checks:
+            if size > 1:
+                problem = ranks.port_collision(ep or default[0], replay if ep else default[1], size)
+                if problem:
+                    raise ValueError(f"{what}: data_parallel_size {size}: {problem}")
         return self

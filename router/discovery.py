@@ -115,6 +115,7 @@ def read_slice(
                 max_concurrent_requests=target.max_concurrent_requests,
                 prefill_tokens_per_s=target.prefill_tokens_per_s,
                 decode_tokens_per_s=target.decode_tokens_per_s,
+                data_parallel_size=target.data_parallel_size,
             )
         )
     return view

@@ -11,6 +11,12 @@ declared KV capacity in blocks, with LRU eviction, so once a replica has process
 than it can hold, the router knows the old prefixes are probably gone. Within one prompt the
 blocks are touched tail first, so the head of a prefix is the most recent and the tail is
 evicted first, as in vLLM's block pool; the matched prefix therefore stays contiguous.
+
+The indexes of a fleet can share one `gpufleet.router.holders.HolderMasks` (each with its own
+bit): every block an index holds is then marked with its bit there, so one walk over a prompt
+answers `match` for all of them at once (`HolderMasks.depths`), as the events index does. Block
+hashes are non-negative (xxhash digests); the placeholders of `consume` are negative and never
+shared.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpufleet.router.holders import HolderMasks
 from gpufleet.router.types import RequestFeatures, stable_hash, xxh3_64_intdigest
 
 __all__ = ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
@@ -167,12 +174,17 @@ class PrefixIndex:
     `match` is O(matched blocks) and `insert` O(blocks of the prompt + evictions).
     """
 
-    __slots__ = ("_blocks", "_phantom", "capacity_blocks", "effective_blocks", "evictions")
+    __slots__ = ("_blocks", "_phantom", "_shared", "bit", "capacity_blocks", "effective_blocks", "evictions")
 
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, *, shared: HolderMasks | None = None, bit: int = 0) -> None:
+        """`shared` and `bit`: mark every block held with `bit` in a fleet's table (module docs)."""
         if capacity_blocks < 0:
             raise ValueError("capacity_blocks must be >= 0")
+        if shared is not None and bit <= 0:
+            raise ValueError("a shared index needs a bit")
         self.capacity_blocks = capacity_blocks
+        self._shared = shared
+        self.bit = bit
         # What the replica can keep right now (<= capacity_blocks): lowered by `limit` when the
         # replica reports that running requests hold most of its memory.
         self.effective_blocks = capacity_blocks
@@ -203,13 +215,24 @@ class PrefixIndex:
         if not self.capacity_blocks:
             return
         blocks = self._blocks
+        shared = self._shared
         # Tail first, so the prefix head ends up most recent and the tail is evicted first.
         # A prompt longer than the capacity keeps only its head, as the engine would.
-        for h in reversed(hashes[: self.capacity_blocks]):
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                blocks[h] = None
+        if shared is None:
+            for h in reversed(hashes[: self.capacity_blocks]):
+                if h in blocks:
+                    blocks.move_to_end(h)
+                else:
+                    blocks[h] = None
+        else:
+            new: list[int] = []
+            for h in reversed(hashes[: self.capacity_blocks]):
+                if h in blocks:
+                    blocks.move_to_end(h)
+                else:
+                    blocks[h] = None
+                    new.append(h)
+            shared.add_all(new, self.bit)
         self._evict()
 
     def consume(self, n_blocks: int) -> None:
@@ -235,6 +258,8 @@ class PrefixIndex:
 
     def clear(self) -> None:
         """Forget everything (the replica restarted or was ejected: its cache is gone)."""
+        if self._shared is not None:
+            self._shared.drop_all(self._blocks, self.bit)
         self._blocks.clear()
 
     def oldest(self) -> int | None:
@@ -244,7 +269,12 @@ class PrefixIndex:
     def _evict(self) -> None:
         blocks = self._blocks
         over = len(blocks) - self.effective_blocks
-        for _ in range(over):
-            blocks.popitem(last=False)
+        if over > 0 and self._shared is not None:
+            drop, bit = self._shared.drop, self.bit
+            for _ in range(over):
+                drop(blocks.popitem(last=False)[0], bit)
+        else:
+            for _ in range(over):
+                blocks.popitem(last=False)
         if over > 0:
             self.evictions += over

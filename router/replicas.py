@@ -15,7 +15,7 @@ It validates the whole list first (nothing half-applied: a bad URL or an id anot
 raises `ConfigError` listing every problem), then diffs it by replica id:
 
 - a replica whose *identity* (URL, deployment, model, KV capacity, context length, KV-event
-  endpoints) is unchanged
+  endpoints, data-parallel size) is unchanged
   stays: the same `ReplicaState` object, so its prefix index, sessions, health record and load
   carry over; pool, priority and `max_concurrent_requests` are updated in place;
 - a replica that is gone, or whose identity changed (a new engine behind that id), leaves: its
@@ -77,6 +77,7 @@ def _identity(c: ReplicaConfig) -> tuple[object, ...]:
         c.max_model_len,
         c.kv_events_endpoint,
         c.kv_events_replay_endpoint,
+        c.data_parallel_size,
     )
 
 

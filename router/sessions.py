@@ -20,6 +20,13 @@ several routers without shared state agree through the client or through Redis:
   and written after, with `session.ttl_s` as expiry. Every Redis call is bounded (0.25 s); Redis
   down means the router's own memory decides, with one log line per minute.
 
+**Per tenant.** A session id is client input, so two tenants can send the same one. The router
+scopes it by the request's tenant (`scoped_session_id`: `<tenant id>/<session id>`, `-/<session
+id>` for anonymous requests; tenant ids are hex and never `-`) before anything keys on it: the
+token's MAC, the Redis key and the picker's own memory. A tenant therefore cannot steer its
+requests with another tenant's token (it is `forged` for its scope), nor land on, or learn,
+another tenant's binding by reusing its session id.
+
 What is resolved here becomes `RequestFeatures.session_replica`; the policy stays pure.
 """
 
@@ -39,7 +46,7 @@ from typing import Any
 from gpufleet.router import errors
 from gpufleet.router.config import SessionSecret, SessionSettings
 
-__all__ = ["MIN_SECRET_BYTES", "SessionBinder", "SessionTokens", "resolve_secret"]
+__all__ = ["MIN_SECRET_BYTES", "SessionBinder", "SessionTokens", "resolve_secret", "scoped_session_id"]
 
 log = logging.getLogger("gpufleet.router.sessions")
 
@@ -54,6 +61,13 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def scoped_session_id(tenant: str | None, session_id: str | None) -> str | None:
+    """The session id as the router keys it: within the request's tenant (module docs)."""
+    if session_id is None:
+        return None
+    return f"{tenant if tenant is not None else '-'}/{session_id}"
 
 
 def resolve_secret(ref: SessionSecret, environ: Mapping[str, str] | None = None) -> bytes | None:

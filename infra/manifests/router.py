@@ -138,6 +138,7 @@ def discovery_targets(plan: Plan) -> list[DiscoveryTarget]:
                     max_concurrent_requests=dep.max_concurrent_requests,
                     prefill_tokens_per_s=perf.prefill_tokens_per_s or None,
                     decode_tokens_per_s=perf.decode_tokens_per_s or None,
+                    data_parallel_size=router_config_mod.data_parallel_size(dep),
                 )
             )
     return out

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.infra.spec.issues import FleetIssue, SourceMap
+from gpufleet.router.kvevents import ranks
 
 if TYPE_CHECKING:
     from gpufleet.infra.spec import Clouds, Deployment, Nodepool
+    from gpufleet.router.config import RouterSettings
 
-__all__ = ["OFFLOAD_BACKENDS", "cross_check", "duplicate_names", "offload_issues"]
+__all__ = ["OFFLOAD_BACKENDS", "cross_check", "data_parallel_issues", "duplicate_names", "offload_issues"]
 
 # What each engine can offload to, and which of its backends have a disk tier.
 OFFLOAD_BACKENDS = {"vllm": ("native", "lmcache"), "sglang": ("hicache",)}
@@ -132,4 +134,26 @@ def offload_issues(i: int, dep: Deployment, smap: SourceMap) -> list[FleetIssue]
     if off.cpu_gib <= 0:
         # Every backend stages through host memory: native and hicache size their CPU pool from it.
         issues.append(smap.issue(loc + ("cpu_gib",), "must be above 0: every offload backend has a CPU tier"))
+    return issues
+
+
+def data_parallel_issues(deployments: list[Deployment], router: RouterSettings, smap: SourceMap) -> list[FleetIssue]:
+    """vLLM with `--data-parallel-size N` binds every rank's KV-event sockets on the ports + rank:
+    with precise mode on, the events and replay port ranges must not overlap."""
+    ke = router.kv_events
+    if not ke.enabled:
+        return []
+    issues = []
+    replay = f"tcp://*:{ke.replay_port}" if ke.replay_port is not None else None
+    for i, dep in enumerate(deployments):
+        n = ranks.engine_data_parallel_size(dep.engine_args) if dep.engine == "vllm" else 1
+        problem = ranks.port_collision(f"tcp://*:{ke.port}", replay, n) if n > 1 else None
+        if problem:
+            issues.append(
+                smap.issue(
+                    ("deployments", i, "engine_args"),
+                    f"--data-parallel-size {n} with router.kv_events: {problem} "
+                    f"(router.kv_events.port {ke.port}, replay_port {ke.replay_port})",
+                )
+            )
     return issues

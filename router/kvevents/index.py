@@ -1,18 +1,21 @@
 """One index of the blocks every replica holds, fed by the engines' KV events.
 
-    holders[key] = bitmask of the replicas whose GPU holds the block `key`
+    reach[key] = bitmask of the replicas whose GPU holds the block `key` or is expected to
 
 Per replica the index keeps the engine's block hash -> the router's key (so a `BlockRemoved`,
 which names only hashes, finds its key) with a reference count per key (an engine may hold two
 physical copies of one block), one map per `medium` ("GPU", "CPU", "DISK", ...). `match` walks the
 prompt's keys once for all candidates: at each key the replicas still matching are ANDed with
-its holders, so the cost is one dict lookup per matched block whatever the number of replicas
-(the walk stops when no candidate holds the next block).
+its mask, so the cost is one dict lookup per matched block whatever the number of replicas
+(the walk stops when no candidate holds the next block; `gpufleet.router.holders` does it in C
+but where the matching set changes). Lower tiers (`held_from`) are read from the one replica's
+own map.
 
 Between a routing decision and the events of the prefill it causes there is a lag (queueing,
 prefill time, event delivery). `expect` records the blocks a request will store on the replica
 it was sent to as *pending* until `pending_ttl_s`; `match` counts them as held. Events replace
-the guess with the truth as they arrive, and a removal clears the pending mark too.
+the guess with the truth as they arrive, and a removal clears the pending mark too. `reach` is
+the union of both (what the walk reads), kept in step with them.
 
 Memory is bounded by the declared KV capacity: a replica's map of one medium never holds more
 than `capacity_blocks` entries (past that the oldest entry is dropped and `overflows` counted;
@@ -32,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpufleet.router.holders import BitPool, HolderMasks
 from gpufleet.router.kvevents import keys as keys_mod
 from gpufleet.router.kvevents import wire
 
@@ -89,11 +93,12 @@ class KvIndex:
         self.block_size = block_size
         self.pending_ttl_s = pending_ttl_s
         self.replicas: dict[str, ReplicaBlocks] = {}
-        self._holders: dict[str, dict[int, int]] = {GPU: {}}
+        self._reach = HolderMasks()
+        """GPU key -> replicas holding it or expected to (pending): what `match` walks."""
         self._pending: dict[int, int] = {}
         self._pending_q: deque[tuple[float, int, Sequence[int]]] = deque()
-        self._free_bits: list[int] = []
-        self._next_bit = 0
+        self._of_bit: dict[int, ReplicaBlocks] = {}
+        self._bits = BitPool()
 
     # -- membership -------------------------------------------------------------------------
     def add_replica(
@@ -106,14 +111,11 @@ class KvIndex:
             rb.capacity_blocks = capacity_blocks
             rb.tier_capacity_blocks = max(0, tier_capacity_blocks)
             return rb
-        if self._free_bits:
-            bit = self._free_bits.pop()
-        else:
-            bit = 1 << self._next_bit
-            self._next_bit += 1
+        bit = self._bits.take()
         rb = self.replicas[replica_id] = ReplicaBlocks(
             replica_id, bit, max(0, capacity_blocks), exact, max(0, tier_capacity_blocks)
         )
+        self._of_bit[bit] = rb
         return rb
 
     def remove_replica(self, replica_id: str) -> None:
@@ -123,7 +125,8 @@ class KvIndex:
             return
         self.clear(replica_id)
         del self.replicas[replica_id]
-        self._free_bits.append(rb.bit)
+        del self._of_bit[rb.bit]
+        self._bits.give_back(rb.bit)
 
     def exact(self, replica_id: str) -> bool:
         """Whether the replica's event stream is live (its entries are the engine's truth)."""
@@ -211,19 +214,22 @@ class KvIndex:
             return
         by_hash = rb.by_medium.setdefault(medium, {})
         refs = rb.refs.setdefault(medium, {})
-        holders = self._holders.setdefault(medium, {})
+        reach = self._reach.add if medium == GPU else None
         bit = rb.bit
         for h, k in zip(hashes, block_keys):
             old = by_hash.get(h)
             if old is not None:
                 # The same engine block stored again (a second physical copy): one more reference.
-                refs[old] = refs.get(old, 0) + 1
+                n = refs.get(old, 0)
+                refs[old] = n + 1
+                if n == 0 and reach is not None:  # its key had lost every copy (another hash of it)
+                    reach(old, bit)
                 continue
             by_hash[h] = k
             n = refs.get(k, 0)
             refs[k] = n + 1
-            if n == 0:
-                holders[k] = holders.get(k, 0) | bit
+            if n == 0 and reach is not None:
+                reach(k, bit)
         rb.counters.stored += len(hashes)
         cap = rb.capacity_blocks if medium == GPU else (rb.tier_capacity_blocks or rb.capacity_blocks)
         if len(by_hash) > cap:
@@ -236,7 +242,7 @@ class KvIndex:
             return
         by_hash = rb.by_medium.get(medium, {})
         refs = rb.refs.get(medium, {})
-        holders = self._holders.get(medium, {})
+        gpu = medium == GPU
         pending = self._pending
         bit = rb.bit
         for h in hashes:
@@ -251,9 +257,10 @@ class KvIndex:
                 continue  # another copy stays
             del by_hash[h]
             refs.pop(k, None)
-            self._drop_bit(holders, k, bit)
-            if medium == GPU and k in pending:
-                self._drop_bit(pending, k, bit)
+            if gpu:
+                if k in pending:
+                    self._drop_bit(pending, k, bit)
+                self._reach.drop(k, bit)
 
     def clear(self, replica_id: str) -> None:
         """The replica holds nothing (AllBlocksCleared, a restart, a reset after a lost event)."""
@@ -261,12 +268,11 @@ class KvIndex:
         if rb is None:
             return
         bit = rb.bit
-        for medium, refs in rb.refs.items():
-            holders = self._holders.get(medium, {})
-            for k in refs:
-                self._drop_bit(holders, k, bit)
-        for k in [k for k, m in self._pending.items() if m & bit]:
+        self._reach.drop_all(rb.refs.get(GPU, ()), bit)
+        was_pending = [k for k, m in self._pending.items() if m & bit]
+        for k in was_pending:
             self._drop_bit(self._pending, k, bit)
+        self._reach.drop_all(was_pending, bit)
         rb.by_medium.clear()
         rb.refs.clear()
 
@@ -278,7 +284,7 @@ class KvIndex:
             if len(victims) >= n:
                 break
         refs = rb.refs[medium]
-        holders = self._holders[medium]
+        bit = rb.bit
         for h in victims:
             k = by_hash.pop(h)
             c = refs.get(k, 1) - 1
@@ -286,7 +292,8 @@ class KvIndex:
                 refs[k] = c
             else:
                 refs.pop(k, None)
-                self._drop_bit(holders, k, rb.bit)
+                if medium == GPU and not self._pending.get(k, 0) & bit:
+                    self._reach.drop(k, bit)
         rb.counters.overflows += len(victims)
 
     @staticmethod
@@ -312,8 +319,10 @@ class KvIndex:
         bit = rb.bit
         cap = rb.capacity_blocks
         ks = block_keys[:cap] if len(block_keys) > cap else block_keys
+        get = pending.get
         for k in ks:
-            pending[k] = pending.get(k, 0) | bit
+            pending[k] = get(k, 0) | bit
+        self._reach.add_all(ks, bit)
         self._pending_q.append((now + self.pending_ttl_s, bit, ks))
 
     def _expire(self, now: float) -> None:
@@ -321,10 +330,15 @@ class KvIndex:
         pending = self._pending
         while q and q[0][0] <= now:
             _, bit, ks = q.popleft()
+            rb = self._of_bit.get(bit)
+            held = rb.refs.get(GPU, {}) if rb is not None else {}
+            reach = self._reach
             for k in ks:
                 m = pending.get(k)
                 if m is not None and m & bit:
                     self._drop_bit(pending, k, bit)
+                    if k not in held:
+                        reach.drop(k, bit)
 
     def match(self, block_keys: Sequence[int], replica_ids: Sequence[str], now: float | None = None) -> list[int]:
         """Per replica (in order), how many leading `block_keys` it holds or is expected to hold.
@@ -333,49 +347,13 @@ class KvIndex:
         """
         reps = self.replicas
         bits = [rb.bit if (rb := reps.get(r)) is not None else 0 for r in replica_ids]
-        alive = 0
-        for b in bits:
-            alive |= b
-        depth: dict[int, int] = {}
-        if alive and block_keys:
-            if now is not None and self._pending_q:
-                self._expire(now)
-            held = self._holders[GPU].get
-            pending = self._pending
-            # One `&` and one comparison per block while every candidate still matches; a
-            # replica's depth is recorded once, when it drops out (`alive ^ h` are those dropping).
-            if pending:
-                pend = pending.get
-                for i, k in enumerate(block_keys):
-                    h = (held(k, 0) | pend(k, 0)) & alive
-                    if h != alive:
-                        depth[alive ^ h] = i
-                        alive = h
-                        if not alive:
-                            break
-            else:
-                for i, k in enumerate(block_keys):
-                    h = held(k, 0) & alive
-                    if h != alive:
-                        depth[alive ^ h] = i
-                        alive = h
-                        if not alive:
-                            break
-            n_full = len(block_keys)
-        else:
-            n_full = 0
-        at: dict[int, int] = {}
-        for mask, d in depth.items():
-            while mask:
-                low = mask & -mask
-                at[low] = d
-                mask ^= low
-        return [n_full if b & alive else at.get(b, 0) for b in bits]
+        if now is not None and self._pending_q and block_keys:
+            self._expire(now)
+        return self._reach.depths(block_keys, bits)
 
     def holders(self, key: int, medium: str = GPU) -> list[str]:
         """The replicas holding `key` in `medium` (admin views and the tiered-KV credit)."""
-        mask = self._holders.get(medium, {}).get(key, 0)
-        return [rb.id for rb in self.replicas.values() if rb.bit & mask]
+        return [rb.id for rb in self.replicas.values() if key in rb.refs.get(medium, ())]
 
     # -- the watchdog ---------------------------------------------------------------------------
     def silent(self, now: float, bound_s: float) -> list[str]:
@@ -389,12 +367,12 @@ class KvIndex:
     def held_from(self, block_keys: Sequence[int], replica_id: str, start: int, medium: str) -> int:
         """How many of `block_keys[start:]`, leading, the replica holds in `medium` (a lower tier)."""
         rb = self.replicas.get(replica_id)
-        holders = self._holders.get(medium)
-        if rb is None or not holders:
+        held = rb.refs.get(medium) if rb is not None else None
+        if not held:
             return 0
-        bit, n = rb.bit, 0
+        n = 0
         for k in block_keys[start:]:
-            if not holders.get(k, 0) & bit:
+            if k not in held:
                 break
             n += 1
         return n

@@ -13,6 +13,11 @@ and the key of its parent block, so the engine's hash function and seed (vLLM's
 A block whose hash covers more than its tokens (vLLM's `extra_keys`: a LoRA name, a cache salt,
 multimodal item hashes) gets its extra keys folded into the seed, so it never matches a plain
 prompt's block with the same tokens: the engine could not reuse it for one either.
+
+A prompt's own keys follow vLLM's `generate_block_hash_extra_keys` for what the router sets on a
+request: a `cache_salt` (tenant isolation, `gpufleet.router.tenant`) is the first block's only
+extra key, `(salt,)`, so `prompt_keys(ids, B, salt)` equals the keys of the `BlockStored` events
+of that prompt (whose `extra_keys` are `[(salt,), None, ...]`), and no other tenant's prompt.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from xxhash import xxh3_64_intdigest
 
-__all__ = ["block_keys", "extra_seed"]
+__all__ = ["block_keys", "extra_seed", "prompt_keys"]
 
 
 def _as_bytes(token_ids: Sequence[int]) -> tuple[memoryview, int]:
@@ -70,3 +75,8 @@ def block_keys(
 def extra_seed(parent: int, extra: Any) -> int:
     """The seed of a block whose hash also covers `extra` (a tuple of str/int/bytes/tuples)."""
     return xxh3_64_intdigest(repr(extra).encode(), seed=parent) or 1
+
+
+def prompt_keys(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None) -> list[int]:
+    """The keys of a prompt as the engine will hash it: with `cache_salt` in its first block (module docs)."""
+    return block_keys(token_ids, block_size, extras=[(cache_salt,)] if cache_salt else None)

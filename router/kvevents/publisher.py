@@ -18,7 +18,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from gpufleet.router.kvevents import wire
+from gpufleet.router.kvevents import ranks, wire
 
 __all__ = ["EventPublisher"]
 
@@ -36,7 +36,13 @@ class EventPublisher:
         topic: str = "kv-events",
         buffer_steps: int = 10_000,
         hwm: int = 100_000,
+        data_parallel_rank: int = 0,
     ) -> None:
+        # As vLLM's: rank r binds the endpoints with their ports + r and stamps its batches.
+        self.data_parallel_rank = data_parallel_rank
+        endpoint = ranks.offset_endpoint_port(endpoint, data_parallel_rank)
+        if replay_endpoint is not None:
+            replay_endpoint = ranks.offset_endpoint_port(replay_endpoint, data_parallel_rank)
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
@@ -72,7 +78,7 @@ class EventPublisher:
         """Send one batch; returns its sequence number."""
         seq = self._seq
         self._seq += 1
-        payload = wire.encode_batch(events, ts)
+        payload = wire.encode_batch(events, ts, self.data_parallel_rank)
         self._buffer.append((seq, payload))
         if self._lose > 0:
             self._lose -= 1

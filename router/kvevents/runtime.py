@@ -17,13 +17,13 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 
 from gpufleet.router.config import ReplicaConfig, RouterConfig
-from gpufleet.router.kvevents import keys
+from gpufleet.router.kvevents import keys, ranks
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.subscriber import EventStreams, KvEventMetrics, StreamEndpoint
 from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
 from gpufleet.router.types import RequestFeatures
 
-__all__ = ["KvEvents", "build", "endpoint_of"]
+__all__ = ["KvEvents", "build", "endpoint_of", "endpoints_of"]
 
 log = logging.getLogger("gpufleet.router.kvevents")
 
@@ -41,6 +41,22 @@ def endpoint_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> S
     return StreamEndpoint(f"tcp://{host}:{port}", replay)
 
 
+def endpoints_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> list[StreamEndpoint]:
+    """Every data-parallel rank's stream endpoints (`ranks`: the ports offset by the rank); [] when the
+    replica has none (no host in its url, or endpoints the ranks cannot be offset from)."""
+    base = endpoint_of(replica, port, replay_port)
+    if base is None:
+        return []
+    try:
+        return [
+            StreamEndpoint(pub, rep)
+            for pub, rep in ranks.rank_endpoints(base.endpoint, base.replay_endpoint, replica.data_parallel_size)
+        ]
+    except ValueError as exc:  # the config validates this; a replica added at run time may still
+        log.error("kv events: replica %s: %s; it routes approximately", replica.id, exc)
+        return []
+
+
 class KvEvents:
     """The server's precise-mode parts (module docs)."""
 
@@ -51,16 +67,16 @@ class KvEvents:
         self.tokenizer = tokenizer
         self._tokenize_failed = False
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
-        endpoints: dict[str, StreamEndpoint] = {}
+        endpoints: dict[str, list[StreamEndpoint]] = {}
         for r in config.replicas:
             self.index.add_replica(
                 r.id,
                 r.kv_capacity_tokens // self.block_size,
                 tier_capacity_blocks=r.cpu_kv_capacity_tokens // self.block_size,
             )
-            ep = endpoint_of(r, ke.port, ke.replay_port)
-            if ep is not None:
-                endpoints[r.id] = ep
+            eps = endpoints_of(r, ke.port, ke.replay_port)
+            if eps:
+                endpoints[r.id] = eps
         self.metrics = KvEventMetrics(registry, endpoints)
         self.streams = EventStreams(
             self.index,
@@ -71,8 +87,13 @@ class KvEvents:
             replay_timeout_s=ke.replay_timeout_s,
         )
 
-    async def refine(self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int) -> RequestFeatures:
-        """The features with the prompt's real token count and block keys (unchanged if unreadable)."""
+    async def refine(
+        self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int, salt: str | None = None
+    ) -> RequestFeatures:
+        """The features with the prompt's real token count and block keys (unchanged if unreadable).
+
+        The keys carry the `cache_salt` the engine will see: `salt` (the tenant's, set by the router),
+        else the client's own `cache_salt`, as vLLM folds it into the first block's hash."""
         try:
             ids = await self.tokenizer.encode_async(body, size_hint)
         except Exception:  # a tokenizer failure must not fail the request: route on the estimate
@@ -82,7 +103,10 @@ class KvEvents:
             return features
         if not ids:
             return features
-        bk = keys.block_keys(ids, self.block_size)
+        if salt is None:
+            own = body.get("cache_salt")
+            salt = own if isinstance(own, str) and own else None
+        bk = keys.prompt_keys(ids, self.block_size, salt)
         features.block_hashes = tuple(bk)
         features.prompt_tokens = len(ids)
         if bk:
@@ -96,9 +120,9 @@ class KvEvents:
         self.index.add_replica(
             replica.id, replica.kv_capacity_tokens // bs, tier_capacity_blocks=replica.cpu_kv_capacity_tokens // bs
         )
-        ep = endpoint_of(replica, ke.port, ke.replay_port)
-        if ep is not None:
-            self.streams.add(replica.id, ep)
+        eps = endpoints_of(replica, ke.port, ke.replay_port)
+        if eps:
+            self.streams.add(replica.id, eps)
 
     def replica_removed(self, replica_id: str) -> None:
         """A replica left: stop its stream and forget its blocks."""

@@ -18,6 +18,12 @@ Per replica (`EventStreams.run`, one task each):
   `gpufleet_router_kv_state{replica,state}` and the admin view say so. The next message makes it
   exact again (after the gap handling above).
 
+Data-parallel ranks (`gpufleet.router.kvevents.ranks`): a replica with `data_parallel_size` N has
+N streams (rank r on the ports + r), each with its own sequence, replay and gap handling, all fed
+into the replica's one index entry. The index counts a block stored by two ranks twice, so it
+stays held until both evicted it. A reset or `AllBlocksCleared` on one rank forgets the whole
+replica's blocks (forgetting is safe; the others are learned again as they are stored or reused).
+
 Nothing here raises out of a task on bad input or a dead peer: sockets reconnect by themselves
 (ZMQ), and an unexpected error is logged once per replica and the loop goes on.
 """
@@ -28,22 +34,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufleet.router.kvevents import wire
 from gpufleet.router.kvevents.index import KvIndex
+from gpufleet.router.kvevents.metrics import KvEventMetrics
 
 __all__ = ["EventStreams", "KvEventMetrics", "StreamEndpoint", "StreamStatus"]
 
 log = logging.getLogger("gpufleet.router.kvevents")
-
-STATES = ("events", "approximate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,9 @@ class StreamStatus:
     """One replica's stream, as the admin view shows it."""
 
     endpoint: StreamEndpoint
+    replica: str = ""
+    rank: int = 0
+    """The engine's data-parallel rank whose stream this is (its ports are offset by it)."""
     last_seq: int | None = None
     messages: int = 0
     replays: int = 0
@@ -69,53 +76,13 @@ class StreamStatus:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class KvEventMetrics:
-    """The KV-event metrics, on the router's registry."""
-
-    def __init__(self, registry: CollectorRegistry, replicas: Iterable[str]) -> None:
-        p = "gpufleet_router_"
-        self.state = Gauge(
-            p + "kv_state",
-            "1 for the replica's KV-state source: events (exact, from its KV-event stream) or approximate",
-            ["replica", "state"],
-            registry=registry,
-        )
-        self.messages = Counter(p + "kv_event_batches", "KV-event batches applied", ["replica"], registry=registry)
-        self.problems = Counter(
-            p + "kv_event_problems",
-            "KV-event input the router could not use, by kind: malformed, unknown_tag, unknown_block, "
-            "unknown_parent, skipped, gap, replay, reset, fallback",
-            ["replica", "kind"],
-            registry=registry,
-        )
-        for rid in replicas:
-            self.set_state(rid, False)
-            self.messages.labels(rid)
-
-    def forget(self, replica_id: str) -> None:
-        """A replica left: its state gauge goes (its counters stay, as Prometheus counters do)."""
-        for state in STATES:
-            try:
-                self.state.remove(replica_id, state)
-            except KeyError:
-                pass
-
-    def set_state(self, replica_id: str, exact: bool) -> None:
-        self.state.labels(replica_id, "events").set(1 if exact else 0)
-        self.state.labels(replica_id, "approximate").set(0 if exact else 1)
-
-    def problem(self, replica_id: str, kind: str, n: int = 1) -> None:
-        if n > 0:
-            self.problems.labels(replica_id, kind).inc(n)
-
-
 class EventStreams:
     """Every replica's KV-event subscriber and the watchdog, fed into one `KvIndex`."""
 
     def __init__(
         self,
         index: KvIndex,
-        endpoints: Mapping[str, StreamEndpoint],
+        endpoints: Mapping[str, StreamEndpoint | Sequence[StreamEndpoint]],
         metrics: KvEventMetrics,
         *,
         topic: str = "kv-events",
@@ -129,41 +96,64 @@ class EventStreams:
         self.silence_s = silence_s
         self.replay_timeout_s = replay_timeout_s
         self.clock = clock
-        self.status: dict[str, StreamStatus] = {rid: StreamStatus(ep) for rid, ep in endpoints.items()}
+        self.status: dict[str, StreamStatus] = {}
+        """One per stream, keyed by `stream_key`: the replica id for rank 0."""
+        self._streams: dict[str, list[str]] = {}  # replica -> its stream keys
+        for rid, eps in endpoints.items():
+            self._track(rid, eps)
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._by_replica: dict[str, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # cancelled streams of replicas that left
         self._counted: dict[str, tuple[int, int, int, int]] = {}
 
+    @staticmethod
+    def stream_key(replica_id: str, rank: int) -> str:
+        """The key of one rank's stream: the replica id for rank 0, `<id>#dp<rank>` for the others."""
+        return replica_id if rank == 0 else f"{replica_id}#dp{rank}"
+
+    def _track(self, rid: str, eps: StreamEndpoint | Sequence[StreamEndpoint]) -> list[str]:
+        ranks = [eps] if isinstance(eps, StreamEndpoint) else list(eps)
+        keys = []
+        for rank, ep in enumerate(ranks):
+            key = self.stream_key(rid, rank)
+            self.status[key] = StreamStatus(ep, rid, rank)
+            keys.append(key)
+        self._streams[rid] = keys
+        return keys
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect every subscriber and start the watchdog (inside the serving loop)."""
         self._ctx = zmq.asyncio.Context()
-        for rid in self.status:
-            self._by_replica[rid] = asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}")
+        for key in self.status:
+            self._by_replica[key] = asyncio.create_task(self._subscribe(key), name=f"kv-events:{key}")
         self._tasks.append(asyncio.create_task(self._watchdog(), name="kv-events-watchdog"))
         log.info(
-            "kv events: subscribing to %d replicas; each routes approximately until its stream speaks",
+            "kv events: subscribing to %d replicas (%d streams); each routes approximately until its stream speaks",
+            len(self._streams),
             len(self.status),
         )
 
-    def add(self, rid: str, endpoint: StreamEndpoint) -> None:
-        """Subscribe to a replica that joined (membership change); a running stream is restarted."""
+    def add(self, rid: str, endpoints: StreamEndpoint | Sequence[StreamEndpoint]) -> None:
+        """Subscribe to a replica that joined (membership change), one stream per data-parallel
+        rank; a running stream is restarted."""
         self.remove(rid)
-        self.status[rid] = StreamStatus(endpoint)
+        keys = self._track(rid, endpoints)
         self.metrics.set_state(rid, False)
         if self._ctx is not None:
-            self._by_replica[rid] = asyncio.create_task(self._subscribe(rid), name=f"kv-events:{rid}")
+            for key in keys:
+                self._by_replica[key] = asyncio.create_task(self._subscribe(key), name=f"kv-events:{key}")
 
     def remove(self, rid: str) -> None:
-        """Stop the stream of a replica that left: its socket closes as its task ends."""
-        task = self._by_replica.pop(rid, None)
-        if task is not None:
-            task.cancel()
-            self._leaving.add(task)
-            task.add_done_callback(self._leaving.discard)
-        self.status.pop(rid, None)
+        """Stop the streams of a replica that left: their sockets close as their tasks end."""
+        for key in self._streams.pop(rid, ()):
+            task = self._by_replica.pop(key, None)
+            if task is not None:
+                task.cancel()
+                self._leaving.add(task)
+                task.add_done_callback(self._leaving.discard)
+            self.status.pop(key, None)
         self._counted.pop(rid, None)
         self.metrics.forget(rid)
 
@@ -184,8 +174,8 @@ class EventStreams:
             self._ctx = None
 
     # -- one replica ------------------------------------------------------------------------------
-    async def _subscribe(self, rid: str) -> None:
-        st = self.status.get(rid)
+    async def _subscribe(self, key: str) -> None:
+        st = self.status.get(key)
         if self._ctx is None or st is None:
             return
         sub = self._ctx.socket(zmq.SUB)
@@ -198,17 +188,17 @@ class EventStreams:
             if st.endpoint.replay_endpoint is not None:
                 # What the engine did before this router started: its replay buffer from seq 0.
                 replay = self._replay_socket(st.endpoint.replay_endpoint)
-                if not await self._replay_from(rid, replay, 0, None):
+                if not await self._replay_from(key, replay, 0, None):
                     replay.close(linger=0)  # it may answer late: a later replay starts a new socket
                     replay = None
             while True:
                 frames = await sub.recv_multipart()
                 try:
-                    replay = await self._handle(rid, frames, replay)
+                    replay = await self._handle(key, frames, replay)
                 except Exception:  # a bug must not end the stream: log once, count, go on
-                    self.metrics.problem(rid, "error")
+                    self.metrics.problem(st.replica, "error")
                     if not logged:
-                        log.exception("kv events: replica %s: error applying a message", rid)
+                        log.exception("kv events: stream %s: error applying a message", key)
                         logged = True
         finally:
             sub.close(linger=0)
@@ -223,9 +213,10 @@ class EventStreams:
         return sock
 
     async def _handle(
-        self, rid: str, frames: list[bytes], replay: zmq.asyncio.Socket | None
+        self, key: str, frames: list[bytes], replay: zmq.asyncio.Socket | None
     ) -> zmq.asyncio.Socket | None:
-        st = self.status[rid]
+        st = self.status[key]
+        rid = st.replica
         seq = wire.seq_from_bytes(frames[1]) if len(frames) == 3 else None
         if seq is None or seq < 0:
             st.malformed += 1
@@ -234,8 +225,8 @@ class EventStreams:
         last = st.last_seq
         if last is not None:
             if seq == 0 and last > 0:
-                log.warning("kv events: replica %s restarted its sequence: its index is reset", rid)
-                self._reset(rid)
+                log.warning("kv events: stream %s restarted its sequence: the replica's index is reset", key)
+                self._reset(key)
                 last = None
             elif seq <= last:
                 return replay  # already applied (a replay overlapped the live stream)
@@ -244,25 +235,26 @@ class EventStreams:
                 if st.endpoint.replay_endpoint is not None:
                     if replay is None:
                         replay = self._replay_socket(st.endpoint.replay_endpoint)
-                    filled = await self._replay_from(rid, replay, last + 1, seq)
+                    filled = await self._replay_from(key, replay, last + 1, seq)
                     if not filled:
                         # A DEALER with an unanswered request would hold stale answers: start anew.
                         replay.close(linger=0)
                         replay = None
                 if st.last_seq is None or st.last_seq < seq - 1:
                     log.warning(
-                        "kv events: replica %s missed batches %d..%d and replay could not fill them: index reset",
-                        rid,
+                        "kv events: stream %s missed batches %d..%d and replay could not fill them: index reset",
+                        key,
                         (st.last_seq if st.last_seq is not None else last) + 1,
                         seq - 1,
                     )
-                    self._reset(rid)
-        self._apply(rid, seq, frames[2])
+                    self._reset(key)
+        self._apply(key, seq, frames[2])
         return replay
 
-    async def _replay_from(self, rid: str, sock: zmq.asyncio.Socket, start: int, upto: int | None) -> bool:
+    async def _replay_from(self, key: str, sock: zmq.asyncio.Socket, start: int, upto: int | None) -> bool:
         """Ask for every batch from `start`; apply those in order. True when it reached `upto - 1`."""
-        st = self.status[rid]
+        st = self.status[key]
+        rid = st.replica
         st.replays += 1
         self.metrics.problem(rid, "replay")
         await sock.send_multipart((b"", start.to_bytes(8, "big")))
@@ -294,12 +286,13 @@ class EventStreams:
                 return False  # the buffer no longer holds what is missing
             if last is None and start > 0 and seq != start:
                 return False
-            self._apply(rid, seq, frames[1])
+            self._apply(key, seq, frames[1])
 
-    def _apply(self, rid: str, seq: int, payload: bytes) -> None:
-        st = self.status.get(rid)
+    def _apply(self, key: str, seq: int, payload: bytes) -> None:
+        st = self.status.get(key)
         if st is None:  # the replica left while this message was on its way
             return
+        rid = st.replica
         res = wire.decode_batch(payload)
         st.last_seq = seq
         st.messages += 1
@@ -324,12 +317,12 @@ class EventStreams:
             self.metrics.set_state(rid, True)
             log.info("kv events: replica %s routes from its KV events (exact)", rid)
 
-    def _reset(self, rid: str) -> None:
-        st = self.status[rid]
+    def _reset(self, key: str) -> None:
+        st = self.status[key]
         st.resets += 1
         st.last_seq = None
-        self.metrics.problem(rid, "reset")
-        self.index.clear(rid)
+        self.metrics.problem(st.replica, "reset")
+        self.index.clear(st.replica)
 
     # -- the watchdog -------------------------------------------------------------------------------
     async def _watchdog(self) -> None:
@@ -356,25 +349,33 @@ class EventStreams:
         return silent
 
     def admin_view(self, rid: str) -> dict[str, Any] | None:
-        """The replica's KV-state row for /admin/replicas (None when it has no stream)."""
-        st = self.status.get(rid)
-        if st is None:
+        """The replica's KV-state row for /admin/replicas (None when it has no stream); counts
+        are summed over its data-parallel ranks, `ranks` lists each rank's stream."""
+        streams = [self.status[k] for k in self._streams.get(rid, ()) if k in self.status]
+        if not streams:
             return None
+        st = streams[0]
         rb = self.index.replicas.get(rid)
         c = rb.counters if rb is not None else None
-        return {
+        row: dict[str, Any] = {
             "state": "events" if self.index.exact(rid) else "approximate",
             "endpoint": st.endpoint.endpoint,
             "replay_endpoint": st.endpoint.replay_endpoint,
             "last_seq": st.last_seq,
-            "batches": st.messages,
+            "batches": sum(x.messages for x in streams),
             "blocks": self.index.blocks(rid),
-            "replays": st.replays,
-            "resets": st.resets,
+            "replays": sum(x.replays for x in streams),
+            "resets": sum(x.resets for x in streams),
             "fallbacks": st.fallbacks,
-            "malformed": st.malformed,
-            "unknown_tags": st.unknown_tags,
+            "malformed": sum(x.malformed for x in streams),
+            "unknown_tags": sum(x.unknown_tags for x in streams),
             "unknown_blocks": c.unknown_blocks if c else 0,
             "unknown_parent": c.unknown_parent if c else 0,
             "skipped": c.skipped if c else 0,
         }
+        if len(streams) > 1:
+            row["ranks"] = [
+                {"rank": x.rank, "endpoint": x.endpoint.endpoint, "last_seq": x.last_seq, "batches": x.messages}
+                for x in streams
+            ]
+        return row

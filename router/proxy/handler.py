@@ -38,7 +38,7 @@ from gpufleet.router.proxy.request import ProxyRequest
 from gpufleet.router.proxy.responses import answer_from_cache, error_response
 from gpufleet.router.proxy.route import Dispatcher
 from gpufleet.router.replicas import ReplicaSet
-from gpufleet.router.sessions import SessionBinder
+from gpufleet.router.sessions import SessionBinder, scoped_session_id
 from gpufleet.router.tenant import TenantResolver
 from gpufleet.router.types import ReplicaState
 from gpufleet.router.upstream import UpstreamPool
@@ -115,11 +115,11 @@ class Proxy:
                 model=model,
                 block_size_tokens=s.block_size_tokens,
                 chars_per_token=s.chars_per_token,
-                session_id=wire.session_id(request.headers, body, s.session),
+                session_id=scoped_session_id(tenant, wire.session_id(request.headers, body, s.session)),
                 salt=salt,
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
-                features = await self.kv.refine(body, features, len(raw))
+                features = await self.kv.refine(body, features, len(raw), salt)
             if features.session_id is not None and self.sessions is not None:
                 token = request.headers.get(s.session.token_header)
                 features.session_replica = await self.sessions.resolve(token, features.session_id)

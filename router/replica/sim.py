@@ -26,6 +26,7 @@ from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.prefix import block_hashes, render_prompt
 from gpufleet.router.replica.metrics import ReplicaMetrics
 from gpufleet.router.replica.settings import FailureMode, SimSettings
+from gpufleet.router.types import stable_hash
 
 __all__ = ["BadRequest", "Job", "Prompt", "ReplicaSim"]
 
@@ -62,17 +63,21 @@ class Prompt:
     seed: int
     token_ids: tuple[int, ...] | None = None
     """The prompt's token ids when the replica has a tokenizer (KV events carry them)."""
+    cache_salt: str | None = None
+    """vLLM's per-request `cache_salt`: in the first block's hash, so only equal salts share blocks."""
 
 
-def engine_block_hashes(token_ids: tuple[int, ...], block_size: int) -> tuple[int, ...]:
-    """Chained block hashes the way vLLM makes them (sha256 of the parent hash and the block's
-    tokens, low 64 bits as an int): deliberately not the router's function, so that the router
-    must key blocks by their tokens, as it has to with a real engine."""
+def engine_block_hashes(token_ids: tuple[int, ...], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:
+    """Chained block hashes the way vLLM makes them (sha256 of the parent hash, the block's tokens
+    and its extra keys, low 64 bits as an int; `cache_salt` is the first block's extra key):
+    deliberately not the router's function, so that the router must key blocks by their tokens, as
+    it has to with a real engine."""
     out: list[int] = []
     parent = b"\0" * 8
     for i in range(len(token_ids) // block_size):
         chunk = token_ids[i * block_size : (i + 1) * block_size]
-        digest = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little") for t in chunk)).digest()
+        extra = b"\0salt\0" + cache_salt.encode() if cache_salt and i == 0 else b""
+        digest = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little") for t in chunk) + extra).digest()
         parent = digest[-8:]
         out.append(int.from_bytes(parent, "big"))
     return tuple(out)
@@ -111,6 +116,7 @@ class ReplicaSim:
         self.publisher: EventPublisher | None = None
         self._tokens: dict[str, tuple[int, ...]] = {}
         self._hashes: dict[str, tuple[int, ...]] = {}
+        self._salts: dict[str, str] = {}
         self.failure = FailureMode()
         self.standby = settings.standby
         self._clock = clock
@@ -184,8 +190,15 @@ class ReplicaSim:
                 if ids is not None and hashes is not None:
                     parent = hashes[first - 1] if first > 0 else None
                     tokens = list(ids[first * bs : (first + len(run)) * bs])
+                    # As vLLM: one entry per block, the salt in block 0's, None elsewhere.
+                    salt = self._salts.get(rid)
+                    extra: list[tuple[Any, ...] | None] = [
+                        (salt,) if salt and first + i == 0 else None for i in range(len(run))
+                    ]
                     events.append(
-                        wire.BlockStored([h for _, h, _, _ in run], parent, tokens, bs, None, wire.MEDIUM_GPU, None)
+                        wire.BlockStored(
+                            [h for _, h, _, _ in run], parent, tokens, bs, None, wire.MEDIUM_GPU, None, extra
+                        )
                     )
             run.clear()
 
@@ -231,6 +244,8 @@ class ReplicaSim:
         if job.prompt.token_ids is not None:
             self._tokens[job.request_id] = job.prompt.token_ids
             self._hashes[job.request_id] = job.prompt.hashes
+            if job.prompt.cache_salt:
+                self._salts[job.request_id] = job.prompt.cache_salt
         self._publish()
         q: asyncio.Queue[kvmodel.Event] = asyncio.Queue()
         self._queues[job.request_id] = q
@@ -243,6 +258,7 @@ class ReplicaSim:
         self._queues.pop(request_id, None)
         self._tokens.pop(request_id, None)
         self._hashes.pop(request_id, None)
+        self._salts.pop(request_id, None)
         if self.engine.cancel(request_id, self.now()) and self._wake is not None:
             self._wake.set()
 
@@ -251,19 +267,20 @@ class ReplicaSim:
         """Render, count and hash a request's prompt the way the router does."""
         s = self.settings
         text = render_prompt(body)
+        salt = body.get("cache_salt") or None  # `parse` checked it is a non-empty string
         if self.tokenizer is not None:
             ids = tuple(self.tokenizer.encode_body(body))
-            hashes = engine_block_hashes(ids, s.block_size_tokens)
+            hashes = engine_block_hashes(ids, s.block_size_tokens, salt)
             seed = xxhash.xxh3_64_intdigest(text.encode())
-            return Prompt(text=text, tokens=max(1, len(ids)), hashes=hashes, seed=seed, token_ids=ids)
+            return Prompt(text, max(1, len(ids)), hashes, seed, token_ids=ids, cache_salt=salt)
         prompt = body.get("prompt")
         if "messages" not in body and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = len(prompt)  # token ids are counted as given
         else:
             tokens = math.ceil(len(text) / s.chars_per_token)
         tokens = max(1, tokens)
-        hashes = block_hashes(text, s.block_chars)
-        return Prompt(text=text, tokens=tokens, hashes=hashes, seed=xxhash.xxh3_64_intdigest(text.encode()))
+        hashes = block_hashes(text, s.block_chars, stable_hash(salt) if salt else 0)
+        return Prompt(text, tokens, hashes, xxhash.xxh3_64_intdigest(text.encode()), cache_salt=salt)
 
     def parse(self, body: Any, kind: str) -> Job:
         """Validate a completion request the way vLLM does; raises `BadRequest` with vLLM's wording."""
@@ -294,6 +311,9 @@ class ReplicaSim:
         if (lp is not None and lp is not False) or body.get("top_logprobs") is not None:
             param = "logprobs" if lp is not None and lp is not False else "top_logprobs"
             raise BadRequest(400, "replica-sim does not compute logprobs; leave `logprobs` unset", param=param)
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise BadRequest(400, "Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
         stops = self._stops(body.get("stop"))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):

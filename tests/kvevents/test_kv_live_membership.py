@@ -25,11 +25,10 @@ from gpufleet.router.config import (
     RouterSettings,
 )
 from gpufleet.router.kvevents import keys
-from gpufleet.router.replica import SimSettings
 from gpufleet.router.replica.app import listen
-from gpufleet.router.replica.sim import ReplicaSim
 from tests.fakes.k8s_server import FakeKubernetes
 from tests.kvevents import vllm_structs as v
+from tests.kvevents.sims import chat_body, make_sim, replica_config
 
 pytestmark = pytest.mark.timeout(90)
 BS = 4
@@ -43,47 +42,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _sim(
-    tok: Any, rid: str, endpoint: str = "tcp://127.0.0.1:0", replay: str | None = "tcp://127.0.0.1:0"
-) -> ReplicaSim:
-    return ReplicaSim(
-        SimSettings(
-            model="m",
-            replica_id=rid,
-            block_size_tokens=BS,
-            kv_capacity_tokens=4096,
-            prefill_tokens_per_s=200_000,
-            decode_tokens_per_s=2000,
-            tokenizer=str(tok),
-            kv_events_endpoint=endpoint,
-            kv_events_replay_endpoint=replay,
-        )
-    )
-
-
-def _config(rid: str, sim: ReplicaSim, port: int) -> ReplicaConfig:
-    assert sim.publisher is not None
-    return ReplicaConfig(
-        id=rid,
-        url=f"http://127.0.0.1:{port}",
-        deployment="d",
-        model="m",
-        pool="p",
-        priority=0,
-        kv_capacity_tokens=4096,
-        max_model_len=32768,
-        max_concurrent_requests=64,
-        kv_events_endpoint=sim.publisher.endpoint,
-        kv_events_replay_endpoint=sim.publisher.replay_endpoint,
-    )
-
-
 def _settings(tok: Any) -> RouterSettings:
     return RouterSettings(block_size_tokens=BS, kv_events={"enabled": True, "tokenizer": str(tok)})
-
-
-def _body(words: list[str]) -> dict[str, Any]:
-    return {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": " ".join(words)}]}
 
 
 PROMPT = [f"w{i}" for i in range(40)]
@@ -91,9 +51,9 @@ PROMPT = [f"w{i}" for i in range(40)]
 
 async def _served_by_events(http: aiohttp.ClientSession, router: Any, sim_port: int, rid: str) -> None:
     """Send PROMPT straight to the replica; wait until the router's index holds its blocks from events."""
-    async with http.post(f"http://127.0.0.1:{sim_port}/v1/chat/completions", json=_body(PROMPT)) as r:
+    async with http.post(f"http://127.0.0.1:{sim_port}/v1/chat/completions", json=chat_body(PROMPT)) as r:
         assert r.status == 200
-    ks = keys.block_keys(router.kv.tokenizer.encode_body(_body(PROMPT)), BS)
+    ks = keys.block_keys(router.kv.tokenizer.encode_body(chat_body(PROMPT)), BS)
     end = time.monotonic() + 10
     while not (router.kv.index.exact(rid) and router.kv.index.match(ks, [rid])[0] == len(ks)):
         assert time.monotonic() < end, f"{rid}'s events never reached the router's index"
@@ -122,9 +82,9 @@ def test_a_replica_sim_added_and_removed_through_the_admin_api(tmp_path) -> None
     tok = v.tiny_tokenizer_files(tmp_path / "tok")
 
     async def run() -> None:
-        sims = [_sim(tok, f"r{i}") for i in range(2)]
+        sims = [make_sim(tok, f"r{i}") for i in range(2)]
         served = [await listen(s, "127.0.0.1", 0) for s in sims]
-        cfgs = [_config(f"r{i}", s, p) for i, (s, (_, p)) in enumerate(zip(sims, served))]
+        cfgs = [replica_config(f"r{i}", s, p) for i, (s, (_, p)) in enumerate(zip(sims, served))]
         app = router_app.create_app(
             RouterConfig(fleet="t", settings=_settings(tok), replicas=cfgs[:1]), admin_token=TOKEN
         )
@@ -142,7 +102,7 @@ def test_a_replica_sim_added_and_removed_through_the_admin_api(tmp_path) -> None
                 assert row["state"] == "events" and row["blocks"] >= len(PROMPT) // BS
                 assert 'gpufleet_router_kv_state{replica="r1",state="events"} 1.0' in await _metrics(http, url)
                 # routed through the router, the prompt goes where its blocks are, and hits there
-                async with http.post(url + "/v1/chat/completions", json=_body([*PROMPT, "next"])) as r:
+                async with http.post(url + "/v1/chat/completions", json=chat_body([*PROMPT, "next"])) as r:
                     assert r.headers["x-gpufleet-replica"] == "r1"
                     assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
                 async with http.delete(url + "/admin/replicas/r1", headers=AUTH) as r:
@@ -172,9 +132,9 @@ def test_a_replica_sim_added_by_a_config_reload_then_removed_by_another(tmp_path
         os.replace(tmp, path)
 
     async def run() -> None:
-        sims = [_sim(tok, f"r{i}") for i in range(2)]
+        sims = [make_sim(tok, f"r{i}") for i in range(2)]
         served = [await listen(s, "127.0.0.1", 0) for s in sims]
-        cfgs = [_config(f"r{i}", s, p) for i, (s, (_, p)) in enumerate(zip(sims, served))]
+        cfgs = [replica_config(f"r{i}", s, p) for i, (s, (_, p)) in enumerate(zip(sims, served))]
         write(cfgs[:1])
         cfg = RouterConfig(fleet="t", settings=_settings(tok), replicas=cfgs[:1])
         app = router_app.create_app(cfg, admin_token=TOKEN, config_path=path, reload_interval_s=3600)
@@ -222,7 +182,7 @@ def test_a_discovered_pod_is_subscribed_at_its_address_and_the_plans_event_port(
     )
 
     async def run(kube: FakeKubernetes) -> None:
-        sim = _sim(tok, "pod", endpoint=f"tcp://127.0.0.1:{kv_port}", replay=None)
+        sim = make_sim(tok, "pod", endpoint=f"tcp://127.0.0.1:{kv_port}", replay=None)
         sim_runner, sim_port = await listen(sim, "127.0.0.1", 0)
         sts = names.replica_set_name("d", "p")
         pod = f"{sts}-0"

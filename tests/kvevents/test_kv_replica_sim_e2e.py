@@ -12,42 +12,21 @@ import zmq
 import zmq.asyncio
 
 from gpufleet.router import app as router_app
-from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from gpufleet.router.config import RouterConfig, RouterSettings
 from gpufleet.router.kvevents import keys
-from gpufleet.router.replica import SimSettings
 from gpufleet.router.replica.app import listen
-from gpufleet.router.replica.sim import ReplicaSim
 from tests.kvevents import vllm_structs as v
+from tests.kvevents.sims import chat_body, make_sim, replica_config
 
 pytestmark = pytest.mark.timeout(90)
 BS = 4
-
-
-def _sim(tok, rid, kv_capacity_tokens=4096):
-    return ReplicaSim(
-        SimSettings(
-            model="m",
-            replica_id=rid,
-            block_size_tokens=BS,
-            kv_capacity_tokens=kv_capacity_tokens,
-            prefill_tokens_per_s=200_000,
-            decode_tokens_per_s=2000,
-            tokenizer=str(tok),
-            kv_events_endpoint="tcp://127.0.0.1:0",
-            kv_events_replay_endpoint="tcp://127.0.0.1:0",
-        )
-    )
-
-
-def _body(words, n=2):
-    return {"model": "m", "max_tokens": n, "messages": [{"role": "user", "content": " ".join(words)}]}
 
 
 def test_replica_sim_events_decode_with_vllms_structs_and_name_its_blocks(tmp_path):
     tok = v.tiny_tokenizer_files(tmp_path / "tok")
 
     async def run():
-        sim = _sim(tok, "r0", kv_capacity_tokens=64)  # 16 blocks: the second prompt evicts
+        sim = make_sim(tok, "r0", kv_capacity_tokens=64)  # 16 blocks: the second prompt evicts
         runner, port = await listen(sim, "127.0.0.1", 0)
         ctx = zmq.asyncio.Context()
         sub = ctx.socket(zmq.SUB)
@@ -57,7 +36,7 @@ def test_replica_sim_events_decode_with_vllms_structs_and_name_its_blocks(tmp_pa
         try:
             async with aiohttp.ClientSession() as http:
                 for words in ([f"w{i}" for i in range(30)], [f"w{i}" for i in range(100, 140)]):
-                    async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=_body(words)) as r:
+                    async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_body(words)) as r:
                         assert r.status == 200
             dec = msgspec.msgpack.Decoder(v.KVEventBatch)
             stored, removed, seqs = [], [], []
@@ -70,7 +49,7 @@ def test_replica_sim_events_decode_with_vllms_structs_and_name_its_blocks(tmp_pa
             assert seqs == list(range(len(seqs))) and seqs
             assert removed, "the second prompt must evict blocks of the first"
             # The first BlockStored names the first prompt's leading blocks with its real tokens.
-            ids = sim.tokenizer.encode_body(_body([f"w{i}" for i in range(30)]))
+            ids = sim.tokenizer.encode_body(chat_body([f"w{i}" for i in range(30)]))
             first = stored[0]
             assert first.parent_block_hash is None and first.block_size == BS and first.medium == "GPU"
             assert first.token_ids == ids[: len(first.block_hashes) * BS]
@@ -88,24 +67,9 @@ def test_router_routes_a_shared_prefix_from_replica_sim_events(tmp_path):
     tok = v.tiny_tokenizer_files(tmp_path / "tok")
 
     async def run():
-        sims = [_sim(tok, f"r{i}") for i in range(3)]
+        sims = [make_sim(tok, f"r{i}") for i in range(3)]
         served = [await listen(s, "127.0.0.1", 0) for s in sims]
-        reps = [
-            ReplicaConfig(
-                id=f"r{i}",
-                url=f"http://127.0.0.1:{port}",
-                deployment="d",
-                model="m",
-                pool="p",
-                priority=0,
-                kv_capacity_tokens=4096,
-                max_model_len=32768,
-                max_concurrent_requests=64,
-                kv_events_endpoint=s.publisher.endpoint,
-                kv_events_replay_endpoint=s.publisher.replay_endpoint,
-            )
-            for i, (s, (_, port)) in enumerate(zip(sims, served))
-        ]
+        reps = [replica_config(f"r{i}", s, port) for i, (s, (_, port)) in enumerate(zip(sims, served))]
         settings = RouterSettings(block_size_tokens=BS, kv_events={"enabled": True, "tokenizer": str(tok)})
         app = router_app.create_app(RouterConfig(fleet="t", settings=settings, replicas=reps), admin_token="tok")
         runner, port = await router_app.start(app, "127.0.0.1", 0)
@@ -114,7 +78,7 @@ def test_router_routes_a_shared_prefix_from_replica_sim_events(tmp_path):
             prefix = [f"w{i}" for i in range(60)]
             async with aiohttp.ClientSession() as http:
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                async with http.post(url, json=_body(prefix)) as r:
+                async with http.post(url, json=chat_body(prefix)) as r:
                     assert r.status == 200
                 # the engine's events reach the router and make the replica exact
                 end = time.monotonic() + 10
@@ -125,12 +89,12 @@ def test_router_routes_a_shared_prefix_from_replica_sim_events(tmp_path):
                             holder = s.settings.replica_id
                     await asyncio.sleep(0.05)
                 assert holder is not None
-                ids = router.kv.tokenizer.encode_body(_body(prefix))
+                ids = router.kv.tokenizer.encode_body(chat_body(prefix))
                 ks = keys.block_keys(ids, BS)
                 assert router.kv.index.match(ks, [holder])[0] >= len(ks) - 1
                 # later turns that extend the prefix go where its blocks are, with cache hits
                 for turn in range(4):
-                    async with http.post(url, json=_body([*prefix, f"w{200 + turn}", "the"])) as r:
+                    async with http.post(url, json=chat_body([*prefix, f"w{200 + turn}", "the"])) as r:
                         assert r.status == 200
                         usage = (await r.json())["usage"]
                         assert usage["prompt_tokens_details"]["cached_tokens"] >= 56

@@ -218,7 +218,7 @@ def test_a_discovered_id_that_the_config_already_lists_stays_the_configs(replica
 
 
 def test_read_slice_takes_only_ready_endpoints_and_the_plan_facts() -> None:
-    disc = _discovery([_target(port="api", scheme="https")])
+    disc = _discovery([_target(port="api", scheme="https", data_parallel_size=2)])
     obj = {
         "metadata": {
             "name": "llama-aws-x1",
@@ -239,5 +239,6 @@ def test_read_slice_takes_only_ready_endpoints_and_the_plan_facts() -> None:
         ("p2", "https://10.0.0.3:9000", "m"),  # a nil `ready` reads as ready
     ]
     assert view.ignored == {"no_address": 1}
+    assert {r.data_parallel_size for r in view.replicas} == {2}  # each pod: one KV-event stream per rank
     obj["ports"] = [{"name": "metrics", "port": 9100}]
     assert read_slice(obj, {("llama", "aws"): disc.targets[0]}, disc).ignored == {"no_port": 3}

@@ -9,7 +9,7 @@ import pytest
 
 from gpufleet.router import errors
 from gpufleet.router.config import RouterSettings, SessionSecret
-from gpufleet.router.sessions import SessionTokens, resolve_secret
+from gpufleet.router.sessions import SessionTokens, resolve_secret, scoped_session_id
 from tests.router.router_fakes import chat, replica_configs, serve_process
 
 SECRET = "test-session-secret-0123456789"
@@ -117,7 +117,9 @@ def test_a_signed_token_is_honoured_by_a_second_router_process_and_a_forged_one_
             r = turn(url, f"s-{name}", "next turn", **{"x-gpufleet-session": token})
             assert r.headers["x-gpufleet-replica"] == name
             # B answers with a fresh token for the same replica.
-            assert SessionTokens(SECRET.encode(), 3600).verify(r.headers["x-gpufleet-session"], f"s-{name}") == (
+            assert SessionTokens(SECRET.encode(), 3600).verify(
+                r.headers["x-gpufleet-session"], scoped_session_id(None, f"s-{name}")
+            ) == (
                 name,
                 "valid",
             )
@@ -204,3 +206,58 @@ def test_a_session_binding_survives_redis_going_away(replicas, make_router) -> N
 def test_settings_reject_an_unknown_binding() -> None:
     with pytest.raises(ValueError, match="binding"):
         RouterSettings.model_validate({"session": {"binding": "etcd"}})
+
+
+# -- per tenant -------------------------------------------------------------------------------
+
+TENANT_A = {"Authorization": "Bearer key-of-tenant-a"}
+TENANT_B = {"Authorization": "Bearer key-of-tenant-b"}
+
+
+def _own_and_other(url: str, reps: list) -> tuple[str, str]:  # type: ignore[type-arg]
+    """Where router `url` sends tenant B's "same prompt" by itself (its prefix is cached there from
+    then on), and the other replica."""
+    own = turn(url, "b-warmup", "same prompt", **TENANT_B).headers["x-gpufleet-replica"]
+    return own, next(r.name for r in reps if r.name != own)
+
+
+def test_one_tenant_cannot_steer_with_or_land_on_another_tenants_session(replicas, make_router) -> None:
+    reps = replicas(2)
+    b_router = make_router(replica_configs(reps), settings=QUIET, environ=ENV)
+    own, other = _own_and_other(b_router.url, reps)
+    # Tenant A's session "shared" lives on `other`: a router that knows only `other` issued its token.
+    a_router = make_router(replica_configs([r for r in reps if r.name == other]), settings=QUIET, environ=ENV)
+    token_a = turn(a_router.url, "shared", "hello", **TENANT_A).headers["x-gpufleet-session"]
+    # A's token steers A's own next turn on the other router ...
+    r = turn(b_router.url, "shared", "same prompt", **{"x-gpufleet-session": token_a}, **TENANT_A)
+    assert r.headers["x-gpufleet-replica"] == other
+    # ... but not tenant B's with the same session id: the MAC covers the tenant's scope.
+    r = turn(b_router.url, "shared", "same prompt", **{"x-gpufleet-session": token_a}, **TENANT_B)
+    assert r.headers["x-gpufleet-replica"] == own
+    token_b = r.headers["x-gpufleet-session"]
+    assert token_b != token_a
+    # Nor does the router's own memory of A's "shared" (on `other`) pull B's "shared" there, or the reverse.
+    for i in range(3):
+        assert turn(b_router.url, "shared", "same prompt", **TENANT_B).headers["x-gpufleet-replica"] == own
+        assert turn(b_router.url, "shared", f"turn {i}", **TENANT_A).headers["x-gpufleet-replica"] == other
+    # B's token is no good to A either.
+    r = turn(b_router.url, "shared", "same prompt", **{"x-gpufleet-session": token_b}, **TENANT_A)
+    assert r.headers["x-gpufleet-replica"] == other
+    metrics = httpx.get(b_router.url + "/metrics").text
+    assert 'gpufleet_router_session_tokens_total{result="valid"} 1.0' in metrics
+    assert 'gpufleet_router_session_tokens_total{result="forged"} 2.0' in metrics
+
+
+@pytest.mark.redis
+def test_a_redis_session_binding_is_per_tenant(replicas, make_router, redis_url) -> None:
+    reps = replicas(2)
+    env = {"GPUFLEET_SESSION_REDIS_URL": redis_url}  # no secret: the binding alone decides
+    s = {**QUIET, "session": {"binding": "redis", "key_prefix": "t-tenant:"}}
+    b_router = make_router(replica_configs(reps), settings=s, environ=env)
+    own, other = _own_and_other(b_router.url, reps)
+    a_router = make_router(replica_configs([r for r in reps if r.name == other]), settings=s, environ=env)
+    assert turn(a_router.url, "r-shared", "first", **TENANT_A).headers["x-gpufleet-replica"] == other
+    # B's turn with A's session id neither reads A's binding ...
+    assert turn(b_router.url, "r-shared", "same prompt", **TENANT_B).headers["x-gpufleet-replica"] == own
+    # ... nor overwrites it: A's next turn on the other router still finds its replica.
+    assert turn(b_router.url, "r-shared", "second", **TENANT_A).headers["x-gpufleet-replica"] == other

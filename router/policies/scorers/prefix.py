@@ -7,7 +7,9 @@ replica's declared KV capacity (`kv_capacity_tokens / block_size_tokens`). Routi
 inserts its blocks (`on_routed`); generated tokens push older prefixes out (`on_completed`); an
 ejected or restarted replica starts empty (`on_replica_reset`). A match shorter than
 `min_match_blocks` counts as none. This scorer also tells the profile how many blocks matched
-(`Candidates.matched_blocks`), which its decision reports.
+(`Candidates.matched_blocks`), which its decision reports. The replicas' indexes share one table
+of block -> replicas (`gpufleet.router.holders`), so the candidates are matched in one walk over
+the prompt, not one per replica.
 
 Events mode (precise): when the policy is built with a `kv_index` in its context (a
 `gpufleet.router.kvevents.index.KvIndex` fed by the engines' KV events), every replica whose
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpufleet.router.holders import BitPool, HolderMasks
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.base import Candidates, PluginContext, Scorer
 from gpufleet.router.prefix import PrefixIndex
@@ -67,6 +70,11 @@ class PrefixScorer(Scorer):
         self.tier_load_latency_s = params.tier_load_latency_s
         self.block_size_tokens = ctx.settings.block_size_tokens
         self._indexes: dict[str, PrefixIndex] = {}
+        self._shared = HolderMasks()  # block -> the replicas whose index holds it
+        self._bits = BitPool()
+        # A subclass may answer `index` with something else (an engine's exact cache): then each
+        # replica is asked on its own.
+        self._one_walk = type(self).index is PrefixScorer.index
         self._deep: dict[str, PrefixIndex] = {}  # GPU + CPU tier, for replicas with a CPU tier
         self.kv: KvIndex | None = ctx.context.get("kv_index")
         self._clock: Callable[[], float] = ctx.clock
@@ -80,8 +88,17 @@ class PrefixScorer(Scorer):
         """The replica's prefix index, sized from its declared KV capacity on first use."""
         idx = self._indexes.get(replica.id)
         if idx is None:
-            idx = self._indexes[replica.id] = PrefixIndex(replica.kv_capacity_tokens // self.block_size_tokens)
+            cap = replica.kv_capacity_tokens // self.block_size_tokens
+            idx = self._indexes[replica.id] = PrefixIndex(cap, shared=self._shared, bit=self._bits.take())
         return idx
+
+    def _match_approx(self, hashes: Sequence[int], replicas: Sequence[ReplicaState]) -> list[int]:
+        """Leading blocks of `hashes` each replica's index holds: one walk for all of them."""
+        get = self._indexes.get
+        # `or`: an index not made yet (or still empty) comes from `index`, which makes it.
+        if self._one_walk:
+            return self._shared.depths(hashes, [(get(r.id) or self.index(r)).bit for r in replicas])
+        return [(get(r.id) or self.index(r)).match(hashes) for r in replicas]
 
     def deep_index(self, replica: ReplicaState) -> PrefixIndex | None:
         """The replica's GPU + CPU-tier prediction (None without a CPU tier)."""
@@ -116,11 +133,9 @@ class PrefixScorer(Scorer):
         hashes = f.block_hashes
         replicas = candidates.replicas
         if hashes:
-            get = self._indexes.get
             kv = self.kv
             if kv is None:
-                # `or`: an index not made yet (or still empty) comes from `index`, which makes it.
-                matched = [(get(r.id) or self.index(r)).match(hashes) for r in replicas]
+                matched = self._match_approx(hashes, replicas)
             else:
                 matched = self._match_events(kv, hashes, replicas)
             if self.min_match_blocks > 1:  # 0 and 1 leave every match as it is
@@ -146,10 +161,8 @@ class PrefixScorer(Scorer):
         if len(live) == len(replicas):
             return kv.match(hashes, live, self._clock())
         by_id = dict(zip(live, kv.match(hashes, live, self._clock()))) if live else {}
-        get = self._indexes.get
-        return [
-            m if (m := by_id.get(r.id)) is not None else (get(r.id) or self.index(r)).match(hashes) for r in replicas
-        ]
+        rest = iter(self._match_approx(hashes, [r for r in replicas if r.id not in by_id]))
+        return [m if (m := by_id.get(r.id)) is not None else next(rest) for r in replicas]
 
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
         r = decision.replica
@@ -181,7 +194,10 @@ class PrefixScorer(Scorer):
                 idx.clear()
 
     def on_replica_removed(self, replica_id: str) -> None:
-        self._indexes.pop(replica_id, None)  # its memory goes with it
+        idx = self._indexes.pop(replica_id, None)  # its memory goes with it
+        if idx is not None:
+            idx.clear()  # its marks in the shared table too, and its bit is free again
+            self._bits.give_back(idx.bit)
         self._deep.pop(replica_id, None)
 
     def cached_blocks(self, replica_id: str) -> int:

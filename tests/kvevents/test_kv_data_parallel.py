@@ -1,0 +1,162 @@
+"""Data-parallel ranks: a replica with `data_parallel_size` N is subscribed on every rank's ports
+(vLLM's `offset_endpoint_port`), and the ranks' events merge into the replica's one index entry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import aiohttp
+import pytest
+from pydantic import ValidationError
+
+from gpufleet.router import app as router_app
+from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
+from gpufleet.router.kvevents import keys, ranks, wire
+from gpufleet.router.kvevents.publisher import EventPublisher
+from tests.kvevents import vllm_structs as v
+
+pytestmark = pytest.mark.timeout(60)
+BS = 4
+TOKEN = "tok"
+
+
+def _free_run(n: int) -> int:
+    """A base port with the next n-1 ports free too (checked by binding them)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        socks = []
+        try:
+            for p in range(base, base + n):
+                x = socket.socket()
+                socks.append(x)
+                x.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for x in socks:
+                x.close()
+    raise AssertionError("no run of free ports")
+
+
+def _block(i: int) -> list[int]:
+    return [i * 10 + j for j in range(BS)]
+
+
+def _stored(h: int, parent: int | None, first: int) -> wire.BlockStored:
+    return wire.BlockStored([h], parent, _block(first), BS, None, "GPU", None)
+
+
+def test_offset_endpoint_port_is_vllms_and_colliding_rank_ports_are_a_config_error() -> None:
+    assert ranks.offset_endpoint_port("tcp://*:5557", 0) == "tcp://*:5557"
+    assert ranks.offset_endpoint_port("tcp://10.0.0.1:5557", 3) == "tcp://10.0.0.1:5560"
+    assert ranks.offset_endpoint_port("inproc://cache", 2) == "inproc://cache_dp2"
+    with pytest.raises(ValueError, match="tcp://host:port"):
+        ranks.offset_endpoint_port("ipc:///tmp/ev", 1)
+    assert ranks.engine_data_parallel_size(["--data-parallel-size", "4"]) == 4
+    assert ranks.engine_data_parallel_size(["-dp", "2", "--x"]) == 2
+    assert ranks.engine_data_parallel_size(["--data-parallel-size=8"]) == 8
+    assert ranks.engine_data_parallel_size(["--tensor-parallel-size", "2"]) == 1
+    rep = ReplicaConfig(
+        id="r0", url="http://10.0.0.1:8000", deployment="d", model="m", pool="p", priority=0,
+        kv_capacity_tokens=1000, max_model_len=4096, max_concurrent_requests=8, data_parallel_size=2,
+    )  # fmt: skip
+    # the defaults 5557 (events) and 5558 (replay): rank 1's events would bind rank 0's replay port
+    with pytest.raises(ValidationError, match="replica r0: data_parallel_size 2: rank 1's events endpoint"):
+        RouterConfig(fleet="t", settings=RouterSettings(kv_events={"enabled": True}), replicas=[rep])
+    ok = RouterSettings(kv_events={"enabled": True, "port": 5557, "replay_port": 5567})
+    assert RouterConfig(fleet="t", settings=ok, replicas=[rep]).replicas[0].data_parallel_size == 2
+
+
+def test_every_ranks_stream_is_subscribed_and_merged_into_the_replicas_index(tmp_path) -> None:
+    tok = v.tiny_tokenizer_files(tmp_path / "tok")
+    pub_port = _free_run(4)
+    replay_port = pub_port + 2
+
+    async def run() -> None:
+        pubs = [
+            EventPublisher(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}", data_parallel_rank=rank)
+            for rank in range(2)
+        ]
+        assert [p.endpoint for p in pubs] == [f"tcp://127.0.0.1:{pub_port + r}" for r in range(2)]
+        for p in pubs:
+            await p.start()
+        rep = ReplicaConfig(
+            id="r0", url="http://127.0.0.1:1", deployment="d", model="m", pool="p", priority=0,
+            kv_capacity_tokens=4096, max_model_len=4096, max_concurrent_requests=8, data_parallel_size=2,
+            kv_events_endpoint=f"tcp://127.0.0.1:{pub_port}",
+            kv_events_replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        )  # fmt: skip
+        settings = RouterSettings(
+            block_size_tokens=BS,
+            kv_events={"enabled": True, "tokenizer": str(tok), "pending_ttl_s": 0},
+            health={"interval_s": 60},
+        )
+        app = router_app.create_app(RouterConfig(fleet="t", settings=settings, replicas=[rep]), admin_token=TOKEN)
+        runner, port = await router_app.start(app, "127.0.0.1", 0)
+        router = app[router_app.ROUTER_KEY]
+        index, streams = router.kv.index, router.kv.streams
+        try:
+            assert {
+                k: (s.rank, s.endpoint.endpoint, s.endpoint.replay_endpoint) for k, s in streams.status.items()
+            } == {
+                "r0": (0, f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{replay_port}"),
+                "r0#dp1": (1, f"tcp://127.0.0.1:{pub_port + 1}", f"tcp://127.0.0.1:{replay_port + 1}"),
+            }
+            # rank 0 holds the chain 1 -> 2, rank 1 the chain 7 (engine hashes are per rank)
+            end = time.monotonic() + 5
+            while streams.status["r0"].last_seq is None or streams.status["r0#dp1"].last_seq is None:
+                assert time.monotonic() < end, "a rank's stream was never heard"
+                for p in pubs:
+                    p.publish([], time.time())
+                await asyncio.sleep(0.05)
+            pubs[0].publish([_stored(1, None, 1), _stored(2, 1, 2)], time.time())
+            pubs[1].publish([_stored(7, None, 7)], time.time())
+            # rank 1 also stores rank 0's first block (same tokens: the same key), under its own hash
+            pubs[1].publish([_stored(1, None, 1)], time.time())
+            k12 = keys.block_keys(_block(1) + _block(2), BS)
+            k7 = keys.block_keys(_block(7), BS)
+            end = time.monotonic() + 5
+            while not (index.match(k12, ["r0"])[0] == 2 and index.match(k7, ["r0"])[0] == 1):
+                assert time.monotonic() < end, "the ranks' blocks did not merge into r0's index"
+                await asyncio.sleep(0.02)
+            assert index.exact("r0")
+            # rank 0 evicts block 1: rank 1 still holds it, so the replica still does
+            pubs[0].publish([wire.BlockRemoved([1], "GPU")], time.time())
+            await asyncio.sleep(0.2)
+            assert index.match(k12[:1], ["r0"])[0] == 1
+            pubs[1].publish([wire.BlockRemoved([1], "GPU")], time.time())
+            end = time.monotonic() + 5
+            while index.match(k12[:1], ["r0"])[0] != 0:
+                assert time.monotonic() < end, "a block evicted by every rank is still held"
+                await asyncio.sleep(0.02)
+            # a gap on rank 1 is filled from rank 1's own replay endpoint
+            pubs[1].lose_next()
+            pubs[1].publish([_stored(8, None, 8)], time.time())
+            pubs[1].publish([_stored(9, None, 9)], time.time())
+            k8, k9 = keys.block_keys(_block(8), BS), keys.block_keys(_block(9), BS)
+            end = time.monotonic() + 5
+            while not (index.match(k8, ["r0"])[0] == 1 and index.match(k9, ["r0"])[0] == 1):
+                assert time.monotonic() < end, "rank 1's gap was not replayed"
+                await asyncio.sleep(0.02)
+            assert streams.status["r0#dp1"].replays >= 2 and streams.status["r0#dp1"].resets == 0
+            async with aiohttp.ClientSession() as http:
+                async with http.get(
+                    f"http://127.0.0.1:{port}/admin/replicas", headers={"Authorization": f"Bearer {TOKEN}"}
+                ) as r:
+                    row = (await r.json())["replicas"][0]["kv_state"]
+            assert row["state"] == "events" and [x["rank"] for x in row["ranks"]] == [0, 1]
+            assert row["batches"] == sum(x["batches"] for x in row["ranks"])
+            # the replica leaves: both ranks' streams go
+            router.replicas.replace([])
+            assert streams.status == {} and "r0" not in index.replicas
+        finally:
+            await runner.cleanup()
+            for p in pubs:
+                await p.close()
+
+    asyncio.run(run())
