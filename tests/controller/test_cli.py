@@ -139,7 +139,17 @@ def test_router_service_with_no_ready_pod_still_runs_the_round_and_says_so(
     server, kubeconfig, plan = kube
     result = CliRunner().invoke(
         app,
-        ["controller", "run", "-c", str(plan), "--kubeconfig", str(kubeconfig), "--once", "--router-service", "f-router"],
+        [
+            "controller",
+            "run",
+            "-c",
+            str(plan),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--once",
+            "--router-service",
+            "f-router",
+        ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
     assert "no ready router pod" in result.output  # GPU pressure alone decided this round
