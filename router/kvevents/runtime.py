@@ -10,7 +10,7 @@ and block keys as the engine will see them replace the character-based estimate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,6 +67,8 @@ class KvEvents:
         self.tokenizer = tokenizer
         self._tokenize_failed = False
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
+        # Data-parallel replicas: which rank holds what (events only), to pin a request's rank.
+        self.rank_index = KvIndex(self.block_size, pending_ttl_s=0)
         endpoints: dict[str, list[StreamEndpoint]] = {}
         for r in config.replicas:
             self.index.add_replica(
@@ -85,6 +87,7 @@ class KvEvents:
             topic=ke.topic,
             silence_s=ke.silence_s,
             replay_timeout_s=ke.replay_timeout_s,
+            rank_index=self.rank_index,
         )
 
     async def refine(
@@ -128,6 +131,16 @@ class KvEvents:
         """A replica left: stop its stream and forget its blocks."""
         self.streams.remove(replica_id)
         self.index.remove_replica(replica_id)
+
+    def rank_for(self, replica_id: str, block_keys: Sequence[int]) -> int | None:
+        """The data-parallel rank of `replica_id` holding the longest prefix of `block_keys`, or
+        None (a replica without ranks, or no rank holds its first block: the engine balances)."""
+        streams = self.streams.ranks_of(replica_id)
+        if len(streams) < 2 or not block_keys:
+            return None
+        depths = self.rank_index.match(block_keys, streams)
+        best = max(range(len(streams)), key=depths.__getitem__)
+        return best if depths[best] > 0 else None
 
     async def start(self) -> None:
         await self.streams.start()
