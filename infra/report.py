@@ -271,6 +271,7 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
         ("engine", False),
         ("GPUs per replica", False),
         ("replicas min / max", False),
+        ("scaling", False),
     ):
         deps.add_column(col, **(whole if keep else part))  # type: ignore[arg-type]
     routes = Table(title="deployments: placement and failover", title_justify="left")
@@ -283,6 +284,7 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
             d.engine,
             str(d.gpus_per_replica),
             f"{d.min_replicas}/{d.max_replicas}",
+            d.scaling_summary(),
         )
         routes.add_row(
             d.name,
@@ -394,12 +396,12 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
                 lines.append(f"| ~~{d.name}~~ | | | | removed | | | | {_signed_usd(d.delta_usd_per_month)} |")
     lines += [
         "",
-        "| Deployment | Model | Replicas min/max | Placement | Failover | KV tokens/replica |",
-        "|---|---|---:|---|---|---:|",
+        "| Deployment | Model | Replicas min/max | Scaling | Placement | Failover | KV tokens/replica |",
+        "|---|---|---:|---|---|---|---:|",
     ]
     for d in plan.deployments:
         lines.append(
-            f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
+            f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {d.scaling_summary()} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
         )
     lines += _mermaid_cost(plan)
     tier_rows = kv_tier_rows(plan)

@@ -70,6 +70,20 @@ def _replica_table(rt: LocalRuntime) -> Any:
     return t
 
 
+def scaling_lines(plan: Plan, autoscale: bool) -> list[str]:
+    """One line per deployment: how `up` scales it (the plan's scaling, or off with --no-autoscale)."""
+    out = []
+    for d in plan.deployments:
+        if autoscale or d.autoscaling is None:
+            out.append(f"scaling {d.name}: {d.scaling_summary()}")
+        else:
+            out.append(
+                f"scaling {d.name}: autoscaling off (--no-autoscale): standbys promoted for min_replicas "
+                f"and by load, up to {d.max_replicas}"
+            )
+    return out
+
+
 class _Signals:
     """`up`'s SIGINT/SIGTERM: during start-up both stop at once (KeyboardInterrupt); once the fleet
     runs the first asks for a drain, the second forces (every child SIGKILLed)."""
@@ -188,6 +202,8 @@ def register(app: typer.Typer) -> None:
                 autoscale=autoscale,
             )
             console.print(_replica_table(rt))
+            for line in scaling_lines(plan, autoscale):
+                console.print(line, highlight=False)
             env = rt.settings.admin_token.env
             console.print(
                 f"router for fleet [bold]{plan.fleet}[/] (policy {rt.settings.policy}) listening on {rt.endpoint}",

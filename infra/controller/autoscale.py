@@ -13,7 +13,10 @@ Per deployment, one round:
    `v`, `ratio = v / target`; within `1 +- tolerance` nothing changes, otherwise
    `desired = ceil(ready x ratio)`. For `in_flight` and `queued_prefill_tokens` the sample is the
    deployment's total, so `desired = ceil(total / target)`; for `ttft_p90_s` it is the p90 itself.
-   Clamped to `[min_replicas, max_replicas]`. No `autoscaling:` declared: `desired = min_replicas`.
+   Clamped to `[min_replicas, max_replicas]`. The plan's `autoscaling` is the declared one or,
+   for a deployment that declares none but may grow (max_replicas > min_replicas), the default
+   (`spec.default_autoscaling`: `in_flight`, 80 % of `max_concurrent_requests` per replica);
+   none only when max_replicas = min_replicas: `desired = min_replicas`.
    A missing or stale load sample holds the current count (bounds still apply); a *partial* one
    (a router pod did not answer) may raise the count, never lower it.
 3. **Hysteresis and cool-down.** Growth waits until `desired` has stayed above the current count

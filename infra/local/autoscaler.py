@@ -184,7 +184,7 @@ class LocalAutoscaler:
         rt = self.rt
         changed = False
         for _ in range(n):
-            if self._promote_standby(dep, pool):
+            if rt.supervisor.promote(dep, "its placeholder evicted", pool=pool) is not None:
                 continue
             gpus = rt.plan.deployment(dep).gpus_per_replica
             plan_pool = rt.plan.pool(pool)
@@ -207,25 +207,6 @@ class LocalAutoscaler:
                 break
             self._start_new(dep, pool, now)
         return changed
-
-    def _promote_standby(self, dep: str, pool: str) -> bool:
-        rt = self.rt
-        for rep in [r for r in rt.replicas if r.deployment == dep and r.pool == pool and r.state == "warm"]:
-            try:
-                resp = httpx.post(
-                    rep.url + "/admin/promote",
-                    headers={"Authorization": f"Bearer {rt.sim_admin_token}"},
-                    timeout=2.0,
-                    trust_env=False,
-                )
-                resp.raise_for_status()
-            except httpx.HTTPError as exc:
-                rt.emit(f"could not promote {rep.id}: {exc}")
-                continue
-            rep.state, rep.role, rep.promoted_at = "active", "active", time.monotonic()
-            rt.emit(f"promoted warm replica {rep.id} (pool {pool}) for {dep}: its placeholder evicted")
-            return True
-        return False
 
     def _start_new(self, dep: str, pool: str, now: float) -> None:
         rt = self.rt

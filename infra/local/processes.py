@@ -22,6 +22,7 @@ from pathlib import Path
 
 __all__ = [
     "ENGINE_PLACEHOLDERS",
+    "LocalRuntimeError",
     "cli_argv",
     "fill_engine_command",
     "free_port",
@@ -35,6 +36,10 @@ __all__ = [
 
 ENGINE_PLACEHOLDERS = ("model", "port", "host", "max_model_len", "max_concurrent_requests", "gpu_memory_utilization")
 """What a pool's `engine_command` may name in braces (`{model}`, `{port}`, ...)."""
+
+
+class LocalRuntimeError(Exception):
+    """The local fleet cannot be started or run (shown to the user as one line)."""
 
 
 def pid_alive(pid: int) -> bool:

@@ -46,13 +46,17 @@ class Supervisor:
         self.short_since: dict[str, float] = {}
         """Deployments below min_replicas, since when."""
 
-    def promote(self, deployment: str, reason: str) -> LocalReplica | None:
-        """Promote the first live standby of `deployment`, in its failover order."""
+    def promote(self, deployment: str, reason: str, pool: str | None = None) -> LocalReplica | None:
+        """Promote the first live standby of `deployment` (of `pool` only, when given), in its failover order."""
         rt = self.rt
         with rt.lock:
             order = {p: i for i, p in enumerate(rt.plan.deployment(deployment).failover)}
             standby = sorted(
-                (r for r in rt.replicas if r.deployment == deployment and r.state == "warm"),
+                (
+                    r
+                    for r in rt.replicas
+                    if r.deployment == deployment and r.state == "warm" and (pool is None or r.pool == pool)
+                ),
                 key=lambda r: order.get(r.pool, len(order)),
             )
             for rep in standby:

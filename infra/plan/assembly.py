@@ -216,7 +216,8 @@ def deployment_plans(
                 replicas=replicas,
                 capacity_replicas=min(capacity, dep.max_replicas),
                 replicas_if_top_pool_lost=lost,
-                autoscaling=dep.autoscaling,
+                autoscaling=dep.resolved_autoscaling,
+                autoscaling_default=dep.autoscaling is None and dep.resolved_autoscaling is not None,
             )
         )
     return deployments, warnings

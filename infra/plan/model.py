@@ -169,8 +169,25 @@ class DeploymentPlan(_Data):
     )
     replicas_if_top_pool_lost: int
     autoscaling: spec.Autoscaling | None = Field(
-        None, description="how it scales between min_replicas and max_replicas; none: it stays at min_replicas"
+        None,
+        description="how it scales between min_replicas and max_replicas, declared or the default "
+        "(`spec.default_autoscaling`); none: max_replicas = min_replicas, it stays there",
     )
+    autoscaling_default: bool = Field(
+        False, description="no `autoscaling:` declared: `autoscaling` is the default (in_flight)"
+    )
+
+    def scaling_summary(self) -> str:
+        """One line: how the deployment scales (declared, default or fixed), as plan and `up` print it."""
+        a = self.autoscaling
+        if a is None:
+            return f"fixed at {self.min_replicas} (max_replicas = min_replicas)"
+        unit = "s" if a.signal == "ttft_p90_s" else " per replica"
+        how = f"{self.min_replicas}-{self.max_replicas} on {a.signal}, target {a.target:g}{unit}"
+        if self.autoscaling_default:
+            share = f"{spec.DEFAULT_IN_FLIGHT_SHARE:.0%} of max_concurrent_requests {self.max_concurrent_requests}"
+            return f"{how} (default: no autoscaling declared; {share})"
+        return how
 
 
 class Cost(_Data):

@@ -30,6 +30,7 @@ from gpufleet.router.config import RouterSettings
 
 __all__ = [
     "AUTOSCALING_SIGNALS",
+    "DEFAULT_IN_FLIGHT_SHARE",
     "Autoscaling",
     "AwsCloud",
     "Clouds",
@@ -45,6 +46,7 @@ __all__ = [
     "Nodepool",
     "SourceMap",
     "Taint",
+    "default_autoscaling",
     "load_dict",
     "load_file",
     "load_text",
@@ -179,6 +181,18 @@ class Autoscaling(_Strict):
     )
 
 
+DEFAULT_IN_FLIGHT_SHARE = 0.8
+"""A deployment that may grow (max_replicas > min_replicas) and declares no `autoscaling:` scales
+on `in_flight` with this share of `max_concurrent_requests` per replica as its target (HPA's
+default target is 80 % CPU utilization)."""
+
+
+def default_autoscaling(max_concurrent_requests: int) -> Autoscaling:
+    """The autoscaling of a deployment that declares none but may grow (`DEFAULT_IN_FLIGHT_SHARE`)."""
+    target = max(1, int(max_concurrent_requests * DEFAULT_IN_FLIGHT_SHARE))
+    return Autoscaling(signal="in_flight", target=target)
+
+
 class KvOffload(_Strict):
     """A second (CPU) and third (local disk) KV-cache tier per replica (docs/fleet-reference.md)."""
 
@@ -204,7 +218,11 @@ class Deployment(_Strict):
     max_concurrent_requests: int = Field(256, ge=1, description="engine's --max-num-seqs / --max-running-requests")
     port: int = Field(8000, ge=1, le=65535)
     kv_offload: KvOffload | None = Field(None, description="CPU (and disk) KV tiers; default: GPU only")
-    autoscaling: Autoscaling | None = Field(None, description="none: the deployment stays at min_replicas")
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="none: with max_replicas > min_replicas, in_flight at 80% of max_concurrent_requests "
+        "per replica (`resolved_autoscaling`); with max_replicas = min_replicas it stays there",
+    )
 
     _name = field_validator("name")(_dns_label)
 
@@ -214,6 +232,16 @@ class Deployment(_Strict):
         if self.kv_offload is None:
             return None
         return self.kv_offload.backend or ("native" if self.engine == "vllm" else "hicache")
+
+    @property
+    def resolved_autoscaling(self) -> Autoscaling | None:
+        """The autoscaling in effect: the declared one, else the default when the deployment may
+        grow (max_replicas > min_replicas), else none (it stays at min_replicas)."""
+        if self.autoscaling is not None:
+            return self.autoscaling
+        if self.max_replicas > self.min_replicas:
+            return default_autoscaling(self.max_concurrent_requests)
+        return None
 
     @property
     def resolved_image(self) -> str:

@@ -188,6 +188,37 @@ def test_autoscaling_reaches_the_plan():
     assert dep.autoscaling.scale_up_delay_s == 30
 
 
+def test_a_deployment_that_may_grow_without_autoscaling_scales_on_in_flight_at_80_percent():
+    from gpufleet.infra import plan
+
+    fleet, _ = spec.load_text(BASE + "    max_concurrent_requests: 32\n")
+    assert fleet.deployments[0].autoscaling is None  # nothing declared ...
+    dep = plan.compile_fleet(fleet).deployment("llama-8b")
+    assert dep.autoscaling == spec.Autoscaling(signal="in_flight", target=25)  # ... the default applies
+    assert dep.autoscaling_default
+    assert dep.scaling_summary() == (
+        "4-16 on in_flight, target 25 per replica (default: no autoscaling declared; 80% of max_concurrent_requests 32)"
+    )
+
+
+def test_min_equal_to_max_is_fixed_and_a_declared_autoscaling_is_kept():
+    from gpufleet.infra import plan
+
+    fixed = plan.compile_fleet(spec.load_text(BASE.replace("max_replicas: 16", "max_replicas: 4"))[0])
+    dep = fixed.deployment("llama-8b")
+    assert dep.autoscaling is None and not dep.autoscaling_default
+    assert dep.scaling_summary() == "fixed at 4 (max_replicas = min_replicas)"
+    declared = plan.compile_fleet(spec.load_text(AUTO + "      signal: in_flight\n      target: 8\n")[0])
+    dep = declared.deployment("llama-8b")
+    assert dep.autoscaling is not None and dep.autoscaling.target == 8 and not dep.autoscaling_default
+    assert dep.scaling_summary() == "4-16 on in_flight, target 8 per replica"
+
+
+@pytest.mark.parametrize(("mcr", "target"), [(1, 1), (2, 1), (5, 4), (256, 204)])
+def test_the_default_target_is_80_percent_of_max_concurrent_requests_rounded_down_at_least_one(mcr, target):
+    assert spec.default_autoscaling(mcr).target == target
+
+
 def test_data_parallel_engines_need_kv_event_port_ranges_that_do_not_overlap():
     dp = BASE + "    engine_args: [--data-parallel-size, '2']\n"
     assert spec.load_text(dp)  # precise mode off: the ports are not used

@@ -289,3 +289,22 @@ def test_demo_motion_scales_the_top_pool_to_its_limit_spills_scales_down_lower_f
     assert res.first_ok_after_kill_s is not None and res.first_ok_after_kill_s < 5
     assert res.errors <= res.cut_by_kill + 30  # other failures only around the kill (clients retry every 0.1 s)
     assert not [pid for rt in started for pid in rt.pids() if alive(pid)]
+
+
+def test_up_says_per_deployment_whether_it_autoscales_by_default_declared_fixed_or_not_at_all(tmp_path):
+    from gpufleet.infra import plan as plan_mod
+    from gpufleet.infra.cli.up import scaling_lines
+
+    p = plan_mod.compile_file(str(write_fleet(tmp_path)))  # min 2, max 3, max_concurrent_requests 16, no autoscaling
+    assert scaling_lines(p, autoscale=True) == [
+        "scaling qwen: 2-3 on in_flight, target 12 per replica (default: no autoscaling declared; "
+        "80% of max_concurrent_requests 16)"
+    ]
+    assert scaling_lines(p, autoscale=False) == [
+        "scaling qwen: autoscaling off (--no-autoscale): standbys promoted for min_replicas and by load, up to 3"
+    ]
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(write_fleet(tmp_path).read_text().replace("max_replicas: 3", "max_replicas: 2"))
+    assert scaling_lines(plan_mod.compile_file(str(fixed)), autoscale=True) == [
+        "scaling qwen: fixed at 2 (max_replicas = min_replicas)"
+    ]
