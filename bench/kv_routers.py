@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", default=str(HERE / "fleet.yaml"))
     ap.add_argument("--deployment", default="qwen-32b")
     ap.add_argument("--trace-deployment", default="llama-8b-long")
-    ap.add_argument("--workloads", default="multiturn,shared_prompts,traces")
+    ap.add_argument("--workloads", default="multiturn,shared_prompts,rag,mix,hot_prefix,traces")
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--loads", default="0.8,2.0")
     ap.add_argument("--routers", default="1,2,4")
@@ -61,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                     trace.load_trace(path), name=path.stem, seed=args.seed, settings=tr.settings, limit=args.requests
                 )
                 jobs.append((wl, tr))
+        elif w.endswith("_trace"):  # one Mooncake trace by name
+            path = TRACES / f"{w}.jsonl"
+            if not path.is_file():
+                console.print(f"[yellow]skipping {w}: {path} is not present[/]")
+                continue
+            tr = fleet_mod.fleet_from_file(args.fleet, args.trace_deployment)
+            wl = trace.trace_workload(
+                trace.load_trace(path), name=w, seed=args.seed, settings=tr.settings, limit=args.requests
+            )
+            jobs.append((wl, tr))
         else:
             jobs.append((generators.make_workload(w, args.requests, seed=args.seed, settings=syn.settings), syn))
     rows: list[dict[str, object]] = []

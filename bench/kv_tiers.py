@@ -4,7 +4,7 @@
     .venv/bin/python bench/kv_tiers.py --json docs/kv-tiers-results.json --plot docs/kv-tiers.png
 
 The two deployments of bench/fleet-tiered.yaml are the same Llama-3.1-8B replicas on an L40S node
-(g6e.48xlarge), one without and one with `kv_offload: {cpu_gib: 176}` (the most the node's RAM
+(g6e.48xlarge), one without and one with `kv_offload: {cpu_gib: 168}` (the most the node's memory
 allows for 8 replicas); the simulator takes both from the plan, so the tier's size and PCIe rate
 are the plan's. Each trace (../shared/traces/mooncake, skipped with a note when absent; the first
 `--requests` of each) is scaled to each offered load (no-cache prefill work / fleet prefill

@@ -261,6 +261,18 @@ class KvEventsSettings(_Strict):
     tokenize_inline_chars: int = Field(
         default=8192, ge=0, description="bodies up to this size are tokenized on the event loop, longer in threads"
     )
+    tokenize_deadline_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="a longer body not tokenized within this time (or with every tokenizer thread busy) is "
+        "routed on the character estimate (gpufleet_router_kv_tokenize_fallbacks_total)",
+    )
+    token_cache_tokens: int = Field(
+        default=4_000_000,
+        ge=0,
+        description="token ids of already-seen prompt text kept per tenant, in total (about 4 bytes each; "
+        "0: tokenize every prompt whole)",
+    )
 
 
 class ServerSettings(_Strict):

@@ -56,15 +56,19 @@ class HolderMasks:
         return self.masks.get(key, 0)
 
     def _intern(self, mask: int) -> int:
+        self._room(1)
+        return self._canon.setdefault(mask, mask)
+
+    def _room(self, n: int) -> None:
+        """Make room for `n` more interned masks: past the limit, forget those nobody holds."""
         canon = self._canon
-        if len(canon) >= self._limit:
+        if len(canon) + n > self._limit:
             # Every value in `masks` is an interned object already: rebuilding from them keeps
             # those objects and forgets the masks nobody holds any more.
             canon.clear()
             for m in self.masks.values():
                 canon[m] = m
-            self._limit = max(_MIN_INTERN_LIMIT, 2 * len(canon))
-        return canon.setdefault(mask, mask)
+            self._limit = max(_MIN_INTERN_LIMIT, 2 * (len(canon) + n))
 
     def add(self, key: int, bit: int) -> None:
         """Mark `key` held by the replica(s) of `bit`."""
@@ -77,8 +81,10 @@ class HolderMasks:
         masks, canon, intern = self.masks, self._canon, self._intern
         get = masks.get
         for k in keys:
-            m = get(k, 0) | bit
-            masks[k] = canon.get(m) or intern(m)
+            old = get(k, 0)
+            if not old & bit:
+                m = old | bit
+                masks[k] = canon.get(m) or intern(m)
 
     def drop(self, key: int, bit: int) -> None:
         """The replica(s) of `bit` no longer hold `key` (nothing if they did not)."""

@@ -99,6 +99,14 @@ class ReplicaState:
     """This router's `in_flight` when the last engine-load sample was taken."""
     sampled_queued: int = 0
     """This router's `queued_requests` when the last engine-load sample was taken."""
+    routed: int = 0
+    """Requests this router has sent here, ever (`begin` counts them)."""
+    sampled_routed: int = 0
+    """`routed` when the last engine-load sample was taken."""
+    engine_full_running: int = 0
+    """The engine's running limit as its samples show it: the most requests it ran at a sample
+    that also reported waiting ones (it had no room: a slot or memory limit), raised by any later
+    sample that ran more; 0 until a sample reports waiting requests."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -118,6 +126,7 @@ class ReplicaState:
     def begin(self, prefill_tokens: int) -> None:
         """A request was sent here with `prefill_tokens` of (estimated) uncached prompt."""
         self.in_flight += 1
+        self.routed += 1
         self.queued_requests += 1
         self.queued_prefill_tokens += prefill_tokens
 
@@ -133,10 +142,13 @@ class ReplicaState:
         the requests of other routers (sample minus own-at-sample) from its own (exact, now)."""
         self.engine_waiting = max(0, waiting)
         self.engine_running = max(0, running)
+        if self.engine_waiting or self.engine_full_running:
+            self.engine_full_running = max(self.engine_full_running, self.engine_running)
         self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
         self.engine_sampled_at = now
         self.sampled_in_flight = self.in_flight
         self.sampled_queued = self.queued_requests
+        self.sampled_routed = self.routed
 
     def foreign_load(self) -> tuple[int, int]:
         """(waiting, running) requests of *other* routers at the last engine-load sample: what the

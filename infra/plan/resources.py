@@ -2,6 +2,9 @@
 
 Pure arithmetic on the catalog's machine facts (docs/plan.md, "Engine CPU and memory"):
 
+- capacity = the catalog's RAM less `VM_MEMORY_OVERHEAD` (7.5%): what the kernel reports, and so
+  the kubelet, is below the instance's nominal memory (firmware, kernel, crash kernel);
+  Karpenter assumes the same 7.5% (`vmMemoryOverheadPercent`) when it picks a node for a pod;
 - allocatable = capacity - the kubelet's kube/system reservation - the hard eviction threshold
   (100 MiB), as the cloud's node image computes them:
   - gcp (GKE): memory 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the
@@ -39,6 +42,7 @@ __all__ = [
     "ENGINE_CPU_BASE",
     "EVICTION_MIB",
     "KUBELET_MAX_PODS",
+    "VM_MEMORY_OVERHEAD",
     "cpu_short",
     "engine_resources",
     "memory_problem",
@@ -47,6 +51,7 @@ __all__ = [
 
 EVICTION_MIB = 100  # evictionHard memory.available on both GKE and EKS
 KUBELET_MAX_PODS = 110  # the kubelet's default maxPods
+VM_MEMORY_OVERHEAD = 0.075
 DAEMONSET_CPU_MILLICORES = 500
 DAEMONSET_MEMORY_MIB = 1024
 ENGINE_CPU_BASE = 2
@@ -96,7 +101,8 @@ def engine_resources(dep: spec.Deployment, machine: PoolMachine) -> EngineResour
         return None
     cpu_res, mem_res, source = reserved(machine)
     node_cpu = max(0, machine.vcpus * 1000 - cpu_res - DAEMONSET_CPU_MILLICORES)
-    node_mem = max(0, int(machine.ram_gib * _MIB_PER_GIB) - mem_res - DAEMONSET_MEMORY_MIB)
+    capacity = int(machine.ram_gib * _MIB_PER_GIB * (1 - VM_MEMORY_OVERHEAD))
+    node_mem = max(0, capacity - mem_res - DAEMONSET_MEMORY_MIB)
     share = dep.gpus_per_replica / machine.gpus_per_node
     tier = dep.kv_offload.cpu_gib if dep.kv_offload is not None else 0.0
     return EngineResources(
@@ -122,7 +128,8 @@ def memory_problem(dep: spec.Deployment, pool: str, machine: PoolMachine) -> str
     where = (
         f"a replica's share of a node of pool {pool!r} ({dep.gpus_per_replica} of {machine.gpus_per_node} GPUs) "
         f"is {share:.1f} GiB of the {res.node_memory_mib / _MIB_PER_GIB:.1f} GiB a {machine.ram_gib:g} GiB RAM node "
-        f"leaves to pods ({res.reserve} kubelet reservation, {DAEMONSET_MEMORY_MIB} MiB for system daemonsets)"
+        f"leaves to pods ({VM_MEMORY_OVERHEAD:.1%} VM overhead, {res.reserve} kubelet reservation, "
+        f"{DAEMONSET_MEMORY_MIB} MiB for system daemonsets)"
     )
     if tier:
         fits = max(0.0, share - engine)

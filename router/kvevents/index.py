@@ -320,9 +320,13 @@ class KvIndex:
         cap = rb.capacity_blocks
         ks = block_keys[:cap] if len(block_keys) > cap else block_keys
         get = pending.get
+        fresh = []  # not pending here yet (a block pending is in `reach` already)
         for k in ks:
-            pending[k] = get(k, 0) | bit
-        self._reach.add_all(ks, bit)
+            p = get(k, 0)
+            if not p & bit:
+                pending[k] = p | bit
+                fresh.append(k)
+        self._reach.add_all(fresh, bit)
         self._pending_q.append((now + self.pending_ttl_s, bit, ks))
 
     def _expire(self, now: float) -> None:

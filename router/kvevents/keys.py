@@ -55,20 +55,23 @@ def block_keys(
     n = len(token_ids) // block_size
     if n == 0:
         return []
-    buf, width = _as_bytes(token_ids if len(token_ids) == n * block_size else token_ids[: n * block_size])
+    data, width = _as_bytes(token_ids if len(token_ids) == n * block_size else token_ids[: n * block_size])
     step = block_size * width
-    out = [0] * n
+    out: list[int] = []
+    append = out.append
     h = parent
-    if extras is None:
-        for i in range(n):
-            h = xxh3_64_intdigest(buf[i * step : (i + 1) * step], seed=h)
-            out[i] = h
-        return out
-    for i in range(n):
-        extra = extras[i] if i < len(extras) else None
-        seed = h if extra is None else extra_seed(h, extra)
-        h = xxh3_64_intdigest(buf[i * step : (i + 1) * step], seed=seed)
-        out[i] = h
+    head = 0
+    # The blocks that may carry extra keys first (a salt is on the first block only), then the
+    # rest on the plain chain: this loop is the hashing cost of a long prompt, kept minimal.
+    ex: Sequence[Any] = extras if extras is not None else ()
+    for i in range(min(n, len(ex))):
+        extra = ex[i]
+        h = xxh3_64_intdigest(data[head : head + step], h if extra is None else extra_seed(h, extra))
+        append(h)
+        head += step
+    for pos in range(head, n * step, step):
+        h = xxh3_64_intdigest(data[pos : pos + step], h)
+        append(h)
     return out
 
 

@@ -248,10 +248,16 @@ def simulate(
             for st, e in zip(sts, engines):
                 st.report_kv_usage(e.kv_usage)
 
+    # vLLM's waiting gauge is the scheduler's, taken after its last step: a request that arrived
+    # during the step in progress is not counted yet (it is scheduled when the step ends).
+    stepped_at = [0.0] * len(engines)
+
     def sample_load() -> None:
-        for sts in states_by:
-            for st, e in zip(sts, engines):
-                st.report_engine_load(e.num_waiting, e.num_running, e.kv_usage, now)
+        for i, e in enumerate(engines):
+            last = stepped_at[i]
+            waiting = sum(1 for v in e.requests() if not v.running and v.arrival < last) if e.num_waiting else 0
+            for sts in states_by:
+                sts[i].report_engine_load(waiting, e.num_running, e.kv_usage, now)
 
     def schedule(i: int) -> None:
         nonlocal seq
@@ -270,6 +276,7 @@ def simulate(
 
     def run_engine(i: int, t: float) -> None:
         e = engines[i]
+        stepped_at[i] = t
         for ev in e.step(t):
             kind = ev.kind
             if kind is _FIRST:

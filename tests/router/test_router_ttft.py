@@ -209,3 +209,92 @@ def test_cache_aware_is_ttft_plus_half_the_added_prefill_on_random_states() -> N
         d = policy.choose(f, rs)
         assert d.replica is tier[min(range(len(tier)), key=expected.__getitem__)] or expected.count(min(expected)) > 1
         policy.on_routed(f, d)
+
+
+# -- ttft: a full engine, other routers between samples, herding ----------------------------------------
+
+
+def test_the_engine_running_limit_is_learned_from_samples_that_report_waiting_requests() -> None:
+    r = rep(0)
+    r.report_engine_load(waiting=0, running=30, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 0  # room left: no limit seen yet
+    r.report_engine_load(waiting=2, running=40, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 40  # it ran 40 and could not start more
+    r.report_engine_load(waiting=0, running=45, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 45  # it ran more later: the limit is at least that
+    r.report_engine_load(waiting=3, running=10, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 45  # a short wait at a low count does not lower it
+
+
+def test_ttft_waits_for_a_slot_on_a_full_engine_one_finish_per_mean_decode_over_full() -> None:
+    sc = ttft()
+    for _ in range(4):
+        sc.on_completed(RequestFeatures("m"), rep(9), ok=True, output_tokens=100)  # mean output 100
+    sc.on_completed(RequestFeatures("m"), rep(9), ok=False, output_tokens=0)  # a failure does not count
+    # 4 of ours running and 1 waiting (the engine says so): full at 4, nobody else's
+    full = rep(0, in_flight=5, queued_requests=1, queued_prefill_tokens=500)
+    full.report_engine_load(waiting=1, running=4, kv_usage=None, now=NOW[0])
+    room = rep(1, in_flight=5, queued_requests=1, queued_prefill_tokens=500)
+    room.report_engine_load(waiting=1, running=4, kv_usage=None, now=NOW[0])
+    room.in_flight, room.queued_requests, room.queued_prefill_tokens = 3, 0, 0  # since: one started, two ended
+    step = (1 + 0.01 * 3) / 50
+    got = sc.score(cands([full, room], 1000, [0, 0]))
+    # full: 5 in the engine, limit 4: two must finish first, each 100 x step / 4 s on average, while
+    # the 500 tokens queued ahead prefill (0.05 s of it overlaps)
+    assert got[0] == pytest.approx(0.15 + step + (2 * 100 * step / 4 - 0.05))
+    assert got[1] == pytest.approx(0.1 + (1 + 0.01 * 2) / 50)  # 3 in the engine: room
+
+
+def test_ttft_prefill_queued_ahead_overlaps_the_slot_wait() -> None:
+    sc = ttft()
+    sc.on_completed(RequestFeatures("m"), rep(9), ok=True, output_tokens=100)
+    r = rep(0, in_flight=5, queued_requests=1, queued_prefill_tokens=20_000)
+    r.report_engine_load(waiting=1, running=4, kv_usage=None, now=NOW[0])  # limit 4, 5 in the engine
+    step = (1 + 0.01 * 3) / 50
+    slot_s = 2 * 100 * step / 4  # two finishes
+    # 2 s of prefill ahead is longer than the slot wait: the slot adds nothing
+    assert sc.score(cands([r], 1000, [0]))[0] == pytest.approx(2.1 + 3 * step)
+    assert slot_s < 2.0
+
+
+def test_other_routers_are_taken_to_keep_routing_in_proportion_between_samples() -> None:
+    sc = ttft()
+    sc.on_routed(RequestFeatures("m"), Decision(rep(9), prefill_tokens=1000))  # mean prefill 1000
+    a, b = rep(0, in_flight=1), rep(1, in_flight=1)
+    for r in (a, b):  # one own and three foreign running on each: the others send 3 per one of ours
+        r.report_engine_load(waiting=0, running=4, kv_usage=None, now=NOW[0])
+    sc_ = TtftScorer(TtftScorer.Params(), CTX)
+    assert sc.foreign_share([a, b], NOW[0]) == pytest.approx(3.0)
+    a.begin(1000)  # this router sent one more to a since the sample
+    step = (1 + 0.01 * 3) / 50
+    c = cands([a, b], 1000, [0, 0], sid="s")  # a session: no tie-breaking noise
+    got = sc.score(c)
+    # a: own queued 1000 + 3 foreign presumed waiting x 1000 + own 1000; b: just its own prompt
+    assert got[0] == pytest.approx((1000 + 3000 + 1000) / 10_000 + step)
+    assert got[1] == pytest.approx(0.1 + step)
+    assert sc_.foreign_share([rep(2)], NOW[0]) == 0.0  # no sample: nothing known of others
+
+
+def test_near_equal_costs_are_drawn_apart_per_router_only_with_other_routers() -> None:
+    def build(seed: int) -> TtftScorer:
+        sc = TtftScorer(TtftScorer.Params(), PluginContext(S, seed=seed, clock=lambda: NOW[0]))
+        sc.on_routed(RequestFeatures("m"), Decision(rep(9), prefill_tokens=1000))
+        return sc
+
+    def states(foreign: int) -> list[ReplicaState]:
+        rs = [rep(i, in_flight=1) for i in range(4)]
+        for r in rs:
+            r.report_engine_load(waiting=0, running=1 + foreign, kv_usage=None, now=NOW[0])
+        return rs
+
+    alone = build(0).score(cands(states(0), 1000, [0] * 4))
+    assert len(set(alone)) == 1  # one router: exact own accounting, equal replicas tie (rendezvous)
+    firsts = set()
+    for seed in range(8):
+        got = build(seed).score(cands(states(3), 1000, [0] * 4))
+        base = min(got)
+        assert max(got) - base <= 3 * 1000 / 10_000  # within one mean request of the others, share 3
+        firsts.add(got.index(base))
+    assert len(firsts) > 1  # different routers take the equal replicas in different orders
+    session = build(1).score(cands(states(3), 1000, [0] * 4, sid="s"))
+    assert len(set(session)) == 1  # sessions get no noise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 from gpufleet.router.policies import registry
@@ -46,3 +47,21 @@ def test_every_router_gets_engine_load_samples_and_sees_the_others_requests() ->
     engine.simulate(wl, f, "cache_aware", on_decision=lambda p, q, d: single.append(d.replica.foreign_load()))  # type: ignore[union-attr]
     assert all(x == (0, 0) for x in single)  # one router: the engines hold only its own requests
     assert "cache_aware" in registry.policy_names()
+
+
+def test_the_waiting_gauge_is_the_schedulers_so_a_light_load_never_shows_a_full_engine() -> None:
+    # vLLM counts a request as waiting after a step could not schedule it; one that arrived during
+    # the step in progress is scheduled when it ends. With room for everything, no sample may say
+    # the engine is full (which the `ttft` scorer would price as a wait for a slot).
+    f = fleet.uniform_fleet(2, kv_capacity_tokens=200_000)
+    wl = generators.shared_prompts(300, seed=2, rate_rps=20.0)
+    states: list[object] = []
+    engine.simulate(wl, f, "cache_aware", on_decision=lambda p, q, d: states.append(d.replica))
+    assert states and all(s.engine_full_running == 0 for s in states)  # type: ignore[attr-defined]
+    # A fleet with 4 running slots per engine under the same load does fill up, and the samples say so.
+    small = fleet.SimFleet(
+        "small", tuple(dataclasses.replace(r, engine=dataclasses.replace(r.engine, max_running=4)) for r in f.replicas)
+    )
+    full: list[int] = []
+    engine.simulate(wl, small, "cache_aware", on_decision=lambda p, q, d: full.append(d.replica.engine_full_running))  # type: ignore[union-attr]
+    assert max(full) == 4

@@ -6,7 +6,9 @@
     decoding = own requests past their first token + foreign running requests
     score    = work / prefill_tokens_per_s
              + ceil(work / chunk_tokens) x step_s   if decoding > 0
+             + max(0, slot_s - ahead / prefill_tokens_per_s)   if the engine is full
     step_s   = (1 + decode_batch_penalty x (decoding - 1)) / decode_tokens_per_s
+    slot_s   = (in the engine - full + 1) x mean output tokens x step_s / full
 
 A replica prefills the queue ahead of the request and then the request's uncached prompt at its
 prefill rate (the plan's, per pool); while it also decodes, every prefill chunk of a step shares
@@ -15,12 +17,33 @@ prices (vLLM's chunked prefill: `--max-num-batched-tokens` is the chunk). That i
 estimate (`gpufleet.router.sim.policies`) with what a router can know instead of the engines'
 internals.
 
+An engine runs a bounded number of requests at once (`--max-num-seqs`, or fewer when its KV memory
+is full); the rest wait for a running one to finish, which takes decode time, not prefill time.
+`full` is that bound as the engine's samples show it (`ReplicaState.engine_full_running`: the
+most requests it ran while it also reported waiting ones), capped by `max_concurrent_requests`.
+When the requests in the engine (own in-flight + foreign) reach it, this request starts after
+`in the engine - full + 1` finishes, one every mean decode time (mean output tokens of the
+completed requests x step_s) / `full`; the prefill queued ahead runs meanwhile, so only what the
+slot wait adds beyond it counts.
+
 Load has two sources, combined (`ReplicaState.foreign_load`): the router's own accounting, exact
 for its own requests and without lag, and the engine-reported load of the replica's `/metrics`
 (`engine_metrics_interval_s`), which also counts what other router replicas sent. What the engine
 reported beyond this router's own requests *at the sample* is the other routers' load; a sample
 older than `stale_after_s` is ignored. Foreign waiting requests are priced at the mean uncached
-prefill of the requests this router routed (it sees the same traffic mix).
+prefill of the requests this router routed (it sees the same traffic mix). Between samples the
+other routers keep routing: per request this router sent to a replica since its sample, they are
+taken to have sent `share` more there (`foreign_share`: their in-flight requests per one of this
+router's, over every replica's sample), counted as waiting. With one router `share` is 0 and the
+estimate is the router's own accounting alone.
+
+Several routers see the same samples and the same caches, so where the estimates are closer than
+that guess is accurate they would all pick the same replica and herd onto it. With `share > 0`
+each router adds a uniform draw of up to `share x mean prefill tokens / prefill rate` (one mean
+request of the other routers' per replica) to each cost, from its own seeded generator, so that
+near-equal replicas are taken in a different order by each router (random tie-breaking within the
+estimate's error). Requests with a session id get none: their stay-or-move bound
+(`session.max_penalty_s`) is of the same size, and noise there only moves sessions off their cache.
 
 The uncached prompt comes from the scorer that provides matches (`prefix`, approximate or from
 engine events): `Candidates.uncached_tokens` (a lower KV tier's transfer cost included), else
@@ -33,6 +56,7 @@ decode load alone: the best load balance. A replica without rates in its config 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,14 +95,23 @@ class TtftScorer(Scorer):
         self.mean_prefill_tokens = 0.0
         """Mean uncached prefill of the requests routed so far (EWMA): the price of a foreign request."""
         self._routed = 0
+        self.mean_output_tokens = 0.0
+        """Mean output tokens of the requests completed so far (EWMA): how long a running request holds its slot."""
+        self._completed = 0
+        self._rng = random.Random(ctx.seed)
 
-    def estimate(self, r: ReplicaState, uncached_tokens: float, now: float) -> float:
-        """Estimated seconds to first token of a request needing `uncached_tokens` of prefill on `r`."""
+    def estimate(self, r: ReplicaState, uncached_tokens: float, now: float, share: float = 0.0) -> float:
+        """Estimated seconds to first token of a request needing `uncached_tokens` of prefill on `r`;
+        `share`: other routers' requests per request of this router (`foreign_share`)."""
         p = self.params
         ahead = float(r.queued_prefill_tokens)
         decoding = r.in_flight - r.queued_requests
+        f_wait = f_run = 0.0
         if now - r.engine_sampled_at <= p.stale_after_s:
-            f_wait, f_run = r.foreign_load()
+            w, f_run = r.foreign_load()
+            # Other routers keep routing after the sample, seeing what this one sees: as many per
+            # request this router sent here since, as their share of the load at the sample.
+            f_wait = w + share * (r.routed - r.sampled_routed)
             ahead += f_wait * self.mean_prefill_tokens
             decoding += f_run
         work = ahead + uncached_tokens
@@ -88,26 +121,65 @@ class TtftScorer(Scorer):
             decode = r.decode_tokens_per_s or p.default_decode_tokens_per_s
             step_s = (1.0 + p.decode_batch_penalty * (decoding - 1)) / decode
             est += max(1, math.ceil(work / p.chunk_tokens)) * step_s
+            full = min(r.engine_full_running, r.max_concurrent_requests) or r.max_concurrent_requests
+            behind = r.in_flight + f_wait + f_run - full
+            if behind >= 0:
+                # The engine runs no more than `full` at once: this request starts after
+                # `behind + 1` of them finish, one every mean decode time / `full`; the prefill
+                # queued ahead runs meanwhile, so the later of the two bounds its start.
+                slot_s = (behind + 1) * self.mean_output_tokens * step_s / full
+                est += max(0.0, slot_s - ahead / prefill)
         return est
+
+    def foreign_share(self, replicas: Sequence[ReplicaState], now: float) -> float:
+        """Other routers' in-flight requests per in-flight request of this router, over the
+        replicas' fresh engine-load samples (0 with one router, or before any sample)."""
+        own = foreign = 0
+        for r in replicas:
+            if now - r.engine_sampled_at <= self.params.stale_after_s:
+                own += r.sampled_in_flight
+                foreign += sum(r.foreign_load())
+        return foreign / own if own else 0.0
 
     def score(self, candidates: Candidates) -> Sequence[float]:
         prompt = candidates.features.prompt_tokens
         bt = self.block_size_tokens
         now = self.clock()
         estimate = self.estimate
+        reps = candidates.replicas
+        share = self.foreign_share(reps, now)
         uncached = candidates.uncached_tokens
         if uncached is not None:
-            return [estimate(r, u, now) for r, u in zip(candidates.replicas, uncached)]
-        matched = candidates.matched_blocks
-        if matched is None:
-            return [estimate(r, prompt, now) for r in candidates.replicas]
-        return [estimate(r, max(0, prompt - m * bt), now) for r, m in zip(candidates.replicas, matched)]
+            est = [estimate(r, u, now, share) for r, u in zip(reps, uncached)]
+        elif candidates.matched_blocks is None:
+            est = [estimate(r, prompt, now, share) for r in reps]
+        else:
+            est = [estimate(r, max(0, prompt - m * bt), now, share) for r, m in zip(reps, candidates.matched_blocks)]
+        if share > 0 and candidates.features.session_id is None:
+            # What other routers sent since the samples is a guess, off by about their share of one
+            # mean request's prefill per replica: costs closer than that are not told apart, and
+            # routers that all took the lowest would herd onto it. Each router draws its own order.
+            # Not for sessions: their stay-or-move bound (`session.max_penalty_s`) is of that size.
+            rng = self._rng.random
+            default = self.params.default_prefill_tokens_per_s
+            spread = share * self.mean_prefill_tokens
+            est = [e + rng() * spread / (r.prefill_tokens_per_s or default) for e, r in zip(est, reps)]
+        return est
 
     def on_routed(self, features: RequestFeatures, decision: Decision) -> None:
         self._routed += 1
         # A plain mean over the first 64 requests, then an EWMA that follows the mix.
         alpha = max(1.0 / self._routed, 1.0 / 64)
         self.mean_prefill_tokens += alpha * (decision.prefill_tokens - self.mean_prefill_tokens)
+
+    def on_completed(
+        self, features: RequestFeatures, replica: ReplicaState, *, ok: bool, output_tokens: int = 0
+    ) -> None:
+        if not ok:
+            return
+        self._completed += 1
+        alpha = max(1.0 / self._completed, 1.0 / 64)
+        self.mean_output_tokens += alpha * (output_tokens - self.mean_output_tokens)
 
     def bind(self, *, clock: Callable[[], float], **context: object) -> None:
         self.clock = clock
