@@ -109,6 +109,8 @@ class KvEvents:
         if tokenizer.cache is not None:
             registry.register(_TokenCacheCollector(tokenizer.cache))
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
+        # Data-parallel replicas: which rank holds what (events only), to pin a request's rank.
+        self.rank_index = KvIndex(self.block_size, pending_ttl_s=0)
         endpoints: dict[str, list[StreamEndpoint]] = {}
         for r in config.replicas:
             self.index.add_replica(
@@ -127,6 +129,7 @@ class KvEvents:
             topic=ke.topic,
             silence_s=ke.silence_s,
             replay_timeout_s=ke.replay_timeout_s,
+            rank_index=self.rank_index,
         )
 
     async def refine(
@@ -193,6 +196,16 @@ class KvEvents:
         """A replica left: stop its stream and forget its blocks."""
         self.streams.remove(replica_id)
         self.index.remove_replica(replica_id)
+
+    def rank_for(self, replica_id: str, block_keys: Sequence[int]) -> int | None:
+        """The data-parallel rank of `replica_id` holding the longest prefix of `block_keys`, or
+        None (a replica without ranks, or no rank holds its first block: the engine balances)."""
+        streams = self.streams.ranks_of(replica_id)
+        if len(streams) < 2 or not block_keys:
+            return None
+        depths = self.rank_index.match(block_keys, streams)
+        best = max(range(len(streams)), key=depths.__getitem__)
+        return best if depths[best] > 0 else None
 
     async def start(self) -> None:
         await self.streams.start()
