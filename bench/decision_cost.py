@@ -4,8 +4,10 @@
 
 For prompts of 2k, 32k and 128k tokens over 8, 64 and 256 replicas:
 
-- tokenize + hash: `PromptTokenizer.encode_body` (HF `tokenizers`, a byte-level BPE trained here
-  on synthetic text: no model download) and `keys.block_keys` on the result;
+- tokenize + hash: `PromptTokenizer.token_ids` of a conversation (HF `tokenizers`, a byte-level
+  BPE trained here on synthetic text with ChatML markers as special tokens: no model download)
+  and `keys.block_keys` on the result, encoded whole (no token cache: a conversation's first
+  request) and as its next turn (one new user message; the history is in the tenant's token cache);
 - decision: `cache_aware`'s `choose` with the prefix scorer reading the events `KvIndex`, where
   replica i holds the prompt's first i/R of blocks and one replica holds all of it (the walk goes
   the whole prompt: the worst case), against the approximate mode's per-replica LRU indexes
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -42,6 +45,7 @@ from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.scorers.prefix import PrefixScorer
+from gpufleet.router.sim.live import CHATML_SPECIAL, CHATML_TEMPLATE
 from gpufleet.router.types import ReplicaState, RequestFeatures
 
 BS = 16
@@ -63,27 +67,31 @@ def train_tokenizer(directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=8000, show_progress=False))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=8000, show_progress=False, special_tokens=list(CHATML_SPECIAL))
+    )
     path = directory / "tokenizer.json"
     tok.save(str(path))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"}
-        )
-    )
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     return path
 
 
 def prompt_of(tok: PromptTokenizer, n_tokens: int, rng: random.Random) -> dict[str, object]:
-    """A chat body whose prompt tokenizes to about `n_tokens` tokens."""
-    words: list[str] = []
-    body: dict[str, object] = {}
+    """A conversation (a system prompt, then user and assistant turns) that tokenizes to about `n_tokens`."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": " ".join(_words(rng, 300))}]
     while True:
-        words += _words(rng, max(64, (n_tokens - len(words)) // 2))
-        body = {"messages": [{"role": "user", "content": " ".join(words)}]}
-        got = len(tok.encode_body(body))
-        if got >= n_tokens:
+        for role in ("user", "assistant"):
+            messages.append({"role": role, "content": " ".join(_words(rng, rng.randint(100, 700)))})
+        body: dict[str, object] = {"messages": messages}
+        if len(tok.encode_body(body)) >= n_tokens:
             return body
+
+
+def next_turn(body: dict[str, object], rng: random.Random) -> dict[str, object]:
+    """`body` with one more user message (about 250 tokens of new text)."""
+    old = body["messages"]
+    assert isinstance(old, list)
+    return {"messages": [*old, {"role": "user", "content": " ".join(_words(rng, 120))}]}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -101,17 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as d:
         console.print("training a test tokenizer (byte-level BPE, 8k vocab) ...")
-        tok = PromptTokenizer(train_tokenizer(Path(d)))
+        path = train_tokenizer(Path(d))
+        tok = PromptTokenizer(path)  # no token cache: every prompt encoded whole
+        cached = PromptTokenizer(path, cache_tokens=RouterSettings().kv_events.token_cache_tokens)
         settings = RouterSettings(block_size_tokens=BS)
         for n_tokens in PROMPTS:
             body = prompt_of(tok, n_tokens, rng)
             tk: list[float] = []
-            ids: list[int] = []
+            ids: Sequence[int] = ()
             for _ in range(max(5, args.repeat // 2 // (n_tokens // 2048))):
                 t0 = time.thread_time()
-                ids = tok.encode_body(body)
+                ids = tok.token_ids(body)
                 bk = keys.block_keys(ids, BS)
                 tk.append(time.thread_time() - t0)
+            # the next turn of the conversation: its history is in the tenant's token cache
+            cached.token_ids(body, "tenant")
+            tn: list[float] = []
+            for _ in range(max(5, args.repeat // 4)):
+                nxt = next_turn(body, rng)
+                t0 = time.thread_time()
+                nxt_ids = cached.token_ids(nxt, "tenant")
+                keys.block_keys(nxt_ids, BS)
+                tn.append(time.thread_time() - t0)
+            assert list(nxt_ids) == tok.encode_body(nxt)
             for n_rep in REPLICAS:
                 states = [
                     ReplicaState(id=f"r{i}", model="m", kv_capacity_tokens=1 << 21, max_concurrent_requests=1 << 20)
@@ -124,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     "replicas": n_rep,
                     "tokenize_hash_p50_ms": round(statistics.median(tk) * 1000, 3),
                     "tokenize_hash_p99_ms": round(pct(tk, 0.99) * 1000, 3),
+                    "tokenize_hash_next_turn_p50_ms": round(statistics.median(tn) * 1000, 3),
+                    "tokenize_hash_next_turn_p99_ms": round(pct(tn, 0.99) * 1000, 3),
                 }
                 for mode in ("events", "approximate"):
                     kv = KvIndex(BS, pending_ttl_s=0)
@@ -158,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     highlight=False,
                 )
         tok.close()
+        cached.close()
     memory = index_memory()
     t = Table(title="decision cost (ms): tokenize + block keys, then cache_aware's choose", title_justify="left")
     cols = list(rows[0])

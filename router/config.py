@@ -11,6 +11,17 @@ picker whose parameters the plugin validates itself; `plugins` are modules impor
 that the plugins they register can be named. An unknown name or parameter is a validation
 error at its own field, listing what is registered.
 
+The top-level models live here (`RouterSettings`, `ReplicaConfig`, `RouterConfig`) and every
+name is imported from here; the sub-models are grouped in `gpufleet.router.settings`:
+
+    routing.py     CacheAwareSettings, SessionSettings (+ SessionSecret), ProfileSettings and its
+                   plugin references (FilterRef, ScorerRef, PickerRef)
+    resilience.py  HealthSettings, FirstByteSettings, RetrySettings, ServerSettings
+    caching.py     PredictionCacheSettings, KvEventsSettings
+    access.py      TenantSettings (+ TenantHeader), AdminToken
+    discovery.py   DiscoverySettings, KubernetesDiscovery, DiscoveryTarget
+    base.py        Strict (extra fields forbidden, frozen), field_error
+
 Field names carry their units. This module imports nothing heavier than pydantic (the
 policies it validates against import no router extra either), so the declaration can be
 validated without the router's extras installed.
@@ -18,12 +29,25 @@ validated without the router's extras installed.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from gpufleet.router.kvevents import ranks
+from gpufleet.router.settings.access import AdminToken, TenantHeader, TenantSettings
+from gpufleet.router.settings.base import Strict, field_error
+from gpufleet.router.settings.caching import KvEventsSettings, PredictionCacheSettings
+from gpufleet.router.settings.discovery import DiscoverySettings, DiscoveryTarget, KubernetesDiscovery
+from gpufleet.router.settings.resilience import FirstByteSettings, HealthSettings, RetrySettings, ServerSettings
+from gpufleet.router.settings.routing import (
+    CacheAwareSettings,
+    FilterRef,
+    PickerRef,
+    ProfileSettings,
+    ScorerRef,
+    SessionSecret,
+    SessionSettings,
+)
 
 __all__ = [
     "AdminToken",
@@ -51,382 +75,7 @@ __all__ = [
 ]
 
 
-def _error(loc: tuple[str | int, ...], value: Any, message: str) -> InitErrorDetails:
-    """A validation error at `loc` (relative to the model being validated) saying `message`."""
-    # PydanticCustomError keeps the message as is; spec.py and loader.py add file:line.
-    return InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PredictionCacheSettings(_Strict):
-    """Exact-match response cache for deterministic requests, scoped per tenant."""
-
-    enabled: bool = False
-    ttl_s: float = Field(default=300.0, gt=0, description="seconds an answer stays servable")
-    max_entries: int = Field(default=10_000, ge=1)
-    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="bound on cached body bytes")
-    backend: Literal["memory", "redis"] = Field(
-        default="memory", description="memory: per router process; redis: shared by every router instance"
-    )
-    redis_url_env: str = Field(
-        default="GPUFLEET_PREDICTION_CACHE_REDIS_URL",
-        min_length=1,
-        description="environment variable holding the redis URL (it may carry a password, so never the URL itself)",
-    )
-    key_prefix: str = Field(default="gpufleet:pc:", description="prefix of the redis keys")
-    require_tenant: bool = Field(
-        default=True, description="cache only requests that name a tenant (anonymous ones would share answers)"
-    )
-
-
-class CacheAwareSettings(_Strict):
-    """The parameters of the `cache_aware` profile (TTFT estimate) and of `cache_aware_tokens` (the
-    previous default: prefill work saved against queued work, in tokens)."""
-
-    # 0.5 from the simulator (docs/routing.md, *cache_aware*): 0 (greedy TTFT) left caches as soon
-    # as a queue formed (mix @ 0.8 p99 5.4 s); 1 and 2 piled a hot prefix up (shared_prompts @ 2.0).
-    added_prefill_weight: float = Field(
-        default=0.5,
-        ge=0,
-        description="cache_aware: weight of the prefill seconds a request adds to a replica (the wait it "
-        "causes for requests behind it) against its own estimated TTFT",
-    )
-
-    # 0.5 from bench/cache_aware_sweep.py (docs/routing.md): 1.0 sent turns away from their cache
-    # on memory-bound fleets; 0.25 starts piling a hot prefix onto one replica.
-    load_weight: float = Field(
-        default=0.5,
-        ge=0,
-        description="cache_aware_tokens: weight of a replica's queued prefill tokens against matched prefix tokens",
-    )
-    min_match_blocks: int = Field(
-        default=1, ge=0, description="below this many matched blocks a request is routed by load alone"
-    )
-    in_flight_cost_tokens: int = Field(
-        default=64,
-        ge=0,
-        description="cache_aware_tokens: prefill-token equivalent of each in-flight request (its share of decode "
-        "time) in the load term",
-    )
-
-
-class SessionSecret(_Strict):
-    """Where the key that signs session tokens comes from: a reference, never the value."""
-
-    env: str | None = Field(
-        default="GPUFLEET_SESSION_SECRET", description="environment variable holding the key (at least 16 bytes)"
-    )
-    file: str | None = Field(default=None, description="file holding the key (wins over env)")
-
-
-class SessionSettings(_Strict):
-    """Session affinity: where the server reads a session id, and how a session keeps its replica.
-
-    Used by the `session` policy and by the `session_affinity` picker of the default profile."""
-
-    header: str = Field(default="x-session-id", min_length=1, description="request header carrying the session id")
-    use_body_user: bool = Field(default=True, description="fall back to the body's `user` field as session id")
-    max_sessions: int = Field(default=100_000, ge=1, description="bound on remembered sessions (LRU)")
-    ttl_s: float = Field(default=3600.0, gt=0)
-    # 0.1 from the simulator (docs/routing.md, *cache_aware*): on multiturn @ 0.8, 0.5 s tripled
-    # cache_aware's TTFT p99 (sessions waited behind queues), 0.05-0.1 s kept it at the oracle's.
-    max_penalty_s: float = Field(
-        default=0.1,
-        ge=0,
-        description="a session leaves its replica when that replica's estimated TTFT is worse than the best "
-        "replica's by more than this many seconds (or it is unavailable); then it stays on the new one",
-    )
-    token_header: str = Field(
-        default="x-gpufleet-session",
-        min_length=1,
-        description="response (and request) header of the signed session token naming the session's replica",
-    )
-    secret: SessionSecret = Field(
-        default_factory=SessionSecret,
-        description="the HMAC key every router replica signs and checks session tokens with (none: no tokens)",
-    )
-    binding: Literal["memory", "redis"] = Field(
-        default="memory",
-        description="memory: each router remembers its sessions (plus tokens); redis: bindings shared by every "
-        "router, for clients that cannot echo the token header",
-    )
-    redis_url_env: str = Field(
-        default="GPUFLEET_SESSION_REDIS_URL", min_length=1, description="environment variable holding the redis URL"
-    )
-    key_prefix: str = Field(default="gpufleet:session:", description="prefix of the redis keys")
-
-
-class HealthSettings(_Strict):
-    """Active checks and outlier ejection (Envoy's outlier detection is the model: router/health.py)."""
-
-    interval_s: float = Field(default=5.0, gt=0, description="active health check period")
-    timeout_s: float = Field(default=2.0, gt=0)
-    eject_after_failures: int = Field(
-        default=3,
-        ge=1,
-        description="consecutive replica failures (connect, reset, timeout, 502/503/504) before a replica is "
-        "ejected; the engine answering an error for a request is never one",
-    )
-    max_ejection_percent: float = Field(
-        default=50.0,
-        ge=0,
-        le=100,
-        description="most of a model's replicas that outlier detection may hold ejected at once (at least one); "
-        "a failed active check ejects regardless",
-    )
-    success_rate_stdev_factor: float = Field(
-        default=1.9, gt=0, description="eject a replica whose success rate is this many stdevs below its peers'"
-    )
-    success_rate_min_requests: int = Field(
-        default=20, ge=1, description="requests a replica needs in an interval to take part in success-rate detection"
-    )
-    success_rate_min_replicas: int = Field(
-        default=3, ge=2, description="replicas with enough requests for success-rate detection to run"
-    )
-    failure_percentage_threshold: float = Field(
-        default=85.0,
-        gt=0,
-        le=100,
-        description="eject a replica whose share of 5xx answers (any cause) in an interval is at least this",
-    )
-    outlier_interval_s: float = Field(default=10.0, gt=0, description="window of the success-rate checks")
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
-    scrape_kv_usage: bool = Field(
-        default=False,
-        description="on every check, also read the replica's KV-cache usage from its /metrics "
-        "(vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc) into the router's view of it",
-    )
-
-
-class FirstByteSettings(_Strict):
-    """The first-byte deadline of each attempt, from what the plan knows about the replica.
-
-    deadline = max(floor_s, factor * (prompt + queued prefill tokens) / prefill rate), plus for a
-    non-streaming request its output budget at the decode rate (the answer comes at the end).
-    When it passes before the replica sent anything, the attempt is retried elsewhere and the
-    replica counts a failure (it is suspect: checked at once).
-    """
-
-    enabled: bool = True
-    floor_s: float = Field(default=5.0, gt=0, description="the least any attempt is given")
-    factor: float = Field(default=4.0, ge=1, description="slack over the expected time")
-    default_prefill_tokens_per_s: float = Field(
-        default=2000.0, gt=0, description="prefill rate of a replica whose plan gives none"
-    )
-    default_decode_tokens_per_s: float = Field(
-        default=20.0, gt=0, description="per-request decode rate of a replica whose plan gives none"
-    )
-
-
-class RetrySettings(_Strict):
-    """The retry budget (Envoy's `retry_budget`): retries in flight at most this share of requests in flight."""
-
-    budget_percent: float = Field(default=20.0, ge=0, le=100)
-    # 10, not Envoy's 3: when a replica hangs, every request it holds passes its first-byte
-    # deadline at about the same moment, and on a small fleet 20 % of in-flight is a handful.
-    min_retry_concurrency: int = Field(default=10, ge=0, description="retries always allowed in flight at once")
-
-
-class KvEventsSettings(_Strict):
-    """Precise prefix routing from the engines' KV-cache events (docs/router.md, "KV events")."""
-
-    enabled: bool = Field(default=False, description="subscribe to every replica's KV-event stream")
-    tokenizer: str | None = Field(
-        default=None,
-        description="the model's tokenizer.json (or its directory, with tokenizer_config.json); "
-        "without it precise mode stays off and routing is approximate",
-    )
-    chat_template: str | None = Field(
-        default=None, description="a chat template file (default: tokenizer_config.json's chat_template)"
-    )
-    block_size: int | None = Field(
-        default=None, ge=1, le=4096, description="the engines' KV block size in tokens (default: block_size_tokens)"
-    )
-    port: int = Field(default=5557, ge=1, le=65535, description="engines' PUB port, for replicas without an endpoint")
-    replay_port: int | None = Field(
-        default=5558, ge=1, le=65535, description="engines' replay ROUTER port (None: no replay, a gap resets)"
-    )
-    topic: str = Field(default="kv-events", description="the engines' `topic`")
-    silence_s: float = Field(
-        default=5.0, gt=0, description="a replica sent a request and silent this long falls back to approximate"
-    )
-    replay_timeout_s: float = Field(default=1.0, gt=0, description="bound on one replay request")
-    pending_ttl_s: float = Field(
-        default=10.0, ge=0, description="how long a routed prompt's blocks count as held before the engine confirms"
-    )
-    tokenize_inline_chars: int = Field(
-        default=8192, ge=0, description="bodies up to this size are tokenized on the event loop, longer in threads"
-    )
-
-
-class ServerSettings(_Strict):
-    """Client-side connection limits of the router's HTTP server (production-proxy defaults)."""
-
-    header_timeout_s: float = Field(default=10.0, gt=0, description="time to receive a request's head")
-    body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request's body")
-    idle_timeout_s: float = Field(default=75.0, gt=0, description="keep-alive connection idle between requests")
-    max_connections: int = Field(
-        default=10_000, ge=1, description="open client connections; more are closed at once (clamped to the fd limit)"
-    )
-    max_header_bytes: int = Field(default=16_384, ge=1024, description="bound on one header line")
-
-
-class TenantHeader(_Strict):
-    """A request header that names the tenant; `trusted_cidrs` limits who may set it (a gateway)."""
-
-    name: str = Field(min_length=1)
-    trusted_cidrs: list[str] = Field(
-        default_factory=list,
-        description="peer addresses allowed to set it (a gateway that authenticated the client); empty: anyone, "
-        "for a credential header whose value is a secret",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bare_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
-
-    @field_validator("trusted_cidrs")
-    @classmethod
-    def _cidrs(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not an IP network (like 10.0.0.0/8 or 127.0.0.1/32)") from None
-        return value
-
-
-def _default_tenant_headers() -> list[TenantHeader]:
-    return [TenantHeader(name=n) for n in ("authorization", "api-key", "x-api-key")]
-
-
-class TenantSettings(_Strict):
-    """How the router tells tenants apart: the first of `headers` present (a hash of its value)."""
-
-    headers: list[TenantHeader] = Field(default_factory=_default_tenant_headers, min_length=1)
-    salt_key_env: str = Field(
-        default="GPUFLEET_CACHE_SALT_KEY",
-        min_length=1,
-        description="environment variable holding the key the kv isolation's cache_salt is derived from "
-        "(set the same one on every router instance; without it each process draws its own)",
-    )
-
-
-class AdminToken(_Strict):
-    """Where the admin bearer token comes from: a reference, never the value."""
-
-    env: str | None = Field(default=None, description="environment variable holding the token")
-    file: str | None = Field(default=None, description="file holding the token")
-    secret: str | None = Field(default=None, description="Kubernetes Secret name (mounted as env by the stacks)")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> AdminToken:
-        if sum(x is not None for x in (self.env, self.file, self.secret)) > 1:
-            raise ValueError("give one of env, file or secret")
-        return self
-
-
-# ---------------------------------------------------------------------------------------
-# Profiles: plugin references checked against the registry
-
-
-class _PluginRef(_Strict):
-    """A plugin of a profile: its registered `type` and the parameters that plugin validates.
-
-    Written as a mapping (`{type: prefix, params: {...}}`) or, without parameters, as the bare
-    type name (`pool_priority`).
-    """
-
-    kind: ClassVar[str] = ""
-
-    type: str = Field(min_length=1, description="the plugin's registered name")
-    params: dict[str, Any] = Field(default_factory=dict, description="the plugin's own parameters")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bare_name(cls, data: Any) -> Any:
-        return {"type": data} if isinstance(data, str) else data
-
-    @field_validator("type")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        from gpufleet.router.policies import registry  # the plugins import this module
-
-        registry.entry(cls.kind, value)  # ValueError naming what is registered
-        return value
-
-    @field_validator("params")
-    @classmethod
-    def _own_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from gpufleet.router.policies import registry
-
-        plugin = info.data.get("type")
-        if plugin is not None:  # else its error is reported already
-            registry.parse_params(cls.kind, plugin, value)  # ValidationError at params.<name>
-        return value
-
-
-class FilterRef(_PluginRef):
-    """A filter of a profile (`pool_priority`, or a registered plugin)."""
-
-    kind: ClassVar[str] = "filter"
-
-
-class PickerRef(_PluginRef):
-    """The picker of a profile (`min_cost`, or a registered plugin)."""
-
-    kind: ClassVar[str] = "picker"
-
-
-class ScorerRef(_PluginRef):
-    """A weighted scorer of a profile. Every scorer scores in estimated prefill tokens (lower is
-    better), so a weight says how many prefill tokens one unit of that score is worth."""
-
-    kind: ClassVar[str] = "scorer"
-
-    weight: float = Field(default=1.0, ge=0, description="multiplies the scorer's cost")
-
-
-def _default_filters() -> list[FilterRef]:
-    return [FilterRef(type="pool_priority")]
-
-
-def _default_picker() -> PickerRef:
-    return PickerRef(type="min_cost")
-
-
-class ProfileSettings(_Strict):
-    """A routing profile: filters narrow the replicas, weighted scorers cost each one, a picker chooses.
-
-    The cost of a replica is the weighted sum of its scores; adjacent scorers of equal weight are
-    added before they are weighted (`w * (a + b)`), see `gpufleet.router.policies.profile`.
-    """
-
-    filters: list[FilterRef] = Field(
-        default_factory=_default_filters, description="applied in order; pool_priority must be one of them"
-    )
-    scorers: list[ScorerRef] = Field(min_length=1)
-    picker: PickerRef = Field(default_factory=_default_picker)
-
-    @field_validator("filters")
-    @classmethod
-    def _keeps_pool_priority(cls, value: list[FilterRef]) -> list[FilterRef]:
-        if not any(f.type == "pool_priority" for f in value):
-            # It is also what keeps unhealthy and saturated replicas out.
-            raise ValueError(
-                "must include pool_priority: every policy keeps to the best pool with an available replica"
-            )
-        return value
-
-
-class RouterSettings(_Strict):
+class RouterSettings(Strict):
     """The `router:` section of a fleet declaration."""
 
     policy: str = Field(
@@ -500,7 +149,7 @@ class RouterSettings(_Strict):
                 try:
                     registry.load_plugin(module)
                 except registry.PluginError as exc:
-                    errors.append(_error(("plugins", i), module, str(exc)))
+                    errors.append(field_error(("plugins", i), module, str(exc)))
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
@@ -513,17 +162,19 @@ class RouterSettings(_Strict):
         for name in self.profiles:
             if registry.is_policy(name):
                 errors.append(
-                    _error(("profiles", name), name, f"{name!r} is already a registered policy: rename the profile")
+                    field_error(
+                        ("profiles", name), name, f"{name!r} is already a registered policy: rename the profile"
+                    )
                 )
         problem = registry.policy_problem(self.policy, profiles=self.profiles)
         if problem:
-            errors.append(_error(("policy",), self.policy, problem))
+            errors.append(field_error(("policy",), self.policy, problem))
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
 
-class ReplicaConfig(_Strict):
+class ReplicaConfig(Strict):
     """One replica the router may send requests to, with what the plan knows about it."""
 
     id: str
@@ -550,57 +201,7 @@ class ReplicaConfig(_Strict):
     )
 
 
-class DiscoveryTarget(_Strict):
-    """One (deployment, pool) whose ready Kubernetes endpoints join the router, with what the plan
-    knows about its replicas (nothing of this is read from the pod)."""
-
-    deployment: str = Field(min_length=1, description="the value of the deployment label")
-    pool: str = Field(min_length=1, description="the value of the pool label")
-    model: str = Field(min_length=1)
-    priority: int
-    kv_capacity_tokens: int = Field(ge=0)
-    max_model_len: int = Field(ge=1)
-    max_concurrent_requests: int = Field(ge=1)
-    prefill_tokens_per_s: float | None = Field(default=None, gt=0)
-    decode_tokens_per_s: float | None = Field(default=None, gt=0)
-    port: str | int = Field(
-        default="http", description="the EndpointSlice port (name or number) of the engine's HTTP API"
-    )
-    scheme: Literal["http", "https"] = "http"
-    data_parallel_size: int = Field(default=1, ge=1, le=1024, description="the engines' data-parallel ranks")
-
-
-class KubernetesDiscovery(_Strict):
-    """Watch `discovery.k8s.io/v1` EndpointSlices in one namespace (docs/router.md)."""
-
-    namespace: str = Field(min_length=1)
-    label_selector: str = Field(
-        min_length=1, description="selects the slices of the fleet's (deployment, pool) Services"
-    )
-    deployment_label: str = Field(default="gpufleet.io/deployment", min_length=1)
-    pool_label: str = Field(default="gpufleet.io/pool", min_length=1)
-    targets: list[DiscoveryTarget] = Field(min_length=1)
-    kubeconfig: str | None = Field(default=None, description="kubeconfig file; none: the in-cluster service account")
-    watch_timeout_s: int = Field(default=300, ge=1, description="server-side timeout of one watch request")
-    backoff_initial_s: float = Field(default=0.5, gt=0, description="first wait after an API error")
-    backoff_max_s: float = Field(default=30.0, gt=0, description="longest wait between retries")
-
-    @model_validator(mode="after")
-    def _unique_targets(self) -> KubernetesDiscovery:
-        keys = [(t.deployment, t.pool) for t in self.targets]
-        dup = sorted({f"{d}/{p}" for d, p in keys if keys.count((d, p)) > 1})
-        if dup:
-            raise ValueError(f"duplicate (deployment, pool) targets: {', '.join(dup)}")
-        return self
-
-
-class DiscoverySettings(_Strict):
-    """Where replicas are discovered at run time, besides the listed `replicas`."""
-
-    kubernetes: KubernetesDiscovery | None = None
-
-
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     """Everything the router needs, rendered from the plan."""
 
     schema_: Literal["gpufleet.router-config/v1"] = Field(default="gpufleet.router-config/v1", alias="schema")

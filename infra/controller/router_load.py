@@ -69,6 +69,26 @@ class RouterScrape:
     ttft: dict[str, Buckets]
 
 
+_NAMES = frozenset(
+    (IN_FLIGHT, QUEUED_PREFILL, TTFT, *(TTFT + suffix for suffix in ("_bucket", "_sum", "_count", "_created")))
+)
+
+
+def _wanted_lines(text: str) -> str:
+    """Only the families read here: the text format is one sample (or HELP/TYPE) per line, and a
+    router exports dozens of other series per replica that would cost most of the parse."""
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            name = parts[2] if len(parts) > 2 else ""
+        else:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _NAMES:
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
 def parse_router_metrics(text: str) -> RouterScrape:
     """The autoscaling signals of one router's Prometheus text exposition. Raises ValueError."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -76,7 +96,7 @@ def parse_router_metrics(text: str) -> RouterScrape:
     in_flight: dict[str, float] = {}
     queued: dict[str, float] = {}
     ttft: dict[str, Buckets] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_wanted_lines(text)):
         if family.name in (IN_FLIGHT, QUEUED_PREFILL):
             into = in_flight if family.name == IN_FLIGHT else queued
             for s in family.samples:

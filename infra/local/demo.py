@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +94,8 @@ class DemoResult:
     """Pids of children still alive after teardown (none expected)."""
     motion: Any = None
     """The motion phase's `gpufleet.infra.local.motion.MotionResult` (None when skipped)."""
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    """(phase, wall seconds) in the order they ran: fleet starts, runs, stops, the motion phase."""
 
 
 def traffic_weights(plan: Plan) -> dict[str, float]:
@@ -201,7 +203,7 @@ class _Demo:
         models = tuple(weights)
         # One workload: the policy runs replay its first `requests`; the spill-over runs continue it
         # (same documents and system prompts, conversations carry on), as traffic would.
-        self.n_spill = max(20, opts.requests // 4)
+        self.n_spill = max(20, opts.requests // 6)
         n = opts.requests + 2 * self.n_spill
         spec = mixed.demo_spec(
             models, n, seed=opts.seed, max_tokens=opts.max_tokens, model_weights=[weights[m] for m in models]
@@ -209,6 +211,16 @@ class _Demo:
         self.everything = mixed.generate(spec)
         self.rate = opts.rate if opts.rate is not None else self._rate(sum(weights.values()))
         self.runtimes: list[LocalRuntime] = []
+        self.phases: list[tuple[str, float]] = []
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the wall time of `phase` (shown at the end: where the demo's minutes go)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases.append((phase, time.monotonic() - t0))
 
     def _rate(self, capacity_tokens_per_s: float) -> float:
         """Arrivals per second offering `load` x the preferred pools' prefill capacity, every prompt token counted."""
@@ -272,11 +284,14 @@ class _Demo:
         reqs = self.everything[: self.opts.requests]
         for policy in ("round_robin", "cache_aware"):
             settings = self.settings.model_copy(update={"policy": policy})
-            rt = self.ui.start(self.plan, f"starting {self.plan.fleet} ({policy})", settings)
+            with self.timed(f"start ({policy})"):
+                rt = self.ui.start(self.plan, f"starting {self.plan.fleet} ({policy})", settings)
             self.runtimes.append(rt)
-            result.rows.extend(self.run_load(rt, reqs, policy, self.opts.seed))
+            with self.timed(policy):
+                result.rows.extend(self.run_load(rt, reqs, policy, self.opts.seed))
             if policy != "cache_aware":
-                rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
+                with self.timed(f"stop ({policy})"):
+                    rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
         self.ui.show(
             summary_table(
                 f"{len(reqs)} requests (system prompts, RAG, multi-turn chat), Poisson {self.rate} req/s "
@@ -295,9 +310,12 @@ class _Demo:
             self.ui.show(f"  [yellow]{ev}[/]")
         n, first = self.n_spill, self.opts.requests
         seed = self.opts.seed
-        result.spill_rows += self.run_load(rt, self.everything[first : first + n], "right after", seed + 1, False)
-        rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
-        result.spill_rows += self.run_load(rt, self.everything[first + n :], "after promotion", seed + 2, False)
+        with self.timed("right after"):
+            result.spill_rows += self.run_load(rt, self.everything[first : first + n], "right after", seed + 1, False)
+        with self.timed("wait for promotion"):
+            rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
+        with self.timed("after promotion"):
+            result.spill_rows += self.run_load(rt, self.everything[first + n :], "after promotion", seed + 2, False)
         self.ui.show(
             summary_table(
                 f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
@@ -309,15 +327,20 @@ class _Demo:
         """The motion phase on a fleet of its own (`gpufleet.infra.local.motion`); the others stop first."""
         from gpufleet.infra.local import motion
 
-        for rt in self.runtimes:
-            rt.stop()
+        with self.timed("stop (cache_aware)"):
+            for rt in self.runtimes:
+                rt.stop()
 
         def factory(mplan: Plan) -> LocalRuntime:
-            rt = self.ui.start(mplan, f"starting {mplan.fleet} (autoscaling)", mplan.router, autoscale=True)
+            with self.timed("start (motion)"):
+                rt = self.ui.start(mplan, f"starting {mplan.fleet} (autoscaling)", mplan.router, autoscale=True)
             self.runtimes.append(rt)
             return rt
 
+        t0 = time.monotonic()
         result.motion = motion.run_motion(self.plan, factory, self.ui.show)
+        start = next((s for name, s in self.phases if name == "start (motion)"), 0.0)
+        self.phases.append(("motion", time.monotonic() - t0 - start))
         if self.opts.plot:
             motion.plot(result.motion, self.opts.plot)
             self.ui.show(f"wrote {self.opts.plot}")
@@ -325,12 +348,16 @@ class _Demo:
     def teardown(self, result: DemoResult, started: float) -> None:
         """Stop every runtime and count the children still alive."""
         pids = [p for rt in self.runtimes for p in rt.pids()]
-        for rt in self.runtimes:
-            rt.stop()
+        with self.timed("teardown"):
+            for rt in self.runtimes:
+                rt.stop()
         result.processes = len(pids)
         result.left = [p for p in pids if pid_alive(p)]
+        result.phases = list(self.phases)
+        took = ", ".join(f"{name} {s:.1f}" for name, s in self.phases)
         self.ui.show(
-            f"tore down {len(pids)} processes, {len(result.left)} left; demo took {time.monotonic() - started:.1f} s"
+            f"tore down {len(pids)} processes, {len(result.left)} left; demo took {time.monotonic() - started:.1f} s "
+            f"({took})"
         )
 
 

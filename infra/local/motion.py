@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -125,15 +126,30 @@ class _Req:
     status: int = 0
 
 
+RAMP_S = (8.0, 13.0, 17.0)
+"""The load shape: ramp up until the first, hold until the second, fall until the third, then low."""
+
+
 def _clients_at(t: float, peak: int, low: int) -> int:
-    """The load shape: ramp 0-12 s, hold to 18 s, fall to 24 s, low to the end."""
-    if t < 12:
-        return round(low + (peak - low) * t / 12)
-    if t < 18:
+    """Clients at `t` seconds on the `RAMP_S` shape."""
+    up, hold, down = RAMP_S
+    if t < up:
+        return round(low + (peak - low) * t / up)
+    if t < hold:
         return peak
-    if t < 24:
-        return round(peak - (peak - low) * (t - 18) / 6)
+    if t < down:
+        return round(peak - (peak - low) * (t - hold) / (down - hold))
     return low
+
+
+def _scale_note(events: list[str]) -> str:
+    """The autoscaling changes among `events`, in order: `local-l40s 2->0, local-l4 4->2`."""
+    out = []
+    for e in events:
+        m = re.match(r"autoscale \S+ on (\S+): (\d+) -> (\d+)", e)
+        if m:
+            out.append(f"{m.group(1)} {m.group(2)}->{m.group(3)}")
+    return ", ".join(out)
 
 
 async def _traffic(
@@ -184,7 +200,7 @@ async def _traffic(
 
 
 def run_motion(
-    plan: Plan, rt_factory: Any, show: Any, *, peak_clients: int = 36, low_clients: int = 3, duration_s: float = 34.0
+    plan: Plan, rt_factory: Any, show: Any, *, peak_clients: int = 36, low_clients: int = 3, duration_s: float = 26.0
 ) -> MotionResult:
     """Run the phase on `rt_factory(plan) -> started LocalRuntime` (autoscaling on); `show` prints."""
     mplan = motion_plan(plan)
@@ -206,8 +222,8 @@ def run_motion(
             daemon=True,
         )
         traffic.start()
-        kill_at = duration_s - 6.0
-        last_sample, seen = 0.0, 0
+        kill_at = duration_s - 5.0  # after the fall and the scale-down; 5 s to show requests resume
+        last_sample, seen, seen_events = 0.0, 0, len(rt.events)
         while traffic.is_alive():
             for r in rt.replicas:
                 pool_of[r.id] = r.pool
@@ -220,6 +236,9 @@ def run_motion(
                 note = "router SIGKILLed"
             if now - last_sample >= 2.0 or note:
                 last_sample = now
+                scaled = _scale_note(rt.events[seen_events:])
+                seen_events = len(rt.events)
+                note = ", ".join(x for x in (scaled, note) if x)
                 done = reqs[seen:]
                 seen += len(done)
                 try:
@@ -284,7 +303,8 @@ def timeline_table(result: MotionResult, top: str, nxt: str, deployment: str) ->
     """The timeline: load, in flight, ready replicas and requests served per pool, TTFT, errors."""
     t = Table(
         title=f"motion: {deployment} autoscaling from its top pool {top} into {nxt} (in flight target 4 per "
-        "replica); served: requests finished since the previous row",
+        "replica); served: requests finished since the previous row; last column: the autoscaler's changes "
+        "(lowest priority first on the way down) and the router kill",
         title_justify="left",
     )
     for col in (

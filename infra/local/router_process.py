@@ -67,9 +67,11 @@ class RouterProcesses:
     _router_watch: threading.Thread | None
 
     def start_router(self, progress: Callable[[str], None]) -> None:
-        """Start the router, wait until it routes to the live active replicas, then start its hot
-        spare and the watcher that restarts it."""
-        self._start_router()
+        """Start the router (the hot spare spawned beside the replicas takes over, else a cold start),
+        wait until it routes to the live active replicas, then start a new hot spare and the
+        watcher that restarts it."""
+        if not self._take_over():
+            self._start_router()
         progress(f"router on {self.router_url}")
         self._wait_router_view(time.monotonic() + self.ready_timeout_s)
         self.router_spare = self._spawn_router(standby=True)

@@ -124,6 +124,8 @@ class LocalRuntime(RouterProcesses):
         self.lock = threading.RLock()
         """Held by every change of replica state (supervision runs on another thread than stop)."""
         self.stopped = False
+        self.down_pools: set[str] = set()
+        """Pools failed by `kill_pool`: their replicas are not restarted."""
         self.supervisor = Supervisor(
             self, waiting_per_replica=scale_up_waiting_per_replica, utilization=scale_up_utilization
         )
@@ -270,6 +272,9 @@ class LocalRuntime(RouterProcesses):
         return self
 
     def _start(self, progress: Callable[[str], None]) -> None:
+        # the router's imports (seconds on a busy machine) overlap the replicas' start: a hot spare
+        # spawned now becomes the router once they are ready (`start_router`)
+        self.router_spare = self._spawn_router(standby=True)
         for rep in self.replicas:  # start them all first: they load in parallel
             self.start_replica(rep)
         for rep in self.replicas:
@@ -303,8 +308,11 @@ class LocalRuntime(RouterProcesses):
         return self.supervisor.promote(deployment, reason, pool=pool)
 
     def kill_pool(self, pool: str, sig: int = signal.SIGKILL) -> list[str]:
-        """Kill every live replica process of `pool` (the demo's and tests' pool failure)."""
+        """Fail `pool` (the demo's and tests' pool failure): kill every live replica process of it and
+        hold it down, as a lost pool's machines are: its replicas are not restarted, the supervisor
+        promotes standbys of the next pools instead. The killed replicas' ids."""
         with self.lock:
+            self.down_pools.add(pool)
             return [rep.id for rep in self.replicas if rep.pool == pool and self.stop_replica(rep, sig)]
 
     def drain(self, timeout_s: float | None = None) -> bool:

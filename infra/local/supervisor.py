@@ -4,8 +4,10 @@ A round of `Supervisor.check` marks a replica whose process exited as dead and s
 restart on the same port (so the router's config stays right) after a backoff: 0.5 s, doubling
 up to 30 s, back to 0.5 s once it has run 60 s; three exits within that minute are reported as a
 crash loop, with the last lines of its log. A replica that does not become ready within its
-start timeout is killed and counts as an exit. A deployment with fewer live replicas than
-`min_replicas` is reported when it falls below and when it is back. A deployment left
+start timeout is killed and counts as an exit. A replica of a pool that is down
+(`LocalRuntime.kill_pool`, the demo's pool failure) is not restarted: its machines are gone.
+A deployment with fewer live replicas than `min_replicas` is reported when it falls below and
+when it is back. A deployment left
 with fewer live replicas than `min_replicas` (a replica died, or its whole top pool failed) gets
 standby replicas promoted at once, in failover order. A deployment whose replicas queue more than
 `waiting_per_replica` requests each (vLLM's `vllm:num_requests_waiting`), or whose request slots
@@ -97,7 +99,8 @@ class Supervisor:
         return 0.0
 
     def _died(self, rep: LocalReplica, code: int, now: float, how: str) -> None:
-        """Mark `rep` dead and schedule its restart with backoff; report a crash loop."""
+        """Mark `rep` dead and schedule its restart with backoff; report a crash loop. A replica of
+        a pool that is down (`LocalRuntime.kill_pool`) is not restarted."""
         if now - rep.started_at >= RESET_AFTER_S:
             rep.backoff_s = 0.0
         rep.exits = [e for e in rep.exits if now - e[0] < RESET_AFTER_S] + [(now, code)]
@@ -109,6 +112,10 @@ class Supervisor:
 
         ran = now - rep.started_at
         msg = f"replica {rep.id} (pool {rep.pool}) {how} with code {code} after {ran:.1f}s"
+        if rep.pool in self.rt.down_pools:
+            rep.restart_at = None
+            self.rt.emit(f"{msg}; not restarted: pool {rep.pool} is down")
+            return
         if len(rep.exits) >= CRASH_LOOP_EXITS:
             msg += f"; crash loop: {len(rep.exits)} exits in {RESET_AFTER_S:.0f}s{processes.log_tail(rep.log_path, 3)}"
         self.rt.emit(f"{msg}; restarting in {rep.backoff_s:g}s")
@@ -143,6 +150,14 @@ class Supervisor:
                     self._died(rep, -1, now, f"could not start ({exc})")
         return joined
 
+    @staticmethod
+    def _why_down(rep: LocalReplica, now: float) -> str:
+        if rep.state == "starting":
+            return "restarting"
+        if rep.restart_at is None:
+            return "dead (pool down)"
+        return f"dead (restart in {max(0.0, rep.restart_at - now):.1f}s)"
+
     def _report_strength(self, now: float) -> None:
         """Say when a deployment falls below min_replicas (and why), and when it is back."""
         rt = self.rt
@@ -152,10 +167,7 @@ class Supervisor:
             if len(live) < dep.min_replicas and dep.name not in self.short_since:
                 self.short_since[dep.name] = now
                 down = [r for r in mine if r.role == "active" and r.state in ("dead", "starting")]
-                why = ", ".join(
-                    f"{r.id} {'restarting' if r.state == 'starting' else f'dead (restart in {max(0.0, (r.restart_at or now) - now):.1f}s)'}"
-                    for r in down
-                )
+                why = ", ".join(f"{r.id} {self._why_down(r, now)}" for r in down)
                 rt.emit(
                     f"{dep.name} runs below min_replicas: {len(live)} of {dep.min_replicas} live ({why or 'none started'})"
                 )

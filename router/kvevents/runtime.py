@@ -5,21 +5,30 @@ loads, else None with one clear log line saying why routing stays approximate. T
 `KvEvents.index` to the policy (`kv_index` context: the prefix scorer's source), starts and stops
 `streams` in its lifespan, and calls `refine` on every request's features: the prompt's tokens
 and block keys as the engine will see them replace the character-based estimate.
+
+Tokenizing never holds a request longer than `kv_events.tokenize_deadline_s`: a long body waits
+for the tokenizer's threads at most that long, and not at all when they are all busy; past it the
+request is routed on the estimate and `gpufleet_router_kv_tokenize_fallbacks_total{reason}`
+counts it (its tokens still land in the tenant's token cache for the next turn).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gpufleet.router.config import ReplicaConfig, RouterConfig
 from gpufleet.router.kvevents import keys, ranks
 from gpufleet.router.kvevents.index import KvIndex
 from gpufleet.router.kvevents.subscriber import EventStreams, KvEventMetrics, StreamEndpoint
+from gpufleet.router.kvevents.tokencache import ANONYMOUS, Lookup, TokenCache
 from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
 from gpufleet.router.types import RequestFeatures
 
@@ -57,6 +66,27 @@ def endpoints_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> 
         return []
 
 
+class _TokenCacheCollector(Collector):
+    """The token cache's counters, read at scrape time (the tokenizer's threads update them)."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.cache
+        tokens = CounterMetricFamily(
+            "gpufleet_router_kv_token_cache_tokens",
+            "Prompt tokens precise mode took from its token cache (hit) or had to encode (miss)",
+            labels=["result"],
+        )
+        tokens.add_metric(["hit"], c.hits)
+        tokens.add_metric(["miss"], c.misses)
+        yield tokens
+        yield GaugeMetricFamily(
+            "gpufleet_router_kv_token_cache_size_tokens", "Token ids held in the token cache", c.tokens
+        )
+
+
 class KvEvents:
     """The server's precise-mode parts (module docs)."""
 
@@ -65,8 +95,22 @@ class KvEvents:
         ke = s.kv_events
         self.block_size = ke.block_size or s.block_size_tokens
         self.tokenizer = tokenizer
+        self.tokenize_deadline_s = ke.tokenize_deadline_s
         self._tokenize_failed = False
+        self.fallbacks = Counter(
+            "gpufleet_router_kv_tokenize_fallbacks",
+            "Requests precise mode routed on the character estimate because tokenizing them took past "
+            "kv_events.tokenize_deadline_s (deadline), every tokenizer thread was busy (busy) or it failed (error)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("deadline", "busy", "error"):
+            self.fallbacks.labels(reason)
+        if tokenizer.cache is not None:
+            registry.register(_TokenCacheCollector(tokenizer.cache))
         self.index = KvIndex(self.block_size, pending_ttl_s=ke.pending_ttl_s)
+        # Data-parallel replicas: which rank holds what (events only), to pin a request's rank.
+        self.rank_index = KvIndex(self.block_size, pending_ttl_s=0)
         endpoints: dict[str, list[StreamEndpoint]] = {}
         for r in config.replicas:
             self.index.add_replica(
@@ -85,18 +129,42 @@ class KvEvents:
             topic=ke.topic,
             silence_s=ke.silence_s,
             replay_timeout_s=ke.replay_timeout_s,
+            rank_index=self.rank_index,
         )
 
     async def refine(
-        self, body: Mapping[str, Any], features: RequestFeatures, size_hint: int, salt: str | None = None
+        self,
+        body: Mapping[str, Any],
+        features: RequestFeatures,
+        *,
+        salt: str | None = None,
+        tenant: str | None = None,
     ) -> RequestFeatures:
-        """The features with the prompt's real token count and block keys (unchanged if unreadable).
+        """The features with the prompt's real token count and block keys (unchanged if unreadable,
+        or not tokenized within the deadline: module docs).
 
         The keys carry the `cache_salt` the engine will see: `salt` (the tenant's, set by the router),
-        else the client's own `cache_salt`, as vLLM folds it into the first block's hash."""
+        else the client's own `cache_salt`, as vLLM folds it into the first block's hash. `tenant`
+        scopes the token cache; only text it misses longer than `tokenize_inline_chars` goes to the
+        thread pool."""
+        tok = self.tokenizer
+        scope = tenant or ANONYMOUS
         try:
-            ids = await self.tokenizer.encode_async(body, size_hint)
+            job = tok.prepare(body, scope)  # on the loop: render, and look the chunks up in the cache
+            if not isinstance(job, Lookup):
+                ids: Sequence[int] = job
+            elif job.pending_chars <= tok.inline_chars:
+                ids = job.finish()
+            elif tok.busy():
+                self.fallbacks.labels("busy").inc()
+                return features
+            else:
+                ids = await asyncio.wait_for(tok.finish_async(job), self.tokenize_deadline_s)
+        except TimeoutError:
+            self.fallbacks.labels("deadline").inc()
+            return features
         except Exception:  # a tokenizer failure must not fail the request: route on the estimate
+            self.fallbacks.labels("error").inc()
             if not self._tokenize_failed:
                 log.exception("kv events: tokenizing a request failed; routing it on the character estimate")
                 self._tokenize_failed = True
@@ -129,6 +197,16 @@ class KvEvents:
         self.streams.remove(replica_id)
         self.index.remove_replica(replica_id)
 
+    def rank_for(self, replica_id: str, block_keys: Sequence[int]) -> int | None:
+        """The data-parallel rank of `replica_id` holding the longest prefix of `block_keys`, or
+        None (a replica without ranks, or no rank holds its first block: the engine balances)."""
+        streams = self.streams.ranks_of(replica_id)
+        if len(streams) < 2 or not block_keys:
+            return None
+        depths = self.rank_index.match(block_keys, streams)
+        best = max(range(len(streams)), key=depths.__getitem__)
+        return best if depths[best] > 0 else None
+
     async def start(self) -> None:
         await self.streams.start()
 
@@ -160,7 +238,12 @@ def build(config: RouterConfig, registry: CollectorRegistry) -> KvEvents | None:
         )
         return None
     try:
-        tok = PromptTokenizer(ke.tokenizer, chat_template=ke.chat_template, inline_chars=ke.tokenize_inline_chars)
+        tok = PromptTokenizer(
+            ke.tokenizer,
+            chat_template=ke.chat_template,
+            inline_chars=ke.tokenize_inline_chars,
+            cache_tokens=ke.token_cache_tokens,
+        )
     except TokenizerError as exc:
         log.warning("kv events: precise mode is off: %s; routing stays approximate", exc)
         return None

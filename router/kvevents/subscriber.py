@@ -23,6 +23,8 @@ N streams (rank r on the ports + r), each with its own sequence, replay and gap 
 into the replica's one index entry. The index counts a block stored by two ranks twice, so it
 stays held until both evicted it. A reset or `AllBlocksCleared` on one rank forgets the whole
 replica's blocks (forgetting is safe; the others are learned again as they are stored or reused).
+With a `rank_index`, each rank's events also feed that index under the rank's stream key, so the
+server can tell which rank holds a prompt (`KvEvents.rank_for`).
 
 Nothing here raises out of a task on bad input or a dead peer: sockets reconnect by themselves
 (ZMQ), and an unexpected error is logged once per replica and the loop goes on.
@@ -89,8 +91,10 @@ class EventStreams:
         silence_s: float = 5.0,
         replay_timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        rank_index: KvIndex | None = None,
     ) -> None:
         self.index = index
+        self.rank_index = rank_index
         self.metrics = metrics
         self.topic = topic.encode()
         self.silence_s = silence_s
@@ -112,6 +116,10 @@ class EventStreams:
         """The key of one rank's stream: the replica id for rank 0, `<id>#dp<rank>` for the others."""
         return replica_id if rank == 0 else f"{replica_id}#dp{rank}"
 
+    def ranks_of(self, replica_id: str) -> list[str]:
+        """The replica's stream keys, rank 0 first (one for a replica without data parallelism)."""
+        return self._streams.get(replica_id, [])
+
     def _track(self, rid: str, eps: StreamEndpoint | Sequence[StreamEndpoint]) -> list[str]:
         ranks = [eps] if isinstance(eps, StreamEndpoint) else list(eps)
         keys = []
@@ -120,6 +128,10 @@ class EventStreams:
             self.status[key] = StreamStatus(ep, rid, rank)
             keys.append(key)
         self._streams[rid] = keys
+        rb = self.index.replicas.get(rid)
+        if self.rank_index is not None and len(keys) > 1 and rb is not None:
+            for key in keys:  # each rank has its own KV pool: the replica's share
+                self.rank_index.add_replica(key, rb.capacity_blocks // len(keys), exact=True)
         return keys
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -154,6 +166,8 @@ class EventStreams:
                 self._leaving.add(task)
                 task.add_done_callback(self._leaving.discard)
             self.status.pop(key, None)
+            if self.rank_index is not None:
+                self.rank_index.remove_replica(key)
         self._counted.pop(rid, None)
         self.metrics.forget(rid)
 
@@ -304,6 +318,8 @@ class EventStreams:
             self.metrics.problem(rid, "unknown_tag", res.unknown_tags)
         index = self.index
         index.apply(rid, res.events, self.clock())
+        if self.rank_index is not None and key in self.rank_index.replicas:
+            self.rank_index.apply(key, res.events, None)
         self.metrics.messages.labels(rid).inc()
         rb = index.replicas.get(rid)
         if rb is not None:
@@ -323,6 +339,8 @@ class EventStreams:
         st.last_seq = None
         self.metrics.problem(st.replica, "reset")
         self.index.clear(st.replica)
+        if self.rank_index is not None:
+            self.rank_index.clear(key)
 
     # -- the watchdog -------------------------------------------------------------------------------
     async def _watchdog(self) -> None:

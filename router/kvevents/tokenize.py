@@ -12,8 +12,12 @@ The template runs in jinja2's immutable sandbox with the helpers Hugging Face te
 template gets a plain `role: content` rendering, which cannot match an engine that has one; the
 router says so once at start.
 
-The `tokenizers` library releases the GIL while encoding, so the server runs long prompts in a
-thread pool (`encode_async`) and the event loop keeps serving.
+Text is encoded through a `tokencache.ChunkedEncoder`: a per-tenant cache of the chunks between
+the template's special tokens, so a conversation's next turn and a shared system prompt cost only
+their new text, with ids identical to encoding the whole text (that module's docs say why). The
+encoding call is `encode_batch_fast`, which releases the GIL (the single-text `encode` holds it)
+and skips the offsets the router never reads, so a long prompt encoded in the thread pool
+(`encode_async`) does not stop the event loop.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from array import array
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from gpufleet.router.kvevents.tokencache import ANONYMOUS, ChunkedEncoder, Lookup, TokenCache
 
 __all__ = ["PromptTokenizer", "TokenizerError"]
 
@@ -52,6 +59,7 @@ class PromptTokenizer:
         chat_template: str | Path | None = None,
         inline_chars: int = 8192,
         threads: int = 2,
+        cache_tokens: int = 0,
     ) -> None:
         try:
             import tokenizers
@@ -96,7 +104,16 @@ class PromptTokenizer:
         self.has_template = template is not None
         self._template = self._compile(template) if template is not None else None
         self.inline_chars = inline_chars
+        self.threads = threads
+        self.in_flight = 0
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+        # The engine's tokenizer (transformers) turns a tokenizer.json's truncation and padding
+        # off unless a request asks for them; so must the router, or long prompts lose blocks.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.cache = TokenCache(cache_tokens) if cache_tokens > 0 else None
+        self._chunked = ChunkedEncoder(self._tok, self.cache)
+        self._wrap = _special_wrap(self._tok)
 
     @staticmethod
     def _compile(source: str) -> Any:
@@ -141,32 +158,85 @@ class PromptTokenizer:
             ctx.update({k: v for k, v in kwargs.items() if isinstance(k, str)})
         return str(self._template.render(**ctx))
 
-    def encode_body(self, body: Mapping[str, Any]) -> list[int]:
-        """Token ids of a chat or completion body; [] when the body has no prompt the router can read."""
+    def prepare(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Lookup | Sequence[int]:
+        """A chat or completion body's prompt: the text's `Lookup` in `scope`'s token cache (the
+        tenant's), still to `finish`, or the ids when nothing is to be encoded (empty when the body
+        has no prompt the router can read). Cheap: renders the template and hashes the chunks."""
         if isinstance(body.get("messages"), list):
             try:
                 text = self.render_chat(body)
             except Exception:  # a template that rejects these messages: the engine will say why
-                return []
-            return list(self._tok.encode(text, add_special_tokens=False).ids)
+                return ()
+            return self._chunked.lookup(text, scope)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt:
             prompt = prompt[0] if isinstance(prompt[0], str) else prompt
         if isinstance(prompt, list):
             return [t for t in prompt if isinstance(t, int)]
         if isinstance(prompt, str):
-            return list(self._tok.encode(prompt, add_special_tokens=True).ids)
-        return []
+            if self._wrap is None:  # special tokens that depend on the text: encode it whole
+                return Lookup(self._chunked, scope, [prompt], [], [None], None, special_whole=True)
+            return self._chunked.lookup(prompt, scope, self._wrap)
+        return ()
+
+    def token_ids(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Sequence[int]:
+        """Token ids of a chat or completion body, through `scope`'s token cache (`prepare`)."""
+        job = self.prepare(body, scope)
+        return job.finish() if isinstance(job, Lookup) else job
+
+    def encode_body(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> list[int]:
+        """`token_ids` as a list."""
+        return list(self.token_ids(body, scope))
 
     def encode_text(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    async def encode_async(self, body: Mapping[str, Any], size_hint: int) -> list[int]:
-        """`encode_body` inline for short bodies, in the thread pool for long ones (`size_hint` bytes)."""
-        if size_hint <= self.inline_chars:
-            return self.encode_body(body)
+    def busy(self) -> bool:
+        """Every thread is taken and as many requests again wait: a new one would only queue."""
+        return self.in_flight >= 2 * self.threads
+
+    async def encode_async(self, body: Mapping[str, Any], scope: str = ANONYMOUS) -> Sequence[int]:
+        """`token_ids`, with the text left to encode (after the cache) encoded in the thread pool
+        when it is longer than `inline_chars`."""
+        job = self.prepare(body, scope)
+        if not isinstance(job, Lookup):
+            return job
+        if job.pending_chars <= self.inline_chars:
+            return job.finish()
+        return await self.finish_async(job)
+
+    async def finish_async(self, job: Lookup) -> array[int]:
+        """`job.finish()` in the thread pool. Cancelling the wait (a deadline) leaves the thread to
+        finish: its chunks still fill the cache."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.encode_body, body)
+        self.in_flight += 1
+        fut = loop.run_in_executor(self._pool, job.finish)
+        fut.add_done_callback(self._done)
+        return await asyncio.shield(fut)
+
+    def _done(self, _fut: object) -> None:
+        self.in_flight -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _special_wrap(tok: Any) -> tuple[array[int], array[int]] | None:
+    """The ids `add_special_tokens=True` puts before and after a text's own ids, if the same for any text.
+
+    Post-processors (`TemplateProcessing`, BERT's, RoBERTa's) add fixed ids around the text; a
+    completion prompt is then those ids around its cached encoding. None if probes disagree.
+    """
+    found: tuple[array[int], array[int]] | None = None
+    for probe in ("hello world", "1 a\n\nb, c"):
+        plain = list(tok.encode(probe, add_special_tokens=False).ids)
+        full = list(tok.encode(probe, add_special_tokens=True).ids)
+        n = len(plain)
+        at = next((h for h in range(len(full) - n + 1) if full[h : h + n] == plain), None)
+        if not n or at is None:
+            return None
+        wrap = (array("I", full[:at]), array("I", full[at + n :]))
+        if found is not None and found != wrap:
+            return None
+        found = wrap
+    return found

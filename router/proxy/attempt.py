@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -35,6 +35,9 @@ from gpufleet.router.upstream import (
     UpstreamPool,
     UpstreamProtocolError,
 )
+
+if TYPE_CHECKING:
+    from gpufleet.router.kvevents.runtime import KvEvents
 
 __all__ = ["Attempts"]
 
@@ -61,6 +64,8 @@ class Attempts:
         self.upstream = upstream
         self.cache = cache
         self.sessions = sessions
+        self.kv: KvEvents | None = None
+        """Precise mode's parts (set by the server): which data-parallel rank holds a prompt."""
         self._m_requests: dict[tuple[str, int], Counter] = {}
 
     def session_headers(self, req: ProxyRequest, replica: str) -> dict[str, str] | None:
@@ -69,6 +74,17 @@ class Attempts:
         if sid is None or self.sessions is None:
             return None
         return self.sessions.headers(sid, replica)
+
+    def _rank_pinned(self, req: ProxyRequest, r: ReplicaState) -> bytes:
+        """The forwarded headers, plus vLLM's `X-data-parallel-rank` naming the rank of a data-parallel
+        replica that holds the prompt's prefix (by its KV events; a client's own header wins)."""
+        kv = self.kv
+        if kv is None or not req.features.block_hashes:
+            return req.headers
+        rank = kv.rank_for(r.id, req.features.block_hashes)
+        if rank is None or b"x-data-parallel-rank:" in req.headers.lower():
+            return req.headers
+        return req.headers + b"X-data-parallel-rank: %d\r\n" % rank
 
     def first_byte_deadline_s(self, req: ProxyRequest, r: ReplicaState) -> float:
         """Seconds the attempt on `r` may take to its first byte (the whole answer when not streamed).
@@ -133,7 +149,7 @@ class Attempts:
         prefilled = False
         try:
             target = self.replicas.targets[r.id]
-            head = target.head(req.path, req.headers, len(req.body))
+            head = target.head(req.path, self._rank_pinned(req, r), len(req.body))
             try:
                 resp = await self.upstream.post(
                     target.host, target.port, head, req.body, timeout_s=first_byte_s, tls=target.tls

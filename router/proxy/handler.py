@@ -119,7 +119,7 @@ class Proxy:
                 salt=salt,
             )
             if self.kv is not None:  # precise mode: the engine's tokens and block keys
-                features = await self.kv.refine(body, features, len(raw), salt)
+                features = await self.kv.refine(body, features, salt=salt, tenant=tenant)
             if features.session_id is not None and self.sessions is not None:
                 token = request.headers.get(s.session.token_header)
                 features.session_replica = await self.sessions.resolve(token, features.session_id)

@@ -40,10 +40,26 @@ from gpufleet.router.workloads import driver, stats
 from gpufleet.router.workloads.driver import Result
 from gpufleet.router.workloads.types import MODEL, Workload
 
-__all__ = ["ROUTERS", "LiveResult", "find_peer", "free_port", "run_live", "train_tokenizer"]
+__all__ = [
+    "CHATML_SPECIAL",
+    "CHATML_TEMPLATE",
+    "ROUTERS",
+    "LiveResult",
+    "find_peer",
+    "free_port",
+    "run_live",
+    "train_tokenizer",
+]
 
 ROUTERS = ("gpufleet", "gpufleet-events", "sglang", "vllm")
 """`gpufleet-events`: gpufleet's router in precise mode, reading the replicas' vLLM KV events."""
+
+CHATML_SPECIAL = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The trained tokenizers' chat template: ChatML (Qwen's shape), its markers special added tokens."""
 
 _CLI = [sys.executable, "-c", "from gpufleet.infra.cli import main; main()"]
 _PEER_ENV = {
@@ -150,9 +166,10 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> Non
 
 
 def train_tokenizer(workload: Workload, directory: Path) -> Path:
-    """A byte-level BPE tokenizer (4k vocab) trained on the workload's own prompts, with a chat
-    template: what the replicas tokenize with when the run includes `gpufleet-events` (no model
-    is downloaded; every router then faces replicas that count tokens the same way)."""
+    """A byte-level BPE tokenizer (4k vocab) trained on the workload's own prompts, with the ChatML
+    markers as special tokens and ChatML as its chat template (`CHATML_TEMPLATE`): what the
+    replicas tokenize with when the run includes `gpufleet-events` (no model is downloaded; every
+    router then faces replicas that count tokens the same way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from gpufleet.router.prefix import render_prompt
@@ -161,11 +178,12 @@ def train_tokenizer(workload: Workload, directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, show_progress=False))
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=4000, show_progress=False, special_tokens=list(CHATML_SPECIAL))
+    )
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"
-    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     return directory
 
 

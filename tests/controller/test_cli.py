@@ -114,6 +114,8 @@ def test_once_applies_the_action(kube: tuple[FakeKubernetes, Path, Path]) -> Non
     [
         (["--high-water", "0.4"], "low_water"),
         (["--kube-context", "aws"], "expected KEY=VALUE"),
+        (["--router-metrics", "http://127.0.0.1:9/metrics", "--router-service", "r"], "give one"),
+        (["--ttft-window-s", "0"], "--ttft-window-s"),
     ],
 )
 def test_bad_flags_are_one_line_errors(kube: tuple[FakeKubernetes, Path, Path], args: list[str], message: str) -> None:
@@ -129,3 +131,26 @@ def test_not_a_plan_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('{"schema": "other"}')
     result = CliRunner().invoke(app, ["controller", "run", "-c", str(bad), "--once"])
     assert result.exit_code == 1 and "gpufleet.plan/v1" in result.output
+
+
+def test_router_service_with_no_ready_pod_still_runs_the_round_and_says_so(
+    kube: tuple[FakeKubernetes, Path, Path],
+) -> None:
+    server, kubeconfig, plan = kube
+    result = CliRunner().invoke(
+        app,
+        [
+            "controller",
+            "run",
+            "-c",
+            str(plan),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--once",
+            "--router-service",
+            "f-router",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "no ready router pod" in result.output  # GPU pressure alone decided this round
+    assert server.deployments[("gpufleet", "warm-b")]["spec"]["replicas"] == 2

@@ -160,3 +160,85 @@ def test_every_ranks_stream_is_subscribed_and_merged_into_the_replicas_index(tmp
                 await p.close()
 
     asyncio.run(run())
+
+
+def test_a_request_is_pinned_to_the_rank_that_holds_its_prefix(tmp_path) -> None:
+    """vLLM honours `X-data-parallel-rank`: the router names the rank whose events hold the prompt."""
+    from aiohttp import web
+
+    tok = v.tiny_tokenizer_files(tmp_path / "tok")
+    pub_port = _free_run(2)
+    seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-data-parallel-rank"))
+        await request.read()
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": [], "usage": usage})
+
+    async def ok(request: web.Request) -> web.Response:  # health checks and the engine-load scraper
+        return web.Response(text="")
+
+    async def run() -> None:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", chat)
+        upstream.router.add_get("/health", ok)
+        upstream.router.add_get("/metrics", ok)
+        up_runner = web.AppRunner(upstream)
+        await up_runner.setup()
+        site = web.TCPSite(up_runner, "127.0.0.1", 0)
+        await site.start()
+        up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        pubs = [EventPublisher(f"tcp://127.0.0.1:{pub_port}", data_parallel_rank=rank) for rank in range(2)]
+        rep = ReplicaConfig(
+            id="r0", url=f"http://127.0.0.1:{up_port}", deployment="d", model="m", pool="p", priority=0,
+            kv_capacity_tokens=4096, max_model_len=4096, max_concurrent_requests=8, data_parallel_size=2,
+            kv_events_endpoint=f"tcp://127.0.0.1:{pub_port}",
+        )  # fmt: skip
+        settings = RouterSettings(
+            block_size_tokens=BS,
+            kv_events={"enabled": True, "tokenizer": str(tok), "pending_ttl_s": 0, "replay_port": None},
+            health={"interval_s": 60},
+            prediction_cache={"enabled": False},
+        )
+        app = router_app.create_app(RouterConfig(fleet="t", settings=settings, replicas=[rep]), admin_token=TOKEN)
+        runner, port = await router_app.start(app, "127.0.0.1", 0)
+        router = app[router_app.ROUTER_KEY]
+        streams = router.kv.streams
+
+        def body(words: list[str]) -> dict[str, object]:
+            return {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": " ".join(words)}]}
+
+        prompts = {rank: [f"w{rank * 100 + i}" for i in range(40)] for rank in range(2)}
+        try:
+            end = time.monotonic() + 5
+            while any(streams.status[k].last_seq is None for k in ("r0", "r0#dp1")):
+                assert time.monotonic() < end, "a rank's stream was never heard"
+                for p in pubs:
+                    p.publish([], time.time())
+                await asyncio.sleep(0.05)
+            for rank, words in prompts.items():  # each rank stores one prompt's blocks
+                ids = router.kv.tokenizer.encode_body(body(words))
+                n = len(ids) // BS
+                hashes = [1000 * (rank + 1) + i for i in range(n)]
+                pubs[rank].publish([wire.BlockStored(hashes, None, ids[: n * BS], BS, None, "GPU", None)], time.time())
+            end = time.monotonic() + 5
+            while router.kv.rank_for("r0", keys.block_keys(router.kv.tokenizer.encode_body(body(prompts[1])), BS)) != 1:
+                assert time.monotonic() < end, "rank 1's events never reached the rank index"
+                await asyncio.sleep(0.02)
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                for words in (prompts[1], prompts[0], [f"w{400 + i}" for i in range(40)]):
+                    async with http.post(url, json=body([*words, "the"])) as r:
+                        assert r.status == 200
+                async with http.post(url, json=body(prompts[1]), headers={"X-data-parallel-rank": "0"}) as r:
+                    assert r.status == 200
+            # rank 1's prefix -> 1, rank 0's -> 0, a prefix no rank holds -> vLLM balances, a client's own wins
+            assert seen == ["1", "0", None, "0"]
+        finally:
+            await runner.cleanup()
+            for p in pubs:
+                await p.close()
+            await up_runner.cleanup()
+
+    asyncio.run(run())

@@ -55,7 +55,7 @@ def test_with_a_tokenizer_the_prefix_scorer_reads_the_events_index(tmp_path):
     assert ids == r.kv.tokenizer.encode_text("<s> <|user|> w1 w2 w3 w4 w5 w6 w7 <|assistant|>")
     import asyncio
 
-    f = asyncio.run(r.kv.refine(body, RequestFeatures(model="m", prompt_tokens=1), 10))
+    f = asyncio.run(r.kv.refine(body, RequestFeatures(model="m", prompt_tokens=1)))
     assert f.prompt_tokens == len(ids) == 10 and f.block_hashes == tuple(keys.block_keys(ids, 4))
     # r1 holds the first block by its events: the scorer sees it only once r1's stream is exact
     r.kv.index.stored("r1", [b"x"], list(f.block_hashes[:1]))
@@ -84,10 +84,10 @@ def test_a_tokenizer_failure_routes_on_the_estimate(tmp_path, caplog):
     tok_dir = tiny_tokenizer_files(tmp_path / "tok")
     r = router_app.Router(_cfg({"enabled": True, "tokenizer": str(tok_dir)}), admin_token="t")
 
-    def boom(body):
+    def boom(body, scope=""):
         raise RuntimeError("tokenizer crashed")
 
-    r.kv.tokenizer.encode_body = boom  # type: ignore[method-assign]
+    r.kv.tokenizer.prepare = boom  # type: ignore[method-assign]
     f0 = RequestFeatures(model="m", block_hashes=(1, 2), prompt_tokens=9)
-    f = asyncio.run(r.kv.refine({"prompt": "w1"}, f0, 10))
+    f = asyncio.run(r.kv.refine({"prompt": "w1"}, f0))
     assert f.block_hashes == (1, 2) and f.prompt_tokens == 9

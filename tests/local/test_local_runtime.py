@@ -85,6 +85,8 @@ def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
     with rt:
         pids = rt.pids()
         assert len(pids) == 5 and all(alive(x) for x in pids)  # 3 replicas, the router, its hot spare
+        # the router is the hot spare spawned beside the replicas (its imports overlapped theirs), woken at start
+        assert b"--standby" in Path(f"/proc/{rt.router_proc.pid}/cmdline").read_bytes()
         # standby is known to the router but not routed to
         assert rt.router_view() == {"qwen-top-0": True, "qwen-next-0": True, "qwen-next-warm0": False}
         served = {
@@ -98,6 +100,11 @@ def test_run_route_lose_top_pool_promote_standby_and_stop_clean(tmp_path):
         events = rt.check(load=False)
         assert any("qwen-top-0" in e and "exited" in e for e in events)
         assert any("promoted warm replica qwen-next-warm0" in e and "pool top failed" in e for e in events)
+        # a lost pool stays down: its replica is not restarted, whatever the rounds
+        assert any("qwen-top-0 (pool top) exited" in e and "not restarted: pool top is down" in e for e in events)
+        time.sleep(0.7)  # past the first restart backoff (0.5 s)
+        rt.check(load=False)
+        assert rt.replicas[0].id == "qwen-top-0" and rt.replicas[0].state == "dead" and not rt.replicas[0].running
         # spill-over: the next pool serves at once (retries move off the dead replica)
         r = httpx.post(rt.endpoint + "/v1/chat/completions", json=_chat("after"), timeout=10)
         assert r.status_code == 200 and r.headers["x-gpufleet-replica"].startswith("qwen-next-")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -145,19 +146,35 @@ def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     assert hit["rr"] < hit["ca"] <= ceiling  # three top replicas: where a prefix lands matters
     assert "killed pool(s) top: qwen-top-0, qwen-top-1, qwen-top-2" in out
     assert "promoted warm replica qwen-next-warm0" in out and "pool top failed" in out
+    # what happens to the lost pool's replicas: not restarted (no "restarting in 0.5s" that never comes)
+    assert "qwen-top-0 (pool top) exited with code -9" in out and "not restarted: pool top is down" in out
+    assert "restarting in" not in out and "dead (pool down)" in out
     after = _all_row(out, "right after")
     assert after[1] == "0"  # the next pool serves at once: no request fails
     # the router's spill counter saw it (a request that retried past every dead top replica is
     # not counted: by then its candidates hold no higher pool, so at most all are)
     assert 0 < int(after[7]) <= int(after[0]) - int(after[6])
     assert re.search(r"tore down \d+ processes, 0 left", out)
+    # where the time went, phase by phase
+    assert re.search(r"demo took [\d.]+ s \(start \(round_robin\) [\d.]+, round_robin [\d.]+, ", out)
 
 
-def _router_pid(kids: list[int]) -> int:
-    """The serving router among `kids` (not its hot spare)."""
-    cmd = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids}
-    router = [k for k in kids if b"router\x00serve" in cmd[k] and b"--standby" not in cmd[k]]
-    assert len(router) == 1
+def _router_pid(kids: list[int], endpoint: str) -> int:
+    """The serving router among `kids`: the one holding the endpoint's listening socket (the first
+    router is a hot spare woken at start, so both router command lines may say --standby)."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{f[9]}]")
+    router = []
+    for k in kids:
+        with contextlib.suppress(OSError):
+            fds = Path(f"/proc/{k}/fd")
+            if any(os.readlink(fd) in inodes for fd in fds.iterdir()):
+                router.append(k)
+    assert len(router) == 1 and b"router\x00serve" in Path(f"/proc/{router[0]}/cmdline").read_bytes()
     return router[0]
 
 
@@ -166,7 +183,7 @@ def test_a_sigkilled_router_is_restarted_replicas_keep_running_and_requests_resu
     proc, endpoint = _start_up(write_fleet(tmp_path))
     kids = _children(proc.pid)
     try:
-        router = _router_pid(kids)
+        router = _router_pid(kids, endpoint)
         replicas = [k for k in kids if k != router]
         body = {"model": "Qwen/Qwen3-0.6B", "messages": [{"role": "user", "content": "hi " * 30}], "max_tokens": 3}
         assert httpx.post(endpoint + "/v1/chat/completions", json=body, timeout=10).status_code == 200
@@ -285,6 +302,9 @@ def test_demo_motion_scales_the_top_pool_to_its_limit_spills_scales_down_lower_f
     first_next_down = next(i for i, e in enumerate(ev) if e.startswith("autoscale llama-8b on local-l40s: 2 ->"))
     first_top_down = next(i for i, e in enumerate(ev) if e.startswith("autoscale llama-8b on local-l4: 4 ->"))
     assert first_next_down < first_top_down  # the lower pool scales down first
+    # ... and the timeline's last column says so, in that order
+    notes = " | ".join(s.note for s in res.samples)
+    assert notes.index("local-l40s 2->") < notes.index("local-l4 4->")
     assert res.router_killed_at_s is not None and res.ok_after_kill > 0
     assert res.first_ok_after_kill_s is not None and res.first_ok_after_kill_s < 5
     assert res.errors <= res.cut_by_kill + 30  # other failures only around the kill (clients retry every 0.1 s)
