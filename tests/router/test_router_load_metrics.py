@@ -25,12 +25,14 @@ def value(url: str, name: str, **labels: str) -> float | None:
 
 
 def test_queued_prefill_counts_prompt_tokens_until_the_first_byte_then_drops_to_zero(replicas, make_router) -> None:
-    reps = replicas(1, ttft_s=0.6)
+    # A first token 3 s away leaves the checks below time to read the gauges while the request
+    # is still queued, even on a loaded machine.
+    reps = replicas(1, ttft_s=3.0)
     rr = make_router(replica_configs(reps))
     assert value(rr.url, "gpufleet_router_queued_prefill_tokens", replica="r0") == 0
     body = chat("x " * 400, stream=True)
     t = threading.Thread(
-        target=httpx.post, args=(rr.url + "/v1/chat/completions",), kwargs={"json": body, "timeout": 10}
+        target=httpx.post, args=(rr.url + "/v1/chat/completions",), kwargs={"json": body, "timeout": 20}
     )
     t.start()
     assert wait_for(lambda: (value(rr.url, "gpufleet_router_queued_requests", replica="r0") or 0) == 1)

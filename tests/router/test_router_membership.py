@@ -194,8 +194,11 @@ def test_the_router_reloads_a_changed_config_file_and_keeps_the_old_one_when_it_
     _write(path, cfgs[:1])
     rr = make_router(cfgs[:1], admin_token=TOKEN, config_path=path, reload_interval_s=0.05)
     _write(path, cfgs[:2])
-    assert wait_for(lambda: [r.id for r in rr.router.replicas] == ["r0", "r1"])
-    assert list(rr.router.config.replicas) == cfgs[:2]
+    # The reload runs on the router's event loop; this thread may look between its two steps
+    # (the replica set, then the config), so wait for both.
+    assert wait_for(
+        lambda: [r.id for r in rr.router.replicas] == ["r0", "r1"] and list(rr.router.config.replicas) == cfgs[:2]
+    )
     caplog.set_level(logging.ERROR, logger="gpufleet.router.membership")
     path.write_text("fleet: test\nreplicas:\n  - id: r9\n    url: http://127.0.0.1:1\n  - 3\n")
     assert wait_for(lambda: "keeping the previous config" in caplog.text)
