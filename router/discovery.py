@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.router.config import DiscoveryTarget, KubernetesDiscovery, ReplicaConfig
+from gpufleet.router.upstream.request import url_host
 
 if TYPE_CHECKING:
     import asyncio
@@ -99,7 +100,7 @@ def read_slice(
             view.ignored["no_address"] = view.ignored.get("no_address", 0) + 1
             continue
         address = str(addresses[0])
-        host = f"[{address}]" if ":" in address else address
+        host = url_host(address)
         ref = ep.get("targetRef") or {}
         rid = str(ref.get("name") or ep.get("hostname") or f"{service}-{address}-{port}")
         view.replicas.append(

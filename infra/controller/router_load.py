@@ -38,6 +38,7 @@ from typing import Any
 
 from gpufleet.infra import names
 from gpufleet.infra.controller import autoscale
+from gpufleet.router.upstream.request import url_host
 
 __all__ = [
     "RouterLoad",
@@ -172,13 +173,9 @@ def service_routers(kube: Any, service: str, *, port_name: str = "http") -> Call
 
     def routers() -> dict[str, str]:
         found = kube.service_endpoints(service, port_name)
-        return {pod: f"http://{_host(addr)}:{port}/metrics" for pod, (addr, port) in sorted(found.items())}
+        return {pod: f"http://{url_host(addr)}:{port}/metrics" for pod, (addr, port) in sorted(found.items())}
 
     return routers
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 class RouterLoadReader:

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from gpufleet.router.upstream.request import url_host
+
 __all__ = [
     "ENGINE_PLACEHOLDERS",
     "LocalRuntimeError",
@@ -62,11 +64,6 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def url_host(host: str) -> str:
-    """`host` as it goes into a URL (IPv6 addresses in brackets)."""
-    return f"[{host}]" if ":" in host else host
 
 
 def cli_argv(python: str, *args: str) -> list[str]:

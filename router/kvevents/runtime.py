@@ -31,6 +31,7 @@ from gpufleet.router.kvevents.subscriber import EventStreams, KvEventMetrics, St
 from gpufleet.router.kvevents.tokencache import ANONYMOUS, Lookup, TokenCache
 from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
 from gpufleet.router.types import RequestFeatures
+from gpufleet.router.upstream.request import url_host
 
 __all__ = ["KvEvents", "build", "endpoint_of", "endpoints_of"]
 
@@ -44,8 +45,7 @@ def endpoint_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> S
     host = urlsplit(replica.url).hostname
     if not host:
         return None
-    if ":" in host:
-        host = f"[{host}]"
+    host = url_host(host)
     replay = f"tcp://{host}:{replay_port}" if replay_port is not None else None
     return StreamEndpoint(f"tcp://{host}:{port}", replay)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from yarl import URL
 
-__all__ = ["COMPLETION_PATHS", "HOP_BY_HOP", "UpstreamTarget", "forward_headers"]
+__all__ = ["COMPLETION_PATHS", "HOP_BY_HOP", "UpstreamTarget", "forward_headers", "url_host"]
 
 # Every path the router proxies (router.wire.ENDPOINTS): request lines are built once per replica.
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
@@ -38,6 +38,11 @@ HOP_BY_HOP = frozenset(
 )
 """Headers that are not passed on, in either direction (lower case)."""
 _HOP_BY_HOP_AND_TYPE = HOP_BY_HOP | {"content-type", "content-encoding"}
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes into a URL or a ZMQ tcp:// endpoint (IPv6 addresses in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def forward_headers(headers: Iterable[tuple[str, str]]) -> bytes:
