@@ -90,7 +90,7 @@ class Router:
             TenantResolver(s.tenant, environ),
             sessions=self.sessions,
         )
-        self.proxy.kv = self.proxy.attempts.kv = self.kv
+        self.proxy.attempts.kv = self.kv
         self.draining = False
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
         self.replicas.subscribe(self._membership_changed)

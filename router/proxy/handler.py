@@ -75,14 +75,15 @@ class Proxy:
         self.sessions = sessions
         self.tenants = tenants or TenantResolver(settings.tenant)
         self.replicas = replicas
-        self.policy = policy
         self.metrics = metrics
-        self.health = health
-        self.upstream = upstream
         self.cache = cache
-        self.kv: KvEvents | None = None
         self.attempts = Attempts(settings, replicas, policy, metrics, health, upstream, cache, sessions)
         self.dispatcher = Dispatcher(settings, policy, metrics, sessions, self.attempts)
+
+    @property
+    def kv(self) -> KvEvents | None:
+        """Precise mode's parts (the server sets them on `attempts`), or None."""
+        return self.attempts.kv
 
     def first_byte_deadline_s(self, req: ProxyRequest, r: ReplicaState) -> float:
         """Seconds the attempt on `r` may take to its first byte: `Attempts.first_byte_deadline_s`."""
