@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from gpufleet.infra import router_config
 from gpufleet.infra.controller.autoscale import AutoscaleSettings
 from gpufleet.infra.local import processes
 from gpufleet.infra.local.autoscaler import LocalAutoscaler
@@ -160,6 +161,7 @@ class LocalRuntime(RouterProcesses):
             "--prefill-tokens-per-s": perf.prefill_tokens_per_s,
             "--decode-tokens-per-s": perf.decode_tokens_per_s,
             "--max-running": dep.max_concurrent_requests,
+            "--max-batched-tokens": router_config.step_tokens(dep),
             "--max-model-len": dep.max_model_len,
             "--block-size-tokens": self.settings.block_size_tokens,
             "--chars-per-token": self.settings.chars_per_token,
