@@ -14,7 +14,11 @@ from gpufleet.infra.plan import DeploymentPlan, KvTierPlan, Plan, ReplicaPlan
 from gpufleet.router.config import ReplicaConfig, RouterConfig, RouterSettings
 from gpufleet.router.kvevents import ranks
 
-__all__ = ["EventEndpoints", "data_parallel_size", "render"]
+__all__ = ["DEFAULT_STEP_TOKENS", "EventEndpoints", "data_parallel_size", "render", "step_tokens"]
+
+DEFAULT_STEP_TOKENS = 8192
+"""Prefill tokens per engine step when the engine args do not set it: vLLM's default for an API
+server on a large-memory GPU (smaller GPUs default lower; set the flag to tell the router)."""
 
 
 class EventEndpoints(NamedTuple):
@@ -31,6 +35,13 @@ def data_parallel_size(dep: DeploymentPlan) -> int:
     """The data-parallel ranks of a vLLM deployment's engines (`--data-parallel-size` in its
     `engine_args`; the plan has no such field): each publishes KV events on its own ports."""
     return ranks.engine_data_parallel_size(dep.engine_args) if dep.engine == "vllm" else 1
+
+
+def step_tokens(dep: DeploymentPlan) -> int:
+    """Prefill tokens one engine step computes: vLLM's `--max-num-batched-tokens`, SGLang's
+    `--chunked-prefill-size`, among the deployment's `engine_args`, else `DEFAULT_STEP_TOKENS`."""
+    flag = "--max-num-batched-tokens" if dep.engine == "vllm" else "--chunked-prefill-size"
+    return ranks.engine_int_arg(dep.engine_args, flag) or DEFAULT_STEP_TOKENS
 
 
 def _tiers(tiers: KvTierPlan | None) -> dict[str, float]:
@@ -79,6 +90,7 @@ def render(
                     kv_events_endpoint=ev.endpoint,
                     kv_events_replay_endpoint=ev.replay_endpoint,
                     data_parallel_size=ev.data_parallel_size,
+                    max_batched_tokens=step_tokens(dep),
                     **_tiers(perf[r.pool].kv_tiers),
                 )
             )

@@ -83,6 +83,9 @@ class ReplicaState:
     """KV tokens of the replica's CPU tier (the plan's kv_offload; 0: GPU only)."""
     cpu_load_tokens_per_s: float | None = None
     """The plan's rate a CPU-tier hit moves back to the GPU (None: no tier)."""
+    step_tokens: int = 8192
+    """Prefill tokens the engine computes per step (vLLM `--max-num-batched-tokens`, SGLang
+    `--chunked-prefill-size`): a longer uncached prompt takes several steps."""
     suspect: bool = False
     """A replica failure was seen and no success since: routed to only when nothing else is available."""
     queued_requests: int = 0
@@ -105,8 +108,9 @@ class ReplicaState:
     """`routed` when the last engine-load sample was taken."""
     engine_full_running: int = 0
     """The engine's running limit as its samples show it: the most requests it ran at a sample
-    that also reported waiting ones (it had no room: a slot or memory limit), raised by any later
-    sample that ran more; 0 until a sample reports waiting requests."""
+    that also reported waiting ones while this router's own queued prefill fitted in one step
+    (so the wait was for a slot or memory, not for the step's token budget), raised by any later
+    sample that ran more; 0 until such a sample."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -142,7 +146,11 @@ class ReplicaState:
         the requests of other routers (sample minus own-at-sample) from its own (exact, now)."""
         self.engine_waiting = max(0, waiting)
         self.engine_running = max(0, running)
-        if self.engine_waiting or self.engine_full_running:
+        # Requests also wait when the step's token budget is spent on prefill (long prompts fill a
+        # step with a few requests running): a running count seen then is not the engine's limit,
+        # and learning it would price a slot wait on an engine with room. Only a wait while this
+        # router's own queued prefill fits in one step shows a slot or memory limit.
+        if (self.engine_waiting and self.queued_prefill_tokens < self.step_tokens) or self.engine_full_running:
             self.engine_full_running = max(self.engine_full_running, self.engine_running)
         self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
         self.engine_sampled_at = now

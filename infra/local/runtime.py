@@ -214,6 +214,7 @@ class LocalRuntime(RouterProcesses):
             "--prefill-tokens-per-s": perf.prefill_tokens_per_s,
             "--decode-tokens-per-s": perf.decode_tokens_per_s,
             "--max-running": dep.max_concurrent_requests,
+            "--max-batched-tokens": router_config.step_tokens(dep),
             "--max-model-len": dep.max_model_len,
             "--block-size-tokens": self.kv_block_size(),
             "--chars-per-token": self.settings.chars_per_token,
