@@ -135,8 +135,9 @@ class ReplicaState:
         self.queued_prefill_tokens += prefill_tokens
 
     def prefill_done(self, prefill_tokens: int) -> None:
-        """The request's first byte arrived (or it ended without one): its prefill no longer
-        queues ahead of others. Called once per request."""
+        """The request's first token was computed: its prefill no longer queues ahead of others.
+        Called once per request: at its first byte when streamed, when its prefill is expected to
+        end for an answer that arrives whole (the server), or when it ends without either."""
         self.queued_prefill_tokens = max(0, self.queued_prefill_tokens - prefill_tokens)
         self.queued_requests = max(0, self.queued_requests - 1)
 
