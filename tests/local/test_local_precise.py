@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from gpufleet.infra import plan, spec
+from gpufleet.infra import plan, router_config, spec
 from gpufleet.infra.local import LocalReplica, LocalRuntime, LocalRuntimeError, demo_tokenizer
 from gpufleet.router.kvevents.tokenize import PromptTokenizer
 from gpufleet.router.prefix import render_prompt
@@ -179,3 +179,21 @@ def test_the_demo_tokenizer_is_byte_level_sized_to_the_plans_chars_per_token_wit
         assert "Ω ☃ zqxj" in raw.decode(ids)
     finally:
         pt.close()
+
+
+def test_a_simulated_replica_is_one_stream_whatever_the_deployments_data_parallel_size(tmp_path):
+    tiny_tokenizer_files(tmp_path / "tok")
+    path = _fleet(tmp_path)
+    text = path.read_text().replace(
+        "max_concurrent_requests: 16}", 'max_concurrent_requests: 16, engine_args: ["-dp", "2"]}'
+    )
+    path.write_text(text.replace("tokenizer: tok}", "tokenizer: tok, replay_port: 5567}"))
+    p = plan.compile_file(str(path))
+    assert router_config.data_parallel_size(p.deployment("qwen")) == 2  # what a cluster's engines would have
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    for i, r in enumerate(rt.replicas):  # as `replica_ready` learns them
+        r.url, r.kv_events_port, r.kv_replay_port = f"http://127.0.0.1:{9000 + i}", 7000 + 2 * i, 7001 + 2 * i
+    cfg = {c.id: c for c in rt.router_config_for_run().replicas}
+    assert {c.data_parallel_size for c in cfg.values()} == {1}  # a replica-sim is one engine core
+    assert cfg["qwen-top-0"].kv_events_endpoint == "tcp://127.0.0.1:7000"
+    assert cfg["qwen-top-0"].kv_events_replay_endpoint == "tcp://127.0.0.1:7001"
