@@ -28,6 +28,7 @@ __all__ = [
     "cli_argv",
     "fill_engine_command",
     "free_port",
+    "free_ports",
     "log_tail",
     "pid_alive",
     "signal_group",
@@ -36,7 +37,16 @@ __all__ = [
     "url_host",
 ]
 
-ENGINE_PLACEHOLDERS = ("model", "port", "host", "max_model_len", "max_concurrent_requests", "gpu_memory_utilization")
+ENGINE_PLACEHOLDERS = (
+    "model",
+    "port",
+    "host",
+    "max_model_len",
+    "max_concurrent_requests",
+    "gpu_memory_utilization",
+    "kv_events_port",
+    "kv_events_replay_port",
+)
 """What a pool's `engine_command` may name in braces (`{model}`, `{port}`, ...)."""
 
 
@@ -64,6 +74,27 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(host: str, n: int, attempts: int = 50) -> int:
+    """The first of `n` consecutive ports free on `host` now (for an engine whose data-parallel
+    ranks bind the port + rank); LocalRuntimeError when no such run turns up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(attempts):
+        first = free_port(host)
+        if first + n > 65536:
+            continue
+        ok = True
+        for p in range(first + 1, first + n):
+            with socket.socket(family) as s:
+                try:
+                    s.bind((host, p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return first
+    raise LocalRuntimeError(f"no {n} consecutive free ports on {host}")
 
 
 def cli_argv(python: str, *args: str) -> list[str]:

@@ -191,16 +191,21 @@ class LocalRuntime(RouterProcesses):
         return (s.kv_events.block_size or s.block_size_tokens) if self.precise else s.block_size_tokens
 
     def event_endpoints(self) -> dict[str, router_config.EventEndpoints]:
-        """Each simulated replica's KV-event endpoints (precise mode; ports learned when it started).
-        Engine replicas are left to the declared ports at their URL's host (`router_config.render`)."""
+        """Each replica's KV-event endpoints in precise mode: a simulated replica's (one stream, ports
+        learned when it started), an engine's whose command names `{kv_events_port}` (its
+        deployment's data-parallel ranks). Other engines are left to the declared ports at their
+        URL's host (`router_config.render`)."""
         if not self.precise:
             return {}
         host = processes.url_host(self.host)
         out = {}
         for rep in self.replicas:
-            if rep.kind == "sim" and rep.kv_events_port:
+            if rep.kv_events_port:
+                ranks = (
+                    1 if rep.kind == "sim" else router_config.data_parallel_size(self.plan.deployment(rep.deployment))
+                )
                 replay = f"tcp://{host}:{rep.kv_replay_port}" if rep.kv_replay_port else None
-                out[rep.id] = router_config.EventEndpoints(f"tcp://{host}:{rep.kv_events_port}", replay)
+                out[rep.id] = router_config.EventEndpoints(f"tcp://{host}:{rep.kv_events_port}", replay, ranks)
         return out
 
     # -- replica processes ---------------------------------------------------------------
@@ -277,6 +282,7 @@ class LocalRuntime(RouterProcesses):
             "max_concurrent_requests": dep.max_concurrent_requests,
             "gpu_memory_utilization": dep.gpu_memory_utilization,
         }
+        self._engine_event_ports(rep, dep, " ".join(pool.engine_command), values)
         try:
             argv = processes.fill_engine_command(pool.engine_command, values)
         except ValueError as exc:
@@ -287,6 +293,26 @@ class LocalRuntime(RouterProcesses):
         rep.proc = processes.spawn(argv, rep.log_path, self.workdir, {"CUDA_VISIBLE_DEVICES": rep.gpus})
         rep.port = port
         rep.url = f"http://{processes.url_host(self.host)}:{port}"
+
+    def _engine_event_ports(
+        self, rep: LocalReplica, dep: DeploymentPlan, command: str, values: dict[str, object]
+    ) -> None:
+        """The KV-event ports of an engine whose command names `{kv_events_port}` (and
+        `{kv_events_replay_port}`): one run of ports for its data-parallel ranks (vLLM binds the
+        port + rank), the replay ranks after them; kept across restarts, as its HTTP port is."""
+        pub, replay = "{kv_events_port}" in command, "{kv_events_replay_port}" in command
+        if not (pub or replay):
+            return
+        ranks = router_config.data_parallel_size(dep)
+        if not (rep.kv_events_port or rep.kv_replay_port):
+            n = ranks * (int(pub) + int(replay))
+            if self._base_port:
+                first, self._next_port = self._next_port, self._next_port + n
+            else:
+                first = processes.free_ports(self.host, n)
+            rep.kv_events_port = first if pub else 0
+            rep.kv_replay_port = (first + ranks if pub else first) if replay else 0
+        values["kv_events_port"], values["kv_events_replay_port"] = rep.kv_events_port, rep.kv_replay_port
 
     def replica_ready(self, rep: LocalReplica) -> bool:
         """Check once whether `rep` is ready (port file written, or the engine's /health 200); if so, mark it."""

@@ -4,7 +4,9 @@ publish vLLM's KV events on ports of its own, and the router subscribe to each o
 from __future__ import annotations
 
 import signal
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -197,3 +199,60 @@ def test_a_simulated_replica_is_one_stream_whatever_the_deployments_data_paralle
     assert {c.data_parallel_size for c in cfg.values()} == {1}  # a replica-sim is one engine core
     assert cfg["qwen-top-0"].kv_events_endpoint == "tcp://127.0.0.1:7000"
     assert cfg["qwen-top-0"].kv_events_replay_endpoint == "tcp://127.0.0.1:7001"
+
+
+@pytest.mark.slow
+def test_an_engine_command_naming_the_kv_event_ports_gets_ports_of_its_own_and_streams_to_the_router(tmp_path):
+    tok = tiny_tokenizer_files(tmp_path / "tok")
+    # the "engine" is a replica-sim started from the pool's command, as the engine-pool tests do
+    cmd = (
+        f', engine_command: ["{sys.executable}", "-m", "gpufleet.infra.cli.replica_sim", "replica-sim", '
+        '"--port", "{port}", "--host", "{host}", "--model", "{model}", "--max-model-len", "{max_model_len}", '
+        f'"--tokenizer", "{tok}", "--kv-events-port", "{{kv_events_port}}", '
+        '"--kv-events-replay-port", "{kv_events_replay_port}"]'
+    )
+    p = plan.compile_file(str(write_fleet(tmp_path, engine=cmd, router=PRECISE % "tok")))
+    with LocalRuntime(p, router_port=0, workdir=tmp_path / "w", on_event=lambda m: None) as rt:
+        eng = next(r for r in rt.replicas if r.kind == "engine")
+        assert eng.kv_events_port and eng.kv_replay_port == eng.kv_events_port + 1  # the ranks' run, then replay's
+        cfg = {c.id: c for c in rt.router_config.replicas}[eng.id]
+        assert (cfg.kv_events_endpoint, cfg.kv_events_replay_endpoint, cfg.data_parallel_size) == (
+            f"tcp://127.0.0.1:{eng.kv_events_port}",
+            f"tcp://127.0.0.1:{eng.kv_replay_port}",
+            1,
+        )
+        assert httpx.post(eng.url + "/v1/chat/completions", json=_chat(3), timeout=10).status_code == 200
+        row = _wait_events(rt, {eng.id})[eng.id]
+        assert row["state"] == "events" and row["blocks"] > 0
+        pids = rt.pids()
+    assert not any(alive(x) for x in pids)
+
+
+def test_an_engine_with_data_parallel_ranks_gets_a_run_of_ports_per_socket_kind(tmp_path):
+    tiny_tokenizer_files(tmp_path / "tok")
+    cmd = (
+        f', engine_command: ["{sys.executable}", "-c", "import time; time.sleep(30)", '
+        '"{port}", "{kv_events_port}", "{kv_events_replay_port}"]'
+    )
+    path = write_fleet(tmp_path, engine=cmd, router="  kv_events: {enabled: true, tokenizer: tok, replay_port: 5567}\n")
+    path.write_text(
+        path.read_text().replace(
+            "max_concurrent_requests: 16}", 'max_concurrent_requests: 16, engine_args: ["-dp", "3"]}'
+        )
+    )
+    p = plan.compile_file(str(path))
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    eng = next(r for r in rt.replicas if r.kind == "engine")
+    try:
+        rt.start_replica(eng)
+        argv = Path(f"/proc/{eng.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[-3:-1] == [str(eng.kv_events_port).encode(), str(eng.kv_replay_port).encode()]
+        assert eng.kv_replay_port == eng.kv_events_port + 3  # ranks 0-2 publish on port + rank, replay after
+        ev = rt.event_endpoints()[eng.id]
+        assert ev == (f"tcp://127.0.0.1:{eng.kv_events_port}", f"tcp://127.0.0.1:{eng.kv_replay_port}", 3)
+        first = eng.kv_events_port
+        rt.stop_replica(eng, grace_s=1.0)
+        rt.start_replica(eng)  # a restart keeps its ports (the router keeps its endpoints)
+        assert eng.kv_events_port == first
+    finally:
+        rt.stop()
