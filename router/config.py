@@ -203,6 +203,11 @@ class ReplicaConfig(Strict):
     max_concurrent_requests: int = Field(ge=1)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's prefill rate")
     decode_tokens_per_s: float | None = Field(default=None, gt=0, description="the plan's per-request decode rate")
+    max_batched_tokens: int = Field(
+        default=8192,
+        ge=1,
+        description="prefill tokens per engine step (vLLM --max-num-batched-tokens, SGLang --chunked-prefill-size)",
+    )
     cpu_kv_capacity_tokens: int = Field(default=0, ge=0, description="KV tokens of its CPU tier (kv_offload)")
     cpu_load_tokens_per_s: float | None = Field(
         default=None, gt=0, description="the plan's rate a CPU-tier hit moves to the GPU"

@@ -117,6 +117,7 @@ def read_slice(
                 prefill_tokens_per_s=target.prefill_tokens_per_s,
                 decode_tokens_per_s=target.decode_tokens_per_s,
                 data_parallel_size=target.data_parallel_size,
+                max_batched_tokens=target.max_batched_tokens,
             )
         )
     return view

@@ -62,6 +62,7 @@ def _replica_state(config: ReplicaConfig) -> ReplicaState:
         url=config.url.rstrip("/"),
         prefill_tokens_per_s=config.prefill_tokens_per_s,
         decode_tokens_per_s=config.decode_tokens_per_s,
+        step_tokens=config.max_batched_tokens,
         cpu_kv_capacity_tokens=config.cpu_kv_capacity_tokens,
         cpu_load_tokens_per_s=config.cpu_load_tokens_per_s,
     )
@@ -78,6 +79,7 @@ def _identity(c: ReplicaConfig) -> tuple[object, ...]:
         c.kv_events_endpoint,
         c.kv_events_replay_endpoint,
         c.data_parallel_size,
+        c.max_batched_tokens,
     )
 
 

@@ -100,6 +100,9 @@ class ReplicaState:
     """KV tokens of the replica's CPU tier (the plan's kv_offload; 0: GPU only)."""
     cpu_load_tokens_per_s: float | None = None
     """The plan's rate a CPU-tier hit moves back to the GPU (None: no tier)."""
+    step_tokens: int = 8192
+    """Prefill tokens the engine computes per step (vLLM `--max-num-batched-tokens`, SGLang
+    `--chunked-prefill-size`): a longer uncached prompt takes several steps."""
     suspect: bool = False
     """A replica failure was seen and no success since: routed to only when nothing else is available."""
     queued_requests: int = 0
@@ -122,8 +125,9 @@ class ReplicaState:
     """`routed` when the last engine-load sample was taken."""
     engine_full_running: int = 0
     """The engine's running limit as its samples show it: the most requests it ran at a sample
-    that also reported waiting ones (it had no room: a slot or memory limit), raised by any later
-    sample that ran more; 0 until a sample reports waiting requests."""
+    that also reported waiting ones while this router's own queued prefill fitted in one step
+    (so the wait was for a slot or memory, not for the step's token budget), raised by any later
+    sample that ran more; 0 until such a sample."""
     peers: dict[str, PeerLoad] = field(default_factory=dict)
     """The last report of each peer router that reported this replica (`report_peer_load`)."""
     peer_routed: int = 0
@@ -158,8 +162,9 @@ class ReplicaState:
         self.queued_prefill_tokens += prefill_tokens
 
     def prefill_done(self, prefill_tokens: int) -> None:
-        """The request's first byte arrived (or it ended without one): its prefill no longer
-        queues ahead of others. Called once per request."""
+        """The request's first token was computed: its prefill no longer queues ahead of others.
+        Called once per request: at its first byte when streamed, when its prefill is expected to
+        end for an answer that arrives whole (the server), or when it ends without either."""
         self.queued_prefill_tokens = max(0, self.queued_prefill_tokens - prefill_tokens)
         self.queued_requests = max(0, self.queued_requests - 1)
 
@@ -169,7 +174,11 @@ class ReplicaState:
         the requests of other routers (sample minus own-at-sample) from its own (exact, now)."""
         self.engine_waiting = max(0, waiting)
         self.engine_running = max(0, running)
-        if self.engine_waiting or self.engine_full_running:
+        # Requests also wait when the step's token budget is spent on prefill (long prompts fill a
+        # step with a few requests running): a running count seen then is not the engine's limit,
+        # and learning it would price a slot wait on an engine with room. Only a wait while this
+        # router's own queued prefill fits in one step shows a slot or memory limit.
+        if (self.engine_waiting and self.queued_prefill_tokens < self.step_tokens) or self.engine_full_running:
             self.engine_full_running = max(self.engine_full_running, self.engine_running)
         self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
         self.engine_sampled_at = now

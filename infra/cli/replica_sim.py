@@ -61,8 +61,15 @@ def register_replica_sim(app: typer.Typer) -> None:
         kv_events_replay_port: Annotated[
             int | None, typer.Option(help="serve vLLM's KV-event replay (ZMQ ROUTER) on this port")
         ] = None,
+        kv_events_topic: Annotated[str, typer.Option(help="the KV events' topic (match the router's)")] = "kv-events",
         port_file: Annotated[
             Path | None, typer.Option(help="write the bound port here once listening (for --port 0)")
+        ] = None,
+        kv_events_port_file: Annotated[
+            Path | None,
+            typer.Option(
+                help="write the bound KV-event ports here (`PUB REPLAY`, `-` for no replay) before --port-file"
+            ),
         ] = None,
     ) -> None:
         """Serve one simulated vLLM replica.
@@ -75,7 +82,7 @@ def register_replica_sim(app: typer.Typer) -> None:
         import zmq
 
         from gpufleet.router import kvmodel
-        from gpufleet.router.replica import SimSettings
+        from gpufleet.router.replica import ReplicaSim, SimSettings
         from gpufleet.router.replica.app import serve
 
         with user_errors(kvmodel.AdmissionError, ValueError, OSError, zmq.ZMQError):
@@ -102,6 +109,7 @@ def register_replica_sim(app: typer.Typer) -> None:
                 kv_events_replay_endpoint=(
                     f"tcp://{host}:{kv_events_replay_port}" if kv_events_replay_port is not None else None
                 ),
+                kv_events_topic=kv_events_topic,
                 exit_on_die=True,
             )
             if kv_events_port is not None and tokenizer is None:
@@ -111,17 +119,26 @@ def register_replica_sim(app: typer.Typer) -> None:
             except ValueError as exc:
                 raise UserError(f"replica-sim: {exc}") from None
 
-            def ready(bound: int) -> None:
+            def ready(bound: int, sim: ReplicaSim) -> None:
+                pub = sim.publisher
+                if kv_events_port_file is not None and pub is not None:
+                    ports = [ep.rpartition(":")[2] if ep else "-" for ep in (pub.endpoint, pub.replay_endpoint)]
+                    _write_atomic(kv_events_port_file, " ".join(ports))
                 if port_file is not None:
-                    tmp = port_file.with_suffix(port_file.suffix + ".tmp")
-                    tmp.write_text(str(bound))
-                    tmp.replace(port_file)  # atomic: a reader never sees a partial number
+                    _write_atomic(port_file, str(bound))
                 console.print(f"replica-sim {replica_id} ({model}) listening on http://{host}:{bound}", highlight=False)
 
             try:
                 asyncio.run(serve(settings, host, port, ready))
             except KeyboardInterrupt:
                 pass
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader never sees a partial file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 register = register_replica_sim

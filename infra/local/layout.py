@@ -30,6 +30,10 @@ class LocalReplica:
     kind: Literal["sim", "engine"]
     port: int = 0
     url: str = ""
+    kv_events_port: int = 0
+    """Its KV-event PUB port in precise mode (0: none yet; kept across restarts, as `port` is)."""
+    kv_replay_port: int = 0
+    """Its KV-event replay port in precise mode (0: none)."""
     state: Literal["starting", "active", "warm", "dead", "retiring", "stopped"] = "starting"
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None

@@ -61,6 +61,7 @@ class RouterProcesses:
     stopped: bool
     draining: bool
     emit: Callable[[str], None]
+    event_endpoints: Callable[[], dict[str, router_config.EventEndpoints]]
     _router_bound_port: int | None
     _router_spawned: int
     _router_deaths: list[float]
@@ -100,7 +101,7 @@ class RouterProcesses:
             }
         )
         urls = {r.id: r.url for r in self.replicas}
-        return router_config.render(plan, urls, self.settings)
+        return router_config.render(plan, urls, self.settings, self.event_endpoints())
 
     def update_router_membership(self) -> bool:
         """Tell the running router the members changed: rewrite its config file (atomically; a

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from gpufleet.infra import router_config
 from gpufleet.infra.controller.autoscale import AutoscaleSettings
 from gpufleet.infra.local import processes
 from gpufleet.infra.local.autoscaler import LocalAutoscaler
@@ -89,7 +90,7 @@ class LocalRuntime(RouterProcesses):
     ) -> None:
         check_local(plan)
         self.plan = plan
-        self.settings = settings or plan.router
+        self.settings = self._settings_with_absolute_paths(settings or plan.router)
         local = plan.clouds.local
         self.host = local.host if local is not None else "127.0.0.1"
         self._base_port = local.base_port if local is not None else 0
@@ -100,6 +101,7 @@ class LocalRuntime(RouterProcesses):
         self.on_event = on_event
         self._own_workdir = workdir is None
         self.events: list[str] = []
+        self._check_precise()
         self.workdir, stale = claim(workdir)
         self.sim_admin_token = secrets.token_urlsafe(24)
         env_name = self.settings.admin_token.env
@@ -141,6 +143,58 @@ class LocalRuntime(RouterProcesses):
         if self.on_event is not None:
             self.on_event(msg)
 
+    # -- precise mode (router.kv_events) ------------------------------------------------
+    @staticmethod
+    def _settings_with_absolute_paths(settings: RouterSettings) -> RouterSettings:
+        """The settings with kv_events' tokenizer and chat template as absolute paths: the
+        processes run in the work directory (a declaration's relative paths are its directory's
+        already, `spec.load_file`; these are given as code, so they are the caller's)."""
+        ke = settings.kv_events
+        files = {k: str(Path(v).expanduser().resolve()) for k, v in (("tokenizer", ke.tokenizer),
+                 ("chat_template", ke.chat_template)) if v is not None}  # fmt: skip
+        if not files:
+            return settings
+        return settings.model_copy(update={"kv_events": ke.model_copy(update=files)})
+
+    @property
+    def precise(self) -> bool:
+        """Precise mode: kv_events on with a tokenizer, so every simulated replica publishes KV
+        events (vLLM's protocol) and the router's config lists each one's endpoints."""
+        ke = self.settings.kv_events
+        return ke.enabled and ke.tokenizer is not None
+
+    def _check_precise(self) -> None:
+        """Say why precise mode is off when kv_events is on without a tokenizer (the router says it
+        too, in its log); refuse a tokenizer file that is not there (the replicas would not start)."""
+        ke = self.settings.kv_events
+        if ke.enabled and ke.tokenizer is None:
+            from gpufleet.router.kvevents.runtime import NO_TOKENIZER
+
+            self.emit(f"router.kv_events: {NO_TOKENIZER}")
+            return
+        if self.precise:
+            for name, value in (("tokenizer", ke.tokenizer), ("chat_template", ke.chat_template)):
+                if value is not None and not Path(value).exists():
+                    raise LocalRuntimeError(f"router.kv_events.{name}: {value}: no such file")
+
+    def kv_block_size(self) -> int:
+        """The block size the replicas use: the engines' (kv_events.block_size) in precise mode."""
+        s = self.settings
+        return (s.kv_events.block_size or s.block_size_tokens) if self.precise else s.block_size_tokens
+
+    def event_endpoints(self) -> dict[str, router_config.EventEndpoints]:
+        """Each simulated replica's KV-event endpoints (precise mode; ports learned when it started).
+        Engine replicas are left to the declared ports at their URL's host (`router_config.render`)."""
+        if not self.precise:
+            return {}
+        host = processes.url_host(self.host)
+        out = {}
+        for rep in self.replicas:
+            if rep.kind == "sim" and rep.kv_events_port:
+                replay = f"tcp://{host}:{rep.kv_replay_port}" if rep.kv_replay_port else None
+                out[rep.id] = router_config.EventEndpoints(f"tcp://{host}:{rep.kv_events_port}", replay)
+        return out
+
     # -- replica processes ---------------------------------------------------------------
     def _port(self) -> int:
         if self._base_port:
@@ -160,11 +214,22 @@ class LocalRuntime(RouterProcesses):
             "--prefill-tokens-per-s": perf.prefill_tokens_per_s,
             "--decode-tokens-per-s": perf.decode_tokens_per_s,
             "--max-running": dep.max_concurrent_requests,
+            "--max-batched-tokens": router_config.step_tokens(dep),
             "--max-model-len": dep.max_model_len,
-            "--block-size-tokens": self.settings.block_size_tokens,
+            "--block-size-tokens": self.kv_block_size(),
             "--chars-per-token": self.settings.chars_per_token,
             "--port-file": self.workdir / f"{rep.id}.port",
         }
+        ke = self.settings.kv_events
+        if self.precise and ke.tokenizer is not None:  # vLLM's KV events, on ports of its own
+            flags["--tokenizer"] = ke.tokenizer
+            if ke.chat_template is not None:
+                flags["--chat-template"] = ke.chat_template
+            flags["--kv-events-port"] = rep.kv_events_port or self._port()
+            if ke.replay_port is not None:
+                flags["--kv-events-replay-port"] = rep.kv_replay_port or self._port()
+            flags["--kv-events-topic"] = ke.topic
+            flags["--kv-events-port-file"] = self.workdir / f"{rep.id}.kv-port"
         tiers = perf.kv_tiers
         if tiers is not None:  # the deployment's kv_offload, as the plan sized it for this pool
             flags["--cpu-kv-capacity-tokens"] = tiers.cpu_kv_tokens
@@ -187,6 +252,7 @@ class LocalRuntime(RouterProcesses):
         if rep.log_path.exists():
             rep.log_path.replace(rep.log_path.with_suffix(".prev.log"))
         (self.workdir / f"{rep.id}.port").unlink(missing_ok=True)
+        (self.workdir / f"{rep.id}.kv-port").unlink(missing_ok=True)
         rep.started_at = time.monotonic()
         if rep.kind == "sim":
             argv = self._sim_argv(rep, dep, perf, rep.port or self._port())
@@ -218,10 +284,17 @@ class LocalRuntime(RouterProcesses):
         """Check once whether `rep` is ready (port file written, or the engine's /health 200); if so, mark it."""
         if rep.kind == "sim":
             port_file = self.workdir / f"{rep.id}.port"
+            kv_file = self.workdir / f"{rep.id}.kv-port"  # precise mode: written before the port file
             if not (port_file.exists() and (txt := port_file.read_text().strip())):
+                return False
+            if self.precise and not kv_file.exists():
                 return False
             rep.port = int(txt)
             rep.url = f"http://{processes.url_host(self.host)}:{rep.port}"
+            if self.precise:
+                pub, replay = kv_file.read_text().split()
+                rep.kv_events_port = int(pub)
+                rep.kv_replay_port = 0 if replay == "-" else int(replay)
         else:
             try:
                 if httpx.get(rep.url + "/health", timeout=1.0, trust_env=False).status_code != 200:

@@ -139,6 +139,7 @@ def discovery_targets(plan: Plan) -> list[DiscoveryTarget]:
                     prefill_tokens_per_s=perf.prefill_tokens_per_s or None,
                     decode_tokens_per_s=perf.decode_tokens_per_s or None,
                     data_parallel_size=router_config_mod.data_parallel_size(dep),
+                    max_batched_tokens=router_config_mod.step_tokens(dep),
                 )
             )
     return out

@@ -398,10 +398,15 @@ def _validate(data: Any, smap: SourceMap, issues: list[FleetIssue], base_dir: Pa
         checks.cross_check(list(enumerate(fleet.nodepools)), list(enumerate(fleet.deployments)), fleet.clouds, smap)
     )
     issues.extend(checks.data_parallel_issues(fleet.deployments, fleet.router, smap))
+    kv_files, kv_issues = checks.local_tokenizer_files(fleet.nodepools, fleet.router, smap, base_dir or Path.cwd())
+    issues.extend(kv_issues)
     if issues:
         raise FleetError(sorted(issues, key=lambda i: (i.line or 0, i.field)))
     if base_dir is not None and fleet.catalog:
         fleet = fleet.model_copy(update={"catalog": [str((base_dir / p).resolve()) for p in fleet.catalog]})
+    if kv_files:  # the local runtime's processes run elsewhere than here: absolute paths
+        kv = fleet.router.kv_events.model_copy(update=kv_files)
+        fleet = fleet.model_copy(update={"router": fleet.router.model_copy(update={"kv_events": kv})})
     return fleet, smap
 
 

@@ -3,6 +3,7 @@ bounds. They run on the parts that parsed, so one run reports every problem."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.infra.spec.issues import FleetIssue, SourceMap
@@ -12,7 +13,14 @@ if TYPE_CHECKING:
     from gpufleet.infra.spec import Clouds, Deployment, Nodepool
     from gpufleet.router.config import RouterSettings
 
-__all__ = ["OFFLOAD_BACKENDS", "cross_check", "data_parallel_issues", "duplicate_names", "offload_issues"]
+__all__ = [
+    "OFFLOAD_BACKENDS",
+    "cross_check",
+    "data_parallel_issues",
+    "duplicate_names",
+    "local_tokenizer_files",
+    "offload_issues",
+]
 
 # What each engine can offload to, and which of its backends have a disk tier.
 OFFLOAD_BACKENDS = {"vllm": ("native", "lmcache"), "sglang": ("hicache",)}
@@ -157,3 +165,28 @@ def data_parallel_issues(deployments: list[Deployment], router: RouterSettings, 
                 )
             )
     return issues
+
+
+def local_tokenizer_files(
+    pools: list[Nodepool], router: RouterSettings, smap: SourceMap, base_dir: Path
+) -> tuple[dict[str, str], list[FleetIssue]]:
+    """Precise mode on a local fleet (every pool `cloud: local`): `router.kv_events.tokenizer` and
+    `chat_template` are files of this machine, a relative path is the declaration's directory's.
+    Returns the resolved paths (field -> absolute path) and a problem for each one missing. On a
+    cluster the paths are the router container's, so nothing is checked here."""
+    ke = router.kv_events
+    if not ke.enabled or not pools or any(p.cloud != "local" for p in pools):
+        return {}, []
+    resolved: dict[str, str] = {}
+    issues = []
+    for name, value in (("tokenizer", ke.tokenizer), ("chat_template", ke.chat_template)):
+        if value is None:
+            continue
+        path = (base_dir / Path(value).expanduser()).resolve()
+        loc = ("router", "kv_events", name)
+        if name == "tokenizer" and path.is_dir() and not (path / "tokenizer.json").is_file():
+            issues.append(smap.issue(loc, f"{path} has no tokenizer.json (give the file or its directory)"))
+        elif not path.exists():
+            issues.append(smap.issue(loc, f"{path}: no such file (a relative path is the declaration's directory's)"))
+        resolved[name] = str(path)
+    return resolved, issues

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["engine_data_parallel_size", "offset_endpoint_port", "port_collision", "rank_endpoints"]
+__all__ = ["engine_data_parallel_size", "engine_int_arg", "offset_endpoint_port", "port_collision", "rank_endpoints"]
 
 
 def offset_endpoint_port(endpoint: str, rank: int) -> str:
@@ -57,15 +57,22 @@ def port_collision(endpoint: str, replay: str | None, size: int) -> str | None:
     return None
 
 
-def engine_data_parallel_size(engine_args: Sequence[str]) -> int:
-    """vLLM's `--data-parallel-size N` / `-dp N` / `--data-parallel-size=N` among engine args (1 if absent)."""
+def engine_int_arg(engine_args: Sequence[str], *flags: str) -> int | None:
+    """The positive integer given to any of `flags` among engine args (`--flag N` or
+    `--flag=N`; the last one wins, as argparse does), None if absent or not a positive integer."""
     args = list(engine_args)
+    found = None
     for i, a in enumerate(args):
         value = None
-        if a in ("--data-parallel-size", "-dp") and i + 1 < len(args):
+        if a in flags and i + 1 < len(args):
             value = args[i + 1]
-        elif a.startswith("--data-parallel-size="):
+        elif a.startswith("--") and a.split("=", 1)[0] in flags and "=" in a:
             value = a.split("=", 1)[1]
         if value is not None and value.isdigit() and int(value) >= 1:
-            return int(value)
-    return 1
+            found = int(value)
+    return found
+
+
+def engine_data_parallel_size(engine_args: Sequence[str]) -> int:
+    """vLLM's `--data-parallel-size N` / `-dp N` / `--data-parallel-size=N` among engine args (1 if absent)."""
+    return engine_int_arg(engine_args, "--data-parallel-size", "-dp") or 1

@@ -33,9 +33,12 @@ from gpufleet.router.kvevents.tokenize import PromptTokenizer, TokenizerError
 from gpufleet.router.types import RequestFeatures
 from gpufleet.router.upstream.request import url_host
 
-__all__ = ["KvEvents", "build", "endpoint_of", "endpoints_of"]
+__all__ = ["NO_TOKENIZER", "KvEvents", "build", "endpoint_of", "endpoints_of"]
 
 log = logging.getLogger("gpufleet.router.kvevents")
+
+NO_TOKENIZER = "precise mode is off: no tokenizer configured (router.kv_events.tokenizer); routing stays approximate"
+"""What the router (and the local runtime, before it starts one) says of kv_events on without a tokenizer."""
 
 
 def endpoint_of(replica: ReplicaConfig, port: int, replay_port: int | None) -> StreamEndpoint | None:
@@ -232,10 +235,7 @@ def build(config: RouterConfig, registry: CollectorRegistry) -> KvEvents | None:
             ke.block_size,
         )
     if ke.tokenizer is None:
-        log.warning(
-            "kv events: precise mode is off: no tokenizer configured (router.kv_events.tokenizer); "
-            "routing stays approximate"
-        )
+        log.warning("kv events: %s", NO_TOKENIZER)
         return None
     try:
         tok = PromptTokenizer(

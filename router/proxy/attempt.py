@@ -86,6 +86,12 @@ class Attempts:
             return req.headers
         return req.headers + b"X-data-parallel-rank: %d\r\n" % rank
 
+    def expected_prefill_s(self, r: ReplicaState, prefill_tokens: int) -> float:
+        """Seconds until a request sent to `r` now with `prefill_tokens` of uncached prompt has its
+        first token: the prefill queued ahead and its own at the replica's planned rate."""
+        rate = r.prefill_tokens_per_s or self.settings.first_byte.default_prefill_tokens_per_s
+        return (r.queued_prefill_tokens + prefill_tokens) / rate
+
     def first_byte_deadline_s(self, req: ProxyRequest, r: ReplicaState) -> float:
         """Seconds the attempt on `r` may take to its first byte (the whole answer when not streamed).
 
@@ -140,6 +146,7 @@ class Attempts:
         first_byte_s = self.first_byte_deadline_s(req, r)
         timeout_s = self.settings.request_timeout_s
         final = first_byte_s >= timeout_s  # the request timeout itself: a timeout is then a 504
+        prefill_s = self.expected_prefill_s(r, decision.prefill_tokens)
         r.begin(decision.prefill_tokens)
         gauge = rm.in_flight
         gauge.inc()
@@ -147,6 +154,17 @@ class Attempts:
         drained = False  # the upstream answer was read to its end
         output_tokens = 0
         prefilled = False
+
+        def estimated_prefilled() -> None:
+            # A non-streamed answer arrives whole, at its end: its first token is never seen, and
+            # counting its prompt as queued prefill until then would make a replica decoding long
+            # answers look like one with a long prefill queue. Its prefill ends when expected.
+            nonlocal prefilled
+            if not prefilled:
+                prefilled = True
+                r.prefill_done(decision.prefill_tokens)
+
+        prefill_timer = None if req.stream else loop.call_later(prefill_s, estimated_prefilled)
         try:
             target = self.replicas.targets[r.id]
             head = target.head(req.path, self._rank_pinned(req, r), len(req.body))
@@ -185,8 +203,9 @@ class Attempts:
                     raise self._failed(r, Failure.RESET, f"{exc} before the first byte") from None
                 if is_sse and not data:
                     raise self._failed(r, Failure.RESET, "stream closed before the first byte")
-                r.prefill_done(decision.prefill_tokens)
-                prefilled = True
+                if not prefilled:
+                    r.prefill_done(decision.prefill_tokens)
+                    prefilled = True
                 rm.ttft.observe(loop.time() - t0)
                 if is_sse:
                     rm.time_to_first_token.observe(loop.time() - t0)
@@ -237,6 +256,8 @@ class Attempts:
                 else:
                     resp.close()
         finally:
+            if prefill_timer is not None:
+                prefill_timer.cancel()
             if not prefilled:
                 r.prefill_done(decision.prefill_tokens)
             r.end()

@@ -345,12 +345,19 @@ async def listen(
     return runner, int(runner.addresses[0][1])
 
 
-async def serve(settings: SimSettings, host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Serve one replica until cancelled (or `POST /admin/die`). `ready(port)` is called once it listens."""
+async def serve(
+    settings: SimSettings,
+    host: str,
+    port: int,
+    ready: Callable[[int, ReplicaSim], None] | None = None,
+) -> None:
+    """Serve one replica until cancelled (or `POST /admin/die`). `ready(port, sim)` is called once it
+    listens (its KV-event sockets, if any, are bound by then: `sim.publisher`)."""
     stop = asyncio.Event()
-    runner, bound = await listen(ReplicaSim(settings), host, port, on_die=stop.set)
+    sim = ReplicaSim(settings)
+    runner, bound = await listen(sim, host, port, on_die=stop.set)
     if ready is not None:
-        ready(bound)
+        ready(bound, sim)
     try:
         await stop.wait()
     finally:

@@ -36,6 +36,7 @@ class DiscoveryTarget(Strict):
     )
     scheme: Literal["http", "https"] = "http"
     data_parallel_size: int = Field(default=1, ge=1, le=1024, description="the engines' data-parallel ranks")
+    max_batched_tokens: int = Field(default=8192, ge=1, description="the engines' prefill tokens per step")
 
 
 class KubernetesDiscovery(Strict):

@@ -44,6 +44,7 @@ class ReplicaSpec:
             max_concurrent_requests=self.max_concurrent_requests,
             prefill_tokens_per_s=self.engine.prefill_tokens_per_s,
             decode_tokens_per_s=self.engine.decode_tokens_per_s,
+            step_tokens=self.engine.max_batched_tokens,
             cpu_kv_capacity_tokens=self.engine.cpu_capacity_tokens,
             cpu_load_tokens_per_s=self.engine.cpu_load_tokens_per_s,
         )

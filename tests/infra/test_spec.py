@@ -231,3 +231,15 @@ def test_data_parallel_engines_need_kv_event_port_ranges_that_do_not_overlap():
 
     cfg = router_config.render(plan.compile_fleet(fleet), lambda r: f"http://{r.id}:8000")
     assert {r.data_parallel_size for r in cfg.replicas} == {2}  # the router subscribes both ranks
+
+
+def test_the_routers_step_budget_is_the_engines_max_num_batched_tokens_else_vllms_default():
+    from gpufleet.infra import plan, router_config
+
+    def budgets(text: str) -> set[int]:
+        cfg = router_config.render(plan.compile_fleet(spec.load_text(text)[0]), lambda r: f"http://{r.id}:8000")
+        return {r.max_batched_tokens for r in cfg.replicas}
+
+    assert budgets(BASE) == {router_config.DEFAULT_STEP_TOKENS}
+    assert budgets(BASE + "    engine_args: [--max-num-batched-tokens, '2048']\n") == {2048}
+    assert budgets(BASE + "    engine_args: ['--max-num-batched-tokens=4096', --enforce-eager]\n") == {4096}

@@ -61,6 +61,8 @@ def test_offset_endpoint_port_is_vllms_and_colliding_rank_ports_are_a_config_err
     assert ranks.engine_data_parallel_size(["-dp", "2", "--x"]) == 2
     assert ranks.engine_data_parallel_size(["--data-parallel-size=8"]) == 8
     assert ranks.engine_data_parallel_size(["--tensor-parallel-size", "2"]) == 1
+    assert ranks.engine_data_parallel_size(["-dp", "2", "--data-parallel-size=3"]) == 3  # the last one wins
+    assert ranks.engine_int_arg(["--max-num-batched-tokens", "x"], "--max-num-batched-tokens") is None
     rep = ReplicaConfig(
         id="r0", url="http://10.0.0.1:8000", deployment="d", model="m", pool="p", priority=0,
         kv_capacity_tokens=1000, max_model_len=4096, max_concurrent_requests=8, data_parallel_size=2,

@@ -58,3 +58,29 @@ def test_time_to_first_token_is_a_histogram_of_streamed_requests_only(replicas, 
     # Cumulative buckets: the 0.2 s bucket misses it, the 2 s bucket holds it.
     assert value(rr.url, name + "_bucket", replica="r0", le="0.2") == 0
     assert value(rr.url, name + "_bucket", replica="r0", le="2.0") == 1
+
+
+def test_a_non_streamed_answer_leaves_the_prefill_queue_when_its_prefill_is_expected_to_end(
+    replicas, make_router
+) -> None:
+    # A whole answer arrives at its end (0.2 s to the first token, then 8 tokens 0.5 s apart): its
+    # first token is never seen. At the planned 1,000 tokens/s its ~200-token prompt is prefilled
+    # after ~0.2 s; from then on the replica is decoding it, not holding it as queued prefill.
+    reps = replicas(1, ttft_s=0.2, token_delay_s=0.5, n_tokens=8)
+    cfg = [c.model_copy(update={"prefill_tokens_per_s": 1000.0}) for c in replica_configs(reps)]
+    rr = make_router(cfg)
+    t = threading.Thread(
+        target=httpx.post, args=(rr.url + "/v1/chat/completions",), kwargs={"json": chat("x " * 400), "timeout": 20}
+    )
+    t.start()
+    assert wait_for(lambda: value(rr.url, "gpufleet_router_in_flight", replica="r0") == 1)
+    assert wait_for(
+        lambda: (
+            value(rr.url, "gpufleet_router_queued_prefill_tokens", replica="r0") == 0
+            and value(rr.url, "gpufleet_router_in_flight", replica="r0") == 1
+        )
+    )
+    assert value(rr.url, "gpufleet_router_queued_requests", replica="r0") == 0
+    t.join()
+    assert value(rr.url, "gpufleet_router_in_flight", replica="r0") == 0
+    assert value(rr.url, "gpufleet_router_queued_prefill_tokens", replica="r0") == 0

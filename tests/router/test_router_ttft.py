@@ -226,6 +226,32 @@ def test_the_engine_running_limit_is_learned_from_samples_that_report_waiting_re
     assert r.engine_full_running == 45  # a short wait at a low count does not lower it
 
 
+def test_a_wait_for_the_step_token_budget_is_not_taken_for_the_running_limit() -> None:
+    # Three 12k-token prompts of this router queued on an engine that prefills 8k tokens a step:
+    # the engine runs 2 and holds one back for the budget, not for a slot.
+    r = rep(0, step_tokens=8192)
+    for _ in range(3):
+        r.begin(12_000)
+    r.report_engine_load(waiting=1, running=2, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 0
+    # Once its own queued prefill fits in a step, a wait is for a slot or memory: learned.
+    for _ in range(3):
+        r.prefill_done(12_000)
+    r.begin(100)
+    r.report_engine_load(waiting=1, running=64, kv_usage=None, now=NOW[0])
+    assert r.engine_full_running == 64
+
+
+def test_ttft_prices_prefill_chunks_by_the_replicas_own_step_budget() -> None:
+    # The same decoding load and prompt: a replica computing 2k tokens a step takes 4 steps for an
+    # 8k-token prompt where an 8k-budget replica takes 1, each step priced at the decode step time.
+    sc = ttft()
+    small, large = rep(0, step_tokens=2048, in_flight=1), rep(1, step_tokens=8192, in_flight=1)
+    es = sc.score(cands([small, large], prompt=8192))
+    step_s = 1 / 50.0
+    assert es[0] - es[1] == pytest.approx(3 * step_s)
+
+
 def test_ttft_waits_for_a_slot_on_a_full_engine_one_finish_per_mean_decode_over_full() -> None:
     sc = ttft()
     for _ in range(4):

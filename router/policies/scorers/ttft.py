@@ -6,7 +6,7 @@
     work     = ahead + the request's own uncached prompt tokens (from the prefix scorer's match)
     decoding = own requests past their first token + foreign running requests
     score    = work / prefill_tokens_per_s
-             + ceil(work / chunk_tokens) x step_s   if decoding > 0
+             + ceil(work / step_tokens) x step_s   if decoding > 0
              + max(0, slot_s - ahead / prefill_tokens_per_s)   if the engine is full
     step_s   = (1 + decode_batch_penalty x (decoding - 1)) / decode_tokens_per_s
     slot_s   = (in the engine - full + 1) x mean output tokens x step_s / full
@@ -14,14 +14,17 @@
 A replica prefills the queue ahead of the request and then the request's uncached prompt at its
 prefill rate (the plan's, per pool); while it also decodes, every prefill chunk of a step shares
 that step with one decode token of each running sequence, which the step time of the decode rate
-prices (vLLM's chunked prefill: `--max-num-batched-tokens` is the chunk). That is the oracle's
+prices (vLLM's chunked prefill: `--max-num-batched-tokens` is the chunk, the replica's
+`max_batched_tokens` in the router config, `ReplicaState.step_tokens`). That is the oracle's
 estimate (`gpufleet.router.sim.policies`) with what a router can know instead of the engines'
 internals.
 
 An engine runs a bounded number of requests at once (`--max-num-seqs`, or fewer when its KV memory
 is full); the rest wait for a running one to finish, which takes decode time, not prefill time.
 `full` is that bound as the engine's samples show it (`ReplicaState.engine_full_running`: the
-most requests it ran while it also reported waiting ones), capped by `max_concurrent_requests`.
+most requests it ran while it also reported waiting ones, counted only when this router's own
+queued prefill fitted in one step: a wait for the step's token budget, as long prompts cause with a
+few requests running, is not a slot limit), capped by `max_concurrent_requests`.
 When the requests in the engine (own in-flight + foreign) reach it, this request starts after
 `in the engine - full + 1` finishes, one every mean decode time (mean output tokens of the
 completed requests x step_s) / `full`; the prefill queued ahead runs meanwhile, so only what the
@@ -90,9 +93,6 @@ class TtftScorer(Scorer):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
 
-        chunk_tokens: int = Field(
-            default=8192, ge=1, description="prefill tokens per engine step (vLLM --max-num-batched-tokens)"
-        )
         decode_batch_penalty: float = Field(
             default=0.01, ge=0, description="relative step-time cost of each extra decoding sequence"
         )
@@ -148,7 +148,7 @@ class TtftScorer(Scorer):
         if decoding > 0:
             decode = r.decode_tokens_per_s or p.default_decode_tokens_per_s
             step_s = (1.0 + p.decode_batch_penalty * (decoding - 1)) / decode
-            est += max(1, math.ceil(work / p.chunk_tokens)) * step_s
+            est += max(1, math.ceil(work / r.step_tokens)) * step_s
             full = min(r.engine_full_running, r.max_concurrent_requests) or r.max_concurrent_requests
             behind = r.in_flight + f_wait + f_run - full
             if behind >= 0:
