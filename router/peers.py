@@ -37,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from gpufleet.router.engine_load import run_rounds
 from gpufleet.router.types import ReplicaState
 
 if TYPE_CHECKING:
@@ -205,28 +206,22 @@ class PeerPoller:
 
     async def run(self) -> None:
         """Read forever, one task per peer per round; cancelled by the app's cleanup."""
-        running: dict[str, asyncio.Task[str]] = {}
         next_refresh = float("-inf")
-        try:
-            while True:
-                try:
-                    if self.refresh is not None and time.monotonic() >= next_refresh:
-                        next_refresh = time.monotonic() + self.refresh_s
-                        await self.refresh()
-                    urls = {u for u in self.peers() if u not in self.own_urls}
-                    for gone in [u for u in self._peer_of if u not in urls]:
-                        self._forget(gone)
-                        self._up.pop(gone, None)
-                    for u in urls:
-                        task = running.get(u)
-                        if task is None or task.done():
-                            running[u] = asyncio.create_task(self.read(u))
-                    for u in [u for u, t in running.items() if u not in urls and t.done()]:
-                        del running[u]
-                except Exception:  # a bug here must not stop the reading for good
-                    log.exception("peer-state round failed")
-                await asyncio.sleep(self.interval_s)
-        finally:
-            for task in running.values():
-                task.cancel()
-            await asyncio.gather(*running.values(), return_exceptions=True)
+
+        async def round_(running: dict[str, asyncio.Task[Any]]) -> None:
+            nonlocal next_refresh
+            if self.refresh is not None and time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + self.refresh_s
+                await self.refresh()
+            urls = {u for u in self.peers() if u not in self.own_urls}
+            for gone in [u for u in self._peer_of if u not in urls]:
+                self._forget(gone)
+                self._up.pop(gone, None)
+            for u in urls:
+                task = running.get(u)
+                if task is None or task.done():
+                    running[u] = asyncio.create_task(self.read(u))
+            for u in [u for u, t in running.items() if u not in urls and t.done()]:
+                del running[u]
+
+        await run_rounds(round_, self.interval_s, "peer-state")
