@@ -125,9 +125,10 @@ class ReplicaState:
     """`routed` when the last engine-load sample was taken."""
     engine_full_running: int = 0
     """The engine's running limit as its samples show it: the most requests it ran at a sample
-    that also reported waiting ones while this router's own queued prefill fitted in one step
-    (so the wait was for a slot or memory, not for the step's token budget), raised by any later
-    sample that ran more; 0 until such a sample."""
+    that also reported waiting ones while this router's own queued prefill fitted in one step or
+    the reported KV usage left no room for a mean queued request (so the wait was for a slot or
+    memory, not for the step's token budget), raised by any later sample that ran more; 0 until
+    such a sample."""
     peers: dict[str, PeerLoad] = field(default_factory=dict)
     """The last report of each peer router that reported this replica (`report_peer_load`)."""
     peer_routed: int = 0
@@ -174,13 +175,16 @@ class ReplicaState:
         the requests of other routers (sample minus own-at-sample) from its own (exact, now)."""
         self.engine_waiting = max(0, waiting)
         self.engine_running = max(0, running)
+        self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
         # Requests also wait when the step's token budget is spent on prefill (long prompts fill a
         # step with a few requests running): a running count seen then is not the engine's limit,
-        # and learning it would price a slot wait on an engine with room. Only a wait while this
-        # router's own queued prefill fits in one step shows a slot or memory limit.
-        if (self.engine_waiting and self.queued_prefill_tokens < self.step_tokens) or self.engine_full_running:
+        # and learning it would price a slot wait on an engine with room. A wait shows a limit
+        # while this router's own queued prefill fits in one step (slots), or while the KV memory
+        # the sample reports leaves no room for a mean queued request (memory).
+        if (self.engine_waiting and (self.queued_prefill_tokens < self.step_tokens or self._memory_full())) or (
+            self.engine_full_running
+        ):
             self.engine_full_running = max(self.engine_full_running, self.engine_running)
-        self.engine_kv_usage = None if kv_usage is None else min(1.0, max(0.0, kv_usage))
         self.engine_sampled_at = now
         self.sampled_in_flight = self.in_flight
         self.sampled_queued = self.queued_requests
@@ -188,6 +192,14 @@ class ReplicaState:
         peers = self.peers.values()
         self.sampled_peer_in_flight = sum(p.in_flight for p in peers)
         self.sampled_peer_queued = sum(p.queued_requests for p in peers)
+
+    def _memory_full(self) -> bool:
+        """The last sample's KV usage leaves no room for a mean queued request of this router's:
+        requests wait for memory (the engine's limit at this prompt mix), not for the step budget."""
+        cap, usage, n = self.kv_capacity_tokens, self.engine_kv_usage, self.queued_requests
+        if not cap or usage is None or not n:
+            return False
+        return usage * cap + self.queued_prefill_tokens / n > cap
 
     def foreign_load(self, beyond_peers: bool = False) -> tuple[int, int]:
         """(waiting, running) requests of *other* routers at the last engine-load sample: what the

@@ -202,6 +202,7 @@ def register(app: typer.Typer) -> None:
                 autoscale=autoscale,
             )
             console.print(_replica_table(rt))
+            console.print(rt.routing_mode(), highlight=False)
             for line in scaling_lines(plan, autoscale):
                 console.print(line, highlight=False)
             env = rt.settings.admin_token.env
@@ -254,6 +255,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="end with the motion phase: autoscaling under a ramp, a router killed mid-traffic")
         ] = True,
         plot: Annotated[Path | None, typer.Option(help="write the motion phase's timeline as a PNG here")] = None,
+        precise: Annotated[
+            bool,
+            typer.Option(
+                help="route in precise mode (KV events): the declared tokenizer, else one trained on the demo's traffic"
+            ),
+        ] = True,
     ) -> None:
         """Run the local demo: policies, a failover, the fleet in motion.
 
@@ -288,6 +295,7 @@ def register(app: typer.Typer) -> None:
             max_tokens=max_tokens,
             motion=motion,
             plot=str(plot) if plot else None,
+            precise=precise,
         )
         _install_sigterm()
         result = demo_mod.run_demo(plan, opts, _RichDemoUI())

@@ -11,10 +11,13 @@ promoted standbys are routable. What the user sees (progress, tables, events) go
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -29,7 +32,16 @@ from gpufleet.router.workloads import driver, mixed, stats
 from gpufleet.router.workloads.ceiling import ceiling_hit_ratio
 from gpufleet.router.workloads.types import WorkRequest
 
-__all__ = ["DemoOptions", "DemoResult", "DemoUI", "Row", "run_demo", "summary_table", "traffic_weights"]
+__all__ = [
+    "DemoOptions",
+    "DemoResult",
+    "DemoUI",
+    "Row",
+    "kv_state_line",
+    "run_demo",
+    "summary_table",
+    "traffic_weights",
+]
 
 
 class DemoUI(Protocol):
@@ -65,6 +77,9 @@ class DemoOptions:
     """Run the motion phase (autoscaling under a ramp, a router killed mid-traffic) at the end."""
     plot: str | None = None
     """Write the motion phase's timeline as a PNG here."""
+    precise: bool = True
+    """Route in precise mode (KV events): with the declared tokenizer, else one the demo trains
+    on its own traffic (`gpufleet.infra.local.demo_tokenizer`)."""
 
 
 @dataclass
@@ -137,6 +152,28 @@ def _spills(rt: LocalRuntime) -> dict[str, int]:
                     model = sample.labels.get("model", "")
                     out[model] = out.get(model, 0) + int(sample.value)
     return out
+
+
+def kv_state_line(rt: LocalRuntime) -> str:
+    """The router's KV state of the live replicas in one line (its /admin/replicas `kv_state` rows)."""
+    try:
+        rows = rt.router_rows()
+    except httpx.HTTPError as exc:
+        return f"router KV state: unknown ({exc})"
+    live = {r.id for r in rt.replicas if r.state in ("active", "warm")}
+    kv = [row.get("kv_state") or {} for row in rows if str(row["id"]) in live]
+    if not any("endpoint" in k for k in kv):  # no replica has a stream: precise mode is off
+        return f"router KV state: approximate on {len(kv)} (precise mode off)"
+    exact = [k for k in kv if k.get("state") == "events"]
+    approx = [k for k in kv if k.get("state") != "events"]
+    parts = [f"events on {len(exact)}"] if exact else []
+    if approx:
+        quiet = sum(1 for k in approx if not k.get("batches"))  # no stream, or nothing sent to it yet
+        why = [f"{quiet} without traffic yet"] if quiet else []
+        why += [f"{len(approx) - quiet} fell back (silent after a request)"] if len(approx) > quiet else []
+        parts.append(f"approximate on {len(approx)} ({', '.join(why)})")
+    held = f"; {sum(int(k.get('blocks', 0)) for k in exact)} blocks indexed from their events" if exact else ""
+    return f"router KV state: {', '.join(parts) or 'no replicas'}{held}"
 
 
 def _ms(x: float | None) -> str:
@@ -212,6 +249,34 @@ class _Demo:
         self.rate = opts.rate if opts.rate is not None else self._rate(sum(weights.values()))
         self.runtimes: list[LocalRuntime] = []
         self.phases: list[tuple[str, float]] = []
+        self.tokenizer_dir: Path | None = None
+        """The tokenizer the demo trained (precise mode), removed at teardown."""
+
+    def precise_mode(self) -> None:
+        """Turn precise mode on (`opts.precise`): the declared tokenizer, else one trained on this
+        demo's traffic (the simulated models have none of their own); say which."""
+        ke = self.settings.kv_events
+        if not self.opts.precise:
+            self.ui.show("routing: approximate (--no-precise): the router estimates what each replica holds")
+            return
+        if ke.enabled and ke.tokenizer is not None:
+            self.ui.show(f"routing: precise, from every replica's KV events; tokenizer {ke.tokenizer} (declared)")
+            return
+        from gpufleet.infra.local import demo_tokenizer
+
+        with self.timed("tokenizer"):
+            self.tokenizer_dir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-tokenizer-"))
+            texts = (render_prompt(r.body) for r in self.everything)
+            tok = demo_tokenizer.build(self.tokenizer_dir, texts, self.settings.chars_per_token)
+        ke = ke.model_copy(update={"enabled": True, "tokenizer": str(tok.path), "chat_template": None})
+        self.settings = self.settings.model_copy(update={"kv_events": ke})
+        self.plan = self.plan.model_copy(update={"router": self.settings})
+        self.ui.show("routing: precise, from every replica's KV events")
+        self.ui.show(
+            f"  tokenizer: the simulated models have none, so the demo trained one on its traffic (byte-level "
+            f"BPE, {tok.vocab_size} tokens, {tok.chars_per_token:.1f} chars/token; the plan assumes "
+            f"{self.settings.chars_per_token:g})"
+        )
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -289,6 +354,7 @@ class _Demo:
             self.runtimes.append(rt)
             with self.timed(policy):
                 result.rows.extend(self.run_load(rt, reqs, policy, self.opts.seed))
+            self.ui.show(f"  {policy}: {kv_state_line(rt)}")
             if policy != "cache_aware":
                 with self.timed(f"stop ({policy})"):
                     rt.stop()  # a fresh fleet per policy: no policy inherits the other's warm caches
@@ -316,6 +382,7 @@ class _Demo:
             rt.wait_routable([r.id for r in rt.replicas if r.state == "active"], timeout_s=10)
         with self.timed("after promotion"):
             result.spill_rows += self.run_load(rt, self.everything[first + n :], "after promotion", seed + 2, False)
+        self.ui.show(f"  after promotion: {kv_state_line(rt)}")
         self.ui.show(
             summary_table(
                 f"spill-over: pool(s) {', '.join(lost)} lost, the same traffic goes on; spills from the router's /metrics",
@@ -351,6 +418,8 @@ class _Demo:
         with self.timed("teardown"):
             for rt in self.runtimes:
                 rt.stop()
+            if self.tokenizer_dir is not None:
+                shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
         result.processes = len(pids)
         result.left = [p for p in pids if pid_alive(p)]
         result.phases = list(self.phases)
@@ -371,6 +440,7 @@ def run_demo(plan: Plan, opts: DemoOptions, ui: DemoUI) -> DemoResult:
     result = DemoResult(rate=demo.rate)
     started = time.monotonic()
     try:
+        demo.precise_mode()
         demo.compare_policies(result)
         demo.spill_over(result)
         if opts.motion:

@@ -177,6 +177,14 @@ class LocalRuntime(RouterProcesses):
                 if value is not None and not Path(value).exists():
                     raise LocalRuntimeError(f"router.kv_events.{name}: {value}: no such file")
 
+    def routing_mode(self) -> str:
+        """One line: precise (and where from) or approximate (and why)."""
+        ke = self.settings.kv_events
+        if self.precise:
+            return f"routing: precise, from each replica's KV events (tokenizer {ke.tokenizer})"
+        why = "no tokenizer configured" if ke.enabled else "router.kv_events off"
+        return f"routing: approximate ({why})"
+
     def kv_block_size(self) -> int:
         """The block size the replicas use: the engines' (kv_events.block_size) in precise mode."""
         s = self.settings

@@ -9,9 +9,13 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
 
-from gpufleet.infra import plan, spec
-from gpufleet.infra.local import LocalReplica, LocalRuntime, LocalRuntimeError
+from gpufleet.infra import plan, router_config, spec
+from gpufleet.infra.local import LocalReplica, LocalRuntime, LocalRuntimeError, demo_tokenizer
+from gpufleet.router.kvevents.tokenize import PromptTokenizer
+from gpufleet.router.prefix import render_prompt
+from gpufleet.router.workloads import mixed
 from tests.kvevents.vllm_structs import tiny_tokenizer_files
 
 from .conftest import alive, write_fleet
@@ -79,7 +83,7 @@ def test_without_a_tokenizer_one_line_says_precise_mode_is_off_and_replicas_publ
         "router.kv_events: precise mode is off: no tokenizer configured (router.kv_events.tokenizer); "
         "routing stays approximate"
     ]
-    assert not rt.precise
+    assert not rt.precise and rt.routing_mode() == "routing: approximate (no tokenizer configured)"
     for i, r in enumerate(rt.replicas):
         r.url = f"http://127.0.0.1:{9000 + i}"
     assert all(c.kv_events_endpoint is None for c in rt.router_config_for_run().replicas)
@@ -100,6 +104,7 @@ def test_every_replica_streams_kv_events_to_the_router_also_a_late_joiner(tmp_pa
     p = plan.compile_file(str(_fleet(tmp_path, top=2)))
     rt = LocalRuntime(p, router_port=0, workdir=tmp_path / "w")
     with rt:
+        assert rt.routing_mode() == f"routing: precise, from each replica's KV events (tokenizer {tmp_path / 'tok'})"
         pids = rt.pids()
         cfg = {c.id: c for c in rt.router_config.replicas}
         ports = {r.id: (r.kv_events_port, r.kv_replay_port) for r in rt.replicas}
@@ -156,3 +161,39 @@ def test_every_replica_streams_kv_events_to_the_router_also_a_late_joiner(tmp_pa
         assert rows[top.id]["resets"] == before["resets"] + 1  # the old life's blocks are forgotten
         pids += [late.pid]
     assert not any(alive(x) for x in pids)
+
+
+def test_the_demo_tokenizer_is_byte_level_sized_to_the_plans_chars_per_token_with_a_chat_template(tmp_path):
+    reqs = mixed.generate(mixed.demo_spec(("a", "b"), 120, seed=0, max_tokens=4))
+    texts = [render_prompt(r.body) for r in reqs]
+    tok = demo_tokenizer.build(tmp_path / "t", texts, 4.0)
+    assert (tok.path / "tokenizer.json").is_file() and 3.5 < tok.chars_per_token < 4.5
+    pt = PromptTokenizer(tok.path)
+    try:
+        assert pt.has_template
+        body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Ω ☃ zqxj"}]}
+        ids = list(pt.token_ids(body))  # text it never saw still encodes: byte-level, no unknown token
+        raw = Tokenizer.from_file(str(tok.path / "tokenizer.json"))
+        special = {raw.token_to_id(t) for t in ("<|system|>", "<|user|>", "<|end|>", "<|assistant|>")}
+        assert None not in special and special <= set(ids)
+        assert "Ω ☃ zqxj" in raw.decode(ids)
+    finally:
+        pt.close()
+
+
+def test_a_simulated_replica_is_one_stream_whatever_the_deployments_data_parallel_size(tmp_path):
+    tiny_tokenizer_files(tmp_path / "tok")
+    path = _fleet(tmp_path)
+    text = path.read_text().replace(
+        "max_concurrent_requests: 16}", 'max_concurrent_requests: 16, engine_args: ["-dp", "2"]}'
+    )
+    path.write_text(text.replace("tokenizer: tok}", "tokenizer: tok, replay_port: 5567}"))
+    p = plan.compile_file(str(path))
+    assert router_config.data_parallel_size(p.deployment("qwen")) == 2  # what a cluster's engines would have
+    rt = LocalRuntime(p, workdir=tmp_path / "w")
+    for i, r in enumerate(rt.replicas):  # as `replica_ready` learns them
+        r.url, r.kv_events_port, r.kv_replay_port = f"http://127.0.0.1:{9000 + i}", 7000 + 2 * i, 7001 + 2 * i
+    cfg = {c.id: c for c in rt.router_config_for_run().replicas}
+    assert {c.data_parallel_size for c in cfg.values()} == {1}  # a replica-sim is one engine core
+    assert cfg["qwen-top-0"].kv_events_endpoint == "tcp://127.0.0.1:7000"
+    assert cfg["qwen-top-0"].kv_events_replay_endpoint == "tcp://127.0.0.1:7001"

@@ -130,7 +130,7 @@ def _all_row(out: str, run: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
+def test_demo_compares_policies_in_precise_mode_shows_spill_over_and_tears_down(tmp_path):
     # three replicas in the preferred pool, so where a prefix lands matters; enough retries to pass all three once lost
     fleet = write_fleet(tmp_path, top=3, router="  max_retries: 3\n")
     r = CliRunner().invoke(
@@ -138,6 +138,12 @@ def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     )
     out = r.output
     assert r.exit_code == 0, out
+    # precise mode on a tokenizer the demo trained, and the router's KV state after each run: the
+    # top pool's replicas took the traffic and stream events, the others have not been sent any
+    assert "routing: precise, from every replica's KV events" in out
+    assert re.search(r"trained one on its traffic \(byte-level BPE, \d+ tokens, [\d.]+ chars/token", out)
+    for run in ("round_robin", "cache_aware"):
+        assert re.search(rf"{run}: router KV state: events on [34], approximate on [12] \([12] without traffic", out)
     rr, ca = _all_row(out, "round_robin"), _all_row(out, "cache_aware")
     # cells: requests, errors, prefix hits, ceiling, TTFT p50, TTFT p99, prediction-cache hits, spills
     assert rr[:2] == ["60", "0"] and ca[:2] == ["60", "0"]
@@ -156,7 +162,7 @@ def test_demo_compares_policies_shows_spill_over_and_tears_down(tmp_path):
     assert 0 < int(after[7]) <= int(after[0]) - int(after[6])
     assert re.search(r"tore down \d+ processes, 0 left", out)
     # where the time went, phase by phase
-    assert re.search(r"demo took [\d.]+ s \(start \(round_robin\) [\d.]+, round_robin [\d.]+, ", out)
+    assert re.search(r"demo took [\d.]+ s \(tokenizer [\d.]+, start \(round_robin\) [\d.]+, round_robin [\d.]+, ", out)
 
 
 def _router_pid(kids: list[int], endpoint: str) -> int:

@@ -234,6 +234,15 @@ def test_a_wait_for_the_step_token_budget_is_not_taken_for_the_running_limit() -
         r.begin(12_000)
     r.report_engine_load(waiting=1, running=2, kv_usage=None, now=NOW[0])
     assert r.engine_full_running == 0
+    r.report_engine_load(waiting=1, running=2, kv_usage=0.1, now=NOW[0])  # memory to spare: still the budget
+    assert r.engine_full_running == 0
+    # With KV memory so full that a mean queued prompt (12k tokens of the 16k) does not fit, the
+    # wait is for memory: the engine's limit at this prompt mix.
+    r.report_engine_load(waiting=1, running=2, kv_usage=0.5, now=NOW[0])
+    assert r.engine_full_running == 2
+    r = rep(0, step_tokens=8192)
+    for _ in range(3):
+        r.begin(12_000)
     # Once its own queued prefill fits in a step, a wait is for a slot or memory: learned.
     for _ in range(3):
         r.prefill_done(12_000)

@@ -23,8 +23,9 @@ An engine runs a bounded number of requests at once (`--max-num-seqs`, or fewer 
 is full); the rest wait for a running one to finish, which takes decode time, not prefill time.
 `full` is that bound as the engine's samples show it (`ReplicaState.engine_full_running`: the
 most requests it ran while it also reported waiting ones, counted only when this router's own
-queued prefill fitted in one step: a wait for the step's token budget, as long prompts cause with a
-few requests running, is not a slot limit), capped by `max_concurrent_requests`.
+queued prefill fitted in one step or the KV memory was full: a wait for the step's token budget, as
+long prompts cause with a few requests running, is not a slot limit), capped by
+`max_concurrent_requests`.
 When the requests in the engine (own in-flight + foreign) reach it, this request starts after
 `in the engine - full + 1` finishes, one every mean decode time (mean output tokens of the
 completed requests x step_s) / `full`; the prefill queued ahead runs meanwhile, so only what the
