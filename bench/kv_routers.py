@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loads", default="0.8,2.0")
     ap.add_argument("--routers", default="1,2,4")
     ap.add_argument("--event-delay-ms", type=float, default=20.0)
+    ap.add_argument(
+        "--peer-interval-ms",
+        type=float,
+        default=None,
+        help="how often N routers exchange their per-replica queue state (default: the fleet's; 0: never)",
+    )
+    ap.add_argument("--kv-states", default="approximate,events", help="router modes to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = [float(x) for x in args.loads.split(",") if x]
     ns = [int(x) for x in args.routers.split(",") if x]
     delay = args.event_delay_ms / 1000
+    peer_s = None if args.peer_interval_ms is None else args.peer_interval_ms / 1000
+    modes = [m for m in args.kv_states.split(",") if m]
     jobs = []
     syn = fleet_mod.fleet_from_file(args.fleet, args.deployment)
     for w in [w for w in args.workloads.split(",") if w]:
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             ll = base.summaries["least_load"]
             for name, s in (("oracle", oracle), ("least_load", ll)):
                 rows.append(_row(wl.name, load, name, "-", 1, s, oracle, ll, None))
-            for mode in ("approximate", "events"):
+            for mode in modes:
                 one = None
                 for n in ns:
                     run = report.run_policies(
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         kv_state=mode,
                         routers=n,
                         event_delay_s=delay,
+                        peer_interval_s=peer_s,
                     )
                     s = run.summaries["cache_aware"]
                     one = one or s

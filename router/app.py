@@ -9,8 +9,8 @@ health-check task: no singletons, so tests and benchmarks build as many routers 
 disconnects cancels the handler and with it the upstream request.
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings go to the request pipeline
-(`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics and /admin/replicas are
-`gpufleet.router.endpoints`'; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
+(`gpufleet.router.proxy`); GET /v1/models, /health, /ready, /metrics, /admin/replicas and
+/admin/peer-state (`gpufleet.router.peers`) are `gpufleet.router.endpoints`'; the membership admin endpoints (PUT/POST /admin/replicas, DELETE
 /admin/replicas/{id}, POST /admin/reload) are `gpufleet.router.membership`'s; any other path or
 method gets an OpenAI-style 404 or 405 (here, as is every error aiohttp raises itself).
 """
@@ -47,6 +47,7 @@ _ROUTES = {
     "/metrics": "GET",
     "/admin/replicas": "GET, POST, PUT",
     "/admin/reload": "POST",
+    "/admin/peer-state": "GET",
 }
 
 
@@ -150,6 +151,7 @@ def create_app(
     app.router.add_get("/ready", partial(endpoints.ready, router), expect_handler=_expect)
     app.router.add_get("/metrics", partial(endpoints.metrics_endpoint, router), expect_handler=_expect)
     app.router.add_get("/admin/replicas", partial(endpoints.admin_replicas, router), expect_handler=_expect)
+    app.router.add_get("/admin/peer-state", partial(endpoints.admin_peer_state, router), expect_handler=_expect)
     for method, path, handler in admin_routes(router):
         app.router.add_route(method, path, handler, expect_handler=_expect)
     app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)

@@ -19,7 +19,7 @@ name is imported from here; the sub-models are grouped in `gpufleet.router.setti
     resilience.py  HealthSettings, FirstByteSettings, RetrySettings, ServerSettings
     caching.py     PredictionCacheSettings, KvEventsSettings
     access.py      TenantSettings (+ TenantHeader), AdminToken
-    discovery.py   DiscoverySettings, KubernetesDiscovery, DiscoveryTarget
+    discovery.py   DiscoverySettings, KubernetesDiscovery, DiscoveryTarget, PeerSettings, PeerDiscovery
     base.py        Strict (extra fields forbidden, frozen), field_error
 
 Field names carry their units. This module imports nothing heavier than pydantic (the
@@ -37,7 +37,13 @@ from gpufleet.router.kvevents import ranks
 from gpufleet.router.settings.access import AdminToken, TenantHeader, TenantSettings
 from gpufleet.router.settings.base import Strict, field_error
 from gpufleet.router.settings.caching import KvEventsSettings, PredictionCacheSettings
-from gpufleet.router.settings.discovery import DiscoverySettings, DiscoveryTarget, KubernetesDiscovery
+from gpufleet.router.settings.discovery import (
+    DiscoverySettings,
+    DiscoveryTarget,
+    KubernetesDiscovery,
+    PeerDiscovery,
+    PeerSettings,
+)
 from gpufleet.router.settings.resilience import FirstByteSettings, HealthSettings, RetrySettings, ServerSettings
 from gpufleet.router.settings.routing import (
     CacheAwareSettings,
@@ -59,6 +65,8 @@ __all__ = [
     "HealthSettings",
     "KubernetesDiscovery",
     "KvEventsSettings",
+    "PeerDiscovery",
+    "PeerSettings",
     "PickerRef",
     "PredictionCacheSettings",
     "ProfileSettings",
@@ -106,6 +114,13 @@ class RouterSettings(Strict):
         "(waiting and running requests, KV usage); 0: never",
     )
     engine_metrics_timeout_s: float = Field(default=1.0, gt=0, description="bound on one /metrics read")
+    peer_interval_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="how often the router reads the other router replicas' per-replica queue state "
+        "(`discovery.peers`; in the simulator: how often N routers exchange it); 0: never",
+    )
+    peer_timeout_s: float = Field(default=0.5, gt=0, description="bound on one read of a peer router's state")
     kv_events: KvEventsSettings = Field(default_factory=KvEventsSettings)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)

@@ -19,6 +19,10 @@ deleted ones leave (`ReplicaSet.replace`, so the replicas that stay keep their s
 A replica's id is its pod's name (`targetRef`), which for a StatefulSet is the plan's replica id;
 its URL is `<scheme>://<address>:<port>`. The client is synchronous: the watch runs in one
 thread, and every membership change is handed to the router's event loop.
+
+The other router replicas (`discovery.peers.kubernetes`, `router.peers`) are the ready endpoints
+of the router's own Service's slices (`list_peer_urls`, listed every `refresh_s`; the same read
+as the controller's of the router pods, `infra/controller/router_load.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.router.config import DiscoveryTarget, KubernetesDiscovery, ReplicaConfig
+from gpufleet.router.config import DiscoveryTarget, KubernetesDiscovery, PeerDiscovery, ReplicaConfig
 from gpufleet.router.upstream.request import url_host
 
 if TYPE_CHECKING:
@@ -40,7 +44,16 @@ if TYPE_CHECKING:
     from gpufleet.router.metrics import RouterMetrics
     from gpufleet.router.replicas import ReplicaSet
 
-__all__ = ["SERVICE_NAME_LABEL", "EndpointSliceWatcher", "SliceView", "read_slice", "source_name"]
+__all__ = [
+    "SERVICE_NAME_LABEL",
+    "EndpointSliceWatcher",
+    "SliceView",
+    "discovery_api",
+    "list_peer_urls",
+    "peer_urls",
+    "read_slice",
+    "source_name",
+]
 
 log = logging.getLogger("gpufleet.router.discovery")
 
@@ -123,6 +136,52 @@ def read_slice(
     return view
 
 
+def peer_urls(obj: Mapping[str, Any], settings: PeerDiscovery) -> list[str]:
+    """The base URLs of the ready endpoints of one of the router Service's EndpointSlices (a dict
+    as the API server sends it): the router replicas (`router.peers`). Pure."""
+    port = _port_of(obj, settings.port)
+    if port is None:
+        return []
+    urls = []
+    for ep in obj.get("endpoints") or []:
+        addresses = ep.get("addresses") or []
+        if (ep.get("conditions") or {}).get("ready") is not False and addresses:
+            urls.append(f"{settings.scheme}://{url_host(str(addresses[0]))}:{port}")
+    return urls
+
+
+def discovery_api(api_client: Any, kubeconfig: str | None) -> tuple[Any, Any]:
+    """(`DiscoveryV1Api`, its `ApiClient`): `api_client` if given, else one from `kubeconfig`, else
+    from the in-cluster service account."""
+    from kubernetes import client, config
+
+    if api_client is None:
+        if kubeconfig:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient(cfg)
+    return client.DiscoveryV1Api(api_client), api_client
+
+
+def list_peer_urls(api: Any, settings: PeerDiscovery, timeout_s: float = 5.0) -> list[str]:
+    """One list of the router Service's EndpointSlices (`api`: a `DiscoveryV1Api`): every ready
+    router replica's base URL, this router's own included. Blocking: run it in a thread."""
+    resp = api.list_namespaced_endpoint_slice(
+        settings.namespace,
+        label_selector=f"{SERVICE_NAME_LABEL}={settings.service}",
+        _preload_content=False,
+        _request_timeout=timeout_s,
+    )
+    try:
+        body = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    items = body.get("items") if isinstance(body, dict) else None
+    return sorted({u for obj in items or () if isinstance(obj, dict) for u in peer_urls(obj, settings)})
+
+
 def _api_exception() -> type[Exception]:
     from kubernetes.client.exceptions import ApiException
 
@@ -184,16 +243,8 @@ class EndpointSliceWatcher:
 
     # -- the thread -----------------------------------------------------------------------
     def _api(self) -> Any:
-        from kubernetes import client, config
-
-        if self._api_client is None:
-            if self.settings.kubeconfig:
-                self._api_client = config.new_client_from_config(config_file=self.settings.kubeconfig)  # type: ignore[no-untyped-call]
-            else:
-                cfg = client.Configuration()
-                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-                self._api_client = client.ApiClient(cfg)
-        return client.DiscoveryV1Api(self._api_client)
+        api, self._api_client = discovery_api(self._api_client, self.settings.kubeconfig)
+        return api
 
     def _run(self) -> None:
         from kubernetes import watch

@@ -1,6 +1,6 @@
 """The endpoints the router answers itself, and admin authorization.
 
-GET /v1/models, /health, /ready, /metrics and /admin/replicas (each a function of the `Router`
+GET /v1/models, /health, /ready, /metrics, /admin/replicas and /admin/peer-state (each a function of the `Router`
 and the request; `create_app` binds them). The admin token is resolved once from its reference
 (`resolve_admin_token`) and checked in constant time (`authorize_admin`, also used by the
 membership admin endpoints through `Router.authorize_admin`).
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gpufleet.router import errors
+from gpufleet.router import errors, peers
 from gpufleet.router.config import AdminToken
 from gpufleet.router.proxy import JSON, error_response
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from gpufleet.router.state import Router
 
 __all__ = [
+    "admin_peer_state",
     "admin_replicas",
     "authorize_admin",
     "health_endpoint",
@@ -150,6 +151,15 @@ async def admin_replicas(router: Router, request: web.Request) -> web.Response:
                     if r.engine_sampled_at > float("-inf")
                     else None,
                 },
+                "peers": {
+                    peer: {
+                        "queued_prefill_tokens": p.queued_prefill_tokens,
+                        "queued_requests": p.queued_requests,
+                        "in_flight": p.in_flight,
+                        "age_s": round(router.policy.clock() - p.at, 3),
+                    }
+                    for peer, p in r.peers.items()
+                },
                 "consecutive_failures": failures,
                 "readmit_in_s": round(readmit_in, 3),
                 "backoff_s": backoff,
@@ -157,3 +167,12 @@ async def admin_replicas(router: Router, request: web.Request) -> web.Response:
             }
         )
     return _json_response(200, {"policy": router.policy.name, "replicas": rows})
+
+
+async def admin_peer_state(router: Router, request: web.Request) -> web.Response:
+    """GET /admin/peer-state: this router's own counts per replica, for its peers (`router.peers`)."""
+    try:
+        authorize_admin(router, request)
+    except errors.RouterError as exc:
+        return error_response(exc)
+    return _json_response(200, peers.peer_state(router.router_id, router.replicas))

@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,7 +40,7 @@ from gpufleet.router.types import ReplicaState
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["KV_USAGE", "RUNNING", "WAITING", "EngineLoad", "EngineLoadScraper", "parse_engine_load"]
+__all__ = ["KV_USAGE", "RUNNING", "WAITING", "EngineLoad", "EngineLoadScraper", "parse_engine_load", "run_rounds"]
 
 log = logging.getLogger("gpufleet.router.engine_load")
 
@@ -142,18 +142,31 @@ class EngineLoadScraper:
 
     async def run(self) -> None:
         """Scrape forever, one task per replica per round; cancelled by the app's cleanup."""
-        running: dict[str, asyncio.Task[EngineLoad | None]] = {}
-        try:
-            while True:
-                try:
-                    for r in self.replicas():
-                        task = running.get(r.id)
-                        if r.healthy and (task is None or task.done()):
-                            running[r.id] = asyncio.create_task(self.scrape(r))
-                except Exception:  # a bug here must not stop the scraping for good
-                    log.exception("engine-load scrape round failed")
-                await asyncio.sleep(self.interval_s)
-        finally:
-            for task in running.values():
-                task.cancel()
-            await asyncio.gather(*running.values(), return_exceptions=True)
+
+        async def round_(running: dict[str, asyncio.Task[Any]]) -> None:
+            for r in self.replicas():
+                task = running.get(r.id)
+                if r.healthy and (task is None or task.done()):
+                    running[r.id] = asyncio.create_task(self.scrape(r))
+
+        await run_rounds(round_, self.interval_s, "engine-load scrape")
+
+
+async def run_rounds(
+    round_: Callable[[dict[str, asyncio.Task[Any]]], Awaitable[None]], interval_s: float, what: str
+) -> None:
+    """Await `round_(running)` every `interval_s` forever: it starts one task per key in `running`
+    (a key whose task still runs is skipped); a failed round is logged and the next one runs. On
+    cancellation (the app's cleanup) every task is cancelled and awaited."""
+    running: dict[str, asyncio.Task[Any]] = {}
+    try:
+        while True:
+            try:
+                await round_(running)
+            except Exception:  # a bug here must not stop the rounds for good
+                log.exception("%s round failed", what)
+            await asyncio.sleep(interval_s)
+    finally:
+        for task in running.values():
+            task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)

@@ -185,6 +185,12 @@ class RouterMetrics:
             ["replica", "result"],
             registry=r,
         )
+        self.peer_reads = Counter(
+            p + "peer_reads",
+            "Reads of peer routers' queue state, by result (ok, failed, refused, invalid, self)",
+            ["result"],
+            registry=r,
+        )
         self.policy = policy
         self.replica: dict[str, ReplicaMetrics] = {}
         self.membership = Counter(
@@ -216,6 +222,8 @@ class RouterMetrics:
         )
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+        for result in ("ok", "failed", "refused", "invalid", "self"):
+            self.peer_reads.labels(result)
         for rid, _model in replicas:
             self.add_replica(rid)
         for result in ("hit", "miss", "bypass"):

@@ -26,6 +26,7 @@ from gpufleet.router.kvevents import runtime as kvevents_runtime
 from gpufleet.router.lifespan import run_lifespan
 from gpufleet.router.membership import ConfigReloader
 from gpufleet.router.metrics import RouterMetrics
+from gpufleet.router.peers import new_router_id
 from gpufleet.router.policies import Policy, registry
 from gpufleet.router.prediction_cache import make_prediction_cache
 from gpufleet.router.proxy import Proxy
@@ -71,6 +72,8 @@ class Router:
         except ValueError as exc:
             raise errors.ConfigError(str(exc)) from None
         self.admin_token = admin_token if admin_token is not None else resolve_admin_token(s.admin_token, environ)
+        self.router_id = new_router_id()
+        """This process's id among its peer routers (`router.peers`)."""
         tokens = self.metrics.session_tokens
         self.sessions = SessionBinder(s.session, environ, on_token=lambda why: tokens.labels(why).inc())
         self.health = HealthTracker(
@@ -95,6 +98,8 @@ class Router:
         """Set on SIGTERM/SIGINT: /ready answers 503 while in-flight requests finish (`gpufleet router serve`)."""
         self.replicas.subscribe(self._membership_changed)
         self.reloader = ConfigReloader(self, config_path, interval_s=reload_interval_s) if config_path else None
+        self.kube_api_client = kube_api_client
+        """A kubernetes `ApiClient` for discovery (tests); None: from the kubeconfig or the pod's account."""
         k8s = config.discovery.kubernetes
         self.discovery = (
             EndpointSliceWatcher(k8s, self.replicas, self.metrics, api_client=kube_api_client) if k8s else None

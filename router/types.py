@@ -8,6 +8,13 @@ cheaply. A `ReplicaState` is long-lived and mutated in place (one per replica); 
 Load accounting is part of the state so that the server and the simulator account for work
 identically: call `begin(prefill)` when a request is sent to a replica, `prefill_done(prefill)`
 when its first byte comes back, and `end()` when it finishes (whatever the outcome).
+
+Other router replicas' load reaches a state two ways: the engine's samples
+(`report_engine_load`, every router's requests, without how much prefill they still queue) and,
+where the routers exchange their own counts (`router.peers`, every `peer_interval_s`), each
+peer's report (`report_peer_load`: its queued prefill tokens, queued and in-flight requests
+here, exact as of the report). `foreign_load` is what the engine sample shows beyond this router
+and the peers that reported then: the load of routers that do not report.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
+__all__ = ["Decision", "Outcome", "PeerLoad", "ReplicaState", "RequestFeatures", "stable_hash"]
 
 
 def _needs_router_extra(data: object, seed: int = 0) -> int:
@@ -51,6 +58,16 @@ class RequestFeatures:
     session_replica: str | None = None
     """The replica the session is bound to as the server learned it before routing (a verified
     session token, or the shared Redis binding); None: the policy's own memory decides."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLoad:
+    """One peer router's own counts on a replica, as it reported them at `at` (this router's clock)."""
+
+    at: float
+    queued_prefill_tokens: int
+    queued_requests: int
+    in_flight: int
 
 
 @dataclass(slots=True, eq=False)
@@ -112,6 +129,16 @@ class ReplicaState:
     the reported KV usage left no room for a mean queued request (so the wait was for a slot or
     memory, not for the step's token budget), raised by any later sample that ran more; 0 until
     such a sample."""
+    peers: dict[str, PeerLoad] = field(default_factory=dict)
+    """The last report of each peer router that reported this replica (`report_peer_load`)."""
+    peer_routed: int = 0
+    """`routed` when the last peer report arrived."""
+    peer_own_in_flight: int = 0
+    """This router's `in_flight` when the last peer report arrived."""
+    sampled_peer_in_flight: int = 0
+    """The peers' reported in-flight requests here when the last engine-load sample was taken."""
+    sampled_peer_queued: int = 0
+    """The peers' reported queued requests here when the last engine-load sample was taken."""
     id_hash: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -162,6 +189,9 @@ class ReplicaState:
         self.sampled_in_flight = self.in_flight
         self.sampled_queued = self.queued_requests
         self.sampled_routed = self.routed
+        peers = self.peers.values()
+        self.sampled_peer_in_flight = sum(p.in_flight for p in peers)
+        self.sampled_peer_queued = sum(p.queued_requests for p in peers)
 
     def _memory_full(self) -> bool:
         """The last sample's KV usage leaves no room for a mean queued request of this router's:
@@ -171,12 +201,49 @@ class ReplicaState:
             return False
         return usage * cap + self.queued_prefill_tokens / n > cap
 
-    def foreign_load(self) -> tuple[int, int]:
+    def foreign_load(self, beyond_peers: bool = False) -> tuple[int, int]:
         """(waiting, running) requests of *other* routers at the last engine-load sample: what the
-        engine reported beyond this router's own requests then (0, 0 without a sample)."""
-        foreign = max(0, self.engine_waiting + self.engine_running - self.sampled_in_flight)
-        waiting = min(foreign, max(0, self.engine_waiting - self.sampled_queued))
+        engine reported beyond this router's own requests then (0, 0 without a sample); with
+        `beyond_peers`, also beyond the peers' reported requests (the more of their counts at the
+        sample and now): the routers that do not report."""
+        own, queued = self.sampled_in_flight, self.sampled_queued
+        if beyond_peers:
+            # Requests a peer sent after its report and before the sample are in the sample and
+            # in the peer's next report: the larger of its counts then and now is its share.
+            peers = self.peers.values()
+            own += max(self.sampled_peer_in_flight, sum(p.in_flight for p in peers))
+            queued += max(self.sampled_peer_queued, sum(p.queued_requests for p in peers))
+        foreign = max(0, self.engine_waiting + self.engine_running - own)
+        waiting = min(foreign, max(0, self.engine_waiting - queued))
         return waiting, foreign - waiting
+
+    def report_peer_load(
+        self, peer: str, queued_prefill_tokens: int, queued_requests: int, in_flight: int, now: float
+    ) -> None:
+        """Record peer router `peer`'s own counts here (its `queued_prefill_tokens`,
+        `queued_requests` and `in_flight`), received at `now`; negative values count as 0."""
+        in_flight = max(0, in_flight)
+        queued = min(in_flight, max(0, queued_requests))
+        self.peers[peer] = PeerLoad(now, max(0, queued_prefill_tokens), queued, in_flight)
+        self.peer_routed = self.routed
+        self.peer_own_in_flight = self.in_flight
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop `peer`'s report (it left, or could not be read): the engine samples cover it again."""
+        self.peers.pop(peer, None)
+
+    def peer_load(self, now: float, max_age_s: float) -> tuple[int, int, int] | None:
+        """(queued prefill tokens, queued requests, in-flight requests) of the peers whose report is
+        at most `max_age_s` old, summed; None when no peer report is that fresh."""
+        tokens = queued = in_flight = 0
+        fresh = False
+        for p in self.peers.values():
+            if now - p.at <= max_age_s:
+                fresh = True
+                tokens += p.queued_prefill_tokens
+                queued += p.queued_requests
+                in_flight += p.in_flight
+        return (tokens, queued, in_flight) if fresh else None
 
     def report_kv_usage(self, usage: float) -> None:
         """Record a KV-usage sample from the replica (clamped to 0..1)."""

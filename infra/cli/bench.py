@@ -166,6 +166,15 @@ def register(app: typer.Typer) -> None:
         event_delay_ms: Annotated[
             float, typer.Option("--event-delay-ms", min=0, help="delay of engine KV events to the routers")
         ] = 20.0,
+        peer_interval_ms: Annotated[
+            float | None,
+            typer.Option(
+                "--peer-interval-ms",
+                min=0,
+                help="how often the routers exchange their per-replica queue state (default: the fleet's "
+                "router.peer_interval_s; 0: never)",
+            ),
+        ] = None,
         output: _Output = "table",
         out: OutOpt = None,
         plot: Annotated[
@@ -202,12 +211,17 @@ def register(app: typer.Typer) -> None:
                     kv_state=kv_state,
                     routers=routers,
                     event_delay_s=event_delay_ms / 1000,
+                    peer_interval_s=None if peer_interval_ms is None else peer_interval_ms / 1000,
                 )
 
             def show(target: Any) -> None:
                 target.print(report.results_table(run))
                 if kv_state != "approximate" or routers > 1:
-                    target.print(f"kv state {kv_state}, {routers} router(s), events delayed {event_delay_ms:g} ms")
+                    peers = sim_fleet.settings.peer_interval_s if peer_interval_ms is None else peer_interval_ms / 1000
+                    target.print(
+                        f"kv state {kv_state}, {routers} router(s), events delayed {event_delay_ms:g} ms"
+                        + (f", peer state every {peers * 1000:g} ms" if routers > 1 and peers > 0 else "")
+                    )
                 target.print(f"offered load {run.load:.2f} (as generated: {run.natural_load:.2f})")
                 target.print("goals for cache_aware:")
                 for line in report.goals_lines(run):

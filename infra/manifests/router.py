@@ -1,7 +1,8 @@
 """The router in the cluster of the highest-priority pool: its config in a ConfigMap (the
 replicas of its own cluster discovered from their EndpointSlices, the others at their pod DNS
-names), a ServiceAccount (with a Role to get/list/watch EndpointSlices in the fleet namespace
-when it discovers), the Deployment of `gpufleet router serve` and its Service. The admin-token
+names; with several router replicas, the others found from the router Service's slices for their
+queue state), a ServiceAccount (with a Role to get/list/watch EndpointSlices in the fleet
+namespace when it discovers), the Deployment of `gpufleet router serve` and its Service. The admin-token
 Secret is never rendered (its value is a secret); the Pulumi component creates it from a Pulumi
 secret."""
 
@@ -17,7 +18,14 @@ from gpufleet.infra import router_config as router_config_mod
 from gpufleet.infra.manifests import _k8s
 from gpufleet.infra.names import LABEL_FLEET
 from gpufleet.infra.plan import Plan, ReplicaPlan
-from gpufleet.router.config import DiscoverySettings, DiscoveryTarget, KubernetesDiscovery, RouterConfig
+from gpufleet.router.config import (
+    DiscoverySettings,
+    DiscoveryTarget,
+    KubernetesDiscovery,
+    PeerDiscovery,
+    PeerSettings,
+    RouterConfig,
+)
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
@@ -73,10 +81,12 @@ def _single_model(plan: Plan) -> str | None:
     return models.pop() if len(models) == 1 else None
 
 
-def router_config(plan: Plan) -> RouterConfig:
+def router_config(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> RouterConfig:
     """The router config for the Kubernetes backends: the replicas of the router's own cluster
     are discovered from their EndpointSlices (every replica between min and max, as it becomes
-    ready); the others are listed at their pod DNS names.
+    ready); the others are listed at their pod DNS names. With several router replicas
+    (`options.router_replicas`) each reads the others' queue state (`router.peers`), found as the
+    ready endpoints of the router's own Service.
 
     Precise mode without a tokenizer path gets the one the router's init container fetches
     (`router_deployment`), when the fleet serves one model."""
@@ -100,16 +110,30 @@ def router_config(plan: Plan) -> RouterConfig:
     )
     cfg = router_config_mod.render(k8s_plan, lambda r: replica_url(plan, r))
     targets = discovery_targets(plan)
-    if not targets:
-        return cfg
-    discovery = KubernetesDiscovery(
-        namespace=plan.namespace,
-        label_selector=f"{LABEL_FLEET}={plan.fleet},{names.LABEL_POOL}",
-        deployment_label=names.LABEL_DEPLOYMENT,
-        pool_label=names.LABEL_POOL,
-        targets=targets,
+    peers = PeerSettings(
+        kubernetes=PeerDiscovery(namespace=plan.namespace, service=names.router_name(plan.fleet), port="http")
+        if options.router_replicas > 1
+        else None
     )
-    return cfg.model_copy(update={"discovery": DiscoverySettings(kubernetes=discovery)})
+    if not targets and peers.kubernetes is None:
+        return cfg
+    discovery = (
+        KubernetesDiscovery(
+            namespace=plan.namespace,
+            label_selector=f"{LABEL_FLEET}={plan.fleet},{names.LABEL_POOL}",
+            deployment_label=names.LABEL_DEPLOYMENT,
+            pool_label=names.LABEL_POOL,
+            targets=targets,
+        )
+        if targets
+        else None
+    )
+    return cfg.model_copy(update={"discovery": DiscoverySettings(kubernetes=discovery, peers=peers)})
+
+
+def _talks_to_api(cfg: RouterConfig) -> bool:
+    """Whether the router reads EndpointSlices (its replicas or its peers): it needs its token and the Role."""
+    return cfg.discovery.kubernetes is not None or cfg.discovery.peers.kubernetes is not None
 
 
 def _discovered(plan: Plan) -> set[str]:
@@ -164,20 +188,20 @@ def router_configmap(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, A
     }
 
 
-def router_service_account(plan: Plan) -> dict[str, Any]:
-    """The router's identity. Its API token is mounted only when it discovers replicas
-    (`router_role`); without discovery it talks to no Kubernetes API at all."""
+def router_service_account(plan: Plan, cfg: RouterConfig | None = None) -> dict[str, Any]:
+    """The router's identity. Its API token is mounted only when it discovers replicas or its
+    peers (`router_role`); without discovery it talks to no Kubernetes API at all."""
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _k8s.meta(plan, names.router_name(plan.fleet), _labels(plan)),
-        "automountServiceAccountToken": bool(discovery_targets(plan)),
+        "automountServiceAccountToken": _talks_to_api(cfg or router_config(plan)),
     }
 
 
 def router_role(plan: Plan) -> dict[str, Any]:
     """What discovery calls, in the fleet namespace only: `list_namespaced_endpoint_slice`
-    (list, and watch)."""
+    (list, and watch; the peers' discovery lists the router Service's slices)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -203,7 +227,7 @@ def router_deployment(
     plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS, cfg: RouterConfig | None = None
 ) -> dict[str, Any]:
     """`gpufleet router serve` with the rendered config and the admin token from a Secret."""
-    cfg = cfg or router_config(plan)
+    cfg = cfg or router_config(plan, options)
     settings = cfg.settings
     name = names.router_name(plan.fleet)
     secret = admin_secret_name(plan)
@@ -290,7 +314,7 @@ def router_deployment(
                 },
                 "spec": {
                     "serviceAccountName": name,
-                    "automountServiceAccountToken": cfg.discovery.kubernetes is not None,
+                    "automountServiceAccountToken": _talks_to_api(cfg),
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     **_router_placement(plan, options),
                     **({"initContainers": init} if init else {}),
@@ -373,11 +397,11 @@ def router_service(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTI
 
 def router_objects(plan: Plan, options: _k8s.ManifestOptions = _k8s.DEFAULT_OPTIONS) -> list[dict[str, Any]]:
     """The router's objects, except the admin-token Secret (its value is never rendered)."""
-    cfg = router_config(plan)
-    rbac = [router_role(plan), router_role_binding(plan)] if cfg.discovery.kubernetes is not None else []
+    cfg = router_config(plan, options)
+    rbac = [router_role(plan), router_role_binding(plan)] if _talks_to_api(cfg) else []
     return [
         router_configmap(plan, cfg),
-        router_service_account(plan),
+        router_service_account(plan, cfg),
         *rbac,
         router_deployment(plan, options, cfg),
         router_service(plan, options),

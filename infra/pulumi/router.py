@@ -33,7 +33,7 @@ class CacheAwareRouter(pulumi.ComponentResource):
         super().__init__("gpufleet:router:CacheAwareRouter", name, None, opts)
         plan = args.plan
         child = pulumi.ResourceOptions(parent=self)
-        cfg = manifests.router_config(plan)
+        cfg = manifests.router_config(plan, args.options)
         secret = apply_object(
             f"{name}-admin-token",
             {

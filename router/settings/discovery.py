@@ -1,4 +1,5 @@
-"""Replicas discovered at run time: Kubernetes EndpointSlices and the plan's facts per (deployment, pool)."""
+"""Replicas discovered at run time (Kubernetes EndpointSlices and the plan's facts per (deployment,
+pool)), and the other router replicas whose queue state this one reads (`router.peers`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ __all__ = [
     "DiscoverySettings",
     "DiscoveryTarget",
     "KubernetesDiscovery",
+    "PeerDiscovery",
+    "PeerSettings",
 ]
 
 
@@ -60,7 +63,27 @@ class KubernetesDiscovery(Strict):
         return self
 
 
+class PeerDiscovery(Strict):
+    """The other router replicas: the ready endpoints of the router's own Service's EndpointSlices."""
+
+    namespace: str = Field(min_length=1)
+    service: str = Field(min_length=1, description="the router Service (its slices' kubernetes.io/service-name)")
+    port: str | int = Field(default="http", description="the EndpointSlice port (name or number) of the router")
+    scheme: Literal["http", "https"] = "http"
+    kubeconfig: str | None = Field(default=None, description="kubeconfig file; none: the in-cluster service account")
+    refresh_s: float = Field(default=10.0, gt=0, description="how often the slices are listed again")
+
+
+class PeerSettings(Strict):
+    """Where the other router replicas are (docs/router.md, *Several routers*): listed, discovered or both.
+    This router's own address may be among them: it is recognised by the id it answers with."""
+
+    urls: list[str] = Field(default_factory=list, description="base URLs of the other routers (http://host:port)")
+    kubernetes: PeerDiscovery | None = None
+
+
 class DiscoverySettings(Strict):
-    """Where replicas are discovered at run time, besides the listed `replicas`."""
+    """Where replicas are discovered at run time, besides the listed `replicas`, and the peers."""
 
     kubernetes: KubernetesDiscovery | None = None
+    peers: PeerSettings = Field(default_factory=PeerSettings)

@@ -134,6 +134,7 @@ def simulate(
     kv_state: str = "approximate",
     routers: int = 1,
     event_delay_s: float = 0.02,
+    peer_interval_s: float | None = None,
 ) -> SimResult:
     """Run `workload` through `fleet` with `policy` (a registered name, a profile of the fleet's
     settings, or an object; either gets the simulator's clock and engines as context).
@@ -147,7 +148,10 @@ def simulate(
     in-flight load), each request sent to one of them at random (seeded); every router gets
     every engine's events and samples every engine's load (`engine_metrics_interval_s`), and a
     session's client echoes the session token of its last answer, so every router knows where
-    the session lives (`RequestFeatures.session_replica`).
+    the session lives (`RequestFeatures.session_replica`). Every `peer_interval_s` (default the
+    fleet's `peer_interval_s`; 0: never) each router reports its own per-replica counts (queued
+    prefill tokens, queued and in-flight requests) to every other one (`report_peer_load`), as
+    the live routers' peer poller does (`router.peers`).
     """
     if kv_state not in KV_STATES:
         raise ValueError(f"kv_state must be one of {', '.join(KV_STATES)}, not {kv_state!r}")
@@ -243,6 +247,19 @@ def simulate(
     load_every = fleet.settings.engine_metrics_interval_s
     next_load = load_every if load_every > 0 else math.inf
 
+    # Peer routers' own counts, exchanged every `peer_interval_s` (`router.peers` polls them live).
+    peer_every = fleet.settings.peer_interval_s if peer_interval_s is None else peer_interval_s
+    next_peer = peer_every if routers > 1 and peer_every > 0 else math.inf
+    router_names = [f"router-{k}" for k in range(routers)]
+
+    def exchange() -> None:
+        for a, sts in enumerate(states_by):
+            name = router_names[a]
+            for b, other in enumerate(states_by):
+                if b != a:
+                    for st, dst in zip(sts, other):
+                        dst.report_peer_load(name, st.queued_prefill_tokens, st.queued_requests, st.in_flight, now)
+
     def sample_usage() -> None:
         for sts in states_by:
             for st, e in zip(sts, engines):
@@ -298,7 +315,7 @@ def simulate(
             collect(i)
 
     def advance(until: float) -> None:
-        nonlocal now, next_sample, next_load
+        nonlocal now, next_sample, next_load, next_peer
         while True:
             if not heap and not deliveries and until == math.inf:
                 break  # nothing left to run: later samples could not change anything
@@ -311,6 +328,13 @@ def simulate(
             if next_sample <= until and next_sample < t_next and next_sample <= next_load:
                 sample_usage()
                 next_sample += sample_every
+                continue
+            if next_peer <= until and next_peer < t_next and next_peer <= next_load:
+                now = max(now, next_peer)
+                exchange()
+                # Idle engines: every exchange until `until` would send the same zeros.
+                skip = math.floor((until - next_peer) / peer_every) if not heap and until < math.inf else 0
+                next_peer += max(1, skip) * peer_every
                 continue
             if next_load <= until and next_load < t_next:
                 if not heap:

@@ -72,9 +72,10 @@ def run_policies(
     kv_state: str = "approximate",
     routers: int = 1,
     event_delay_s: float = 0.02,
+    peer_interval_s: float | None = None,
 ) -> BenchRun:
     """Scale `workload` to `load` (if given) and simulate every policy on it (`engine.simulate`
-    says what `kv_state`, `routers` and `event_delay_s` do)."""
+    says what `kv_state`, `routers`, `event_delay_s` and `peer_interval_s` do)."""
     natural = metrics.offered_load(workload, fleet)
     if load is not None:
         if load <= 0:
@@ -94,6 +95,7 @@ def run_policies(
             kv_state=kv_state,
             routers=routers,
             event_delay_s=event_delay_s,
+            peer_interval_s=peer_interval_s,
         )
         summaries[name] = metrics.summarize(res)
         ttfts[name] = sorted(r.ttft_s for r in res.records if r.outcome == "ok" and r.ttft_s is not None)

@@ -45,13 +45,25 @@ def replicas(loop_thread: LoopThread) -> Iterator[Callable[..., list[FakeReplica
 
 @pytest.fixture
 def make_router(loop_thread: LoopThread) -> Iterator[Callable[..., RunningRouter]]:
-    """Factory: `make_router(replica_configs, settings=..., admin_token=...)` starts a router."""
+    """Factory: `make_router(replica_configs, settings=..., discovery=..., admin_token=...)` starts a router."""
     started: list[RunningRouter] = []
 
-    def make(replicas: list[ReplicaConfig], settings: RouterSettings | dict | None = None, **kw: Any) -> RunningRouter:
+    def make(
+        replicas: list[ReplicaConfig],
+        settings: RouterSettings | dict | None = None,
+        discovery: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> RunningRouter:
         if isinstance(settings, dict):
             settings = RouterSettings.model_validate(settings)
-        cfg = RouterConfig(fleet="test", settings=settings or RouterSettings(), replicas=replicas)
+        cfg = RouterConfig.model_validate(
+            {
+                "fleet": "test",
+                "settings": settings or RouterSettings(),
+                "replicas": replicas,
+                "discovery": discovery or {},
+            }
+        )
         app = router_app.create_app(cfg, **kw)
         runner, port = loop_thread.run(router_app.start(app, "127.0.0.1", 0))
         rr = RunningRouter(url=f"http://127.0.0.1:{port}", router=app[router_app.ROUTER_KEY], app=app, runner=runner)

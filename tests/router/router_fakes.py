@@ -240,12 +240,12 @@ def replica_configs(
 
 
 @contextlib.contextmanager
-def serve_process(config: Path, **env: str) -> Iterator[tuple[str, str]]:
-    """`gpufleet router serve -c config --port 0` in a child process: yields (its start line, its
-    URL), then interrupts it and checks it exits 0."""
+def serve_process(config: Path, port: int = 0, **env: str) -> Iterator[tuple[str, str]]:
+    """`gpufleet router serve -c config --port <port>` (0: a free one) in a child process: yields
+    (its start line, its URL), then interrupts it and checks it exits 0."""
     proc = subprocess.Popen(
         [sys.executable, "-c", "from gpufleet.infra.cli import main; main()", "router", "serve", "-c", str(config)]
-        + ["--port", "0"],
+        + ["--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -228,7 +228,14 @@ def test_public_api_is_pinned() -> None:
         "parse_replicas",
     ]
     # The policies' API is pinned in test_router_plugins.py.
-    assert sorted(types.__all__) == ["Decision", "Outcome", "ReplicaState", "RequestFeatures", "stable_hash"]
+    assert sorted(types.__all__) == [
+        "Decision",
+        "Outcome",
+        "PeerLoad",
+        "ReplicaState",
+        "RequestFeatures",
+        "stable_hash",
+    ]
     assert sorted(prefix.__all__) == ["PrefixIndex", "block_hashes", "features_from_body", "render_prompt"]
     assert sorted(prediction_cache.__all__) == sorted(
         [

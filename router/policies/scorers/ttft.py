@@ -1,6 +1,7 @@
 """`ttft`: the request's estimated time to first token on each replica, in **seconds**.
 
     ahead    = own queued prefill tokens                        (this router's, exact, now)
+             + peers' queued prefill tokens                     (peer routers' reports, exact)
              + foreign waiting requests x mean prefill tokens   (other routers', engine-reported)
     work     = ahead + the request's own uncached prompt tokens (from the prefix scorer's match)
     decoding = own requests past their first token + foreign running requests
@@ -41,12 +42,27 @@ taken to have sent `share` more there (`foreign_share`: their in-flight requests
 router's, over every replica's sample), counted as waiting. With one router `share` is 0 and the
 estimate is the router's own accounting alone.
 
+Where the routers exchange their own counts (`peer_interval_s`, `router.peers`; each peer's
+report on `ReplicaState.peers`), a fresh report (at most `stale_after_s` old) gives the other
+routers' load as it is, not as the engine shows it: the peers' queued prefill *tokens* go into
+`ahead` exactly, their queued requests are foreign waiting and the rest of their in-flight ones
+foreign running. vLLM counts a prefilling request as running, so without the reports another
+router's fresh 3k-token prefill is priced as one decoding sequence until its first token. The
+engine sample then counts only what it shows beyond this router and the reporting peers at the
+sample (`foreign_load(beyond_peers=True)`: routers that do not report, clients beside the
+routers), priced as before, and the guess of what the others sent meanwhile runs from the
+freshest of the sample and the reports; `share` is the peers' in-flight (plus the unreported)
+per one of this router's at the report. Without a fresh report everything is as above.
+
 Several routers see the same samples and the same caches, so where the estimates are closer than
 that guess is accurate they would all pick the same replica and herd onto it. With `share > 0`
 each router adds a uniform draw of up to `share x mean prefill tokens / prefill rate` (one mean
 request of the other routers' per replica) to each cost, from its own seeded generator, so that
 near-equal replicas are taken in a different order by each router (random tie-breaking within the
-estimate's error). Requests with a session id get none: their stay-or-move bound
+estimate's error). With fresh peer reports of every replica the guess covers only what was sent
+since the last report, so the draw is scaled by the requests this router sent since (the others
+sent about `share` times as many, unseen), at most 1 (`unknown_fraction`): right after a report
+the estimate is exact and nothing is drawn. Requests with a session id get none: their stay-or-move bound
 (`session.max_penalty_s`) is of the same size, and noise there only moves sessions off their cache.
 
 The uncached prompt comes from the scorer that provides matches (`prefix`, approximate or from
@@ -107,13 +123,25 @@ class TtftScorer(Scorer):
         p = self.params
         ahead = float(r.queued_prefill_tokens)
         decoding = r.in_flight - r.queued_requests
-        f_wait = f_run = 0.0
-        if now - r.engine_sampled_at <= p.stale_after_s:
-            w, f_run = r.foreign_load()
-            # Other routers keep routing after the sample, seeing what this one sees: as many per
-            # request this router sent here since, as their share of the load at the sample.
-            f_wait = w + share * (r.routed - r.sampled_routed)
-            ahead += f_wait * self.mean_prefill_tokens
+        f_wait, f_run = 0.0, 0
+        peers = r.peer_load(now, p.stale_after_s)
+        sampled = now - r.engine_sampled_at <= p.stale_after_s
+        if peers is not None:
+            # Peer routers' own counts, exact as of their report: their queued prefill in tokens.
+            tokens, queued, in_flight = peers
+            ahead += tokens
+            f_wait, f_run = float(queued), in_flight - queued
+        if sampled or peers is not None:
+            # The engine sample beyond what this router and the reporting peers had then: routers
+            # that do not report. Other routers keep routing after the freshest of the sample and
+            # the peers' reports, seeing what this one sees: as many per request this router sent
+            # here since, as their share of the load.
+            w, run = r.foreign_load(peers is not None) if sampled else (0, 0)
+            since = r.sampled_routed if peers is None else max(r.sampled_routed, r.peer_routed)
+            guess = w + share * (r.routed - since)
+            ahead += guess * self.mean_prefill_tokens
+            f_wait += guess
+            f_run += run
             decoding += f_run
         work = ahead + uncached_tokens
         prefill = r.prefill_tokens_per_s or p.default_prefill_tokens_per_s
@@ -134,13 +162,33 @@ class TtftScorer(Scorer):
 
     def foreign_share(self, replicas: Sequence[ReplicaState], now: float) -> float:
         """Other routers' in-flight requests per in-flight request of this router, over the
-        replicas' fresh engine-load samples (0 with one router, or before any sample)."""
+        replicas' fresh peer reports (with what the engine shows beyond them) or else fresh
+        engine-load samples (0 with one router, or before any sample or report)."""
         own = foreign = 0
+        stale = self.params.stale_after_s
         for r in replicas:
-            if now - r.engine_sampled_at <= self.params.stale_after_s:
+            sampled = now - r.engine_sampled_at <= stale
+            peers = r.peer_load(now, stale)
+            if peers is not None:
+                own += r.peer_own_in_flight
+                foreign += peers[2] + (sum(r.foreign_load(True)) if sampled else 0)
+            elif sampled:
                 own += r.sampled_in_flight
                 foreign += sum(r.foreign_load())
         return foreign / own if own else 0.0
+
+    def unknown_fraction(self, replicas: Sequence[ReplicaState], now: float) -> float:
+        """How much of one request per other router the estimate may miss: 1 with engine samples
+        alone (what the others sent since a sample is a guess); with fresh peer reports of every
+        replica, the requests this router sent since the last report (the others sent about
+        `share` times as many since, unseen), at most 1."""
+        stale = self.params.stale_after_s
+        since = 0
+        for r in replicas:
+            if r.peer_load(now, stale) is None:
+                return 1.0
+            since += r.routed - r.peer_routed
+        return min(1.0, float(since))
 
     def score(self, candidates: Candidates) -> Sequence[float]:
         prompt = candidates.features.prompt_tokens
@@ -163,7 +211,7 @@ class TtftScorer(Scorer):
             # Not for sessions: their stay-or-move bound (`session.max_penalty_s`) is of that size.
             rng = self._rng.random
             default = self.params.default_prefill_tokens_per_s
-            spread = share * self.mean_prefill_tokens
+            spread = share * self.mean_prefill_tokens * self.unknown_fraction(reps, now)
             est = [e + rng() * spread / (r.prefill_tokens_per_s or default) for e, r in zip(est, reps)]
         return est
 
