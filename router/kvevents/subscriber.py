@@ -6,8 +6,11 @@ Per replica (`EventStreams.run`, one task each):
   `(topic, seq, payload)` (`gpufleet.router.kvevents.wire`). Anything else is counted
   (`malformed`) and skipped; a payload's unreadable events are counted (`malformed`,
   `unknown_tag`) and the rest applied.
-- Sequence numbers: a duplicate (seq <= last, e.g. after a replay) is skipped; seq 0 after a
-  higher one means the engine restarted, so its index is cleared. A gap asks the replica's replay
+- Sequence numbers: the live stream of one engine only counts up, so a live seq at or below the
+  last one *received live* means the engine restarted (its sequence starts again at 0, and the
+  SUB may have missed its first batches while it reconnected): the index is cleared and the
+  batch applied. A live seq at or below the last one *applied* but above the last received live
+  is a batch a replay already applied (a replay overlaps the live stream), skipped. A gap asks the replica's replay
   endpoint (a DEALER speaking to vLLM's ROUTER: `[b"", start]`, answers `[b"", seq, payload]`
   until `END_SEQ`) for the missing batches, waiting at most `replay_timeout_s`; if the replay
   cannot fill the gap (no endpoint, timeout, the buffer rolled over) the replica's index is reset
@@ -69,6 +72,9 @@ class StreamStatus:
     rank: int = 0
     """The engine's data-parallel rank whose stream this is (its ports are offset by it)."""
     last_seq: int | None = None
+    """The last batch applied (from the live stream or a replay)."""
+    live_seq: int | None = None
+    """The last batch received on the live stream: an engine's live sequence only counts up."""
     messages: int = 0
     replays: int = 0
     resets: int = 0
@@ -237,12 +243,14 @@ class EventStreams:
             self.metrics.problem(rid, "malformed")
             return replay
         last = st.last_seq
+        restarted = st.live_seq is not None and seq <= st.live_seq
+        st.live_seq = seq
+        if restarted:
+            log.warning("kv events: stream %s restarted its sequence: the replica's index is reset", key)
+            self._reset(key)
+            last = None
         if last is not None:
-            if seq == 0 and last > 0:
-                log.warning("kv events: stream %s restarted its sequence: the replica's index is reset", key)
-                self._reset(key)
-                last = None
-            elif seq <= last:
+            if seq <= last:
                 return replay  # already applied (a replay overlapped the live stream)
             elif seq > last + 1:
                 self.metrics.problem(rid, "gap")

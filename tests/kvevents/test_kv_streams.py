@@ -121,6 +121,33 @@ def test_a_gap_without_replay_resets_that_replicas_index():
     asyncio.run(run())
 
 
+def test_an_engine_restarted_on_the_same_ports_resets_its_index_even_when_its_first_batches_are_missed():
+    # The new engine counts from 0 again, and the SUB misses what it publishes while it
+    # reconnects: a live sequence that goes back (not only one back to 0) is a restart, never a
+    # run of duplicates to skip (which would keep the dead engine's blocks for as many batches).
+    async def run():
+        async with Rig() as rig:
+            rig.pub.publish([_stored(1, None)], time.time())
+            for _ in range(200):  # the old engine's sequence runs well ahead of what the new one loses
+                rig.pub.publish([], time.time())
+            await _until(lambda: rig.streams.status["r0"].last_seq == rig.pub.next_seq - 1)
+            assert rig.keys_held([1]) == 1
+            endpoint, replay = rig.pub.endpoint, rig.pub.replay_endpoint
+            await rig.pub.close()
+            rig.pub = EventPublisher(endpoint, replay)
+            await rig.pub.start()
+            while rig.keys_held([5]) == 0:  # the new engine's first batch, until one gets through
+                rig.pub.publish([_stored(5, None)], time.time())
+                await asyncio.sleep(0.01)
+                assert rig.pub.next_seq < 150, "the router never took the new engine's batches"
+            assert rig.keys_held([1]) == 0  # the dead engine's block is forgotten
+            st = rig.streams.status["r0"]
+            assert st.resets == 1
+            assert rig.metric("gpufleet_router_kv_event_problems_total", replica="r0", kind="gap") is None
+
+    asyncio.run(run())
+
+
 def test_silence_after_a_request_falls_back_to_approximate_loudly(caplog):
     async def run():
         async with Rig(silence_s=0.2) as rig:
