@@ -14,9 +14,11 @@ From the Plan alone (`layout`) it starts:
 
 Supervision (dead replicas, promotion of standbys) is `gpufleet.infra.local.supervisor`; the
 router process (config, hot spare, restarts) `gpufleet.infra.local.router_process`; the work
-directory `gpufleet.infra.local.workdir`; the process mechanics `gpufleet.infra.local.processes`. `start_replica` and `stop_replica` are
-the one place a replica process starts and the one place it is stopped. Warm standby needs the
-simulated replica: pools with an `engine_command` hold no warm replicas (reported as not held).
+directory `gpufleet.infra.local.workdir`; the process mechanics `gpufleet.infra.local.processes`;
+precise mode (each replica's KV events, on ports of its own) `gpufleet.infra.local.precise`.
+`start_replica` and `stop_replica` are the one place a replica process starts and the one place
+it is stopped. Warm standby needs the simulated replica: pools with an `engine_command` hold no
+warm replicas (reported as not held).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import httpx
 
 from gpufleet.infra import router_config
 from gpufleet.infra.controller.autoscale import AutoscaleSettings
-from gpufleet.infra.local import processes
+from gpufleet.infra.local import precise, processes
 from gpufleet.infra.local.autoscaler import LocalAutoscaler
 from gpufleet.infra.local.layout import LocalReplica, layout, pool_perf
 from gpufleet.infra.local.processes import LocalRuntimeError
@@ -90,7 +92,7 @@ class LocalRuntime(RouterProcesses):
     ) -> None:
         check_local(plan)
         self.plan = plan
-        self.settings = self._settings_with_absolute_paths(settings or plan.router)
+        self.settings = precise.with_absolute_paths(settings or plan.router)
         local = plan.clouds.local
         self.host = local.host if local is not None else "127.0.0.1"
         self._base_port = local.base_port if local is not None else 0
@@ -101,7 +103,7 @@ class LocalRuntime(RouterProcesses):
         self.on_event = on_event
         self._own_workdir = workdir is None
         self.events: list[str] = []
-        self._check_precise()
+        precise.check(self.settings, self.emit)
         self.workdir, stale = claim(workdir)
         self.sim_admin_token = secrets.token_urlsafe(24)
         env_name = self.settings.admin_token.env
@@ -143,70 +145,23 @@ class LocalRuntime(RouterProcesses):
         if self.on_event is not None:
             self.on_event(msg)
 
-    # -- precise mode (router.kv_events) ------------------------------------------------
-    @staticmethod
-    def _settings_with_absolute_paths(settings: RouterSettings) -> RouterSettings:
-        """The settings with kv_events' tokenizer and chat template as absolute paths: the
-        processes run in the work directory (a declaration's relative paths are its directory's
-        already, `spec.load_file`; these are given as code, so they are the caller's)."""
-        ke = settings.kv_events
-        files = {k: str(Path(v).expanduser().resolve()) for k, v in (("tokenizer", ke.tokenizer),
-                 ("chat_template", ke.chat_template)) if v is not None}  # fmt: skip
-        if not files:
-            return settings
-        return settings.model_copy(update={"kv_events": ke.model_copy(update=files)})
-
+    # -- precise mode (router.kv_events): gpufleet.infra.local.precise -------------------
     @property
     def precise(self) -> bool:
-        """Precise mode: kv_events on with a tokenizer, so every simulated replica publishes KV
-        events (vLLM's protocol) and the router's config lists each one's endpoints."""
-        ke = self.settings.kv_events
-        return ke.enabled and ke.tokenizer is not None
-
-    def _check_precise(self) -> None:
-        """Say why precise mode is off when kv_events is on without a tokenizer (the router says it
-        too, in its log); refuse a tokenizer file that is not there (the replicas would not start)."""
-        ke = self.settings.kv_events
-        if ke.enabled and ke.tokenizer is None:
-            from gpufleet.router.kvevents.runtime import NO_TOKENIZER
-
-            self.emit(f"router.kv_events: {NO_TOKENIZER}")
-            return
-        if self.precise:
-            for name, value in (("tokenizer", ke.tokenizer), ("chat_template", ke.chat_template)):
-                if value is not None and not Path(value).exists():
-                    raise LocalRuntimeError(f"router.kv_events.{name}: {value}: no such file")
+        """Precise mode: kv_events on with a tokenizer (`precise.is_on`)."""
+        return precise.is_on(self.settings)
 
     def routing_mode(self) -> str:
         """One line: precise (and where from) or approximate (and why)."""
-        ke = self.settings.kv_events
-        if self.precise:
-            return f"routing: precise, from each replica's KV events (tokenizer {ke.tokenizer})"
-        why = "no tokenizer configured" if ke.enabled else "router.kv_events off"
-        return f"routing: approximate ({why})"
+        return precise.routing_mode(self.settings)
 
     def kv_block_size(self) -> int:
         """The block size the replicas use: the engines' (kv_events.block_size) in precise mode."""
-        s = self.settings
-        return (s.kv_events.block_size or s.block_size_tokens) if self.precise else s.block_size_tokens
+        return precise.block_size(self.settings)
 
     def event_endpoints(self) -> dict[str, router_config.EventEndpoints]:
-        """Each replica's KV-event endpoints in precise mode: a simulated replica's (one stream, ports
-        learned when it started), an engine's whose command names `{kv_events_port}` (its
-        deployment's data-parallel ranks). Other engines are left to the declared ports at their
-        URL's host (`router_config.render`)."""
-        if not self.precise:
-            return {}
-        host = processes.url_host(self.host)
-        out = {}
-        for rep in self.replicas:
-            if rep.kv_events_port:
-                ranks = (
-                    1 if rep.kind == "sim" else router_config.data_parallel_size(self.plan.deployment(rep.deployment))
-                )
-                replay = f"tcp://{host}:{rep.kv_replay_port}" if rep.kv_replay_port else None
-                out[rep.id] = router_config.EventEndpoints(f"tcp://{host}:{rep.kv_events_port}", replay, ranks)
-        return out
+        """Each replica's KV-event endpoints in precise mode (`precise.event_endpoints`)."""
+        return precise.event_endpoints(self.settings, self.plan, self.replicas, self.host)
 
     # -- replica processes ---------------------------------------------------------------
     def _port(self) -> int:
@@ -216,9 +171,16 @@ class LocalRuntime(RouterProcesses):
             return p
         return 0
 
+    def _port_run(self, n: int) -> int:
+        """The first of `n` consecutive ports: the next base ports, else a run free now."""
+        if self._base_port:
+            first, self._next_port = self._next_port, self._next_port + n
+            return first
+        return processes.free_ports(self.host, n)
+
     def _sim_argv(self, rep: LocalReplica, dep: DeploymentPlan, perf: PoolPerf, port: int) -> list[str]:
         """`gpufleet replica-sim` shaped by the pool's machine, speaking the router's blocks and tokens."""
-        flags = {
+        flags: dict[str, object] = {
             "--model": dep.model,
             "--replica-id": rep.id,
             "--host": self.host,
@@ -233,16 +195,7 @@ class LocalRuntime(RouterProcesses):
             "--chars-per-token": self.settings.chars_per_token,
             "--port-file": self.workdir / f"{rep.id}.port",
         }
-        ke = self.settings.kv_events
-        if self.precise and ke.tokenizer is not None:  # vLLM's KV events, on ports of its own
-            flags["--tokenizer"] = ke.tokenizer
-            if ke.chat_template is not None:
-                flags["--chat-template"] = ke.chat_template
-            flags["--kv-events-port"] = rep.kv_events_port or self._port()
-            if ke.replay_port is not None:
-                flags["--kv-events-replay-port"] = rep.kv_replay_port or self._port()
-            flags["--kv-events-topic"] = ke.topic
-            flags["--kv-events-port-file"] = self.workdir / f"{rep.id}.kv-port"
+        flags.update(precise.sim_flags(self.settings, rep, self.workdir, self._port))  # KV events, own ports
         tiers = perf.kv_tiers
         if tiers is not None:  # the deployment's kv_offload, as the plan sized it for this pool
             flags["--cpu-kv-capacity-tokens"] = tiers.cpu_kv_tokens
@@ -265,7 +218,7 @@ class LocalRuntime(RouterProcesses):
         if rep.log_path.exists():
             rep.log_path.replace(rep.log_path.with_suffix(".prev.log"))
         (self.workdir / f"{rep.id}.port").unlink(missing_ok=True)
-        (self.workdir / f"{rep.id}.kv-port").unlink(missing_ok=True)
+        precise.kv_port_file(self.workdir, rep).unlink(missing_ok=True)
         rep.started_at = time.monotonic()
         if rep.kind == "sim":
             argv = self._sim_argv(rep, dep, perf, rep.port or self._port())
@@ -282,7 +235,7 @@ class LocalRuntime(RouterProcesses):
             "max_concurrent_requests": dep.max_concurrent_requests,
             "gpu_memory_utilization": dep.gpu_memory_utilization,
         }
-        self._engine_event_ports(rep, dep, " ".join(pool.engine_command), values)
+        values.update(precise.engine_ports(rep, dep, pool.engine_command, self._port_run))
         try:
             argv = processes.fill_engine_command(pool.engine_command, values)
         except ValueError as exc:
@@ -294,41 +247,16 @@ class LocalRuntime(RouterProcesses):
         rep.port = port
         rep.url = f"http://{processes.url_host(self.host)}:{port}"
 
-    def _engine_event_ports(
-        self, rep: LocalReplica, dep: DeploymentPlan, command: str, values: dict[str, object]
-    ) -> None:
-        """The KV-event ports of an engine whose command names `{kv_events_port}` (and
-        `{kv_events_replay_port}`): one run of ports for its data-parallel ranks (vLLM binds the
-        port + rank), the replay ranks after them; kept across restarts, as its HTTP port is."""
-        pub, replay = "{kv_events_port}" in command, "{kv_events_replay_port}" in command
-        if not (pub or replay):
-            return
-        ranks = router_config.data_parallel_size(dep)
-        if not (rep.kv_events_port or rep.kv_replay_port):
-            n = ranks * (int(pub) + int(replay))
-            if self._base_port:
-                first, self._next_port = self._next_port, self._next_port + n
-            else:
-                first = processes.free_ports(self.host, n)
-            rep.kv_events_port = first if pub else 0
-            rep.kv_replay_port = (first + ranks if pub else first) if replay else 0
-        values["kv_events_port"], values["kv_events_replay_port"] = rep.kv_events_port, rep.kv_replay_port
-
     def replica_ready(self, rep: LocalReplica) -> bool:
         """Check once whether `rep` is ready (port file written, or the engine's /health 200); if so, mark it."""
         if rep.kind == "sim":
             port_file = self.workdir / f"{rep.id}.port"
-            kv_file = self.workdir / f"{rep.id}.kv-port"  # precise mode: written before the port file
             if not (port_file.exists() and (txt := port_file.read_text().strip())):
                 return False
-            if self.precise and not kv_file.exists():
+            if not precise.read_sim_ports(self.settings, rep, self.workdir):  # written before the port file
                 return False
             rep.port = int(txt)
             rep.url = f"http://{processes.url_host(self.host)}:{rep.port}"
-            if self.precise:
-                pub, replay = kv_file.read_text().split()
-                rep.kv_events_port = int(pub)
-                rep.kv_replay_port = 0 if replay == "-" else int(replay)
         else:
             try:
                 if httpx.get(rep.url + "/health", timeout=1.0, trust_env=False).status_code != 200:
