@@ -5,7 +5,9 @@ model in proportion to its preferred pool's prefill capacity); a fresh fleet per
 its first `requests` (so no policy inherits the other's warm caches); then the preferred pools of
 the cache_aware fleet are killed and the same workload goes on, right after and once the
 promoted standbys are routable. What the user sees (progress, tables, events) goes through a
-`DemoUI`, so the CLI keeps only argument parsing, printing and exit codes.
+`DemoUI`, so the CLI keeps only argument parsing, printing and exit codes. Precise mode (the
+tokenizer the demo routes on, the router's KV state after each run) is
+`gpufleet.infra.local.demo_precise`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any, Protocol
 import httpx
 from rich.table import Table
 
+from gpufleet.infra.local import demo_precise
+from gpufleet.infra.local.demo_precise import kv_state_line
 from gpufleet.infra.local.processes import pid_alive
 from gpufleet.infra.local.runtime import LocalRuntime
 from gpufleet.infra.plan import Plan
@@ -154,28 +158,6 @@ def _spills(rt: LocalRuntime) -> dict[str, int]:
     return out
 
 
-def kv_state_line(rt: LocalRuntime) -> str:
-    """The router's KV state of the live replicas in one line (its /admin/replicas `kv_state` rows)."""
-    try:
-        rows = rt.router_rows()
-    except httpx.HTTPError as exc:
-        return f"router KV state: unknown ({exc})"
-    live = {r.id for r in rt.replicas if r.state in ("active", "warm")}
-    kv = [row.get("kv_state") or {} for row in rows if str(row["id"]) in live]
-    if not any("endpoint" in k for k in kv):  # no replica has a stream: precise mode is off
-        return f"router KV state: approximate on {len(kv)} (precise mode off)"
-    exact = [k for k in kv if k.get("state") == "events"]
-    approx = [k for k in kv if k.get("state") != "events"]
-    parts = [f"events on {len(exact)}"] if exact else []
-    if approx:
-        quiet = sum(1 for k in approx if not k.get("batches"))  # no stream, or nothing sent to it yet
-        why = [f"{quiet} without traffic yet"] if quiet else []
-        why += [f"{len(approx) - quiet} fell back (silent after a request)"] if len(approx) > quiet else []
-        parts.append(f"approximate on {len(approx)} ({', '.join(why)})")
-    held = f"; {sum(int(k.get('blocks', 0)) for k in exact)} blocks indexed from their events" if exact else ""
-    return f"router KV state: {', '.join(parts) or 'no replicas'}{held}"
-
-
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f} ms"
 
@@ -254,29 +236,18 @@ class _Demo:
 
     def precise_mode(self) -> None:
         """Turn precise mode on (`opts.precise`): the declared tokenizer, else one trained on this
-        demo's traffic (the simulated models have none of their own); say which."""
-        ke = self.settings.kv_events
-        if not self.opts.precise:
-            self.ui.show("routing: approximate (--no-precise): the router estimates what each replica holds")
+        demo's traffic (`demo_precise`); say which."""
+        line = demo_precise.declared_mode(self.settings, self.opts.precise)
+        if line is not None:
+            self.ui.show(line)
             return
-        if ke.enabled and ke.tokenizer is not None:
-            self.ui.show(f"routing: precise, from every replica's KV events; tokenizer {ke.tokenizer} (declared)")
-            return
-        from gpufleet.infra.local import demo_tokenizer
-
         with self.timed("tokenizer"):
             self.tokenizer_dir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-tokenizer-"))
             texts = (render_prompt(r.body) for r in self.everything)
-            tok = demo_tokenizer.build(self.tokenizer_dir, texts, self.settings.chars_per_token)
-        ke = ke.model_copy(update={"enabled": True, "tokenizer": str(tok.path), "chat_template": None})
-        self.settings = self.settings.model_copy(update={"kv_events": ke})
+            self.settings, lines = demo_precise.with_trained_tokenizer(self.settings, texts, self.tokenizer_dir)
         self.plan = self.plan.model_copy(update={"router": self.settings})
-        self.ui.show("routing: precise, from every replica's KV events")
-        self.ui.show(
-            f"  tokenizer: the simulated models have none, so the demo trained one on its traffic (byte-level "
-            f"BPE, {tok.vocab_size} tokens, {tok.chars_per_token:.1f} chars/token; the plan assumes "
-            f"{self.settings.chars_per_token:g})"
-        )
+        for line in lines:
+            self.ui.show(line)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
