@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +40,7 @@ def peer_poller(router: Router, session: aiohttp.ClientSession) -> PeerPoller | 
         log.warning("peer routers are configured but no admin token is: their state is not read")
         return None
     found: list[str] = []
-    refresh: Callable[[], Awaitable[None]] | None = None
+    refresh: Callable[[], Coroutine[Any, Any, None]] | None = None
     k8s = cfg.kubernetes
     if k8s is not None:
         from gpufleet.router import discovery

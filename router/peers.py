@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.router.engine_load import run_rounds
@@ -120,10 +120,10 @@ class PeerPoller:
         timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
-        refresh: Callable[[], Awaitable[None]] | None = None,
+        refresh: Callable[[], Coroutine[Any, Any, None]] | None = None,
         refresh_s: float = 10.0,
     ) -> None:
-        """`peers()` is read every round (base URLs); `refresh()`, when given, is awaited every
+        """`peers()` is read every round (base URLs); `refresh()`, when given, runs in a task of its own every
         `refresh_s` (discovery updates what `peers()` returns); `on_result(result)` sees each
         read's result (RESULTS)."""
         self.router_id = router_id
@@ -210,9 +210,11 @@ class PeerPoller:
 
         async def round_(running: dict[str, asyncio.Task[Any]]) -> None:
             nonlocal next_refresh
-            if self.refresh is not None and time.monotonic() >= next_refresh:
+            listing = running.get("")
+            if self.refresh is not None and time.monotonic() >= next_refresh and (listing is None or listing.done()):
+                # In its own task: a slow API server delays the next list, never the peers' reads.
                 next_refresh = time.monotonic() + self.refresh_s
-                await self.refresh()
+                running[""] = asyncio.create_task(self.refresh())
             urls = {u for u in self.peers() if u not in self.own_urls}
             for gone in [u for u in self._peer_of if u not in urls]:
                 self._forget(gone)
@@ -221,7 +223,7 @@ class PeerPoller:
                 task = running.get(u)
                 if task is None or task.done():
                     running[u] = asyncio.create_task(self.read(u))
-            for u in [u for u, t in running.items() if u not in urls and t.done()]:
+            for u in [u for u, t in running.items() if u and u not in urls and t.done()]:
                 del running[u]
 
         await run_rounds(round_, self.interval_s, "peer-state")
