@@ -26,12 +26,14 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,15 +346,37 @@ def run_live(
     """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas."""
     workload.work_requests()  # live runs need request bodies: fail before starting anything
     runs: list[LiveResult] = []
-    tok_dir = tempfile.TemporaryDirectory(prefix="gpufleet-live-tokenizer-") if "gpufleet-events" in routers else None
-    tokenizer = train_tokenizer(workload, Path(tok_dir.name)) if tok_dir is not None else None
-    try:
-        for router in routers:
-            runs.append(_run_one(router, workload, fleet, speedup, peers_venv, progress, tokenizer))
-    finally:
-        if tok_dir is not None:
-            tok_dir.cleanup()
+    with _terminate_as_exit():
+        tok_dir = (
+            tempfile.TemporaryDirectory(prefix="gpufleet-live-tokenizer-") if "gpufleet-events" in routers else None
+        )
+        tokenizer = train_tokenizer(workload, Path(tok_dir.name)) if tok_dir is not None else None
+        try:
+            for router in routers:
+                runs.append(_run_one(router, workload, fleet, speedup, peers_venv, progress, tokenizer))
+        finally:
+            if tok_dir is not None:
+                tok_dir.cleanup()
     return runs
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While live runs go on, SIGTERM (`kill`, a CI timeout) exits through the `finally` blocks, so
+    the replicas and routers a run started are stopped, not left behind. Python's default is to
+    die at once. Only the main thread can set a handler; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_one(

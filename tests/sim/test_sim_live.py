@@ -83,3 +83,63 @@ def test_bench_live_cli_rejects_unknown_routers() -> None:
         ],
     )
     assert res.exit_code == 1 and "unknown router envoy" in res.output and "Traceback" not in res.output
+
+
+SIGTERM_SCRIPT = """
+import sys
+from pathlib import Path
+from gpufleet.router.sim import fleet, live, metrics
+from gpufleet.router.workloads import generators
+
+out = Path(sys.argv[1])
+start = live._Procs.start
+
+def recorded(self, cmd, log, env=None):
+    p = start(self, cmd, log, env)
+    with out.open("a") as fh:
+        fh.write(f"{p.pid}\\n")
+    return p
+
+live._Procs.start = recorded
+f = fleet.fleet_from_file(sys.argv[2], "qwen-32b").with_replicas(2)
+wl = generators.shared_prompts(400, seed=2, n_apps=3, settings=f.settings, keep_bodies=True)
+wl = wl.scaled(metrics.offered_load(wl, f) / 0.5)
+live.run_live(wl, f, ("gpufleet",), speedup=1.0, progress=lambda r, n: n and Path(sys.argv[3]).touch())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_a_terminated_live_run_stops_the_replicas_and_router_it_started(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids, sending = tmp_path / "pids", tmp_path / "sending"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(pids), str(FLEET), str(sending)])
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not sending.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert sending.exists(), "the run never started sending requests"
+        children = [int(x) for x in pids.read_text().split()]
+        assert len(children) == 3 and all(_alive(p) for p in children)  # 2 replicas and the router
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert [p for p in children if _alive(p)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children:  # what a failed run left behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
