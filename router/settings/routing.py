@@ -78,6 +78,16 @@ class SessionSettings(Strict):
         description="a session leaves its replica when that replica's estimated TTFT is worse than the best "
         "replica's by more than this many seconds (or it is unavailable); then it stays on the new one",
     )
+    # 0.1 from the simulator (docs/routing.md, *Session penalty*): at overload (load 2.0) first
+    # tokens take seconds and the estimates' error grows with them; a fixed 0.1 s then moved
+    # sessions off their cache on noise (multiturn, 4 routers: 277 moves in 822 turns, hit 0.70;
+    # with 0.1: 0.78), while at load 0.8 (costs ~0.1-0.3 s) nothing changes.
+    max_penalty_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        description="a session also stays while its replica's estimated TTFT is within this fraction of the best "
+        "replica's (the bound is the larger of the two): estimates of seconds-long queues are not exact to 0.1 s",
+    )
     token_header: str = Field(
         default="x-gpufleet-session",
         min_length=1,

@@ -128,6 +128,8 @@ def picker(**kw: float) -> SessionAffinity:
         ([0.31, 0.2, 0.25], "r0", 1, "session_moved"),  # 0.11 worse: moves to the best
         ([0.3, 0.2], "r5", 1, "session_moved"),  # its replica is not a candidate (filtered out)
         ([0.3, 0.2], None, 1, None),  # a new session: the best
+        ([8.7, 8.0, 9.0], "r0", 0, "session"),  # 0.7 s worse on an 8 s best: within 10 % of it
+        ([8.9, 8.0, 9.0], "r0", 1, "session_moved"),  # 0.9 s worse: beyond 10 % (0.8 s), moves
     ],
 )
 def test_session_affinity_stays_within_the_penalty_else_moves(costs, bound, expected, reason) -> None:  # type: ignore[no-untyped-def]
@@ -136,6 +138,16 @@ def test_session_affinity_stays_within_the_penalty_else_moves(costs, bound, expe
     c = cands(rs, sid="s")
     c.features.session_replica = bound
     assert p.pick(c, costs) == expected and c.reason == reason
+
+
+def test_session_affinity_relative_bound_is_the_larger_one_and_can_be_turned_off() -> None:
+    rs = [rep(0), rep(1)]
+    c = cands(rs, sid="s")
+    c.features.session_replica = "r0"
+    assert picker(max_penalty_fraction=0.0).pick(c, [8.3, 8.0]) == 1  # the fixed 0.1 s alone: moves
+    assert picker(max_penalty_fraction=0.5).pick(c, [11.9, 8.0]) == 0  # within half the best cost
+    assert picker(max_penalty_fraction=0.5).pick(c, [0.69, 0.1]) == 1  # 0.59 > max(0.1, 0.05)
+    assert picker(max_penalty_s=1.0, max_penalty_fraction=0.01).pick(c, [8.9, 8.0]) == 0  # 0.9 < 1.0
 
 
 def test_session_affinity_remembers_rebinds_after_a_move_and_expires() -> None:

@@ -1,14 +1,19 @@
-"""`session_affinity`: a session keeps its replica unless that costs more than `max_penalty_s`.
+"""`session_affinity`: a session keeps its replica unless that costs more than a penalty bound.
 
     best  = min_cost's choice (lowest cost, rendezvous ties)
     bound = the session's replica: `RequestFeatures.session_replica` (a verified session token or
             the shared Redis binding, resolved by the server), else this picker's own memory
-    pick  = bound  if bound is a candidate and cost[bound] - cost[best] <= max_penalty_s
+    limit = max(max_penalty_s, max_penalty_fraction x cost[best])
+    pick  = bound  if bound is a candidate and cost[bound] - cost[best] <= limit
             best   otherwise (the session moves there, and stays: `on_routed` rebinds it)
 
 Costs are those of the profile, seconds of estimated time to first token in `cache_aware` (the
 `ttft` scorer), so `max_penalty_s` (default `session.max_penalty_s`) is how much later a first
-token a session accepts to stay where its history is cached. A bound replica that is not a
+token a session accepts to stay where its history is cached. When first tokens take seconds (an
+overloaded fleet) the estimates are not exact to a tenth of a second, least of all with several
+routers, each guessing what the others sent since their last report: there the bound grows with
+the best cost (`max_penalty_fraction`, default `session.max_penalty_fraction`), so that a session
+does not leave its cache on a difference inside the estimate's error. A bound replica that is not a
 candidate (unhealthy, saturated, or below the best pool with an available replica: the filters
 removed it) is unavailable, and the session moves. Requests without a session id get `best`.
 
@@ -41,10 +46,19 @@ class SessionAffinity(Picker):
         max_penalty_s: float | None = Field(
             default=None, ge=0, description="extra cost a session accepts to stay (default: session.max_penalty_s)"
         )
+        max_penalty_fraction: float | None = Field(
+            default=None,
+            ge=0,
+            description="extra cost a session accepts to stay, as a fraction of the best cost "
+            "(default: session.max_penalty_fraction); the larger bound applies",
+        )
 
     def __init__(self, params: Params, ctx: PluginContext) -> None:
         s = ctx.settings.session
         self.max_penalty = s.max_penalty_s if params.max_penalty_s is None else params.max_penalty_s
+        self.max_penalty_fraction = (
+            s.max_penalty_fraction if params.max_penalty_fraction is None else params.max_penalty_fraction
+        )
         self.ttl_s = s.ttl_s
         self.max_sessions = s.max_sessions
         self.clock: Callable[[], float] = ctx.clock
@@ -76,7 +90,8 @@ class SessionAffinity(Picker):
             return best
         for i, r in enumerate(candidates.replicas):
             if r.id == bound:
-                if costs[i] - costs[best] <= self.max_penalty:
+                limit = max(self.max_penalty, self.max_penalty_fraction * costs[best])
+                if costs[i] - costs[best] <= limit:
                     candidates.reason = "session"
                     return i
                 break
