@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
+from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.router.config import CacheAwareSettings
 from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim import fleet as fleet_mod
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[str]] = {"sglang_cache_aware": []}
     for lw, c in variants:
         rows[f"load_weight={lw:g}, in_flight_cost_tokens={c}"] = []
-    with Progress(console=console, transient=True) as bar:
+    with progress_display(on=console) as bar:
         task = bar.add_task("simulating", total=len(CASES) * (len(variants) + 1))
         for w, load in CASES:
             wl = generators.make_workload(w, args.requests, settings=base.settings)

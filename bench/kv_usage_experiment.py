@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
+from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.router.config import ProfileSettings, RouterSettings, ScorerRef
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.base import Candidates, PluginContext
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     fl = fleet_mod.SimFleet(base.name, base.replicas, with_variants(settings, names, args.pressure_weight))
     wins = windows(trace.load_trace(path), args.window, args.windows)
     ratios: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
-    with Progress(console=console, transient=True) as bar:
+    with progress_display(on=console) as bar:
         task = bar.add_task("simulating", total=len(wins) * (len(names) + 1))
         for recs in wins:
             wl = trace.trace_workload(recs, name=path.stem, settings=settings)

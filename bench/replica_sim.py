@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.router.workloads import driver, mixed, stats
 
 
@@ -81,14 +81,7 @@ def main() -> None:
                 "driver CPU s",
             ):
                 table.add_column(col, justify="right")
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
+            with progress_display(on=console) as progress:
                 for conc in args.concurrency:
                     reqs = mixed.generate(
                         mixed.WorkloadSpec(models=("m",), n_requests=args.requests, seed=conc, max_tokens=4)

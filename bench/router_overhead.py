@@ -366,8 +366,9 @@ def main() -> None:
         return
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    from gpufleet.infra.cli._common import progress as progress_display
 
     console = Console(width=max(120, shutil.get_terminal_size().columns))
     procs: list[subprocess.Popen] = []
@@ -454,14 +455,7 @@ def main() -> None:
         rps: dict[str, list[float]] = {n: [] for n in names}
         per_cpu: dict[str, list[float]] = {n: [] for n in names}
         errs: dict[str, int] = {n: 0 for n in names}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with progress_display(on=console) as progress:
             rounds = progress.add_task("rounds", total=args.rounds * len(starters))
             for r in range(args.rounds):
                 for name, start in starters:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import report, trace
 from gpufleet.router.workloads import generators
@@ -81,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[report.BenchRun] = []
     total = sum(len(wl) for wl, _ in jobs) * len(loads) * len(names)
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_display(on=console) as bar:
         overall = bar.add_task("all runs (requests simulated)", total=total)
         done_before = 0
         for wl, fl in jobs:

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import live, metrics
 from gpufleet.router.workloads import generators
@@ -47,14 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = Path(args.peers_venv) if args.peers_venv else None
     rows = []
     cases = [(w, float(x)) for w in args.workloads.split(",") if w for x in args.loads.split(",") if x]
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_display(on=console) as bar:
         overall = bar.add_task("runs", total=len(cases) * len(routers))
         for w, load in cases:
             wl = generators.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)

@@ -171,8 +171,8 @@ def stdout_is_tty() -> bool:
 class PlainProgress:
     """Progress as plain lines, for output that is not a terminal (CI logs, pipes, files).
 
-    The subset of `rich.progress.Progress` the CLI uses (`add_task`, `update`, `advance`, a
-    context manager). A task prints a line when it starts, when its description changes, at
+    The subset of `rich.progress.Progress` the CLI and the benchmarks use (`add_task`, `update`,
+    `advance`, `remove_task`, a context manager). A task prints a line when it starts, when its description changes, at
     every tenth of its total and at least every `every_s` seconds while it moves, and when the
     block ends.
     """
@@ -203,6 +203,13 @@ class PlainProgress:
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
+
+    def remove_task(self, task_id: int) -> None:
+        """The task is over: its last line (once), as `rich` drops its bar."""
+        with self._lock:
+            t = self._tasks[task_id]
+            if not t["finished"]:
+                self._line(t, final=True)
 
     def update(
         self,

@@ -163,6 +163,18 @@ def test_plain_progress_prints_start_tenths_and_done():
     assert len(lines) == 11  # the start and one line per tenth, no more
 
 
+def test_plain_progress_ends_a_removed_task_with_one_done_line():
+    now = [0.0]
+    buffer = Console(width=200, file=io.StringIO())
+    with PlainProgress(buffer, every_s=1e9, clock=lambda: now[0]) as bar:
+        task = bar.add_task("run 1", total=None)
+        now[0] = 2.0
+        bar.remove_task(task)
+        bar.remove_task(task)  # removing twice prints nothing more
+        now[0] = 3.0
+    assert buffer.file.getvalue().splitlines() == ["run 1", "run 1 done (2.0 s)"]
+
+
 def test_progress_is_plain_lines_when_not_a_terminal():
     res = runner.invoke(
         app,
