@@ -43,9 +43,9 @@ bench: $(STAMP)
 preview: $(STAMP)
 	$(VENV)/bin/gpufleet preview stacks/multicloud
 
-# mypy --strict on the router and the pure core of infra (the modules listed in TYPED).
-TYPED := -p gpufleet.router -p gpufleet.infra.spec -m gpufleet.infra.catalog -p gpufleet.infra.plan -m gpufleet.infra.names \
-	-m gpufleet.infra.router_config -p gpufleet.infra.manifests -m gpufleet.infra.controller.autoscale -m gpufleet.infra.controller.router_load -m gpufleet.infra.version
+# mypy --strict on every package but the skills (data): the router, infra (core and edges: CLI,
+# local runtime, Pulumi, controller) and the provider adapters.
+TYPED := -p gpufleet.router -p gpufleet.infra -p gpufleet.provider_adapters
 typecheck: $(STAMP)
 	@mkdir -p build/mypy/gpufleet
 	@for d in infra router provider_adapters; do ln -sfn ../../../$$d build/mypy/gpufleet/$$d; done

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
-from rich.console import Group
+from rich.console import Group, JustifyMethod, OverflowMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -157,14 +157,18 @@ def diff(old: Mapping[str, Any], new: Plan) -> PlanDiff:
             continue
         changes = _changed(o, d, _DEPLOYMENT_FIELDS)
         if o.get("placement") != d.get("placement"):
-            fmt = lambda pl: ", ".join(f"{x['pool']}:{x['replicas']}" for x in pl or [])  # noqa: E731
-            changes.append(f"placement {fmt(o.get('placement'))} -> {fmt(d.get('placement'))}")
+            changes.append(f"placement {_placement_text(o.get('placement'))} -> {_placement_text(d.get('placement'))}")
         if changes:
             deps.append((d["name"], "; ".join(changes)))
     for name in old_deps:
         if name not in {d["name"] for d in new_json["deployments"]}:
             deps.append((name, "removed"))
     return PlanDiff(old_total, monthly_committed(new), pools, deps)
+
+
+def _placement_text(placement: Iterable[Mapping[str, Any]] | None) -> str:
+    """A JSON plan's placement list as `pool:replicas, ...`."""
+    return ", ".join(f"{x['pool']}:{x['replicas']}" for x in placement or [])
 
 
 def _usd(x: float) -> str:
@@ -191,7 +195,7 @@ _TIER_COLUMNS = (
 
 def kv_tier_rows(plan: Plan) -> list[tuple[str, ...]]:
     """Per deployment and pool: each tier's tokens per replica, the rate a hit moves at, its cost."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for d in plan.deployments:
         for pp in d.pools:
             t = pp.kv_tiers
@@ -215,15 +219,22 @@ def kv_tier_rows(plan: Plan) -> list[tuple[str, ...]]:
     return rows
 
 
+class _ColumnStyle(TypedDict, total=False):
+    """The keyword arguments of rich's `Table.add_column` that `tables` shares between columns."""
+
+    no_wrap: bool
+    overflow: OverflowMethod
+
+
 def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
     """The plan as rich tables: pools, deployments, cost, warnings."""
     # Two narrower tables per subject rather than one wide one, so that at 80 columns nothing that
     # must be read whole (a dollar amount, a model or pool name) is cut: those cells never wrap;
     # the other cells and the headers wrap.
-    whole = {"no_wrap": True, "overflow": "fold"}
-    part = {"overflow": "fold"}
+    whole: _ColumnStyle = {"no_wrap": True, "overflow": "fold"}
+    part: _ColumnStyle = {"overflow": "fold"}
     pools = Table(title=f"Fleet {plan.fleet}: nodepools", title_justify="left")
-    for col, just, keep in [
+    columns: list[tuple[str, JustifyMethod, bool]] = [
         ("pool", "left", True),
         ("cloud", "left", False),
         ("region", "left", False),
@@ -231,12 +242,13 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
         ("GPUs/node", "right", False),
         ("prio", "right", False),
         ("nodes min / base / warm / max", "right", False),
-    ]:
-        pools.add_column(col, justify=just, **(whole if keep else part))  # type: ignore[arg-type]
+    ]
+    for col, just, keep in columns:
+        pools.add_column(col, justify=just, **(whole if keep else part))
     money = Table(title="nodepool cost", title_justify="left")
-    money.add_column("pool", **whole)  # type: ignore[arg-type]
+    money.add_column("pool", **whole)
     for col in ("$/node-h", "baseline $/mo", "warm $/mo", "peak $/mo", *(("change $/mo",) if change else ())):
-        money.add_column(col, justify="right", **whole)  # type: ignore[arg-type]
+        money.add_column(col, justify="right", **whole)
     by_name = {d.name: d for d in change.pools} if change else {}
     for p in sorted(plan.pools, key=lambda p: -p.priority):
         pools.add_row(
@@ -273,25 +285,25 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
         ("replicas min / max", False),
         ("scaling", False),
     ):
-        deps.add_column(col, **(whole if keep else part))  # type: ignore[arg-type]
+        deps.add_column(col, **(whole if keep else part))
     routes = Table(title="deployments: placement and failover", title_justify="left")
     for col in ("deployment", "baseline placement", "failover order", "KV tokens per replica", "if top pool lost"):
-        routes.add_column(col, **(whole if col in ("deployment", "KV tokens per replica") else part))  # type: ignore[arg-type]
-    for d in plan.deployments:
+        routes.add_column(col, **(whole if col in ("deployment", "KV tokens per replica") else part))
+    for dep in plan.deployments:
         deps.add_row(
-            d.name,
-            d.model,
-            d.engine,
-            str(d.gpus_per_replica),
-            f"{d.min_replicas}/{d.max_replicas}",
-            d.scaling_summary(),
+            dep.name,
+            dep.model,
+            dep.engine,
+            str(dep.gpus_per_replica),
+            f"{dep.min_replicas}/{dep.max_replicas}",
+            dep.scaling_summary(),
         )
         routes.add_row(
-            d.name,
-            ", ".join(f"{x.pool}: {x.replicas}" for x in d.placement) or "-",
-            " > ".join(d.failover),
-            f"{d.kv_cache_tokens_per_replica:,}",
-            str(d.replicas_if_top_pool_lost),
+            dep.name,
+            ", ".join(f"{x.pool}: {x.replicas}" for x in dep.placement) or "-",
+            " > ".join(dep.failover),
+            f"{dep.kv_cache_tokens_per_replica:,}",
+            str(dep.replicas_if_top_pool_lost),
         )
 
     tier_rows = kv_tier_rows(plan)
@@ -305,8 +317,8 @@ def tables(plan: Plan, change: PlanDiff | None = None) -> Group:
 
     cost = Table(title="cost", title_justify="left")
     cost.add_column("")
-    cost.add_column("per hour", justify="right", **whole)  # type: ignore[arg-type]
-    cost.add_column(f"per month ({HOURS_PER_MONTH} h)", justify="right", **whole)  # type: ignore[arg-type]
+    cost.add_column("per hour", justify="right", **whole)
+    cost.add_column(f"per month ({HOURS_PER_MONTH} h)", justify="right", **whole)
     c = plan.cost
     cost.add_row("baseline (min nodes)", _usd(c.baseline_usd_per_hour), _usd(c.baseline_usd_per_month))
     cost.add_row("warm (held ready)", _usd(c.warm_usd_per_hour), _usd(c.warm_usd_per_month))
@@ -399,9 +411,9 @@ def markdown(plan: Plan, change: PlanDiff | None = None) -> str:
         "| Deployment | Model | Replicas min/max | Scaling | Placement | Failover | KV tokens/replica |",
         "|---|---|---:|---|---|---|---:|",
     ]
-    for d in plan.deployments:
+    for dep in plan.deployments:
         lines.append(
-            f"| {d.name} | {d.model} | {d.min_replicas}/{d.max_replicas} | {d.scaling_summary()} | {', '.join(f'{x.pool}: {x.replicas}' for x in d.placement)} | {' > '.join(d.failover)} | {d.kv_cache_tokens_per_replica:,} |"
+            f"| {dep.name} | {dep.model} | {dep.min_replicas}/{dep.max_replicas} | {dep.scaling_summary()} | {', '.join(f'{x.pool}: {x.replicas}' for x in dep.placement)} | {' > '.join(dep.failover)} | {dep.kv_cache_tokens_per_replica:,} |"
         )
     lines += _mermaid_cost(plan)
     tier_rows = kv_tier_rows(plan)

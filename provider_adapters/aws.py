@@ -12,7 +12,7 @@ import contextlib
 import datetime as _dt
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from gpufleet.provider_adapters import base, errors
 from gpufleet.provider_adapters.base import (
@@ -263,9 +263,8 @@ class AwsAdapter(ProviderAdapter):
                 f"pool {ref.name!r} has no EKS cluster name", cloud="aws", code="MissingCluster", region=ref.region
             )
         with self._errors(ref.region):
-            return self._client("eks", ref.region).describe_nodegroup(
-                clusterName=ref.cluster, nodegroupName=ref.target
-            )["nodegroup"]
+            out = self._client("eks", ref.region).describe_nodegroup(clusterName=ref.cluster, nodegroupName=ref.target)
+            return cast("dict[str, Any]", out["nodegroup"])  # boto3's responses are untyped
 
     def _asg_name(self, ref: PoolRef, nodegroup: dict[str, Any] | None) -> str | None:
         if ref.autoscaling_group:

@@ -78,7 +78,10 @@ def emulator_factory(endpoint: str) -> Callable[[Any], Any]:
         from google.auth.credentials import AnonymousCredentials
 
         transport = client_class.get_transport_class("rest")(
-            host=parts.netloc, credentials=AnonymousCredentials(), url_scheme=parts.scheme
+            # google-auth's credentials classes have no annotations
+            host=parts.netloc,
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            url_scheme=parts.scheme,
         )
         return client_class(transport=transport)
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gpufleet.provider_adapters import base, errors
+
+if TYPE_CHECKING:
+    from gpufleet.infra.plan import Plan
 
 __all__ = ["SPOT_PRICE_TOLERANCE", "LiveFinding", "adapters_for_plan", "check_plan"]
 
@@ -39,10 +42,10 @@ class LiveFinding:
         return f"{self.severity}: {self.pool}: {self.message}"
 
 
-def _as_dict(plan: Any) -> Mapping[str, Any]:
+def _as_dict(plan: Plan | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(plan, Mapping):
         return plan
-    return plan.to_json_dict()  # gpufleet.infra.plan.Plan
+    return plan.to_json_dict()
 
 
 class _Cache:
@@ -173,7 +176,7 @@ def _check_spot(pool: Mapping[str, Any], cache: _Cache, catalog: Any, tolerance:
 
 
 def check_plan(
-    plan: Any,
+    plan: Plan | Mapping[str, Any],
     adapters: Mapping[str, base.ProviderAdapter],
     catalog: Any = None,
     *,
@@ -197,7 +200,7 @@ def check_plan(
     return findings
 
 
-def adapters_for_plan(plan: Any) -> dict[str, base.ProviderAdapter]:
+def adapters_for_plan(plan: Plan | Mapping[str, Any]) -> dict[str, base.ProviderAdapter]:
     """Adapters for the clouds the plan's pools use (`aws`, and `gcp` with the plan's project),
     with the environment's credentials. Raises `errors.AdapterError` (e.g. `SdkMissing`)."""
     from gpufleet.provider_adapters import discovery

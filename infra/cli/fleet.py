@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NotRequired, TypedDict
 
 import typer
 from rich.console import Console
@@ -22,6 +22,10 @@ from gpufleet.infra.cli._common import (
     progress,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from gpufleet.infra.plan import Plan
+    from gpufleet.provider_adapters.live import LiveFinding
 
 EXIT_OVER_BUDGET = 3
 
@@ -209,7 +213,7 @@ def _budget_markdown(budget: dict[str, Any]) -> str:
     return f"\n{mark} Budget gate: {verdict}: baseline + warm ${committed:,.2f}/month against a limit of ${limit:,.2f}/month.\n"
 
 
-def _plan_json(p: Any, change: Any, capacity: dict[str, Any] | None, findings: list[Any] | None) -> dict[str, Any]:
+def _plan_json(p: Any, change: Any, capacity: CapacityReport | None, findings: list[Any] | None) -> dict[str, Any]:
     data: dict[str, Any] = p.to_json_dict()
     if capacity is not None:
         data["capacity"] = capacity
@@ -236,8 +240,33 @@ def _plan_json(p: Any, change: Any, capacity: dict[str, Any] | None, findings: l
     return data
 
 
+class OffloadReport(TypedDict):
+    """What the KV offload tier saves (`CapacityReport.offload`)."""
+
+    replicas_with: int | None
+    replicas_without: int | None
+    monthly_saving_usd: float | None
+
+
+class CapacityReport(TypedDict):
+    """`plan --ttft-p99-s`'s capacity result, as the JSON plan's `capacity` object holds it."""
+
+    deployment: str
+    workload: str
+    requests: int
+    arrival_rps: float
+    ttft_p99_s: float
+    gpus_per_replica: int
+    usd_per_replica_month: float
+    replicas: dict[str, int | None]
+    """Replicas needed per policy (None: more than the simulation tries)."""
+    monthly_saving_usd: float | None
+    offload: NotRequired[OffloadReport]
+    """Only when the deployment has a KV offload tier."""
+
+
 def _capacity(
-    p,
+    p: Plan,
     workload: str | None,
     trace: Path | None,
     ttft_p99_s: float | None,
@@ -246,7 +275,7 @@ def _capacity(
     rps: float | None,
     rate: float,
     requests: int,
-) -> dict:
+) -> CapacityReport:
     """Replicas a deployment needs for the TTFT p99 target under round_robin and cache_aware (simulated)."""
     from gpufleet.infra.cli.bench import build_workload
     from gpufleet.router.sim import capacity as capacity_mod
@@ -269,7 +298,7 @@ def _capacity(
             bar.add_task(f"simulating {len(wl.requests)} requests of {wl.name} on {name} for each policy", total=None)
             result = capacity_mod.compare(wl, sim_fleet, ttft_p99_s)
     dep = p.deployment(name)
-    return {
+    report: CapacityReport = {
         "deployment": name,
         "workload": wl.name,
         "requests": len(wl.requests),
@@ -279,23 +308,17 @@ def _capacity(
         "usd_per_replica_month": round(result.usd_per_replica_month, 2),
         "replicas": dict(result.replicas),
         "monthly_saving_usd": None if result.monthly_saving_usd is None else round(result.monthly_saving_usd, 2),
-        **(
-            {
-                "offload": {
-                    "replicas_with": result.replicas.get("cache_aware"),
-                    "replicas_without": result.without_offload,
-                    "monthly_saving_usd": (
-                        None if result.offload_saving_usd is None else round(result.offload_saving_usd, 2)
-                    ),
-                }
-            }
-            if result.has_offload
-            else {}
-        ),
     }
+    if result.has_offload:
+        report["offload"] = {
+            "replicas_with": result.replicas.get("cache_aware"),
+            "replicas_without": result.without_offload,
+            "monthly_saving_usd": None if result.offload_saving_usd is None else round(result.offload_saving_usd, 2),
+        }
+    return report
 
 
-def _capacity_text(c: dict) -> tuple[str, str, list[tuple[str, str, str]]]:
+def _capacity_text(c: CapacityReport) -> tuple[str, str, list[tuple[str, str, str]]]:
     """The capacity result's heading, summary and rows (policy, replicas needed, $/month)."""
 
     def need(policy: str) -> str:
@@ -336,14 +359,14 @@ def _capacity_text(c: dict) -> tuple[str, str, list[tuple[str, str, str]]]:
     return head, summary, rows
 
 
-def _capacity_markdown(c: dict) -> str:
+def _capacity_markdown(c: CapacityReport) -> str:
     head, summary, rows = _capacity_text(c)
     lines = ["", f"**Capacity** ({head})", "", "| policy | replicas needed | $/month |", "|---|---:|---:|"]
     lines += [f"| {pol} | {need} | {cost} |" for pol, need, cost in rows]
     return "\n".join([*lines, "", summary, ""]) + "\n"
 
 
-def _print_capacity(c: dict, target: Console) -> None:
+def _print_capacity(c: CapacityReport, target: Console) -> None:
     from rich.table import Table
 
     head, summary, rows = _capacity_text(c)
@@ -356,7 +379,7 @@ def _print_capacity(c: dict, target: Console) -> None:
     target.print(summary, highlight=False)
 
 
-def _live_findings(p, catalogs: list[Path] | None):
+def _live_findings(p: Plan, catalogs: list[Path] | None) -> list[LiveFinding]:
     """Run the live checks of every pool whose cloud has an adapter (AWS, GCP)."""
     from gpufleet.infra import catalog as catalog_mod
     from gpufleet.provider_adapters import errors, live

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from gpufleet.infra.cli._common import (
     write_output,
 )
 from gpufleet.infra.cli.render_manifests import register_manifests
+
+if TYPE_CHECKING:
+    from gpufleet.infra.plan import ReplicaPlan
 
 render_app = group("Render the plan for a backend: router config, manifests.")
 
@@ -67,7 +70,7 @@ def router_config(
             )
         ports = {d.name: d.port for d in p.deployments}
 
-        def url(r) -> str:
+        def url(r: ReplicaPlan) -> str:
             try:
                 return url_template.format(
                     id=r.id,

@@ -104,10 +104,10 @@ class Observer:
                 by_cluster.setdefault(id(self.kube[name]), []).append(name)
         seen: dict[str, Any] = {}
         for names in by_cluster.values():
-            kube = self.kube[names[0]]
-            if hasattr(kube, "utilisations"):
+            cluster = self.kube[names[0]]
+            if hasattr(cluster, "utilisations"):
                 try:
-                    seen.update(kube.utilisations(names))
+                    seen.update(cluster.utilisations(names))
                 except errors.AdapterError as exc:
                     self.errors.extend((n, str(exc)) for n in names)
                     log.warning("pools %s: not observed this round: %s", ", ".join(names), exc)

@@ -121,8 +121,8 @@ class LocalAutoscaler:
                     if dep is None:
                         continue
                     t = totals.setdefault(dep, {"in_flight": 0.0, "queued_prefill_tokens": 0.0})
-                    t["in_flight"] += float(row["in_flight"])  # type: ignore[arg-type]
-                    t["queued_prefill_tokens"] += float(row["queued_prefill_tokens"])  # type: ignore[arg-type]
+                    t["in_flight"] += float(row["in_flight"])
+                    t["queued_prefill_tokens"] += float(row["queued_prefill_tokens"])
                 for dep, sig in wanted.items():
                     if sig != "ttft_p90_s":
                         out[dep] = autoscale.LoadSample(now, totals.get(dep, {}).get(sig, 0.0))

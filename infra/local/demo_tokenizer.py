@@ -16,6 +16,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["CHAT_TEMPLATE", "DemoTokenizer", "build"]
 
@@ -36,7 +40,7 @@ class DemoTokenizer:
     """Characters per token over the training sample."""
 
 
-def _train(sample: list[str], vocab_size: int) -> object:
+def _train(sample: list[str], vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -67,18 +71,18 @@ def build(
         raise ValueError("no text to train the demo's tokenizer on")
     # More merges, longer tokens: bisect the vocabulary size for the ratio closest to the target.
     lo, hi = 256 + len(_SPECIAL), 2048
-    best: tuple[float, int, object] | None = None
+    best: tuple[float, int, Tokenizer] | None = None
     for _ in range(rounds):
         size = (lo + hi) // 2
         tok = _train(sample, size)
-        ratio = total / sum(len(e.ids) for e in tok.encode_batch(sample))  # type: ignore[attr-defined]
+        ratio = total / sum(len(e.ids) for e in tok.encode_batch(sample))
         if best is None or abs(ratio - chars_per_token) < abs(best[0] - chars_per_token):
             best = (ratio, size, tok)
         lo, hi = (size, hi) if ratio < chars_per_token else (lo, size)
     assert best is not None
     ratio, size, tok = best
     directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))  # type: ignore[attr-defined]
+    tok.save(str(directory / "tokenizer.json"))
     config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|end|>", "model_max_length": 1 << 20}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return DemoTokenizer(directory, size, ratio)

@@ -242,7 +242,7 @@ def run_motion(
                 done = reqs[seen:]
                 seen += len(done)
                 try:
-                    in_flight = sum(int(row["in_flight"]) for row in rt.router_rows())  # type: ignore[call-overload]
+                    in_flight = sum(int(row["in_flight"]) for row in rt.router_rows())
                 except (httpx.HTTPError, KeyError, ValueError, json.JSONDecodeError):
                     in_flight = -1
                 ready = {p: 0 for p in (top, nxt)}

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import httpx
 import yaml
@@ -28,16 +28,38 @@ from gpufleet.infra import router_config
 from gpufleet.infra.local import processes
 from gpufleet.infra.local.processes import LocalRuntimeError
 from gpufleet.infra.plan import Plan, ReplicaPlan
+from gpufleet.infra.router_config import EventEndpoints
 from gpufleet.router.config import RouterConfig, RouterSettings
 
 if TYPE_CHECKING:
     from gpufleet.infra.local.layout import LocalReplica
 
-__all__ = ["ROUTER_RESTART_BACKOFF_S", "RouterProcesses"]
+__all__ = ["ROUTER_RESTART_BACKOFF_S", "KvStateRow", "RouterProcesses", "RouterRow"]
 
 _LISTEN_RE = re.compile(r"listening on (http://[^\s:]+:(\d+))")
 ROUTER_RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
 """Delays before restarting a router that died (the next one when it dies again within 30 s)."""
+
+
+class KvStateRow(TypedDict, total=False):
+    """The part of a router row's `kv_state` that the local fleet reads (the router sends more;
+    a replica without a KV-event stream has only `state`)."""
+
+    state: str
+    endpoint: str
+    batches: int
+    blocks: int
+
+
+class RouterRow(TypedDict):
+    """The part of a `/admin/replicas` row that the local fleet reads (the router sends more)."""
+
+    id: str
+    healthy: bool
+    in_flight: int
+    queued_prefill_tokens: int
+    max_concurrent_requests: int
+    kv_state: KvStateRow | None
 
 
 class RouterProcesses:
@@ -61,7 +83,7 @@ class RouterProcesses:
     stopped: bool
     draining: bool
     emit: Callable[[str], None]
-    event_endpoints: Callable[[], dict[str, router_config.EventEndpoints]]
+    event_endpoints: Callable[[], dict[str, EventEndpoints]]
     _router_bound_port: int | None
     _router_spawned: int
     _router_deaths: list[float]
@@ -178,6 +200,10 @@ class RouterProcesses:
         self._wait_listening(*spare)
         return True
 
+    def _stopping(self) -> bool:
+        """Whether the runtime is stopping or draining (set by other threads: read afresh each time)."""
+        return self.stopped or self.draining
+
     def _watch_router(self) -> None:
         """Restart the router when it dies (replicas keep running): at once, by waking a hot spare
         that has paid its imports already (a cold start takes seconds on a busy machine), then with
@@ -189,7 +215,7 @@ class RouterProcesses:
                 return
             code = proc.wait()
             now = time.monotonic()
-            if self.stopped or self.draining:
+            if self._stopping():
                 return
             self._router_deaths = [t for t in self._router_deaths if now - t < 30.0] + [now]
             n = len(self._router_deaths)
@@ -199,7 +225,7 @@ class RouterProcesses:
             self.emit(f"router exited with code {code}{loop}; restarting in {delay:g}s{tail}")
             time.sleep(delay)
             with self.lock:
-                if self.stopped or self.draining:
+                if self._stopping():
                     return
                 try:
                     how = "hot spare" if self._take_over() else "cold start"
@@ -207,16 +233,16 @@ class RouterProcesses:
                     self.emit(f"router restart failed: {exc}")
                     continue
                 finally:
-                    if self.router_spare is None and not (self.stopped or self.draining):
+                    if self.router_spare is None and not self._stopping():
                         self.router_spare = self._spawn_router(standby=True)
             self.emit(f"router restarted on {self.router_url} ({how}, {time.monotonic() - now:.1f}s after it exited)")
 
-    def router_rows(self) -> list[dict[str, object]]:
+    def router_rows(self) -> list[RouterRow]:
         """The router's view of every replica (its `/admin/replicas` rows: health, in-flight, ...)."""
         headers = {"Authorization": f"Bearer {self.router_admin_token}"} if self.router_admin_token else {}
         r = httpx.get(self.router_url + "/admin/replicas", headers=headers, timeout=2.0, trust_env=False)
         r.raise_for_status()
-        return list(r.json()["replicas"])
+        return list(cast("list[RouterRow]", r.json()["replicas"]))
 
     def router_view(self) -> dict[str, bool]:
         """Replica id -> healthy, as the router sees it."""

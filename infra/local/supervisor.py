@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -94,8 +94,8 @@ class Supervisor:
         """In-flight requests over concurrency limits of these replicas, as the router counts them."""
         with contextlib.suppress(httpx.HTTPError, KeyError, ValueError, TypeError):
             rows = [row for row in self.rt.router_rows() if row["id"] in ids]
-            cap = sum(int(cast(int, row["max_concurrent_requests"])) for row in rows)
-            return sum(int(cast(int, row["in_flight"])) for row in rows) / cap if cap else 0.0
+            cap = sum(int(row["max_concurrent_requests"]) for row in rows)
+            return sum(int(row["in_flight"]) for row in rows) / cap if cap else 0.0
         return 0.0
 
     def _died(self, rep: LocalReplica, code: int, now: float, how: str) -> None:

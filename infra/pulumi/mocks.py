@@ -67,10 +67,14 @@ def mocks_and_monitor() -> tuple[Any, Any, list[Registration]]:
     class PreviewMocks(pulumi.runtime.Mocks):
         """Echo inputs as state; answer the data sources the components read."""
 
-        def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
             return f"{args.name}-id", _computed_state(args.typ, args.name, args.inputs)
 
-        def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+            # (outputs, check failures): the mock monitor iterates the failures, so none is [].
+            return self._outputs(args), []
+
+        def _outputs(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
             a = args.args
             if args.token == "aws:eks/getCluster:getCluster":
                 return {
@@ -80,7 +84,7 @@ def mocks_and_monitor() -> tuple[Any, Any, list[Registration]]:
                     "vpcConfig": {"subnetIds": ["subnet-preview-1", "subnet-preview-2"]},
                 }
             if args.token == "aws:ec2/getSubnets:getSubnets":
-                zones = next(
+                zones: list[str] = next(
                     (f.get("values") for f in a.get("filters") or [] if f.get("name") == "availability-zone"), []
                 )
                 return {"ids": [f"subnet-preview-{z}" for z in zones]}
@@ -96,7 +100,8 @@ def mocks_and_monitor() -> tuple[Any, Any, list[Registration]]:
         """The mock monitor, also keeping each registration's parent and custom flag."""
 
         def RegisterResource(self, request: Any) -> Any:
-            response = super().RegisterResource(request)
+            # pulumi's MockMonitor has no annotations (its protobuf request and response types are untyped)
+            response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
             if request.type != "pulumi:pulumi:Stack":
                 inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
                 records.append(

@@ -224,7 +224,7 @@ def run_program(
     # Pulumi's runtime asks asyncio for the thread's current loop; give each run its own
     # (another library may have left none set, e.g. after asyncio.run) and restore after.
     policy = asyncio.get_event_loop_policy()
-    previous = policy._local._loop if hasattr(policy, "_local") else None  # type: ignore[attr-defined]
+    previous = policy._local._loop if hasattr(policy, "_local") else None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:

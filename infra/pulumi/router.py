@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 
@@ -27,7 +28,7 @@ class CacheAwareRouter(pulumi.ComponentResource):
     """The KV-cache-aware router in front of the fleet's replicas."""
 
     endpoint: pulumi.Output[str]
-    config: pulumi.Output[dict]
+    config: pulumi.Output[dict[str, Any]]
 
     def __init__(self, name: str, args: CacheAwareRouterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gpufleet:router:CacheAwareRouter", name, None, opts)
@@ -58,7 +59,7 @@ class CacheAwareRouter(pulumi.ComponentResource):
             child,
         )
         objs = manifests.router_objects(plan, args.options)
-        resources = {}
+        resources: dict[str, pulumi.CustomResource] = {}
         for obj in objs:
             kind = obj["kind"].lower()
             deps = [secret, *resources.values()] if obj["kind"] == "Deployment" else []

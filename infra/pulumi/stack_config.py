@@ -69,8 +69,13 @@ _ENGINE_KEYS = {
 def _engine_options(cfg: pulumi.Config, options: manifests.ManifestOptions) -> manifests.ManifestOptions:
     """The engines' HF token Secret and model cache, checked as `gpufleet render manifests` checks them."""
     values = {name: cfg.get(key) or None for name, key in _ENGINE_KEYS.items()}
-    values["model_cache_size"] = values["model_cache_size"] or options.model_cache_size
-    options = dataclasses.replace(options, **values)
+    options = dataclasses.replace(
+        options,
+        hf_token_secret=values["hf_token_secret"],
+        model_cache_storage_class=values["model_cache_storage_class"],
+        model_cache_size=values["model_cache_size"] or options.model_cache_size,
+        model_cache_host_path=values["model_cache_host_path"],
+    )
     problems = manifests.engine_option_problems(options, lambda name: f"{NAMESPACE}:{_ENGINE_KEYS[name]}")
     if problems:
         raise pulumi.RunError("; ".join(problems))
