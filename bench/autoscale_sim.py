@@ -29,10 +29,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra import spec
+from gpufleet.infra.cli._common import report_console
 from gpufleet.infra.controller import autoscale as a
 from gpufleet.infra.plan import Plan
 
@@ -265,7 +265,7 @@ def main() -> None:
         scale_down_delay_s=300,
     )
     results = [run(plan, dep.name, mode, args, auto) for mode in ("priority", "per-pool HPA")]
-    console = Console() if Console().is_terminal else Console(width=150)
+    console = report_console(150)
     t = Table(
         title=f"{dep.name} over {' -> '.join(dep.failover)}: {args.base_rps:g} -> {args.peak_rps:g} req/s in "
         f"{args.ramp_min:g} min, {args.hold_min:g} min at peak, back; top pool stock {args.stock} node(s); "

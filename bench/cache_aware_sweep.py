@@ -12,13 +12,12 @@ for reference.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra.cli._common import progress as progress_display
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.config import CacheAwareSettings
 from gpufleet.router.sim import engine, metrics
 from gpufleet.router.sim import fleet as fleet_mod
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-weights", default="1.0,0.5,0.25")
     ap.add_argument("--in-flight-costs", default="64,0")
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     base = fleet_mod.fleet_from_file(args.fleet, args.deployment)
     weights = [float(x) for x in args.load_weights.split(",")]
     costs = [int(x) for x in args.in_flight_costs.split(",")]

@@ -29,16 +29,15 @@ import gc
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.config import RouterSettings
 from gpufleet.router.kvevents import keys
 from gpufleet.router.kvevents.index import KvIndex
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=500, help="decisions timed per cell")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = report_console(150)
     rng = random.Random(1)
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as d:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import metrics, report, trace
 from gpufleet.router.workloads import generators
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     loads = [float(x) for x in args.loads.split(",") if x]
     ns = [int(x) for x in args.routers.split(",") if x]
     delay = args.event_delay_ms / 1000

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra import catalog as catalog_mod
+from gpufleet.infra.cli._common import report_console
 from gpufleet.infra.plan import assembly, tiers
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import report, trace
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write hit ratio / TTFT bars and the break-even curves here (PNG)")
     args = ap.parse_args(argv)
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     names = report.parse_policies(args.policies)
     loads = [float(x) for x in args.loads.split(",") if x]
     variants = {

@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra.cli._common import progress as progress_display
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.config import ProfileSettings, RouterSettings, ScorerRef
 from gpufleet.router.policies import registry
 from gpufleet.router.policies.base import Candidates, PluginContext
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None, help="write every window's ratios (hit, p50, p99) per variant here")
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     path = Path(args.trace)
     if not path.is_file():
         console.print(f"[yellow]no trace at {path}: nothing to do[/]")

@@ -11,10 +11,10 @@ import statistics
 import time
 
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra import catalog, plan, spec
+from gpufleet.infra.cli._common import report_console
 
 MACHINES = [
     ("aws", "p5.48xlarge", "us-east-1"),
@@ -89,7 +89,7 @@ def main() -> None:
         table.add_column(col, justify="right" if col != "stage" else "left")
     for name, xs in (("load + validate", load_t), ("compile", compile_t), ("total", total)):
         table.add_row(name, f"{min(xs):.3f}", f"{statistics.median(xs):.3f}")
-    console = Console()
+    console = report_console(170)
     console.print(table)
     goal = statistics.median(total) < 1.0
     console.print(f"goal (< 1 s median total): {'met' if goal else 'NOT met'}")

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra.cli._common import progress as progress_display
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.workloads import driver, mixed, stats
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     args = ap.parse_args()
-    console = Console()
+    console = report_console(170)
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(

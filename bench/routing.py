@@ -12,14 +12,13 @@ workload and load, which of the issue's goals gpufleet's cache_aware meets.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra.cli._common import progress as progress_display
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import report, trace
 from gpufleet.router.workloads import generators
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="write the result tables as Markdown here (for docs)")
     args = ap.parse_args(argv)
 
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     names = report.parse_policies(args.policies)
     loads = [float(x) for x in args.loads.split(",") if x]
     wanted = [w for w in args.workloads.split(",") if w]

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from gpufleet.infra.cli._common import progress as progress_display
+from gpufleet.infra.cli._common import report_console
 from gpufleet.router.sim import fleet as fleet_mod
 from gpufleet.router.sim import live, metrics
 from gpufleet.router.workloads import generators
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = report_console(170)
     fl = fleet_mod.fleet_from_file(args.fleet, args.deployment)
     routers = tuple(r for r in args.routers.split(",") if r)
     peers = Path(args.peers_venv) if args.peers_venv else None

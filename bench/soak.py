@@ -459,8 +459,9 @@ def _raise_fd_limit(want: int) -> None:
 
 
 def print_table(soak: Soak) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from gpufleet.infra.cli._common import report_console
 
     table = Table(title=f"soak: {soak.seconds:g}s at {soak.rate:g} req/s")
     for col in (
@@ -488,7 +489,7 @@ def print_table(soak: Soak) -> None:
             p.name, str(p.requests), str(p.ok), str(p.clean_errors), str(p.broken_streams), str(p.hangs),
             str(p.lost), str(p.ejected), f"{p.max_latency_s:.1f}", "; ".join(notes),
         )  # fmt: skip
-    console = Console()
+    console = report_console(170)
     console.print(table)
     console.print(
         f"tracebacks in the router log: {soak.report()['tracebacks']}; cross-tenant cache hits: {soak.cross_tenant_hits}"

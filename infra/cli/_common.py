@@ -30,8 +30,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+
 # Piped output (CI logs, files) gets a wide fixed width so that tables are not squeezed.
-console = Console(width=None if sys.stdout.isatty() else 160)
+def report_console(width: int = 160) -> Console:
+    """A console on stdout: the terminal's width on a terminal, else `width` columns (logs, pipes,
+    files: wide tables stay readable instead of wrapping at 80)."""
+    return Console(width=None if sys.stdout.isatty() else width)
+
+
+console = report_console()
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
