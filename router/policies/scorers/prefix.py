@@ -166,15 +166,11 @@ class PrefixScorer(Scorer):
         """Exact replicas from the one events index (one walk), the others from their own index."""
         exact = kv.exact
         live = [r.id for r in replicas if exact(r.id)]
+        held = kv.match(hashes, live, self._clock()) if live else []
+        if not any(held):  # no engine holds any of it: where the router sent it before (module docs)
+            return self._match_approx(hashes, replicas)
         if len(live) == len(replicas):
-            matched = kv.match(hashes, live, self._clock())
-            # No engine holds any of it: where the router sent it before (module docs).
-            return matched if any(matched) else self._match_approx(hashes, replicas)
-        if not live:
-            return self._match_approx(hashes, replicas)
-        held = kv.match(hashes, live, self._clock())
-        if not any(held):
-            return self._match_approx(hashes, replicas)
+            return held
         by_id = dict(zip(live, held))
         rest = iter(self._match_approx(hashes, [r for r in replicas if r.id not in by_id]))
         return [m if (m := by_id.get(r.id)) is not None else next(rest) for r in replicas]
@@ -196,7 +192,6 @@ class PrefixScorer(Scorer):
         if ok and output_tokens > 0:
             # Generated tokens occupy KV blocks too and push older prefixes out.
             self.index(replica).consume(output_tokens // self.block_size_tokens)
-        if ok and output_tokens > 0:
             deep = self.deep_index(replica)
             if deep is not None:
                 deep.consume(output_tokens // self.block_size_tokens)
