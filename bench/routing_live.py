@@ -21,7 +21,7 @@ from rich.table import Table
 from gpufleet.infra.cli._common import progress as progress_display
 from gpufleet.infra.cli._common import report_console
 from gpufleet.router.sim import fleet as fleet_mod
-from gpufleet.router.sim import live, metrics
+from gpufleet.router.sim import live
 from gpufleet.router.workloads import generators
 
 HERE = Path(__file__).resolve().parent
@@ -50,16 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         overall = bar.add_task("runs", total=len(cases) * len(routers))
         for w, load in cases:
             wl = generators.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)
-            wl = wl.scaled(metrics.offered_load(wl, fl) / load)
-            task = bar.add_task(f"{w} @ {load}", total=len(wl) * len(routers))
-            order = list(routers)
+            with live.workload_tokenizer(wl, routers) as tokenizer:
+                # The load in the replicas' own tokens (with the run's tokenizer, when there is one).
+                wl = wl.scaled(live.offered_load(wl, fl, tokenizer) / load)
+                task = bar.add_task(f"{w} @ {load}", total=len(wl) * len(routers))
+                order = list(routers)
 
-            def progress(r: str, n: int, _task=task, _n=len(wl), _order=order) -> None:  # noqa: B008 (binds the loop values)
-                bar.update(_task, completed=_order.index(r) * _n + n)
+                def progress(r: str, n: int, _task=task, _n=len(wl), _order=order) -> None:  # noqa: B008 (binds the loop values)
+                    bar.update(_task, completed=_order.index(r) * _n + n)
 
-            for res in live.run_live(wl, fl, routers, speedup=args.speedup, peers_venv=peers, progress=progress):
-                rows.append({"workload": w, "load": load, **res.to_dict()})
-                bar.advance(overall)
+                for res in live.run_live(
+                    wl, fl, routers, speedup=args.speedup, peers_venv=peers, progress=progress, tokenizer=tokenizer
+                ):
+                    rows.append({"workload": w, "load": load, **res.to_dict()})
+                    bar.advance(overall)
             bar.remove_task(task)
     t = Table(
         title=f"over loopback HTTP: {args.requests} requests per run, replicas x{args.speedup:g} (wall seconds)",

@@ -278,7 +278,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.table import Table
 
-        from gpufleet.router.sim import live, metrics
+        from gpufleet.router.sim import live
 
         output, out = _json_out(json_out, output, out)
         with user_errors(*_domain_errors()):
@@ -291,9 +291,9 @@ def register(app: typer.Typer) -> None:
             sim_fleet, wl = _fleet_and_workload(
                 fleet, deployment, workload, trace, requests=requests, seed=seed, keep_bodies=True
             )
-            natural = metrics.offered_load(wl, sim_fleet)
-            wl = wl.scaled(natural / load)
-            with progress() as bar:
+            with live.workload_tokenizer(wl, names) as tokenizer, progress() as bar:
+                # The load in the replicas' own tokens (with the run's tokenizer, when there is one).
+                wl = wl.scaled(live.offered_load(wl, sim_fleet, tokenizer) / load)
                 tasks = {r: bar.add_task(f"{r:10s}", total=len(wl)) for r in names}
                 results = live.run_live(
                     wl,
@@ -302,6 +302,7 @@ def register(app: typer.Typer) -> None:
                     speedup=speedup,
                     peers_venv=peers_venv,
                     progress=lambda r, n: bar.update(tasks[r], completed=n),
+                    tokenizer=tokenizer,
                 )
             t = Table(
                 title=(

@@ -49,8 +49,10 @@ __all__ = [
     "LiveResult",
     "find_peer",
     "free_port",
+    "offered_load",
     "run_live",
     "train_tokenizer",
+    "workload_tokenizer",
 ]
 
 ROUTERS = ("gpufleet", "gpufleet-events", "sglang", "vllm")
@@ -334,6 +336,37 @@ def _send(base: str, workload: Workload, speedup: float, on_done: Callable[[int]
     )
 
 
+@contextlib.contextmanager
+def workload_tokenizer(workload: Workload, routers: tuple[str, ...]) -> Iterator[Path | None]:
+    """The tokenizer every replica of a run uses (`train_tokenizer`, in a temporary directory
+    removed afterwards) when `routers` include `gpufleet-events`, else None."""
+    if "gpufleet-events" not in routers:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="gpufleet-live-tokenizer-") as d:
+        yield train_tokenizer(workload, Path(d))
+
+
+def offered_load(workload: Workload, fleet: SimFleet, tokenizer: Path | None = None) -> float:
+    """`metrics.offered_load` in the tokens the replicas will count: with `tokenizer`, the prompts
+    as it encodes them (chat template included) rather than the workload's estimate. The BPE
+    tokenizer trained on random filler text splits it into 1.5-1.8 x the estimated tokens, so
+    without this a run "at load 2.0" would put the replicas at 3-3.6."""
+    from gpufleet.router.sim import metrics
+
+    base = metrics.offered_load(workload, fleet)
+    if tokenizer is None or not workload.prompt_tokens:
+        return base
+    from gpufleet.router.kvevents.tokenize import PromptTokenizer
+
+    tok = PromptTokenizer(tokenizer)
+    try:
+        counted = sum(len(tok.encode_body(w.body)) for w in workload.work_requests())
+    finally:
+        tok.close()
+    return base * counted / workload.prompt_tokens
+
+
 def run_live(
     workload: Workload,
     fleet: SimFleet,
@@ -342,21 +375,19 @@ def run_live(
     speedup: float = 1.0,
     peers_venv: Path | None = None,
     progress: Callable[[str, int], None] | None = None,
+    tokenizer: Path | None = None,
 ) -> list[LiveResult]:
-    """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas."""
+    """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas.
+
+    `tokenizer`: the replicas' (from `workload_tokenizer`, with which the caller scaled the load);
+    without one, a run that includes `gpufleet-events` trains its own."""
     workload.work_requests()  # live runs need request bodies: fail before starting anything
     runs: list[LiveResult] = []
-    with _terminate_as_exit():
-        tok_dir = (
-            tempfile.TemporaryDirectory(prefix="gpufleet-live-tokenizer-") if "gpufleet-events" in routers else None
-        )
-        tokenizer = train_tokenizer(workload, Path(tok_dir.name)) if tok_dir is not None else None
-        try:
-            for router in routers:
-                runs.append(_run_one(router, workload, fleet, speedup, peers_venv, progress, tokenizer))
-        finally:
-            if tok_dir is not None:
-                tok_dir.cleanup()
+    with _terminate_as_exit(), contextlib.ExitStack() as stack:
+        if tokenizer is None:
+            tokenizer = stack.enter_context(workload_tokenizer(workload, routers))
+        for router in routers:
+            runs.append(_run_one(router, workload, fleet, speedup, peers_venv, progress, tokenizer))
     return runs
 
 

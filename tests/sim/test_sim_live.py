@@ -31,6 +31,24 @@ def test_gpufleet_events_routes_from_the_replicas_kv_events_over_http() -> None:
     assert res.hit_ratio > 0.3  # the replicas' events tell the router where the 3 system prompts are
 
 
+def test_the_offered_load_of_a_run_with_a_tokenizer_counts_the_replicas_tokens() -> None:
+    wl, f = _workload(20)
+    with live.workload_tokenizer(wl, ("gpufleet",)) as none:
+        assert none is None  # no gpufleet-events: the replicas count the router's estimate
+    assert live.offered_load(wl, f, None) == metrics.offered_load(wl, f)
+    with live.workload_tokenizer(wl, ("gpufleet", "gpufleet-events")) as tok:
+        assert tok is not None and (tok / "tokenizer.json").is_file()
+        from gpufleet.router.kvevents.tokenize import PromptTokenizer
+
+        pt = PromptTokenizer(tok)
+        counted = sum(len(pt.encode_body(w.body)) for w in wl.work_requests())
+        pt.close()
+        assert counted != wl.prompt_tokens  # the trained tokenizer does not split like the estimate
+        expected = metrics.offered_load(wl, f) * counted / wl.prompt_tokens
+        assert live.offered_load(wl, f, tok) == pytest.approx(expected)
+    assert not tok.exists()  # the temporary tokenizer is removed after the run
+
+
 @pytest.mark.slow
 def test_gpufleet_router_serves_the_workload_over_http_and_reuses_prefixes() -> None:
     wl, f = _workload(30)
