@@ -24,7 +24,7 @@ i.e. cost = the request's estimated time to first token on the replica (the pref
 of it, own and engine-reported, its own uncached prompt at the replica's prefill rate, and the
 slowdown from the sequences the replica decodes: `scorers/ttft.py`) plus half the prefill it adds
 there, which the requests behind it wait for (`scorers/added_prefill.py`; 0.5 measured in
-docs/routing.md). A hot prefix stays on a replica that holds it until waiting there costs more
+docs/routing.md), counted once per request expected behind it when the fleet is saturated. A hot prefix stays on a replica that holds it until waiting there costs more
 than prefilling it elsewhere; with equal cache credit on equally fast replicas the cost is the
 best load balance. Sessions keep their replica within a penalty bound
 (`pickers/session_affinity.py`). Its parameters are `cache_aware.min_match_blocks`,

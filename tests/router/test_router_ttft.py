@@ -114,6 +114,49 @@ def test_added_prefill_is_the_uncached_prompt_in_seconds_of_each_replica() -> No
     assert sc.score(cands([rep(0), rep(1, prefill=2000.0)], 1000, [10, 0])) == pytest.approx([0.084, 0.5])
 
 
+def test_added_prefill_counts_once_per_request_expected_behind_it_when_every_queue_waits() -> None:
+    sc = AddedPrefill(AddedPrefill.Params(), CTX)
+    # One request in prefill on each replica: not saturated, the added prefill counts once.
+    rs = [rep(0, in_flight=1, queued_requests=1), rep(1, in_flight=3, queued_requests=3)]
+    assert sc.score(cands(rs, 1000, [10, 0])) == pytest.approx([0.084, 0.1])
+    # Even the shortest queue holds 2 requests that have not started: 2 more expected behind.
+    rs[0].in_flight = rs[0].queued_requests = 3
+    assert sc.score(cands(rs, 1000, [10, 0])) == pytest.approx([3 * 0.084, 3 * 0.1])
+    off = AddedPrefill(AddedPrefill.Params(queue_behind=False), CTX)
+    assert off.score(cands(rs, 1000, [10, 0])) == pytest.approx([0.084, 0.1])
+
+
+def test_the_requests_behind_count_every_routers_queue_from_peer_reports_and_fresh_engine_samples() -> None:
+    sc = AddedPrefill(AddedPrefill.Params(), CTX)
+    rs = [rep(0, in_flight=1, queued_requests=1), rep(1, in_flight=1, queued_requests=1)]
+    assert sc.behind(rs) == 0  # this router's own queues: one request in prefill on each
+    # The engines report 3 more waiting, from routers that do not report: 4 queued on each.
+    for r in rs:
+        r.report_engine_load(waiting=4, running=0, kv_usage=None, now=NOW[0])
+    assert sc.behind(rs) == 3
+    # A peer reports 2 queued on r0 and r1 (as of now): they are part of the engine's 4 waiting, not more.
+    for r in rs:
+        r.report_peer_load("peer", queued_prefill_tokens=4000, queued_requests=2, in_flight=2, now=NOW[0])
+    assert sc.behind(rs) == 3
+    for r in rs:
+        r.engine_sampled_at = NOW[0] - 2.5  # a stale sample: only the fresh peer reports count
+    assert sc.behind(rs) == 2
+
+
+def test_a_saturated_fleet_keeps_a_request_on_its_cache_where_greedy_ttft_would_move_it() -> None:
+    # The holder of a 3k-token prefix has 6 requests queued (8k tokens), the other replica 3 (1.5k):
+    # by its own TTFT the request is better off recomputing the prefix on the other replica.
+    holder = rep(0, in_flight=6, queued_requests=6, queued_prefill_tokens=8_000)
+    other = rep(1, in_flight=3, queued_requests=3, queued_prefill_tokens=1_500)
+    c = cands([holder, other], 3200, [190, 0])
+    t = ttft().score(c)
+    assert t[1] < t[0]
+    on = [a + 0.5 * b for a, b in zip(t, AddedPrefill(AddedPrefill.Params(), CTX).score(c))]
+    off = [a + 0.5 * b for a, b in zip(t, AddedPrefill(AddedPrefill.Params(queue_behind=False), CTX).score(c))]
+    assert off[1] < off[0]  # charged once, the recompute still looks cheaper: it moves
+    assert on[0] < on[1]  # with 2 more requests waiting behind it everywhere, it stays on its cache
+
+
 # -- session_affinity ---------------------------------------------------------------------------------
 
 
@@ -187,6 +230,8 @@ def test_session_memory_is_bounded() -> None:
 
 def _reference(f: RequestFeatures, tier: list[ReplicaState], prefix: PrefixScorer, mean: float) -> list[float]:
     out = []
+    # Requests expected behind this one: the shortest queue's waiting ones (all but the one in prefill).
+    behind = max(0, min(r.queued_requests for r in tier) - 1)
     for r in tier:
         m = prefix.index(r).match(f.block_hashes) if f.block_hashes else 0
         own = max(0, f.prompt_tokens - m * 16)
@@ -196,7 +241,7 @@ def _reference(f: RequestFeatures, tier: list[ReplicaState], prefix: PrefixScore
         est = work / r.prefill_tokens_per_s
         if dec > 0:
             est += max(1, math.ceil(work / 8192)) * (1 + 0.01 * (dec - 1)) / r.decode_tokens_per_s
-        out.append(est + 0.5 * own / r.prefill_tokens_per_s)
+        out.append(est + 0.5 * (1 + behind) * own / r.prefill_tokens_per_s)
     return out
 
 
@@ -212,7 +257,7 @@ def test_cache_aware_is_ttft_plus_half_the_added_prefill_on_random_states() -> N
         blocks = rng.choice(prompts)
         f = RequestFeatures("m", tuple(blocks), len(blocks) * 16 + 5, affinity_key=rng.randrange(9))
         for r in rs:
-            r.in_flight = rng.randrange(0, 5)
+            r.in_flight = rng.randrange(0, 5) + rng.choice([0, 4])  # half the time, a saturated fleet
             r.queued_requests = rng.randrange(0, r.in_flight + 1)
             r.queued_prefill_tokens = rng.randrange(0, 9000) if r.queued_requests else 0
         tier, _ = PoolPriority().filter(f, rs)
