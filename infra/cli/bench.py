@@ -193,12 +193,13 @@ def register(app: typer.Typer) -> None:
 
         output, out = _json_out(json_out, output, out)
         with user_errors(*_domain_errors()):
-            names = report.parse_policies(policies)
             if kv_state not in ("approximate", "events"):
                 raise UserError(f"--kv-state must be approximate or events, not {kv_state!r}")
             sim_fleet, wl = _fleet_and_workload(
                 fleet, deployment, workload, trace, requests=requests, seed=seed, rate=rate, replicas=replicas
             )
+            # The fleet's own router.profiles run by name beside the registered policies.
+            names = report.parse_policies(policies, sim_fleet.settings.profiles)
             with progress() as bar:
                 tasks = {n: bar.add_task(f"{n:20s}", total=len(wl)) for n in names}
                 run = report.run_policies(

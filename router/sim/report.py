@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,13 @@ class BenchRun:
     ttfts: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
-def parse_policies(text: str | None) -> list[str]:
-    """`a,b,c` -> names, checked against the registry with the simulator's context (all, in order, when empty)."""
+def parse_policies(text: str | None, profiles: Iterable[str] = ()) -> list[str]:
+    """`a,b,c` -> names, checked against the registry with the simulator's context and the
+    fleet's own `router.profiles` (all registered ones, in order, when empty)."""
     if not text:
         return list(DEFAULT_ORDER)
     names = [p.strip() for p in text.split(",") if p.strip()]
-    known = registry.policy_names(context=("engines",))
+    known = sorted({*registry.policy_names(context=("engines",)), *profiles})
     bad = [p for p in names if p not in known]
     if bad:
         raise ValueError(f"unknown policy {', '.join(bad)}; choose from {', '.join(known)}")

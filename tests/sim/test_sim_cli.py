@@ -108,3 +108,25 @@ def test_bench_sim_bad_fleet_file_is_reported(tmp_path: Path) -> None:
     f.write_text("fleet: x\nnodepools: 3\n")
     res = run("--fleet", str(f), "--deployment", "d", "--workload", "rag")
     assert res.exit_code == 1 and "fleet.yaml" in res.output and "Traceback" not in res.output
+
+
+def test_bench_sim_runs_a_profile_the_fleet_declares_by_its_name(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        FLEET.read_text()
+        + """  profiles:
+    greedy:
+      scorers:
+        - {type: prefix, weight: 0}
+        - {type: ttft, weight: 1}
+        - {type: added_prefill, weight: 0.5, params: {queue_behind: false}}
+"""
+    )
+    out = tmp_path / "r.json"
+    args = ["--fleet", str(fleet), "--deployment", "qwen-32b", "--workload", "rag", "--requests", "60"]
+    res = run(*args, "--policies", "greedy,cache_aware", "-o", "json", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(out.read_text())["runs"]
+    assert set(r["policies"]) == {"greedy", "cache_aware"} and r["policies"]["greedy"]["finished"] == 60
+    res = run(*args, "--policies", "greedyy")
+    assert res.exit_code == 1 and "unknown policy greedyy" in res.output and "greedy," in res.output
