@@ -239,7 +239,12 @@ def register(app: typer.Typer) -> None:
         deployment: _Deployment,
         workload: _Workload = None,
         trace: _Trace = None,
-        load: Annotated[float, typer.Option("--load", help="offered load before the speed-up (see bench sim)")] = 0.8,
+        load: Annotated[
+            float,
+            typer.Option(
+                "--load", help="offered load before the speed-up (see bench sim), in the tokens the replicas count"
+            ),
+        ] = 0.8,
         requests: Annotated[
             int, typer.Option("--requests", help="requests to send (scaled down from bench sim)")
         ] = 200,
