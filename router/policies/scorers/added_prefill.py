@@ -79,7 +79,14 @@ class AddedPrefill(Scorer):
         if not self.queue_behind or not replicas:
             return 0
         now = self.clock()
-        return max(0, min(self.queued(r, now) for r in replicas) - 1)
+        best = 1 << 62
+        for r in replicas:
+            # Own queued requests are a lower bound of every router's: skip what cannot be shorter.
+            if r.queued_requests < best:
+                best = min(best, self.queued(r, now))
+                if best <= 1:
+                    return 0  # a queue with at most the request in prefill: not saturated
+        return best - 1
 
     def score(self, candidates: Candidates) -> Sequence[float]:
         prompt = candidates.features.prompt_tokens
