@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         overall = bar.add_task("runs", total=len(cases) * len(routers))
         for w, load in cases:
             wl = generators.make_workload(w, args.requests, seed=args.seed, settings=fl.settings, keep_bodies=True)
-            with live.workload_tokenizer(wl, routers) as tokenizer:
-                # The load in the replicas' own tokens (with the run's tokenizer, when there is one).
-                wl = wl.scaled(live.offered_load(wl, fl, tokenizer) / load)
+            with live.at_load(wl, fl, routers, load) as (wl, tokenizer):
                 task = bar.add_task(f"{w} @ {load}", total=len(wl) * len(routers))
                 order = list(routers)
 

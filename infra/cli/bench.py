@@ -297,9 +297,7 @@ def register(app: typer.Typer) -> None:
             sim_fleet, wl = _fleet_and_workload(
                 fleet, deployment, workload, trace, requests=requests, seed=seed, keep_bodies=True
             )
-            with live.workload_tokenizer(wl, names) as tokenizer, progress() as bar:
-                # The load in the replicas' own tokens (with the run's tokenizer, when there is one).
-                wl = wl.scaled(live.offered_load(wl, sim_fleet, tokenizer) / load)
+            with live.at_load(wl, sim_fleet, names, load) as (wl, tokenizer), progress() as bar:
                 tasks = {r: bar.add_task(f"{r:10s}", total=len(wl)) for r in names}
                 results = live.run_live(
                     wl,

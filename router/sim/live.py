@@ -47,6 +47,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "ROUTERS",
     "LiveResult",
+    "at_load",
     "find_peer",
     "free_port",
     "offered_load",
@@ -347,6 +348,16 @@ def workload_tokenizer(workload: Workload, routers: tuple[str, ...]) -> Iterator
         yield train_tokenizer(workload, Path(d))
 
 
+@contextlib.contextmanager
+def at_load(
+    workload: Workload, fleet: SimFleet, routers: tuple[str, ...], load: float
+) -> Iterator[tuple[Workload, Path | None]]:
+    """`workload` rescaled to offered `load` in the replicas' own tokens, and the tokenizer they
+    use (`workload_tokenizer`; None without `gpufleet-events`), for `run_live(..., tokenizer=)`."""
+    with workload_tokenizer(workload, routers) as tokenizer:
+        yield workload.scaled(offered_load(workload, fleet, tokenizer) / load), tokenizer
+
+
 def offered_load(workload: Workload, fleet: SimFleet, tokenizer: Path | None = None) -> float:
     """`metrics.offered_load` in the tokens the replicas will count: with `tokenizer`, the prompts
     as it encodes them (chat template included) rather than the workload's estimate. The BPE
@@ -379,7 +390,7 @@ def run_live(
 ) -> list[LiveResult]:
     """Run `workload` (built with `keep_bodies=True`) through each router in front of fresh replicas.
 
-    `tokenizer`: the replicas' (from `workload_tokenizer`, with which the caller scaled the load);
+    `tokenizer`: the replicas' (from `at_load`, with which the caller scaled the load);
     without one, a run that includes `gpufleet-events` trains its own."""
     workload.work_requests()  # live runs need request bodies: fail before starting anything
     runs: list[LiveResult] = []

@@ -49,6 +49,14 @@ def test_the_offered_load_of_a_run_with_a_tokenizer_counts_the_replicas_tokens()
     assert not tok.exists()  # the temporary tokenizer is removed after the run
 
 
+def test_at_load_scales_the_workload_to_the_load_the_replicas_count() -> None:
+    wl, f = _workload(20)
+    with live.at_load(wl, f, ("gpufleet-events",), 1.5) as (scaled, tok):
+        assert tok is not None
+        assert live.offered_load(scaled, f, tok) == pytest.approx(1.5)
+        assert metrics.offered_load(scaled, f) < 1.5  # the router's estimate counts fewer tokens
+
+
 @pytest.mark.slow
 def test_gpufleet_router_serves_the_workload_over_http_and_reuses_prefixes() -> None:
     wl, f = _workload(30)
